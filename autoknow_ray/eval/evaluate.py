@@ -1,0 +1,192 @@
+"""`autoknow eval`: score a run's graph files against a gold folder, print a table.
+
+Everything is read from RUN/graph/*.parquet (plus ranked candidate lists a stage keeps beside
+its outputs for @k metrics), so the figures are what a user of the graph would see.
+Keys are flat (`type_extraction.f1`, `attribute_extraction.Brand.f1`, `hypernym.type.acc@1`).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+
+from autoknow_ray.eval.metrics import accuracy_at_k, norm_text, norm_type, prf, set_prf
+from autoknow_ray.pipeline import read_parquet_any
+from autoknow_ray.schema import HAS_TYPE
+
+TYPE_SPAN_ATTRIBUTES = {"product type"}  # gold span attributes that name the product type
+
+
+def _read_gold(gold: Path, name: str) -> pl.DataFrame | None:
+    for p in (gold / f"{name}.parquet", gold / name):
+        if p.exists():
+            df = read_parquet_any(p)
+            return df if df.height else None
+    return None
+
+
+def _live(triples: pl.DataFrame) -> pl.DataFrame:
+    return triples.filter(pl.col("status") != "removed")
+
+
+def eval_types(triples: pl.DataFrame, gold: pl.DataFrame) -> dict:
+    pred = (
+        _live(triples).filter(pl.col("relation") == HAS_TYPE)
+        .sort("confidence", descending=True).unique("subject", keep="first")
+    )
+    pred_map = dict(zip(pred["subject"].to_list(), pred["object"].to_list()))
+    tp = fp = fn = 0
+    for pid, t in zip(gold["product_id"].to_list(), gold["type"].to_list()):
+        p = pred_map.get(pid)
+        if p is None:
+            fn += 1
+        elif norm_type(p) == norm_type(t):
+            tp += 1
+        else:
+            fp += 1
+            fn += 1
+    out = {f"type_extraction.{k}": v for k, v in prf(tp, fp, fn).items()}
+    out["type_extraction.products"] = gold.height
+    return out
+
+
+def eval_attributes(triples: pl.DataFrame, spans: pl.DataFrame, field: str | None) -> dict:
+    g = spans.filter(~pl.col("attribute").str.to_lowercase().is_in(list(TYPE_SPAN_ATTRIBUTES)))
+    if field:
+        g = g.filter(pl.col("field") == field)
+    if g.height == 0:
+        return {}
+    products = set(g["product_id"].to_list())
+    gold = {(p, norm_text(a), norm_text(v)) for p, a, v in g.select("product_id", "attribute", "value").iter_rows()}
+    attrs = {a for _, a, _ in gold}
+    live = _live(triples).filter(
+        (pl.col("relation") != HAS_TYPE) & pl.col("subject").is_in(list(products)))
+    pred = {(s, norm_text(r), norm_text(o)) for s, r, o in live.select("subject", "relation", "object").iter_rows()}
+    pred = {x for x in pred if x[1] in attrs}  # attributes the gold does not label cannot be judged
+    prefix = "attribute_extraction" if field == "title" else "attribute_values"
+    out = {f"{prefix}.{k}": v for k, v in set_prf(pred, gold).items()}
+    for a in sorted(attrs):
+        r = set_prf({x for x in pred if x[1] == a}, {x for x in gold if x[1] == a})
+        out[f"{prefix}.{a}.f1"] = r["f1"]
+        out[f"{prefix}.{a}.support"] = r["tp"] + r["fn"]
+    return out
+
+
+def _ranked_parents(run: Path, taxonomy: pl.DataFrame) -> dict[str, list[str]]:
+    cand = run / "taxonomy" / "hypernym_candidates.parquet"
+    ranked: dict[str, list[str]] = {}
+    if cand.exists():
+        c = pl.read_parquet(cand).sort(["type", "rank"])
+        for t, p in c.select("type", "parent").iter_rows():
+            ranked.setdefault(t, []).append(p)
+    t = taxonomy.filter(pl.col("parent").is_not_null()).sort("confidence", descending=True)
+    for ty, p in t.select("type", "parent").iter_rows():
+        lst = ranked.setdefault(ty, [])
+        if p not in lst and not cand.exists():
+            lst.append(p)
+    return ranked
+
+
+def eval_hypernyms(run: Path, triples: pl.DataFrame, taxonomy: pl.DataFrame, gold: pl.DataFrame) -> dict:
+    ranked_types = _ranked_parents(run, taxonomy)
+    parents_of: dict[str, list[str]] = {}
+    for ty, p in taxonomy.filter(pl.col("parent").is_not_null()).sort("confidence", descending=True).select("type", "parent").iter_rows():
+        parents_of.setdefault(ty, []).append(p)
+    out = {}
+    tg = gold.filter(pl.col("child_kind") == "type")
+    if tg.height:
+        g = {}
+        for c, p in tg.filter(pl.col("depth") == 1).select("child", "parent").iter_rows():
+            g.setdefault(c, set()).add(p)
+        for k in (1, 3):
+            out[f"hypernym.type.acc@{k}"] = accuracy_at_k(ranked_types, g, k)
+        out["hypernym.type.children"] = len(g)
+    pg = gold.filter(pl.col("child_kind") == "product")
+    if pg.height:
+        # a product's ranked types: the product candidates a stage kept, else its has_type
+        cand = run / "taxonomy" / "product_type_candidates.parquet"
+        ranked: dict[str, list[str]] = {}
+        if cand.exists():
+            for pid, t in pl.read_parquet(cand).sort(["product_id", "rank"]).select("product_id", "type").iter_rows():
+                ranked.setdefault(pid, []).append(t)
+        for pid, t in _live(triples).filter(pl.col("relation") == HAS_TYPE).sort("confidence", descending=True).select("subject", "object").iter_rows():
+            lst = ranked.setdefault(pid, [])
+            if t not in lst:
+                lst.insert(0, t)
+        known = set(taxonomy.filter(~pl.col("is_new"))["type"].to_list()) if taxonomy.height else set()
+
+        def expand(types: list[str]) -> list[str]:
+            # a new type stands for the parents it was attached to
+            out_l = []
+            for t in types:
+                for x in ([t] if t in known else ranked_types.get(t, parents_of.get(t, []))):
+                    if x not in out_l:
+                        out_l.append(x)
+            return out_l
+
+        level1 = {pid: expand(ts) for pid, ts in ranked.items()}
+        level2 = {}
+        for pid, ts in level1.items():
+            lst = []
+            for t in ts:
+                for p in parents_of.get(t, []):
+                    if p not in lst:
+                        lst.append(p)
+            level2[pid] = lst
+        for depth, ranked_d in ((1, level1), (2, level2)):
+            g = {}
+            for c, p in pg.filter(pl.col("depth") == depth).select("child", "parent").iter_rows():
+                g.setdefault(c, set()).add(p)
+            if g:
+                for k in (1, 3):
+                    out[f"hypernym.product.depth{depth}.acc@{k}"] = accuracy_at_k(ranked_d, g, k)
+                out[f"hypernym.product.depth{depth}.children"] = len(g)
+    return out
+
+
+def evaluate(run: str | Path, gold: str | Path) -> dict:
+    run, gold = Path(run), Path(gold)
+    gdir = run / "graph"
+    if not (gdir / "triples.parquet").exists():
+        raise FileNotFoundError(f"{run}: no graph/triples.parquet — is this a finished run?")
+    if not gold.is_dir():
+        raise FileNotFoundError(f"gold folder not found: {gold}")
+    triples = pl.read_parquet(gdir / "triples.parquet")
+    taxonomy = pl.read_parquet(gdir / "taxonomy.parquet")
+    results: dict = {}
+    types = _read_gold(gold, "types")
+    if types is not None:
+        results.update(eval_types(triples, types))
+    spans = _read_gold(gold, "spans")
+    if spans is not None:
+        results.update(eval_attributes(triples, spans, "title"))
+        results.update(eval_attributes(triples, spans, None))
+        tspans = spans.filter(pl.col("attribute").str.to_lowercase().is_in(list(TYPE_SPAN_ATTRIBUTES))
+                              & (pl.col("field") == "title"))
+        if tspans.height:
+            pred = {(s, norm_type(o)) for s, o in _live(triples).filter(pl.col("relation") == HAS_TYPE)
+                    .filter(pl.col("subject").is_in(tspans["product_id"].unique().to_list()))
+                    .select("subject", "object").iter_rows()}
+            g = {(p, norm_type(v)) for p, v in tspans.select("product_id", "value").iter_rows()}
+            # any of a product's gold type spans counts; one prediction per product
+            hit = {p for p, t in pred if (p, t) in g}
+            tp = len(hit)
+            fp = len({p for p, _ in pred} - hit)
+            fn = len({p for p, _ in g} - hit)
+            results.update({f"type_span_extraction.{k}": v for k, v in prf(tp, fp, fn).items()})
+    hyp = _read_gold(gold, "hypernyms")
+    if hyp is not None:
+        results.update(eval_hypernyms(run, triples, taxonomy, hyp))
+    (run / "eval.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+    return results
+
+
+def format_table(results: dict) -> str:
+    rows = [(k, v) for k, v in sorted(results.items()) if not isinstance(v, (dict, list))]
+    if not rows:
+        return "(no gold labels that this run can be scored on)"
+    w = max(len(k) for k, _ in rows)
+    lines = [f"{'metric'.ljust(w)}  value", f"{'-' * w}  -----"]
+    lines += [f"{k.ljust(w)}  {v:.4f}" if isinstance(v, float) else f"{k.ljust(w)}  {v}" for k, v in rows]
+    return "\n".join(lines)

@@ -1,0 +1,54 @@
+"""Metrics shared by every module's evaluation."""
+from __future__ import annotations
+
+import re
+import unicodedata
+
+_WS = re.compile(r"\s+")
+_PUNCT_EDGE = re.compile(r"^[\W_]+|[\W_]+$")
+
+
+def norm_text(s: str | None) -> str:
+    """Case-, width- and whitespace-insensitive form used to compare values and type names."""
+    if s is None:
+        return ""
+    s = unicodedata.normalize("NFKC", str(s)).lower()
+    s = _WS.sub(" ", s).strip()
+    return _PUNCT_EDGE.sub("", s)
+
+
+def norm_type(s: str | None) -> str:
+    """Type names also ignore a plural ending on the last word ("tea bags" = "tea bag")."""
+    s = norm_text(s)
+    if not s:
+        return s
+    words = s.split(" ")
+    w = words[-1]
+    if len(w) > 3 and w.endswith("ies"):
+        w = w[:-3] + "y"
+    elif len(w) > 3 and w.endswith(("ses", "xes", "ches", "shes")):
+        w = w[:-2]
+    elif len(w) > 2 and w.endswith("s") and not w.endswith("ss"):
+        w = w[:-1]
+    words[-1] = w
+    return " ".join(words)
+
+
+def prf(tp: int, fp: int, fn: int) -> dict:
+    p = tp / (tp + fp) if tp + fp else 0.0
+    r = tp / (tp + fn) if tp + fn else 0.0
+    f = 2 * p * r / (p + r) if p + r else 0.0
+    return {"precision": round(p, 4), "recall": round(r, 4), "f1": round(f, 4),
+            "tp": tp, "fp": fp, "fn": fn}
+
+
+def set_prf(pred: set, gold: set) -> dict:
+    return prf(len(pred & gold), len(pred - gold), len(gold - pred))
+
+
+def accuracy_at_k(ranked: dict, gold: dict, k: int) -> float:
+    """ranked: child -> ordered candidates; gold: child -> set of right answers."""
+    if not gold:
+        return 0.0
+    hits = sum(1 for c, g in gold.items() if set(ranked.get(c, [])[:k]) & g)
+    return round(hits / len(gold), 4)

@@ -1,0 +1,164 @@
+"""The ordered stages of a rebuild, the run directory, manifests, resume and timings.
+
+Each stage writes into `RUN/.<stage>.tmp/` and is moved to `RUN/<stage>/` only when it is
+complete, with `manifest.json` last. A stage whose manifest fingerprint matches its inputs,
+config and code is skipped on re-run; a stage killed mid-way left only a tmp folder, which the
+next run discards. So a killed job resumes without duplicating output.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from autoknow_ray import __version__
+from autoknow_ray.config import Config
+
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class RunContext:
+    run_dir: Path
+    catalogue: Path
+    cfg: Config
+    models: Path | None = None
+    cluster: dict = field(default_factory=dict)
+    # the tmp folder of the stage now running (set by the runner)
+    out: Path | None = None
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.run_dir / stage
+
+    def table_path(self, stage: str, name: str) -> Path:
+        d = self.stage_dir(stage)
+        return d / f"{name}.parquet" if (d / f"{name}.parquet").exists() else d / name
+
+    def read(self, stage: str, name: str, columns: list[str] | None = None) -> pl.DataFrame:
+        return read_parquet_any(self.table_path(stage, name), columns)
+
+    def has(self, stage: str, name: str) -> bool:
+        p = self.table_path(stage, name)
+        return p.exists()
+
+    def write(self, name: str, table: pa.Table | pl.DataFrame, schema: pa.Schema | None = None):
+        assert self.out is not None, "write() is only for the stage that is running"
+        write_table(self.out / f"{name}.parquet", table, schema)
+
+
+def read_parquet_any(path: Path, columns: list[str] | None = None) -> pl.DataFrame:
+    """A Parquet file or a folder of Parquet shards, as one polars DataFrame."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(str(p) for p in path.rglob("*.parquet"))
+        if not files:
+            return pl.DataFrame()
+        return pl.from_arrow(pq.ParquetDataset(files).read(columns=columns))
+    return pl.from_arrow(pq.read_table(path, columns=columns))
+
+
+def write_table(path: Path, table: pa.Table | pl.DataFrame, schema: pa.Schema | None = None):
+    from autoknow_ray.schema import conform
+
+    if isinstance(table, pl.DataFrame):
+        table = table.to_arrow()
+    if schema is not None:
+        table = conform(table, schema)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+
+
+class Stage:
+    """One step of the rebuild. Subclasses set `name`, `config_sections`, `needs` and `run`.
+
+    `run(ctx)` writes its outputs with `ctx.write` (or into `ctx.out`) and returns counts:
+    rows_in, rows_out, rows_quarantined, plus anything worth reporting.
+    """
+
+    name: str = ""
+    config_sections: tuple[str, ...] = ()
+    needs: tuple[str, ...] = ()  # upstream stages whose outputs this stage reads
+    uses_models: bool = False
+
+    def run(self, ctx: RunContext) -> dict:
+        raise NotImplementedError
+
+    def fingerprint(self, ctx: RunContext) -> str:
+        parts = {
+            "stage": self.name,
+            "code": __version__,
+            "config": ctx.cfg.section_hash("seed", "device", *self.config_sections),
+            "upstream": {n: read_manifest(ctx.stage_dir(n)).get("fingerprint") for n in self.needs},
+        }
+        if self.uses_models and ctx.models is not None:
+            parts["models"] = read_manifest(ctx.models).get("fingerprint")
+        parts.update(self.extra_fingerprint(ctx))
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+
+    def extra_fingerprint(self, ctx: RunContext) -> dict:
+        return {}
+
+
+def read_manifest(d: Path) -> dict:
+    p = Path(d) / MANIFEST
+    if not p.exists():
+        return {}
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError:
+        return {}
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+    tmp.replace(path)
+
+
+def run_stages(stages: list[Stage], ctx: RunContext, *, force: bool = False) -> list[dict]:
+    """Run the stages in order, skipping the ones already done with the same fingerprint."""
+    ctx.run_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for stage in stages:
+        fp = stage.fingerprint(ctx)
+        final = ctx.stage_dir(stage.name)
+        done = read_manifest(final)
+        if not force and done.get("fingerprint") == fp and done.get("complete"):
+            log.info("stage %s: up to date, skipped", stage.name)
+            results.append({**done, "skipped": True})
+            continue
+        tmp = ctx.run_dir / f".{stage.name}.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)  # the remains of a run that was killed mid-stage
+        tmp.mkdir(parents=True)
+        ctx.out = tmp
+        log.info("stage %s: running", stage.name)
+        t0 = time.perf_counter()
+        counts = stage.run(ctx)
+        seconds = time.perf_counter() - t0
+        ctx.out = None
+        rows = counts.get("rows_in") or counts.get("rows_out") or 0
+        manifest = {
+            "stage": stage.name,
+            "fingerprint": fp,
+            "complete": True,
+            "seconds": round(seconds, 3),
+            "rows_per_s": round(rows / seconds, 1) if seconds > 0 else None,
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **counts,
+        }
+        _write_json_atomic(tmp / MANIFEST, manifest)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.replace(final)
+        results.append({**manifest, "skipped": False})
+    return results

@@ -1,0 +1,112 @@
+"""Connecting to Ray and sizing each stage's actor pool from the cluster's resources.
+
+Stages never choose their own parallelism: they ask `plan_actors` and get a pool size, CPUs and
+GPUs per actor and a batch size, derived from the config and what the cluster really has.
+GPU requests are only made where GPUs exist (a GPU request on a CPU cluster waits forever).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass
+
+import ray
+
+from autoknow_ray.config import Config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    actors: int
+    num_cpus: float
+    num_gpus: float
+    batch_size: int
+    device: str  # "cuda" or "cpu"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def connect(cfg: Config, address: str | None = None) -> dict:
+    """Join `address` (or RAY_ADDRESS, or cfg.ray.address); otherwise start an embedded cluster."""
+    address = address or os.environ.get("RAY_ADDRESS") or cfg.ray.address
+    if not log.isEnabledFor(logging.INFO):
+        # Ray Data logs every progress tick at INFO when stdout is not a terminal
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    if ray.is_initialized():
+        return cluster_info()
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        kwargs = dict(
+            num_cpus=cfg.ray.num_cpus,
+            num_gpus=cfg.ray.num_gpus,
+            include_dashboard=cfg.ray.include_dashboard,
+            dashboard_host=cfg.ray.dashboard_host,
+            logging_level=logging.WARNING,
+        )
+        if cfg.ray.object_store_memory_mb:
+            kwargs["object_store_memory"] = cfg.ray.object_store_memory_mb * 1024 * 1024
+        ray.init(**kwargs)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = os.environ.get("AUTOKNOW_PROGRESS", "1") != "0"
+    return cluster_info()
+
+
+def cluster_info() -> dict:
+    res = ray.cluster_resources()
+    return {
+        "ray_version": ray.__version__,
+        "cpus": float(res.get("CPU", 0)),
+        "gpus": float(res.get("GPU", 0)),
+        "nodes": len([n for n in ray.nodes() if n.get("Alive")]),
+        "object_store_gb": round(res.get("object_store_memory", 0) / 2**30, 2),
+    }
+
+
+def plan_actors(cfg: Config, stage: str, n_rows: int | None = None) -> ActorPlan:
+    res = cfg.stage_resources(stage)
+    info = cluster_info()
+    gpus, cpus = info["gpus"], info["cpus"]
+    use_gpu = gpus >= 1 and cfg.device != "cpu" and res.gpus_per_actor != 0
+    if use_gpu:
+        per_gpu = (
+            1.0 / max(1, res.actors_per_gpu)
+            if res.gpus_per_actor == "auto"
+            else float(res.gpus_per_actor)
+        )
+        actors = int(gpus / per_gpu) if res.actors == "auto" else int(res.actors)
+        plan = ActorPlan(max(1, actors), res.cpus_per_actor, per_gpu, res.batch_size, "cuda")
+    else:
+        free = max(res.cpus_per_actor, cpus - res.reserve_cpus)
+        actors = (
+            max(1, int(math.floor(free / res.cpus_per_actor + 1e-9)))
+            if res.actors == "auto"
+            else int(res.actors)
+        )
+        plan = ActorPlan(max(1, actors), res.cpus_per_actor, 0.0, res.batch_size, "cpu")
+    if n_rows is not None:
+        # more actors than batches only costs model loads
+        plan = ActorPlan(
+            max(1, min(plan.actors, math.ceil(max(n_rows, 1) / plan.batch_size))),
+            plan.num_cpus,
+            plan.num_gpus,
+            plan.batch_size,
+            plan.device,
+        )
+    return plan
+
+
+def actor_pool_kwargs(plan: ActorPlan) -> dict:
+    """Keyword arguments for `Dataset.map_batches` with a fixed-size actor pool."""
+    kw = dict(
+        compute=ray.data.ActorPoolStrategy(size=plan.actors),
+        batch_size=plan.batch_size,
+        num_cpus=plan.num_cpus,
+    )
+    if plan.num_gpus:
+        kw["num_gpus"] = plan.num_gpus
+    return kw

@@ -32,6 +32,13 @@ def cmd_import(a) -> int:
     return 0
 
 
+def cmd_split(a) -> int:
+    from autoknow_ray.catalogue.split import split_file
+
+    print(json.dumps(split_file(a.path, a.out, fraction=a.fraction, seed=a.seed), indent=2))
+    return 0
+
+
 def cmd_fit(a) -> int:
     from autoknow_ray.rebuild import fit
 
@@ -83,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--holdout", type=float, default=0.1)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_import)
+
+    s = sub.add_parser("split", help="hold out a seeded fraction of a JSON Lines file's rows")
+    s.add_argument("path")
+    s.add_argument("--out", required=True)
+    s.add_argument("--fraction", type=float, default=0.2)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_split)
 
     for name, func, hlp in (("fit", cmd_fit, "train the module models on a catalogue"),
                             ("rebuild", cmd_rebuild, "the full job: catalogue -> graph")):

@@ -33,9 +33,7 @@ class ActorPlan:
 def connect(cfg: Config, address: str | None = None) -> dict:
     """Join `address` (or RAY_ADDRESS, or cfg.ray.address); otherwise start an embedded cluster."""
     address = address or os.environ.get("RAY_ADDRESS") or cfg.ray.address
-    if not log.isEnabledFor(logging.INFO):
-        # Ray Data logs every progress tick at INFO when stdout is not a terminal
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    quiet_ray_data()
     if ray.is_initialized():
         return cluster_info()
     if address:
@@ -51,9 +49,20 @@ def connect(cfg: Config, address: str | None = None) -> dict:
         if cfg.ray.object_store_memory_mb:
             kwargs["object_store_memory"] = cfg.ray.object_store_memory_mb * 1024 * 1024
         ray.init(**kwargs)
+    return cluster_info()
+
+
+def quiet_ray_data() -> None:
+    """Progress bars on a terminal; no per-tick INFO logs (Ray Data logs each tick at INFO when
+    stdout is not a terminal). AUTOKNOW_PROGRESS=0 turns the bars off; -v brings the logs back."""
+    import ray.data  # configures Ray Data's loggers: adjust them after
+
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = os.environ.get("AUTOKNOW_PROGRESS", "1") != "0"
-    return cluster_info()
+    if not logging.getLogger("autoknow_ray").isEnabledFor(logging.INFO):
+        for name in ("ray.data", "ray.data._internal.execution.streaming_executor",
+                     "ray.data._internal.progress.logging_progress", "ray.data.dataset"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def cluster_info() -> dict:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
-import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
 from autoknow_ray.catalogue.reader import find_table_files, read_table
 from autoknow_ray.catalogue.validate import UNIQUE_KEYS
@@ -20,17 +20,13 @@ REQUIRED_TABLES = ("products",)
 
 
 def _write_shards(df: pl.DataFrame, out: Path, schema: pa.Schema, max_rows: int) -> None:
+    """Shards of at most `max_rows` rows, named so their order is the table's order."""
     out.mkdir(parents=True, exist_ok=True)
     table = conform(df.to_arrow(), schema)
-    pads.write_dataset(
-        table,
-        out,
-        format="parquet",
-        basename_template="part-{i:05d}.parquet",
-        max_rows_per_file=max(1, max_rows),
-        max_rows_per_group=min(max(1, max_rows), 64 * 1024),
-        existing_data_behavior="overwrite_or_ignore",
-    )
+    step = max(1, max_rows)
+    for i, start in enumerate(range(0, max(table.num_rows, 1), step)):
+        pq.write_table(table.slice(start, step), out / f"part-{i:05d}.parquet",
+                       row_group_size=64 * 1024)
 
 
 class IngestStage(Stage):

@@ -70,6 +70,12 @@ def cmd_eval(a) -> int:
     return 0
 
 
+def cmd_bench(a) -> int:
+    from autoknow_ray.bench.run import main as bench_main
+
+    return bench_main(a) or 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="autoknow", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -116,6 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run", required=True)
     s.add_argument("--gold", required=True)
     s.set_defaults(func=cmd_eval)
+    s = sub.add_parser("bench", help="scaling benchmark: sizes x workers, against the simple way")
+    s.add_argument("--out", default="runs/bench")
+    s.add_argument("--quick", action="store_true", help="small sizes that finish in minutes")
+    s.add_argument("--sizes", type=int, nargs="*", default=None)
+    s.add_argument("--workers", type=int, nargs="*", default=None)
+    s.add_argument("--config", default=None)
+    s.add_argument("--models", default=None)
+    s.add_argument("--address", default=None)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_bench)
     return p
 
 

@@ -58,6 +58,10 @@ class TaxonomyStageConfig(Strict):
     hypernym: HypernymConfig = Field(default_factory=HypernymConfig)
     add_title_attributes: bool = True  # tagger attribute spans become `added` triples
     min_attribute_score: float = 0.5
+    # typed training titles kept in the model (embeddings) so an untyped catalogue can be typed
+    # by nearest neighbours; capped per type and in total to bound the artifact
+    reference_per_type: int = 200
+    reference_max: int = 100_000
 
 
 class Config(Strict):

@@ -1,0 +1,187 @@
+"""Distant supervision for the title tagger: the catalogue labels its own titles.
+
+For each product, the known `product_type` and attribute values are looked up in the title
+(case-insensitive, whole words only, any run of spaces matching any run of spaces, simple
+singular/plural variants for the type); the matches become character spans labelled "type" or
+with the attribute name. Longest match first, no overlapping spans. Titles without any match are
+kept at a sampled rate (they teach "O"). Attributes matched in fewer than `min_attribute_count`
+titles are dropped from the label set.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import polars as pl
+
+TYPE_LABEL = "type"
+NULL_VALUES = frozenset({"", "n/a", "na", "none", "null", "nan", "-", "--", "unknown", "other"})
+
+Span = tuple[str, int, int]
+
+
+@dataclass
+class DistantSet:
+    examples: list[tuple[str, list[Span]]]
+    labels: list[str]  # "type" first (when matched at all), then attributes by frequency
+    stats: dict = field(default_factory=dict)
+
+
+def _pattern(value: str) -> re.Pattern | None:
+    value = " ".join(value.split())
+    if value.lower() in NULL_VALUES:
+        return None
+    body = r"\s+".join(re.escape(part) for part in value.split(" "))
+    left = r"(?<!\w)" if re.match(r"\w", value) else ""
+    right = r"(?!\w)" if re.search(r"\w$", value) else ""
+    return re.compile(left + body + right, re.IGNORECASE)
+
+
+def type_variants(product_type: str) -> list[str]:
+    """The type and simple singular / plural forms of its last word (English rules of thumb)."""
+    t = " ".join(product_type.replace("_", " ").split())
+    if not t:
+        return []
+    head, _, last = t.rpartition(" ")
+    pre = head + " " if head else ""
+    low = last.lower()
+    forms = [last]
+    if len(low) > 3 and low.endswith("ies"):
+        forms.append(last[:-3] + "y")
+    elif low.endswith(("ches", "shes", "sses", "xes", "zes")):
+        forms.append(last[:-2])
+    elif low.endswith("s") and not low.endswith("ss") and len(low) > 3:
+        forms.append(last[:-1])
+    elif low.endswith("y") and len(low) > 2 and low[-2] not in "aeiou":
+        forms.append(last[:-1] + "ies")
+    elif low.endswith(("ch", "sh", "ss", "x", "z")):
+        forms.append(last + "es")
+    elif re.search(r"[a-z]$", low):
+        forms.append(last + "s")
+    out, seen = [], set()
+    for f in forms:
+        v = pre + f
+        if v.lower() not in seen:
+            seen.add(v.lower())
+            out.append(v)
+    return out
+
+
+class _Matcher:
+    """Compiled patterns, cached per value (catalogues repeat values a lot)."""
+
+    def __init__(self, max_value_chars: int):
+        self.cache: dict[str, re.Pattern | None] = {}
+        self.max_value_chars = max_value_chars
+
+    def find(self, text: str, value: str) -> list[tuple[int, int]]:
+        if not isinstance(value, str) or len(value) > self.max_value_chars:
+            return []
+        key = value.strip().lower()
+        if key not in self.cache:
+            self.cache[key] = _pattern(value.strip()) if key else None
+        pat = self.cache[key]
+        return [(m.start(), m.end()) for m in pat.finditer(text)] if pat is not None else []
+
+
+def _candidates(title: str, product_type, attributes, matcher: _Matcher):
+    """All (label, start, end, priority) matches in one title; priority breaks length ties."""
+    cands = []
+    if isinstance(product_type, str) and product_type.strip():
+        for form in type_variants(product_type):
+            for s, e in matcher.find(title, form):
+                cands.append((TYPE_LABEL, s, e, 0))
+    for pri, pair in enumerate(attributes or [], start=1):
+        if not pair:
+            continue
+        name, value = pair.get("name"), pair.get("value")
+        if not isinstance(name, str) or not name.strip() or name.strip() == TYPE_LABEL:
+            continue
+        for s, e in matcher.find(title, value):
+            cands.append((name.strip(), s, e, pri))
+    return cands
+
+
+def resolve_overlaps(cands, allowed: set[str] | None = None) -> list[Span]:
+    """Longest first (then leftmost, then the type before attributes); drop what overlaps."""
+    taken: list[tuple[int, int]] = []
+    out: list[Span] = []
+    seen = set()
+    for lab, s, e, _ in sorted(cands, key=lambda c: (-(c[2] - c[1]), c[1], c[3])):
+        if allowed is not None and lab not in allowed:
+            continue
+        if (s, e) in seen or any(s < te and e > ts for ts, te in taken):
+            continue
+        taken.append((s, e))
+        seen.add((s, e))
+        out.append((lab, s, e))
+    return sorted(out, key=lambda x: x[1])
+
+
+def build_examples(
+    products: pl.DataFrame,
+    *,
+    min_attribute_count: int = 3,
+    empty_keep_fraction: float = 0.2,
+    max_value_chars: int = 200,
+    use_type: bool = True,
+    use_attributes: bool = True,
+    seed: int = 0,
+) -> DistantSet:
+    """(title, spans) training examples from a products table (PRODUCTS columns)."""
+    if "title" not in products.columns:
+        raise ValueError("products needs a `title` column")
+    titles = products["title"].to_list()
+    n = len(titles)
+    types = (products["product_type"].to_list() if use_type and "product_type" in products.columns
+             else [None] * n)
+    attrs = (products["attributes"].to_list() if use_attributes and "attributes" in products.columns
+             else [None] * n)
+    matcher = _Matcher(max_value_chars)
+
+    per_title = []
+    for title, ptype, pairs in zip(titles, types, attrs):
+        if not isinstance(title, str) or not title.strip():
+            per_title.append(None)
+            continue
+        per_title.append(_candidates(title, ptype, pairs, matcher))
+
+    # how many titles each label would be matched in (after overlaps, all labels allowed)
+    counts: Counter = Counter()
+    for cands in per_title:
+        if cands:
+            counts.update({lab for lab, _, _ in resolve_overlaps(cands)})
+    kept = {lab for lab, c in counts.items() if lab == TYPE_LABEL or c >= min_attribute_count}
+    dropped = sorted(lab for lab in counts if lab not in kept)
+    labels = sorted(kept, key=lambda lab: (lab != TYPE_LABEL, -counts[lab], lab))
+
+    rng = np.random.default_rng(seed)
+    examples: list[tuple[str, list[Span]]] = []
+    n_empty = n_empty_kept = n_spans = 0
+    span_counts: Counter = Counter()
+    for title, cands in zip(titles, per_title):
+        if cands is None:
+            continue
+        spans = resolve_overlaps(cands, kept) if cands else []
+        if not spans:
+            n_empty += 1
+            if rng.random() >= empty_keep_fraction:
+                continue
+            n_empty_kept += 1
+        examples.append((title, spans))
+        n_spans += len(spans)
+        span_counts.update(lab for lab, _, _ in spans)
+    stats = {
+        "n_products": n,
+        "n_titles": sum(c is not None for c in per_title),
+        "n_examples": len(examples),
+        "n_with_spans": len(examples) - n_empty_kept,
+        "n_without_spans": n_empty,
+        "n_without_spans_kept": n_empty_kept,
+        "n_spans": n_spans,
+        "span_counts": dict(span_counts.most_common()),
+        "dropped_attributes": dropped,
+    }
+    return DistantSet(examples, labels, stats)

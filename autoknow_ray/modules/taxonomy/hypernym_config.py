@@ -1,0 +1,64 @@
+"""Settings of type resolution and of the hypernym classifier (module 1, second half).
+
+Laptop defaults; every threshold is dataset-agnostic (no lists of names, nothing tuned to one
+catalogue). Unknown keys are rejected.
+"""
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class TypeResolutionConfig(BaseModel):
+    """How a product's type is decided from the catalogue label and the tagger's type spans."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # new-type candidates: extracted type strings not in the taxonomy
+    min_support: int = Field(3, ge=1, description="products whose best type span is the candidate")
+    min_score: float = Field(0.6, ge=0, le=1, description="mean tagger score of the candidate")
+    max_examples: int = Field(5, ge=0, description="example product ids kept per candidate")
+    # a type span is used only from this tagger score on
+    min_span_score: float = Field(0.3, ge=0, le=1)
+    # corrections of a catalogue type: conservative
+    correct_min_score: float = Field(0.9, ge=0, le=1, description="tagger score needed to correct")
+    correct_max_cosine: float = Field(
+        0.45, ge=-1, le=1, description="old and new type names must be less similar than this"
+    )
+    correct_title_margin: float = Field(
+        0.0, description="the title must be closer to the new type than to the old one by this"
+    )
+    # fallback for untyped products without a usable type span: kNN over typed products' titles
+    knn_k: int = Field(10, ge=1)
+    knn_min_share: float = Field(0.0, ge=0, le=1, description="below this vote share: no type")
+    catalogue_confidence: float = Field(1.0, ge=0, le=1)
+    seed: int = 0
+
+
+class HypernymConfig(BaseModel):
+    """Candidate generation, features and training of the hypernym (parent-type) classifier."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # candidate parents: union of FAISS top-k lists (name, children centroid, products centroid),
+    # the parents of the nearest existing members (types and products), and lexical matches
+    candidate_k: int = Field(20, ge=1, description="top-k per candidate source")
+    neighbor_k: int = Field(30, ge=1, description="nearest members voted over")
+    vote_temperature: float = Field(0.05, gt=0, description="softmax temperature of kNN votes")
+    max_child_products: int = Field(32, ge=1, description="products sampled per child")
+    product_neighbor_k: int = Field(10, ge=1, description="nearest products per child product")
+    behavior_max_query_products: int = Field(50, ge=1, description="products kept per query")
+    # training
+    product_edges: int = Field(3000, ge=0, description="product → type edges sampled for training")
+    negatives: int = Field(40, ge=1, description="hard negatives per child (from its candidates)")
+    hidden: int = Field(64, ge=4)
+    epochs: int = Field(40, ge=1)
+    batch_size: int = Field(256, ge=1, description="children per step (each with its candidates)")
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    listwise_weight: float = Field(1.0, ge=0, description="weight of the softmax-over-candidates loss")
+    # output
+    multi_parent_threshold: float = Field(0.5, ge=0, le=1)
+    keep_top_k: int = Field(3, ge=1)
+    prefer_specific: bool = True
+    threads: int = Field(2, ge=1, description="torch CPU threads")
+    seed: int = 0

@@ -1,0 +1,210 @@
+"""Type resolution and the hypernym classifier on toy data (real MiniLM encoder, CPU, tiny)."""
+import json
+
+import polars as pl
+import pytest
+import torch
+
+from autoknow_ray.modules.taxonomy.hypernym import FEATURES, HypernymClassifier
+from autoknow_ray.modules.taxonomy.hypernym_config import HypernymConfig, TypeResolutionConfig
+from autoknow_ray.modules.taxonomy.types import (
+    hypernym_children,
+    orphan_types,
+    resolve_types,
+    type_key,
+)
+
+torch.set_num_threads(2)
+
+# a 2-level toy taxonomy: department → category, products under categories
+TREE = {
+    "fruit": ["apple", "banana", "orange", "strawberry", "grape", "pear"],
+    "vegetable": ["carrot", "broccoli", "spinach", "potato", "onion", "lettuce"],
+    "dairy": ["milk", "cheese", "yogurt", "butter", "cream"],
+    "bakery": ["bread", "bagel", "croissant", "muffin"],
+}
+TITLES = {
+    "apple": ["Organic Gala Apples 3 lb Bag", "Honeycrisp Apple", "Granny Smith Apples"],
+    "banana": ["Organic Bananas Bunch", "Banana Single", "Baby Bananas"],
+    "orange": ["Navel Oranges 4 lb", "Blood Orange", "Mandarin Oranges Bag"],
+    "strawberry": ["Fresh Strawberries 1 lb", "Organic Strawberries"],
+    "grape": ["Red Seedless Grapes", "Green Grapes Bag"],
+    "pear": ["Bartlett Pears", "Anjou Pear"],
+    "carrot": ["Organic Carrots 2 lb", "Baby Carrots Snack Pack", "Rainbow Carrots"],
+    "broccoli": ["Broccoli Crowns", "Organic Broccoli Florets"],
+    "spinach": ["Baby Spinach 5 oz", "Organic Spinach Bunch"],
+    "potato": ["Russet Potatoes 5 lb", "Yukon Gold Potatoes"],
+    "onion": ["Yellow Onions 3 lb", "Red Onion"],
+    "lettuce": ["Romaine Lettuce Hearts", "Iceberg Lettuce"],
+    "milk": ["Whole Milk Gallon", "2% Reduced Fat Milk", "Organic Skim Milk"],
+    "cheese": ["Sharp Cheddar Cheese Block", "Shredded Mozzarella Cheese"],
+    "yogurt": ["Greek Yogurt Plain", "Strawberry Yogurt Cups"],
+    "butter": ["Unsalted Butter Sticks", "Salted Sweet Cream Butter"],
+    "cream": ["Heavy Whipping Cream", "Half and Half Cream"],
+    "bread": ["Whole Wheat Sandwich Bread", "Sourdough Bread Loaf"],
+    "bagel": ["Everything Bagels 6 ct", "Plain Bagels"],
+    "croissant": ["Butter Croissants 4 pack"],
+    "muffin": ["Blueberry Muffins", "English Muffins"],
+}
+# held out: new types to attach (name + product titles)
+HELD_OUT = {
+    "blueberry": ("fruit", ["Fresh Blueberries Pint", "Organic Blueberries 6 oz"]),
+    "cucumber": ("vegetable", ["English Cucumber", "Mini Cucumbers Bag"]),
+    "kefir": ("dairy", ["Plain Whole Milk Kefir", "Low Fat Kefir Cultured Milk"]),
+}
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    from autoknow_ray.nn.encoder import TextEncoder
+
+    return TextEncoder(device="cpu")
+
+
+def _taxonomy(extra_rows=()):
+    rows = [{"type": d, "parent": None} for d in TREE]
+    rows += [{"type": c, "parent": d} for d, cs in TREE.items() for c in cs]
+    rows += list(extra_rows)
+    return pl.DataFrame(rows, schema={"type": pl.String, "parent": pl.String})
+
+
+def _products():
+    rows = []
+    for t, titles in TITLES.items():
+        for j, title in enumerate(titles):
+            rows.append({"product_id": f"{t}-{j}", "title": title, "product_type": t})
+    return pl.DataFrame(rows)
+
+
+# ---- type resolution ---------------------------------------------------------------------------
+def test_type_key_folds_case_space_and_plurals():
+    assert type_key("  Ice   Creams ") == type_key("ice cream")
+    assert type_key("Berries") == type_key("berry")
+    assert type_key("Tomatoes") == type_key("tomato")
+    assert type_key("Cookies") == type_key("cookie")
+    assert type_key("hummus") == "hummus"
+
+
+def test_resolve_types_statuses(encoder):
+    base = _products()  # 47 typed products (reference for kNN)
+    # 30 products under test
+    P = []  # (id, title, catalogue type, span value, span score)
+    P += [(f"k{i}", t, "apple", "Apples", 0.95) for i, t in enumerate(["Fuji Apples", "Pink Lady Apples", "Apple Gala"])]
+    P += [(f"n{i}", t, "carrot", None, None) for i, t in enumerate(["Carrot Sticks", "Shredded Carrots"])]
+    P += [(f"a{i}", t, None, "Bananas", 0.9) for i, t in enumerate(["Ripe Bananas", "Banana Bunch Organic", "Plantain Bananas"])]
+    P += [("c0", "Greek Yogurt Vanilla 32 oz", "carrot", "Yogurt", 0.97)]  # contradicted: corrected
+    P += [("c1", "Cheddar Cheese Slices", "butter", "cheese", 0.5)]  # weak span: kept
+    P += [("c2", "Strawberry Yogurt", "yogurt", "strawberry", 0.95)]  # title fits the old type: kept
+    P += [(f"m{i}", t, None, "Kombucha", 0.92) for i, t in enumerate(
+        ["Ginger Kombucha", "Kombucha Raspberry", "Original Kombucha Tea", "Kombucha Lemon"])]  # new type
+    P += [("r0", "Fresh Durian Whole Fruit", None, "Durian", 0.9)]  # rare candidate → kNN
+    P += [(f"z{i}", t, None, "Zorbex", 0.35) for i, t in enumerate(
+        ["Zorbex Baby Spinach Salad", "Zorbex Spinach Leaves", "Zorbex Organic Spinach"])]  # noisy → kNN
+    P += [(f"f{i}", t, None, None, None) for i, t in enumerate(
+        ["Fresh Baby Spinach 10 oz", "Sliced White Bread", "Low Fat Milk Half Gallon", "Navel Oranges Large",
+         "Russet Potato Bag", "Yellow Onion Sweet", "Iceberg Lettuce Head", "Bartlett Pear Fresh",
+         "Plain Bagel 4 ct", "Blueberry Muffin Top", "Salted Butter"])]  # no span → kNN
+    assert len(P) == 30
+    test = pl.DataFrame(
+        [{"product_id": p, "title": t, "product_type": c} for p, t, c, _, _ in P],
+        schema={"product_id": pl.String, "title": pl.String, "product_type": pl.String},
+    )
+    products = pl.concat([base, test])
+    tags = pl.DataFrame(
+        [{"product_id": p, "label": "type", "value": v, "start": 0, "end": len(v), "score": s}
+         for p, _, _, v, s in P if v is not None]
+        + [{"product_id": "k0", "label": "Brand", "value": "Fuji", "start": 0, "end": 4, "score": 0.99}],
+        schema={"product_id": pl.String, "label": pl.String, "value": pl.String,
+                "start": pl.Int32, "end": pl.Int32, "score": pl.Float32},
+    )
+    cfg = TypeResolutionConfig(min_support=3, min_score=0.6)
+    types, cands = resolve_types(products, tags, _taxonomy(), cfg, encoder)
+    got = {r["product_id"]: r for r in types.iter_rows(named=True)}
+
+    assert set(types.columns) == {"product_id", "type", "confidence", "status", "evidence"}
+    assert got["k0"]["status"] == "kept" and got["k0"]["type"] == "apple"
+    assert got["n0"]["status"] == "kept" and got["n0"]["evidence"] == "catalogue"
+    assert got["a0"]["status"] == "added" and got["a0"]["type"] == "banana"  # plural folded
+    assert got["c0"]["status"] == "corrected" and got["c0"]["type"] == "yogurt"
+    assert got["c1"]["status"] == "kept" and got["c1"]["type"] == "butter"
+    assert got["c2"]["status"] == "kept" and got["c2"]["type"] == "yogurt"
+    assert {got[f"m{i}"]["type"] for i in range(4)} == {"Kombucha"}
+    assert got["m0"]["evidence"] == "tagger:new"
+    assert cands.get_column("type").to_list() == ["Kombucha"]
+    row = cands.row(0, named=True)
+    assert row["support"] == 4 and len(row["example_product_ids"]) == 4 and row["mean_score"] > 0.9
+    # rare and noisy candidates fall back to kNN, like products without a span
+    for pid in ["r0", "z0", "f0", "f1", "f2"]:
+        assert got[pid]["status"] == "added" and got[pid]["evidence"].startswith("knn")
+        assert 0 < got[pid]["confidence"] <= 1
+    assert got["z0"]["type"] == "spinach" and got["f0"]["type"] == "spinach"
+    assert got["f1"]["type"] == "bread" and got["f2"]["type"] == "milk"
+    assert len(types) == products.height  # every product got a type
+
+    kids = hypernym_children(cands, types, orphans=["tea"])
+    assert kids.get_column("type").to_list() == ["Kombucha", "tea"]
+    assert sorted(kids.row(0, named=True)["product_ids"]) == ["m0", "m1", "m2", "m3"]
+
+
+def test_orphans_are_parentless_childless_untyped():
+    tax = _taxonomy([{"type": "kombucha", "parent": None}, {"type": "snacks", "parent": None}])
+    prods = pl.DataFrame({"product_id": ["s1"], "title": ["Chips"], "product_type": ["snacks"]})
+    assert orphan_types(tax, prods) == ["kombucha"]
+    assert orphan_types(tax) == ["kombucha", "snacks"]
+
+
+# ---- hypernym classifier -----------------------------------------------------------------------
+def test_hypernym_fit_predict_save_load(encoder, tmp_path):
+    cfg = HypernymConfig(epochs=30, product_edges=40, candidate_k=8, neighbor_k=10, seed=0)
+    tax = _taxonomy()
+    products = _products()
+    copurchase = pl.DataFrame({"src": ["milk-0", "cheese-0"], "dst": ["cheese-1", "butter-0"], "count": [3, 2]})
+    clf = HypernymClassifier(cfg).fit(tax, products, None, copurchase, encoder)
+    assert clf.train_stats["type_edges"] == 21 and clf.train_stats["product_edges"] == 40
+
+    children = pl.DataFrame({
+        "type": list(HELD_OUT) + ["sourdough loaf"],
+        "titles": [HELD_OUT[k][1] for k in HELD_OUT] + [[]],
+    })
+    pred = clf.predict(children)
+    assert set(pred.columns) == {"type", "parent", "score", "rank", "accepted"}
+    top1 = {r["type"]: r["parent"] for r in pred.filter(pl.col("rank") == 1).iter_rows(named=True)}
+    for child, (parent, _) in HELD_OUT.items():
+        assert top1[child] == parent, (child, pred.filter(pl.col("type") == child))
+    assert top1["sourdough loaf"] in ("bread", "bakery")  # name only: an orphan-like child
+    per_child = pred.group_by("type").len()
+    assert per_child.get_column("len").min() >= cfg.keep_top_k
+    assert pred.filter(pl.col("rank") == 1).get_column("accepted").all()
+
+    # a product → its category (fine attachment, not only the top level)
+    prod_child = clf.predict(pl.DataFrame({"type": ["p-new"], "name": ["Organic Red Grapes 2 lb"],
+                                           "titles": [["Organic Red Grapes 2 lb"]]}))
+    assert prod_child.filter(pl.col("rank") == 1).get_column("parent").item() == "grape"
+
+    # artifact: safetensors + json only, same predictions after load
+    clf.save(tmp_path / "hyp")
+    assert sorted(p.name for p in (tmp_path / "hyp").iterdir()) == ["config.json", "model.safetensors"]
+    conf = json.loads((tmp_path / "hyp" / "config.json").read_text())
+    assert conf["features"] == FEATURES and len(conf["mean"]) == len(FEATURES)
+    back = HypernymClassifier.load(tmp_path / "hyp")
+    with pytest.raises(RuntimeError):
+        back.predict(children)
+    pred2 = back.predict(children, taxonomy=tax, products=products, copurchase=copurchase, encoder=encoder)
+    assert pred2.select("type", "parent", "rank").equals(pred.select("type", "parent", "rank"))
+
+
+def test_prefer_specific_parent(encoder):
+    # "kefir" near both "milk" (a category) and "dairy" (its ancestor): never both accepted
+    cfg = HypernymConfig(epochs=20, product_edges=30, candidate_k=8, neighbor_k=10, multi_parent_threshold=0.0)
+    clf = HypernymClassifier(cfg).fit(_taxonomy(), _products(), None, None, encoder)
+    pred = clf.predict(["kefir"])
+    acc = pred.filter(pl.col("accepted")).get_column("parent").to_list()
+    anc = {c: d for d, cs in TREE.items() for c in cs}
+    assert not any(anc.get(a) in acc for a in acc)  # no accepted type has its parent accepted
+
+
+def test_config_rejects_unknown_keys():
+    with pytest.raises(Exception):
+        HypernymConfig(epochz=3)
+    with pytest.raises(Exception):
+        TypeResolutionConfig(min_suport=3)

@@ -1,0 +1,86 @@
+"""End to end, as a user runs it: fit on one catalogue, rebuild another (untyped) one, eval."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+
+from autoknow_ray.catalogue.synth import synthesize
+from autoknow_ray.cli import main
+from autoknow_ray.schema import GRAPH_TABLES
+from tests.conftest import REPO
+
+CONFIG = str(REPO / "configs" / "test.yaml")
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory, ray_session):
+    root = tmp_path_factory.mktemp("e2e")
+    train = root / "train"
+    synthesize(400, train, seed=0, n_types=12)
+    assert main(["fit", "--catalogue", str(train), "--out", str(root / "models"), "--config", CONFIG]) == 0
+    # the held-out catalogue: the same world, every product's type and attributes hidden
+    blind = root / "blind"
+    (blind / "gold").mkdir(parents=True)
+    products = pl.read_parquet(train / "products" / "*.parquet").head(150)
+    products = products.with_columns(pl.lit(None, pl.String).alias("product_type"),
+                                     pl.lit(None, pl.String).alias("brand"),
+                                     pl.col("attributes").list.head(0))
+    products.write_parquet(blind / "products.parquet")
+    shutil.copy(train / "taxonomy.parquet", blind / "taxonomy.parquet")
+    gold_types = pl.read_parquet(train / "gold" / "types" / "*.parquet")
+    gold_types.filter(pl.col("product_id").is_in(products["product_id"].to_list())).write_parquet(
+        blind / "gold" / "types.parquet")
+    return root
+
+
+def test_fit_writes_safetensors_artifacts_only(fitted):
+    models = fitted / "models"
+    manifest = json.loads((models / "manifest.json").read_text())
+    assert manifest["modules"]["taxonomy"]["tagger"]["n_examples_with_spans"] > 0
+    files = [p.name for p in models.rglob("*") if p.is_file()]
+    assert "model.safetensors" in files
+    assert not [f for f in files if f.endswith((".pt", ".pth", ".bin", ".pkl", ".pickle"))]
+
+
+def test_rebuild_with_models_then_eval(fitted, capsys):
+    run = fitted / "run"
+    assert main(["rebuild", "--catalogue", str(fitted / "blind"), "--out", str(run),
+                 "--models", str(fitted / "models"), "--config", CONFIG]) == 0
+    out = capsys.readouterr().out
+    assert "graph:" in out and "report:" in out
+    for name, schema in GRAPH_TABLES.items():
+        assert pq.read_schema(run / "graph" / f"{name}.parquet").equals(schema, check_metadata=False), name
+    triples = pl.read_parquet(run / "graph" / "triples.parquet")
+    types = triples.filter(pl.col("relation") == "has_type")
+    assert set(types["status"].to_list()) <= {"added"}
+    assert types["subject"].n_unique() >= 140  # nearly every untyped product gets a type
+    attrs = triples.filter(pl.col("relation") != "has_type")
+    assert attrs.height > 0 and set(attrs["module"].to_list()) == {"taxonomy"}
+    report = json.loads((run / "report.json").read_text())
+    assert [s["stage"] for s in report["stages"]] == ["ingest", "taxonomy", "graph"]
+    assert report["stages"][1]["rows_in"] == 150
+    assert main(["eval", "--run", str(run), "--gold", str(fitted / "blind" / "gold")]) == 0
+    results = json.loads((run / "eval.json").read_text())
+    # 12 types; chance is ~0.1. Short training still has to find most of them.
+    assert results["type_extraction.f1"] > 0.6, results
+
+
+def test_rebuild_rerun_skips_finished_stages(fitted, capsys):
+    run = fitted / "run"
+    assert main(["rebuild", "--catalogue", str(fitted / "blind"), "--out", str(run),
+                 "--models", str(fitted / "models"), "--config", CONFIG]) == 0
+    out = capsys.readouterr().out
+    assert out.count("skipped (up to date)") == 3  # ingest, taxonomy, graph; report always runs
+
+
+def test_bad_inputs_give_clear_errors(tmp_path, capsys, ray_session):
+    assert main(["rebuild", "--catalogue", str(tmp_path / "nope"), "--out", str(tmp_path / "r")]) == 2
+    assert "catalogue directory not found" in capsys.readouterr().err
+    (tmp_path / "cfg.yaml").write_text("taxonomy:\n  tagger:\n    epoks: 3\n")
+    assert main(["rebuild", "--catalogue", str(tmp_path), "--out", str(tmp_path / "r"),
+                 "--config", str(tmp_path / "cfg.yaml")]) == 2
+    assert "epoks" in capsys.readouterr().err  # unknown keys are rejected, by name

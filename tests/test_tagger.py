@@ -1,0 +1,193 @@
+"""Title tagger: distant supervision, BIO alignment, a tiny training run, the Ray Data actor."""
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pytest
+import torch
+
+from autoknow_ray.modules.taxonomy.config import TaggerConfig
+from autoknow_ray.modules.taxonomy.distant import build_examples, type_variants
+from autoknow_ray.nn.encoder import load_tokenizer, resolve_encoder
+from autoknow_ray.nn.tagger import (
+    SpanTagger,
+    align_round_trip,
+    allowed_transitions,
+    bio_tags,
+    span_prf,
+    tags_to_word_spans,
+    viterbi,
+)
+from autoknow_ray.schema import TAGS
+
+torch.set_num_threads(2)
+
+ATTR = pl.List(pl.Struct({"name": pl.String, "value": pl.String}))
+SCHEMA = {"product_id": pl.String, "title": pl.String, "product_type": pl.String,
+          "attributes": ATTR}
+
+
+def _products(rows):
+    return pl.DataFrame(
+        {
+            "product_id": [str(i) for i in range(len(rows))],
+            "title": [r[0] for r in rows],
+            "product_type": [r[1] for r in rows],
+            "attributes": [[{"name": n, "value": v} for n, v in r[2]] for r in rows],
+        },
+        schema=SCHEMA,
+    )
+
+
+# ---- distant supervision ---------------------------------------------------------------------
+def test_type_variants():
+    assert type_variants("Shoes") == ["Shoes", "Shoe"]
+    assert type_variants("Safety Mask") == ["Safety Mask", "Safety Masks"]
+    assert type_variants("Battery") == ["Battery", "Batteries"]
+    assert type_variants("Toothbrush") == ["Toothbrush", "Toothbrushes"]
+
+
+def test_distant_spans_longest_first_word_boundaries_plurals():
+    rows = [
+        # type in plural, value with different case and spacing, longest match wins
+        ("ACME Tea Bags, green  tea, 20 Count", "Tea Bag",
+         [("Brand", "acme"), ("Flavor", "Green Tea"), ("Count", "20 count")]),
+        # "Tea" must not match inside "Teapot"; "Red" inside "Redwood" neither
+        ("Redwood Teapot Classic", "Tea", [("Brand", "Redwood"), ("Color", "Red")]),
+        # nested value: "Ice Cream" (type) vs Flavor "Black Cherry Ice Cream" → the longer one
+        ("Black Cherry Ice Cream 1 pint", "Ice Cream",
+         [("Flavor", "Black Cherry Ice Cream"), ("Count", "1 pint")]),
+        ("no match here at all", "Shoes", [("Brand", "Zeta")]),
+        ("Zeta Runner Shoe", "Shoes", [("Brand", "Zeta"), ("Rare", "Runner")]),
+    ]
+    ds = build_examples(_products(rows), min_attribute_count=2, empty_keep_fraction=1.0)
+    by_title = dict(ds.examples)
+    t0 = rows[0][0]
+    got = [(lab, t0[s:e]) for lab, s, e in by_title[t0]]
+    assert got == [("Brand", "ACME"), ("type", "Tea Bags"), ("Flavor", "green  tea"),
+                   ("Count", "20 Count")]
+    t1 = rows[1][0]
+    assert [(lab, t1[s:e]) for lab, s, e in by_title[t1]] == [("Brand", "Redwood")]
+    t2 = rows[2][0]
+    assert [(lab, t2[s:e]) for lab, s, e in by_title[t2]][0] == ("Flavor", "Black Cherry Ice Cream")
+    t4 = rows[4][0]
+    assert [(lab, t4[s:e]) for lab, s, e in by_title[t4]] == [("Brand", "Zeta"), ("type", "Shoe")]
+    # "Rare" (1 title) and "Color" (0 titles) are below min_attribute_count=2
+    assert "Rare" in ds.stats["dropped_attributes"]
+    assert set(ds.labels) == {"type", "Brand", "Flavor", "Count"} and ds.labels[0] == "type"
+    for text, spans in ds.examples:  # no overlaps
+        ends = sorted((s, e) for _, s, e in spans)
+        assert all(a[1] <= b[0] for a, b in zip(ends, ends[1:]))
+    assert "no match here at all" in by_title  # empty kept at fraction 1
+    ds0 = build_examples(_products(rows), min_attribute_count=2, empty_keep_fraction=0.0)
+    assert "no match here at all" not in dict(ds0.examples)
+    assert ds0.stats["n_without_spans"] == 1 and ds0.stats["n_without_spans_kept"] == 0
+
+
+# ---- BIO alignment and decoding --------------------------------------------------------------
+def test_bio_alignment_round_trip():
+    tok = load_tokenizer(resolve_encoder("default"))
+    labels = ["type", "Brand", "Color", "Size"]
+    text = "Crocs Women's Jayna Ballet Flat,Nautical Navy,4 M US"
+    spans = [("Brand", 0, 5), ("type", 20, 31), ("Color", 32, 45), ("Size", 46, 52)]
+    assert align_round_trip(tok, text, spans, labels) == spans
+    # truncation: spans beyond max_length tokens disappear, the others stay
+    assert align_round_trip(tok, text, spans, labels, max_length=6) == [("Brand", 0, 5)]
+
+
+def test_viterbi_respects_bio():
+    labels = ["a", "b"]
+    assert bio_tags(labels) == ["O", "B-a", "I-a", "B-b", "I-b"]
+    start, trans = allowed_transitions(len(labels))
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        logp = np.log(rng.dirichlet(np.ones(5), size=7)).astype(np.float32)
+        path = viterbi(logp, start, trans)
+        assert path[0] not in (2, 4)
+        for p, c in zip(path, path[1:]):
+            if c == 2:
+                assert p in (1, 2)
+            if c == 4:
+                assert p in (3, 4)
+    assert tags_to_word_spans([1, 2, 0, 3, 3, 4]) == [(0, 0, 1), (1, 3, 3), (1, 4, 5)]
+    m = span_prf([[("a", 0, 3)]], [[("a", 0, 3, 0.9), ("b", 4, 5, 0.5)]])
+    assert m["precision"] == 0.5 and m["recall"] == 1.0
+
+
+# ---- a tiny training run ---------------------------------------------------------------------
+def _synthetic(n=40):
+    brands = ["Acme", "Zentro", "Bolt", "Norda", "Kiva"]
+    colors = ["Red", "Navy Blue", "Black", "White"]
+    types = ["Running Shoes", "Backpack", "Water Bottle"]
+    sizes = ["Size 9", "20 oz", "Large"]
+    rows = []
+    for b, c, t, s in itertools.islice(itertools.product(brands, colors, types, sizes), 0, None, 3):
+        rows.append((f"{b} {c} {t}, {s}", t, [("Brand", b), ("Color", c), ("Size", s)]))
+        if len(rows) == n:
+            break
+    return _products(rows)
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    from autoknow_ray.modules.taxonomy.tagger_fit import fit_tagger
+
+    out = tmp_path_factory.mktemp("tagger")
+    cfg = TaggerConfig(epochs=2, batch_size=8, val_fraction=0.2, max_length=32, cpu_threads=2,
+                       min_attribute_count=1, device="cpu")
+    metrics = fit_tagger(_synthetic(), cfg, out)
+    return out, metrics
+
+
+def test_fit_writes_a_self_contained_safetensors_artifact(artifact):
+    from safetensors.torch import load_file
+
+    out, metrics = artifact
+    assert metrics["n_examples"] == 40 and metrics["n_val"] == 8
+    assert set(metrics["labels"]) == {"type", "Brand", "Color", "Size"}
+    assert 0.0 <= metrics["val_f1"] <= 1.0 and metrics["seconds"] > 0
+    names = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= names
+    assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl", ".pickle"))]
+    state = load_file(str(out / "model.safetensors"))
+    assert state["head.weight"].shape[0] == 2 * len(metrics["labels"]) + 1
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["labels"] == metrics["labels"] and cfg["encoder_config"]["model_type"] == "bert"
+
+
+def test_predict_gives_valid_char_offsets(artifact):
+    out, metrics = artifact
+    tagger = SpanTagger.load(out, device="cpu", cpu_threads=2)
+    texts = ["Kiva Black Backpack, Large", "", None, "  ", "Bolt White Water Bottle 20 oz " * 40]
+    preds = tagger.predict(texts, batch_size=4)
+    assert len(preds) == len(texts) and preds[1] == preds[2] == preds[3] == []
+    for text, spans in zip(texts, preds):
+        for label, s, e, score in spans:
+            assert label in metrics["labels"] and 0 <= s < e <= len(text) and 0 <= score <= 1
+            assert text[s:e] == text[s:e].strip()  # whole words, never padding
+
+
+def test_title_tagger_actor_returns_tags_schema(artifact):
+    from autoknow_ray.modules.taxonomy.infer import TitleTagger
+
+    out, _ = artifact
+    actor = TitleTagger(artifact_dir=str(out), device="cpu", batch_size=4, cpu_threads=1)
+    batch = pa.table({
+        "product_id": ["a", "b", "c", "d"],
+        "title": ["Acme Red Running Shoes, Size 9", None, "", "Zentro Navy Blue Backpack " * 100],
+    })
+    res = actor(batch)
+    assert res.schema.equals(TAGS)
+    for row in res.to_pylist():
+        title = batch.column("title").to_pylist()[["a", "b", "c", "d"].index(row["product_id"])]
+        assert row["value"] == title[row["start"] : row["end"]]
+    assert actor(batch.slice(0, 0)).schema.equals(TAGS)
+
+
+def test_config_rejects_unknown_keys():
+    with pytest.raises(Exception):
+        TaggerConfig(epochz=3)

@@ -60,6 +60,9 @@ class TaxonomyStageConfig(Strict):
     min_attribute_score: float = 0.5
     # typed training titles kept in the model (embeddings) so an untyped catalogue can be typed
     # by nearest neighbours; capped per type and in total to bound the artifact
+    # the tagger learns from a seeded sample of at most this many products (training cost is
+    # per example; the catalogue can be far larger)
+    max_train_products: int = 20_000
     reference_per_type: int = 200
     reference_max: int = 100_000
 

@@ -22,7 +22,9 @@ def fit_taxonomy(ctx: RunContext, out: Path) -> dict:
     behavior = ctx.read("ingest", "behavior")
     copurchase = ctx.read("ingest", "copurchase")
     out.mkdir(parents=True, exist_ok=True)
-    result = {"tagger": fit_tagger(products, cfg.tagger, out / "tagger")}
+    train = products.sample(cfg.max_train_products, seed=ctx.cfg.seed) \
+        if products.height > cfg.max_train_products else products
+    result = {"tagger": fit_tagger(train, cfg.tagger, out / "tagger")}
     t0 = time.perf_counter()
     encoder = TextEncoder(cfg.tagger.encoder, device=ctx.cfg.device)
     hyp = HypernymClassifier(cfg.hypernym)

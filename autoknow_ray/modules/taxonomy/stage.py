@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import ray
 
 from autoknow_ray import runtime
+from autoknow_ray.modules.taxonomy.fit import load_type_reference
 from autoknow_ray.modules.taxonomy.hypernym import HypernymClassifier
 from autoknow_ray.modules.taxonomy.infer import TitleTagger
 from autoknow_ray.modules.taxonomy.types import hypernym_children, orphan_types, resolve_types
@@ -112,7 +113,9 @@ class TaxonomyStage(Stage):
             encoder = LookupEncoder([], np.zeros((0, 384), np.float32), encoder=cfg.tagger.encoder,
                                     device=ctx.cfg.device)
 
-        product_types, candidates = resolve_types(products, tags, taxonomy, cfg.types, encoder)
+        reference = load_type_reference(art)
+        product_types, candidates = resolve_types(products, tags, taxonomy, cfg.types, encoder,
+                                                  reference=reference)
         has_edges = taxonomy.height > 0 and taxonomy["parent"].is_not_null().any()
         # without any parent edge the taxonomy is flat: its parentless types are roots
         orphans = orphan_types(taxonomy, products) if has_edges else []

@@ -157,6 +157,7 @@ def resolve_types(
     taxonomy: pl.DataFrame,
     cfg: TypeResolutionConfig | None = None,
     encoder=None,
+    reference: tuple[list[str], np.ndarray] | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Decide each product's type and collect new-type candidates.
 
@@ -165,6 +166,8 @@ def resolve_types(
     Products for which no type can be resolved (no catalogue type, no usable span, no typed
     product to vote) get no row. `encoder` (TextEncoder-like: .encode(list[str]) → L2-normalised
     rows) is needed for corrections and the kNN fallback; without it neither happens.
+    `reference` — (types, title vectors) kept from the training catalogue — joins the kNN vote,
+    so a catalogue without a single typed product can still be typed.
     """
     cfg = cfg or TypeResolutionConfig()
     parents, _children = taxonomy_maps(taxonomy)
@@ -270,8 +273,8 @@ def resolve_types(
 
     if untyped and encoder is not None:
         ref = [(i, rows[pids[i]]["type"]) for i in range(len(pids)) if pids[i] in rows]
-        if ref:
-            _knn_fallback(untyped, ref, pids, titles, rows, encoder, cfg)
+        if ref or (reference is not None and len(reference[0])):
+            _knn_fallback(untyped, ref, pids, titles, rows, encoder, cfg, reference, canonical)
 
     out = pl.DataFrame([rows[p] for p in pids if p in rows], schema=PRODUCT_TYPES_SCHEMA)
     return out, candidates
@@ -287,16 +290,24 @@ def _encode(encoder, texts: list[str]) -> np.ndarray:
     return v / np.maximum(n, 1e-12)
 
 
-def _knn_fallback(untyped, ref, pids, titles, rows, encoder, cfg: TypeResolutionConfig) -> None:
+def _knn_fallback(untyped, ref, pids, titles, rows, encoder, cfg: TypeResolutionConfig,
+                  reference=None, canonical=None) -> None:
     """Untyped products without a usable span: similarity-weighted vote of the k nearest typed
-    products (by title embedding); confidence = the winning type's vote share."""
+    products (by title embedding) — this catalogue's and the training reference's;
+    confidence = the winning type's vote share."""
     from autoknow_ray.index.faiss_index import VectorIndex
 
     ref_types = [t for _, t in ref]
-    ref_vec = _encode(encoder, [titles[i] or "" for i, _ in ref])
+    ref_vec = _encode(encoder, [titles[i] or "" for i, _ in ref]) if ref else np.zeros((0, 0), np.float32)
+    if reference is not None and len(reference[0]):
+        r_types = [(canonical(t) if canonical else None) or t for t in reference[0]]
+        r_vec = np.asarray(reference[1], dtype=np.float32)
+        r_vec = r_vec / np.maximum(np.linalg.norm(r_vec, axis=1, keepdims=True), 1e-12)
+        ref_types = ref_types + r_types
+        ref_vec = r_vec if not len(ref_vec) else np.concatenate([ref_vec, r_vec])
     q_vec = _encode(encoder, [titles[i] or "" for i in untyped])
     index = VectorIndex(metric="ip", seed=cfg.seed).build(ref_vec)
-    k = min(cfg.knn_k, len(ref))
+    k = min(cfg.knn_k, len(ref_types))
     scores, ids = index.search(q_vec, k)
     for row, i in enumerate(untyped):
         votes: dict[str, float] = defaultdict(float)

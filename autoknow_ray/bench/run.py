@@ -1,0 +1,522 @@
+"""`autoknow bench`: the rebuild on growing synthetic catalogues and growing fixed actor pools,
+the model stages against the simple way, and the model stages against the hardware's FLOP rate.
+
+The matrix: every catalogue size with the largest pool (time per 1k products as the catalogue
+grows), and every pool size on one catalogue (throughput as workers grow: the largest size up
+to SWEEP_CAP products, so the one-worker run stays affordable). Pools are fixed
+(`resources.taxonomy.actors = w`, min = max): an autoscaling pool can sit at one actor
+(ray-project/ray#59144). Models are fitted once (short training) or taken from `--models`.
+
+Writes OUT/bench.json, OUT/bench.md, OUT/throughput_vs_workers.png, OUT/time_vs_size.png,
+OUT/model_path.png; catalogues under OUT/data/ (reused by a re-run with the same seed), run
+reports under OUT/runs/.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SIZES = [10_000, 100_000, 1_000_000]
+QUICK_SIZES = [1_000, 3_000, 10_000]
+SWEEP_CAP = 100_000
+FIT_PRODUCTS = {True: 1_000, False: 3_000}  # quick / full: enough steps to tag spans
+FIT_EPOCHS = {True: 1, False: 2}
+COMPARE_TITLES = {True: 192, False: 1_024}
+COMPARE_ROUNDS = {True: 2, False: 3}
+FLOP_SAMPLE = 50_000  # titles tokenized to measure lengths (the mean scales to the catalogue)
+
+
+def main(args) -> int:
+    os.environ.setdefault("AUTOKNOW_PROGRESS", "0")  # the bench draws its own bar
+    result = run_bench(out=args.out, quick=bool(args.quick), sizes=args.sizes,
+                       workers=args.workers, config=args.config, address=args.address,
+                       models=args.models, seed=int(args.seed))
+    s = result["summary"]
+    print(f"bench: {result['out']}/bench.json, bench.md and plots ({result['wall_seconds']:.0f} s)")
+    for k in ("ratio_vs_simple", "time_per_1k_growth", "scaling_efficiency", "flop_fraction"):
+        print(f"  {k}: {_fmt(s.get(k))}")
+    return 0
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v))
+
+
+# ---- set-up --------------------------------------------------------------------------------------
+def default_workers(cluster: dict, cfg) -> list[int]:
+    """1, 2, 4 … up to the GPUs (one per actor) or the CPU cores (one torch thread per actor)."""
+    top = int(cluster["gpus"]) if _use_gpu(cluster, cfg) else int(cluster["cpus"])
+    top = max(1, top)
+    ws = [w for w in (2**i for i in range(16)) if w < top] + [top]
+    return sorted(set(ws))
+
+
+def _use_gpu(cluster: dict, cfg) -> bool:
+    return cluster["gpus"] >= 1 and cfg.device != "cpu"
+
+
+def bench_config(cfg, quick: bool):
+    """Short training (configs/test.yaml-like) for the models the bench fits itself."""
+    cfg = cfg.model_copy(deep=True)
+    cfg.taxonomy.tagger.epochs = FIT_EPOCHS[quick]
+    cfg.taxonomy.tagger.patience = 0
+    cfg.taxonomy.hypernym.epochs = min(cfg.taxonomy.hypernym.epochs, 5)
+    cfg.taxonomy.hypernym.product_edges = min(cfg.taxonomy.hypernym.product_edges, 200)
+    return cfg
+
+
+def pool_config(cfg, cluster: dict, workers: int):
+    """`cfg` with a fixed pool of `workers` actors for the taxonomy stage."""
+    from autoknow_ray.config import StageResources
+
+    cfg = cfg.model_copy(deep=True)
+    base = cfg.stage_resources("taxonomy")
+    gpu = _use_gpu(cluster, cfg)
+    cfg.resources["taxonomy"] = StageResources(
+        actors=workers,
+        cpus_per_actor=base.cpus_per_actor,
+        gpus_per_actor=1.0 if gpu else 0,
+        actors_per_gpu=1,
+        batch_size=base.batch_size,
+        reserve_cpus=base.reserve_cpus,
+    )
+    return cfg
+
+
+def synth_catalogue(root: Path, n: int, seed: int) -> tuple[Path, float]:
+    """A synthetic catalogue of n products under root (reused when already there)."""
+    from autoknow_ray.catalogue.synth import synthesize
+
+    d = root / f"catalogue-{n}-seed{seed}"
+    manifest = d / "gold" / "manifest.json"
+    if manifest.exists():
+        m = json.loads(manifest.read_text())
+        if m.get("n_products") == n and m.get("seed") == seed:
+            return d, 0.0
+        shutil.rmtree(d)
+    t0 = time.perf_counter()
+    synthesize(n, d, seed=seed)
+    return d, time.perf_counter() - t0
+
+
+def ensure_models(out: Path, models: str | None, cfg, quick: bool, seed: int, address) -> dict:
+    from autoknow_ray.rebuild import fit
+
+    if models:
+        p = Path(models)
+        if not (p / "manifest.json").exists():
+            raise FileNotFoundError(f"{p}: not a models folder (no manifest.json); run `autoknow fit`")
+        return {"path": str(p), "source": "given", "seconds": 0.0, **_tagger_quality(p)}
+    p = out / "models"
+    if (p / "manifest.json").exists():
+        return {"path": str(p), "source": "reused", "seconds": 0.0, **_tagger_quality(p)}
+    n = FIT_PRODUCTS[quick]
+    cat, _ = synth_catalogue(out / "data", n, seed + 1)
+    t0 = time.perf_counter()
+    fit(cat, p, config=bench_config(cfg, quick), address=address)
+    shutil.rmtree(p / "_work", ignore_errors=True)
+    return {"path": str(p), "source": f"fitted on {n} synthetic products",
+            "epochs": FIT_EPOCHS[quick], "seconds": round(time.perf_counter() - t0, 1),
+            **_tagger_quality(p)}
+
+
+def _tagger_quality(models: Path) -> dict:
+    try:
+        m = json.loads((models / "manifest.json").read_text())
+        t = m["modules"]["taxonomy"]["tagger"]
+        return {"tagger_val_f1": t.get("val_f1"), "tagger_train_examples": t.get("n_train")}
+    except (KeyError, TypeError, ValueError, OSError):
+        return {}
+
+
+# ---- one rebuild ---------------------------------------------------------------------------------
+def run_one(catalogue: Path, n: int, workers: int, cfg, cluster: dict, models: Path,
+            runs_dir: Path) -> dict:
+    """One rebuild with a fixed pool of `workers`, watched by the probes."""
+    from autoknow_ray import runtime
+    from autoknow_ray.bench.probe import DatasetProbe, MemorySampler
+    from autoknow_ray.rebuild import rebuild
+
+    run_cfg = pool_config(cfg, cluster, workers)
+    run_dir = runs_dir / f"n{n}-w{workers}"
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    plan = runtime.plan_actors(run_cfg, "taxonomy", n)
+    probe = DatasetProbe()
+    t0 = time.perf_counter()
+    with probe.watching(), MemorySampler() as mem:
+        res = rebuild(catalogue, run_dir, models=models, config=run_cfg, force=True)
+    wall = time.perf_counter() - t0
+    stages = {s["stage"]: s for s in res["stages"]}
+    writes = {w["udf"]: w for w in probe.writes}
+    model_ops = {k: writes[k] for k in ("TitleTagger", "EmbedTitles") if k in writes}
+    model_seconds = sum(w["seconds"] for w in model_ops.values())
+    report = run_dir / "report.json"
+    if report.exists():
+        shutil.copy(report, runs_dir / f"n{n}-w{workers}.report.json")
+    shutil.rmtree(run_dir, ignore_errors=True)  # the graph of a 1M catalogue is not the point
+    mem_summary = mem.summary()
+    return {
+        "n": n,
+        "workers": workers,
+        "plan": plan.as_dict(),
+        "wall_seconds": wall,
+        "stage_seconds": {k: v.get("seconds") for k, v in stages.items()},
+        "model_ops": {k: {kk: v[kk] for kk in ("seconds", "rows", "operators",
+                                                 "dataset_bytes_spilled") if kk in v}
+                      for k, v in model_ops.items()},
+        "model_seconds": model_seconds,
+        "model_titles_per_s": n / model_seconds if model_seconds else None,
+        "products_per_s": n / wall,
+        "seconds_per_1k": wall / (n / 1000.0),
+        "memory": mem_summary,
+        "driver_peak_rss_bytes": _self_hwm(),
+        "ray_data_stats": {k: v.get("stats", "") for k, v in model_ops.items()},
+    }
+
+
+def _self_hwm() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+# ---- derived figures -----------------------------------------------------------------------------
+def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float] | None:
+    """(fixed, per unit) of y = a + b·x by least squares; None with fewer than 2 distinct x."""
+    if len(set(xs)) < 2:
+        return None
+    b, a = np.polyfit(np.asarray(xs, float), np.asarray(ys, float), 1)
+    return float(a), float(b)
+
+
+def scaling(rows: list[dict], n: int, key: str) -> dict:
+    """Throughput per pool size on catalogue n, and efficiency thr(w) / (w · thr(1))."""
+    by_w = {r["workers"]: r for r in rows if r["n"] == n and r.get(key)}
+    if not by_w:
+        return {}
+    w0 = min(by_w)
+    base = by_w[w0][key] / w0
+    return {str(w): {"throughput": r[key], "per_worker": r[key] / w,
+                     "efficiency": r[key] / (w * base) if base else None}
+            for w, r in sorted(by_w.items())}
+
+
+def flop_floor(models: Path, encoder: str | None, titles: list[str], n_total: int,
+               model_seconds: float | None, rates: dict, threads: int, gpu: bool) -> dict:
+    """FLOPs the two models need for the catalogue, against the measured matmul rate."""
+    from autoknow_ray.bench.flops import model_flops, padded_lengths, token_lengths
+    from autoknow_ray.nn.encoder import TextEncoder
+    from autoknow_ray.nn.tagger import SpanTagger
+
+    tagger = SpanTagger.load(models / "taxonomy" / "tagger", device="cpu", bf16=False)
+    enc = TextEncoder(encoder, device="cpu", bf16=False)
+    t_len = token_lengths(tagger.tokenizer, titles, tagger.max_length)
+    e_len = token_lengths(enc.tokenizer, titles, enc.max_length)
+    scale = n_total / max(1, len(titles))
+    chars = np.array([len(t) for t in titles])
+    out: dict = {"sampled_titles": len(titles), "catalogue_titles": n_total}
+    for name, model, lengths in (("tagger", tagger.model, t_len), ("encoder", enc.model, e_len)):
+        f = model_flops(model, lengths)
+        f["flops_catalogue"] = f["flops"] * scale
+        f["flops_per_title"] = f["flops"] / max(1, len(titles))
+        f["padding_overhead"] = {
+            "as_run_ray_batches_of_64": float(padded_lengths(lengths, 64, 64, chars).sum()
+                                              / lengths.sum()),
+            "sorted_by_tokens_1024_batch_64": float(padded_lengths(lengths, 64, 1024).sum()
+                                                    / lengths.sum()),
+            "simple_b8_in_order": float(padded_lengths(lengths, 8).sum() / lengths.sum()),
+            "simple_b32_in_order": float(padded_lengths(lengths, 32).sum() / lengths.sum()),
+        }
+        out[name] = f
+    total = out["tagger"]["flops_catalogue"] + out["encoder"]["flops_catalogue"]
+    out["flops_catalogue"] = total
+    out["flops_per_title"] = out["tagger"]["flops_per_title"] + out["encoder"]["flops_per_title"]
+    if gpu and "gpu" in rates:
+        peak, precision = rates["gpu"]["bf16"], "bf16 (GPU)"
+    else:
+        # the threads as used: `threads` single-thread streams (one per actor), each at the
+        # measured one-thread rate, or the measured all-thread rate if that is higher
+        one = rates["cpu"]["1"]
+        every = rates["cpu"].get(str(threads), one)
+        peak = max(threads * one["fp32"], every["fp32"])
+        precision = f"fp32, {threads} thread(s) at the one-thread rate"
+        if one.get("bf16"):
+            out["bf16_peak"] = max(threads * one["bf16"], every.get("bf16", 0.0))
+    out["peak_flops_per_s"] = peak
+    out["peak_precision"] = precision
+    out["floor_seconds"] = total / peak
+    if model_seconds:
+        out["achieved_flops_per_s"] = total / model_seconds
+        out["flop_fraction"] = total / model_seconds / peak
+        if out.get("bf16_peak"):
+            out["flop_fraction_vs_bf16_peak"] = total / model_seconds / out["bf16_peak"]
+    return out
+
+
+def projection(summary: dict, largest: dict, flops: dict, cluster: dict,
+               n_target: int = 100_000_000) -> dict:
+    """Cost of a rebuild of n_target products from the measured figures (see docs/benchmarks.md).
+
+    CPU: the marginal seconds per 1k products of the largest pool (the fixed cost per rebuild
+    vanishes at 100M) × the cores it ran on. That figure already carries the pool's measured
+    efficiency; a larger cluster is assumed to keep it (the "at measured efficiency" line also
+    applies the measured 1 → w efficiency once more, as a pessimistic bound).
+    GPU: an estimate only, from FLOPs and a datasheet rate at the FLOP fraction measured here.
+    """
+    cores = cluster["cpus"]
+    marginal = summary.get("marginal_seconds_per_1k")
+    # the marginal cost is the right one at 100M, unless noise made the fit meaningless
+    use_marginal = marginal is not None and 0 < marginal <= largest["seconds_per_1k"]
+    per_1k = marginal if use_marginal else largest["seconds_per_1k"]
+    core_hours = n_target / 1000 * per_1k * cores / 3600.0
+    eff = summary.get("scaling_efficiency")
+    out = {
+        "products": n_target,
+        "measured_on": {"n": largest["n"], "workers": largest["workers"], "cores": cores},
+        "seconds_per_1k_used": per_1k,
+        "seconds_per_1k_basis": ("marginal (linear fit over sizes)" if use_marginal
+                                 else f"average of the {largest['n']:,}-product run"),
+        "cpu_core_hours": core_hours,
+        "cpu_core_hours_pessimistic": core_hours / eff if eff else None,
+        "scaling_efficiency_measured": eff,
+        "wall_hours_on_100_cores": core_hours / 100.0,
+    }
+    frac = flops.get("flop_fraction")
+    if frac:
+        gpu_rates = {"A10G (bf16 dense, datasheet 125 TFLOP/s)": 125e12,
+                     "H100 SXM (bf16 dense, datasheet 989 TFLOP/s)": 989e12}
+        out["gpu_estimate"] = {
+            "note": ("NOT measured: model FLOPs for the catalogue / (datasheet bf16 rate × the FLOP "
+                     "fraction measured here on CPU); the two model stages only, no reads, "
+                     "tokenization or decoding"),
+            "model_flops": flops["flops_per_title"] * n_target,
+            "flop_fraction_assumed": frac,
+            "gpu_hours": {k: flops["flops_per_title"] * n_target / (r * frac) / 3600.0
+                          for k, r in gpu_rates.items()},
+        }
+    return out
+
+
+# ---- the bench -----------------------------------------------------------------------------------
+def run_bench(out: str | Path, *, quick: bool = False, sizes: list[int] | None = None,
+              workers: list[int] | None = None, config=None, address: str | None = None,
+              models: str | None = None, seed: int = 0, compare_titles: int | None = None,
+              compare_rounds: int | None = None, progress: bool = True) -> dict:
+    import ray.data
+    from tqdm import tqdm
+
+    from autoknow_ray import runtime
+    from autoknow_ray.bench.compare import compare_model_path
+    from autoknow_ray.bench.machine import data_context_settings, hardware_rates, machine_info
+    from autoknow_ray.bench.report import write_outputs
+    from autoknow_ray.config import Config, load_config
+
+    t_start = time.perf_counter()
+    load_start = _loadavg()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = config if isinstance(config, Config) else load_config(config)
+    sizes = sorted(set(sizes or (QUICK_SIZES if quick else SIZES)))
+    if any(s < 1 for s in sizes):
+        raise ValueError(f"--sizes must be positive, got {sizes}")
+    cluster = runtime.connect(cfg, address)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    workers = sorted(set(workers or default_workers(cluster, cfg)))
+    if any(w < 1 for w in workers):
+        raise ValueError(f"--workers must be positive, got {workers}")
+    gpu = _use_gpu(cluster, cfg)
+    w_max = max(workers)
+    sweep_n = max([s for s in sizes if s <= SWEEP_CAP] or [min(sizes)])
+    matrix = [(n, w_max) for n in sizes] + [(sweep_n, w) for w in workers if w != w_max]
+
+    steps = 2 + len(sizes) + len(matrix) + 2  # models, catalogues, runs, compare, flops
+    bar = tqdm(total=steps, desc="bench", unit="step", dynamic_ncols=True, disable=not progress)
+
+    phases: dict[str, float] = {}
+    t_phase = [time.perf_counter()]
+
+    def step(desc: str):
+        bar.set_postfix_str(desc, refresh=True)
+
+    def phase_done(name: str):
+        now = time.perf_counter()
+        phases[name] = phases.get(name, 0.0) + now - t_phase[0]
+        t_phase[0] = now
+
+    step("models")
+    model_info = ensure_models(out, models, cfg, quick, seed, address)
+    models_path = Path(model_info["path"])
+    phase_done("models")
+    bar.update(1)
+    synth_s, catalogues = {}, {}
+    for n in sizes:
+        step(f"synth {n}")
+        catalogues[n], synth_s[n] = synth_catalogue(out / "data", n, seed)
+        bar.update(1)
+    bar.update(1)
+    phase_done("catalogues")
+
+    runs_dir = out / "runs"
+    runs_dir.mkdir(exist_ok=True)
+    rows = []
+    for n, w in matrix:
+        step(f"rebuild {n} products, {w} worker(s)")
+        rows.append(run_one(catalogues[n], n, w, cfg, cluster, models_path, runs_dir))
+        r = rows[-1]
+        bar.write(f"  {n:>9,} products  {w} worker(s)  {r['wall_seconds']:7.1f} s  "
+                  f"{r['products_per_s']:7.1f} products/s  model stages "
+                  f"{_fmt(r['model_titles_per_s'])} titles/s")
+        bar.update(1)
+    phase_done("rebuilds")
+
+    largest_n = max(sizes)
+    k = compare_titles or COMPARE_TITLES[quick]
+    titles_all = leading_titles(catalogues[largest_n], max(k, FLOP_SAMPLE))
+    rng = np.random.default_rng(seed)
+    sample = [titles_all[i] for i in np.sort(rng.choice(len(titles_all), min(k, len(titles_all)),
+                                                        replace=False))]
+    res = cfg.stage_resources("taxonomy")
+    step("the simple way")
+    compare = compare_model_path(
+        models_path / "taxonomy" / "tagger", cfg.taxonomy.tagger.encoder, sample,
+        ray_batch=res.batch_size, tag_batch=res.batch_size, embed_batch=res.batch_size * 2,
+        rounds=compare_rounds or COMPARE_ROUNDS[quick], device="cuda" if gpu else "cpu",
+        progress=lambda s: step(f"simple way: {s}"))
+    phase_done("simple_way")
+    bar.update(1)
+
+    step("FLOP floor")
+    host_threads = max(1, int(cluster["cpus"]) if not address else (os.cpu_count() or 1))
+    rates = hardware_rates(sorted({1, host_threads}), quick=quick)
+    top = max((r for r in rows if r["n"] == largest_n), key=lambda r: r["workers"])
+    flop_titles = titles_all[:FLOP_SAMPLE]
+    threads_used = min(host_threads, top["workers"])  # one torch thread per CPU actor
+    flops = flop_floor(models_path, cfg.taxonomy.tagger.encoder, flop_titles, largest_n,
+                       top["model_seconds"], rates, threads_used, gpu)
+    phase_done("flop_floor")
+    bar.update(1)
+    bar.close()
+
+    summary = summarize(rows, sizes, workers, sweep_n, compare, flops)
+    result = {
+        "out": str(out),
+        "command": {"quick": quick, "sizes": sizes, "workers": workers, "config": str(config)
+                    if config is not None and not isinstance(config, Config) else None,
+                    "address": address, "models": models, "seed": seed},
+        "summary": summary,
+        "targets": targets(summary),
+        "matrix": [{"n": n, "workers": w} for n, w in matrix],
+        "scaling_size": sweep_n,
+        "table": rows,
+        "simple_way": compare,
+        "flops": flops,
+        "hardware_rates": rates,
+        "projection_100m": projection(summary, top, flops, cluster),
+        "models": model_info,
+        "synth_seconds": synth_s,
+        "machine": {**machine_info(cluster), "data_context": data_context_settings(),
+                    "load_average_at_start": load_start, "load_average_at_end": _loadavg()},
+        "phase_seconds": phases,
+        "wall_seconds": time.perf_counter() - t_start,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    write_outputs(result, out)
+    return result
+
+
+def leading_titles(catalogue: Path, n: int) -> list[str]:
+    """The first n titles of the catalogue's products, reading only the shards needed."""
+    import pyarrow.parquet as pq
+
+    products = catalogue / "products"
+    files = sorted(products.rglob("*.parquet")) if products.is_dir() else [
+        catalogue / "products.parquet"]
+    out: list[str] = []
+    for f in files:
+        out += [t if isinstance(t, str) else "" for t in
+                pq.read_table(f, columns=["title"]).column("title").to_pylist()]
+        if len(out) >= n:
+            break
+    return out[:n]
+
+
+def _loadavg():
+    try:
+        return os.getloadavg()
+    except OSError:
+        return None
+
+
+def summarize(rows: list[dict], sizes: list[int], workers: list[int], sweep_n: int,
+              compare: dict, flops: dict) -> dict:
+    w_max = max(workers)
+    by_size = sorted((r for r in rows if r["workers"] == w_max), key=lambda r: r["n"])
+    small, large = by_size[0], by_size[-1]
+    fit_total = linear_fit([r["n"] for r in by_size], [r["wall_seconds"] for r in by_size])
+    fit_model = linear_fit([r["n"] for r in by_size], [r["model_seconds"] for r in by_size])
+    e2e = scaling(rows, sweep_n, "products_per_s")
+    model = scaling(rows, sweep_n, "model_titles_per_s")
+    simple = compare["simple"]
+    ours = large["model_titles_per_s"]
+    s: dict = {
+        "ratio_vs_simple": ours / simple["combined_best"] if ours else None,
+        "ratio_vs_simple_basis": (
+            f"model stages end to end (TitleTagger + EmbedTitles executions) on {large['n']:,} "
+            f"products, {w_max} worker(s) / the best simple way measured (tagger and embedding "
+            "each at its best batch size and thread setting)"),
+        "ratio_vs_simple_default_threads": (ours / simple["combined_default_threads"]
+                                            if ours else None),
+        "ours_model_titles_per_s": ours,
+        "simple_titles_per_s": simple["combined_best"],
+        "time_per_1k_growth": large["seconds_per_1k"] / small["seconds_per_1k"],
+        "seconds_per_1k": {str(r["n"]): r["seconds_per_1k"] for r in by_size},
+        "fixed_seconds": fit_total[0] if fit_total else None,
+        "marginal_seconds_per_1k": fit_total[1] * 1000 if fit_total else None,
+        "model_fixed_seconds": fit_model[0] if fit_model else None,
+        "model_marginal_titles_per_s": 1.0 / fit_model[1] if fit_model and fit_model[1] > 0 else None,
+        "scaling_size": sweep_n,
+        "scaling_end_to_end": e2e,
+        "scaling_model_stages": model,
+        "scaling_efficiency": e2e[str(w_max)]["efficiency"] if len(e2e) > 1 else None,
+        "scaling_efficiency_model_stages": (model[str(w_max)]["efficiency"]
+                                            if len(model) > 1 else None),
+        "flop_fraction": flops.get("flop_fraction"),
+        "flop_fraction_vs_bf16_peak": flops.get("flop_fraction_vs_bf16_peak"),
+    }
+    if s["model_marginal_titles_per_s"]:
+        s["ratio_vs_simple_steady"] = s["model_marginal_titles_per_s"] / simple["combined_best"]
+    if simple.get("combined_one_thread"):
+        s["model_path_gain_per_core"] = {
+            name: v["combined"] / simple["combined_one_thread"]
+            for name, v in compare["model_path_per_actor"].items()}
+    return s
+
+
+def targets(s: dict) -> list[dict]:
+    def row(name, target, value, ok):
+        return {"target": name, "goal": target, "measured": value,
+                "met": None if value is None else bool(ok(value))}
+
+    return [
+        row("time per 1k products flat from smallest to largest", "growth <= 1.2",
+            s.get("time_per_1k_growth"), lambda v: v <= 1.2),
+        row("throughput scales with workers", "efficiency >= 0.8",
+            s.get("scaling_efficiency"), lambda v: v >= 0.8),
+        row("model stages against the simple way", "ratio >= 3",
+            s.get("ratio_vs_simple"), lambda v: v >= 3.0),
+    ]
+

@@ -1,0 +1,115 @@
+"""`autoknow bench` at the smallest size: the outputs exist, parse, and hold sane numbers.
+
+The models are an untrained tagger (the bench measures speed, not quality) and no hypernym
+classifier, and the matrix is one tiny rebuild (its time is the rebuild's fixed cost): the
+arithmetic over several sizes and pools is tested on its own below.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from autoknow_ray.bench.flops import padded_lengths, sequence_flops
+from autoknow_ray.bench.report import PLOTS
+from autoknow_ray.bench.run import linear_fit, projection, scaling
+from autoknow_ray.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> Path:
+    from autoknow_ray.nn.tagger import SpanTagger
+
+    models = tmp_path_factory.mktemp("bench-models")
+    SpanTagger.from_encoder("default", ["type", "Brand", "Color"], max_length=32,
+                            device="cpu").save(models / "taxonomy" / "tagger")
+    (models / "manifest.json").write_text(json.dumps({"fingerprint": "bench-test-untrained"}))
+    return models
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_bench_smallest(ray_session, tmp_path, tiny_models):
+    from autoknow_ray.bench.run import run_bench
+
+    cfg = load_config(REPO / "configs" / "test.yaml")
+    out = tmp_path / "bench"
+    result = run_bench(out, sizes=[120], workers=[1], config=cfg, models=str(tiny_models),
+                       compare_titles=16, compare_rounds=1, quick=True, progress=False)
+
+    data = json.loads((out / "bench.json").read_text())
+    assert data["summary"] == json.loads(json.dumps(result["summary"]))
+    s = data["summary"]
+    for key in ("ratio_vs_simple", "time_per_1k_growth", "flop_fraction"):
+        assert _positive(s[key]), (key, s[key])
+    assert "scaling_efficiency" in s and s["scaling_efficiency"] is None  # one pool size
+    assert {t["target"] for t in data["targets"]} and all("met" in t for t in data["targets"])
+    assert [(r["n"], r["workers"]) for r in data["table"]] == [(120, 1)]
+    for row in data["table"]:
+        assert _positive(row["wall_seconds"]) and _positive(row["model_titles_per_s"])
+        assert row["plan"]["actors"] == 1
+        assert set(row["model_ops"]) == {"TitleTagger", "EmbedTitles"}
+        actors = row["memory"]["actors"]
+        if Path("/proc/self/status").exists():
+            assert {"TitleTagger", "EmbedTitles"} <= set(actors)
+            assert all(_positive(a["peak_bytes_max"]) for a in actors.values())
+    m = data["machine"]
+    for key in ("host_cpus", "ray_version", "torch_version", "data_context", "gpus"):
+        assert key in m
+    assert m["data_context"]  # the DataContext is recorded with every result
+    cmp_ = data["simple_way"]
+    ag = cmp_["agreement"]
+    if ag["why_not_the_hf_pipeline"] is None:  # the HF pipeline runs the same weights
+        assert ag["hf_vs_ours_max_logit_diff"] < 1e-4
+    else:  # the plain loop runs our model and decoding: the same spans
+        assert ag["span_f1_simple_vs_ours"] == pytest.approx(1.0)
+    assert all(_positive(v) for v in cmp_["rates"].values())
+    assert _positive(data["flops"]["tagger"]["flops_per_title"])
+    assert _positive(data["projection_100m"]["cpu_core_hours"])
+
+    for name in PLOTS:
+        blob = (out / name).read_bytes()
+        assert blob[:8] == PNG, name
+        import matplotlib.image
+
+        assert matplotlib.image.imread(str(out / name)).ndim == 3
+    md = (out / "bench.md").read_text()
+    assert "ratio_vs_simple" in md and "autoknow bench" in md
+
+
+def test_flops_and_padding_arithmetic():
+    # one layer of width 2, 10 linear weights, two sequences of 1 and 3 tokens
+    assert sequence_flops([1, 3], 10, 1, 2) == 2 * 10 * 4 + 4 * 2 * (1 + 9)
+    lengths = [5, 1, 5, 1]
+    assert list(padded_lengths(lengths, 2)) == [5, 5, 5, 5]  # in order: every batch pads to 5
+    assert list(padded_lengths(lengths, 2, sort_within=4)) == [5, 1, 5, 1]  # sorted: none
+
+
+def test_scaling_and_fit():
+    rows = [{"n": 10, "workers": 1, "x": 10.0}, {"n": 10, "workers": 2, "x": 15.0}]
+    sc = scaling(rows, 10, "x")
+    assert sc["2"]["efficiency"] == pytest.approx(0.75)
+    a, b = linear_fit([1000, 2000, 4000], [12.0, 14.0, 18.0])
+    assert a == pytest.approx(10.0) and b == pytest.approx(0.002)
+    assert linear_fit([5, 5], [1, 2]) is None
+
+
+def test_projection_falls_back_to_the_average_when_the_fit_is_noise():
+    largest = {"n": 2000, "workers": 2, "seconds_per_1k": 20.0}
+    flops = {"flop_fraction": 0.5, "flops_per_title": 1e9}
+    cluster = {"cpus": 2.0}
+    good = projection({"marginal_seconds_per_1k": 5.0, "scaling_efficiency": 0.5}, largest,
+                      flops, cluster, n_target=1_000_000)
+    assert good["seconds_per_1k_used"] == 5.0
+    assert good["cpu_core_hours"] == pytest.approx(1000 * 5.0 * 2 / 3600)
+    assert good["cpu_core_hours_pessimistic"] == pytest.approx(good["cpu_core_hours"] / 0.5)
+    assert all(h > 0 for h in good["gpu_estimate"]["gpu_hours"].values())
+    noisy = projection({"marginal_seconds_per_1k": -3.0}, largest, {}, cluster, n_target=1_000_000)
+    assert noisy["seconds_per_1k_used"] == 20.0 and "gpu_estimate" not in noisy

@@ -357,8 +357,13 @@ def test_a_worker_node_killed_mid_ingest_changes_nothing(multinode, fault_catalo
     out = log.read_text()
     assert driver.returncode == 0, out[-4000:]
     assert written_before_kill < 48
-    # the kill did hit work in flight: Ray reports the task lost with the node, and its retry
-    assert "node it was running on is dead" in out and "will be retried" in out, out[-4000:]
+    # the cluster saw the node die while the stage ran (the driver streams Ray's own notice: a
+    # task lost with its node and retried, or the node marked dead). Which notice the driver gets
+    # depends on timing: on a fast machine the retries may finish before the death is reported
+    # per task, so any of them is proof that the kill landed during the run.
+    notices = ("node it was running on is dead", "will be retried", "has been marked dead",
+               "Raylet is terminated")
+    assert any(n in out for n in notices), out[-4000:]
     assert_same_run(run, undisturbed)
 
 

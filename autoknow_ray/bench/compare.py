@@ -1,7 +1,8 @@
 """The model stages against the simple way, on the same model and the same titles, in-process.
 
-Three kinds of figure, all titles/s, measured in interleaved rounds (best round kept, so a burst
-of load from a neighbour hurts every variant alike and none twice):
+Three kinds of figure, all titles/s (per wall second and per CPU-second of this process),
+measured in interleaved rounds (best round kept, so a burst of load from a neighbour hurts every
+variant alike and none twice):
 
 - `simple`: the plain way (see `simple.py`) at batch sizes 1, 8, 32, torch's default threads;
   also at one thread (batches > 1): on a busy machine one thread can beat two, and the best
@@ -50,12 +51,14 @@ def in_chunks(fn: Callable[[list[str]], object], titles: list[str], chunk: int) 
     return out
 
 
-def _rate(fn: Callable[[], object], n: int, threads: int | None) -> tuple[float, object]:
+def _rate(fn: Callable[[], object], n: int,
+          threads: int | None) -> tuple[float, float, object]:
+    """(items per wall second, items per CPU-second of this process, output)."""
     with torch_threads(threads):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = fn()
-        dt = time.perf_counter() - t0
-    return n / dt, out
+        dt, dc = time.perf_counter() - t0, time.process_time() - c0
+    return n / dt, n / max(dc, 1e-9), out
 
 
 def compare_model_path(tagger_dir: str | Path, encoder: str | None, titles: list[str], *,
@@ -106,13 +109,15 @@ def compare_model_path(tagger_dir: str | Path, encoder: str | None, titles: list
                                           ours_embedder(bf16, chunk, embed_batch), actor_threads)
 
     best: dict[str, float] = {}
+    best_cpu: dict[str, float] = {}
     outputs: dict[str, object] = {}
     for r in range(rounds):
         for name, (_, _, fn, threads) in variants.items():
             if progress:
                 progress(f"round {r + 1}/{rounds}: {name}")
-            rate, out = _rate(fn, n, threads)
+            rate, cpu_rate, out = _rate(fn, n, threads)
             best[name] = max(best.get(name, 0.0), rate)
+            best_cpu[name] = max(best_cpu.get(name, 0.0), cpu_rate)
             outputs.setdefault(name, out)
 
     def pick(kinds: tuple[str, ...], model: str) -> dict[str, float]:
@@ -124,6 +129,11 @@ def compare_model_path(tagger_dir: str | Path, encoder: str | None, titles: list
             return None
         bt, be = max(t, key=t.get), max(e, key=e.get)
         return bt, be, 1.0 / (1.0 / best[bt] + 1.0 / best[be])
+
+    def combined_cpu(kinds: tuple[str, ...]) -> float:
+        t = [v for k, v in best_cpu.items() if variants[k][0] in kinds and variants[k][1] == "tagger"]
+        e = [v for k, v in best_cpu.items() if variants[k][0] in kinds and variants[k][1] == "encoder"]
+        return 1.0 / (1.0 / max(t) + 1.0 / max(e))
 
     best_tag, best_emb, combined_best = combined(("simple", "simple_1thread"))
     default = combined(("simple",))
@@ -160,12 +170,14 @@ def compare_model_path(tagger_dir: str | Path, encoder: str | None, titles: list
         "embed_batch": embed_batch,
         "bucket_batch": bucket_batch,
         "rates": best,
+        "rates_per_cpu_s": best_cpu,
         "simple": {
             "best_tagger": best_tag,
             "best_encoder": best_emb,
             "combined_best": combined_best,
             "combined_default_threads": default[2],
             "combined_one_thread": one_thread[2] if one_thread else None,
+            "combined_best_per_cpu_s": combined_cpu(("simple", "simple_1thread")),
         },
         "model_path_per_actor": model_path,
         "agreement": agreement,

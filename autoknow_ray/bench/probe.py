@@ -8,8 +8,9 @@
 - `MemorySampler` polls, every `interval` s, the peak resident set (VmHWM) and RSS of this node's
   Ray worker processes from /proc, keyed by their process title (Ray Data actors are titled
   `ray::MapWorker(MapBatches(TitleTagger))`), and the object store's use and spill counters
-  from the raylet (what `ray memory --stats-only` prints). Other nodes' workers are not seen: on
-  a multi-node cluster the per-actor figures cover the driver's node only.
+  from the raylet (what `ray memory --stats-only` prints), and the node's 1-minute load average
+  (how busy the neighbours were). Other nodes' workers are not seen: on a multi-node cluster the
+  per-actor figures cover the driver's node only.
 """
 from __future__ import annotations
 
@@ -129,6 +130,7 @@ class MemorySampler:
         self.store_peak: int | None = None
         self.store_start: dict | None = None
         self.store_end: dict | None = None
+        self.loads: list[float] = []  # 1-minute load average, sampled with the processes
         self.proc_available = Path("/proc/self/status").exists()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -163,6 +165,11 @@ class MemorySampler:
     def _sample_procs(self):
         if not self.proc_available:
             return
+        try:
+            with open("/proc/loadavg") as f:
+                self.loads.append(float(f.read().split()[0]))
+        except (OSError, ValueError, IndexError):
+            pass
         for pid in (p.name for p in Path("/proc").iterdir() if p.name.isdigit()):
             title = _proc_title(pid)
             if not title.startswith("ray::MapWorker("):
@@ -193,6 +200,8 @@ class MemorySampler:
             "actors": per,
             "object_store_peak_bytes": self.store_peak,
             "object_store_spilled_bytes": spilled,
+            "load_average_mean": sum(self.loads) / len(self.loads) if self.loads else None,
+            "load_average_max": max(self.loads) if self.loads else None,
             "method": ("/proc VmHWM+VmRSS of ray::MapWorker(MapBatches(…)) processes every "
                        f"{self.interval}s; object store from the raylet every {self.store_interval}s"
                        if self.proc_available else "unavailable (/proc not present)"),

@@ -87,14 +87,25 @@ def markdown(r: dict) -> str:
         "",
         "## Summary against the targets",
         "",
-        "| figure | measured | target | met |",
-        "|---|---|---|---|",
+        "| figure | target | measured (wall time) | met | per CPU-second | met | per CPU-second basis |",
+        "|---|---|---|---|---|---|---|",
     ]
     for t in r["targets"]:
-        L.append(f"| {t['target']} | {f(t['measured'])} | {t['goal']} | {f(t['met'])} |")
+        L.append(f"| {t['target']} | {t['goal']} | {f(t['measured'])} | {f(t['met'])} | "
+                 f"{f(t.get('per_cpu_s'))} | {f(t.get('per_cpu_s_met'))} | "
+                 f"{t.get('per_cpu_s_basis') or '—'} |")
     L += [
-        f"| FLOP fraction of the model stages ({fl.get('peak_precision')}) | "
-        f"{f(s.get('flop_fraction'))} | — | — |",
+        f"| FLOP fraction of the model stages | — | {f(s.get('flop_fraction'))} "
+        f"({fl.get('peak_precision')}) | — | {f(s.get('flop_fraction_per_cpu_s'))} | — | "
+        "FLOPs / actor CPU-seconds / the one-thread fp32 rate |",
+        "",
+        "Per CPU-second figures use Ray Data's per-task CPU time of the model batches "
+        "(`ray.data` operator stats) and `time.process_time()` for the simple way: they measure "
+        "the work done per core, which the neighbours' load on a shared machine does not change; "
+        "the wall-time figures also carry how much of the cores the run got "
+        f"(actor CPU share at {s['scaling_size']:,} products: "
+        + ", ".join(f"{w} worker(s) {f(v)}" for w, v in (s.get("actor_cpu_share") or {}).items())
+        + " of a core each).",
         "",
         f"- `ratio_vs_simple` = {f(s.get('ours_model_titles_per_s'))} / "
         f"{f(s.get('simple_titles_per_s'))} titles/s: {s['ratio_vs_simple_basis']}. Against the "
@@ -116,16 +127,19 @@ def markdown(r: dict) -> str:
           "Model stages = the taxonomy stage's two Ray Data executions (read → repartition → "
           "actor pool → write Parquet), timed inside the real rebuild.", "",
           "| products | workers | rebuild s | products/s | s per 1k | model stages titles/s | "
-          "per worker | peak GiB per TitleTagger actor | per EmbedTitles actor | driver peak GiB "
-          "| object store peak GiB | spilled GiB |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+          "per worker | titles per actor CPU-s | actor CPU share | load avg | peak GiB per "
+          "TitleTagger actor | per EmbedTitles actor | driver peak GiB | object store peak GiB | "
+          "spilled GiB |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in r["table"]:
         mem = run.get("memory") or {}
         mt = run.get("model_titles_per_s")
         L.append(
             f"| {run['n']:,} | {run['workers']} | {f(run['wall_seconds'])} | "
             f"{f(run['products_per_s'])} | {f(run['seconds_per_1k'])} | {f(mt)} | "
-            f"{f(mt / run['workers'] if mt else None)} | {gib(_peak(run, 'TitleTagger'))} | "
+            f"{f(mt / run['workers'] if mt else None)} | {f(run.get('model_titles_per_cpu_s'))} | "
+            f"{f(run.get('actor_cpu_share'))} | {f(run.get('load_average_mean'))} | "
+            f"{gib(_peak(run, 'TitleTagger'))} | "
             f"{gib(_peak(run, 'EmbedTitles'))} | {gib(run.get('driver_peak_rss_bytes'))} | "
             f"{gib(mem.get('object_store_peak_bytes'))} | "
             f"{gib(mem.get('object_store_spilled_bytes'))} |")
@@ -159,6 +173,8 @@ def markdown(r: dict) -> str:
         for w in se:
             L.append(f"| {w} | {f(se[w]['throughput'])} | {f(se[w]['efficiency'])} | "
                      f"{f(sm.get(w, {}).get('throughput'))} | {f(sm.get(w, {}).get('efficiency'))} |")
+    w_top = max(x["workers"] for x in r["table"])
+    n_top = max(x["n"] for x in r["table"])
     L += ["", "## The simple way, same model and titles", "",
           f"{cmp_['titles']} titles sampled from the {max(x['n'] for x in r['table']):,}-product "
           f"catalogue, best of {cmp_['rounds']} interleaved rounds, device {cmp_['device']}. "
@@ -168,20 +184,29 @@ def markdown(r: dict) -> str:
           "`SpanTagger.predict` / `TextEncoder.encode` as one actor runs them "
           f"({cmp_['threads_ours_per_actor'] or 'default'} thread, Ray batches of "
           f"{cmp_['ray_batch']}), then one change at a time.", "",
-          "| variant | tagger titles/s | embedding titles/s | both |", "|---|---|---|---|"]
+          "| variant | tagger titles/s | embedding titles/s | both | both, per CPU-s |",
+          "|---|---|---|---|---|"]
     rates = cmp_["rates"]
+    cpu = cmp_.get("rates_per_cpu_s", {})
+
+    def both(kind: str, suffix: str = "", table: dict = rates):
+        t, e = table.get(f"{kind}_tag{suffix}"), table.get(f"{kind}_embed{suffix}")
+        return 1 / (1 / t + 1 / e) if t and e else None
+
     bs = sorted({int(k.split("_b")[1].split("_")[0]) for k in rates if k.startswith("simple_tag_b")})
     for b in bs:
-        t, e = rates.get(f"simple_tag_b{b}"), rates.get(f"simple_embed_b{b}")
-        both = 1 / (1 / t + 1 / e) if t and e else None
-        L.append(f"| simple, batch {b} | {f(t)} | {f(e)} | {f(both)} |")
-    for b in bs:
-        t, e = rates.get(f"simple_tag_b{b}_1thread"), rates.get(f"simple_embed_b{b}_1thread")
-        if t and e:
-            L.append(f"| simple, batch {b}, one thread | {f(t)} | {f(e)} | {f(1 / (1 / t + 1 / e))} |")
+        for suffix, label in (("", ""), ("_1thread", ", one thread")):
+            t, e = rates.get(f"simple_tag_b{b}{suffix}"), rates.get(f"simple_embed_b{b}{suffix}")
+            if t and e:
+                L.append(f"| simple, batch {b}{label} | {f(t)} | {f(e)} | "
+                         f"{f(both('simple', f'_b{b}{suffix}'))} | "
+                         f"{f(both('simple', f'_b{b}{suffix}', cpu))} |")
     for name, v in cmp_["model_path_per_actor"].items():
         L.append(f"| ours per actor: {VARIANTS.get(name, name)} | {f(v['tagger'])} | "
-                 f"{f(v['encoder'])} | {f(v['combined'])} |")
+                 f"{f(v['encoder'])} | {f(v['combined'])} | {f(both('ours', f'_{name}', cpu))} |")
+    L.append(f"| the pipeline, {w_top} worker(s), {n_top:,} products (model stages end to end) | — "
+             f"| — | {f(s.get('ours_model_titles_per_s'))} | "
+             f"{f(s.get('ours_model_titles_per_cpu_s'))} (actor CPU time of the model batches) |")
     ag = cmp_["agreement"]
     L += ["", "Same work: " + ", ".join(f"{k} = {f(v, 4)}" for k, v in ag.items()
                                         if isinstance(v, (int, float)) and not isinstance(v, bool))
@@ -275,6 +300,13 @@ def plot(r: dict, out: Path) -> None:
             ax.plot(ws, ys, marker=marker, label=label)
             ax.plot(ws, [ys[0] * w / ws[0] for w in ws], ls=":", color=ax.lines[-1].get_color(),
                     label=f"{label.split(',')[0]}, linear")
+    per_cpu = {x["workers"]: x["model_titles_per_cpu_s"] for x in r["table"]
+               if x["n"] == s["scaling_size"] and x.get("model_titles_per_cpu_s")}
+    if len(per_cpu) > 1:
+        ws = sorted(per_cpu)
+        ax.plot(ws, [per_cpu[w] * w for w in ws], marker="^", ls="--",
+                label="model stages, titles per actor CPU-s × workers")
+    ax.set_xticks(sorted({int(w) for w in se} | {int(w) for w in sm}) or [1])
     ax.set_xlabel("workers (fixed actor pool)")
     ax.set_ylabel("throughput")
     ax.set_title(f"Throughput vs workers, {s['scaling_size']:,} products")

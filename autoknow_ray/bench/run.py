@@ -164,6 +164,13 @@ def run_one(catalogue: Path, n: int, workers: int, cfg, cluster: dict, models: P
         shutil.copy(report, runs_dir / f"n{n}-w{workers}.report.json")
     shutil.rmtree(run_dir, ignore_errors=True)  # the graph of a 1M catalogue is not the point
     mem_summary = mem.summary()
+    # CPU time the actors spent in the model batches (Ray Data's per-task CPU time): unlike wall
+    # time it does not grow when neighbours take the cores, so it compares runs made under
+    # different load; cpu / wall is the share of a core each actor really got
+    udf = [o for v in model_ops.values() for o in v["operators"]
+           if o["name"].startswith("MapBatches")]
+    model_cpu = sum(o["cpu_sum_s"] or 0.0 for o in udf)
+    udf_wall = sum(o["wall_sum_s"] or 0.0 for o in udf)
     return {
         "n": n,
         "workers": workers,
@@ -175,6 +182,10 @@ def run_one(catalogue: Path, n: int, workers: int, cfg, cluster: dict, models: P
                       for k, v in model_ops.items()},
         "model_seconds": model_seconds,
         "model_titles_per_s": n / model_seconds if model_seconds else None,
+        "model_cpu_seconds": model_cpu,
+        "model_titles_per_cpu_s": n / model_cpu if model_cpu else None,
+        "actor_cpu_share": model_cpu / udf_wall if udf_wall else None,
+        "load_average_mean": mem_summary.get("load_average_mean"),
         "products_per_s": n / wall,
         "seconds_per_1k": wall / (n / 1000.0),
         "memory": mem_summary,
@@ -216,7 +227,8 @@ def scaling(rows: list[dict], n: int, key: str) -> dict:
 
 
 def flop_floor(models: Path, encoder: str | None, titles: list[str], n_total: int,
-               model_seconds: float | None, rates: dict, threads: int, gpu: bool) -> dict:
+               model_seconds: float | None, rates: dict, threads: int, gpu: bool,
+               model_cpu_seconds: float | None = None) -> dict:
     """FLOPs the two models need for the catalogue, against the measured matmul rate."""
     from autoknow_ray.bench.flops import model_flops, padded_lengths, token_lengths
     from autoknow_ray.nn.encoder import TextEncoder
@@ -259,6 +271,9 @@ def flop_floor(models: Path, encoder: str | None, titles: list[str], n_total: in
     out["peak_flops_per_s"] = peak
     out["peak_precision"] = precision
     out["floor_seconds"] = total / peak
+    if model_cpu_seconds and not gpu:
+        # each CPU-second the actors received, against the one-thread rate
+        out["flop_fraction_per_cpu_s"] = total / model_cpu_seconds / rates["cpu"]["1"]["fp32"]
     if model_seconds:
         out["achieved_flops_per_s"] = total / model_seconds
         out["flop_fraction"] = total / model_seconds / peak
@@ -406,7 +421,7 @@ def run_bench(out: str | Path, *, quick: bool = False, sizes: list[int] | None =
     flop_titles = titles_all[:FLOP_SAMPLE]
     threads_used = min(host_threads, top["workers"])  # one torch thread per CPU actor
     flops = flop_floor(models_path, cfg.taxonomy.tagger.encoder, flop_titles, largest_n,
-                       top["model_seconds"], rates, threads_used, gpu)
+                       top["model_seconds"], rates, threads_used, gpu, top.get("model_cpu_seconds"))
     phase_done("flop_floor")
     bar.update(1)
     bar.close()
@@ -497,6 +512,28 @@ def summarize(rows: list[dict], sizes: list[int], workers: list[int], sweep_n: i
         "flop_fraction": flops.get("flop_fraction"),
         "flop_fraction_vs_bf16_peak": flops.get("flop_fraction_vs_bf16_peak"),
     }
+    # the same figures per CPU-second: robust to the load neighbours put on a shared machine
+    per_cpu = {r["workers"]: r["model_titles_per_cpu_s"] for r in rows
+               if r["n"] == sweep_n and r.get("model_titles_per_cpu_s")}
+    simple_cpu = simple.get("combined_best_per_cpu_s")
+    s.update({
+        "ours_model_titles_per_cpu_s": large.get("model_titles_per_cpu_s"),
+        "simple_titles_per_cpu_s": simple_cpu,
+        "ratio_vs_simple_per_cpu_s": (large["model_titles_per_cpu_s"] / simple_cpu
+                                      if large.get("model_titles_per_cpu_s") and simple_cpu
+                                      else None),
+        "model_cpu_seconds_per_1k_growth": (
+            small["model_titles_per_cpu_s"] / large["model_titles_per_cpu_s"]
+            if small.get("model_titles_per_cpu_s") and large.get("model_titles_per_cpu_s")
+            else None),
+        # titles per actor CPU-second at w workers over at the fewest: 1.0 = no loss per core
+        "per_core_efficiency_model_stages": ({str(w): v / per_cpu[min(per_cpu)]
+                                              for w, v in sorted(per_cpu.items())}
+                                             if len(per_cpu) > 1 else None),
+        "actor_cpu_share": {str(r["workers"]): r.get("actor_cpu_share")
+                            for r in rows if r["n"] == sweep_n},
+        "flop_fraction_per_cpu_s": flops.get("flop_fraction_per_cpu_s"),
+    })
     if s["model_marginal_titles_per_s"]:
         s["ratio_vs_simple_steady"] = s["model_marginal_titles_per_s"] / simple["combined_best"]
     if simple.get("combined_one_thread"):
@@ -507,16 +544,24 @@ def summarize(rows: list[dict], sizes: list[int], workers: list[int], sweep_n: i
 
 
 def targets(s: dict) -> list[dict]:
-    def row(name, target, value, ok):
+    """The issue's targets, measured in wall time (as asked) and per CPU-second (what a busy,
+    shared machine cannot distort: the work per core, whatever share of the cores we got)."""
+    def row(name, target, value, ok, norm=None, norm_basis=None):
         return {"target": name, "goal": target, "measured": value,
-                "met": None if value is None else bool(ok(value))}
+                "met": None if value is None else bool(ok(value)),
+                "per_cpu_s": norm, "per_cpu_s_met": None if norm is None else bool(ok(norm)),
+                "per_cpu_s_basis": norm_basis}
 
+    w = max((int(k) for k in (s.get("per_core_efficiency_model_stages") or {})), default=None)
     return [
         row("time per 1k products flat from smallest to largest", "growth <= 1.2",
-            s.get("time_per_1k_growth"), lambda v: v <= 1.2),
+            s.get("time_per_1k_growth"), lambda v: v <= 1.2,
+            s.get("model_cpu_seconds_per_1k_growth"), "model stages' CPU-seconds per 1k titles"),
         row("throughput scales with workers", "efficiency >= 0.8",
-            s.get("scaling_efficiency"), lambda v: v >= 0.8),
+            s.get("scaling_efficiency"), lambda v: v >= 0.8,
+            (s["per_core_efficiency_model_stages"][str(w)] if w else None),
+            "model stages' titles per actor CPU-second, w workers over 1"),
         row("model stages against the simple way", "ratio >= 3",
-            s.get("ratio_vs_simple"), lambda v: v >= 3.0),
+            s.get("ratio_vs_simple"), lambda v: v >= 3.0,
+            s.get("ratio_vs_simple_per_cpu_s"), "titles per CPU-second, ours over the best simple"),
     ]
-

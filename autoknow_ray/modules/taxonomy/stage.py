@@ -30,7 +30,7 @@ def _count_rows(path) -> int:
 
 
 def _titles_dataset(ctx: RunContext, plan: runtime.ActorPlan, n: int):
-    ds = ray.data.read_parquet(str(ctx.table_path("ingest", "products")), columns=["product_id", "title"])
+    ds = ray.data.read_parquet(str(ctx.table_path("ingest", "products"))).select_columns(["product_id", "title"])
     # a small file arrives as one block: split it so every actor gets work
     per_block = max(plan.batch_size, -(-n // max(1, plan.actors * 4)))
     return ds.repartition(target_num_rows_per_block=per_block)

@@ -64,9 +64,29 @@ def cmd_rebuild(a) -> int:
 def cmd_eval(a) -> int:
     from autoknow_ray.eval.evaluate import evaluate, format_table
 
-    results = evaluate(a.run, a.gold)
-    print(format_table(results))
-    print(f"\nwritten to {a.run}/eval.json")
+    if not a.against:
+        print(format_table(evaluate(a.run, a.gold)))
+        print(f"\nwritten to {a.run}/eval.json")
+        return 0
+    from autoknow_ray.eval.baselines import evaluate_runs, format_comparison
+
+    runs = [a.run, *a.against]
+    print(format_comparison(evaluate_runs(runs, a.gold)))
+    print("\nwritten to " + ", ".join(f"{r}/eval.json" for r in runs))
+    return 0
+
+
+def cmd_baseline(a) -> int:
+    from autoknow_ray.eval.baselines import run_centroid, run_dictionary
+
+    if a.method == "dictionary":
+        if not a.train:
+            raise ValueError("the dictionary baseline needs --train TRAIN_DIR")
+        summary = run_dictionary(a.train, a.catalogue, a.out)
+    else:
+        summary = run_centroid(a.catalogue, a.out, encoder=a.encoder)
+    print(json.dumps(summary, indent=2, default=str))
+    print(f"baseline run written to {a.out} (score it with: autoknow eval --run {a.out} --gold GOLD)")
     return 0
 
 
@@ -121,7 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("eval", help="score a run against gold labels")
     s.add_argument("--run", required=True)
     s.add_argument("--gold", required=True)
+    s.add_argument("--against", action="append", default=[], metavar="RUN2",
+                   help="another run (e.g. a baseline) to score on the same gold; repeatable")
     s.set_defaults(func=cmd_eval)
+    s = sub.add_parser("baseline", help="write a simple method's run, to score beside a real one")
+    s.add_argument("method", choices=("dictionary", "centroid"))
+    s.add_argument("--catalogue", required=True, help="the catalogue to extract from / place")
+    s.add_argument("--out", required=True)
+    s.add_argument("--train", default=None, help="training catalogue (required for dictionary)")
+    s.add_argument("--encoder", default="default", help="text encoder for centroid")
+    s.set_defaults(func=cmd_baseline)
     s = sub.add_parser("bench", help="scaling benchmark: sizes x workers, against the simple way")
     s.add_argument("--out", default="runs/bench")
     s.add_argument("--quick", action="store_true", help="small sizes that finish in minutes")

@@ -61,6 +61,13 @@ def edits_from_attribute_spans(tags: pl.DataFrame, min_score: float) -> pl.DataF
     ).unique(subset=["subject", "relation", "object"], keep="first", maintain_order=True)
 
 
+def _ranked_product_types(voted: dict[str, list[tuple[str, float]]], top: int = 5) -> pl.DataFrame:
+    """The kNN vote's alternatives per product (rank 1 is the type written to the graph)."""
+    rows = [(pid, t, float(share), r + 1) for pid, lst in voted.items() for r, (t, share) in enumerate(lst[:top])]
+    return pl.DataFrame(rows, schema={"product_id": pl.String, "type": pl.String, "score": pl.Float32,
+                                      "rank": pl.Int32}, orient="row")
+
+
 class TaxonomyStage(Stage):
     name = "taxonomy"
     config_sections = ("taxonomy", "resources")
@@ -114,8 +121,9 @@ class TaxonomyStage(Stage):
                                     device=ctx.cfg.device)
 
         reference = load_type_reference(art)
+        voted: dict[str, list[tuple[str, float]]] = {}
         product_types, candidates = resolve_types(products, tags, taxonomy, cfg.types, encoder,
-                                                  reference=reference)
+                                                  reference=reference, ranked=voted)
         has_edges = taxonomy.height > 0 and taxonomy["parent"].is_not_null().any()
         # without any parent edge the taxonomy is flat: its parentless types are roots
         orphans = orphan_types(taxonomy, products) if has_edges else []
@@ -148,6 +156,7 @@ class TaxonomyStage(Stage):
         ctx.write("product_types", product_types)
         ctx.write("new_types", candidates)
         ctx.write("hypernym_candidates", ranked)
+        ctx.write("product_type_candidates", _ranked_product_types(voted))
         ctx.write("edits", edits_df, TRIPLES)
         ctx.write("graph_taxonomy", graph_tax, GRAPH_TAXONOMY)
         status = dict(product_types.group_by("status").len().rows()) if product_types.height else {}

@@ -158,6 +158,7 @@ def resolve_types(
     cfg: TypeResolutionConfig | None = None,
     encoder=None,
     reference: tuple[list[str], np.ndarray] | None = None,
+    ranked: dict[str, list[tuple[str, float]]] | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Decide each product's type and collect new-type candidates.
 
@@ -168,6 +169,8 @@ def resolve_types(
     rows) is needed for corrections and the kNN fallback; without it neither happens.
     `reference` — (types, title vectors) kept from the training catalogue — joins the kNN vote,
     so a catalogue without a single typed product can still be typed.
+    `ranked`, when given, receives for each kNN-typed product its voted types, best first, with
+    their vote shares (the alternatives a reviewer or an @k metric needs).
     """
     cfg = cfg or TypeResolutionConfig()
     parents, _children = taxonomy_maps(taxonomy)
@@ -274,7 +277,7 @@ def resolve_types(
     if untyped and encoder is not None:
         ref = [(i, rows[pids[i]]["type"]) for i in range(len(pids)) if pids[i] in rows]
         if ref or (reference is not None and len(reference[0])):
-            _knn_fallback(untyped, ref, pids, titles, rows, encoder, cfg, reference, canonical)
+            _knn_fallback(untyped, ref, pids, titles, rows, encoder, cfg, reference, canonical, ranked)
 
     out = pl.DataFrame([rows[p] for p in pids if p in rows], schema=PRODUCT_TYPES_SCHEMA)
     return out, candidates
@@ -291,7 +294,7 @@ def _encode(encoder, texts: list[str]) -> np.ndarray:
 
 
 def _knn_fallback(untyped, ref, pids, titles, rows, encoder, cfg: TypeResolutionConfig,
-                  reference=None, canonical=None) -> None:
+                  reference=None, canonical=None, ranked=None) -> None:
     """Untyped products without a usable span: similarity-weighted vote of the k nearest typed
     products (by title embedding) — this catalogue's and the training reference's;
     confidence = the winning type's vote share."""
@@ -318,11 +321,14 @@ def _knn_fallback(untyped, ref, pids, titles, rows, encoder, cfg: TypeResolution
         total = sum(votes.values())
         if total <= 0:
             continue
-        best = max(sorted(votes), key=lambda t: votes[t])
+        order = sorted(votes, key=lambda t: (-votes[t], t))
+        best = order[0]
         share = votes[best] / total
         if share < cfg.knn_min_share:
             continue
         pid = pids[i]
+        if ranked is not None:
+            ranked[pid] = [(t, votes[t] / total) for t in order]
         rows[pid] = _row(pid, best, share, "added", f"knn k={k} share={share:.2f}")
 
 

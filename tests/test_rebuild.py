@@ -84,3 +84,37 @@ def test_bad_inputs_give_clear_errors(tmp_path, capsys, ray_session):
     assert main(["rebuild", "--catalogue", str(tmp_path), "--out", str(tmp_path / "r"),
                  "--config", str(tmp_path / "cfg.yaml")]) == 2
     assert "epoks" in capsys.readouterr().err  # unknown keys are rejected, by name
+
+
+def test_taxonomy_only_catalogue_fits_and_places_its_orphans(tmp_path, capsys, ray_session):
+    """A catalogue with a taxonomy and no products (an Open Food Facts-like import): fit learns the
+    hypernym classifier from the type edges and skips the tagger; the rebuild places the orphans
+    and eval scores them from the run's files."""
+    parents = {"coffee": "drinks", "tea": "drinks", "juice": "drinks", "soda": "drinks",
+               "cheese": "dairy", "milk": "dairy", "yogurt": "dairy", "butter": "dairy",
+               "apples": "fruit", "pears": "fruit", "bananas": "fruit", "cherries": "fruit"}
+    hidden = {"green tea": "drinks", "cheddar cheese": "dairy", "plums": "fruit"}
+    cat = tmp_path / "cat"
+    (cat / "gold").mkdir(parents=True)
+    rows = [(t, p) for t, p in parents.items()] + [(p, None) for p in set(parents.values())]
+    rows += [(t, None) for t in hidden]
+    pl.DataFrame(rows, schema={"type": pl.String, "parent": pl.String}, orient="row").write_parquet(
+        cat / "taxonomy.parquet")
+    pl.DataFrame({"product_id": [], "title": []}, schema={"product_id": pl.String, "title": pl.String}
+                 ).write_parquet(cat / "products.parquet")
+    pl.DataFrame({"child": list(hidden), "child_kind": ["type"] * 3, "parent": list(hidden.values()),
+                  "depth": [1] * 3}, schema_overrides={"depth": pl.Int32}).write_parquet(
+        cat / "gold" / "hypernyms.parquet")
+    models, run = tmp_path / "models", tmp_path / "run"
+    assert main(["fit", "--catalogue", str(cat), "--out", str(models), "--config", CONFIG]) == 0
+    manifest = json.loads((models / "manifest.json").read_text())["modules"]["taxonomy"]
+    assert "skipped" in manifest["tagger"] and manifest["hypernym"]["type_edges"] > 0
+    assert main(["rebuild", "--catalogue", str(cat), "--out", str(run), "--models", str(models),
+                 "--config", CONFIG]) == 0
+    ranked = pl.read_parquet(run / "taxonomy" / "hypernym_candidates.parquet")
+    assert set(ranked["type"].to_list()) == set(hidden)
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run), "--gold", str(cat / "gold")]) == 0
+    scores = json.loads((run / "eval.json").read_text())
+    assert scores["hypernym.type.children"] == 3
+    assert scores["hypernym.type.acc@3"] == 1.0  # three candidate parents: a ranking covers them

@@ -59,7 +59,7 @@ class IngestStage(Stage):
                 continue
             staging = ctx.out / f"_validated_{table}"
             ds.write_parquet(str(staging))
-            rows = pl.read_parquet(str(staging / "*.parquet")) if any(staging.glob("*.parquet")) \
+            rows = pl.read_parquet(str(staging / "*.parquet")) if staging.is_dir() and any(staging.glob("*.parquet")) \
                 else pl.DataFrame(schema=pl.from_arrow(schema.empty_table()).schema)
             n_in = rows.height
             if n_in and "_reason" in rows.columns:
@@ -104,9 +104,10 @@ class IngestStage(Stage):
                         pl.col("_raw").alias("raw"),
                     )
                 )
-            for p in staging.glob("*"):
-                p.unlink()
-            staging.rmdir()
+            if staging.is_dir():  # an empty table writes no shard (nor the folder)
+                for p in staging.glob("*"):
+                    p.unlink()
+                staging.rmdir()
             tables[table] = {"rows_in": n_in, "rows_out": good.height, "rows_quarantined": bad.height}
             assert n_in == good.height + bad.height, f"{table}: rows lost in ingest"
         q = pl.concat(quarantined, how="diagonal_relaxed") if quarantined else pl.DataFrame()

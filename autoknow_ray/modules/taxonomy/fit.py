@@ -24,7 +24,12 @@ def fit_taxonomy(ctx: RunContext, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     train = products.sample(cfg.max_train_products, seed=ctx.cfg.seed) \
         if products.height > cfg.max_train_products else products
-    result = {"tagger": fit_tagger(train, cfg.tagger, out / "tagger")}
+    try:
+        result = {"tagger": fit_tagger(train, cfg.tagger, out / "tagger")}
+    except ValueError as e:
+        # no title names its type or a value (e.g. a taxonomy-only catalogue): no tagger; the
+        # rebuild then types products by the kNN vote and still places the taxonomy's types
+        result = {"tagger": {"skipped": str(e)}}
     t0 = time.perf_counter()
     encoder = TextEncoder(cfg.tagger.encoder, device=ctx.cfg.device)
     hyp = HypernymClassifier(cfg.hypernym)

@@ -86,12 +86,14 @@ class TaxonomyStage(Stage):
         tags_dir = ctx.out / "tags"
         if n:
             titles = _titles_dataset(ctx, plan, n)
+        if n and (art / "tagger" / "config.json").exists():  # fit skips a tagger with nothing to learn
             titles.map_batches(
                 TitleTagger,
                 fn_constructor_kwargs={"artifact_dir": str(art / "tagger"), "device": plan.device,
                                        "batch_size": plan.batch_size, "cpu_threads": threads},
                 batch_format="pyarrow", **runtime.actor_pool_kwargs(plan),
             ).write_parquet(str(tags_dir))
+        if n:
             emb_dir = ctx.out / "_title_embeddings"
             titles.map_batches(
                 EmbedTitles,

@@ -264,10 +264,16 @@ def resolve_types(
         names = sorted({o for _, o, _, _ in to_check} | {n for _, _, n, _ in to_check})
         name_vec = dict(zip(names, _encode(encoder, names)))
         title_vec = _encode(encoder, [titles[i] or "" for i, _, _, _ in to_check])
-        for (i, old, new, score), tv in zip(to_check, title_vec):
+        votes = _neighbour_votes([i for i, _, _, _ in to_check], title_vec, pids, titles, old_types,
+                                 encoder, cfg, canonical=lambda t: known.get(type_key(t), t))
+        for (i, old, new, score), tv, vote in zip(to_check, title_vec, votes):
             cos_types = float(name_vec[old] @ name_vec[new])
             margin = float(tv @ name_vec[new] - tv @ name_vec[old])
-            if cos_types < cfg.correct_max_cosine and margin > cfg.correct_title_margin:
+            # a second, independent signal must agree: the product's nearest catalogue-typed
+            # neighbours carry the new type more than the old one (a span on a modifier word —
+            # "Pasta" in "Italian Pasta Salad" — does not survive this)
+            if (cos_types < cfg.correct_max_cosine and margin > cfg.correct_title_margin
+                    and vote.get(new, 0.0) > vote.get(old, 0.0)):
                 pid = pids[i]
                 rows[pid] = _row(
                     pid, new, score, "corrected",
@@ -291,6 +297,33 @@ def _encode(encoder, texts: list[str]) -> np.ndarray:
     v = np.asarray(encoder.encode(list(texts)), dtype=np.float32)
     n = np.linalg.norm(v, axis=1, keepdims=True)
     return v / np.maximum(n, 1e-12)
+
+
+def _neighbour_votes(query_rows: list[int], query_vec: np.ndarray, pids, titles, old_types, encoder,
+                     cfg: TypeResolutionConfig, canonical) -> list[dict[str, float]]:
+    """Similarity-weighted type votes of each queried product's k nearest catalogue-typed products
+    (itself excluded)."""
+    from autoknow_ray.index.faiss_index import VectorIndex
+
+    ref = [(i, canonical(clean_surface(t))) for i, t in enumerate(old_types)
+           if isinstance(t, str) and t.strip()]
+    if len(ref) < 2:
+        return [{} for _ in query_rows]
+    ref_vec = _encode(encoder, [titles[i] or "" for i, _ in ref])
+    index = VectorIndex(metric="ip", seed=cfg.seed).build(ref_vec)
+    k = min(cfg.knn_k + 1, len(ref))
+    scores, ids = index.search(np.asarray(query_vec, dtype=np.float32), k)
+    out = []
+    for row, qi in enumerate(query_rows):
+        votes: dict[str, float] = defaultdict(float)
+        taken = 0
+        for sc, j in zip(scores[row], ids[row]):
+            if j < 0 or ref[j][0] == qi or taken == cfg.knn_k:
+                continue
+            votes[ref[j][1]] += max(float(sc), 0.0)
+            taken += 1
+        out.append(dict(votes))
+    return out
 
 
 def _knn_fallback(untyped, ref, pids, titles, rows, encoder, cfg: TypeResolutionConfig,

@@ -25,6 +25,7 @@ class ActorPlan:
     num_gpus: float
     batch_size: int
     device: str  # "cuda" or "cpu"
+    rows_per_call: int = 1024  # Ray batch: the model sorts it by length into `batch_size` batches
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -88,7 +89,7 @@ def plan_actors(cfg: Config, stage: str, n_rows: int | None = None) -> ActorPlan
             else float(res.gpus_per_actor)
         )
         actors = int(gpus / per_gpu) if res.actors == "auto" else int(res.actors)
-        plan = ActorPlan(max(1, actors), res.cpus_per_actor, per_gpu, res.batch_size, "cuda")
+        plan = ActorPlan(max(1, actors), res.cpus_per_actor, per_gpu, res.batch_size, "cuda", res.rows_per_call)
     else:
         free = max(res.cpus_per_actor, cpus - res.reserve_cpus)
         actors = (
@@ -96,7 +97,7 @@ def plan_actors(cfg: Config, stage: str, n_rows: int | None = None) -> ActorPlan
             if res.actors == "auto"
             else int(res.actors)
         )
-        plan = ActorPlan(max(1, actors), res.cpus_per_actor, 0.0, res.batch_size, "cpu")
+        plan = ActorPlan(max(1, actors), res.cpus_per_actor, 0.0, res.batch_size, "cpu", res.rows_per_call)
     if n_rows is not None:
         # more actors than batches only costs model loads
         plan = ActorPlan(
@@ -105,6 +106,7 @@ def plan_actors(cfg: Config, stage: str, n_rows: int | None = None) -> ActorPlan
             plan.num_gpus,
             plan.batch_size,
             plan.device,
+            plan.rows_per_call,
         )
     return plan
 

@@ -12,6 +12,8 @@ import time
 
 import torch
 
+from autoknow_ray.nn.encoder import cpu_flags, cpu_has_bf16  # noqa: F401  (re-exported)
+
 
 def cpu_model() -> str:
     try:
@@ -22,22 +24,6 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def cpu_has_bf16() -> bool:
-    """Native bf16 matmul units (AVX512-BF16 or AMX-BF16); without them bf16 is emulated."""
-    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def matmul_rate(dtype: torch.dtype = torch.float32, device: str = "cpu", threads: int | None = None,

@@ -5,9 +5,10 @@ import json
 import math
 from pathlib import Path
 
-VARIANTS = {"as_run": "as the stage runs it (fp32, Ray batch = model batch)",
+VARIANTS = {"as_run": "fp32, Ray batch = model batch (no sorting)",
             "bucketed": "rows sorted by length over 1024-row Ray batches",
-            "bf16": "bf16 autocast", "bucketed_bf16": "sorted + bf16"}
+            "bf16": "bf16 autocast",
+            "bucketed_bf16": "sorted + bf16 (what the stage runs on GPU and on CPUs with bf16 units)"}
 PLOTS = ("throughput_vs_workers.png", "time_vs_size.png", "model_path.png")
 GIB = 2**30
 

@@ -42,6 +42,31 @@ def pick_device(prefer: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_has_bf16() -> bool:
+    """Native bf16 matmul units (AVX512-BF16 or AMX-BF16); without them bf16 is emulated (slow)."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def inference_bf16(bf16: bool | str | None, device: torch.device) -> bool:
+    """bf16 autocast for inference: `auto`/None = on GPU, and on a CPU with native bf16 units
+    (there it runs ~3x the fp32 rate; spans and embeddings agree with fp32 to ~0.99 F1 / 1.0
+    cosine, measured by `autoknow bench`). Training never uses this: it stays fp32 on CPU."""
+    if bf16 is None or bf16 == "auto":
+        return device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16())
+    return bool(bf16)
+
+
 def autocast(device: torch.device, bf16: bool):
     """bf16 autocast where it pays: on GPU always when asked, on CPU only when asked."""
     if bf16:
@@ -91,7 +116,7 @@ class TextEncoder:
     ):
         self.path = resolve_encoder(name_or_path)
         self.device = pick_device(device)
-        self.bf16 = (self.device.type == "cuda") if bf16 is None else bf16
+        self.bf16 = inference_bf16(bf16, self.device)
         self.max_length = max_length
         self.batch_size = batch_size
         self.tokenizer = load_tokenizer(self.path)

@@ -28,6 +28,7 @@ from torch import nn
 
 from autoknow_ray.nn.encoder import (
     autocast,
+    inference_bf16,
     length_buckets,
     load_encoder,
     load_tokenizer,
@@ -455,7 +456,7 @@ class SpanTagger:
         tokenizer = AutoTokenizer.from_pretrained(str(art))
         meta = {k: v for k, v in cfg.items() if k not in ("encoder_config",)}
         return cls(model.to(dev).eval(), tokenizer, cfg["labels"], cfg["max_length"], dev,
-                   resolve_bf16(bf16, dev), meta)
+                   inference_bf16(bf16, dev), meta)
 
     # -- inference --
     @torch.inference_mode()

@@ -32,8 +32,14 @@ def _count_rows(path) -> int:
 def _titles_dataset(ctx: RunContext, plan: runtime.ActorPlan, n: int):
     ds = ray.data.read_parquet(str(ctx.table_path("ingest", "products"))).select_columns(["product_id", "title"])
     # a small file arrives as one block: split it so every actor gets work
-    per_block = max(plan.batch_size, -(-n // max(1, plan.actors * 4)))
+    per_block = rows_per_call(plan, n)
     return ds.repartition(target_num_rows_per_block=per_block)
+
+
+def rows_per_call(plan: runtime.ActorPlan, n: int) -> int:
+    """Rows per actor call: large enough for length-sorted model batches (less padding), small
+    enough that every actor gets several calls."""
+    return max(plan.batch_size, min(plan.rows_per_call, -(-n // max(1, plan.actors * 4))))
 
 
 def edits_from_types(product_types: pl.DataFrame, products: pl.DataFrame) -> pl.DataFrame:
@@ -91,7 +97,7 @@ class TaxonomyStage(Stage):
                 TitleTagger,
                 fn_constructor_kwargs={"artifact_dir": str(art / "tagger"), "device": plan.device,
                                        "batch_size": plan.batch_size, "cpu_threads": threads},
-                batch_format="pyarrow", **runtime.actor_pool_kwargs(plan),
+                batch_format="pyarrow", **{**runtime.actor_pool_kwargs(plan), "batch_size": rows_per_call(plan, n)},
             ).write_parquet(str(tags_dir))
         if n:
             emb_dir = ctx.out / "_title_embeddings"
@@ -99,7 +105,7 @@ class TaxonomyStage(Stage):
                 EmbedTitles,
                 fn_constructor_kwargs={"encoder": cfg.tagger.encoder, "device": plan.device,
                                        "batch_size": plan.batch_size * 2, "cpu_threads": threads},
-                batch_format="pyarrow", **runtime.actor_pool_kwargs(plan),
+                batch_format="pyarrow", **{**runtime.actor_pool_kwargs(plan), "batch_size": rows_per_call(plan, n)},
             ).write_parquet(str(emb_dir))
         tags = read_parquet_any(tags_dir) if tags_dir.exists() else pl.DataFrame()
         if tags.height == 0:

@@ -96,11 +96,16 @@ def eval_hypernyms(run: Path, triples: pl.DataFrame, taxonomy: pl.DataFrame, gol
     out = {}
     tg = gold.filter(pl.col("child_kind") == "type")
     if tg.height:
+        # type names compare like type_extraction does (case, spacing, a plural ending): a new
+        # type written "Golf Ball" from titles is the gold's "golf ball"
         g = {}
         for c, p in tg.filter(pl.col("depth") == 1).select("child", "parent").iter_rows():
-            g.setdefault(c, set()).add(p)
+            g.setdefault(norm_type(c), set()).add(norm_type(p))
+        ranked_norm: dict[str, list[str]] = {}
+        for c, lst in ranked_types.items():
+            ranked_norm.setdefault(norm_type(c), [norm_type(x) for x in lst])
         for k in (1, 3):
-            out[f"hypernym.type.acc@{k}"] = accuracy_at_k(ranked_types, g, k)
+            out[f"hypernym.type.acc@{k}"] = accuracy_at_k(ranked_norm, g, k)
         out["hypernym.type.children"] = len(g)
     pg = gold.filter(pl.col("child_kind") == "product")
     if pg.height:
@@ -135,9 +140,10 @@ def eval_hypernyms(run: Path, triples: pl.DataFrame, taxonomy: pl.DataFrame, gol
                         lst.append(p)
             level2[pid] = lst
         for depth, ranked_d in ((1, level1), (2, level2)):
+            ranked_d = {c: [norm_type(x) for x in lst] for c, lst in ranked_d.items()}
             g = {}
             for c, p in pg.filter(pl.col("depth") == depth).select("child", "parent").iter_rows():
-                g.setdefault(c, set()).add(p)
+                g.setdefault(c, set()).add(norm_type(p))
             if g:
                 for k in (1, 3):
                     out[f"hypernym.product.depth{depth}.acc@{k}"] = accuracy_at_k(ranked_d, g, k)

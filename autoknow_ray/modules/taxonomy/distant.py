@@ -4,7 +4,8 @@ For each product, the known `product_type` and attribute values are looked up in
 (case-insensitive, whole words only, any run of spaces matching any run of spaces, simple
 singular/plural variants for the type); the matches become character spans labelled "type" or
 with the attribute name. Longest match first, no overlapping spans. Titles without any match are
-kept at a sampled rate (they teach "O"). Attributes matched in fewer than `min_attribute_count`
+kept at a sampled rate (they teach "O"); untyped products' titles are left out (their type
+may be named in them). Attributes matched in fewer than `min_attribute_count`
 titles are dropped from the label set.
 """
 from __future__ import annotations
@@ -157,12 +158,20 @@ def build_examples(
     dropped = sorted(lab for lab in counts if lab not in kept)
     labels = sorted(kept, key=lambda lab: (lab != TYPE_LABEL, -counts[lab], lab))
 
+    # an untyped product's title may well name its type (one the taxonomy lacks: the open world
+    # the tagger is for): as an example it would teach "O" on that name. Leave such titles out
+    # whenever the catalogue types some of its products.
+    has_type = [isinstance(t, str) and bool(t.strip()) for t in types]
+    skip_untyped = any(has_type)
     rng = np.random.default_rng(seed)
     examples: list[tuple[str, list[Span]]] = []
-    n_empty = n_empty_kept = n_spans = 0
+    n_empty = n_empty_kept = n_spans = n_untyped = 0
     span_counts: Counter = Counter()
-    for title, cands in zip(titles, per_title):
+    for title, cands, typed in zip(titles, per_title, has_type):
         if cands is None:
+            continue
+        if skip_untyped and not typed:
+            n_untyped += 1
             continue
         spans = resolve_overlaps(cands, kept) if cands else []
         if not spans:
@@ -181,6 +190,7 @@ def build_examples(
         "n_without_spans": n_empty,
         "n_without_spans_kept": n_empty_kept,
         "n_spans": n_spans,
+        "n_untyped_left_out": n_untyped,
         "span_counts": dict(span_counts.most_common()),
         "dropped_attributes": dropped,
     }

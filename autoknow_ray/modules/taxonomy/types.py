@@ -208,6 +208,10 @@ def resolve_types(
                 cand_scores[k].append(score)
                 cand_surface[k][surface] += 1
     n_mentioning: Counter = Counter(k for (k, _pid) in mentions)
+    # new names follow the taxonomy's writing: an all-lower-case taxonomy gets "golf ball", not
+    # the titles' "Golf Ball"
+    cased = [t for t in parents if any(ch.isalpha() for ch in t)]
+    lower_taxonomy = bool(cased) and sum(t == t.lower() for t in cased) >= 0.9 * len(cased)
     accepted: dict[str, str] = {}  # key → new type name
     cand_rows = []
     for k, plist in cand_products.items():
@@ -215,6 +219,7 @@ def resolve_types(
         mean_score = float(np.mean(cand_scores[k]))
         if support >= cfg.min_support and mean_score >= cfg.min_score:
             name = cand_surface[k].most_common(1)[0][0]
+            name = name.lower() if lower_taxonomy else name
             accepted[k] = name
             cand_rows.append(
                 {

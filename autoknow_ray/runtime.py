@@ -111,11 +111,12 @@ def plan_actors(cfg: Config, stage: str, n_rows: int | None = None) -> ActorPlan
     return plan
 
 
-def actor_pool_kwargs(plan: ActorPlan) -> dict:
-    """Keyword arguments for `Dataset.map_batches` with a fixed-size actor pool."""
+def actor_pool_kwargs(plan: ActorPlan, batch_size: int | None = None) -> dict:
+    """Keyword arguments for `Dataset.map_batches` with a fixed-size actor pool; `batch_size`
+    (rows per actor call) defaults to the plan's model batch."""
     kw = dict(
         compute=ray.data.ActorPoolStrategy(size=plan.actors),
-        batch_size=plan.batch_size,
+        batch_size=batch_size or plan.batch_size,
         num_cpus=plan.num_cpus,
     )
     if plan.num_gpus:

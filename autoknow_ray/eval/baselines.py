@@ -230,7 +230,9 @@ def run_dictionary(train: str | Path, catalogue: str | Path, out: str | Path) ->
     taxonomy = _graph_taxonomy(read_catalogue_table(train, "taxonomy"))
     files = _write_run(Path(out), triples, taxonomy, {})
     is_type = triples["relation"] == HAS_TYPE
+    titled = int((test["title"].str.strip_chars().str.len_chars().fill_null(0) > 0).sum())
     return {"baseline": "dictionary", **model.stats, "products": test.height,
+            "products_without_title": test.height - titled,  # no triple can come from them
             "attribute_triples": int((~is_type).sum()), "type_triples": int(is_type.sum()),
             "types_from_title": int((is_type & triples["evidence"].str.starts_with("title")).sum()),
             "files": files}

@@ -579,25 +579,23 @@ class _Context:
         cp_w: dict[int, float] = defaultdict(float)
         q_w: dict[int, float] = defaultdict(float)
         own = set(c.prod_pids)
+
+        def add(rows, weights, acc: dict[int, float]) -> None:
+            # neighbours outside the child itself vote for their type
+            for r, w in zip(rows, weights):
+                if r in c.excl_rows or self.prod_ids[r] in own:
+                    continue
+                t = int(self.prod_type[r])
+                if t not in c.excl_types:
+                    acc[t] += w
+
         for p in c.prod_pids:
             nb = self.cp.get(p)
             if nb is not None:
-                for r, w in zip(*nb):
-                    if r in c.excl_rows or self.prod_ids[r] in own:
-                        continue
-                    t = int(self.prod_type[r])
-                    if t in c.excl_types:
-                        continue
-                    cp_w[t] += w
+                add(*nb, cp_w)
             for qi in self.q_of.get(p, ()):
                 rows, ws, _ = self.q_members[qi]
-                for r, w in zip(rows, ws):
-                    if r in c.excl_rows or self.prod_ids[r] in own:
-                        continue
-                    t = int(self.prod_type[r])
-                    if t in c.excl_types:
-                        continue
-                    q_w[t] += w
+                add(rows, ws, q_w)
         return cp_w, q_w
 
     def _shares(self, tw: dict[int, float], cand: np.ndarray):

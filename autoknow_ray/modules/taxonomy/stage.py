@@ -97,7 +97,7 @@ class TaxonomyStage(Stage):
                 TitleTagger,
                 fn_constructor_kwargs={"artifact_dir": str(art / "tagger"), "device": plan.device,
                                        "batch_size": plan.batch_size, "cpu_threads": threads},
-                batch_format="pyarrow", **{**runtime.actor_pool_kwargs(plan), "batch_size": rows_per_call(plan, n)},
+                batch_format="pyarrow", **runtime.actor_pool_kwargs(plan, rows_per_call(plan, n)),
             ).write_parquet(str(tags_dir))
         if n:
             emb_dir = ctx.out / "_title_embeddings"
@@ -105,7 +105,7 @@ class TaxonomyStage(Stage):
                 EmbedTitles,
                 fn_constructor_kwargs={"encoder": cfg.tagger.encoder, "device": plan.device,
                                        "batch_size": plan.batch_size * 2, "cpu_threads": threads},
-                batch_format="pyarrow", **{**runtime.actor_pool_kwargs(plan), "batch_size": rows_per_call(plan, n)},
+                batch_format="pyarrow", **runtime.actor_pool_kwargs(plan, rows_per_call(plan, n)),
             ).write_parquet(str(emb_dir))
         tags = read_parquet_any(tags_dir) if tags_dir.exists() else pl.DataFrame()
         if tags.height == 0:

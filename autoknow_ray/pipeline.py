@@ -40,8 +40,7 @@ class RunContext:
         return self.run_dir / stage
 
     def table_path(self, stage: str, name: str) -> Path:
-        d = self.stage_dir(stage)
-        return d / f"{name}.parquet" if (d / f"{name}.parquet").exists() else d / name
+        return table_file(self.stage_dir(stage), name)
 
     def read(self, stage: str, name: str, columns: list[str] | None = None) -> pl.DataFrame:
         return read_parquet_any(self.table_path(stage, name), columns)
@@ -53,6 +52,12 @@ class RunContext:
     def write(self, name: str, table: pa.Table | pl.DataFrame, schema: pa.Schema | None = None):
         assert self.out is not None, "write() is only for the stage that is running"
         write_table(self.out / f"{name}.parquet", table, schema)
+
+
+def table_file(folder: Path, name: str) -> Path:
+    """Where table `name` lives in `folder`: `name.parquet`, else the shard folder `name/`."""
+    single = Path(folder) / f"{name}.parquet"
+    return single if single.exists() else Path(folder) / name
 
 
 def read_parquet_any(path: Path, columns: list[str] | None = None) -> pl.DataFrame:

@@ -24,7 +24,7 @@ from autoknow_ray.eval.evaluate import evaluate
 from autoknow_ray.graph.assemble import KEY, catalogue_triples
 from autoknow_ray.modules.taxonomy.distant import NULL_VALUES, resolve_overlaps, type_variants
 from autoknow_ray.modules.taxonomy.types import orphan_types, taxonomy_maps
-from autoknow_ray.pipeline import read_parquet_any, write_table
+from autoknow_ray.pipeline import read_parquet_any, table_file, write_table
 from autoknow_ray.schema import GRAPH_TAXONOMY, HAS_TYPE, PRODUCTS, TRIPLES, conform
 
 CANDIDATE_TABLES = ("hypernym_candidates", "product_type_candidates")
@@ -41,10 +41,8 @@ def read_catalogue_table(catalogue: str | Path, name: str) -> pl.DataFrame:
     catalogue = Path(catalogue)
     if not catalogue.is_dir():
         raise FileNotFoundError(f"catalogue folder not found: {catalogue}")
-    for p in (catalogue / f"{name}.parquet", catalogue / name):
-        if p.exists():
-            return read_parquet_any(p)
-    return pl.DataFrame()
+    p = table_file(catalogue, name)
+    return read_parquet_any(p) if p.exists() else pl.DataFrame()
 
 
 def _products(catalogue: str | Path) -> pl.DataFrame:

@@ -12,18 +12,16 @@ from pathlib import Path
 import polars as pl
 
 from autoknow_ray.eval.metrics import accuracy_at_k, norm_text, norm_type, prf, set_prf
-from autoknow_ray.pipeline import read_parquet_any
+from autoknow_ray.pipeline import read_parquet_any, table_file
 from autoknow_ray.schema import HAS_TYPE
 
 TYPE_SPAN_ATTRIBUTES = {"product type"}  # gold span attributes that name the product type
 
 
 def _read_gold(gold: Path, name: str) -> pl.DataFrame | None:
-    for p in (gold / f"{name}.parquet", gold / name):
-        if p.exists():
-            df = read_parquet_any(p)
-            return df if df.height else None
-    return None
+    p = table_file(gold, name)
+    df = read_parquet_any(p) if p.exists() else None
+    return df if df is not None and df.height else None
 
 
 def _live(triples: pl.DataFrame) -> pl.DataFrame:

@@ -38,7 +38,7 @@ class StageResources(Strict):
     gpus_per_actor: float | Literal["auto"] = "auto"  # auto: 1/actors_per_gpu where GPUs exist
     actors_per_gpu: int = 2
     batch_size: int = 64  # model batch (rows per forward pass)
-    rows_per_call: int = 1024  # rows handed to an actor per call; the model sorts them by length
+    rows_per_call: int = Field(1024, ge=1)  # rows per actor call; the model sorts them by length
     reserve_cpus: float = 1.0  # left free for read and write tasks (an all-actor plan hangs)
 
 

@@ -70,6 +70,19 @@ def test_ingest_only_config_loads():
     assert load_config(REPO / "configs" / "ingest-only.yaml").stages == ["ingest", "graph", "report"]
 
 
+def test_every_shipped_config_loads_and_pool_sizes_are_checked(tmp_path):
+    import pydantic
+
+    from autoknow_ray.config import load_config
+
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        load_config(path)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("resources:\n  taxonomy:\n    rows_per_call: 0\n")
+    with pytest.raises((ValueError, pydantic.ValidationError), match="rows_per_call"):
+        load_config(bad)
+
+
 RUNTIME_ENV_FIELDS = {"working_dir", "py_modules", "excludes", "pip", "uv", "conda", "env_vars",
                       "container", "image_uri", "config", "nsight", "java_jars", "worker_process_setup_hook"}
 

@@ -18,16 +18,54 @@ log = logging.getLogger(__name__)
 
 STAGE_ORDER = ("ingest", "taxonomy", "relations", "imputation", "cleaning", "synonyms",
                "related", "graph", "report")
-MODULES_WITH_MODELS = ("taxonomy",)
+# Each module: its stage class and its `fit` function (fit(ctx, out_dir) -> dict, or None for a
+# module without a model), as "module:attribute" imported on use. A module whose package is not
+# in this version is reported as not available.
+MODULES: dict[str, tuple[str, str | None]] = {
+    "taxonomy": ("autoknow_ray.modules.taxonomy.stage:TaxonomyStage",
+                 "autoknow_ray.modules.taxonomy.fit:fit_taxonomy"),
+    "relations": ("autoknow_ray.modules.relations.stage:RelationsStage",
+                  "autoknow_ray.modules.relations.fit:fit_relations"),
+    "imputation": ("autoknow_ray.modules.imputation.stage:ImputationStage",
+                   "autoknow_ray.modules.imputation.fit:fit_imputation"),
+    "cleaning": ("autoknow_ray.modules.cleaning.stage:CleaningStage",
+                 "autoknow_ray.modules.cleaning.fit:fit_cleaning"),
+    "synonyms": ("autoknow_ray.modules.synonyms.stage:SynonymsStage",
+                 "autoknow_ray.modules.synonyms.fit:fit_synonyms"),
+    "related": ("autoknow_ray.modules.related.stage:RelatedStage",
+                "autoknow_ray.modules.related.fit:fit_related"),
+}
+HOUSE_STAGES = {
+    "ingest": "autoknow_ray.catalogue.ingest:IngestStage",
+    "graph": "autoknow_ray.graph.assemble:GraphStage",
+    "report": "autoknow_ray.eval.report:ReportStage",
+}
+
+
+def _load(ref: str):
+    import importlib
+
+    mod, attr = ref.split(":")
+    return getattr(importlib.import_module(mod), attr)
+
+
+def _available(ref: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(ref.split(":")[0]) is not None
+    except ModuleNotFoundError:  # the module's package itself is absent
+        return False
 
 
 def stage_registry() -> dict[str, type[Stage]]:
-    from autoknow_ray.catalogue.ingest import IngestStage
-    from autoknow_ray.eval.report import ReportStage
-    from autoknow_ray.graph.assemble import GraphStage
-    from autoknow_ray.modules.taxonomy.stage import TaxonomyStage
+    refs = {**HOUSE_STAGES, **{m: stage for m, (stage, _fit) in MODULES.items()}}
+    return {name: _load(ref) for name, ref in refs.items() if _available(ref)}
 
-    return {s.name: s for s in (IngestStage, TaxonomyStage, GraphStage, ReportStage)}
+
+def modules_with_models(cfg: Config) -> list[str]:
+    return [m for m in STAGE_ORDER if m in cfg.stages and m in MODULES and MODULES[m][1]
+            and _available(MODULES[m][1])]
 
 
 def build_stages(cfg: Config) -> list[Stage]:
@@ -60,16 +98,15 @@ def fit(catalogue: str | Path, out: str | Path, *, config: Config | str | Path |
     from autoknow_ray.catalogue.ingest import IngestStage
 
     run_stages([IngestStage()], ctx)
-    modules = modules or [m for m in MODULES_WITH_MODELS if m in cfg.stages]
+    trainable = modules_with_models(cfg)
+    modules = modules or trainable
     results = {}
     for m in modules:
-        if m not in MODULES_WITH_MODELS:
-            raise ValueError(f"no trainable module named {m!r}; known: {list(MODULES_WITH_MODELS)}")
+        if m not in trainable:
+            raise ValueError(f"no trainable module named {m!r} in this config; known: {trainable}")
         t0 = time.perf_counter()
-        if m == "taxonomy":
-            from autoknow_ray.modules.taxonomy.fit import fit_taxonomy
-
-            results[m] = fit_taxonomy(ctx, out / "taxonomy")
+        # modules fit in flow order, so a later one may read an earlier one's artifacts in `out`
+        results[m] = _load(MODULES[m][1])(ctx, out / m)
         results[m]["seconds"] = round(time.perf_counter() - t0, 2)
     manifest = {
         "catalogue": str(catalogue.resolve()),
@@ -93,7 +130,7 @@ def rebuild(catalogue: str | Path, out: str | Path, *, models: str | Path | None
     if not catalogue.is_dir():
         raise FileNotFoundError(f"catalogue directory not found: {catalogue}")
     out.mkdir(parents=True, exist_ok=True)
-    needs_models = any(m in cfg.stages for m in MODULES_WITH_MODELS)
+    needs_models = bool(modules_with_models(cfg))
     if needs_models and models is None:
         models = out / "models"
         if not (models / "manifest.json").exists():

@@ -122,3 +122,106 @@ def actor_pool_kwargs(plan: ActorPlan, batch_size: int | None = None) -> dict:
     if plan.num_gpus:
         kw["num_gpus"] = plan.num_gpus
     return kw
+
+
+# ---- the one adapter from the stage protocol (autoknow_ray.steps) to Ray Data ---------------
+def rows_per_call(plan: ActorPlan, n_rows: int | None) -> int:
+    """Rows per worker call: large enough for length-sorted model batches (less padding), small
+    enough that every worker gets several calls."""
+    if not n_rows:
+        return plan.rows_per_call
+    return max(plan.batch_size, min(plan.rows_per_call, -(-n_rows // max(1, plan.actors * 4))))
+
+
+def _worker_env(plan: ActorPlan) -> "WorkerEnv":
+    from autoknow_ray.steps import WorkerEnv
+
+    threads = max(1, int(plan.num_cpus)) if plan.device == "cpu" else 1
+    return WorkerEnv(device=plan.device, cpu_threads=threads, batch_size=plan.batch_size)
+
+
+class _StepActor:
+    """Hosts one step in a Ray Data actor: the step arrives once through the object store and
+    `setup()` runs once per actor."""
+
+    def __init__(self, step_ref: list, env):
+        self.step = ray.get(step_ref[0])
+        self.step.setup(env)
+
+    def __call__(self, batch):
+        from autoknow_ray.steps import as_table
+
+        return self.step.process_batch(as_table(batch))
+
+
+def _run_step_task(batch, step_ref: list, env):
+    from autoknow_ray.steps import as_table
+
+    step = ray.get(step_ref[0])
+    step.setup(env)
+    return step.process_batch(as_table(batch))
+
+
+def map_step(ds: "ray.data.Dataset", step, cfg: Config, n_rows: int | None = None,
+             repartition: bool = True) -> "ray.data.Dataset":
+    """Run `step` (autoknow_ray.steps.Step) over `ds`: an actor pool for model steps, tasks for
+    the rest, sized by the config's resource plan for `step.resources`. `n_rows` (when known)
+    keeps small inputs from starting more actors than there are calls, and splits a dataset that
+    arrived as one block so every worker gets work."""
+    plan = plan_actors(cfg, step.resources, n_rows)
+    per_call = rows_per_call(plan, n_rows)
+    if step.columns:
+        ds = ds.select_columns(list(step.columns))
+    if repartition and n_rows:
+        ds = ds.repartition(target_num_rows_per_block=per_call)
+    ref = [ray.put(step)]
+    env = _worker_env(plan)
+    if step.model or plan.num_gpus:
+        return ds.map_batches(_StepActor, fn_constructor_kwargs={"step_ref": ref, "env": env},
+                              batch_format="pyarrow", **actor_pool_kwargs(plan, per_call))
+    return ds.map_batches(_run_step_task, fn_kwargs={"step_ref": ref, "env": env},
+                          batch_format="pyarrow", batch_size=per_call, num_cpus=plan.num_cpus)
+
+
+def read_parquet(path, columns: list[str] | None = None) -> "ray.data.Dataset":
+    """A stage table (one Parquet file or a folder of shards) as a Ray Dataset."""
+    ds = ray.data.read_parquet(str(path))
+    return ds.select_columns(columns) if columns else ds
+
+
+_AGGS = {"count": "Count", "sum": "Sum", "mean": "Mean", "min": "Min", "max": "Max",
+         "unique": "Unique"}
+
+
+def aggregate(ds: "ray.data.Dataset", by: list[str], aggs: dict[str, tuple[str, str | None]]):
+    """Per-key aggregates of a distributed table, as a polars DataFrame on the driver (one row per
+    key: per-type and per-term figures, never per product). `aggs` maps an output column to
+    (function, input column): {"n": ("count", None), "score": ("mean", "score")}."""
+    import polars as pl
+    import ray.data.aggregate as A
+
+    fns = []
+    for out, (fn, col) in aggs.items():
+        if fn not in _AGGS:
+            raise ValueError(f"aggregate {out!r}: unknown function {fn!r}; known {sorted(_AGGS)}")
+        cls = getattr(A, _AGGS[fn])
+        fns.append(cls(alias_name=out) if fn == "count" else cls(col, alias_name=out))
+    table = ds.groupby(by if len(by) > 1 else by[0]).aggregate(*fns).to_arrow_refs()
+    parts = [pl.from_arrow(t) for t in ray.get(table)]
+    parts = [p for p in parts if p.height]
+    return pl.concat(parts, how="vertical_relaxed") if parts else pl.DataFrame()
+
+
+def bounded_sample(ds: "ray.data.Dataset", cap: int, seed: int, n_rows: int | None = None):
+    """At most `cap` rows of `ds`, drawn uniformly with `seed`, as a polars DataFrame: the only
+    way a per-product table reaches the driver."""
+    import polars as pl
+
+    if cap <= 0:
+        return pl.DataFrame()
+    n = n_rows if n_rows is not None else ds.count()
+    if n > cap:
+        ds = ds.random_sample(min(1.0, 1.2 * cap / n), seed=seed)
+    parts = [pl.from_arrow(t) for t in ray.get(ds.limit(cap).to_arrow_refs())]
+    parts = [p for p in parts if p.height]
+    return pl.concat(parts, how="vertical_relaxed") if parts else pl.DataFrame()

@@ -16,14 +16,13 @@ folded), so "Ice Creams" matches a taxonomy type "ice cream".
 """
 from __future__ import annotations
 
-import re
-import unicodedata
 from collections import Counter, defaultdict
 
 import numpy as np
 import polars as pl
 
 from autoknow_ray.modules.taxonomy.hypernym_config import TypeResolutionConfig
+from autoknow_ray.text import clean_surface, stem, stem_tokens, tokens, type_key  # noqa: F401
 
 PRODUCT_TYPES_SCHEMA = {
     "product_id": pl.String,
@@ -39,50 +38,6 @@ CANDIDATES_SCHEMA = {
     "example_product_ids": pl.List(pl.String),
     "mean_score": pl.Float32,
 }
-
-_NON_WORD = re.compile(r"[^\w%]+")
-_KEEP_S = ("ss", "us", "is")
-
-
-def stem(word: str) -> str:
-    """A crude singular stem: the same for the singular and the plural of most English nouns
-    (berry/berries → berri, cookie/cookies → cooki, tomato/tomatoes → tomato, box/boxes → box).
-    Only for comparing strings, never shown."""
-    w = word
-    if len(w) <= 3 or not w.isalpha():
-        return w
-    if w.endswith("sses"):
-        w = w[:-2]
-    elif w.endswith("s") and not w.endswith(_KEEP_S):
-        w = w[:-1]
-    if len(w) > 3 and w.endswith("e"):
-        w = w[:-1]
-    if len(w) > 3 and w.endswith("y"):
-        w = w[:-1] + "i"
-    return w
-
-
-def tokens(text: str | None) -> list[str]:
-    """Lower-cased, accent-folded word tokens of a name (hyphens and punctuation split)."""
-    if not text:
-        return []
-    t = unicodedata.normalize("NFKD", str(text))
-    t = "".join(ch for ch in t if not unicodedata.combining(ch)).lower()
-    return [tok for tok in _NON_WORD.split(t.replace("_", " ")) if tok]
-
-
-def stem_tokens(text: str | None) -> list[str]:
-    return [stem(t) for t in tokens(text)]
-
-
-def type_key(text: str | None) -> str:
-    """The comparison key of a type string: stemmed tokens joined by one space ("" if none)."""
-    return " ".join(stem_tokens(text))
-
-
-def clean_surface(text: str) -> str:
-    return " ".join(str(text).split())
-
 
 # ---- taxonomy structure ----------------------------------------------------------------------
 def taxonomy_maps(taxonomy: pl.DataFrame) -> tuple[dict[str, set[str]], dict[str, set[str]]]:

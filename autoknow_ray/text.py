@@ -1,0 +1,51 @@
+"""Text normalisation shared by every module: word tokens, a crude singular stem, type keys.
+
+Comparison keys only, never shown: "Ice Creams" and "ice cream" share the key "ic cream".
+"""
+from __future__ import annotations
+
+import re
+import unicodedata
+
+_NON_WORD = re.compile(r"[^\w%]+")
+_KEEP_S = ("ss", "us", "is")
+
+
+def stem(word: str) -> str:
+    """A crude singular stem: the same for the singular and the plural of most English nouns
+    (berry/berries → berri, cookie/cookies → cooki, tomato/tomatoes → tomato, box/boxes → box).
+    Only for comparing strings, never shown."""
+    w = word
+    if len(w) <= 3 or not w.isalpha():
+        return w
+    if w.endswith("sses"):
+        w = w[:-2]
+    elif w.endswith("s") and not w.endswith(_KEEP_S):
+        w = w[:-1]
+    if len(w) > 3 and w.endswith("e"):
+        w = w[:-1]
+    if len(w) > 3 and w.endswith("y"):
+        w = w[:-1] + "i"
+    return w
+
+
+def tokens(text: str | None) -> list[str]:
+    """Lower-cased, accent-folded word tokens of a name (hyphens and punctuation split)."""
+    if not text:
+        return []
+    t = unicodedata.normalize("NFKD", str(text))
+    t = "".join(ch for ch in t if not unicodedata.combining(ch)).lower()
+    return [tok for tok in _NON_WORD.split(t.replace("_", " ")) if tok]
+
+
+def stem_tokens(text: str | None) -> list[str]:
+    return [stem(t) for t in tokens(text)]
+
+
+def type_key(text: str | None) -> str:
+    """The comparison key of a type string: stemmed tokens joined by one space ("" if none)."""
+    return " ".join(stem_tokens(text))
+
+
+def clean_surface(text: str) -> str:
+    return " ".join(str(text).split())

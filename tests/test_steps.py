@@ -1,0 +1,110 @@
+"""The stage protocol and its one adapter onto Ray Data."""
+from __future__ import annotations
+
+import os
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from autoknow_ray import runtime
+from autoknow_ray.config import Config
+from autoknow_ray.steps import Chain, Step, WorkerEnv
+
+
+class Upper(Step):
+    name = "upper"
+    columns = ("product_id", "title")
+
+    def process_batch(self, batch: pa.Table) -> pa.Table:
+        return batch.set_column(1, "title", pc.utf8_upper(batch.column("title")))
+
+
+class CountingModel(Step):
+    """A "model" step: records which process set it up and how often."""
+
+    name = "counting_model"
+    model = True
+    columns = ("product_id", "title")
+
+    def __init__(self, suffix: str):
+        self.suffix = suffix
+        self.loads = 0
+
+    def setup(self, env: WorkerEnv) -> None:
+        self.loads += 1
+        self.env = env
+
+    def process_batch(self, batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        return pa.table({
+            "product_id": batch.column("product_id"),
+            "title": pc.binary_join_element_wise(batch.column("title"), pa.scalar(self.suffix), ""),
+            "pid": pa.array([os.getpid()] * n, pa.int64()),
+            "loads": pa.array([self.loads] * n, pa.int64()),
+            "threads": pa.array([self.env.cpu_threads] * n, pa.int64()),
+        })
+
+
+def _collect(ds) -> pl.DataFrame:
+    import ray
+
+    return pl.concat([pl.from_arrow(t) for t in ray.get(ds.to_arrow_refs())], how="vertical_relaxed")
+
+
+def _ds(n: int):
+    import ray
+
+    return ray.data.from_arrow(pa.table({"product_id": [f"p{i}" for i in range(n)],
+                                         "title": [f"t{i}" for i in range(n)],
+                                         "ignored": list(range(n))}))
+
+
+def test_task_step_reads_only_its_columns_and_keeps_every_row(ray_session):
+    out = _collect(runtime.map_step(_ds(500), Upper(), Config(), n_rows=500))
+    assert out.columns == ["product_id", "title"]
+    assert out.height == 500
+    assert sorted(out["title"].to_list()) == sorted(f"T{i}" for i in range(500))
+
+
+def test_model_step_is_set_up_once_per_actor(ray_session):
+    cfg = Config.model_validate({"resources": {"default": {"actors": 2, "cpus_per_actor": 0.5,
+                                                           "batch_size": 16, "rows_per_call": 32}}})
+    out = _collect(runtime.map_step(_ds(640), CountingModel("!"), cfg, n_rows=640))
+    assert out.height == 640
+    assert set(out["title"].to_list()) == {f"t{i}!" for i in range(640)}
+    # 20 calls of 32 rows over at most 2 actors: every call saw a step set up exactly once
+    assert out["loads"].unique().to_list() == [1]
+    assert 1 <= out["pid"].n_unique() <= 2
+
+
+def test_chain_runs_its_steps_in_order_on_one_worker(ray_session):
+    chain = Chain("both", [Upper(), CountingModel("?")])
+    assert chain.model and chain.columns == ("product_id", "title")
+    out = _collect(runtime.map_step(_ds(100), chain, Config(), n_rows=100))
+    assert set(out["title"].to_list()) == {f"T{i}?" for i in range(100)}
+
+
+def test_chain_names_a_missing_column():
+    class NeedsBrand(Upper):
+        name = "needs_brand"
+        columns = ("brand",)
+
+    with pytest.raises(KeyError, match="needs_brand.*brand"):
+        Chain("c", [Upper(), NeedsBrand()]).process_batch(
+            pa.table({"product_id": ["a"], "title": ["x"]}))
+
+
+def test_aggregate_and_bounded_sample(ray_session):
+    import ray
+
+    t = pa.table({"type": ["a", "b", "a", "c", "a"] * 200, "score": [1.0, 2.0, 3.0, 4.0, 5.0] * 200})
+    ds = ray.data.from_arrow(t).repartition(4)
+    agg = runtime.aggregate(ds, ["type"], {"n": ("count", None), "mean_score": ("mean", "score")})
+    got = {r["type"]: (r["n"], round(r["mean_score"], 6)) for r in agg.to_dicts()}
+    assert got == {"a": (600, 3.0), "b": (200, 2.0), "c": (200, 4.0)}
+    sample = runtime.bounded_sample(ds, 50, seed=0, n_rows=1000)
+    assert 0 < sample.height <= 50
+    with pytest.raises(ValueError, match="unknown function"):
+        runtime.aggregate(ds, ["type"], {"x": ("median", "score")})

@@ -1,0 +1,69 @@
+"""What downstream modules read of the graph so far, without reaching into another module.
+
+Every function returns a Ray Dataset (the per-product tables stay distributed) or a small
+aggregate. A module reads the products with their current type from here, never from
+`RUN/taxonomy/` directly, and the edits of the modules before it in the flow.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from autoknow_ray.pipeline import RunContext
+
+# module 1 writes every ingested product once, with its resolved type, to this table
+TYPED_PRODUCTS = ("taxonomy", "typed_products")
+
+
+def count_rows(path: Path) -> int:
+    """Rows of a Parquet file or folder of shards, from the footers alone."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+
+
+def _has_rows(path: Path) -> bool:
+    return path.exists() and count_rows(path) > 0
+
+
+def typed_products(ctx: RunContext, columns: list[str] | None = None):
+    """Every ingested product with a `type` column: module 1's resolved type where the taxonomy
+    stage ran (null where it could not resolve one), else the catalogue's own `product_type`.
+    Columns: those of the products table (or `columns`), plus `type`."""
+    import ray.data
+
+    stage, name = TYPED_PRODUCTS
+    path = ctx.table_path(stage, name)
+    if stage in ctx.cfg.stages and _has_rows(path):
+        ds = ray.data.read_parquet(str(path))
+        return ds.select_columns(list(dict.fromkeys([*(columns or ds.columns()), "type"])))
+    ds = ray.data.read_parquet(str(ctx.table_path("ingest", "products")))
+    if columns:
+        ds = ds.select_columns(list(dict.fromkeys([*columns, "product_type"])))
+
+    def add_type(batch):
+        return batch.append_column("type", batch.column("product_type"))
+
+    ds = ds.map_batches(add_type, batch_format="pyarrow")
+    return ds.select_columns(list(dict.fromkeys([*columns, "type"]))) if columns else ds
+
+
+def n_products(ctx: RunContext) -> int:
+    return count_rows(ctx.table_path("ingest", "products"))
+
+
+def upstream_edits(ctx: RunContext, before: str):
+    """The `edits` tables (TRIPLES schema) of every module stage that runs before `before` in the
+    flow, as one Ray Dataset (None when there are none)."""
+    import ray.data
+
+    from autoknow_ray.graph.assemble import MODULE_STAGES
+
+    stages = [s for s in MODULE_STAGES[: MODULE_STAGES.index(before)] if s in ctx.cfg.stages]
+    paths = [str(ctx.table_path(s, "edits")) for s in stages if _has_rows(ctx.table_path(s, "edits"))]
+    if not paths:
+        return None
+    return ray.data.read_parquet(paths)

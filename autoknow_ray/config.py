@@ -25,6 +25,9 @@ class RayConfig(Strict):
     address: str | None = None  # None: RAY_ADDRESS if set, else an embedded local cluster
     num_cpus: int | None = None  # embedded cluster only; None = all cores
     num_gpus: int | None = None
+    # GPUs the job may use, started or not: plans GPU pools on a cluster whose GPU workers scale
+    # from zero (None: the autoscaler's limit where it states one, else the GPUs there now)
+    max_gpus: int | None = None
     object_store_memory_mb: int | None = 1024
     include_dashboard: bool = False
     dashboard_host: str = "127.0.0.1"  # never 0.0.0.0 unless the user says so
@@ -37,6 +40,8 @@ class StageResources(Strict):
     cpus_per_actor: float = 0.5
     gpus_per_actor: float | Literal["auto"] = "auto"  # auto: 1/actors_per_gpu where GPUs exist
     actors_per_gpu: int = 2
+    # a GPU actor's CPUs: few, so its node keeps CPUs for the read and tokenize tasks
+    cpus_per_gpu_actor: float = 1.0
     batch_size: int = 64  # model batch (rows per forward pass)
     rows_per_call: int = Field(1024, ge=1)  # rows per actor call; the model sorts them by length
     reserve_cpus: float = 1.0  # left free for read and write tasks (an all-actor plan hangs)

@@ -13,6 +13,7 @@ import logging
 import shutil
 import time
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import polars as pl
@@ -82,6 +83,18 @@ def write_table(path: Path, table: pa.Table | pl.DataFrame, schema: pa.Schema | 
     pq.write_table(table, path)
 
 
+@lru_cache(maxsize=1)
+def source_fingerprint() -> str:
+    """A hash of the package's own source (every .py and shipped .yaml under autoknow_ray/): a
+    stage re-runs when the code that made its output changed, not only when the version did."""
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256(__version__.encode())
+    for f in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".yaml") and p.is_file()):
+        h.update(str(f.relative_to(root)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:20]
+
+
 class Stage:
     """One step of the rebuild. Subclasses set `name`, `config_sections`, `needs` and `run`.
 
@@ -100,7 +113,7 @@ class Stage:
     def fingerprint(self, ctx: RunContext) -> str:
         parts = {
             "stage": self.name,
-            "code": __version__,
+            "code": source_fingerprint(),
             "config": ctx.cfg.section_hash("seed", "device", *self.config_sections),
             "upstream": {n: read_manifest(ctx.stage_dir(n)).get("fingerprint") for n in self.needs},
         }

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from autoknow_ray import runtime
 from autoknow_ray.config import Config, load_config
-from autoknow_ray.pipeline import RunContext, Stage, run_stages
+from autoknow_ray.pipeline import RunContext, Stage, read_manifest, run_stages
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,27 @@ def build_stages(cfg: Config) -> list[Stage]:
     return [registry[s]() for s in STAGE_ORDER if s in cfg.stages]
 
 
+def fit_inputs(catalogue: Path, cfg: Config, modules: list[str]) -> str:
+    """What a models folder was fitted on: the catalogue's files (name, size, mtime), the config
+    sections the fit reads and the package's source. `rebuild` without `--models` fits again
+    when this changes, instead of reusing models fitted on another catalogue or config."""
+    import os
+
+    from autoknow_ray.catalogue.reader import find_table_files
+    from autoknow_ray.pipeline import source_fingerprint
+    from autoknow_ray.schema import CATALOGUE_TABLES
+
+    files = {}
+    for table in CATALOGUE_TABLES:
+        for f, _ in find_table_files(catalogue, table):
+            st = os.stat(f)
+            files[str(f.relative_to(catalogue))] = [st.st_size, st.st_mtime_ns]
+    parts = {"catalogue": str(catalogue.resolve()), "files": files, "modules": sorted(modules),
+             "config": cfg.section_hash("seed", "device", "ingest", *modules),
+             "code": source_fingerprint()}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+
+
 def _as_config(config: Config | str | Path | None) -> Config:
     return config if isinstance(config, Config) else load_config(config)
 
@@ -99,16 +120,18 @@ def fit(catalogue: str | Path, out: str | Path, *, config: Config | str | Path |
 
     run_stages([IngestStage()], ctx)
     trainable = modules_with_models(cfg)
-    modules = modules or trainable
+    unknown = [m for m in modules or [] if m not in trainable]
+    if unknown:
+        raise ValueError(f"no trainable module named {unknown} in this config; known: {trainable}")
+    # in flow order, so a later module may read an earlier one's artifacts in `out`
+    modules = [m for m in STAGE_ORDER if m in (modules or trainable)]
     results = {}
     for m in modules:
-        if m not in trainable:
-            raise ValueError(f"no trainable module named {m!r} in this config; known: {trainable}")
         t0 = time.perf_counter()
-        # modules fit in flow order, so a later one may read an earlier one's artifacts in `out`
         results[m] = _load(MODULES[m][1])(ctx, out / m)
         results[m]["seconds"] = round(time.perf_counter() - t0, 2)
     manifest = {
+        "inputs": fit_inputs(catalogue, cfg, modules),
         "catalogue": str(catalogue.resolve()),
         "modules": results,
         "config": cfg.model_dump(mode="json"),
@@ -133,7 +156,11 @@ def rebuild(catalogue: str | Path, out: str | Path, *, models: str | Path | None
     needs_models = bool(modules_with_models(cfg))
     if needs_models and models is None:
         models = out / "models"
-        if not (models / "manifest.json").exists():
+        fitted = read_manifest(models)
+        if fitted.get("inputs") != fit_inputs(catalogue, cfg, modules_with_models(cfg)):
+            if fitted:
+                log.info("models in %s were fitted on another catalogue, config or code: fitting again",
+                         models)
             fit(catalogue, models, config=cfg, address=address)
     if models is not None and not (Path(models) / "manifest.json").exists():
         raise FileNotFoundError(f"{models}: not a models folder (no manifest.json); run `autoknow fit`")

@@ -66,21 +66,50 @@ def quiet_ray_data() -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def autoscaling_limits() -> dict[str, float]:
+    """The most of each resource the cluster may scale to, from the autoscaler's cluster config
+    (recorded in the GCS by autoscaler v2: KubeRay's and the launcher's, as we ship them); {}
+    where no autoscaler describes the cluster."""
+    try:
+        from ray._private.state import state
+
+        limits = state.get_max_resources_from_cluster_config() or {}
+    except Exception as e:  # an older GCS or no autoscaler: plan on what is there now
+        log.debug("no autoscaling limits: %s", e)
+        return {}
+    return {k: float(v) for k, v in limits.items()}
+
+
 def cluster_info() -> dict:
     res = ray.cluster_resources()
+    limits = autoscaling_limits()
     return {
         "ray_version": ray.__version__,
         "cpus": float(res.get("CPU", 0)),
         "gpus": float(res.get("GPU", 0)),
+        # what the autoscaler may start: GPU workers that scale from zero show 0 GPUs now
+        "max_gpus": max(float(res.get("GPU", 0)), limits.get("GPU", 0.0)),
         "nodes": len([n for n in ray.nodes() if n.get("Alive")]),
         "object_store_gb": round(res.get("object_store_memory", 0) / 2**30, 2),
     }
 
 
-def plan_actors(cfg: Config, stage: str, n_rows: int | None = None) -> ActorPlan:
+def plan_actors(cfg: Config, stage: str, n_rows: int | None = None,
+                cluster: dict | None = None) -> ActorPlan:
+    """The pool for `stage` on `cluster` (default: the connected one, see `cluster_info`).
+
+    GPUs are planned on what the cluster may have, not only on what it has now: `ray.max_gpus`
+    in the config, else the autoscaler's limit. A GPU pool on a cluster whose GPU workers scale
+    from zero then asks for them, and the autoscaler starts them, instead of the models running
+    on the head's CPUs."""
     res = cfg.stage_resources(stage)
-    info = cluster_info()
-    gpus, cpus = info["gpus"], info["cpus"]
+    info = cluster if cluster is not None else cluster_info()
+    cpus = info["cpus"]
+    gpus = info.get("gpus", 0.0)
+    if cfg.ray.max_gpus is not None:
+        gpus = float(cfg.ray.max_gpus)
+    elif info.get("max_gpus"):
+        gpus = max(gpus, float(info["max_gpus"]))
     use_gpu = gpus >= 1 and cfg.device != "cpu" and res.gpus_per_actor != 0
     if use_gpu:
         per_gpu = (
@@ -89,7 +118,8 @@ def plan_actors(cfg: Config, stage: str, n_rows: int | None = None) -> ActorPlan
             else float(res.gpus_per_actor)
         )
         actors = int(gpus / per_gpu) if res.actors == "auto" else int(res.actors)
-        plan = ActorPlan(max(1, actors), res.cpus_per_actor, per_gpu, res.batch_size, "cuda", res.rows_per_call)
+        plan = ActorPlan(max(1, actors), res.cpus_per_gpu_actor, per_gpu, res.batch_size, "cuda",
+                         res.rows_per_call)
     else:
         free = max(res.cpus_per_actor, cpus - res.reserve_cpus)
         actors = (

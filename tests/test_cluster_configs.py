@@ -226,6 +226,9 @@ def check_ray_cluster_spec(spec, where: str, errors: list[str]) -> None:
         errors.append(f"{where}.rayVersion: string")
     if "enableInTreeAutoscaling" in spec and not isinstance(spec["enableInTreeAutoscaling"], bool):
         errors.append(f"{where}.enableInTreeAutoscaling: boolean")
+    scaler = spec.get("autoscalerOptions") or {}
+    if scaler.get("version", "v1") not in ("v1", "v2"):
+        errors.append(f"{where}.autoscalerOptions.version: v1 | v2")
     auth = spec.get("authOptions") or {}
     if auth.get("mode", "token" if auth else None) not in (None, "disabled", "token"):
         errors.append(f"{where}.authOptions.mode: disabled | token")

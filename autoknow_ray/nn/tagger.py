@@ -437,7 +437,7 @@ class SpanTagger:
         cpu_threads: int | None = None,
     ) -> "SpanTagger":
         from safetensors.torch import load_file
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
+        from transformers import AutoConfig, AutoModel
 
         set_cpu_threads(cpu_threads)
         art = Path(artifact_dir)
@@ -453,7 +453,7 @@ class SpanTagger:
         if unexpected or [k for k in missing if "position_ids" not in k]:
             raise ValueError(f"artifact weights do not fit: missing={missing} unexpected={unexpected}")
         dev = device if isinstance(device, torch.device) else pick_device(device)
-        tokenizer = AutoTokenizer.from_pretrained(str(art))
+        tokenizer = load_tokenizer(str(art))
         meta = {k: v for k, v in cfg.items() if k not in ("encoder_config",)}
         return cls(model.to(dev).eval(), tokenizer, cfg["labels"], cfg["max_length"], dev,
                    inference_bf16(bf16, dev), meta)

@@ -45,6 +45,9 @@ class StageResources(Strict):
     batch_size: int = 64  # model batch (rows per forward pass)
     rows_per_call: int = Field(1024, ge=1)  # rows per actor call; the model sorts them by length
     reserve_cpus: float = 1.0  # left free for read and write tasks (an all-actor plan hangs)
+    # a long per-product step commits its output in chunks of about this many input rows, each
+    # with a completion marker, so a killed job resumes after the last finished chunk
+    checkpoint_rows: int = Field(1_000_000, ge=1)
 
 
 class IngestConfig(Strict):

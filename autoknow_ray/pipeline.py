@@ -36,6 +36,9 @@ class RunContext:
     cluster: dict = field(default_factory=dict)
     # the tmp folder of the stage now running (set by the runner)
     out: Path | None = None
+    # where the running stage keeps per-chunk outputs and completion markers that outlive a kill
+    # (kept while the stage's fingerprint stays the same; removed when the stage completes)
+    resume: Path | None = None
 
     def stage_dir(self, stage: str) -> Path:
         return self.run_dir / stage
@@ -158,12 +161,16 @@ def run_stages(stages: list[Stage], ctx: RunContext, *, force: bool = False) -> 
         if tmp.exists():
             shutil.rmtree(tmp)  # the remains of a run that was killed mid-stage
         tmp.mkdir(parents=True)
-        ctx.out = tmp
+        resume_root = ctx.run_dir / f".{stage.name}.resume"
+        for old in resume_root.glob("*"):
+            if old.name != fp:  # finished chunks of other inputs, config or code: not reusable
+                shutil.rmtree(old)
+        ctx.out, ctx.resume = tmp, resume_root / fp
         log.info("stage %s: running", stage.name)
         t0 = time.perf_counter()
         counts = stage.run(ctx)
         seconds = time.perf_counter() - t0
-        ctx.out = None
+        ctx.out = ctx.resume = None
         rows = counts.get("rows_in") or counts.get("rows_out") or 0
         manifest = {
             "stage": stage.name,
@@ -178,5 +185,6 @@ def run_stages(stages: list[Stage], ctx: RunContext, *, force: bool = False) -> 
         if final.exists():
             shutil.rmtree(final)
         tmp.replace(final)
+        shutil.rmtree(resume_root, ignore_errors=True)
         results.append({**manifest, "skipped": False})
     return results

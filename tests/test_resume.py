@@ -67,3 +67,75 @@ def test_stage_fingerprint_covers_the_source(monkeypatch, tmp_path):
     before = IngestStage().fingerprint(ctx)
     monkeypatch.setattr(pipeline, "source_fingerprint", lambda: "edited")
     assert IngestStage().fingerprint(ctx) != before
+
+
+def test_a_stage_killed_late_resumes_after_its_finished_chunks(ray_session, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from autoknow_ray import runtime
+    from autoknow_ray.steps import Step
+
+    class Tag(Step):
+        name = "tag"
+        columns = ("product_id", "title")
+
+        def __init__(self, fail_on: str | None = None):
+            self.fail_on = fail_on
+
+        def process_batch(self, batch):
+            if self.fail_on is not None and self.fail_on in batch.column("product_id").to_pylist():
+                raise RuntimeError("killed mid-stage")
+            return batch.append_column("tag", pa.array(["x"] * batch.num_rows))
+
+    src = tmp_path / "products"
+    src.mkdir()
+    for i in range(6):
+        pq.write_table(pa.table({"product_id": [f"p{i}-{j}" for j in range(50)],
+                                 "title": ["t"] * 50}), src / f"part-{i:05d}.parquet")
+    files = sorted(str(p) for p in src.glob("*.parquet"))
+    resume, out = tmp_path / "resume", tmp_path / "out"
+    # 2 files per chunk: chunks 0 and 1 finish, chunk 2 dies
+    try:
+        runtime.map_step_checkpointed(files, Tag(fail_on="p5-7"), Config(), out, resume, chunk_rows=100)
+    except Exception as e:
+        assert "killed mid-stage" in str(e)
+    else:
+        raise AssertionError("the step should have died")
+    assert sorted(p.name for p in resume.glob("*.done")) == ["chunk-00000.done", "chunk-00001.done"]
+    stats = runtime.map_step_checkpointed(files, Tag(), Config(), out, resume, chunk_rows=100)
+    assert (stats["chunks"], stats["skipped"], stats["rows"]) == (3, 2, 300)
+    got = pq.read_table(out).column("product_id").to_pylist()
+    assert sorted(got) == sorted(f"p{i}-{j}" for i in range(6) for j in range(50))  # no row twice
+
+
+def test_the_runner_keeps_a_killed_stages_chunks_for_the_same_inputs_only(tmp_path):
+    seen = []
+
+    class Chunky(pipeline.Stage):
+        name = "chunky"
+
+        def __init__(self, die: bool):
+            self.die = die
+
+        def run(self, ctx):
+            seen.append(sorted(p.name for p in ctx.resume.glob("*")) if ctx.resume.exists() else [])
+            ctx.resume.mkdir(parents=True, exist_ok=True)
+            (ctx.resume / "chunk-00000.done").write_text("{}")
+            if self.die:
+                raise RuntimeError("killed")
+            return {"rows_in": 1}
+
+    ctx = pipeline.RunContext(run_dir=tmp_path / "run", catalogue=tmp_path, cfg=Config())
+    try:
+        pipeline.run_stages([Chunky(die=True)], ctx)
+    except RuntimeError:
+        pass
+    pipeline.run_stages([Chunky(die=False)], ctx)
+    assert seen == [[], ["chunk-00000.done"]], "the second run found the first run's marker"
+    assert not (ctx.run_dir / ".chunky.resume").exists(), "markers are removed once the stage is done"
+    other = pipeline.RunContext(run_dir=tmp_path / "run", catalogue=tmp_path,
+                                cfg=Config.model_validate({"seed": 1}))
+    (other.run_dir / ".chunky.resume" / "stale-fingerprint").mkdir(parents=True)
+    pipeline.run_stages([Chunky(die=False)], other)
+    assert seen[-1] == [], "chunks of another config are not reused"

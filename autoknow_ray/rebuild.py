@@ -114,6 +114,7 @@ def fit(catalogue: str | Path, out: str | Path, *, config: Config | str | Path |
     catalogue, out = Path(catalogue), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cluster = runtime.connect(cfg, address)
+    runtime.check_shared_storage({"catalogue": catalogue, "models": out})
     # the training data is the validated catalogue: ingest it into out/_ingest first
     ctx = RunContext(run_dir=out / "_work", catalogue=catalogue, cfg=cfg, cluster=cluster)
     from autoknow_ray.catalogue.ingest import IngestStage
@@ -165,6 +166,8 @@ def rebuild(catalogue: str | Path, out: str | Path, *, models: str | Path | None
     if models is not None and not (Path(models) / "manifest.json").exists():
         raise FileNotFoundError(f"{models}: not a models folder (no manifest.json); run `autoknow fit`")
     cluster = runtime.connect(cfg, address)
+    runtime.check_shared_storage({"catalogue": catalogue, "run": out,
+                                  **({"models": Path(models)} if models else {})})
     ctx = RunContext(run_dir=out, catalogue=catalogue, cfg=cfg,
                      models=Path(models) if models else None, cluster=cluster)
     (out / "config.resolved.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))

@@ -53,6 +53,62 @@ def connect(cfg: Config, address: str | None = None) -> dict:
     return cluster_info()
 
 
+def _sees_file(path: str, token: str) -> bool:
+    from pathlib import Path
+
+    p = Path(path)
+    return p.is_file() and p.read_text() == token
+
+
+def _probe_on_node(node_id: str, path: str, token: str) -> bool:
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    task = ray.remote(num_cpus=0)(_sees_file).options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
+    return bool(ray.get(task.remote(path, token), timeout=120))
+
+
+def check_shared_storage(folders: dict[str, "Path"], nodes: list[str] | None = None,
+                         probe=None) -> None:
+    """Every node must see the run's folders (catalogue, models, run directory) at the same path:
+    a node that cannot would write its tasks' output where no one reads it, or fail to read its
+    input. On a multi-node cluster the driver writes a token file in each folder and a task pinned
+    to every other node reads it back; a folder a node cannot see stops the job here, with the
+    node and the folder named, before any row is processed."""
+    import uuid
+    from pathlib import Path
+
+    if nodes is None:
+        if not ray.is_initialized():
+            return
+        me = ray.get_runtime_context().get_node_id()
+        nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n["NodeID"] != me
+                 and n.get("Resources", {}).get("CPU", 0) > 0]
+    others = nodes
+    if not others:
+        return
+    probe = probe or _probe_on_node
+    problems = []
+    for what, folder in folders.items():
+        folder = Path(folder)
+        if not folder.is_dir():
+            continue
+        token = uuid.uuid4().hex
+        sentinel = folder / f".autoknow-shared-{token[:8]}"
+        sentinel.write_text(token)
+        try:
+            for node in others:
+                if not probe(node, str(sentinel), token):
+                    problems.append(f"node {node[:12]} cannot see the {what} folder {folder}")
+        finally:
+            sentinel.unlink(missing_ok=True)
+    if problems:
+        raise RuntimeError(
+            "storage not shared across the cluster: " + "; ".join(problems)
+            + ". Put the catalogue, models and run directory on storage every node mounts at the "
+            "same path (EFS, Filestore, NFS, a ReadWriteMany volume); see docs/cluster.md.")
+
+
 def quiet_ray_data() -> None:
     """Progress bars on a terminal; no per-tick INFO logs (Ray Data logs each tick at INFO when
     stdout is not a terminal). AUTOKNOW_PROGRESS=0 turns the bars off; -v brings the logs back."""

@@ -30,3 +30,23 @@ def test_without_an_autoscaler_the_plan_uses_what_is_there():
     assert (plan.device, plan.actors, plan.num_cpus) == ("cpu", 2, 0.5)
     small = plan_actors(Config(), "taxonomy", n_rows=10, cluster={"cpus": 2.0, "gpus": 0.0})
     assert small.actors == 1  # one batch: a second actor would only cost a model load
+
+
+def test_a_folder_another_node_cannot_see_stops_the_job(tmp_path):
+    import pytest
+
+    from autoknow_ray.runtime import check_shared_storage
+
+    run = tmp_path / "run"
+    run.mkdir()
+    seen = []
+
+    def probe(node, sentinel, token):
+        seen.append((node, open(sentinel).read() == token))
+        return node != "node-b"  # node-b has its own local disk
+
+    with pytest.raises(RuntimeError, match=r"node node-b.*cannot see the run folder"):
+        check_shared_storage({"run": run}, nodes=["node-a", "node-b"], probe=probe)
+    assert seen == [("node-a", True), ("node-b", True)]
+    assert not list(run.iterdir()), "the token file is removed"
+    check_shared_storage({"run": run}, nodes=["node-a"], probe=probe)  # every node sees it: fine

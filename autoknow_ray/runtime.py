@@ -225,3 +225,12 @@ def bounded_sample(ds: "ray.data.Dataset", cap: int, seed: int, n_rows: int | No
     parts = [pl.from_arrow(t) for t in ray.get(ds.limit(cap).to_arrow_refs())]
     parts = [p for p in parts if p.height]
     return pl.concat(parts, how="vertical_relaxed") if parts else pl.DataFrame()
+
+
+def hash_partitions(n_rows: int, max_rows: int, min_rows: int) -> int:
+    """Partitions for a key-partitioned pass (`repartition(keys=…)`, `join`) over `n_rows` rows:
+    at least one per CPU of the cluster, at most `max_rows` rows each, and never so many that a
+    partition holds fewer than `min_rows` rows."""
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    wanted = max(cpus, math.ceil(n_rows / max(1, max_rows)))
+    return max(1, min(wanted, math.ceil(n_rows / max(1, min_rows))))

@@ -260,5 +260,5 @@ class IngestStage(Stage):
             return {}
         ds = runtime.read_parquet(quarantine, ["table", "reason"]).map_batches(
             reason_kinds, batch_format="pyarrow")
-        agg = runtime.aggregate(ds, ["table", "kind"], {"n": ("count", None)})
+        agg = runtime.count_by(ds, ["table", "kind"])
         return {(t, k): int(n) for t, k, n in agg.select("table", "kind", "n").iter_rows()}

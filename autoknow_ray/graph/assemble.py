@@ -111,7 +111,7 @@ def live_only(batch: pa.Table) -> pa.Table:
 
 
 def _counts(ds, column: str) -> dict[str, int]:
-    agg = runtime.aggregate(ds, [column], {"n": ("count", None)})
+    agg = runtime.count_by(ds, [column])
     if agg.height == 0:
         return {}
     return {k: int(n) for k, n in agg.sort(["n", column], descending=[True, False]).select(

@@ -241,10 +241,12 @@ def count_by(ds: "ray.data.Dataset", by: list[str], num_partitions: int | None =
     that are few (relations, statuses, reasons): a hash aggregation over one partition per CPU
     instead of Ray Data's default of 200, whose reduce tasks dominate on a small cluster."""
     import polars as pl
+    from ray.data.aggregate import Count
 
     parts = num_partitions or max(1, int(ray.cluster_resources().get("CPU", 1)))
-    refs = ds.groupby(by if len(by) > 1 else by[0], num_partitions=parts).count().to_arrow_refs()
-    frames = [pl.from_arrow(t) for t in ray.get(refs)]
-    frames = [f.rename({"count()": "n"}) for f in frames if f.height]
+    grouped = ds.groupby(by if len(by) > 1 else by[0], num_partitions=parts)
+    frames = [pl.from_arrow(t) for t in ray.get(grouped.aggregate(Count(alias_name="n"))
+                                                .to_arrow_refs())]
+    frames = [f for f in frames if f.height]
     return pl.concat(frames, how="vertical_relaxed") if frames else pl.DataFrame(
         schema={**{c: pl.String for c in by}, "n": pl.Int64})

@@ -229,3 +229,32 @@ def test_unbalanced_table_is_a_named_error():
     check_balance("texts", 10, 7, 3)
     with pytest.raises(IngestBalanceError, match=r"'behavior': 10 rows read but 7 written and 2 quarantined"):
         check_balance("behavior", 10, 7, 2)
+
+
+def test_partition_functions_without_ray():
+    """The worker functions of ingest, on one hand-made partition: the first row by (source, row)
+    wins whatever order the shuffle delivered, and unknown references get their reason."""
+    from autoknow_ray.catalogue.ingest import first_occurrence, mark_unknown
+    from autoknow_ray.catalogue.reader import validated_schema
+
+    schema = validated_schema("products")
+    rows = [{"product_id": "p1", "title": "late", "_source": "b.jsonl", "_row": 0},
+            {"product_id": "p1", "title": "early", "_source": "a.jsonl", "_row": 5},
+            {"product_id": "p2", "title": "bad", "_source": "a.jsonl", "_row": 1,
+             "_reason": "empty title"},
+            {"product_id": "p2", "title": "good", "_source": "a.jsonl", "_row": 2}]
+    out = pl.from_arrow(first_occurrence(pa.Table.from_pylist(rows, schema=schema), "products",
+                                         "product_id"))
+    assert out.height == 4
+    kept = out.filter(pl.col("_reason").is_null())
+    assert sorted(kept["title"].to_list()) == ["early", "good"]
+    dup = out.filter(pl.col("title") == "late")["_reason"][0]
+    assert dup == "duplicate product_id (first seen in a.jsonl row 5)"
+    joined = pa.table({"src": ["p1", "zz"], "dst": ["p2", "p1"], "count": [1, 1],
+                       "_source": ["c.csv"] * 2, "_row": [1, 2], "_reason": [None, None],
+                       "_raw": pa.array([None, None], pa.large_string()),
+                       "_known": pa.array([True, None], pa.bool_())})
+    marked = mark_unknown(joined, "src", "unknown product_id (src)")
+    assert marked.column("_reason").to_pylist() == [None, "unknown product_id (src)"]
+    assert marked.column("_raw").to_pylist() == [None, "src=zz"]
+    assert "_known" not in marked.column_names

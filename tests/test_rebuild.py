@@ -189,3 +189,35 @@ def test_two_graph_builds_give_identical_triples(tmp_path, ray_session):
     assert m["status_counts"] == dict(a.group_by("status").len().rows())
     assert m["facts_after"]["has_type"] == a.filter(pl.col("relation") == "has_type",
                                                     pl.col("status") != "removed").height
+
+
+def test_edit_partition_matches_apply_edits_in_any_row_order():
+    """One subject partition, rows in two different orders: the same sorted triples, equal to
+    the edit rules applied in one frame."""
+    import pyarrow as pa
+
+    from autoknow_ray.graph.assemble import (ORIGIN, TRIPLES_WITH_ORIGIN, apply_edits,
+                                             edit_partition)
+
+    rows = [("p1", "has_type", "tea", 1.0, "catalogue", "kept", "catalogue", -1),
+            ("p1", "Flavor", "Mint", 1.0, "catalogue", "kept", "catalogue", -1),
+            ("p1", "has_type", "tea", 0.8, "taxonomy", "removed", "x", 0),
+            ("p1", "has_type", "coffee", 0.9, "taxonomy", "corrected", "x", 0),
+            ("p1", "Size", "12 oz", 0.5, "taxonomy", "added", "tie-b", 0),
+            ("p1", "Size", "12 oz", 0.5, "taxonomy", "added", "tie-a", 0),
+            ("p1", "has_type", "coffee", 0.7, "cleaning", "removed", "y", 3)]
+    cols = [*TRIPLES_WITH_ORIGIN.names]
+    table = pa.Table.from_pylist([dict(zip(cols, r)) for r in rows], schema=TRIPLES_WITH_ORIGIN)
+    one = pl.from_arrow(edit_partition(table))
+    two = pl.from_arrow(edit_partition(table.take(list(reversed(range(len(rows)))))))
+    assert one.equals(two)
+    frame = pl.from_arrow(table)
+    base = frame.filter(pl.col(ORIGIN) == -1).drop(ORIGIN)
+    for origin in (0, 3):
+        base = apply_edits(base, frame.filter(pl.col(ORIGIN) == origin).drop(ORIGIN).sort(
+            "evidence"))
+    assert one.equals(base.sort(["subject", "relation", "object", "status"]))
+    status = {(r, o): s for r, o, s in one.select("relation", "object", "status").iter_rows()}
+    assert status == {("has_type", "tea"): "removed", ("has_type", "coffee"): "removed",
+                      ("Flavor", "Mint"): "kept", ("Size", "12 oz"): "added"}
+    assert one.filter(pl.col("relation") == "Size")["evidence"].to_list() == ["tie-a"]

@@ -75,6 +75,25 @@ def read_parquet_any(path: Path, columns: list[str] | None = None) -> pl.DataFra
     return pl.from_arrow(pq.read_table(path, columns=columns))
 
 
+def count_rows(path: Path) -> int:
+    """Rows of a Parquet file or folder of shards, from the footers alone (0 when absent)."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+
+
+def ensure_shards(folder: Path, schema: pa.Schema) -> None:
+    """A shard folder that readers can open: Ray writes no file for an empty dataset, so an
+    empty one gets one empty shard with the table's schema."""
+    folder = Path(folder)
+    if folder.is_dir() and any(folder.rglob("*.parquet")):
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(schema.empty_table(), folder / "part-00000.parquet")
+
+
 def write_table(path: Path, table: pa.Table | pl.DataFrame, schema: pa.Schema | None = None):
     from autoknow_ray.schema import conform
 

@@ -364,3 +364,28 @@ def map_step_checkpointed(files: list[str], step, cfg: Config, out, resume=None,
             except OSError:
                 shutil.copy2(f, dst)
     return {"chunks": len(chunks), "skipped": skipped, "rows": sum(rows)}
+
+
+def hash_partitions(n_rows: int, max_rows: int, min_rows: int) -> int:
+    """Partitions for a key-partitioned pass (`repartition(keys=…)`, `join`) over `n_rows` rows:
+    at least one per CPU of the cluster, at most `max_rows` rows each, and never so many that a
+    partition holds fewer than `min_rows` rows."""
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    wanted = max(cpus, math.ceil(n_rows / max(1, max_rows)))
+    return max(1, min(wanted, math.ceil(n_rows / max(1, min_rows))))
+
+
+def count_by(ds: "ray.data.Dataset", by: list[str], num_partitions: int | None = None):
+    """Rows per key of a distributed table as a polars DataFrame (`by` columns + `n`), for keys
+    that are few (relations, statuses, reasons): a hash aggregation over one partition per CPU
+    instead of Ray Data's default of 200, whose reduce tasks dominate on a small cluster."""
+    import polars as pl
+    from ray.data.aggregate import Count
+
+    parts = num_partitions or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    grouped = ds.groupby(by if len(by) > 1 else by[0], num_partitions=parts)
+    frames = [pl.from_arrow(t) for t in ray.get(grouped.aggregate(Count(alias_name="n"))
+                                                .to_arrow_refs())]
+    frames = [f for f in frames if f.height]
+    return pl.concat(frames, how="vertical_relaxed") if frames else pl.DataFrame(
+        schema={**{c: pl.String for c in by}, "n": pl.Int64})

@@ -47,6 +47,7 @@ def test_bench_smallest(ray_session, tmp_path, tiny_models):
     data = json.loads((out / "bench.json").read_text())
     assert data["summary"] == json.loads(json.dumps(result["summary"]))
     s = data["summary"]
+    assert set(s["driver_peak_rss_bytes"]) == {"120"}
     for key in ("ratio_vs_simple", "time_per_1k_growth", "flop_fraction"):
         assert _positive(s[key]), (key, s[key])
     assert "scaling_efficiency" in s and s["scaling_efficiency"] is None  # one pool size
@@ -56,6 +57,8 @@ def test_bench_smallest(ray_session, tmp_path, tiny_models):
         assert _positive(row["wall_seconds"]) and _positive(row["model_titles_per_s"])
         assert row["plan"]["actors"] == 1
         assert set(row["model_ops"]) == {"TitleTagger", "EmbedTitles"}
+        assert row["driver_memory"]["samples"] >= 1
+        assert row["driver_peak_rss_bytes"] == row["driver_memory"]["peak_over_baseline_bytes"]
         actors = row["memory"]["actors"]
         if Path("/proc/self/status").exists():
             assert {"TitleTagger", "EmbedTitles"} <= set(actors)
@@ -113,3 +116,21 @@ def test_projection_falls_back_to_the_average_when_the_fit_is_noise():
     assert all(h > 0 for h in good["gpu_estimate"]["gpu_hours"].values())
     noisy = projection({"marginal_seconds_per_1k": -3.0}, largest, {}, cluster, n_target=1_000_000)
     assert noisy["seconds_per_1k_used"] == 20.0 and "gpu_estimate" not in noisy
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+def test_driver_memory_sampler_sees_the_peak_of_the_run_only():
+    import time
+
+    from autoknow_ray.bench.probe import DriverMemorySampler
+
+    before = bytearray(64 * 2**20)  # held before the run: part of the baseline, not the peak
+    with DriverMemorySampler(interval=0.05) as driver:
+        block = bytearray(96 * 2**20)
+        block[:: 4096] = b"x" * len(block[:: 4096])  # touch every page: resident, not reserved
+        time.sleep(0.3)
+        del block
+    s = driver.summary()
+    assert s["samples"] >= 3
+    assert 80 * 2**20 <= s["peak_over_baseline_bytes"] < 160 * 2**20, s
+    assert s["baseline_bytes"] >= len(before)

@@ -26,6 +26,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from autoknow_ray.pipeline import read_parquet_any, table_file
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,8 +76,9 @@ def write_catalogue(d: Path, n: int, shards: int = 1) -> Path:
 
 
 def graph_digest(run: Path) -> tuple[int, str]:
-    """Row count and content hash of graph/triples.parquet, order-independent."""
-    t = pq.read_table(run / "graph" / "triples.parquet")
+    """Row count and content hash of graph/triples (a file or a folder of shards),
+    order-independent."""
+    t = read_parquet_any(table_file(run / "graph", "triples")).to_arrow()
     rows = sorted(zip(*(t.column(c).to_pylist() for c in t.column_names)),
                   key=lambda r: tuple("" if v is None else str(v) for v in r))
     h = hashlib.sha256(json.dumps([t.column_names, rows], default=str).encode()).hexdigest()
@@ -83,7 +86,7 @@ def graph_digest(run: Path) -> tuple[int, str]:
 
 
 def table_digest(path: Path) -> str:
-    t = pq.read_table(path)
+    t = read_parquet_any(path).to_arrow()
     rows = sorted(json.dumps(r, sort_keys=True, default=str) for r in t.to_pylist())
     return hashlib.sha256("\n".join(rows).encode()).hexdigest()
 
@@ -321,14 +324,14 @@ def undisturbed(multinode, fault_catalogue, tmp_path_factory):
                        capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout + r.stderr
     return {"run": run, "config": config, "graph": graph_digest(run), "ingest": ingest_counts(run),
-            "quarantine": table_digest(run / "quarantine.parquet"),
+            "quarantine": table_digest(table_file(run, "quarantine")),
             "taxonomy": table_digest(run / "graph" / "taxonomy.parquet")}
 
 
 def assert_same_run(run: Path, undisturbed: dict) -> None:
     assert ingest_counts(run) == undisturbed["ingest"], "ingest counts differ: rows duplicated or lost"
-    assert table_digest(run / "quarantine.parquet") == undisturbed["quarantine"]
-    assert graph_digest(run) == undisturbed["graph"], "graph/triples.parquet differs"
+    assert table_digest(table_file(run, "quarantine")) == undisturbed["quarantine"]
+    assert graph_digest(run) == undisturbed["graph"], "graph/triples differs"
     assert table_digest(run / "graph" / "taxonomy.parquet") == undisturbed["taxonomy"]
 
 

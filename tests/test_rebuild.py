@@ -10,6 +10,7 @@ import pytest
 
 from autoknow_ray.catalogue.synth import synthesize
 from autoknow_ray.cli import main
+from autoknow_ray.pipeline import read_parquet_any, table_file
 from autoknow_ray.schema import GRAPH_TABLES
 from tests.conftest import REPO
 
@@ -53,8 +54,12 @@ def test_rebuild_with_models_then_eval(fitted, capsys):
     out = capsys.readouterr().out
     assert "graph:" in out and "report:" in out
     for name, schema in GRAPH_TABLES.items():
-        assert pq.read_schema(run / "graph" / f"{name}.parquet").equals(schema, check_metadata=False), name
-    triples = pl.read_parquet(run / "graph" / "triples.parquet")
+        path = table_file(run / "graph", name)
+        shards = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
+        assert shards, name
+        for shard in shards:
+            assert pq.read_schema(shard).equals(schema, check_metadata=False), (name, shard)
+    triples = read_parquet_any(table_file(run / "graph", "triples"))
     types = triples.filter(pl.col("relation") == "has_type")
     assert set(types["status"].to_list()) <= {"added"}
     assert types["subject"].n_unique() >= 140  # nearly every untyped product gets a type
@@ -118,3 +123,101 @@ def test_taxonomy_only_catalogue_fits_and_places_its_orphans(tmp_path, capsys, r
     scores = json.loads((run / "eval.json").read_text())
     assert scores["hypernym.type.children"] == 3
     assert scores["hypernym.type.acc@3"] == 1.0  # three candidate parents: a ranking covers them
+
+
+def _edits_shards(folder, products: pl.DataFrame) -> pl.DataFrame:
+    """Module edits over a product table, in three shards: corrections, retractions, additions,
+    and ties (equal-confidence additions of one fact) whose winner must not depend on order."""
+    from autoknow_ray.schema import TRIPLES
+
+    ids = products["product_id"].to_list()
+    rows = []
+    for i, pid in enumerate(ids):
+        if i % 3 == 0:
+            rows.append((pid, "has_type", "retyped", 0.9, "taxonomy", "corrected", f"e{i}"))
+        if i % 4 == 0:
+            rows += [(pid, "Flavor", "Mint", 0.5, "taxonomy", "added", "tie-b"),
+                     (pid, "Flavor", "Mint", 0.5, "taxonomy", "added", "tie-a")]
+        if i % 5 == 0:
+            t = products["product_type"][i]
+            if t is not None:
+                rows.append((pid, "has_type", t, 0.8, "taxonomy", "removed", "wrong"))
+    edits = pl.DataFrame(rows, schema=["subject", "relation", "object", "confidence", "module",
+                                       "status", "evidence"], orient="row").with_columns(
+        pl.col("confidence").cast(pl.Float32))
+    folder.mkdir(parents=True)
+    for k, part in enumerate(edits.sample(fraction=1.0, shuffle=True, seed=1).iter_slices(
+            n_rows=edits.height // 3 + 1)):
+        pq.write_table(part.to_arrow().cast(TRIPLES), folder / f"part-{k}.parquet")
+    return edits
+
+
+def test_two_graph_builds_give_identical_triples(tmp_path, ray_session):
+    """The graph is written by the workers, hash-partitioned by subject: two builds of the same
+    catalogue and edits give the same content, and it equals the edit rules applied in one frame."""
+    from autoknow_ray.catalogue.ingest import IngestStage
+    from autoknow_ray.config import Config
+    from autoknow_ray.graph.assemble import GraphStage, apply_edits, catalogue_triples
+    from autoknow_ray.pipeline import RunContext, run_stages
+
+    cat = tmp_path / "cat"
+    synthesize(300, cat, seed=3, n_types=8)
+    cfg = Config(stages=["ingest", "taxonomy", "graph"])
+    runs = []
+    for name in ("a", "b"):
+        run = tmp_path / name
+        ctx = RunContext(run_dir=run, catalogue=cat, cfg=cfg)
+        run_stages([IngestStage()], ctx)
+        products = ctx.read("ingest", "products")
+        # a finished module stage folder, as module 1 leaves it
+        edits = _edits_shards(run / "taxonomy" / "edits", products)
+        (run / "taxonomy" / "manifest.json").write_text(json.dumps(
+            {"stage": "taxonomy", "fingerprint": "fixed", "complete": True}))
+        run_stages([GraphStage()], ctx)
+        assert (run / "graph" / "triples").is_dir()
+        runs.append(read_parquet_any(table_file(run / "graph", "triples")))
+    order = ["subject", "relation", "object", "status", "module", "evidence"]
+    a, b = (t.sort(order) for t in runs)
+    assert a.height > products.height and a.equals(b)
+    expected = apply_edits(catalogue_triples(products), edits.sort(
+        ["subject", "relation", "object", "status", "confidence", "module", "evidence"],
+        descending=[False, False, False, False, True, False, False]))
+    assert a.equals(expected.sort(order).select(a.columns))
+    ties = a.filter(pl.col("relation") == "Flavor", pl.col("status") == "added")
+    assert set(ties["evidence"].to_list()) == {"tie-a"}
+    m = json.loads((tmp_path / "a" / "graph" / "manifest.json").read_text())
+    assert m["status_counts"] == dict(a.group_by("status").len().rows())
+    assert m["facts_after"]["has_type"] == a.filter(pl.col("relation") == "has_type",
+                                                    pl.col("status") != "removed").height
+
+
+def test_edit_partition_matches_apply_edits_in_any_row_order():
+    """One subject partition, rows in two different orders: the same sorted triples, equal to
+    the edit rules applied in one frame."""
+    import pyarrow as pa
+
+    from autoknow_ray.graph.assemble import (ORIGIN, TRIPLES_WITH_ORIGIN, apply_edits,
+                                             edit_partition)
+
+    rows = [("p1", "has_type", "tea", 1.0, "catalogue", "kept", "catalogue", -1),
+            ("p1", "Flavor", "Mint", 1.0, "catalogue", "kept", "catalogue", -1),
+            ("p1", "has_type", "tea", 0.8, "taxonomy", "removed", "x", 0),
+            ("p1", "has_type", "coffee", 0.9, "taxonomy", "corrected", "x", 0),
+            ("p1", "Size", "12 oz", 0.5, "taxonomy", "added", "tie-b", 0),
+            ("p1", "Size", "12 oz", 0.5, "taxonomy", "added", "tie-a", 0),
+            ("p1", "has_type", "coffee", 0.7, "cleaning", "removed", "y", 3)]
+    cols = [*TRIPLES_WITH_ORIGIN.names]
+    table = pa.Table.from_pylist([dict(zip(cols, r)) for r in rows], schema=TRIPLES_WITH_ORIGIN)
+    one = pl.from_arrow(edit_partition(table))
+    two = pl.from_arrow(edit_partition(table.take(list(reversed(range(len(rows)))))))
+    assert one.equals(two)
+    frame = pl.from_arrow(table)
+    base = frame.filter(pl.col(ORIGIN) == -1).drop(ORIGIN)
+    for origin in (0, 3):
+        base = apply_edits(base, frame.filter(pl.col(ORIGIN) == origin).drop(ORIGIN).sort(
+            "evidence"))
+    assert one.equals(base.sort(["subject", "relation", "object", "status"]))
+    status = {(r, o): s for r, o, s in one.select("relation", "object", "status").iter_rows()}
+    assert status == {("has_type", "tea"): "removed", ("has_type", "coffee"): "removed",
+                      ("Flavor", "Mint"): "kept", ("Size", "12 oz"): "added"}
+    assert one.filter(pl.col("relation") == "Size")["evidence"].to_list() == ["tie-a"]

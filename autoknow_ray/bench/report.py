@@ -129,7 +129,8 @@ def markdown(r: dict) -> str:
           "actor pool → write Parquet), timed inside the real rebuild.", "",
           "| products | workers | rebuild s | products/s | s per 1k | model stages titles/s | "
           "per worker | titles per actor CPU-s | actor CPU share | load avg | peak GiB per "
-          "TitleTagger actor | per EmbedTitles actor | driver peak GiB | object store peak GiB | "
+          "TitleTagger actor | per EmbedTitles actor | driver peak GiB (over baseline) | "
+          "object store peak GiB | "
           "spilled GiB |",
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in r["table"]:
@@ -257,7 +258,8 @@ def markdown(r: dict) -> str:
           "`Dataset.write_parquet` in the driver (Ray Data's own operator stats are in "
           "bench.json, `table[].ray_data_stats`).",
           f"- Memory: {(r['table'][0].get('memory') or {}).get('method', '—')}. Peak per actor = "
-          "largest VmHWM among that class's actor processes.",
+          "largest VmHWM among that class's actor processes. Driver: "
+          f"{(r['table'][0].get('driver_memory') or {}).get('method', '—')}.",
           "- Object store: `object_store_bytes_used` sampled from the raylet (peak), spilled = "
           "difference of `spilled_bytes_total` over the run (what `ray memory --stats-only` shows).",
           f"- Ray Data DataContext: target_max_block_size = "

@@ -142,7 +142,7 @@ def run_one(catalogue: Path, n: int, workers: int, cfg, cluster: dict, models: P
             runs_dir: Path) -> dict:
     """One rebuild with a fixed pool of `workers`, watched by the probes."""
     from autoknow_ray import runtime
-    from autoknow_ray.bench.probe import DatasetProbe, MemorySampler
+    from autoknow_ray.bench.probe import DatasetProbe, DriverMemorySampler, MemorySampler
     from autoknow_ray.rebuild import rebuild
 
     run_cfg = pool_config(cfg, cluster, workers)
@@ -152,7 +152,7 @@ def run_one(catalogue: Path, n: int, workers: int, cfg, cluster: dict, models: P
     plan = runtime.plan_actors(run_cfg, "taxonomy", n)
     probe = DatasetProbe()
     t0 = time.perf_counter()
-    with probe.watching(), MemorySampler() as mem:
+    with probe.watching(), MemorySampler() as mem, DriverMemorySampler() as driver:
         res = rebuild(catalogue, run_dir, models=models, config=run_cfg, force=True)
     wall = time.perf_counter() - t0
     stages = {s["stage"]: s for s in res["stages"]}
@@ -189,20 +189,11 @@ def run_one(catalogue: Path, n: int, workers: int, cfg, cluster: dict, models: P
         "products_per_s": n / wall,
         "seconds_per_1k": wall / (n / 1000.0),
         "memory": mem_summary,
-        "driver_peak_rss_bytes": _self_hwm(),
+        # sampled while this rebuild ran, over the driver's memory just before it
+        "driver_peak_rss_bytes": driver.summary()["peak_over_baseline_bytes"],
+        "driver_memory": driver.summary(),
         "ray_data_stats": {k: v.get("stats", "") for k, v in model_ops.items()},
     }
-
-
-def _self_hwm() -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 # ---- derived figures -----------------------------------------------------------------------------
@@ -499,6 +490,10 @@ def summarize(rows: list[dict], sizes: list[int], workers: list[int], sweep_n: i
         "simple_titles_per_s": simple["combined_best"],
         "time_per_1k_growth": large["seconds_per_1k"] / small["seconds_per_1k"],
         "seconds_per_1k": {str(r["n"]): r["seconds_per_1k"] for r in by_size},
+        "driver_peak_rss_bytes": {str(r["n"]): r.get("driver_peak_rss_bytes") for r in by_size},
+        "driver_memory_growth": (large["driver_peak_rss_bytes"] / small["driver_peak_rss_bytes"]
+                                 if large.get("driver_peak_rss_bytes")
+                                 and small.get("driver_peak_rss_bytes") else None),
         "fixed_seconds": fit_total[0] if fit_total else None,
         "marginal_seconds_per_1k": fit_total[1] * 1000 if fit_total else None,
         "model_fixed_seconds": fit_model[0] if fit_model else None,
@@ -557,6 +552,8 @@ def targets(s: dict) -> list[dict]:
         row("time per 1k products flat from smallest to largest", "growth <= 1.2",
             s.get("time_per_1k_growth"), lambda v: v <= 1.2,
             s.get("model_cpu_seconds_per_1k_growth"), "model stages' CPU-seconds per 1k titles"),
+        row("driver peak memory flat from smallest to largest", "growth <= 1.25",
+            s.get("driver_memory_growth"), lambda v: v <= 1.25),
         row("throughput scales with workers", "efficiency >= 0.8",
             s.get("scaling_efficiency"), lambda v: v >= 0.8,
             (s["per_core_efficiency_model_stages"][str(w)] if w else None),

@@ -2,8 +2,11 @@
 
 A table is `<name>.parquet|.jsonl|.json|.csv`, or a folder `<name>/` of such shards. Text formats
 are read as bytes so that a broken line, a non-UTF-8 byte or a ragged CSV row becomes one
-quarantine row instead of failing the file. Output rows carry `_source`, `_row` and `_reason`
-(null for good rows); the ingest stage splits them and rejects duplicate ids.
+quarantine row instead of failing the file; a leading UTF-8 byte-order mark (spreadsheet exports)
+is dropped first. Parquet files are read by the workers one row group at a time, only the
+table's columns, so every row keeps its number in its file. Output rows carry `_source` (the path
+relative to the catalogue), `_row` and `_reason` (null for good rows); the ingest stage splits
+them and rejects duplicate ids.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import json
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from autoknow_ray.catalogue.validate import VALIDATORS, RowError
 from autoknow_ray.config import IngestConfig
@@ -26,6 +30,7 @@ META_FIELDS = [
     ("_raw", pa.string()),
 ]
 RAW_CHARS = 500
+BOM = b"\xef\xbb\xbf"
 
 
 def find_table_files(catalogue: Path, name: str) -> list[tuple[Path, str]]:
@@ -76,6 +81,7 @@ def _validate_rows(table: str, rows, source: str, cfg: IngestConfig) -> pa.Table
 
 
 def _jsonl_rows(data: bytes):
+    data = data.removeprefix(BOM)
     for n, line in enumerate(data.split(b"\n")):
         if not line.strip():
             continue
@@ -96,13 +102,13 @@ def _jsonl_rows(data: bytes):
 
 
 def _csv_rows(data: bytes):
-    text = data.decode("utf-8", "surrogateescape")
+    text = data.removeprefix(BOM).decode("utf-8", "surrogateescape")
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         header = next(reader)
     except StopIteration:
         return
-    header = [h.strip().lstrip("\ufeff") for h in header]
+    header = [h.strip() for h in header]
     n = 0
     while True:
         try:
@@ -124,32 +130,56 @@ def _csv_rows(data: bytes):
         yield n, row, raw, None
 
 
-def parse_text_batch(batch: pa.Table, table: str, fmt: str, cfg: IngestConfig) -> pa.Table:
+def source_name(path: str, catalogue: str) -> str:
+    """`path` relative to the catalogue (`products/part-0.parquet`), so two shards of the same
+    name in different folders stay apart in the quarantine."""
+    p = Path(path)
+    try:
+        return p.resolve().relative_to(Path(catalogue).resolve()).as_posix()
+    except ValueError:
+        return p.name
+
+
+def parse_text_batch(batch: pa.Table, table: str, fmt: str, cfg: IngestConfig,
+                     catalogue: str) -> pa.Table:
     parts = []
     for data, path in zip(batch.column("bytes").to_pylist(), batch.column("path").to_pylist()):
         rows = _jsonl_rows(data) if fmt == "jsonl" else _csv_rows(data)
-        parts.append(_validate_rows(table, rows, Path(path).name, cfg))
+        parts.append(_validate_rows(table, rows, source_name(path, catalogue), cfg))
     if not parts:
         return validated_schema(table).empty_table()
     return pa.concat_tables(parts)
 
 
-def parse_parquet_batch(batch: pa.Table, table: str, cfg: IngestConfig) -> pa.Table:
-    paths = batch.column("path").to_pylist() if "path" in batch.column_names else [None] * len(batch)
-    cols = [c for c in batch.column_names if c != "path"]
-    rows = batch.select(cols).to_pylist()
-    parts = []
-    # one source per run of equal paths keeps the `_source` column exact
-    start = 0
-    for i in range(1, len(rows) + 1):
-        if i == len(rows) or paths[i] != paths[start]:
-            src = Path(paths[start]).name if paths[start] else "?"
-            chunk = ((-1, r, json.dumps(r, default=str), None) for r in rows[start:i])
-            parts.append(_validate_rows(table, chunk, src, cfg))
-            start = i
-    if not parts:
-        return validated_schema(table).empty_table()
-    return pa.concat_tables(parts)
+def parquet_units(files: list[Path], table: str) -> list[dict]:
+    """One unit of work per row group of every Parquet file (footers only, no rows): the file,
+    the row group, the number of its first row in the file, and the table's columns it has."""
+    wanted = CATALOGUE_TABLES[table].names
+    units = []
+    for f in files:
+        meta = pq.ParquetFile(f).metadata
+        have = set(meta.schema.to_arrow_schema().names)
+        columns = [c for c in wanted if c in have]
+        first = 0
+        for rg in range(meta.num_row_groups):
+            units.append({"path": str(f), "row_group": rg, "first_row": first,
+                          "columns": columns})
+            first += meta.row_group(rg).num_rows
+    return units
+
+
+def parse_parquet_units(batch: pa.Table, table: str, cfg: IngestConfig, catalogue: str):
+    """Read and validate the row groups named in `batch`, in blocks of `cfg.rows_per_block`."""
+    for unit in batch.to_pylist():
+        pf = pq.ParquetFile(unit["path"])
+        src = source_name(unit["path"], catalogue)
+        n = unit["first_row"]
+        for rb in pf.iter_batches(batch_size=cfg.rows_per_block, row_groups=[unit["row_group"]],
+                                  columns=unit["columns"]):
+            rows = rb.to_pylist()
+            numbered = ((n + i, r, json.dumps(r, default=str), None) for i, r in enumerate(rows))
+            yield _validate_rows(table, numbered, src, cfg)
+            n += len(rows)
 
 
 def read_table(catalogue: Path, table: str, cfg: IngestConfig):
@@ -163,24 +193,22 @@ def read_table(catalogue: Path, table: str, cfg: IngestConfig):
     by_fmt: dict[str, list[str]] = {}
     for f, fmt in files:
         by_fmt.setdefault(fmt, []).append(str(f))
+    kwargs = {"table": table, "cfg": cfg, "catalogue": str(catalogue)}
     for fmt, paths in sorted(by_fmt.items()):
         if fmt == "parquet":
-            ds = ray.data.read_parquet(paths, include_paths=True)
-            ds = ds.map_batches(
-                parse_parquet_batch,
-                fn_kwargs={"table": table, "cfg": cfg},
-                batch_format="pyarrow",
-                batch_size=cfg.rows_per_block,
-            )
+            units = parquet_units([Path(p) for p in paths], table)
+            if not units:
+                continue
+            ds = ray.data.from_items(units, override_num_blocks=len(units))
+            ds = ds.map_batches(parse_parquet_units, fn_kwargs=kwargs, batch_format="pyarrow",
+                                batch_size=1)
         else:
             ds = ray.data.read_binary_files(paths, include_paths=True)
-            ds = ds.map_batches(
-                parse_text_batch,
-                fn_kwargs={"table": table, "fmt": fmt, "cfg": cfg},
-                batch_format="pyarrow",
-                batch_size=1,
-            )
+            ds = ds.map_batches(parse_text_batch, fn_kwargs={**kwargs, "fmt": fmt},
+                                batch_format="pyarrow", batch_size=1)
         datasets.append(ds)
+    if not datasets:
+        return None
     ds = datasets[0]
     for other in datasets[1:]:
         ds = ds.union(other)

@@ -1,6 +1,6 @@
 """Named baselines that `autoknow eval` scores beside a real run, on the same gold.
 
-A baseline writes the files a rebuild writes — RUN/graph/triples.parquet, RUN/graph/taxonomy.parquet
+A baseline writes the files a rebuild writes — RUN/graph/triples/ (shards), RUN/graph/taxonomy.parquet
 and, for the @k metrics, RUN/taxonomy/*_candidates.parquet — so `evaluate(RUN, GOLD)` scores it
 with exactly the code that scores a run.
 
@@ -13,6 +13,7 @@ with exactly the code that scores a run.
 from __future__ import annotations
 
 import re
+import shutil
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,7 +66,10 @@ def _write_run(out: Path, triples: pl.DataFrame, taxonomy: pl.DataFrame,
     method in the same folder would otherwise be scored as this one's."""
     for name in CANDIDATE_TABLES:
         (out / "taxonomy" / f"{name}.parquet").unlink(missing_ok=True)
-    paths = [(out / "graph" / "triples.parquet", triples, TRIPLES),
+    # the triples as the graph stage writes them: a folder of shards, no stale file beside it
+    (out / "graph" / "triples.parquet").unlink(missing_ok=True)
+    shutil.rmtree(out / "graph" / "triples", ignore_errors=True)
+    paths = [(out / "graph" / "triples" / "part-00000.parquet", triples, TRIPLES),
              (out / "graph" / "taxonomy.parquet", taxonomy, GRAPH_TAXONOMY)]
     paths += [(out / "taxonomy" / f"{n}.parquet", df, None) for n, df in candidates.items()]
     for path, df, schema in paths:

@@ -152,12 +152,12 @@ def eval_hypernyms(run: Path, triples: pl.DataFrame, taxonomy: pl.DataFrame, gol
 def evaluate(run: str | Path, gold: str | Path) -> dict:
     run, gold = Path(run), Path(gold)
     gdir = run / "graph"
-    if not (gdir / "triples.parquet").exists():
-        raise FileNotFoundError(f"{run}: no graph/triples.parquet — is this a finished run?")
+    if not table_file(gdir, "triples").exists():
+        raise FileNotFoundError(f"{run}: no graph/triples (file or folder) — is this a finished run?")
     if not gold.is_dir():
         raise FileNotFoundError(f"gold folder not found: {gold}")
-    triples = pl.read_parquet(gdir / "triples.parquet")
-    taxonomy = pl.read_parquet(gdir / "taxonomy.parquet")
+    triples = read_parquet_any(table_file(gdir, "triples"))
+    taxonomy = read_parquet_any(table_file(gdir, "taxonomy"))
     results: dict = {}
     types = _read_gold(gold, "types")
     if types is not None:

@@ -1,7 +1,7 @@
 """The run report: rows in/out/quarantined and time per stage, facts per relation before/after.
 
-Written as RUN/report.json and RUN/report.html; the quarantine table is published as
-RUN/quarantine.parquet beside them.
+Written as RUN/report.json and RUN/report.html; the quarantine table (a folder of shards, one
+sub-folder per input table) is published as RUN/quarantine/ beside them.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import json
 import shutil
 import time
 
-from autoknow_ray.pipeline import RunContext, Stage, read_manifest
+from autoknow_ray.pipeline import RunContext, Stage, read_manifest, table_file
 
 
 def build_report(ctx: RunContext, stage_names: list[str]) -> dict:
@@ -89,6 +89,13 @@ class ReportStage(Stage):
         (ctx.run_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
         (ctx.run_dir / "report.html").write_text(render_html(report))
         q = ctx.table_path("ingest", "quarantine")
-        if q.exists():
+        published = table_file(ctx.run_dir, "quarantine")
+        if published.is_dir():
+            shutil.rmtree(published)
+        elif published.exists():
+            published.unlink()
+        if q.is_dir():
+            shutil.copytree(q, ctx.run_dir / "quarantine")
+        elif q.exists():
             shutil.copyfile(q, ctx.run_dir / "quarantine.parquet")
         return {"rows_in": len(report["stages"]), "rows_out": len(report["stages"]), "rows_quarantined": 0}

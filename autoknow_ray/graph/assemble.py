@@ -1,20 +1,37 @@
 """The graph stage: the catalogue's facts as `kept` triples, with every module's edits applied.
 
-A module stage hands the graph its work through files in its own stage folder:
-- `edits.parquet` (TRIPLES schema): `added` and `corrected` triples, and `removed` rows naming
-  the (subject, relation, object) of an existing fact they retract;
-- `graph_<name>.parquet` for name in taxonomy | attributes | synonyms | related: rows for that
-  graph table. Taxonomy rows for a type replace that type's `parent = null` placeholder.
+A module stage hands the graph its work through tables in its own stage folder (each a Parquet
+file or a folder of shards):
+- `edits` (TRIPLES schema): `added` and `corrected` triples, and `removed` rows naming the
+  (subject, relation, object) of an existing fact they retract;
+- `graph_<name>` for name in taxonomy | attributes | synonyms | related: rows for that graph
+  table. Taxonomy rows for a type replace that type's `parent = null` placeholder.
+
+The triples are built by the workers: the catalogue's facts are a map over the product shards,
+then they and every module's edits are hash-partitioned by subject, and each partition applies
+the edits module by module in flow order (`apply_edits`: every rule is about one subject) and
+writes its rows sorted, to `graph/triples/` (a folder of shards). The driver sees only the
+per-relation and per-status counts. The same inputs and config give the same triples.
 """
 from __future__ import annotations
 
 import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
 
-from autoknow_ray.pipeline import RunContext, Stage
+from autoknow_ray import runtime
+from autoknow_ray.pipeline import RunContext, Stage, count_rows, ensure_shards
 from autoknow_ray.schema import GRAPH_TABLES, HAS_TYPE, TRIPLES, conform
 
 MODULE_STAGES = ("taxonomy", "relations", "imputation", "cleaning", "synonyms", "related")
 KEY = ["subject", "relation", "object"]
+# which input a triple row comes from: -1 the catalogue, else the module's place in the flow
+ORIGIN = "_origin"
+TRIPLES_WITH_ORIGIN = pa.schema(list(TRIPLES) + [pa.field(ORIGIN, pa.int32())])
+PRODUCT_COLUMNS = ["product_id", "product_type", "attributes", "brand"]
+# rows per partition of the subject shuffle (a partition is sorted and edited in one worker)
+PARTITION_MAX_ROWS = 1_000_000
+PARTITION_MIN_ROWS = 20_000
 
 
 def catalogue_triples(products: pl.DataFrame) -> pl.DataFrame:
@@ -62,6 +79,45 @@ def apply_edits(base: pl.DataFrame, edits: pl.DataFrame) -> pl.DataFrame:
     return pl.concat([base, new.select(base.columns)], how="vertical_relaxed")
 
 
+# ---- worker functions ------------------------------------------------------------------------
+def catalogue_triples_batch(batch: pa.Table) -> pa.Table:
+    """A batch of products → their catalogue triples (one product's rows stay in one batch)."""
+    out = conform(catalogue_triples(pl.from_arrow(batch)).to_arrow(), TRIPLES)
+    return out.append_column(ORIGIN, pa.array([-1] * out.num_rows, pa.int32()))
+
+
+def tag_edits(batch: pa.Table, origin: int) -> pa.Table:
+    out = conform(batch, TRIPLES)
+    return out.append_column(ORIGIN, pa.array([origin] * out.num_rows, pa.int32()))
+
+
+def edit_partition(batch: pa.Table) -> pa.Table:
+    """One subject partition (every row of its subjects): the catalogue facts with each module's
+    edits applied in flow order, sorted. Edits are sorted first, so that which of two equal-
+    confidence additions wins does not depend on the order the shuffle delivered them in."""
+    df = pl.from_arrow(conform(batch, TRIPLES_WITH_ORIGIN))
+    triples = df.filter(pl.col(ORIGIN) == -1).drop(ORIGIN)
+    for origin in sorted(o for o in df[ORIGIN].unique().to_list() if o >= 0):
+        edits = df.filter(pl.col(ORIGIN) == origin).drop(ORIGIN).sort(
+            [*KEY, "status", "confidence", "module", "evidence"],
+            descending=[False, False, False, False, True, False, False], nulls_last=True)
+        triples = apply_edits(triples, edits)
+    triples = triples.sort([*KEY, "status"], nulls_last=True)
+    return conform(triples.to_arrow(), TRIPLES)
+
+
+def live_only(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.not_equal(batch.column("status"), "removed"))
+
+
+def _counts(ds, column: str) -> dict[str, int]:
+    agg = runtime.count_by(ds, [column])
+    if agg.height == 0:
+        return {}
+    return {k: int(n) for k, n in agg.sort(["n", column], descending=[True, False]).select(
+        column, "n").iter_rows()}
+
+
 class GraphStage(Stage):
     name = "graph"
     needs = ("ingest", *MODULE_STAGES)
@@ -71,17 +127,35 @@ class GraphStage(Stage):
         return super().fingerprint(ctx)
 
     def run(self, ctx: RunContext) -> dict:
-        products = ctx.read("ingest", "products")
-        triples = catalogue_triples(products)
-        before = triples.group_by("relation").len().rows()
         modules = [m for m in MODULE_STAGES if m in ctx.cfg.stages]
-        n_edits = {}
-        for m in modules:
-            if ctx.has(m, "edits"):
-                edits = ctx.read(m, "edits")
-                n_edits[m] = edits.height
-                triples = apply_edits(triples, pl.from_arrow(conform(edits.to_arrow(), TRIPLES)))
-        ctx.write("triples", triples, TRIPLES)
+        products_path = ctx.table_path("ingest", "products")
+        n_products = count_rows(products_path)
+        catalogue = runtime.read_parquet(products_path, PRODUCT_COLUMNS).map_batches(
+            catalogue_triples_batch, batch_format="pyarrow")
+        before = _counts(catalogue, "relation") if n_products else {}
+        parts, n_edits, n_rows = [catalogue], {}, sum(before.values())
+        for order, m in enumerate(modules):
+            path = ctx.table_path(m, "edits")
+            if path.exists():
+                n_edits[m] = count_rows(path)
+                n_rows += n_edits[m]
+                if n_edits[m]:
+                    parts.append(runtime.read_parquet(path).map_batches(
+                        tag_edits, fn_kwargs={"origin": order}, batch_format="pyarrow"))
+        out = ctx.out / "triples"
+        if n_rows:
+            ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+            ds = ds.repartition(
+                runtime.hash_partitions(n_rows, PARTITION_MAX_ROWS, PARTITION_MIN_ROWS),
+                keys=["subject"])
+            # batch_size=None: each partition whole, as GroupedData.map_groups relies on
+            ds.map_batches(edit_partition, batch_format="pyarrow",
+                           batch_size=None).write_parquet(str(out))
+        ensure_shards(out, TRIPLES)
+        triples = runtime.read_parquet(out)
+        status_counts = _counts(triples, "status") if n_rows else {}
+        after = _counts(triples.map_batches(live_only, batch_format="pyarrow"),
+                        "relation") if n_rows else {}
 
         taxonomy = ctx.read("ingest", "taxonomy")
         tax = taxonomy.select("type", "parent", pl.lit(False).alias("is_new"),
@@ -102,18 +176,25 @@ class GraphStage(Stage):
                 tax = new_rows
         ctx.write("taxonomy", tax if tax is not None else GRAPH_TABLES["taxonomy"].empty_table(),
                   GRAPH_TABLES["taxonomy"])
-        for name in ("attributes", "synonyms", "related"):
-            parts = [ctx.read(m, f"graph_{name}") for m in modules if ctx.has(m, f"graph_{name}")]
-            table = pl.concat(parts, how="vertical_relaxed") if parts else GRAPH_TABLES[name].empty_table()
+        for name in ("attributes", "synonyms"):
+            parts_ = [ctx.read(m, f"graph_{name}") for m in modules if ctx.has(m, f"graph_{name}")]
+            table = pl.concat(parts_, how="vertical_relaxed") if parts_ else GRAPH_TABLES[name].empty_table()
             ctx.write(name, table, GRAPH_TABLES[name])
-        live = triples.filter(pl.col("status") != "removed")
+        # related: per product, so as shards written by the workers
+        related = [runtime.read_parquet(ctx.table_path(m, "graph_related")).map_batches(
+            conform, fn_kwargs={"schema": GRAPH_TABLES["related"]}, batch_format="pyarrow")
+            for m in modules if count_rows(ctx.table_path(m, "graph_related"))]
+        if related:
+            (related[0].union(*related[1:]) if len(related) > 1 else related[0]).write_parquet(
+                str(ctx.out / "related"))
+        ensure_shards(ctx.out / "related", GRAPH_TABLES["related"])
         return {
-            "rows_in": products.height,
-            "rows_out": triples.height,
+            "rows_in": n_products,
+            "rows_out": count_rows(out),
             "rows_quarantined": 0,
             "edits": n_edits,
-            "facts_before": dict(before),
-            "facts_after": dict(live.group_by("relation").len().rows()),
-            "status_counts": dict(triples.group_by("status").len().rows()),
+            "facts_before": before,
+            "facts_after": after,
+            "status_counts": status_counts,
             "taxonomy_rows": 0 if tax is None else tax.height,
         }

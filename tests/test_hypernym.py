@@ -129,7 +129,8 @@ def test_resolve_types_statuses(encoder):
         schema={"product_id": pl.String, "label": pl.String, "value": pl.String,
                 "start": pl.Int32, "end": pl.Int32, "score": pl.Float32},
     )
-    cfg = TypeResolutionConfig(min_support=3, min_score=0.6)
+    # the vote's floors off: 46 types of 2-3 titles each cannot give one type a large share
+    cfg = TypeResolutionConfig(min_support=3, min_score=0.6, knn_min_similarity=-1, knn_min_share=0)
     types, cands = _resolve(products, tags, _taxonomy(), cfg, encoder)
     got = {r["product_id"]: r for r in types.to_pylist()}
 
@@ -150,10 +151,18 @@ def test_resolve_types_statuses(encoder):
         assert 0 < got[pid]["type_confidence"] <= 1
     assert got["z0"]["type"] == "spinach" and got["f0"]["type"] == "spinach"
     assert got["f1"]["type"] == "bread" and got["f2"]["type"] == "milk"
-    # a vote that cannot answer leaves the product untyped, with its reason
-    assert got["r0"]["type_status"] in ("added", None)
-    if got["r0"]["type_status"] is None:
-        assert got["r0"]["type_evidence"] in (TOO_FAR, NO_AGREEMENT)
+    # with the floors on, a vote that cannot answer leaves the product untyped, with its reason
+    strict = cfg.model_copy(update={"knn_min_similarity": 0.6, "knn_min_share": 0.5})
+    floored = {r["product_id"]: r for r in _resolve(products, tags, _taxonomy(), strict, encoder)[0].to_pylist()}
+    knn = [p for p, r in got.items() if (r["type_evidence"] or "").startswith("knn")]
+    assert knn and all(floored[p]["type_status"] in ("added", None) for p in knn)
+    dropped = [p for p in knn if floored[p]["type_status"] is None]
+    assert dropped and all(floored[p]["type"] is None for p in dropped)
+    assert {floored[p]["type_evidence"] for p in dropped} <= {TOO_FAR, NO_AGREEMENT}
+    for p in knn:
+        if floored[p]["type_status"] == "added":
+            assert floored[p]["type_confidence"] >= 0.5
+    assert got["r0"]["type_status"] == "added"
     # the graph edits: has_type for added and corrected, the removed catalogue type, the spans
     edits = [e for r in types.to_pylist() for e in r["edits"]]
     c0 = [e for e in edits if e["subject"] == "c0"]

@@ -46,7 +46,8 @@ def fit_taxonomy(ctx: RunContext, out: Path) -> dict:
     encoder = TextEncoder(cfg.tagger.encoder, device=ctx.cfg.device)
     hcfg = cfg.hypernym
     typed, type_counts = _typed_sample(products, max(hcfg.context_per_type, cfg.reference_per_type),
-                                       max(hcfg.context_max, cfg.reference_max), seed)
+                                       max(hcfg.context_max, cfg.reference_max), seed,
+                                       runtime.shuffle_partitions(n))
     vectors = encoder.encode(typed["title"].to_list()) if typed.height else np.zeros((0, 384), np.float32)
     typed = typed.with_columns(pl.Series("embedding", vectors.astype(np.float32))) if typed.height else typed
     context = _head_per_type(typed, hcfg.context_per_type, hcfg.context_max)
@@ -67,16 +68,17 @@ def fit_taxonomy(ctx: RunContext, out: Path) -> dict:
     return result
 
 
-def _typed_sample(products, per_type: int, cap: int, seed: int) -> tuple[pl.DataFrame, pl.DataFrame]:
+def _typed_sample(products, per_type: int, cap: int, seed: int,
+                  parts: int) -> tuple[pl.DataFrame, pl.DataFrame]:
     """A per-type capped sample of the typed products (id, title, type, draw order) and every
     type's product count."""
     empty = pl.DataFrame(schema={"product_id": pl.String, "title": pl.String, "product_type": pl.String})
     if products is None:
         return empty, pl.DataFrame(schema={"product_type": pl.String, "n": pl.Int64})
     ds = products.select_columns(["product_id", "title", "product_type"])
-    got = sample.per_key_sample(ds, "product_type", "product_id", per_type, cap, seed)
+    got = sample.per_key_sample(ds, "product_type", "product_id", per_type, cap, seed, parts)
     counts = runtime.aggregate(sample.where_valid(ds.select_columns(["product_type"]), "product_type"),
-                               ["product_type"], {"n": ("count", None)})
+                               ["product_type"], {"n": ("count", None)}, parts)
     if got.height == 0:
         return empty, counts
     return got.with_row_index("_draw"), counts

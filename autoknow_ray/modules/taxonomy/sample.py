@@ -2,7 +2,8 @@
 the first rows of each group, and per-type title-vector sums (centroids).
 
 Each returns a polars DataFrame whose size a cap bounds (per-type rows, or one row per type);
-the per-product work (hashing, filtering, partial sums) runs in Ray Data tasks.
+the per-product work (hashing, filtering, partial sums) runs in Ray Data tasks. `partitions`:
+the groupby's shuffle partitions (`runtime.shuffle_partitions` of the rows).
 """
 from __future__ import annotations
 
@@ -50,13 +51,14 @@ def where_in(ds, columns: str | tuple[str, ...], values: set[str]):
     return ds.map_batches(keep, batch_format="pyarrow")
 
 
-def per_key_sample(ds, key: str, id_column: str, per_key: int, cap: int, seed: int) -> pl.DataFrame:
+def per_key_sample(ds, key: str, id_column: str, per_key: int, cap: int, seed: int,
+                   partitions: int = 1) -> pl.DataFrame:
     """At most `per_key` rows for each value of `key` (rows with a null key are skipped) and at
     most `cap` rows in all (the per-key share shrinks to fit), drawn uniformly by a hash of
     `id_column` and `seed`. Two passes: the per-key counts (an aggregate), then the rows whose
     draw falls under their key's rate."""
     ds = where_valid(ds, key)
-    counts = runtime.aggregate(ds, [key], {"n": ("count", None)})
+    counts = runtime.aggregate(ds, [key], {"n": ("count", None)}, partitions)
     if counts.height == 0 or per_key <= 0 or cap <= 0:
         return pl.DataFrame()
     n = counts["n"].to_numpy()
@@ -80,7 +82,7 @@ def per_key_sample(ds, key: str, id_column: str, per_key: int, cap: int, seed: i
     return rows.head(cap)
 
 
-def first_per_key(ds, key: str, id_column: str, n: int, seed: int) -> pl.DataFrame:
+def first_per_key(ds, key: str, id_column: str, n: int, seed: int, partitions: int = 1) -> pl.DataFrame:
     """For each value of `key`: `n` rows chosen by a hash of `id_column` (deterministic), as one
     group per worker call — bounded output, whatever a group's size."""
     if n <= 0:
@@ -91,13 +93,13 @@ def first_per_key(ds, key: str, id_column: str, n: int, seed: int) -> pl.DataFra
         order = np.argsort(u, kind="stable")[:n]
         return group.take(pa.array(order))
 
-    out = ds.groupby(key).map_groups(head, batch_format="pyarrow")
+    out = ds.groupby(key, num_partitions=partitions).map_groups(head, batch_format="pyarrow")
     parts = [pl.from_arrow(t) for t in _refs(out)]
     parts = [p for p in parts if p.height]
     return pl.concat(parts, how="vertical_relaxed") if parts else pl.DataFrame()
 
 
-def vector_sums(ds, key: str, vector: str) -> pl.DataFrame:
+def vector_sums(ds, key: str, vector: str, partitions: int = 1) -> pl.DataFrame:
     """Per value of `key`: the row count `n` and the `sum` of the fixed-size vectors in column
     `vector` (partial sums per block in the tasks, then one sum per key)."""
     ds = where_valid(ds, key)
@@ -121,7 +123,7 @@ def vector_sums(ds, key: str, vector: str) -> pl.DataFrame:
                          "sum": pa.array([sums], pa.list_(pa.float64()))})
 
     out = (ds.select_columns([key, vector]).map_batches(partial, batch_format="pyarrow")
-           .groupby(key).map_groups(total, batch_format="pyarrow"))
+           .groupby(key, num_partitions=partitions).map_groups(total, batch_format="pyarrow"))
     parts = [pl.from_arrow(t) for t in _refs(out)]
     parts = [p for p in parts if p.height]
     return pl.concat(parts, how="vertical_relaxed") if parts else pl.DataFrame()

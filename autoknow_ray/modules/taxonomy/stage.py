@@ -79,6 +79,7 @@ class TaxonomyStage(Stage):
         parents, _children = taxonomy_maps(taxonomy)
         names = TypeNames(list(parents))
         plan = runtime.plan_actors(ctx.cfg, self.name, n)
+        parts = runtime.shuffle_partitions(n)
 
         # ---- 1. one read of the titles: spans + best type span + title vector ----------------
         scratch = ctx.out / "_title_models"
@@ -96,12 +97,12 @@ class TaxonomyStage(Stage):
         counts: dict = {}
         if n:
             tm = runtime.read_parquet(scratch)
-            candidates, accepted = self._candidates(tm, names, tax_types, cfg.types, ctx.cfg.seed)
+            candidates, accepted = self._candidates(tm, names, tax_types, cfg.types, ctx.cfg.seed, parts)
             names = TypeNames(list(parents), accepted)
             resolve = self._resolve_step(ctx, tm, names, parents, art, encoder)
             decisions_dir = ctx.out / "_decisions"
             runtime.map_step(tm, resolve, ctx.cfg, n).write_parquet(str(decisions_dir))
-            counts = self._write_products(ctx, products_path, decisions_dir, n)
+            counts = self._write_products(ctx, products_path, decisions_dir, n, parts)
         else:
             candidates, tm = pl.DataFrame(schema=CANDIDATES_SCHEMA), None
             for name, schema in (("typed_products", _typed_schema()), ("edits", TRIPLES),
@@ -109,16 +110,16 @@ class TaxonomyStage(Stage):
                 ctx.write(name, schema.empty_table(), schema)
 
         # ---- hypernyms: new types and orphans, against a sampled context ----------------------
-        typed_types = set(self._type_counts(tm)["product_type"].to_list()) if tm is not None else set()
+        typed_types = set(self._type_counts(tm, parts)["product_type"].to_list()) if tm is not None else set()
         has_edges = taxonomy.height > 0 and taxonomy["parent"].is_not_null().any()
         # without any parent edge the taxonomy is flat: its parentless types are roots
         orphans = orphan_types(taxonomy, typed_types) if has_edges else []
-        children = self._children(ctx, candidates, orphans)
+        children = self._children(ctx, candidates, orphans, parts)
         ranked = pl.DataFrame(schema={"type": pl.String, "parent": pl.String, "score": pl.Float32,
                                       "rank": pl.Int32, "accepted": pl.Boolean})
         if children.height and (art / "hypernym" / "config.json").exists():
             hyp = HypernymClassifier.load(art / "hypernym")
-            context, behavior, copurchase, stats = self._hypernym_context(ctx, tm, children, hyp.cfg)
+            context, behavior, copurchase, stats = self._hypernym_context(ctx, tm, children, hyp.cfg, parts)
             ranked = hyp.predict(children, taxonomy=taxonomy, products=context, behavior=behavior,
                                  copurchase=copurchase, encoder=encoder, type_stats=stats)
         known = set(tax_types)
@@ -157,14 +158,14 @@ class TaxonomyStage(Stage):
 
     # ---- 2. aggregates and samples --------------------------------------------------------------
     @staticmethod
-    def _candidates(tm, names: TypeNames, tax_types: list[str], cfg, seed: int):
+    def _candidates(tm, names: TypeNames, tax_types: list[str], cfg, seed: int, parts: int):
         """New-type candidates: per (key, surface) aggregates of the best type spans the
         taxonomy lacks; for the accepted keys, the products mentioning them and example ids."""
         new = tm.select_columns(["product_id", "span_key", "span_value", "span_score", "span_new",
                                  "mention_keys"]).map_batches(
             sample.where_true("span_new"), batch_format="pyarrow")
         surfaces = runtime.aggregate(new, ["span_key", "span_value"],
-                                     {"n": ("count", None), "score_sum": ("sum", "span_score")})
+                                     {"n": ("count", None), "score_sum": ("sum", "span_score")}, parts)
         acc = accept_candidates(surfaces, cfg, lower_case_taxonomy(tax_types))
         if acc.height == 0:
             return pl.DataFrame(schema=CANDIDATES_SCHEMA), {}
@@ -176,10 +177,10 @@ class TaxonomyStage(Stage):
 
         mentions = runtime.aggregate(
             tm.select_columns(["mention_keys"]).map_batches(mentioned, batch_format="pyarrow"),
-            ["key"], {"n_products": ("count", None)})
+            ["key"], {"n_products": ("count", None)}, parts)
         examples = sample.first_per_key(
             sample.where_in(new.select_columns(["product_id", "span_key"]), "span_key", keys),
-            "span_key", "product_id", cfg.max_examples, seed)
+            "span_key", "product_id", cfg.max_examples, seed, parts)
         ex = (examples.group_by("span_key").agg(pl.col("product_id").sort().alias("example_product_ids"))
               if examples.height else pl.DataFrame(schema={"span_key": pl.String,
                                                             "example_product_ids": pl.List(pl.String)}))
@@ -224,14 +225,14 @@ class TaxonomyStage(Stage):
                             load_type_reference(art), cfg.add_title_attributes, cfg.min_attribute_score)
 
     @staticmethod
-    def _type_counts(tm) -> pl.DataFrame:
+    def _type_counts(tm, parts: int) -> pl.DataFrame:
         counts = runtime.aggregate(sample.where_valid(tm.select_columns(["product_type"]), "product_type"),
-                                   ["product_type"], {"n": ("count", None)})
+                                   ["product_type"], {"n": ("count", None)}, parts)
         return counts if counts.height else pl.DataFrame(schema={"product_type": pl.String, "n": pl.Int64})
 
     # ---- 4. per-product outputs, written by the workers ------------------------------------------
     @staticmethod
-    def _write_products(ctx, products_path, decisions_dir, n: int) -> dict:
+    def _write_products(ctx, products_path, decisions_dir, n: int, parts: int) -> dict:
         decisions = runtime.read_parquet(decisions_dir)
         decisions.map_batches(_explode("edits", TRIPLES), batch_format="pyarrow").write_parquet(
             str(ctx.out / "edits"))
@@ -244,7 +245,8 @@ class TaxonomyStage(Stage):
         schema = _typed_schema()
         typed.map_batches(lambda b: _conform(b, schema), batch_format="pyarrow").write_parquet(
             str(ctx.out / "typed_products"))
-        outcomes = runtime.aggregate(decisions.select_columns(["outcome"]), ["outcome"], {"n": ("count", None)})
+        outcomes = runtime.aggregate(decisions.select_columns(["outcome"]), ["outcome"],
+                                     {"n": ("count", None)}, parts)
         return {
             "outcomes": {k or "none": int(v) for k, v in outcomes.select("outcome", "n").iter_rows()}
             if outcomes.height else {},
@@ -253,7 +255,7 @@ class TaxonomyStage(Stage):
         }
 
     # ---- hypernym context: bounded -------------------------------------------------------------
-    def _children(self, ctx, candidates: pl.DataFrame, orphans: list[str]) -> pl.DataFrame:
+    def _children(self, ctx, candidates: pl.DataFrame, orphans: list[str], parts: int) -> pl.DataFrame:
         """Each accepted new type with a capped sample of the products it typed (ids and title
         vectors), and each orphan type with its name only."""
         schema = {"type": pl.String, "product_ids": pl.List(pl.String),
@@ -264,7 +266,7 @@ class TaxonomyStage(Stage):
             decisions = sample.where_in(runtime.read_parquet(ctx.out / "_decisions", ["product_id", "type"]),
                                   "type", set(new))
             cap = ctx.cfg.taxonomy.hypernym.max_child_products
-            picked = sample.first_per_key(decisions, "type", "product_id", cap, ctx.cfg.seed)
+            picked = sample.first_per_key(decisions, "type", "product_id", cap, ctx.cfg.seed, parts)
             vecs = self._vectors_of(ctx, picked["product_id"].to_list() if picked.height else [])
             by_type: dict[str, list[str]] = {}
             for pid, t in (picked.select("product_id", "type").iter_rows() if picked.height else ()):
@@ -284,7 +286,7 @@ class TaxonomyStage(Stage):
                       "product_id", set(pids)), len(set(pids)), ctx.cfg.seed)
         return dict(zip(got["product_id"].to_list(), got["embedding"].to_list())) if got.height else {}
 
-    def _hypernym_context(self, ctx, tm, children: pl.DataFrame, hcfg):
+    def _hypernym_context(self, ctx, tm, children: pl.DataFrame, hcfg, parts: int):
         """What the hypernym classifier reads of the catalogue: a per-type capped sample of its
         catalogue-typed products (ids, types, title vectors), every type's product count and
         title-vector sum (aggregated by the workers), and the behaviour rows of the children's
@@ -293,8 +295,8 @@ class TaxonomyStage(Stage):
             return None, None, None, None
         typed = tm.select_columns(["product_id", "product_type", "embedding"])
         context = sample.per_key_sample(typed, "product_type", "product_id", hcfg.context_per_type,
-                                        hcfg.context_max, ctx.cfg.seed)
-        stats = sample.vector_sums(typed, "product_type", "embedding").rename({"product_type": "type"})
+                                        hcfg.context_max, ctx.cfg.seed, parts)
+        stats = sample.vector_sums(typed, "product_type", "embedding", parts).rename({"product_type": "type"})
         child_pids = sorted({p for lst in children["product_ids"].to_list() for p in lst})
         behavior = copurchase = None
         cap = hcfg.behavior_max_rows
@@ -309,7 +311,7 @@ class TaxonomyStage(Stage):
             if ctx.has("ingest", "behavior") and count_rows(ctx.table_path("ingest", "behavior")):
                 bh = runtime.read_parquet(ctx.table_path("ingest", "behavior"))
                 queries = runtime.aggregate(sample.where_in(bh, "product_id", set(child_pids)),
-                                            ["query"], {"n": ("count", None)})
+                                            ["query"], {"n": ("count", None)}, parts)
                 if queries.height:
                     qs = sorted(q for q in queries["query"].to_list() if q is not None)
                     behavior = runtime.bounded_sample(sample.where_in(bh, "query", set(qs)), cap, ctx.cfg.seed)

@@ -279,10 +279,13 @@ _AGGS = {"count": "Count", "sum": "Sum", "mean": "Mean", "min": "Min", "max": "M
          "unique": "Unique"}
 
 
-def aggregate(ds: "ray.data.Dataset", by: list[str], aggs: dict[str, tuple[str, str | None]]):
+def aggregate(ds: "ray.data.Dataset", by: list[str], aggs: dict[str, tuple[str, str | None]],
+              num_partitions: int | None = None):
     """Per-key aggregates of a distributed table, as a polars DataFrame on the driver (one row per
     key: per-type and per-term figures, never per product). `aggs` maps an output column to
-    (function, input column): {"n": ("count", None), "score": ("mean", "score")}."""
+    (function, input column): {"n": ("count", None), "score": ("mean", "score")}.
+    `num_partitions`: the shuffle's partitions (Ray's default is 200, a task each: size it to the
+    rows, see `shuffle_partitions`)."""
     import polars as pl
     import ray.data.aggregate as A
 
@@ -292,10 +295,16 @@ def aggregate(ds: "ray.data.Dataset", by: list[str], aggs: dict[str, tuple[str, 
             raise ValueError(f"aggregate {out!r}: unknown function {fn!r}; known {sorted(_AGGS)}")
         cls = getattr(A, _AGGS[fn])
         fns.append(cls(alias_name=out) if fn == "count" else cls(col, alias_name=out))
-    table = ds.groupby(by if len(by) > 1 else by[0]).aggregate(*fns).to_arrow_refs()
+    table = ds.groupby(by if len(by) > 1 else by[0], num_partitions=num_partitions
+                       ).aggregate(*fns).to_arrow_refs()
     parts = [pl.from_arrow(t) for t in ray.get(table)]
     parts = [p for p in parts if p.height]
     return pl.concat(parts, how="vertical_relaxed") if parts else pl.DataFrame()
+
+
+def shuffle_partitions(n_rows: int | None, rows_per_partition: int = 500_000) -> int:
+    """Partitions for a groupby over `n_rows` rows: one per `rows_per_partition`, at least 1."""
+    return max(1, min(200, -(-(n_rows or 0) // rows_per_partition)))
 
 
 def bounded_sample(ds: "ray.data.Dataset", cap: int, seed: int, n_rows: int | None = None):

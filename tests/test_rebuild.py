@@ -122,7 +122,8 @@ def test_taxonomy_only_catalogue_fits_and_places_its_orphans(tmp_path, capsys, r
     assert main(["eval", "--run", str(run), "--gold", str(cat / "gold")]) == 0
     scores = json.loads((run / "eval.json").read_text())
     assert scores["hypernym.type.children"] == 3
-    assert scores["hypernym.type.acc@3"] == 1.0  # three candidate parents: a ranking covers them
+    # three candidate parents, so acc@3 is 1.0 for any ranking: the first place is the test
+    assert scores["hypernym.type.acc@1"] >= 2 / 3, scores
 
 
 def _edits_shards(folder, products: pl.DataFrame) -> pl.DataFrame:

@@ -9,6 +9,7 @@ import polars as pl
 import pyarrow as pa
 import pytest
 import torch
+from pydantic import ValidationError
 
 from autoknow_ray.modules.taxonomy.config import TaggerConfig
 from autoknow_ray.modules.taxonomy.distant import build_examples, type_variants
@@ -171,23 +172,31 @@ def test_predict_gives_valid_char_offsets(artifact):
             assert text[s:e] == text[s:e].strip()  # whole words, never padding
 
 
-def test_title_tagger_actor_returns_tags_schema(artifact):
-    from autoknow_ray.modules.taxonomy.infer import TitleTagger
+def test_tag_titles_step_returns_spans_per_product(artifact):
+    from autoknow_ray.modules.taxonomy.infer import SPANS, TagTitles
+    from autoknow_ray.steps import WorkerEnv
 
     out, _ = artifact
-    actor = TitleTagger(artifact_dir=str(out), device="cpu", batch_size=4, cpu_threads=1)
-    batch = pa.table({
-        "product_id": ["a", "b", "c", "d"],
-        "title": ["Acme Red Running Shoes, Size 9", None, "", "Zentro Navy Blue Backpack " * 100],
-    })
-    res = actor(batch)
-    assert res.schema.equals(TAGS)
-    for row in res.to_pylist():
-        title = batch.column("title").to_pylist()[["a", "b", "c", "d"].index(row["product_id"])]
-        assert row["value"] == title[row["start"] : row["end"]]
-    assert actor(batch.slice(0, 0)).schema.equals(TAGS)
+    step = TagTitles(artifact_dir=str(out))
+    step.setup(WorkerEnv(device="cpu", cpu_threads=1, batch_size=4))
+    titles = ["Acme Red Running Shoes, Size 9", None, "", "Zentro Navy Blue Backpack " * 100]
+    batch = pa.table({"product_id": ["a", "b", "c", "d"], "title": titles,
+                      "product_type": [None, "shoes", None, None]})
+    res = step.process_batch(batch)
+    assert res.column_names == ["product_id", "title", "product_type", "spans"]
+    assert res.schema.field("spans").type == SPANS and res.num_rows == 4  # one row per product
+    spans = res.column("spans").to_pylist()
+    assert spans[1] == spans[2] == []
+    for title, row in zip(titles, spans):
+        for sp in row:
+            assert sp["value"] == title[sp["start"] : sp["end"]]
+    assert step.process_batch(batch.slice(0, 0)).num_rows == 0
+    # without a tagger artifact (fit had nothing to learn): every product, no span
+    bare = TagTitles(artifact_dir=None)
+    bare.setup(WorkerEnv())
+    assert bare.process_batch(batch).column("spans").to_pylist() == [[], [], [], []]
 
 
 def test_config_rejects_unknown_keys():
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="epochz"):
         TaggerConfig(epochz=3)

@@ -72,10 +72,10 @@ def eval_attributes(triples: pl.DataFrame, spans: pl.DataFrame, field: str | Non
 
 
 def _ranked_parents(run: Path, taxonomy: pl.DataFrame) -> dict[str, list[str]]:
-    cand = run / "taxonomy" / "hypernym_candidates.parquet"
+    cand = table_file(run / "taxonomy", "hypernym_candidates")
     ranked: dict[str, list[str]] = {}
     if cand.exists():
-        c = pl.read_parquet(cand).sort(["type", "rank"])
+        c = read_parquet_any(cand).sort(["type", "rank"])
         for t, p in c.select("type", "parent").iter_rows():
             ranked.setdefault(t, []).append(p)
     t = taxonomy.filter(pl.col("parent").is_not_null()).sort("confidence", descending=True)
@@ -108,10 +108,10 @@ def eval_hypernyms(run: Path, triples: pl.DataFrame, taxonomy: pl.DataFrame, gol
     pg = gold.filter(pl.col("child_kind") == "product")
     if pg.height:
         # a product's ranked types: the product candidates a stage kept, else its has_type
-        cand = run / "taxonomy" / "product_type_candidates.parquet"
+        cand = table_file(run / "taxonomy", "product_type_candidates")
         ranked: dict[str, list[str]] = {}
-        if cand.exists():
-            for pid, t in pl.read_parquet(cand).sort(["product_id", "rank"]).select("product_id", "type").iter_rows():
+        if cand.exists() and (c := read_parquet_any(cand)).height:
+            for pid, t in c.sort(["product_id", "rank"]).select("product_id", "type").iter_rows():
                 ranked.setdefault(pid, []).append(t)
         for pid, t in _live(triples).filter(pl.col("relation") == HAS_TYPE).sort("confidence", descending=True).select("subject", "object").iter_rows():
             lst = ranked.setdefault(pid, [])

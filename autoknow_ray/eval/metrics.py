@@ -4,6 +4,8 @@ from __future__ import annotations
 import re
 import unicodedata
 
+from autoknow_ray.text import type_key
+
 _WS = re.compile(r"\s+")
 _PUNCT_EDGE = re.compile(r"^[\W_]+|[\W_]+$")
 
@@ -18,20 +20,9 @@ def norm_text(s: str | None) -> str:
 
 
 def norm_type(s: str | None) -> str:
-    """Type names also ignore a plural ending on the last word ("tea bags" = "tea bag")."""
-    s = norm_text(s)
-    if not s:
-        return s
-    words = s.split(" ")
-    w = words[-1]
-    if len(w) > 3 and w.endswith("ies"):
-        w = w[:-3] + "y"
-    elif len(w) > 3 and w.endswith(("ses", "xes", "ches", "shes")):
-        w = w[:-2]
-    elif len(w) > 2 and w.endswith("s") and not w.endswith("ss"):
-        w = w[:-1]
-    words[-1] = w
-    return " ".join(words)
+    """Type names compare by their type key: case, punctuation, spacing and plural endings
+    folded ("Tea Bags" = "tea bag"), the same key module 1 resolves types with."""
+    return type_key(s)
 
 
 def prf(tp: int, fp: int, fn: int) -> dict:

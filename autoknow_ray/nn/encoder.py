@@ -18,6 +18,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from autoknow_ray.steps import Step, WorkerEnv  # noqa: E402
+
 DEFAULT_ENCODER = "default"
 
 
@@ -181,50 +183,29 @@ class TextEncoder:
         return out
 
 
-class EmbedTitles:
-    """Ray Data actor: (product_id, title) → (product_id, embedding as float16 list).
+class EmbedTitles(Step):
+    """Step: (…, title) → the same columns with `title` replaced by `embedding` (float16, a
+    fixed-size list). fp16 keeps the blocks small: ids and vectors, never text copies."""
 
-    fp16 keeps the blocks small (the object store holds ids and vectors, never text copies).
-    """
+    name = "embed_titles"
+    resources = "taxonomy"
+    columns = ("product_id", "title")
+    model = True
 
-    def __init__(self, encoder: str | None = None, device: str = "auto", batch_size: int = 128,
-                 cpu_threads: int | None = 1, bf16: bool | None = None):
-        set_cpu_threads(cpu_threads)
-        self.encoder = TextEncoder(encoder, device=device, bf16=bf16, batch_size=batch_size)
+    def __init__(self, encoder: str | None = None, bf16: bool | None = None, batch_factor: int = 2):
+        self.encoder_name = encoder
+        self.bf16 = bf16
+        self.batch_factor = int(batch_factor)  # no backward pass: larger batches than the tagger
+        self.encoder = None
 
-    def __call__(self, batch):
+    def setup(self, env: WorkerEnv) -> None:
+        set_cpu_threads(env.cpu_threads)
+        self.encoder = TextEncoder(self.encoder_name, device=env.device, bf16=self.bf16,
+                                   batch_size=env.batch_size * self.batch_factor)
+
+    def process_batch(self, batch):
         import pyarrow as pa
 
-        titles = batch.column("title").to_pylist()
-        vecs = self.encoder.encode(titles).astype(np.float16)
-        emb = pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), vecs.shape[1])
-        return pa.table({"product_id": batch.column("product_id"), "embedding": emb})
-
-
-class LookupEncoder:
-    """An encoder that answers from precomputed vectors and encodes only what it has not seen."""
-
-    def __init__(self, texts: list[str], vectors: np.ndarray, fallback: TextEncoder | None = None,
-                 encoder: str | None = None, device: str = "auto"):
-        self._cache = {t: i for i, t in enumerate(texts)}
-        self._vecs = vectors.astype(np.float32)
-        norms = np.linalg.norm(self._vecs, axis=1, keepdims=True)
-        self._vecs /= np.maximum(norms, 1e-6)
-        self._fallback = fallback
-        self._encoder_name, self._device = encoder, device
-        self.dim = vectors.shape[1] if vectors.ndim == 2 and len(vectors) else 384
-
-    def encode(self, texts: list[str]) -> np.ndarray:
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        missing = []
-        for i, t in enumerate(texts):
-            j = self._cache.get(t)
-            if j is None:
-                missing.append(i)
-            else:
-                out[i] = self._vecs[j]
-        if missing:
-            if self._fallback is None:
-                self._fallback = TextEncoder(self._encoder_name, device=self._device)
-            out[missing] = self._fallback.encode([texts[i] for i in missing])
-        return out
+        vecs = self.encoder.encode(batch.column("title").to_pylist()).astype(np.float16)
+        emb = pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), self.encoder.dim)
+        return batch.drop_columns(["title"]).append_column("embedding", emb)

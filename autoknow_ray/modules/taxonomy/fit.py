@@ -1,14 +1,21 @@
-"""`autoknow fit` for module 1: the title tagger and the hypernym classifier, from one catalogue."""
+"""`autoknow fit` for module 1: the title tagger and the hypernym classifier, from one catalogue.
+
+Every training set is a capped sample read through Ray, never the whole catalogue: the tagger's
+(`max_train_products`, uniform), the hypernym context and the kNN type reference (per type and in
+total), and the behaviour rows of the sampled products.
+"""
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
-
-import json
 
 import numpy as np
 import polars as pl
 
+from autoknow_ray import runtime
+from autoknow_ray.graph.state import count_rows
+from autoknow_ray.modules.taxonomy import sample
 from autoknow_ray.modules.taxonomy.hypernym import HypernymClassifier
 from autoknow_ray.modules.taxonomy.tagger_fit import fit_tagger
 from autoknow_ray.nn.encoder import TextEncoder
@@ -17,58 +24,120 @@ from autoknow_ray.pipeline import RunContext
 
 def fit_taxonomy(ctx: RunContext, out: Path) -> dict:
     cfg = ctx.cfg.taxonomy
-    products = ctx.read("ingest", "products")
-    taxonomy = ctx.read("ingest", "taxonomy")
-    behavior = ctx.read("ingest", "behavior")
-    copurchase = ctx.read("ingest", "copurchase")
+    seed = ctx.cfg.seed
+    products_path = ctx.table_path("ingest", "products")
+    n = count_rows(products_path)
+    taxonomy = ctx.read("ingest", "taxonomy")  # per-type, small
     out.mkdir(parents=True, exist_ok=True)
-    train = products.sample(cfg.max_train_products, seed=ctx.cfg.seed) \
-        if products.height > cfg.max_train_products else products
+    products = runtime.read_parquet(products_path) if n else None
+    train = runtime.bounded_sample(products, cfg.max_train_products, seed, n) if n else pl.DataFrame()
     try:
+        if train.height == 0:
+            raise ValueError("the catalogue has no products: no titles to learn from")
         result = {"tagger": fit_tagger(train, cfg.tagger, out / "tagger")}
     except ValueError as e:
         # no title names its type or a value (e.g. a taxonomy-only catalogue): no tagger; the
         # rebuild then types products by the kNN vote and still places the taxonomy's types
         result = {"tagger": {"skipped": str(e)}}
+    result["tagger"]["train_products"] = train.height
+    del train
+
     t0 = time.perf_counter()
     encoder = TextEncoder(cfg.tagger.encoder, device=ctx.cfg.device)
-    hyp = HypernymClassifier(cfg.hypernym)
+    hcfg = cfg.hypernym
+    typed, type_counts = _typed_sample(products, max(hcfg.context_per_type, cfg.reference_per_type),
+                                       max(hcfg.context_max, cfg.reference_max), seed,
+                                       runtime.shuffle_partitions(n))
+    vectors = encoder.encode(typed["title"].to_list()) if typed.height else np.zeros((0, 384), np.float32)
+    typed = typed.with_columns(pl.Series("embedding", vectors.astype(np.float32))) if typed.height else typed
+    context = _head_per_type(typed, hcfg.context_per_type, hcfg.context_max)
+    behavior, copurchase = _behaviour_of(ctx, context, hcfg.behavior_max_rows, seed)
+    hyp = HypernymClassifier(hcfg)
     try:
-        hyp.fit(taxonomy, products, behavior if behavior.height else None,
-                copurchase if copurchase.height else None, encoder)
+        hyp.fit(taxonomy, context if context.height else None, behavior, copurchase, encoder,
+                type_stats=_scaled_stats(context, type_counts))
     except ValueError as e:  # a flat taxonomy without typed products has no edges to learn
         result["hypernym"] = {"skipped": str(e)}
     else:
         hyp.save(out / "hypernym")
-        result["hypernym"] = {**hyp.train_stats, "seconds": round(time.perf_counter() - t0, 2)}
-    result["reference"] = save_type_reference(products, encoder, out, cfg.reference_per_type,
-                                              cfg.reference_max, ctx.cfg.seed)
+        result["hypernym"] = {**hyp.train_stats, "context_products": context.height,
+                              "seconds": round(time.perf_counter() - t0, 2)}
+    result["reference"] = save_type_reference(
+        _head_per_type(typed, cfg.reference_per_type, cfg.reference_max), out)
     result["tagger"].pop("history", None)
     return result
+
+
+def _typed_sample(products, per_type: int, cap: int, seed: int,
+                  parts: int) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """A per-type capped sample of the typed products (id, title, type, draw order) and every
+    type's product count."""
+    empty = pl.DataFrame(schema={"product_id": pl.String, "title": pl.String, "product_type": pl.String})
+    if products is None:
+        return empty, pl.DataFrame(schema={"product_type": pl.String, "n": pl.Int64})
+    ds = products.select_columns(["product_id", "title", "product_type"])
+    got = sample.per_key_sample(ds, "product_type", "product_id", per_type, cap, seed, parts)
+    counts = runtime.aggregate(sample.where_valid(ds.select_columns(["product_type"]), "product_type"),
+                               ["product_type"], {"n": ("count", None)}, parts)
+    if got.height == 0:
+        return empty, counts
+    return got.with_row_index("_draw"), counts
+
+
+def _head_per_type(typed: pl.DataFrame, per_type: int, cap: int) -> pl.DataFrame:
+    """The first `per_type` rows of each type in draw order, at most `cap` in all."""
+    if typed.height == 0:
+        return typed
+    return typed.sort("_draw").group_by("product_type", maintain_order=True).head(per_type).head(cap)
+
+
+def _scaled_stats(context: pl.DataFrame, counts: pl.DataFrame) -> pl.DataFrame | None:
+    """Per-type (type, n, sum) for the hypernym context: the catalogue's real product counts, and
+    the sample's title-vector sum scaled to them (the centroid's direction is the sample's)."""
+    if context.height == 0 or counts.height == 0:
+        return None
+    full = dict(counts.select("product_type", "n").iter_rows())
+    rows = []
+    for (t,), grp in context.group_by(["product_type"], maintain_order=True):
+        vec = np.asarray(grp["embedding"].to_list(), dtype=np.float64).sum(0)
+        n_full = int(full.get(t, grp.height))
+        rows.append({"type": t, "n": n_full, "sum": (vec * n_full / grp.height).tolist()})
+    return pl.DataFrame(rows, schema={"type": pl.String, "n": pl.Int64, "sum": pl.List(pl.Float64)})
+
+
+def _behaviour_of(ctx: RunContext, context: pl.DataFrame, cap: int, seed: int):
+    """Co-purchase and search-behaviour rows that touch the sampled products (at most `cap` each):
+    the hypernym features only count neighbours inside the context."""
+    if context.height == 0 or cap <= 0:
+        return None, None
+    ids = set(context["product_id"].to_list())
+    tables = {}
+    for name, cols in (("behavior", ("product_id",)), ("copurchase", ("src", "dst"))):
+        path = ctx.table_path("ingest", name)
+        if not path.exists() or count_rows(path) == 0:
+            tables[name] = None
+            continue
+        got = runtime.bounded_sample(sample.where_in(runtime.read_parquet(path), cols, ids), cap, seed)
+        tables[name] = got if got.height else None
+    return tables["behavior"], tables["copurchase"]
 
 
 REFERENCE_WEIGHTS = "type_reference.safetensors"
 REFERENCE_META = "type_reference.json"
 
 
-def save_type_reference(products: pl.DataFrame, encoder, out: Path, per_type: int, max_rows: int,
-                        seed: int) -> dict:
-    """Title embeddings of a capped sample of typed products, with their types."""
+def save_type_reference(sample_rows: pl.DataFrame, out: Path) -> dict:
+    """Title embeddings of a capped per-type sample of typed products, with their types."""
     from safetensors.numpy import save_file
 
-    typed = products.filter(pl.col("product_type").is_not_null()).select("title", "product_type")
-    if typed.height == 0:
+    if sample_rows.height == 0:
         return {"rows": 0}
-    sample = (typed.with_columns(pl.int_range(pl.len()).shuffle(seed=seed).over("product_type").alias("_r"))
-              .filter(pl.col("_r") < per_type).drop("_r"))
-    if sample.height > max_rows:
-        sample = sample.sample(max_rows, seed=seed)
-    sample = sample.sort(["product_type", "title"])
-    vecs = encoder.encode(sample["title"].to_list()).astype(np.float16)
+    rows = sample_rows.sort(["product_type", "title"])
+    vecs = np.asarray(rows["embedding"].to_list(), dtype=np.float32).astype(np.float16)
     save_file({"vectors": vecs}, str(out / REFERENCE_WEIGHTS))
-    (out / REFERENCE_META).write_text(json.dumps({"types": sample["product_type"].to_list(),
-                                                  "titles": sample["title"].to_list()}))
-    return {"rows": sample.height, "types": sample["product_type"].n_unique()}
+    (out / REFERENCE_META).write_text(json.dumps({"types": rows["product_type"].to_list(),
+                                                  "titles": rows["title"].to_list()}))
+    return {"rows": rows.height, "types": rows["product_type"].n_unique()}
 
 
 def load_type_reference(model_dir: Path) -> tuple[list[str], np.ndarray] | None:

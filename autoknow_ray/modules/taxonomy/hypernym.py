@@ -135,7 +135,8 @@ class _Child:
 class _Context:
     """The existing taxonomy as arrays: names, embeddings, members, subtree sums, indexes."""
 
-    def __init__(self, taxonomy, products, behavior, copurchase, encoder, cfg: HypernymConfig):
+    def __init__(self, taxonomy, products, behavior, copurchase, encoder, cfg: HypernymConfig,
+                 type_stats: pl.DataFrame | None = None):
         self.cfg = cfg
         self.encoder = encoder
         parents_map, _children_map = taxonomy_maps(taxonomy)
@@ -182,33 +183,46 @@ class _Context:
         self.dim = self.name_emb.shape[1]
 
         # ---- products typed with a known type ------------------------------------------------
+        # `products`: a (capped) sample of the catalogue's products with `product_id`,
+        # `product_type` and `title` or a precomputed `embedding` (title vectors from the workers)
         self.all_titles: dict[str, str] = {}
-        rows_pid, rows_title, rows_type = [], [], []
+        key_to_type: dict[str, int] = {}
+        for i, t in enumerate(self.types):
+            key_to_type.setdefault(type_key(t), i)
+
+        def type_index(pt) -> int | None:
+            if pt is None:
+                return None
+            ti = self.tidx.get(pt)
+            return key_to_type.get(type_key(pt)) if ti is None else ti
+
+        rows_pid, rows_title, rows_type, rows_vec = [], [], [], []
         if products is not None and products.height:
-            key_to_type = {}
-            for i, t in enumerate(self.types):
-                key_to_type.setdefault(type_key(t), i)
             cols = products.columns
-            ptypes = products.get_column("product_type").to_list() if "product_type" in cols else [None] * products.height
-            for pid, title, pt in zip(products.get_column("product_id").to_list(), products.get_column("title").to_list(), ptypes):
+            n_rows = products.height
+            ptypes = products.get_column("product_type").to_list() if "product_type" in cols else [None] * n_rows
+            titles = products.get_column("title").to_list() if "title" in cols else [None] * n_rows
+            vecs = products.get_column("embedding").to_list() if "embedding" in cols else [None] * n_rows
+            for pid, title, pt, vec in zip(products.get_column("product_id").to_list(), titles, ptypes, vecs):
                 if pid is None:
                     continue
-                self.all_titles[pid] = title or ""
-                if pt is None:
-                    continue
-                ti = self.tidx.get(pt)
-                if ti is None:
-                    ti = key_to_type.get(type_key(pt))
+                if title is not None:
+                    self.all_titles[pid] = title
+                ti = type_index(pt)
                 if ti is None:
                     continue
                 rows_pid.append(pid)
                 rows_title.append(title or "")
                 rows_type.append(ti)
+                rows_vec.append(vec)
         self.prod_ids = rows_pid
         self.prow = {p: i for i, p in enumerate(rows_pid)}
         self.prod_type = np.asarray(rows_type, dtype=np.int64)
         P = len(rows_pid)
-        self.prod_emb = _encode(encoder, rows_title) if P else np.zeros((0, self.dim), np.float32)
+        if P and all(v is not None for v in rows_vec):
+            self.prod_emb = _normalize_rows(np.asarray(rows_vec, dtype=np.float32))
+        else:
+            self.prod_emb = _encode(encoder, rows_title) if P else np.zeros((0, self.dim), np.float32)
 
         d = self.dim
         self.direct_sum = np.zeros((T, d), np.float32)
@@ -216,6 +230,14 @@ class _Context:
         if P:
             np.add.at(self.direct_sum, self.prod_type, self.prod_emb)
             self.direct_cnt = np.bincount(self.prod_type, minlength=T).astype(np.int64)
+        if type_stats is not None and type_stats.height:
+            # every typed product's count and title-vector sum per type, aggregated by the
+            # workers: the centroids and sizes of the whole catalogue, not of the sample
+            for pt, n, vsum in type_stats.select("type", "n", "sum").iter_rows():
+                ti = type_index(pt)
+                if ti is not None and n:
+                    self.direct_cnt[ti] = int(n)
+                    self.direct_sum[ti] = np.asarray(vsum, dtype=np.float32)
         self.prods_of_type: list[np.ndarray] = [np.zeros(0, np.int64)] * T
         if P:
             order = np.argsort(self.prod_type, kind="stable")
@@ -355,26 +377,29 @@ class _Context:
         names = children.get_column("name").to_list() if "name" in cols else keys
         pid_lists = children.get_column("product_ids").to_list() if "product_ids" in cols else [None] * len(keys)
         title_lists = children.get_column("titles").to_list() if "titles" in cols else [None] * len(keys)
+        # `vectors`: the products' title vectors, aligned with `product_ids` (from the workers)
+        vec_lists = children.get_column("vectors").to_list() if "vectors" in cols else [None] * len(keys)
         name_vecs = _encode(self.encoder, [n or k for n, k in zip(names, keys)])
-        # product titles to embed (not in the context)
+        # product titles to embed (not in the context, no vector given)
         todo: dict[str, str] = {}
-        per_child_titles: list[list[tuple[str | None, str]]] = []
-        for pids, titles in zip(pid_lists, title_lists):
+        per_child_titles: list[list[tuple[str | None, str, object]]] = []
+        for pids, titles, given in zip(pid_lists, title_lists, vec_lists):
             pids = list(pids or [])
             titles = list(titles or [])
-            items: list[tuple[str | None, str]] = []
+            given = list(given or [])
+            items: list[tuple[str | None, str, object]] = []
             for j, p in enumerate(pids):
                 t = titles[j] if j < len(titles) else self.all_titles.get(p)
-                items.append((p, t if t is not None else ""))
+                items.append((p, t if t is not None else "", given[j] if j < len(given) else None))
             for t in titles[len(pids):]:
-                items.append((None, t))
+                items.append((None, t, None))
             if len(items) > self.cfg.max_child_products:
                 idx = rng.choice(len(items), self.cfg.max_child_products, replace=False)
                 all_items = items
                 items = [all_items[i] for i in sorted(idx)]
             per_child_titles.append(items)
-            for p, t in items:
-                if p is None or p not in self.prow:
+            for p, t, v in items:
+                if v is None and (p is None or p not in self.prow):
                     todo.setdefault(p or f"\0title:{t}", t)
         extra = dict(zip(todo, _encode(self.encoder, list(todo.values())))) if todo else {}
         out = []
@@ -384,11 +409,13 @@ class _Context:
             if ti is not None:  # an orphan (or re-placed) type: never its own parent
                 ch.excl_types = {ti} | self.desc[ti]
             vecs = []
-            for p, t in items:
+            for p, t, v in items:
                 if p is not None and p in self.prow:
                     r = self.prow[p]
                     ch.excl_rows.add(r)
                     vecs.append(self.prod_emb[r])
+                elif v is not None:
+                    vecs.append(_normalize_rows(np.asarray([v], dtype=np.float32))[0])
                 else:
                     vecs.append(extra[p or f"\0title:{t}"])
                 if p is not None:
@@ -744,22 +771,26 @@ class HypernymClassifier:
         self.train_stats: dict = {}
 
     # ---- context ----------------------------------------------------------------------------
-    def set_context(self, taxonomy, products=None, behavior=None, copurchase=None, encoder=None):
-        """Index the taxonomy (and typed products, behaviour) that predictions attach to."""
+    def set_context(self, taxonomy, products=None, behavior=None, copurchase=None, encoder=None,
+                    type_stats: pl.DataFrame | None = None):
+        """Index the taxonomy (and typed products, behaviour) that predictions attach to.
+        `type_stats` (type, n, sum): per-type product counts and title-vector sums of the whole
+        catalogue, where `products` is only a sample of it."""
         if encoder is None:
             raise ValueError("an encoder (TextEncoder-like) is needed")
-        self.ctx = _Context(taxonomy, products, behavior, copurchase, encoder, self.cfg)
+        self.ctx = _Context(taxonomy, products, behavior, copurchase, encoder, self.cfg, type_stats)
         return self
 
     # ---- training ---------------------------------------------------------------------------
-    def fit(self, taxonomy, products=None, behavior=None, copurchase=None, encoder=None, cfg: HypernymConfig | None = None):
+    def fit(self, taxonomy, products=None, behavior=None, copurchase=None, encoder=None,
+            cfg: HypernymConfig | None = None, type_stats: pl.DataFrame | None = None):
         if cfg is not None:
             self.cfg = cfg
         cfg = self.cfg
         torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
         rng = np.random.default_rng(cfg.seed)
-        self.set_context(taxonomy, products, behavior, copurchase, encoder)
+        self.set_context(taxonomy, products, behavior, copurchase, encoder, type_stats)
         ctx = self.ctx
         children = [ctx.type_child(c, rng) for c in range(ctx.T) if ctx.parents[c]]
         n_type_edges = len(children)
@@ -848,6 +879,7 @@ class HypernymClassifier:
         copurchase=None,
         encoder=None,
         cfg: HypernymConfig | None = None,
+        type_stats: pl.DataFrame | None = None,
     ) -> pl.DataFrame:
         """Ranked parents of each child: [type, parent, score, rank, accepted].
 
@@ -865,7 +897,8 @@ class HypernymClassifier:
         cfg = self.cfg
         torch.set_num_threads(cfg.threads)
         if taxonomy is not None:
-            self.set_context(taxonomy, products, behavior, copurchase, encoder or (self.ctx.encoder if self.ctx else None))
+            self.set_context(taxonomy, products, behavior, copurchase,
+                             encoder or (self.ctx.encoder if self.ctx else None), type_stats)
         if self.ctx is None:
             raise RuntimeError("no taxonomy context: pass taxonomy= (and encoder=) or call set_context")
         ctx = self.ctx

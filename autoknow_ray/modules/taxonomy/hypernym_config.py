@@ -8,6 +8,11 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 
+# the kNN vote's floors, chosen on a validation split of OA-Mine's training file (docs/taxonomy.md)
+KNN_MIN_SIMILARITY = 0.3
+KNN_MIN_SHARE = 0.3
+
+
 class TypeResolutionConfig(BaseModel):
     """How a product's type is decided from the catalogue label and the tagger's type spans."""
 
@@ -28,8 +33,16 @@ class TypeResolutionConfig(BaseModel):
         0.0, description="the title must be closer to the new type than to the old one by this"
     )
     # fallback for untyped products without a usable type span: kNN over typed products' titles
+    # (the training reference kept by fit + a capped sample of this catalogue's typed titles).
+    # The vote answers only where the neighbours are close and agree; otherwise the product
+    # stays untyped, its reason counted in the manifest.
     knn_k: int = Field(10, ge=1)
-    knn_min_share: float = Field(0.0, ge=0, le=1, description="below this vote share: no type")
+    knn_min_similarity: float = Field(
+        KNN_MIN_SIMILARITY, ge=-1, le=1, description="below this cosine to the nearest typed title: no type")
+    knn_min_share: float = Field(
+        KNN_MIN_SHARE, ge=0, le=1, description="below this vote share of the best type: no type")
+    knn_catalogue_sample: int = Field(
+        50_000, ge=0, description="typed titles of this catalogue in the kNN reference (a cap)")
     catalogue_confidence: float = Field(1.0, ge=0, le=1)
     seed: int = 0
 
@@ -47,6 +60,10 @@ class HypernymConfig(BaseModel):
     max_child_products: int = Field(32, ge=1, description="products sampled per child")
     product_neighbor_k: int = Field(10, ge=1, description="nearest products per child product")
     behavior_max_query_products: int = Field(50, ge=1, description="products kept per query")
+    # the context read from the catalogue: bounded samples, never the whole catalogue
+    context_per_type: int = Field(200, ge=1, description="typed products sampled per type")
+    context_max: int = Field(50_000, ge=1, description="typed products sampled in all")
+    behavior_max_rows: int = Field(200_000, ge=0, description="behaviour / co-purchase rows read")
     # training
     product_edges: int = Field(3000, ge=0, description="product → type edges sampled for training")
     negatives: int = Field(40, ge=1, description="hard negatives per child (from its candidates)")

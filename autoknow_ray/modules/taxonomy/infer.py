@@ -1,53 +1,49 @@
-"""The title tagger as a Ray Data actor: one artifact load per actor, TAGS rows out.
-
-    ds.map_batches(TitleTagger,
-                   fn_constructor_kwargs={"artifact_dir": ..., "device": "auto",
-                                          "batch_size": 64, "cpu_threads": 1},
-                   batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=n), ...)
-"""
+"""The title tagger as a step of the stage protocol: one artifact load per worker, each product's
+spans out as one list column (no copies of the title: offsets and the spanned words only)."""
 from __future__ import annotations
-
-from pathlib import Path
 
 import pyarrow as pa
 
-from autoknow_ray.nn.tagger import SpanTagger
-from autoknow_ray.schema import TAGS
+from autoknow_ray.steps import Step, WorkerEnv
+
+SPAN = pa.struct([("label", pa.string()), ("value", pa.string()), ("start", pa.int32()),
+                  ("end", pa.int32()), ("score", pa.float32())])
+SPANS = pa.list_(SPAN)
 
 
-class TitleTagger:
-    def __init__(
-        self,
-        artifact_dir: str | Path,
-        device: str = "auto",
-        batch_size: int = 64,
-        cpu_threads: int | None = 1,
-        bf16: bool | str = "auto",
-        min_score: float = 0.0,
-    ):
-        self.tagger = SpanTagger.load(artifact_dir, device=device, bf16=bf16,
-                                      cpu_threads=cpu_threads)
-        self.batch_size = int(batch_size)
+class TagTitles(Step):
+    """(product_id, title, …) → the same columns plus `spans` (label, value, start, end, score)
+    per product. Without an artifact (fit found nothing to learn) every product gets no span."""
+
+    name = "tag_titles"
+    resources = "taxonomy"
+    columns = ("product_id", "title", "product_type")
+    model = True
+
+    def __init__(self, artifact_dir: str | None, min_score: float = 0.0, bf16: bool | str = "auto"):
+        self.artifact_dir = artifact_dir
         self.min_score = float(min_score)
-        self.labels = list(self.tagger.labels)
+        self.bf16 = bf16
+        self.tagger = None
+        self.batch_size = 64
 
-    def __call__(self, batch) -> pa.Table:
-        if not isinstance(batch, pa.Table):  # numpy / pandas batch formats
-            batch = pa.table(batch) if isinstance(batch, dict) else pa.Table.from_pandas(batch)
-        if batch.num_rows == 0:
-            return TAGS.empty_table()
-        ids = batch.column("product_id").to_pylist()
+    def setup(self, env: WorkerEnv) -> None:
+        from autoknow_ray.nn.tagger import SpanTagger
+
+        self.batch_size = env.batch_size
+        if self.artifact_dir:
+            self.tagger = SpanTagger.load(self.artifact_dir, device=env.device, bf16=self.bf16,
+                                          cpu_threads=env.cpu_threads)
+
+    def process_batch(self, batch: pa.Table) -> pa.Table:
         titles = batch.column("title").to_pylist()
-        preds = self.tagger.predict(titles, batch_size=self.batch_size)
-        cols: dict[str, list] = {f.name: [] for f in TAGS}
-        for pid, title, spans in zip(ids, titles, preds):
-            for label, start, end, score in spans:
-                if score < self.min_score:
-                    continue
-                cols["product_id"].append(None if pid is None else str(pid))
-                cols["label"].append(label)
-                cols["value"].append(title[start:end])
-                cols["start"].append(start)
-                cols["end"].append(end)
-                cols["score"].append(score)
-        return pa.table(cols, schema=TAGS)
+        if self.tagger is None or not titles:
+            preds = [[] for _ in titles]
+        else:
+            preds = self.tagger.predict(titles, batch_size=self.batch_size)
+        spans = [
+            [{"label": label, "value": title[s:e], "start": s, "end": e, "score": score}
+             for label, s, e, score in p if score >= self.min_score]
+            for title, p in zip(titles, preds)
+        ]
+        return batch.append_column("spans", pa.array(spans, SPANS))

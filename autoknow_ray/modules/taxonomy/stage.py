@@ -1,77 +1,64 @@
 """Module 1 as a pipeline stage: tag titles, decide types, find new types, attach them.
 
-Per-product work (tagging, title embeddings) runs as Ray Data actor pools sized by the runtime
-plan; per-type work (resolution, hypernyms) runs on the aggregates in this process.
-Outputs in RUN/taxonomy/: tags, product_types, new_types, hypernym_candidates (ranked, for @k
-metrics), and for the graph: edits (has_type and title-attribute triples) and graph_taxonomy.
+The driver holds only per-type aggregates and capped samples; per-product work runs in the
+workers as steps of the stage protocol:
+
+1. `title_models` (one actor hosting the tagger and the encoder, one read of the titles): each
+   product's spans, best type span and fp16 title vector → `_title_models/` (scratch).
+2. aggregates: new-type candidates (support, mean score per type key), example ids, per-type
+   title-vector sums; capped samples: the kNN reference, the hypernym context.
+3. `resolve_types` (second pass, with the accepted names and the capped reference index shipped
+   through the object store): each product's type, edits and kNN alternatives.
+4. written by the workers: `typed_products/` (every product with its type columns), `edits/`,
+   `product_type_candidates/`; by the driver (small): `new_types`, `hypernym_candidates`,
+   `graph_taxonomy`.
 """
 from __future__ import annotations
 
+import math
+import shutil
+
 import numpy as np
 import polars as pl
-import pyarrow.parquet as pq
-import ray
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from autoknow_ray import runtime
+from autoknow_ray.graph.state import count_rows
+from autoknow_ray.modules.taxonomy import sample
 from autoknow_ray.modules.taxonomy.fit import load_type_reference
 from autoknow_ray.modules.taxonomy.hypernym import HypernymClassifier
-from autoknow_ray.modules.taxonomy.infer import TitleTagger
-from autoknow_ray.modules.taxonomy.types import hypernym_children, orphan_types, resolve_types
-from autoknow_ray.nn.encoder import EmbedTitles, LookupEncoder
-from autoknow_ray.pipeline import RunContext, Stage, read_parquet_any
-from autoknow_ray.schema import GRAPH_TAXONOMY, HAS_TYPE, TAGS, TRIPLES
+from autoknow_ray.modules.taxonomy.infer import TagTitles
+from autoknow_ray.modules.taxonomy.types import (
+    CANDIDATES_SCHEMA, TYPE_COLUMNS, BestTypeSpan, ResolveTypes, TypeNames,
+    accept_candidates, ancestors_map, lower_case_taxonomy, orphan_types, taxonomy_maps,
+)
+from autoknow_ray.nn.encoder import EmbedTitles, TextEncoder
+from autoknow_ray.pipeline import RunContext, Stage
+from autoknow_ray.schema import GRAPH_TAXONOMY, PRODUCTS, TRIPLES
+from autoknow_ray.steps import Chain
 
-MODULE = "taxonomy"
-
-
-def _count_rows(path) -> int:
-    files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-
-
-def _titles_dataset(ctx: RunContext, plan: runtime.ActorPlan, n: int):
-    ds = ray.data.read_parquet(str(ctx.table_path("ingest", "products"))).select_columns(["product_id", "title"])
-    # a small file arrives as one block: split it so every actor gets work
-    per_block = rows_per_call(plan, n)
-    return ds.repartition(target_num_rows_per_block=per_block)
+JOIN_ROWS_PER_PARTITION = 200_000  # rows per hash partition when typed_products is joined
 
 
-def rows_per_call(plan: runtime.ActorPlan, n: int) -> int:
-    """Rows per actor call: large enough for length-sorted model batches (less padding), small
-    enough that every actor gets several calls."""
-    return max(plan.batch_size, min(plan.rows_per_call, -(-n // max(1, plan.actors * 4))))
+def _explode(column: str, schema: pa.Schema):
+    """A task that turns a list<struct> column into rows of `schema`."""
+
+    def run(batch: pa.Table) -> pa.Table:
+        col = batch.column(column).combine_chunks()
+        flat = pc.list_flatten(col)
+        if len(flat) == 0:
+            return schema.empty_table()
+        cols = [flat.field(f.name).cast(f.type) if f.name in [x.name for x in flat.type]
+                else pc.take(batch.column("product_id"), pc.list_parent_indices(col)).cast(f.type)
+                for f in schema]
+        return pa.Table.from_arrays(cols, schema=schema)
+
+    return run
 
 
-def edits_from_types(product_types: pl.DataFrame, products: pl.DataFrame) -> pl.DataFrame:
-    old = products.select("product_id", pl.col("product_type").alias("_old"))
-    pt = product_types.join(old, on="product_id", how="left")
-    added = pt.filter(pl.col("status").is_in(["added", "corrected"])).select(
-        pl.col("product_id").alias("subject"), pl.lit(HAS_TYPE).alias("relation"),
-        pl.col("type").alias("object"), pl.col("confidence").cast(pl.Float32),
-        pl.lit(MODULE).alias("module"), pl.col("status"), pl.col("evidence"))
-    removed = pt.filter((pl.col("status") == "corrected") & pl.col("_old").is_not_null()).select(
-        pl.col("product_id").alias("subject"), pl.lit(HAS_TYPE).alias("relation"),
-        pl.col("_old").alias("object"), pl.col("confidence").cast(pl.Float32),
-        pl.lit(MODULE).alias("module"), pl.lit("removed").alias("status"),
-        (pl.lit("corrected to ") + pl.col("type")).alias("evidence"))
-    return pl.concat([added, removed], how="vertical_relaxed")
-
-
-def edits_from_attribute_spans(tags: pl.DataFrame, min_score: float) -> pl.DataFrame:
-    spans = tags.filter((pl.col("label") != "type") & (pl.col("score") >= min_score))
-    return spans.select(
-        pl.col("product_id").alias("subject"), pl.col("label").alias("relation"),
-        pl.col("value").alias("object"), pl.col("score").cast(pl.Float32).alias("confidence"),
-        pl.lit(MODULE).alias("module"), pl.lit("added").alias("status"),
-        pl.format("title[{}:{}]", pl.col("start"), pl.col("end")).alias("evidence"),
-    ).unique(subset=["subject", "relation", "object"], keep="first", maintain_order=True)
-
-
-def _ranked_product_types(voted: dict[str, list[tuple[str, float]]], top: int = 5) -> pl.DataFrame:
-    """The kNN vote's alternatives per product (rank 1 is the type written to the graph)."""
-    rows = [(pid, t, float(share), r + 1) for pid, lst in voted.items() for r, (t, share) in enumerate(lst[:top])]
-    return pl.DataFrame(rows, schema={"product_id": pl.String, "type": pl.String, "score": pl.Float32,
-                                      "rank": pl.Int32}, orient="row")
+PRODUCT_TYPE_CANDIDATES = pa.schema([("product_id", pa.string()), ("type", pa.string()),
+                                     ("score", pa.float32()), ("rank", pa.int32())])
 
 
 class TaxonomyStage(Stage):
@@ -85,68 +72,57 @@ class TaxonomyStage(Stage):
         if ctx.models is None:
             raise ValueError("the taxonomy stage needs models (autoknow fit, or rebuild without --models)")
         art = ctx.models / "taxonomy"
-        n = _count_rows(ctx.table_path("ingest", "products"))
+        products_path = ctx.table_path("ingest", "products")
+        n = count_rows(products_path)
+        taxonomy = ctx.read("ingest", "taxonomy")  # per-type, small
+        tax_types = taxonomy["type"].drop_nulls().to_list() if taxonomy.height else []
+        parents, _children = taxonomy_maps(taxonomy)
+        names = TypeNames(list(parents))
         plan = runtime.plan_actors(ctx.cfg, self.name, n)
-        threads = max(1, int(plan.num_cpus)) if plan.device == "cpu" else 1
+        parts = runtime.shuffle_partitions(n)
 
-        tags_dir = ctx.out / "tags"
+        # ---- 1. one read of the titles: spans + best type span + title vector ----------------
+        scratch = ctx.out / "_title_models"
+        tagger_dir = art / "tagger"
+        models = Chain("title_models", [
+            TagTitles(str(tagger_dir) if (tagger_dir / "config.json").exists() else None,
+                      min_score=cfg.tagger.min_score),
+            BestTypeSpan(set(names.known), cfg.types.min_span_score),
+            EmbedTitles(cfg.tagger.encoder),
+        ])
         if n:
-            titles = _titles_dataset(ctx, plan, n)
-        if n and (art / "tagger" / "config.json").exists():  # fit skips a tagger with nothing to learn
-            titles.map_batches(
-                TitleTagger,
-                fn_constructor_kwargs={"artifact_dir": str(art / "tagger"), "device": plan.device,
-                                       "batch_size": plan.batch_size, "cpu_threads": threads},
-                batch_format="pyarrow", **runtime.actor_pool_kwargs(plan, rows_per_call(plan, n)),
-            ).write_parquet(str(tags_dir))
+            products = runtime.read_parquet(products_path, ["product_id", "title", "product_type"])
+            runtime.map_step(products, models, ctx.cfg, n).write_parquet(str(scratch))
+        encoder = TextEncoder(cfg.tagger.encoder, device=ctx.cfg.device)
+        counts: dict = {}
         if n:
-            emb_dir = ctx.out / "_title_embeddings"
-            titles.map_batches(
-                EmbedTitles,
-                fn_constructor_kwargs={"encoder": cfg.tagger.encoder, "device": plan.device,
-                                       "batch_size": plan.batch_size * 2, "cpu_threads": threads},
-                batch_format="pyarrow", **runtime.actor_pool_kwargs(plan, rows_per_call(plan, n)),
-            ).write_parquet(str(emb_dir))
-        tags = read_parquet_any(tags_dir) if tags_dir.exists() else pl.DataFrame()
-        if tags.height == 0:
-            tags = pl.from_arrow(TAGS.empty_table())
-
-        products = ctx.read("ingest", "products")
-        taxonomy = ctx.read("ingest", "taxonomy")
-        behavior = ctx.read("ingest", "behavior")
-        copurchase = ctx.read("ingest", "copurchase")
-        if n:
-            emb = read_parquet_any(emb_dir)
-            vecs = np.asarray(emb["embedding"].to_list(), dtype=np.float32) if emb.height else np.zeros((0, 384), np.float32)
-            title_of = dict(zip(products["product_id"].to_list(), products["title"].to_list()))
-            encoder = LookupEncoder([title_of[p] for p in emb["product_id"].to_list()], vecs,
-                                    encoder=cfg.tagger.encoder, device=ctx.cfg.device)
-            for p in emb_dir.glob("*"):
-                p.unlink()
-            emb_dir.rmdir()
+            tm = runtime.read_parquet(scratch)
+            candidates, accepted = self._candidates(tm, names, tax_types, cfg.types, ctx.cfg.seed, parts)
+            names = TypeNames(list(parents), accepted)
+            resolve = self._resolve_step(ctx, tm, names, parents, art, encoder)
+            decisions_dir = ctx.out / "_decisions"
+            runtime.map_step(tm, resolve, ctx.cfg, n).write_parquet(str(decisions_dir))
+            counts = self._write_products(ctx, products_path, decisions_dir, n, parts)
         else:
-            encoder = LookupEncoder([], np.zeros((0, 384), np.float32), encoder=cfg.tagger.encoder,
-                                    device=ctx.cfg.device)
+            candidates, tm = pl.DataFrame(schema=CANDIDATES_SCHEMA), None
+            for name, schema in (("typed_products", _typed_schema()), ("edits", TRIPLES),
+                                 ("product_type_candidates", PRODUCT_TYPE_CANDIDATES)):
+                ctx.write(name, schema.empty_table(), schema)
 
-        reference = load_type_reference(art)
-        voted: dict[str, list[tuple[str, float]]] = {}
-        product_types, candidates = resolve_types(products, tags, taxonomy, cfg.types, encoder,
-                                                  reference=reference, ranked=voted)
+        # ---- hypernyms: new types and orphans, against a sampled context ----------------------
+        typed_types = set(self._type_counts(tm, parts)["product_type"].to_list()) if tm is not None else set()
         has_edges = taxonomy.height > 0 and taxonomy["parent"].is_not_null().any()
         # without any parent edge the taxonomy is flat: its parentless types are roots
-        orphans = orphan_types(taxonomy, products) if has_edges else []
-        children = hypernym_children(candidates, product_types, orphans)
-
+        orphans = orphan_types(taxonomy, typed_types) if has_edges else []
+        children = self._children(ctx, candidates, orphans, parts)
         ranked = pl.DataFrame(schema={"type": pl.String, "parent": pl.String, "score": pl.Float32,
                                       "rank": pl.Int32, "accepted": pl.Boolean})
         if children.height and (art / "hypernym" / "config.json").exists():
             hyp = HypernymClassifier.load(art / "hypernym")
-            # the context is the catalogue as given: its typed products and behaviour
-            ranked = hyp.predict(children, taxonomy=taxonomy, products=products,
-                                 behavior=behavior if behavior.height else None,
-                                 copurchase=copurchase if copurchase.height else None,
-                                 encoder=encoder)
-        known = set(taxonomy["type"].to_list()) if taxonomy.height else set()
+            context, behavior, copurchase, stats = self._hypernym_context(ctx, tm, children, hyp.cfg, parts)
+            ranked = hyp.predict(children, taxonomy=taxonomy, products=context, behavior=behavior,
+                                 copurchase=copurchase, encoder=encoder, type_stats=stats)
+        known = set(tax_types)
         graph_tax = ranked.filter(pl.col("accepted")).select(
             "type", "parent", (~pl.col("type").is_in(list(known))).alias("is_new"),
             pl.col("score").alias("confidence"))
@@ -156,29 +132,211 @@ class TaxonomyStage(Stage):
             pl.lit(None, pl.Float32).alias("confidence"))
         graph_tax = pl.concat([graph_tax, unplaced], how="vertical_relaxed")
 
-        edits = [edits_from_types(product_types, products)]
-        if cfg.add_title_attributes:
-            edits.append(edits_from_attribute_spans(tags, cfg.min_attribute_score))
-        edits_df = pl.concat(edits, how="vertical_relaxed")
-
-        ctx.write("product_types", product_types)
         ctx.write("new_types", candidates)
         ctx.write("hypernym_candidates", ranked)
-        ctx.write("product_type_candidates", _ranked_product_types(voted))
-        ctx.write("edits", edits_df, TRIPLES)
         ctx.write("graph_taxonomy", graph_tax, GRAPH_TAXONOMY)
-        status = dict(product_types.group_by("status").len().rows()) if product_types.height else {}
+        for d in ("_title_models", "_decisions"):
+            shutil.rmtree(ctx.out / d, ignore_errors=True)
+        outcomes = counts.get("outcomes", {})
+        unresolved = {k: v for k, v in outcomes.items() if k not in ("kept", "added", "corrected")}
         return {
             "rows_in": n,
-            "rows_out": n,
+            "rows_out": counts.get("typed_products", 0),
             "rows_quarantined": 0,
             "resources": plan.as_dict(),
-            "tagger_spans": tags.height,
-            "types_kept": status.get("kept", 0),
-            "types_added": status.get("added", 0),
-            "types_corrected": status.get("corrected", 0),
-            "types_unresolved": n - product_types.height,
+            "tagger_spans": counts.get("spans", 0),
+            "types_kept": outcomes.get("kept", 0),
+            "types_added": outcomes.get("added", 0),
+            "types_corrected": outcomes.get("corrected", 0),
+            "types_unresolved": sum(unresolved.values()),
+            "types_unresolved_reasons": unresolved,
+            "edits": counts.get("edits", 0),
             "new_types": candidates.height,
             "hypernym_children": children.height,
             "hypernym_edges": graph_tax.filter(pl.col("parent").is_not_null()).height,
         }
+
+    # ---- 2. aggregates and samples --------------------------------------------------------------
+    @staticmethod
+    def _candidates(tm, names: TypeNames, tax_types: list[str], cfg, seed: int, parts: int):
+        """New-type candidates: per (key, surface) aggregates of the best type spans the
+        taxonomy lacks; for the accepted keys, the products mentioning them and example ids."""
+        new = tm.select_columns(["product_id", "span_key", "span_value", "span_score", "span_new",
+                                 "mention_keys"]).map_batches(
+            sample.where_true("span_new"), batch_format="pyarrow")
+        surfaces = runtime.aggregate(new, ["span_key", "span_value"],
+                                     {"n": ("count", None), "score_sum": ("sum", "span_score")}, parts)
+        acc = accept_candidates(surfaces, cfg, lower_case_taxonomy(tax_types))
+        if acc.height == 0:
+            return pl.DataFrame(schema=CANDIDATES_SCHEMA), {}
+        keys = set(acc["key"].to_list())
+
+        def mentioned(batch: pa.Table) -> pa.Table:
+            flat = pc.list_flatten(batch.column("mention_keys")).to_pylist()
+            return pa.table({"key": pa.array([k for k in flat if k in keys], pa.string())})
+
+        mentions = runtime.aggregate(
+            tm.select_columns(["mention_keys"]).map_batches(mentioned, batch_format="pyarrow"),
+            ["key"], {"n_products": ("count", None)}, parts)
+        examples = sample.first_per_key(
+            sample.where_in(new.select_columns(["product_id", "span_key"]), "span_key", keys),
+            "span_key", "product_id", cfg.max_examples, seed, parts)
+        ex = (examples.group_by("span_key").agg(pl.col("product_id").sort().alias("example_product_ids"))
+              if examples.height else pl.DataFrame(schema={"span_key": pl.String,
+                                                            "example_product_ids": pl.List(pl.String)}))
+        if mentions.height == 0:
+            mentions = pl.DataFrame(schema={"key": pl.String, "n_products": pl.Int64})
+        out = (acc.join(mentions, on="key", how="left")
+               .join(ex.rename({"span_key": "key"}), on="key", how="left")
+               .with_columns(pl.max_horizontal(pl.col("n_products").fill_null(0), pl.col("support"))
+                             .cast(pl.Int64).alias("n_products"),
+                             pl.col("example_product_ids").fill_null([])))
+        accepted = dict(out.select("key", "type").iter_rows())
+        cands = out.select(list(CANDIDATES_SCHEMA)).cast(CANDIDATES_SCHEMA).sort(
+            ["support", "type"], descending=[True, False])
+        return cands, accepted
+
+    def _resolve_step(self, ctx, tm, names: TypeNames, parents, art, encoder) -> ResolveTypes:
+        cfg = ctx.cfg.taxonomy
+
+        def first_pass(batch: pa.Table) -> pa.Table:
+            olds = batch.column("product_type").to_pylist()
+            spans = batch.column("span_value").to_pylist()
+            ref = [names.first_pass(o, s) for o, s in zip(olds, spans)]
+            cat = [names.catalogue(o) is not None for o in olds]
+            keep = pa.array([r is not None for r in ref])
+            return (pa.table({"product_id": batch.column("product_id"), "ref_type": pa.array(ref, pa.string()),
+                              "from_catalogue": pa.array(cat), "embedding": batch.column("embedding")})
+                    .filter(keep))
+
+        # the kNN reference: a capped sample of this catalogue's typed titles with their vectors
+        reference = runtime.bounded_sample(
+            tm.select_columns(["product_id", "product_type", "span_value", "embedding"])
+            .map_batches(first_pass, batch_format="pyarrow"),
+            cfg.types.knn_catalogue_sample, ctx.cfg.seed)
+        if reference.height:
+            reference = reference.sort("product_id")
+        else:
+            reference = pl.DataFrame(schema={"product_id": pl.String, "ref_type": pl.String,
+                                             "from_catalogue": pl.Boolean, "embedding": pl.List(pl.Float32)})
+        type_names = sorted(set(names.known.values()) | set(names.accepted.values()))
+        vectors = dict(zip(type_names, encoder.encode(type_names))) if type_names else {}
+        return ResolveTypes(cfg.types, names, ancestors_map(parents), vectors, reference,
+                            load_type_reference(art), cfg.add_title_attributes, cfg.min_attribute_score)
+
+    @staticmethod
+    def _type_counts(tm, parts: int) -> pl.DataFrame:
+        counts = runtime.aggregate(sample.where_valid(tm.select_columns(["product_type"]), "product_type"),
+                                   ["product_type"], {"n": ("count", None)}, parts)
+        return counts if counts.height else pl.DataFrame(schema={"product_type": pl.String, "n": pl.Int64})
+
+    # ---- 4. per-product outputs, written by the workers ------------------------------------------
+    @staticmethod
+    def _write_products(ctx, products_path, decisions_dir, n: int, parts: int) -> dict:
+        decisions = runtime.read_parquet(decisions_dir)
+        decisions.map_batches(_explode("edits", TRIPLES), batch_format="pyarrow").write_parquet(
+            str(ctx.out / "edits"))
+        decisions.map_batches(_explode("ranked", PRODUCT_TYPE_CANDIDATES), batch_format="pyarrow"
+                              ).write_parquet(str(ctx.out / "product_type_candidates"))
+        products = runtime.read_parquet(products_path)
+        typed = products.join(decisions.select_columns(["product_id", *TYPE_COLUMNS]),
+                              join_type="left_outer", on=("product_id",),
+                              num_partitions=max(1, math.ceil(n / JOIN_ROWS_PER_PARTITION)))
+        schema = _typed_schema()
+        typed.map_batches(lambda b: _conform(b, schema), batch_format="pyarrow").write_parquet(
+            str(ctx.out / "typed_products"))
+        outcomes = runtime.aggregate(decisions.select_columns(["outcome"]), ["outcome"],
+                                     {"n": ("count", None)}, parts)
+        return {
+            "outcomes": {k or "none": int(v) for k, v in outcomes.select("outcome", "n").iter_rows()}
+            if outcomes.height else {},
+            "typed_products": count_rows(ctx.out / "typed_products"),
+            "edits": count_rows(ctx.out / "edits"),
+        }
+
+    # ---- hypernym context: bounded -------------------------------------------------------------
+    def _children(self, ctx, candidates: pl.DataFrame, orphans: list[str], parts: int) -> pl.DataFrame:
+        """Each accepted new type with a capped sample of the products it typed (ids and title
+        vectors), and each orphan type with its name only."""
+        schema = {"type": pl.String, "product_ids": pl.List(pl.String),
+                  "vectors": pl.List(pl.List(pl.Float32))}
+        rows = []
+        new = sorted(candidates["type"].to_list()) if candidates.height else []
+        if new:
+            decisions = sample.where_in(runtime.read_parquet(ctx.out / "_decisions", ["product_id", "type"]),
+                                  "type", set(new))
+            cap = ctx.cfg.taxonomy.hypernym.max_child_products
+            picked = sample.first_per_key(decisions, "type", "product_id", cap, ctx.cfg.seed, parts)
+            vecs = self._vectors_of(ctx, picked["product_id"].to_list() if picked.height else [])
+            by_type: dict[str, list[str]] = {}
+            for pid, t in (picked.select("product_id", "type").iter_rows() if picked.height else ()):
+                by_type.setdefault(t, []).append(pid)
+            for t in new:
+                pids = sorted(p for p in by_type.get(t, []) if p in vecs)
+                rows.append({"type": t, "product_ids": pids, "vectors": [vecs[p] for p in pids]})
+        rows += [{"type": o, "product_ids": [], "vectors": []} for o in orphans if o not in set(new)]
+        return pl.DataFrame(rows, schema=schema)
+
+    @staticmethod
+    def _vectors_of(ctx, pids: list[str]) -> dict[str, list[float]]:
+        if not pids:
+            return {}
+        got = runtime.bounded_sample(
+            sample.where_in(runtime.read_parquet(ctx.out / "_title_models", ["product_id", "embedding"]),
+                      "product_id", set(pids)), len(set(pids)), ctx.cfg.seed)
+        return dict(zip(got["product_id"].to_list(), got["embedding"].to_list())) if got.height else {}
+
+    def _hypernym_context(self, ctx, tm, children: pl.DataFrame, hcfg, parts: int):
+        """What the hypernym classifier reads of the catalogue: a per-type capped sample of its
+        catalogue-typed products (ids, types, title vectors), every type's product count and
+        title-vector sum (aggregated by the workers), and the behaviour rows of the children's
+        sampled products with the typed products they lead to (capped)."""
+        if tm is None:
+            return None, None, None, None
+        typed = tm.select_columns(["product_id", "product_type", "embedding"])
+        context = sample.per_key_sample(typed, "product_type", "product_id", hcfg.context_per_type,
+                                        hcfg.context_max, ctx.cfg.seed, parts)
+        stats = sample.vector_sums(typed, "product_type", "embedding", parts).rename({"product_type": "type"})
+        child_pids = sorted({p for lst in children["product_ids"].to_list() for p in lst})
+        behavior = copurchase = None
+        cap = hcfg.behavior_max_rows
+        if child_pids and cap:
+            linked: set[str] = set()
+            if ctx.has("ingest", "copurchase") and count_rows(ctx.table_path("ingest", "copurchase")):
+                cp = sample.where_in(runtime.read_parquet(ctx.table_path("ingest", "copurchase")),
+                               ("src", "dst"), set(child_pids))
+                copurchase = runtime.bounded_sample(cp, cap, ctx.cfg.seed)
+                if copurchase.height:
+                    linked |= set(copurchase["src"].to_list()) | set(copurchase["dst"].to_list())
+            if ctx.has("ingest", "behavior") and count_rows(ctx.table_path("ingest", "behavior")):
+                bh = runtime.read_parquet(ctx.table_path("ingest", "behavior"))
+                queries = runtime.aggregate(sample.where_in(bh, "product_id", set(child_pids)),
+                                            ["query"], {"n": ("count", None)}, parts)
+                if queries.height:
+                    qs = sorted(q for q in queries["query"].to_list() if q is not None)
+                    behavior = runtime.bounded_sample(sample.where_in(bh, "query", set(qs)), cap, ctx.cfg.seed)
+                    if behavior.height:
+                        linked |= set(behavior["product_id"].drop_nulls().to_list())
+            have = set(context["product_id"].to_list()) if context.height else set()
+            extra = sorted(linked - have - set(child_pids))
+            if extra:
+                more = runtime.bounded_sample(
+                    sample.where_in(typed, "product_id", set(extra)), len(extra), ctx.cfg.seed)
+                more = more.filter(pl.col("product_type").is_not_null()) if more.height else more
+                if more.height:
+                    context = pl.concat([context, more], how="vertical_relaxed") if context.height else more
+        if context.height:
+            context = context.sort("product_id")
+        return context, behavior, copurchase, stats
+
+
+def _typed_schema() -> pa.Schema:
+    return pa.schema([*PRODUCTS, ("type", pa.string()), ("type_status", pa.string()),
+                      ("type_confidence", pa.float32()), ("type_evidence", pa.string())])
+
+
+def _conform(batch: pa.Table, schema: pa.Schema) -> pa.Table:
+    from autoknow_ray.schema import conform
+
+    return conform(batch, schema)
+

@@ -1,5 +1,10 @@
 """Type resolution: from the tagger's type spans to each product's type, and new-type candidates.
 
+Runs in the workers, as steps of the stage protocol: `BestTypeSpan` picks each product's best
+type span (first pass, beside the models); the driver aggregates the spans into new-type
+candidates (`accept_candidates`); `ResolveTypes` (second pass) decides each product's type with
+the accepted names and a capped kNN reference index it builds once per worker.
+
 For every product the catalogue type (`product_type`, may be missing or wrong) meets the best
 type span the title tagger found:
 
@@ -16,21 +21,24 @@ folded), so "Ice Creams" matches a taxonomy type "ice cream".
 """
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import defaultdict
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 
+from autoknow_ray.index.knn_vote import LabelIndex, decide
 from autoknow_ray.modules.taxonomy.hypernym_config import TypeResolutionConfig
-from autoknow_ray.text import clean_surface, stem, stem_tokens, tokens, type_key  # noqa: F401
+from autoknow_ray.schema import HAS_TYPE, TRIPLES
+from autoknow_ray.steps import Step, WorkerEnv
+from autoknow_ray.text import clean_surface, stem_tokens, type_key  # noqa: F401
 
-PRODUCT_TYPES_SCHEMA = {
-    "product_id": pl.String,
-    "type": pl.String,
-    "confidence": pl.Float32,
-    "status": pl.String,
-    "evidence": pl.String,
-}
+MODULE = "taxonomy"
+# what the second pass adds to each product (typed_products keeps the first four)
+TYPE_COLUMNS = ("type", "type_status", "type_confidence", "type_evidence")
+TRIPLE = pa.struct(list(TRIPLES))
+RANKED = pa.list_(pa.struct([("type", pa.string()), ("score", pa.float32()), ("rank", pa.int32())]))
+RANKED_TOP = 5  # kNN alternatives kept per product
 CANDIDATES_SCHEMA = {
     "type": pl.String,
     "support": pl.Int64,
@@ -81,262 +89,297 @@ def ancestors_map(parents: dict[str, set[str]]) -> dict[str, set[str]]:
     return memo
 
 
-def orphan_types(taxonomy: pl.DataFrame, products: pl.DataFrame | None = None) -> list[str]:
+def orphan_types(taxonomy: pl.DataFrame, typed: set[str] | None = None) -> list[str]:
     """Types still to be placed: no parent row, not the parent of anything, and no product typed
-    under them. (A parentless type with children, or with products, is a root.)"""
+    under them (`typed`: the catalogue types products carry). A parentless type with children,
+    or with products, is a root."""
     parents, children = taxonomy_maps(taxonomy)
-    typed: set[str] = set()
-    if products is not None and "product_type" in products.columns:
-        typed = set(products.get_column("product_type").drop_nulls().unique().to_list())
+    typed = typed or set()
     return sorted(t for t in parents if not parents[t] and not children.get(t) and t not in typed)
 
 
-# ---- resolution ------------------------------------------------------------------------------
-def _best_type_spans(tags: pl.DataFrame | None, min_score: float) -> dict[str, tuple[str, float]]:
-    """product_id → (surface value, score) of its highest-scoring type span."""
-    if tags is None or tags.height == 0:
-        return {}
-    t = (
-        tags.filter((pl.col("label") == "type") & pl.col("value").is_not_null())
-        .with_columns(pl.col("score").fill_null(1.0).cast(pl.Float64))
-        .filter(pl.col("score") >= min_score)
-        .sort(["product_id", "score"], descending=[False, True])
-        .unique("product_id", keep="first", maintain_order=True)
-    )
-    return {pid: (clean_surface(v), float(s)) for pid, v, s in t.select("product_id", "value", "score").iter_rows()}
+class TypeNames:
+    """The taxonomy's type names by comparison key (first listed wins for colliding keys), plus
+    the new names accepted from this catalogue's titles."""
 
+    def __init__(self, taxonomy_types: list[str], accepted: dict[str, str] | None = None):
+        self.known: dict[str, str] = {}
+        for t in taxonomy_types:
+            self.known.setdefault(type_key(t), t)
+        self.accepted = dict(accepted or {})
 
-def resolve_types(
-    products: pl.DataFrame,
-    tags: pl.DataFrame | None,
-    taxonomy: pl.DataFrame,
-    cfg: TypeResolutionConfig | None = None,
-    encoder=None,
-    reference: tuple[list[str], np.ndarray] | None = None,
-    ranked: dict[str, list[tuple[str, float]]] | None = None,
-) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Decide each product's type and collect new-type candidates.
-
-    Returns (product_types[product_id, type, confidence, status, evidence],
-             candidates[type, support, n_products, example_product_ids, mean_score]).
-    Products for which no type can be resolved (no catalogue type, no usable span, no typed
-    product to vote) get no row. `encoder` (TextEncoder-like: .encode(list[str]) → L2-normalised
-    rows) is needed for corrections and the kNN fallback; without it neither happens.
-    `reference` — (types, title vectors) kept from the training catalogue — joins the kNN vote,
-    so a catalogue without a single typed product can still be typed.
-    `ranked`, when given, receives for each kNN-typed product its voted types, best first, with
-    their vote shares (the alternatives a reviewer or an @k metric needs).
-    """
-    cfg = cfg or TypeResolutionConfig()
-    parents, _children = taxonomy_maps(taxonomy)
-    ancestors = ancestors_map(parents)
-    # key → taxonomy name (first listed wins for colliding keys)
-    known: dict[str, str] = {}
-    for t in parents:
-        known.setdefault(type_key(t), t)
-
-    pids = products.get_column("product_id").to_list()
-    titles = products.get_column("title").to_list()
-    old_types = (
-        products.get_column("product_type").to_list()
-        if "product_type" in products.columns
-        else [None] * len(pids)
-    )
-    spans = _best_type_spans(tags, cfg.min_span_score)
-
-    # ---- candidates: extracted keys unknown to the taxonomy ----------------------------------
-    cand_products: dict[str, list[str]] = defaultdict(list)
-    cand_scores: dict[str, list[float]] = defaultdict(list)
-    cand_surface: dict[str, Counter] = defaultdict(Counter)
-    mentions: Counter = Counter()
-    if tags is not None and tags.height:
-        for pid, v in tags.filter(pl.col("label") == "type").select("product_id", "value").iter_rows():
-            k = type_key(v)
-            if k and k not in known:
-                mentions[(k, pid)] += 1
-    for pid in pids:
-        if pid in spans:
-            surface, score = spans[pid]
-            k = type_key(surface)
-            if k and k not in known:
-                cand_products[k].append(pid)
-                cand_scores[k].append(score)
-                cand_surface[k][surface] += 1
-    n_mentioning: Counter = Counter(k for (k, _pid) in mentions)
-    # new names follow the taxonomy's writing: an all-lower-case taxonomy gets "golf ball", not
-    # the titles' "Golf Ball"
-    cased = [t for t in parents if any(ch.isalpha() for ch in t)]
-    lower_taxonomy = bool(cased) and sum(t == t.lower() for t in cased) >= 0.9 * len(cased)
-    accepted: dict[str, str] = {}  # key → new type name
-    cand_rows = []
-    for k, plist in cand_products.items():
-        support = len(set(plist))
-        mean_score = float(np.mean(cand_scores[k]))
-        if support >= cfg.min_support and mean_score >= cfg.min_score:
-            name = cand_surface[k].most_common(1)[0][0]
-            name = name.lower() if lower_taxonomy else name
-            accepted[k] = name
-            cand_rows.append(
-                {
-                    "type": name,
-                    "support": support,
-                    "n_products": max(int(n_mentioning.get(k, 0)), support),
-                    "example_product_ids": sorted(set(plist))[: cfg.max_examples],
-                    "mean_score": mean_score,
-                }
-            )
-    candidates = pl.DataFrame(cand_rows, schema=CANDIDATES_SCHEMA).sort(
-        ["support", "type"], descending=[True, False]
-    )
-
-    # ---- per product -------------------------------------------------------------------------
-    def canonical(value: str | None) -> str | None:
+    def canonical(self, value: str | None) -> str | None:
+        """The taxonomy's (or an accepted new) name of a type string, None if neither."""
         if value is None:
             return None
         k = type_key(value)
-        return known.get(k) or accepted.get(k)
+        return self.known.get(k) or self.accepted.get(k)
 
-    rows: dict[str, dict] = {}
-    to_check: list[tuple[int, str, str, float]] = []  # correction candidates (i, old, new, score)
-    untyped: list[int] = []
-    for i, pid in enumerate(pids):
-        old = old_types[i]
-        old = clean_surface(old) if isinstance(old, str) and old.strip() else None
-        span = spans.get(pid)
-        new = canonical(span[0]) if span else None
-        score = span[1] if span else 0.0
-        if old is not None:
-            old_name = known.get(type_key(old), old)
-            if new is not None and type_key(new) == type_key(old_name):
-                rows[pid] = _row(pid, old_name, max(score, cfg.catalogue_confidence), "kept", "catalogue+tagger")
-            else:
-                rows[pid] = _row(pid, old_name, cfg.catalogue_confidence, "kept", "catalogue")
-                if new is not None and score >= cfg.correct_min_score and encoder is not None:
-                    if new not in ancestors.get(old_name, ()) and old_name not in ancestors.get(new, ()):
-                        to_check.append((i, old_name, new, score))
-        elif new is not None:
-            ev = "tagger:new" if type_key(new) in accepted else "tagger"
-            rows[pid] = _row(pid, new, score, "added", ev)
+    def catalogue(self, value: str | None) -> str | None:
+        """A catalogue label as the taxonomy writes it (kept as given where the taxonomy lacks it)."""
+        if not isinstance(value, str) or not value.strip():
+            return None
+        old = clean_surface(value)
+        return self.known.get(type_key(old), old)
+
+    def first_pass(self, product_type: str | None, span_value: str | None) -> str | None:
+        """The type a product has before corrections and the kNN vote: its catalogue label, else
+        its tagger span's name."""
+        return self.catalogue(product_type) or self.canonical(span_value)
+
+
+def lower_case_taxonomy(taxonomy_types: list[str]) -> bool:
+    """New names follow the taxonomy's writing: an all-lower-case taxonomy gets "golf ball", not
+    the titles' "Golf Ball"."""
+    cased = [t for t in taxonomy_types if any(ch.isalpha() for ch in t)]
+    return bool(cased) and sum(t == t.lower() for t in cased) >= 0.9 * len(cased)
+
+
+class BestTypeSpan(Step):
+    """Each product's best type span (highest score at or above `min_span_score`): `span_value`
+    (whitespace-cleaned), `span_score`, `span_key`, `span_new` (a key the taxonomy lacks), and
+    `mention_keys` (every distinct unknown key among its type spans, for the candidates' counts)."""
+
+    name = "best_type_span"
+    resources = "taxonomy"
+    columns = ("spans",)
+
+    def __init__(self, known_keys: set[str], min_span_score: float):
+        self.known_keys = frozenset(known_keys)
+        self.min_span_score = float(min_span_score)
+
+    def process_batch(self, batch: pa.Table) -> pa.Table:
+        values, scores, keys, new, mentions = [], [], [], [], []
+        for spans in batch.column("spans").to_pylist():
+            best = None
+            seen: list[str] = []
+            for sp in spans or ():
+                if sp["label"] != "type" or sp["value"] is None:
+                    continue
+                k = type_key(sp["value"])
+                if k and k not in self.known_keys and k not in seen:
+                    seen.append(k)
+                score = 1.0 if sp["score"] is None else float(sp["score"])
+                if score >= self.min_span_score and (best is None or score > best[1]):
+                    best = (clean_surface(sp["value"]), score)
+            k = type_key(best[0]) if best else None
+            values.append(best[0] if best else None)
+            scores.append(best[1] if best else None)
+            keys.append(k or None)
+            new.append(bool(k) and k not in self.known_keys)
+            mentions.append(seen)
+        return (batch.append_column("span_value", pa.array(values, pa.string()))
+                .append_column("span_score", pa.array(scores, pa.float32()))
+                .append_column("span_key", pa.array(keys, pa.string()))
+                .append_column("span_new", pa.array(new, pa.bool_()))
+                .append_column("mention_keys", pa.array(mentions, pa.list_(pa.string()))))
+
+
+CANDIDATES_SCHEMA = {
+    "type": pl.String,
+    "support": pl.Int64,
+    "n_products": pl.Int64,
+    "example_product_ids": pl.List(pl.String),
+    "mean_score": pl.Float32,
+}
+
+
+def accept_candidates(surfaces: pl.DataFrame, cfg: TypeResolutionConfig, lower: bool) -> pl.DataFrame:
+    """New-type candidates from the per-(key, surface) aggregates of the products' best type
+    spans (`span_key`, `span_value`, `n` products, `score_sum`): a key the taxonomy lacks is
+    accepted with `min_support` products and a mean score of `min_score`; its name is its most
+    frequent surface (ties: the first in sort order), lower-cased for a lower-case taxonomy.
+    Returns [key, type, support, mean_score] of the accepted keys."""
+    schema = {"key": pl.String, "type": pl.String, "support": pl.Int64, "mean_score": pl.Float32}
+    if surfaces.height == 0:
+        return pl.DataFrame(schema=schema)
+    per_key = surfaces.group_by("span_key").agg(
+        pl.col("n").sum().alias("support"), pl.col("score_sum").sum().alias("_s"),
+        pl.col("span_value").sort_by([pl.col("n"), pl.col("span_value")], descending=[True, False])
+        .first().alias("type"))
+    out = per_key.with_columns((pl.col("_s") / pl.col("support")).alias("mean_score")).filter(
+        (pl.col("support") >= cfg.min_support) & (pl.col("mean_score") >= cfg.min_score - 1e-6))
+    if lower:
+        out = out.with_columns(pl.col("type").str.to_lowercase())
+    return out.select(pl.col("span_key").alias("key"), "type", pl.col("support").cast(pl.Int64),
+                      pl.col("mean_score").cast(pl.Float32)).sort("key")
+
+
+def _vectors(column) -> np.ndarray:
+    """A fixed-size-list column of title vectors as L2-normalised float32 rows."""
+    col = column.combine_chunks() if hasattr(column, "combine_chunks") else column
+    dim = col.type.list_size
+    v = col.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
+    return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+
+
+class ResolveTypes(Step):
+    """Second pass: each product's type (kept / added / corrected, or none with its reason), its
+    graph edits and its kNN alternatives, against a reference index of capped size.
+
+    - kept       the catalogue type stands (confirmed by the tagger, or not contradicted strongly);
+    - added      no catalogue type: the tagger's type (known, or an accepted new one), else the
+                 vote of the nearest typed titles (this catalogue's capped sample and the
+                 training reference), only where they are close and agree;
+    - corrected  the tagger's type replaces the catalogue type: only when the span is confident,
+                 the two type names are far apart (embedding cosine below a threshold), the title
+                 is closer to the new type than to the old one, neither type is an ancestor of
+                 the other, and the product's nearest catalogue-typed neighbours carry the new
+                 type more than the old one.
+
+    Everything it holds is bounded: the taxonomy's names and their vectors, the accepted new
+    names, and the reference (at most `knn_catalogue_sample` + the fit's capped reference)."""
+
+    name = "resolve_types"
+    resources = "taxonomy"
+    columns = ("product_id", "product_type", "span_value", "span_score", "spans", "embedding")
+    model = True  # builds its indexes once per worker
+
+    def __init__(self, cfg: TypeResolutionConfig, names: TypeNames, ancestors: dict[str, set[str]],
+                 name_vectors: dict[str, np.ndarray], catalogue_reference: pl.DataFrame,
+                 training_reference: tuple[list[str], np.ndarray] | None,
+                 add_attributes: bool, min_attribute_score: float):
+        self.cfg = cfg
+        self.names = names
+        self.ancestors = ancestors
+        self.name_vectors = {t: np.asarray(v, np.float16) for t, v in name_vectors.items()}
+        # catalogue_reference: product_id, ref_type, from_catalogue, embedding (fp16 rows)
+        ref = catalogue_reference
+        self.ref_ids = ref["product_id"].to_list() if ref.height else []
+        self.ref_types = ref["ref_type"].to_list() if ref.height else []
+        self.ref_catalogue = ref["from_catalogue"].to_list() if ref.height else []
+        self.ref_vecs = (np.asarray(ref["embedding"].to_list(), dtype=np.float16) if ref.height
+                         else np.zeros((0, 0), np.float16))
+        if training_reference is not None and len(training_reference[0]):
+            types = [names.canonical(t) or t for t in training_reference[0]]
+            self.train_ref = (types, np.asarray(training_reference[1], dtype=np.float16))
         else:
-            untyped.append(i)
+            self.train_ref = None
+        self.add_attributes = add_attributes
+        self.min_attribute_score = float(min_attribute_score)
+        self.correct_index = self.fallback_index = None
 
-    if to_check and encoder is not None:
-        names = sorted({o for _, o, _, _ in to_check} | {n for _, _, n, _ in to_check})
-        name_vec = dict(zip(names, _encode(encoder, names)))
-        title_vec = _encode(encoder, [titles[i] or "" for i, _, _, _ in to_check])
-        votes = _neighbour_votes([i for i, _, _, _ in to_check], title_vec, pids, titles, old_types,
-                                 encoder, cfg, canonical=lambda t: known.get(type_key(t), t))
-        for (i, old, new, score), tv, vote in zip(to_check, title_vec, votes):
-            cos_types = float(name_vec[old] @ name_vec[new])
-            margin = float(tv @ name_vec[new] - tv @ name_vec[old])
-            # a second, independent signal must agree: the product's nearest catalogue-typed
-            # neighbours carry the new type more than the old one (a span on a modifier word —
-            # "Pasta" in "Italian Pasta Salad" — does not survive this)
-            if (cos_types < cfg.correct_max_cosine and margin > cfg.correct_title_margin
-                    and vote.get(new, 0.0) > vote.get(old, 0.0)):
-                pid = pids[i]
-                rows[pid] = _row(
-                    pid, new, score, "corrected",
-                    f"tagger score={score:.2f}; was {old!r} (cosine {cos_types:.2f})",
-                )
+    def setup(self, env: WorkerEnv) -> None:
+        rows = [i for i, c in enumerate(self.ref_catalogue) if c]
+        vecs = self.ref_vecs.astype(np.float32)
+        # corrections: the catalogue's own labels only, as the catalogue gives them
+        self.correct_index = LabelIndex(vecs[rows] if rows else np.zeros((0, 1), np.float32),
+                                        [self.ref_types[i] for i in rows],
+                                        keys=[self.ref_ids[i] for i in rows], seed=self.cfg.seed)
+        types, parts = list(self.ref_types), [vecs] if len(self.ref_types) else []
+        if self.train_ref is not None:
+            types += self.train_ref[0]
+            parts.append(self.train_ref[1].astype(np.float32))
+        self.fallback_index = LabelIndex(np.concatenate(parts) if parts else np.zeros((0, 1), np.float32),
+                                         types, seed=self.cfg.seed)
 
-    if untyped and encoder is not None:
-        ref = [(i, rows[pids[i]]["type"]) for i in range(len(pids)) if pids[i] in rows]
-        if ref or (reference is not None and len(reference[0])):
-            _knn_fallback(untyped, ref, pids, titles, rows, encoder, cfg, reference, canonical, ranked)
+    def process_batch(self, batch: pa.Table) -> pa.Table:
+        cfg, names = self.cfg, self.names
+        pids = batch.column("product_id").to_pylist()
+        olds = batch.column("product_type").to_pylist()
+        span_values = batch.column("span_value").to_pylist()
+        span_scores = batch.column("span_score").to_pylist()
+        vecs = _vectors(batch.column("embedding")) if batch.num_rows else np.zeros((0, 1), np.float32)
+        n = len(pids)
+        out = {c: [None] * n for c in TYPE_COLUMNS}
+        outcome: list[str | None] = [None] * n
+        ranked: list[list] = [[] for _ in range(n)]
+        to_check, untyped = [], []
+        for i in range(n):
+            old_name = names.catalogue(olds[i])
+            new = names.canonical(span_values[i])
+            score = float(span_scores[i]) if span_scores[i] is not None else 0.0
+            if old_name is not None:
+                if new is not None and type_key(new) == type_key(old_name):
+                    self._set(out, outcome, i, old_name, max(score, cfg.catalogue_confidence), "kept", "catalogue+tagger")
+                else:
+                    self._set(out, outcome, i, old_name, cfg.catalogue_confidence, "kept", "catalogue")
+                    if (new is not None and score >= cfg.correct_min_score
+                            and new not in self.ancestors.get(old_name, ())
+                            and old_name not in self.ancestors.get(new, ())):
+                        to_check.append((i, old_name, new, score))
+            elif new is not None:
+                ev = "tagger:new" if type_key(new) in names.accepted else "tagger"
+                self._set(out, outcome, i, new, score, "added", ev)
+            else:
+                untyped.append(i)
 
-    out = pl.DataFrame([rows[p] for p in pids if p in rows], schema=PRODUCT_TYPES_SCHEMA)
-    return out, candidates
+        if to_check and len(self.correct_index) >= 2:
+            rows = [i for i, _, _, _ in to_check]
+            votes = self.correct_index.votes(vecs[rows], cfg.knn_k, exclude=[pids[i] for i in rows])
+            for (i, old, new, score), (vote, _near) in zip(to_check, votes):
+                vo, vn = self._name_vec(old), self._name_vec(new)
+                if vo is None or vn is None:
+                    continue
+                cos_types = float(vo @ vn)
+                margin = float(vecs[i] @ vn - vecs[i] @ vo)
+                # a second, independent signal must agree: the nearest catalogue-typed titles
+                # carry the new type more than the old one (a span on a modifier word — "Pasta"
+                # in "Italian Pasta Salad" — does not survive this)
+                if (cos_types < cfg.correct_max_cosine and margin > cfg.correct_title_margin
+                        and vote.get(new, 0.0) > vote.get(old, 0.0)):
+                    self._set(out, outcome, i, new, score, "corrected",
+                              f"tagger score={score:.2f}; was {old!r} (cosine {cos_types:.2f})")
+
+        if untyped:
+            k = min(cfg.knn_k, len(self.fallback_index))
+            for i, (vote, near) in zip(untyped, self.fallback_index.votes(vecs[untyped], cfg.knn_k)):
+                v = decide(vote, near, cfg.knn_min_similarity, cfg.knn_min_share)
+                if v.label is None:
+                    out["type_evidence"][i] = v.reason
+                    outcome[i] = v.reason
+                    continue
+                self._set(out, outcome, i, v.label, v.share, "added", f"knn k={k} share={v.share:.2f}")
+                ranked[i] = [{"type": t, "score": s, "rank": r + 1}
+                             for r, (t, s) in enumerate(v.ranked[:RANKED_TOP])]
+
+        edits = [self._edits(pids[i], olds[i], out, i, spans)
+                 for i, spans in enumerate(batch.column("spans").to_pylist())]
+        return pa.table({
+            "product_id": batch.column("product_id"),
+            "type": pa.array(out["type"], pa.string()),
+            "type_status": pa.array(out["type_status"], pa.string()),
+            "type_confidence": pa.array(out["type_confidence"], pa.float32()),
+            "type_evidence": pa.array(out["type_evidence"], pa.string()),
+            "outcome": pa.array(outcome, pa.string()),
+            "edits": pa.array(edits, pa.list_(TRIPLE)),
+            "ranked": pa.array(ranked, RANKED),
+        })
+
+    @staticmethod
+    def _set(out, outcome, i, t, conf, status, evidence) -> None:
+        out["type"][i], out["type_confidence"][i] = t, float(conf)
+        out["type_status"][i], out["type_evidence"][i] = status, evidence
+        outcome[i] = status
+
+    def _name_vec(self, name: str) -> np.ndarray | None:
+        v = self.name_vectors.get(name)
+        return None if v is None else v.astype(np.float32)
+
+    def _edits(self, pid, old_raw, out, i, spans) -> list[dict]:
+        """The product's TRIPLES rows: its has_type added/corrected (and the removed catalogue
+        type of a correction), then its title attribute spans as added triples."""
+        rows = []
+        status = out["type_status"][i]
+        if status in ("added", "corrected"):
+            conf = out["type_confidence"][i]
+            rows.append(_triple(pid, HAS_TYPE, out["type"][i], conf, status, out["type_evidence"][i]))
+            if status == "corrected" and old_raw is not None:
+                rows.append(_triple(pid, HAS_TYPE, old_raw, conf, "removed", f"corrected to {out['type'][i]}"))
+        if self.add_attributes:
+            seen = set()
+            for sp in spans or ():
+                if sp["label"] == "type" or sp["score"] is None or sp["score"] < self.min_attribute_score:
+                    continue
+                if (sp["label"], sp["value"]) in seen:
+                    continue
+                seen.add((sp["label"], sp["value"]))
+                rows.append(_triple(pid, sp["label"], sp["value"], sp["score"], "added",
+                                    f"title[{sp['start']}:{sp['end']}]"))
+        return rows
 
 
-def _row(pid: str, t: str, conf: float, status: str, evidence: str) -> dict:
-    return {"product_id": pid, "type": t, "confidence": float(conf), "status": status, "evidence": evidence}
-
-
-def _encode(encoder, texts: list[str]) -> np.ndarray:
-    v = np.asarray(encoder.encode(list(texts)), dtype=np.float32)
-    n = np.linalg.norm(v, axis=1, keepdims=True)
-    return v / np.maximum(n, 1e-12)
-
-
-def _neighbour_votes(query_rows: list[int], query_vec: np.ndarray, pids, titles, old_types, encoder,
-                     cfg: TypeResolutionConfig, canonical) -> list[dict[str, float]]:
-    """Similarity-weighted type votes of each queried product's k nearest catalogue-typed products
-    (itself excluded)."""
-    from autoknow_ray.index.faiss_index import VectorIndex
-
-    ref = [(i, canonical(clean_surface(t))) for i, t in enumerate(old_types)
-           if isinstance(t, str) and t.strip()]
-    if len(ref) < 2:
-        return [{} for _ in query_rows]
-    ref_vec = _encode(encoder, [titles[i] or "" for i, _ in ref])
-    index = VectorIndex(metric="ip", seed=cfg.seed).build(ref_vec)
-    k = min(cfg.knn_k + 1, len(ref))
-    scores, ids = index.search(np.asarray(query_vec, dtype=np.float32), k)
-    out = []
-    for row, qi in enumerate(query_rows):
-        votes: dict[str, float] = defaultdict(float)
-        taken = 0
-        for sc, j in zip(scores[row], ids[row]):
-            if j < 0 or ref[j][0] == qi or taken == cfg.knn_k:
-                continue
-            votes[ref[j][1]] += max(float(sc), 0.0)
-            taken += 1
-        out.append(dict(votes))
-    return out
-
-
-def _knn_fallback(untyped, ref, pids, titles, rows, encoder, cfg: TypeResolutionConfig,
-                  reference=None, canonical=None, ranked=None) -> None:
-    """Untyped products without a usable span: similarity-weighted vote of the k nearest typed
-    products (by title embedding) — this catalogue's and the training reference's;
-    confidence = the winning type's vote share."""
-    from autoknow_ray.index.faiss_index import VectorIndex
-
-    ref_types = [t for _, t in ref]
-    ref_vec = _encode(encoder, [titles[i] or "" for i, _ in ref]) if ref else np.zeros((0, 0), np.float32)
-    if reference is not None and len(reference[0]):
-        r_types = [(canonical(t) if canonical else None) or t for t in reference[0]]
-        r_vec = np.asarray(reference[1], dtype=np.float32)
-        r_vec = r_vec / np.maximum(np.linalg.norm(r_vec, axis=1, keepdims=True), 1e-12)
-        ref_types = ref_types + r_types
-        ref_vec = r_vec if not len(ref_vec) else np.concatenate([ref_vec, r_vec])
-    q_vec = _encode(encoder, [titles[i] or "" for i in untyped])
-    index = VectorIndex(metric="ip", seed=cfg.seed).build(ref_vec)
-    k = min(cfg.knn_k, len(ref_types))
-    scores, ids = index.search(q_vec, k)
-    for row, i in enumerate(untyped):
-        votes: dict[str, float] = defaultdict(float)
-        for s, j in zip(scores[row], ids[row]):
-            if j < 0:
-                continue
-            votes[ref_types[j]] += max(float(s), 0.0)
-        total = sum(votes.values())
-        if total <= 0:
-            continue
-        order = sorted(votes, key=lambda t: (-votes[t], t))
-        best = order[0]
-        share = votes[best] / total
-        if share < cfg.knn_min_share:
-            continue
-        pid = pids[i]
-        if ranked is not None:
-            ranked[pid] = [(t, votes[t] / total) for t in order]
-        rows[pid] = _row(pid, best, share, "added", f"knn k={k} share={share:.2f}")
-
-
-def hypernym_children(
-    candidates: pl.DataFrame,
-    product_types: pl.DataFrame,
-    orphans: list[str] | None = None,
-) -> pl.DataFrame:
-    """The children to hand to `HypernymClassifier.predict`: each accepted new type with the ids
-    of the products now typed with it, and each orphan type with its name only."""
-    new = set(candidates.get_column("type").to_list()) if candidates.height else set()
-    by_type: dict[str, list[str]] = defaultdict(list)
-    for pid, t in product_types.select("product_id", "type").iter_rows():
-        if t in new:
-            by_type[t].append(pid)
-    rows = [{"type": t, "product_ids": sorted(by_type.get(t, []))} for t in sorted(new)]
-    rows += [{"type": o, "product_ids": []} for o in (orphans or []) if o not in new]
-    return pl.DataFrame(rows, schema={"type": pl.String, "product_ids": pl.List(pl.String)})
+def _triple(subject, relation, obj, confidence, status, evidence) -> dict:
+    return {"subject": subject, "relation": relation, "object": obj,
+            "confidence": None if confidence is None else float(confidence), "module": MODULE,
+            "status": status, "evidence": evidence}

@@ -1,0 +1,135 @@
+"""Bounded, deterministic reads of per-product tables for module 1's driver: per-type samples,
+the first rows of each group, and per-type title-vector sums (centroids).
+
+Each returns a polars DataFrame whose size a cap bounds (per-type rows, or one row per type);
+the per-product work (hashing, filtering, partial sums) runs in Ray Data tasks. `partitions`:
+the groupby's shuffle partitions (`runtime.shuffle_partitions` of the rows).
+"""
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from autoknow_ray import runtime
+
+_U = "_u"  # the per-row uniform draw
+
+
+def uniform(keys: list, seed: int) -> np.ndarray:
+    """A uniform draw in [0, 1) per key, the same on every worker and in every run."""
+    return np.asarray([zlib.crc32(f"{seed}:{k}".encode()) / 2**32 for k in keys], dtype=np.float64)
+
+
+def where_true(column: str):
+    """A batch filter: rows whose boolean `column` is true."""
+    def keep(batch: pa.Table) -> pa.Table:
+        return batch.filter(pc.fill_null(batch.column(column), False))
+
+    return keep
+
+
+def where_valid(ds, column: str):
+    return ds.map_batches(lambda b: b.filter(pc.is_valid(b.column(column))), batch_format="pyarrow")
+
+
+def where_in(ds, columns: str | tuple[str, ...], values: set[str]):
+    """Rows whose `columns` (any of them) hold one of `values` (a bounded set: ids of a sample)."""
+    cols = (columns,) if isinstance(columns, str) else columns
+    value_set = pa.array(sorted(values), pa.string())
+
+    def keep(batch: pa.Table) -> pa.Table:
+        mask = None
+        for c in cols:
+            m = pc.fill_null(pc.is_in(batch.column(c).cast(pa.string()), value_set=value_set), False)
+            mask = m if mask is None else pc.or_(mask, m)
+        return batch.filter(mask)
+
+    return ds.map_batches(keep, batch_format="pyarrow")
+
+
+def per_key_sample(ds, key: str, id_column: str, per_key: int, cap: int, seed: int,
+                   partitions: int = 1) -> pl.DataFrame:
+    """At most `per_key` rows for each value of `key` (rows with a null key are skipped) and at
+    most `cap` rows in all (the per-key share shrinks to fit), drawn uniformly by a hash of
+    `id_column` and `seed`. Two passes: the per-key counts (an aggregate), then the rows whose
+    draw falls under their key's rate."""
+    ds = where_valid(ds, key)
+    counts = runtime.aggregate(ds, [key], {"n": ("count", None)}, partitions)
+    if counts.height == 0 or per_key <= 0 or cap <= 0:
+        return pl.DataFrame()
+    n = counts["n"].to_numpy()
+    take = int(per_key)
+    while take > 1 and np.minimum(n, take).sum() > cap:
+        take = max(1, int(take * 0.8))
+    rate = {k: min(1.0, 1.5 * take / max(c, 1)) + 1e-9
+            for k, c in counts.select(key, "n").iter_rows()}
+
+    def draw(batch: pa.Table) -> pa.Table:
+        u = uniform(batch.column(id_column).to_pylist(), seed)
+        r = np.asarray([rate.get(k, 0.0) for k in batch.column(key).to_pylist()])
+        return batch.filter(pa.array(u < r)).append_column(_U, pa.array(u[u < r]))
+
+    parts = [pl.from_arrow(t) for t in _refs(ds.map_batches(draw, batch_format="pyarrow"))]
+    parts = [p for p in parts if p.height]
+    if not parts:
+        return pl.DataFrame()
+    rows = pl.concat(parts, how="vertical_relaxed").sort([key, _U, id_column])
+    rows = rows.group_by(key, maintain_order=True).head(take).drop(_U)
+    return rows.head(cap)
+
+
+def first_per_key(ds, key: str, id_column: str, n: int, seed: int, partitions: int = 1) -> pl.DataFrame:
+    """For each value of `key`: `n` rows chosen by a hash of `id_column` (deterministic), as one
+    group per worker call — bounded output, whatever a group's size."""
+    if n <= 0:
+        return pl.DataFrame()
+
+    def head(group: pa.Table) -> pa.Table:
+        u = uniform(group.column(id_column).to_pylist(), seed)
+        order = np.argsort(u, kind="stable")[:n]
+        return group.take(pa.array(order))
+
+    out = ds.groupby(key, num_partitions=partitions).map_groups(head, batch_format="pyarrow")
+    parts = [pl.from_arrow(t) for t in _refs(out)]
+    parts = [p for p in parts if p.height]
+    return pl.concat(parts, how="vertical_relaxed") if parts else pl.DataFrame()
+
+
+def vector_sums(ds, key: str, vector: str, partitions: int = 1) -> pl.DataFrame:
+    """Per value of `key`: the row count `n` and the `sum` of the fixed-size vectors in column
+    `vector` (partial sums per block in the tasks, then one sum per key)."""
+    ds = where_valid(ds, key)
+
+    def partial(batch: pa.Table) -> pa.Table:
+        keys = batch.column(key).to_pylist()
+        col = batch.column(vector).combine_chunks()
+        dim = col.type.list_size
+        vecs = col.values.to_numpy(zero_copy_only=False).astype(np.float64).reshape(-1, dim)
+        uniq, inv = np.unique(np.asarray(keys, dtype=object), return_inverse=True)
+        sums = np.zeros((len(uniq), dim))
+        np.add.at(sums, inv, vecs)
+        return pa.table({key: pa.array(list(uniq), pa.string()),
+                         "n": pa.array(np.bincount(inv, minlength=len(uniq)), pa.int64()),
+                         "sum": pa.array(list(sums), pa.list_(pa.float64()))})
+
+    def total(group: pa.Table) -> pa.Table:
+        sums = np.asarray(group.column("sum").to_pylist(), dtype=np.float64).sum(0)
+        return pa.table({key: group.column(key).slice(0, 1),
+                         "n": pa.array([pc.sum(group.column("n")).as_py()], pa.int64()),
+                         "sum": pa.array([sums], pa.list_(pa.float64()))})
+
+    out = (ds.select_columns([key, vector]).map_batches(partial, batch_format="pyarrow")
+           .groupby(key, num_partitions=partitions).map_groups(total, batch_format="pyarrow"))
+    parts = [pl.from_arrow(t) for t in _refs(out)]
+    parts = [p for p in parts if p.height]
+    return pl.concat(parts, how="vertical_relaxed") if parts else pl.DataFrame()
+
+
+def _refs(ds) -> list[pa.Table]:
+    import ray
+
+    return ray.get(ds.to_arrow_refs())

@@ -50,12 +50,14 @@ def table_dataset(path: Path, schema: pa.Schema | None = None) -> pads.Dataset |
 
 def scan_batches(path: Path, columns: list[str] | None = None, filter=None,
                  schema: pa.Schema | None = None,
-                 batch_rows: int = BATCH_ROWS) -> Iterator[pa.RecordBatch]:
+                 batch_rows: int | None = None) -> Iterator[pa.RecordBatch]:
     """The rows of a table, one bounded batch at a time (nothing when the table is absent)."""
     ds = table_dataset(path, schema)
     if ds is None:
         return
-    for batch in ds.to_batches(columns=columns, filter=filter, batch_size=batch_rows):
+    # one file at a time, no read-ahead of further fragments: memory stays at about one batch
+    for batch in ds.to_batches(columns=columns, filter=filter, batch_size=batch_rows or BATCH_ROWS,
+                               batch_readahead=0, fragment_readahead=0):
         if batch.num_rows:
             yield batch
 

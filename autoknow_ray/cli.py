@@ -188,10 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
-    if args.quiet:
-        from autoknow_ray import progress
+    from autoknow_ray import progress
 
-        progress.set_enabled(False)
+    progress.configure(quiet=args.quiet)
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError) as e:

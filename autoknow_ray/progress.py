@@ -28,6 +28,15 @@ def set_enabled(on: bool) -> None:
     os.environ[ENV] = "1" if on else "0"
 
 
+def configure(quiet: bool = False) -> None:
+    """Called once by the CLI. `quiet` turns progress off; the Hugging Face model-loading bars
+    go too when quiet or when stderr is not a terminal (they redraw with carriage returns)."""
+    if quiet:
+        set_enabled(False)
+    if quiet or not _is_terminal(sys.stderr):
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
 def _is_terminal(stream) -> bool:
     try:
         return stream.isatty()

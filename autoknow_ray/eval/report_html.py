@@ -10,6 +10,7 @@ import html
 import json
 
 CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
+MAX_UNFOLDED_METRICS = 12  # deeper keys of one metric family shown before they are folded away
 COLORS = ("#9aa5b1", "#2f6fde", "#e07b39", "#3a9d5d", "#c2417c", "#7a5cc7")
 STYLE = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#1d2630;background:#f6f7f9}
@@ -133,16 +134,23 @@ def _metrics(report: dict) -> str:
     if not rows:
         return ("<p class='muted'>No gold-label metrics for this run yet: "
                 "<code>autoknow eval --run RUN --gold GOLD</code> scores it and re-renders this page.</p>")
-    main_rows = [r for r in rows if r["metric"].count(".") <= 1 or r.get("anchor_source")]
+    # a family with many deep keys (one per attribute) is folded away; headline keys stay
+    deep: dict[str, int] = {}
+    for r in rows:
+        if r["metric"].count(".") >= 2:
+            family = r["metric"].split(".")[0]
+            deep[family] = deep.get(family, 0) + 1
+    main_rows = [r for r in rows if r.get("anchor_source") or r["metric"].count(".") < 2
+                 or deep[r["metric"].split(".")[0]] <= MAX_UNFOLDED_METRICS]
     rest = [r for r in rows if r not in main_rows]
     cols = ["metric", "value", "anchor", "anchor_source"]
     with_anchor = [r for r in main_rows if r.get("anchor") is not None]
     chart = bar_chart([r["metric"] for r in with_anchor],
-                      [[r["value"] for r in with_anchor], [r["anchor"] for r in with_anchor]],
-                      ["this run", "published anchor"])
+                      [[r["anchor"] for r in with_anchor], [r["value"] for r in with_anchor]],
+                      ["published anchor", "this run"])
     return ("<p class='muted'>Anchors are published figures for the same task on other test sets: "
             "for orientation, not a pass mark.</p>" + chart + table(main_rows, cols)
-            + (f"<details><summary>{len(rest)} more metrics (per attribute, per depth)</summary>"
+            + (f"<details><summary>{len(rest)} more metrics (per attribute)</summary>"
                + table(rest, cols) + "</details>" if rest else ""))
 
 

@@ -102,6 +102,8 @@ def test_literal_and_iri_escaping():
     assert ex.nt_literal("café ☕") == '"café ☕"'
     assert ex.iri("type", "a b<c>") == "<urn:autoknow:type:a%20b%3Cc%3E>"
     assert ex.iri("value", "Size/Fit", "x") == "<urn:autoknow:value:Size%2FFit/x>"
+    assert ex.value_id("Pack Size", "12 oz") == "Pack Size=12 oz"
+    assert ex.value_id("a=b", "c") != ex.value_id("a", "b=c")
 
 
 def test_sharded_graph_exports_the_same_statements(run, tmp_path):

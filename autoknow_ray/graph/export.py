@@ -231,7 +231,6 @@ def export_ntriples(run: Path, out: Path) -> dict:
 
 
 # ---- Neo4j bulk import CSVs ------------------------------------------------------------------
-VALUE_ID_SEP = "\x1f"  # attribute and value joined: a value node is per attribute
 
 
 def _csv_field(x) -> str:
@@ -284,7 +283,9 @@ NODE_FILES = ("products", "types", "attributes", "values")
 
 
 def value_id(attribute: str, value: str) -> str:
-    return f"{attribute}{VALUE_ID_SEP}{value}"
+    """`Flavor=smoky bbq`: a value node is per attribute; the attribute is percent-encoded
+    (spaces kept) so the first `=` always ends it."""
+    return f"{quote(attribute, safe=' ')}={value}"
 
 
 def export_neo4j(run: Path, out: Path) -> dict:

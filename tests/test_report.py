@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -209,7 +210,10 @@ def test_progress_lines_are_bounded_and_quiet_turns_them_off(monkeypatch, capsys
 
 def test_quiet_flag_silences_the_synth_bar(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(progress.ENV, "1")
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
     assert main(["synth", "--products", "30", "--out", str(tmp_path / "a")]) == 0
     assert "synth: 30/30 products (100%)" in capsys.readouterr().err
     assert main(["--quiet", "synth", "--products", "30", "--out", str(tmp_path / "b")]) == 0
     assert "synth:" not in capsys.readouterr().err
+    # in a log, the model-loading bars of the Hugging Face libraries are off as well
+    assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"

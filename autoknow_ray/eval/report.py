@@ -171,10 +171,16 @@ def edit_samples(run: Path, per_group: int = SAMPLES_PER_GROUP,
     flt = pc.field("status").isin(list(EDIT_STATUSES))
     for b in scan_batches(path, None, flt, GRAPH_TABLES["triples"]):
         scanned += b.num_rows
-        for r in b.to_pylist():
-            g = groups.setdefault((r["module"] or "?", r["status"]), [])
-            if len(g) < per_group:
-                g.append(r)
+        wanted: dict[tuple[str, str], list[int]] = {}
+        keys = zip(b.column("module").to_pylist(), b.column("status").to_pylist())
+        for i, (module, status) in enumerate(keys):  # two columns only; rows are taken below
+            key = (module or "?", status)
+            rows = wanted.setdefault(key, [])
+            if len(groups.get(key, ())) + len(rows) < per_group:
+                rows.append(i)
+        for key, idx in wanted.items():
+            if idx:
+                groups.setdefault(key, []).extend(b.take(idx).to_pylist())
         if scanned >= max_scan:
             break
     ids = {r["subject"] for g in groups.values() for r in g if r["subject"] is not None}

@@ -151,8 +151,7 @@ def test_neo4j_import_files(run, tmp_path):
     assert len(has_type) == live.filter(pl.col("relation") == HAS_TYPE).height
     assert len(has_value) == live.filter(pl.col("relation") != HAS_TYPE).height
     _, related = _read_csv(tmp_path / "related_to.csv")
-    assert related == [["p001", "p002", "1", "0.800000011920929", "RELATED_TO"],
-                       ["p001", "p003", "2", "0.6000000238418579", "RELATED_TO"]]
+    assert related == [["p001", "p002", "1", "0.8", "RELATED_TO"], ["p001", "p003", "2", "0.6", "RELATED_TO"]]
 
 
 def _triples_run(root: Path, n: int, shards: int = 4) -> Path:

@@ -17,6 +17,7 @@ from urllib.parse import quote
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
 
 from autoknow_ray.pipeline import table_file
@@ -244,18 +245,28 @@ def _csv_field(x) -> str:
     return s
 
 
+_ARROW_CSV = pacsv.WriteOptions(include_header=False, quoting_style="needed")
+
+
 class _CsvFile:
     def __init__(self, path: Path, header: list[str]):
         self.path = path
-        self.f = path.open("w", encoding="utf-8", newline="")
-        self.f.write(",".join(header) + "\n")
+        self.f = path.open("wb")
+        self.f.write((",".join(header) + "\n").encode())
         self.rows = 0
 
     def write(self, rows) -> None:
+        """Rows of Python values (the small per-type tables)."""
         lines = [",".join(_csv_field(x) for x in r) for r in rows]
         if lines:
-            self.f.write("\n".join(lines) + "\n")
+            self.f.write(("\n".join(lines) + "\n").encode("utf-8"))
             self.rows += len(lines)
+
+    def write_table(self, table: pa.Table) -> None:
+        """A batch of a per-product table, written by Arrow's CSV writer (quoted as needed)."""
+        if table.num_rows:
+            pacsv.write_csv(table, self.f, write_options=_ARROW_CSV)
+            self.rows += table.num_rows
 
     def close(self) -> None:
         self.f.close()
@@ -282,6 +293,20 @@ NEO4J_FILES = {
 NODE_FILES = ("products", "types", "attributes", "values")
 
 
+def _with_label(batch, label: str) -> pa.Table:
+    """The batch's columns then a constant `:LABEL` / `:TYPE` column."""
+    t = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
+    return t.append_column("_label", pa.array([label] * t.num_rows, pa.string()))
+
+
+def _value_ids(attributes: pa.ChunkedArray, values: pa.ChunkedArray) -> pa.ChunkedArray:
+    """`value_id` for a whole column: the few distinct attributes are encoded once each."""
+    distinct = pc.unique(attributes)
+    encoded = pa.array([quote(a, safe=" ") for a in distinct.to_pylist()], pa.string())
+    prefix = encoded.take(pc.index_in(attributes, value_set=distinct))
+    return pc.binary_join_element_wise(prefix, values, "=")
+
+
 def value_id(attribute: str, value: str) -> str:
     """`Flavor=smoky bbq`: a value node is per attribute; the attribute is percent-encoded
     (spaces kept) so the first `=` always ends it."""
@@ -297,9 +322,9 @@ def export_neo4j(run: Path, out: Path) -> dict:
     types: dict[str, bool] = {}  # per-type: small next to the products
     attributes: set[str] = set()
     try:
-        for b in scan_batches(table_file(Path(run) / "ingest", "products"), ["product_id", "title"]):
-            files["products"].write((p, t, "Product") for p, t in _rows(b, ["product_id", "title"])
-                                    if p is not None)
+        for b in scan_batches(table_file(Path(run) / "ingest", "products"), ["product_id", "title"],
+                              pc.field("product_id").is_valid()):
+            files["products"].write_table(_with_label(b, "Product"))
         cols = ["type", "parent", "is_new", "confidence"]
         for b in scan_batches(graph_table(run, "taxonomy"), cols, None, GRAPH_TABLES["taxonomy"]):
             rows = []
@@ -312,21 +337,24 @@ def export_neo4j(run: Path, out: Path) -> dict:
                     rows.append((t, parent, conf, "SUBTYPE_OF"))
             files["subtype_of"].write(rows)
         cols = ["subject", "relation", "object", "confidence", "module", "status", "evidence"]
-        for b in scan_batches(graph_table(run, "triples"), cols, _live_filter(), GRAPH_TABLES["triples"]):
-            typed, valued, values = [], [], {}
-            for s, r, o, conf, mod, status, ev in _rows(b, cols):
-                if s is None or r is None or o is None:
-                    continue
-                if r == HAS_TYPE:
-                    types.setdefault(o, False)
-                    typed.append((s, o, conf, mod, status, ev, "HAS_TYPE"))
-                else:
-                    vid = value_id(r, o)
-                    values[vid] = (r, o)
-                    valued.append((s, vid, r, conf, mod, status, ev, "HAS_VALUE"))
-            files["has_type"].write(typed)
-            files["has_value"].write(valued)
-            files["values"].write((vid, a, v, "Value") for vid, (a, v) in values.items())
+        complete = (_live_filter() & pc.field("subject").is_valid() & pc.field("relation").is_valid()
+                    & pc.field("object").is_valid())
+        for b in scan_batches(graph_table(run, "triples"), cols, complete, GRAPH_TABLES["triples"]):
+            t = pa.Table.from_batches([b])
+            is_type = pc.equal(t["relation"], HAS_TYPE)
+            typed = t.filter(is_type)
+            for name in pc.unique(typed["object"]).to_pylist():  # per-type: a handful per batch
+                types.setdefault(name, False)
+            files["has_type"].write_table(_with_label(typed.select(
+                ["subject", "object", "confidence", "module", "status", "evidence"]), "HAS_TYPE"))
+            valued = t.filter(pc.invert(is_type))
+            vid = _value_ids(valued["relation"], valued["object"])
+            files["has_value"].write_table(_with_label(pa.table(
+                [valued["subject"], vid, valued["relation"], valued["confidence"], valued["module"],
+                 valued["status"], valued["evidence"]],
+                names=["s", "v", "attribute", "confidence", "module", "status", "evidence"]), "HAS_VALUE"))
+            values = pa.table([vid, valued["relation"], valued["object"]], names=["v", "a", "o"])
+            files["values"].write_table(_with_label(values.group_by(["v", "a", "o"]).aggregate([]), "Value"))
         cols = ["type", "attribute", "applicability", "applicable", "importance", "rank"]
         for b in scan_batches(graph_table(run, "attributes"), cols, None, GRAPH_TABLES["attributes"]):
             rows = []
@@ -356,9 +384,9 @@ def export_neo4j(run: Path, out: Path) -> dict:
             files["value_synonym_of"].write(vrows)
             files["values"].write((vid, a, v, "Value") for vid, (a, v) in values.items())
         cols = ["product_id", "related_id", "rank", "score"]
-        for b in scan_batches(graph_table(run, "related"), cols, None, GRAPH_TABLES["related"]):
-            files["related_to"].write((p, r, k, sc, "RELATED_TO") for p, r, k, sc in _rows(b, cols)
-                                      if p is not None and r is not None)
+        both = pc.field("product_id").is_valid() & pc.field("related_id").is_valid()
+        for b in scan_batches(graph_table(run, "related"), cols, both, GRAPH_TABLES["related"]):
+            files["related_to"].write_table(_with_label(b, "RELATED_TO"))
         files["types"].write((t, new, "Type") for t, new in sorted(types.items()))
         files["attributes"].write((a, "Attribute") for a in sorted(attributes))
     finally:

@@ -15,7 +15,7 @@ from autoknow_ray.pipeline import RunContext, Stage, run_stages
 from autoknow_ray.schema import CATALOGUE_TABLES, GRAPH_TABLES, QUARANTINE, TRIPLES, conform
 
 EVIL_TITLE = '<script>alert("x")</script><img src=x onerror=alert(1)> Crunchy Snack'
-TRICKY_VALUE = 'say "hi"\\ back\nline two\ttab'
+TRICKY_VALUE = 'say "hi"\\ back\nline two\ttab\x01 café'
 N_PRODUCTS = 40
 
 

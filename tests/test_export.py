@@ -99,6 +99,11 @@ def test_synonyms_related_and_attribute_importance(store):
 
 def test_literal_and_iri_escaping():
     assert ex.nt_literal('a"b\\c\nd\re\tf\x01') == '"a\\"b\\\\c\\nd\\re\\tf\\u0001"'
+    # the column forms the per-product tables use say exactly the same
+    texts = ["plain", 'a"b\\c\nd\re\tf\x01g\x0bh\x7f', "café ☕", "", "x\bz\fq"]
+    assert ex.literal_column(pa.array(texts)).to_pylist() == [ex.nt_literal(t) for t in texts]
+    names = ["p001", "a b<c>", "Size/Fit", "ü", ""]
+    assert ex.iri_column("type", pa.array(names)).to_pylist() == [ex.iri("type", n) for n in names]
     assert ex.nt_literal("café ☕") == '"café ☕"'
     assert ex.iri("type", "a b<c>") == "<urn:autoknow:type:a%20b%3Cc%3E>"
     assert ex.iri("value", "Size/Fit", "x") == "<urn:autoknow:value:Size%2FFit/x>"

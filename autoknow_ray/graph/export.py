@@ -115,31 +115,69 @@ def _rows(batch: pa.RecordBatch, cols: list[str]):
     return zip(*(batch.column(c).to_pylist() for c in cols))
 
 
+# Vectorised forms of `iri` and `nt_literal` for the per-product tables: Arrow string kernels
+# do the common case, Python the rare names and texts that need percent-encoding or \\uXXXX.
+_IRI_SAFE = r"^[A-Za-z0-9._~-]*$"  # exactly what quote(safe="") leaves as it is
+_RARE_CONTROL = "[\\x00-\\x07\\x0b\\x0e-\\x1f\\x7f]"  # control characters without a short escape
+_LITERAL_ESCAPES = (("\\", "\\\\"), ('"', '\\"'), ("\n", "\\n"), ("\r", "\\r"), ("\t", "\\t"),
+                    ("\b", "\\b"), ("\f", "\\f"))
+
+
+def _patch(column: pa.Array, needs_python: pa.Array, fn) -> pa.Array:
+    """`column` with the rows flagged in `needs_python` replaced by fn(original value)."""
+    if not pc.any(needs_python).as_py():
+        return column
+    idx = pc.indices_nonzero(needs_python)
+    fixed = pa.array([fn(x) for x in column.take(idx).to_pylist()], pa.string())
+    return pc.replace_with_mask(column, needs_python, fixed)
+
+
+def iri_column(kind: str, names: pa.Array) -> pa.Array:
+    """`iri(kind, name)` for every name of a column."""
+    names = pa.concat_arrays(names.chunks) if isinstance(names, pa.ChunkedArray) else names
+    encoded = _patch(names, pc.invert(pc.match_substring_regex(names, _IRI_SAFE)),
+                     lambda x: quote(x, safe=""))
+    return pc.binary_join_element_wise(f"<{BASE}{kind}:", encoded, ">", "")
+
+
+def literal_column(texts: pa.Array) -> pa.Array:
+    """`nt_literal(text)` for every text of a column."""
+    texts = pa.concat_arrays(texts.chunks) if isinstance(texts, pa.ChunkedArray) else texts
+    rare = pc.match_substring_regex(texts, _RARE_CONTROL)
+    escaped = texts
+    for plain, esc in _LITERAL_ESCAPES:
+        escaped = pc.replace_substring(escaped, plain, esc)
+    quoted = pc.binary_join_element_wise('"', escaped, '"', "")
+    return pc.if_else(rare, _patch(texts, rare, nt_literal), quoted)
+
+
+def _statements(*columns) -> str:
+    """One N-Triples line per row from subject, predicate and object columns (or strings)."""
+    return "\n".join(pc.binary_join_element_wise(*columns, ".", " ").to_pylist())
+
+
 def _nt_products(run: Path) -> Iterator[str]:
-    for b in scan_batches(table_file(Path(run) / "ingest", "products"), ["product_id", "title"]):
-        lines = []
-        for pid, title in _rows(b, ["product_id", "title"]):
-            if pid is None:
-                continue
-            s = iri("product", pid)
-            lines.append(f"{s} <{RDF_TYPE}> {_v('Product')} .")
-            if title is not None:
-                lines.append(f"{s} <{RDFS_LABEL}> {nt_literal(title)} .")
-        yield "\n".join(lines)
+    valid = pc.field("product_id").is_valid()
+    for b in scan_batches(table_file(Path(run) / "ingest", "products"), ["product_id", "title"], valid):
+        s = iri_column("product", b.column("product_id"))
+        yield _statements(s, f"<{RDF_TYPE}>", _v("Product"))
+        titled = pc.is_valid(b.column("title"))
+        yield _statements(s.filter(titled), f"<{RDFS_LABEL}>",
+                          literal_column(b.column("title").filter(titled)))
 
 
 def _nt_triples(run: Path) -> Iterator[str]:
     cols = ["subject", "relation", "object"]
-    for b in scan_batches(graph_table(run, "triples"), cols, _live_filter(), GRAPH_TABLES["triples"]):
-        lines = []
-        for s, r, o in _rows(b, cols):
-            if s is None or r is None or o is None:
-                continue
-            if r == HAS_TYPE:
-                lines.append(f"{iri('product', s)} {_v('hasType')} {iri('type', o)} .")
-            else:
-                lines.append(f"{iri('product', s)} {iri('attribute', r)} {nt_literal(o)} .")
-        yield "\n".join(lines)
+    complete = (_live_filter() & pc.field("subject").is_valid() & pc.field("relation").is_valid()
+                & pc.field("object").is_valid())
+    for b in scan_batches(graph_table(run, "triples"), cols, complete, GRAPH_TABLES["triples"]):
+        is_type = pc.equal(b.column("relation"), HAS_TYPE)
+        typed, valued = b.filter(is_type), b.filter(pc.invert(is_type))
+        yield _statements(iri_column("product", typed.column("subject")), _v("hasType"),
+                          iri_column("type", typed.column("object")))
+        yield _statements(iri_column("product", valued.column("subject")),
+                          iri_column("attribute", valued.column("relation")),
+                          literal_column(valued.column("object")))
 
 
 def _nt_taxonomy(run: Path) -> Iterator[str]:
@@ -202,10 +240,11 @@ def _nt_synonyms(run: Path) -> Iterator[str]:
 
 
 def _nt_related(run: Path) -> Iterator[str]:
-    cols = ["product_id", "related_id"]
-    for b in scan_batches(graph_table(run, "related"), cols, None, GRAPH_TABLES["related"]):
-        yield "\n".join(f"{iri('product', p)} {_v('relatedTo')} {iri('product', r)} ."
-                        for p, r in _rows(b, cols) if p is not None and r is not None)
+    both = pc.field("product_id").is_valid() & pc.field("related_id").is_valid()
+    for b in scan_batches(graph_table(run, "related"), ["product_id", "related_id"], both,
+                          GRAPH_TABLES["related"]):
+        yield _statements(iri_column("product", b.column("product_id")), _v("relatedTo"),
+                          iri_column("product", b.column("related_id")))
 
 
 NT_PARTS: dict[str, Callable[[Path], Iterator[str]]] = {

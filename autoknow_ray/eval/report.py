@@ -25,6 +25,7 @@ from autoknow_ray.schema import GRAPH_TABLES
 # How much of the per-product tables the page shows: bounded, whatever the catalogue's size.
 SAMPLES_PER_GROUP = 25  # triples per (module, status)
 SAMPLE_SCAN_ROWS = 2_000_000  # edited triples scanned at most to fill the groups
+SAMPLE_SETTLED_ROWS = 500_000  # ... and the scan stops once this many bring no new group
 TABLE_SAMPLE_ROWS = 15  # first rows shown of each graph table
 QUARANTINE_SAMPLE_ROWS = 20
 MAX_REASONS = 200  # distinct quarantine reasons counted; the rest are summed as "(other)"
@@ -164,10 +165,11 @@ def _group_counts(batch, keys: list[str]):
 def edit_samples(run: Path, per_group: int = SAMPLES_PER_GROUP,
                  max_scan: int = SAMPLE_SCAN_ROWS) -> dict[str, dict[str, list[dict]]]:
     """The first `per_group` added / corrected / removed triples per module, with the product's
-    title, from a scan of the edited triples that stops at `max_scan` rows."""
+    title, from a scan of the edited triples that stops at `max_scan` rows, or earlier when
+    every group is full and SAMPLE_SETTLED_ROWS more rows brought no new (module, status)."""
     path = table_file(run / "graph", "triples")
     groups: dict[tuple[str, str], list[dict]] = {}
-    scanned = 0
+    scanned = last_new_group = 0
     flt = pc.field("status").isin(list(EDIT_STATUSES))
     for b in scan_batches(path, None, flt, GRAPH_TABLES["triples"]):
         scanned += b.num_rows
@@ -178,10 +180,12 @@ def edit_samples(run: Path, per_group: int = SAMPLES_PER_GROUP,
             rows = wanted.setdefault(key, [])
             if len(groups.get(key, ())) + len(rows) < per_group:
                 rows.append(i)
+        if any(key not in groups for key in wanted):
+            last_new_group = scanned
         for key, idx in wanted.items():
-            if idx:
-                groups.setdefault(key, []).extend(b.take(idx).to_pylist())
-        if scanned >= max_scan:
+            groups.setdefault(key, []).extend(b.take(idx).to_pylist() if idx else [])
+        full = all(len(g) >= per_group for g in groups.values())
+        if scanned >= max_scan or (full and scanned - last_new_group >= SAMPLE_SETTLED_ROWS):
             break
     ids = {r["subject"] for g in groups.values() for r in g if r["subject"] is not None}
     titles = product_titles(run, ids)

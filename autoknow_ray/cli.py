@@ -64,15 +64,29 @@ def cmd_rebuild(a) -> int:
 def cmd_eval(a) -> int:
     from autoknow_ray.eval.evaluate import evaluate, format_table
 
+    from autoknow_ray.eval.report import rerender
+
     if not a.against:
         print(format_table(evaluate(a.run, a.gold)))
         print(f"\nwritten to {a.run}/eval.json")
+        if rerender(a.run):
+            print(f"report page updated: {a.run}/report.html")
         return 0
     from autoknow_ray.eval.baselines import evaluate_runs, format_comparison
 
     runs = [a.run, *a.against]
     print(format_comparison(evaluate_runs(runs, a.gold)))
     print("\nwritten to " + ", ".join(f"{r}/eval.json" for r in runs))
+    for r in runs:
+        if rerender(r):
+            print(f"report page updated: {r}/report.html")
+    return 0
+
+
+def cmd_export(a) -> int:
+    from autoknow_ray.graph.export import export
+
+    print(json.dumps(export(a.run, a.format, a.out), indent=2))
     return 0
 
 
@@ -99,6 +113,8 @@ def cmd_bench(a) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="autoknow", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bars or stage lines (results are still printed)")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("synth", help="write a synthetic catalogue with gold labels")
@@ -151,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--train", default=None, help="training catalogue (required for dictionary)")
     s.add_argument("--encoder", default="default", help="text encoder for centroid")
     s.set_defaults(func=cmd_baseline)
+    s = sub.add_parser("export", help="write a run's graph as N-Triples or Neo4j import CSVs")
+    s.add_argument("--run", required=True)
+    s.add_argument("--format", required=True, choices=("nt", "neo4j"))
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_export)
     s = sub.add_parser("bench", help="scaling benchmark: sizes x workers, against the simple way")
     s.add_argument("--out", default="runs/bench")
     s.add_argument("--quick", action="store_true", help="small sizes that finish in minutes")
@@ -167,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
+    from autoknow_ray import progress
+
+    progress.configure(quiet=args.quiet)
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError) as e:

@@ -20,7 +20,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from autoknow_ray import __version__
+from autoknow_ray import __version__, progress
 from autoknow_ray.config import Config
 
 log = logging.getLogger(__name__)
@@ -174,6 +174,7 @@ def run_stages(stages: list[Stage], ctx: RunContext, *, force: bool = False) -> 
         done = read_manifest(final)
         if not force and done.get("fingerprint") == fp and done.get("complete"):
             log.info("stage %s: up to date, skipped", stage.name)
+            progress.stage_skipped(stage.name)
             results.append({**done, "skipped": True})
             continue
         tmp = ctx.run_dir / f".{stage.name}.tmp"
@@ -186,11 +187,13 @@ def run_stages(stages: list[Stage], ctx: RunContext, *, force: bool = False) -> 
                 shutil.rmtree(old)
         ctx.out, ctx.resume = tmp, resume_root / fp
         log.info("stage %s: running", stage.name)
+        progress.stage_started(stage.name)
         t0 = time.perf_counter()
         counts = stage.run(ctx)
         seconds = time.perf_counter() - t0
         ctx.out = ctx.resume = None
         rows = counts.get("rows_in") or counts.get("rows_out") or 0
+        progress.stage_finished(stage.name, seconds, rows)
         manifest = {
             "stage": stage.name,
             "fingerprint": fp,

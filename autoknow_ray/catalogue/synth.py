@@ -42,6 +42,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from autoknow_ray.progress import bar as progress_bar
 from autoknow_ray.schema import (
     ATTRIBUTE_PAIR,
     BEHAVIOR,
@@ -1366,11 +1367,7 @@ def synthesize(
     shard = 0
     for w in writers.values():
         w.open(0)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=n_products, unit="products", desc="synth", dynamic_ncols=True)
+    bar = progress_bar(n_products, "synth", "products", on=progress)
     block = 0
     start = 0
     while start < n_products:
@@ -1395,14 +1392,12 @@ def synthesize(
                 if b > a:
                     writers[name].add(tab.slice(a, b - a))
             lo = hi
-        if bar is not None:
-            bar.update(n)
+        bar.update(n)
         start += n
         block += 1
     for w in writers.values():
         w.close()
-    if bar is not None:
-        bar.close()
+    bar.close()
 
     counts = {name: w.rows for name, w in writers.items()}
     tax = world.taxonomy_rows()

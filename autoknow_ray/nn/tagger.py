@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from autoknow_ray import progress
 from autoknow_ray.nn.encoder import (
     autocast,
     inference_bf16,
@@ -660,6 +661,7 @@ def train_span_tagger(
         history.append(rec)
         if rank == 0:
             log.info("tagger epoch %s %s", epoch, {k: round(v, 4) for k, v in rec.items()})
+            progress.epoch_line("tagger", epoch, s.epochs, rec)
         if on_epoch is not None:
             on_epoch(rec)
         if val_ex and s.patience and bad >= s.patience:

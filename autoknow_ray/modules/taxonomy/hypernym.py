@@ -31,6 +31,7 @@ import polars as pl
 import torch
 from rapidfuzz import fuzz
 
+from autoknow_ray import progress
 from autoknow_ray.index.faiss_index import VectorIndex
 from autoknow_ray.modules.taxonomy.hypernym_config import HypernymConfig
 from autoknow_ray.modules.taxonomy.types import (
@@ -861,6 +862,7 @@ class HypernymClassifier:
                 tot += float(loss.detach()) * len(b)
             sched.step()
             hist.append(tot / N)
+            progress.epoch_line("hypernym", _epoch + 1, cfg.epochs, {"loss": hist[-1]})
         self.model.eval()
         return hist
 

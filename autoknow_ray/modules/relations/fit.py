@@ -25,7 +25,7 @@ from autoknow_ray.eval.metrics import average_precision, spearman
 from autoknow_ray.modules.relations.config import RelationsConfig
 from autoknow_ray.modules.relations.counting import count_mentions, sample_vocabulary
 from autoknow_ray.modules.relations.features import (
-    FEATURES, Known, embed_names, feature_matrix, text_features, wide_counts,
+    FEATURES, Known, Vocabulary, embed_names, feature_matrix, text_features, wide_counts,
 )
 from autoknow_ray.modules.relations.model import f1_at, predict, save_scorer, train_scorer
 from autoknow_ray.pipeline import RunContext
@@ -70,14 +70,22 @@ def _mean_spearman(types: list[str], n_attr: int, y: np.ndarray, target: np.ndar
 
 def fit_relations(ctx: RunContext, out: Path) -> dict:
     cfg: RelationsConfig = ctx.cfg.relations
-    seed = ctx.cfg.seed
     t0 = time.perf_counter()
     vocab = sample_vocabulary(ctx, cfg)
     if not vocab.attributes:
         return {"skipped": "no product has a structured attribute: no label says which "
                            "attributes apply to which type"}
-    attrs = vocab.attributes
     long = count_mentions(ctx, vocab, cfg)
+    stats = fit_from_counts(long, vocab, ctx.read("ingest", "taxonomy"), cfg, out,
+                            seed=ctx.cfg.seed, device=ctx.cfg.device)
+    return {**stats, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def fit_from_counts(long: pl.DataFrame, vocab: Vocabulary, taxonomy: pl.DataFrame,
+                    cfg: RelationsConfig, out: Path, *, seed: int, device: str = "auto") -> dict:
+    """Labels, features, model choice and the final models, from the summed counts (small:
+    types x attributes) of `counting.count_mentions`."""
+    attrs = vocab.attributes
     totals, hits = wide_counts(long, attrs)
     filled_types = set(hits.filter(pl.col("filled") > 0)["type"].to_list())
     typed = totals.filter((pl.col("type") != "") & (pl.col("products") > 0))
@@ -92,9 +100,8 @@ def fit_relations(ctx: RunContext, out: Path) -> dict:
     df = importance_target(text_features(totals, hits, types, attrs), cfg.importance_customer_weight)
     y = (df["filled"].to_numpy() >= cfg.min_fill_products).astype(np.float32)
     imp = df["importance_target"].to_numpy().astype(np.float32).clip(0, 1)
-    taxonomy = ctx.read("ingest", "taxonomy")
-    type_emb = embed_names(cfg.encoder, types, ctx.cfg.device)
-    attr_emb = embed_names(cfg.encoder, attrs, ctx.cfg.device)
+    type_emb = embed_names(cfg.encoder, types, device)
+    attr_emb = embed_names(cfg.encoder, attrs, device)
     labels = y.reshape(len(types), len(attrs))
     na = len(attrs)
 
@@ -156,5 +163,4 @@ def fit_relations(ctx: RunContext, out: Path) -> dict:
         "validation_types": len(val_types),
         "comparison": comparison,
         "model": kind,
-        "seconds": round(time.perf_counter() - t0, 2),
     }

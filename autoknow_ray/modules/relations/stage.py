@@ -62,6 +62,33 @@ def ranked(df: pl.DataFrame) -> pl.DataFrame:
         .rank("ordinal").over("type").cast(pl.Int32).alias("rank"))
 
 
+def score_pairs(models: RelationsModels, totals: pl.DataFrame, hits: pl.DataFrame,
+                types: list[str], without: list[str], attrs: list[str], taxonomy: pl.DataFrame,
+                cfg: RelationsConfig, device: str = "auto"):
+    """The graph_attributes rows of `types` x `attrs`, the feature matrix and the text features."""
+    df = text_features(totals, hits, types, attrs)
+    known = models.known(attrs)
+    type_emb = embed_names(cfg.encoder, types, device)
+    attr_emb = embed_names(cfg.encoder, attrs, device)
+    x = feature_matrix(df, types, attrs, known, type_emb, attr_emb, taxonomy, cfg.neighbours)
+    applicability = predict(models.applicability, x)
+    importance = (predict(models.importance, x) if models.importance is not None
+                  else applicability.copy())
+    # no products, no text: the neighbours' say (taxonomy first, else name embedding)
+    no_text = np.repeat(np.array([t in set(without) for t in types]), len(attrs))
+    f = {n: i for i, n in enumerate(FEATURES)}
+    tax_known = x[:, f["tax_known"]] > 0
+    inherited = np.where(tax_known, x[:, f["tax_mean"]], x[:, f["knn_mean"]])
+    applicability = np.where(no_text, inherited, applicability).astype(np.float32)
+    out = ranked(pl.DataFrame({
+        "type": df["type"], "attribute": df["attribute"],
+        "applicability": applicability,
+        "applicable": applicability >= cfg.threshold,
+        "importance": importance.astype(np.float32),
+    }))
+    return out, x, df
+
+
 class RelationsStage(Stage):
     name = "relations"
     config_sections = ("relations", "resources")
@@ -107,26 +134,8 @@ class RelationsStage(Stage):
             return {**counts, "rows_out": 0, "applicable_pairs": 0,
                     "note": "no typed product and no taxonomy type" if not types
                     else "no attribute vocabulary"}
-        df = text_features(totals, hits, types, attrs)
-        known = models.known(attrs)
-        type_emb = embed_names(cfg.encoder, types, ctx.cfg.device)
-        attr_emb = embed_names(cfg.encoder, attrs, ctx.cfg.device)
-        x = feature_matrix(df, types, attrs, known, type_emb, attr_emb, taxonomy, cfg.neighbours)
-        applicability = predict(models.applicability, x)
-        importance = (predict(models.importance, x) if models.importance is not None
-                      else applicability.copy())
-        # no products, no text: the neighbours' say (taxonomy first, else name embedding)
-        no_text = np.repeat(np.array([t in set(without) for t in types]), len(attrs))
-        f = {n: i for i, n in enumerate(FEATURES)}
-        tax_known = x[:, f["tax_known"]] > 0
-        inherited = np.where(tax_known, x[:, f["tax_mean"]], x[:, f["knn_mean"]])
-        applicability = np.where(no_text, inherited, applicability).astype(np.float32)
-        out = ranked(pl.DataFrame({
-            "type": df["type"], "attribute": df["attribute"],
-            "applicability": applicability,
-            "applicable": applicability >= cfg.threshold,
-            "importance": importance.astype(np.float32),
-        }))
+        out, x, df = score_pairs(models, totals, hits, types, without, attrs, taxonomy, cfg,
+                                 ctx.cfg.device)
         ctx.write("graph_attributes", out.select(GRAPH_ATTRIBUTES.names), GRAPH_ATTRIBUTES)
         ctx.write("features", pl.concat([df.select("type", "attribute", "products", "texts"),
                                          pl.DataFrame(x, schema=list(FEATURES))],

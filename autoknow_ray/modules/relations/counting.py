@@ -20,12 +20,12 @@ PRODUCT_COLUMNS = ["product_id", "title", "description", "bullets", "attributes"
 
 
 def sample_vocabulary(ctx: RunContext, cfg: RelationsConfig) -> Vocabulary:
-    """Attribute names and values from a bounded, seeded sample of the products."""
-    path = ctx.table_path("ingest", "products")
-    n = state.count_rows(path)
+    """Attribute names and values (with the types that carry them) from a bounded, seeded sample
+    of the products."""
+    n = state.n_products(ctx)
     if n == 0:
         return Vocabulary([])
-    ds = runtime.read_parquet(path, ["product_id", "attributes"])
+    ds = state.typed_products(ctx, ["product_id", "attributes"])
     sample = runtime.bounded_sample(ds, cfg.vocabulary_sample, ctx.cfg.seed, n)
     return build_vocabulary(sample, cfg.max_attributes, cfg.values_per_attribute)
 

@@ -59,13 +59,18 @@ class Vocabulary:
     attributes: list[str]
     values: dict[str, list[str]] = field(default_factory=dict)
     products: dict[str, int] = field(default_factory=dict)  # products filled, in the sample
+    # attribute -> value -> the types (capped) whose products carry it: a value counts as evidence
+    # for a type only when other types have it too, in fit exactly as for a type never seen
+    value_types: dict[str, dict[str, list[str]]] = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return {"attributes": self.attributes, "values": self.values, "products": self.products}
+        return {"attributes": self.attributes, "values": self.values, "products": self.products,
+                "value_types": self.value_types}
 
     @classmethod
     def from_json(cls, d: dict) -> "Vocabulary":
-        return cls(list(d["attributes"]), dict(d.get("values", {})), dict(d.get("products", {})))
+        return cls(list(d["attributes"]), dict(d.get("values", {})), dict(d.get("products", {})),
+                   dict(d.get("value_types", {})))
 
     def merged(self, other: "Vocabulary", max_attributes: int, per_attribute: int) -> "Vocabulary":
         """This vocabulary first, then the other's attributes, within the caps."""
@@ -73,15 +78,23 @@ class Vocabulary:
         values = {a: list(dict.fromkeys([*self.values.get(a, []), *other.values.get(a, [])]))
                   [:per_attribute] for a in attrs}
         products = {a: self.products.get(a, 0) + other.products.get(a, 0) for a in attrs}
-        return Vocabulary(attrs, values, products)
+        value_types = {a: {v: sorted(set(self.value_types.get(a, {}).get(v, []))
+                                     | set(other.value_types.get(a, {}).get(v, [])))
+                           for v in values[a]} for a in attrs}
+        return Vocabulary(attrs, values, products, value_types)
+
+
+TYPES_PER_VALUE = 50
 
 
 def build_vocabulary(sample: pl.DataFrame, max_attributes: int, per_attribute: int) -> Vocabulary:
-    """From a bounded sample of products (`attributes` column): the most filled attributes and
-    their most frequent values."""
+    """From a bounded sample of products (`attributes`, and `type` when known): the most filled
+    attributes, their most frequent values, and which types carry each value."""
     if sample.height == 0 or "attributes" not in sample.columns:
         return Vocabulary([])
-    pairs = (sample.select("product_id", "attributes").explode("attributes")
+    if "type" not in sample.columns:
+        sample = sample.with_columns(pl.lit(None, pl.String).alias("type"))
+    pairs = (sample.select("product_id", "type", "attributes").explode("attributes")
              .drop_nulls("attributes").unnest("attributes")
              .filter(pl.col("name").is_not_null() & (pl.col("name").str.strip_chars() != "")))
     if pairs.height == 0:
@@ -94,8 +107,15 @@ def build_vocabulary(sample: pl.DataFrame, max_attributes: int, per_attribute: i
                                                    descending=[False, True, False]))
     values = {a: g["value"].head(per_attribute).to_list()
               for (a,), g in vals.group_by("name", maintain_order=True)}
+    carried = (pairs.filter(pl.col("name").is_in(attrs) & pl.col("type").is_not_null())
+               .group_by("name", "value").agg(pl.col("type").unique().sort()
+                                              .head(TYPES_PER_VALUE)))
+    value_types: dict[str, dict[str, list[str]]] = {a: {} for a in attrs}
+    for a, v, ts in carried.iter_rows():
+        if v in values.get(a, ()):
+            value_types[a][v] = ts
     return Vocabulary(attrs, {a: values.get(a, []) for a in attrs},
-                      dict(zip(attrs, per_attr["n"].to_list())))
+                      dict(zip(attrs, per_attr["n"].to_list())), value_types)
 
 
 class Matcher:
@@ -104,18 +124,21 @@ class Matcher:
 
     def __init__(self, vocab: Vocabulary, max_value_tokens: int):
         self.names: dict[tuple[str, ...], set[int]] = defaultdict(set)
-        self.values: dict[tuple[str, ...], set[int]] = defaultdict(set)
+        # token key -> attribute index -> the types that carry the value
+        self.values: dict[tuple[str, ...], dict[int, set[str]]] = defaultdict(dict)
         for i, a in enumerate(vocab.attributes):
             for f in name_forms(a):
                 self.names[f].add(i)
+            carried = vocab.value_types.get(a, {})
             for v in vocab.values.get(a, []):
                 t = tuple(tokens(v or ""))
                 if t and len(t) <= max_value_tokens and len("".join(t)) > 1:
-                    self.values[t].add(i)
+                    self.values[t].setdefault(i, set()).update(carried.get(v, ()))
         self.max_n = max([len(k) for k in (*self.names, *self.values)] or [1])
 
-    def match(self, text: str) -> tuple[set[int], set[int]]:
-        """(attributes named, attributes with a value) in `text`."""
+    def match(self, text: str, own_type: str | None = None) -> tuple[set[int], set[int]]:
+        """(attributes named, attributes with a value) in `text`. With `own_type`, a value counts
+        only when a type other than `own_type` carries it (or its types are unknown)."""
         toks = tokens(text)
         named, valued = set(), set()
         for n in range(1, self.max_n + 1):
@@ -123,8 +146,11 @@ class Matcher:
                 key = tuple(toks[i:i + n])
                 if key in self.names:
                     named |= self.names[key]
-                if key in self.values:
-                    valued |= self.values[key]
+                hit = self.values.get(key)
+                if hit:
+                    for a, carriers in hit.items():
+                        if own_type is None or not carriers or carriers - {own_type}:
+                            valued.add(a)
         return named, valued
 
 
@@ -167,7 +193,7 @@ class CountProviderMentions(Step):
             text = " \n ".join(p for p in parts if p)[: self.max_chars]
             if not text.strip():
                 acc[(t, TOTAL, EMPTY)] += 1
-            named, valued = self.matcher.match(text) if text else (set(), set())
+            named, valued = self.matcher.match(text, t) if text else (set(), set())
             for i in named:
                 acc[(t, attrs[i], NAME)] += 1
             for i in valued:
@@ -212,7 +238,7 @@ class CountCustomerMentions(Step):
             if not text.strip():
                 acc[(t, TOTAL, source + "_" + EMPTY)] += 1
                 continue
-            named, valued = self.matcher.match(text)
+            named, valued = self.matcher.match(text, t)
             for i in named | valued:
                 acc[(t, attrs[i], source)] += 1
         return _counts_table(acc)
@@ -220,7 +246,7 @@ class CountCustomerMentions(Step):
 
 # ---- from counts to the pair features (driver; types x attributes) -------------------------
 TEXT_FEATURES = ("value_rate", "name_rate", "value_lift", "value_rank_in_type",
-                 "text_rate", "query_rate", "has_texts", "has_queries", "log_products")
+                 "text_rate", "query_rate", "has_texts", "has_queries")
 NEIGHBOUR_FEATURES = ("tax_mean", "tax_known", "knn_mean", "knn_top_sim", "attr_prior",
                       "name_sim")
 FEATURES = TEXT_FEATURES + NEIGHBOUR_FEATURES
@@ -271,7 +297,6 @@ def text_features(totals: pl.DataFrame, hits: pl.DataFrame, types: list[str],
         query_rate=pl.col("query_hits") / pl.col("queries").cast(pl.Float64).clip(1, None),
         has_texts=(pl.col("texts") > 0).cast(pl.Float64),
         has_queries=(pl.col("queries") > 0).cast(pl.Float64),
-        log_products=pl.col("products").cast(pl.Float64).log1p(),
     )
     # how a type's value rate stands against the attribute's rate over all products (values that
     # occur everywhere, like numbers, say little), and within the type's own attributes

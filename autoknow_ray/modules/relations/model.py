@@ -14,19 +14,25 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
 
+CLIP = 5.0  # standardised features are clipped: a catalogue unlike the training one cannot blow up
+
+
 class PairScorer(nn.Module):
-    """Standardised features -> one logit. `hidden` 0 is a linear model."""
+    """Standardised features -> one logit. `hidden` 0 is a linear model. A feature that was
+    constant in training is switched off (`active` 0): it taught the model nothing."""
 
     def __init__(self, n_features: int, hidden: int):
         super().__init__()
         self.register_buffer("mean", torch.zeros(n_features))
         self.register_buffer("std", torch.ones(n_features))
+        self.register_buffer("active", torch.ones(n_features))
         self.net = (nn.Sequential(nn.Linear(n_features, hidden), nn.ReLU(),
                                   nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1))
                     if hidden else nn.Linear(n_features, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net((x - self.mean) / self.std).squeeze(-1)
+        z = ((x - self.mean) / self.std).clamp(-CLIP, CLIP) * self.active
+        return self.net(z).squeeze(-1)
 
 
 def train_scorer(x: np.ndarray, y: np.ndarray, *, hidden: int, epochs: int, lr: float,
@@ -38,7 +44,9 @@ def train_scorer(x: np.ndarray, y: np.ndarray, *, hidden: int, epochs: int, lr: 
     yt = torch.tensor(y, dtype=torch.float32)
     model = PairScorer(x.shape[1], hidden)
     model.mean.copy_(xt.mean(0))
-    model.std.copy_(xt.std(0).clamp_min(1e-6) if len(xt) > 1 else torch.ones(x.shape[1]))
+    std = xt.std(0) if len(xt) > 1 else torch.zeros(x.shape[1])
+    model.active.copy_((std > 1e-6).float())
+    model.std.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
     w = torch.ones(len(yt)) if sample_weight is None else torch.tensor(sample_weight, dtype=torch.float32)
     if binary:
         pos = float(yt.sum())

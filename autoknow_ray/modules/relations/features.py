@@ -84,7 +84,8 @@ class Vocabulary:
         return Vocabulary(attrs, values, products, value_types)
 
 
-TYPES_PER_VALUE = 50
+# two carriers of a value are enough to know whether a type other than a product's own has it
+TYPES_PER_VALUE = 2
 
 
 def build_vocabulary(sample: pl.DataFrame, max_attributes: int, per_attribute: int) -> Vocabulary:

@@ -138,7 +138,7 @@ class RelationsStage(Stage):
                                  ctx.cfg.device)
         ctx.write("graph_attributes", out.select(GRAPH_ATTRIBUTES.names), GRAPH_ATTRIBUTES)
         ctx.write("features", pl.concat([df.select("type", "attribute", "products", "texts"),
-                                         pl.DataFrame(x, schema=list(FEATURES))],
+                                         pl.DataFrame(x, schema=list(FEATURES), orient="row")],
                                         how="horizontal"))
         return {**counts, "rows_out": out.height,
                 "applicable_pairs": int(out["applicable"].sum()),

@@ -90,10 +90,25 @@ def cmd_export(a) -> int:
     return 0
 
 
+def cmd_type_split(a) -> int:
+    from autoknow_ray.catalogue.type_split import type_split
+
+    print(json.dumps(type_split(a.catalogue, a.out, types=a.types, products=a.products,
+                                seed=a.seed), indent=2))
+    return 0
+
+
 def cmd_baseline(a) -> int:
     from autoknow_ray.eval.baselines import run_centroid, run_dictionary
 
-    if a.method == "dictionary":
+    if a.method == "relations-frequency":
+        from autoknow_ray.eval.baselines_relations import DEFAULT_THRESHOLD, run_frequency
+
+        if not a.train:
+            raise ValueError("the relations-frequency baseline needs --train TRAIN_DIR")
+        summary = run_frequency(a.train, a.catalogue, a.out,
+                                a.threshold if a.threshold is not None else DEFAULT_THRESHOLD)
+    elif a.method == "dictionary":
         if not a.train:
             raise ValueError("the dictionary baseline needs --train TRAIN_DIR")
         summary = run_dictionary(a.train, a.catalogue, a.out)
@@ -140,6 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_split)
 
+    s = sub.add_parser("type-split", help="hold out whole product types: a fit and a held-out catalogue")
+    s.add_argument("catalogue")
+    s.add_argument("--out", required=True)
+    s.add_argument("--types", type=float, default=0.3, help="share of types held out entirely")
+    s.add_argument("--products", type=float, default=0.2,
+                   help="share of the other types' products held out too")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_type_split)
+
     for name, func, hlp in (("fit", cmd_fit, "train the module models on a catalogue"),
                             ("rebuild", cmd_rebuild, "the full job: catalogue -> graph")):
         s = sub.add_parser(name, help=hlp)
@@ -161,11 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="another run (e.g. a baseline) to score on the same gold; repeatable")
     s.set_defaults(func=cmd_eval)
     s = sub.add_parser("baseline", help="write a simple method's run, to score beside a real one")
-    s.add_argument("method", choices=("dictionary", "centroid"))
+    s.add_argument("method", choices=("dictionary", "centroid", "relations-frequency"))
     s.add_argument("--catalogue", required=True, help="the catalogue to extract from / place")
     s.add_argument("--out", required=True)
     s.add_argument("--train", default=None, help="training catalogue (required for dictionary)")
     s.add_argument("--encoder", default="default", help="text encoder for centroid")
+    s.add_argument("--threshold", type=float, default=None,
+                   help="relations-frequency: share of a type's products that must mention a value")
     s.set_defaults(func=cmd_baseline)
     s = sub.add_parser("export", help="write a run's graph as N-Triples or Neo4j import CSVs")
     s.add_argument("--run", required=True)

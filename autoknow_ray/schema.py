@@ -71,6 +71,9 @@ GOLD_MATCHES = pa.schema([("left_id", STR), ("right_id", STR), ("label", pa.int8
 GOLD_WRONG_VALUES = pa.schema(
     [("product_id", STR), ("attribute", STR), ("value", STR), ("correct_value", STR)]
 )
+# fit_types: the product types a model was fitted on (written by `autoknow type-split`), so that
+# eval reports types seen in fit and types never seen apart
+GOLD_FIT_TYPES = pa.schema([("type", STR)])
 GOLD_TABLES: dict[str, pa.Schema] = {
     "types": GOLD_TYPES,
     "spans": GOLD_SPANS,
@@ -79,6 +82,7 @@ GOLD_TABLES: dict[str, pa.Schema] = {
     "copurchase": GOLD_COPURCHASE,
     "matches": GOLD_MATCHES,
     "wrong_values": GOLD_WRONG_VALUES,
+    "fit_types": GOLD_FIT_TYPES,
 }
 
 # ---- stage outputs ---------------------------------------------------------------------------

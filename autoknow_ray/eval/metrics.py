@@ -43,3 +43,31 @@ def accuracy_at_k(ranked: dict, gold: dict, k: int) -> float:
         return 0.0
     hits = sum(1 for c, g in gold.items() if set(ranked.get(c, [])[:k]) & g)
     return round(hits / len(gold), 4)
+
+
+def average_precision(labels, scores) -> float:
+    """Area under the precision-recall curve, as average precision (the mean of the precision at
+    each true item, items ranked by score)."""
+    import numpy as np
+
+    y = np.asarray(labels, dtype=bool)
+    if y.sum() == 0:
+        return 0.0
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    hits = y[order]
+    precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+    return float((precision * hits).sum() / hits.sum())
+
+
+def spearman(a, b) -> float | None:
+    """Spearman rank correlation (average ranks for ties); None when either side is constant."""
+    import numpy as np
+    import polars as pl
+
+    if len(a) < 2:
+        return None
+    ra = pl.Series(np.asarray(a, dtype=np.float64)).rank("average").to_numpy()
+    rb = pl.Series(np.asarray(b, dtype=np.float64)).rank("average").to_numpy()
+    if ra.std() == 0 or rb.std() == 0:
+        return None
+    return float(np.corrcoef(ra, rb)[0, 1])

@@ -67,3 +67,33 @@ def upstream_edits(ctx: RunContext, before: str):
     if not paths:
         return None
     return ray.data.read_parquet(paths)
+
+
+def current_taxonomy(ctx: RunContext):
+    """The taxonomy so far as a small polars DataFrame (type, parent): the catalogue's edges plus
+    the new types module 1 placed in this run (a type placed there loses its parentless row)."""
+    import polars as pl
+
+    tax = ctx.read("ingest", "taxonomy", ["type", "parent"]) if ctx.has("ingest", "taxonomy") \
+        else pl.DataFrame(schema={"type": pl.String, "parent": pl.String})
+    if "taxonomy" in ctx.cfg.stages and ctx.has("taxonomy", "graph_taxonomy"):
+        placed = ctx.read("taxonomy", "graph_taxonomy", ["type", "parent"])
+        if placed.height:
+            tax = pl.concat([tax.filter(~(pl.col("type").is_in(placed["type"].implode())
+                                          & pl.col("parent").is_null())), placed],
+                            how="vertical_relaxed")
+    return tax.unique(maintain_order=True)
+
+
+# module 2 writes one row per (type, attribute) to this table (GRAPH_ATTRIBUTES)
+ATTRIBUTE_APPLICABILITY = ("relations", "graph_attributes")
+
+
+def attribute_applicability(ctx: RunContext):
+    """Module 2's table (type, attribute, applicability, applicable, importance, rank) as a small
+    polars DataFrame (types x attributes), or None where the relations stage did not run. For
+    imputation (extract only applicable attributes) and cleaning (what a type should have)."""
+    stage, name = ATTRIBUTE_APPLICABILITY
+    if stage not in ctx.cfg.stages or not ctx.has(stage, name):
+        return None
+    return ctx.read(stage, name)

@@ -1,0 +1,145 @@
+"""Module 2 as a stage: which attributes apply to each product type, and how much buyers care.
+
+Read the products with their current type (new types of module 1 included) -> count, in the
+workers, the products and customer texts of each type that mention each attribute -> sum per
+(type, attribute) -> features with the type's neighbours in the taxonomy and in name-embedding
+space (the types labelled in fit) -> the two fitted models -> `graph_attributes`.
+
+A type without products (a taxonomy node) has no text of its own: it takes the applicability of
+its known taxonomy neighbours, else of its nearest known types by name.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+
+from autoknow_ray.graph import state
+from autoknow_ray.modules.relations.config import RelationsConfig
+from autoknow_ray.modules.relations.counting import count_mentions, sample_vocabulary
+from autoknow_ray.modules.relations.features import (
+    EMPTY, FEATURES, PRODUCTS, QUERY, TEXT, UNMATCHED, Known, Vocabulary, embed_names,
+    feature_matrix, text_features, wide_counts,
+)
+from autoknow_ray.modules.relations.fit import APPLICABILITY, IMPORTANCE, KNOWN, VOCABULARY
+from autoknow_ray.modules.relations.model import load_scorer, predict
+from autoknow_ray.pipeline import RunContext, Stage
+from autoknow_ray.schema import GRAPH_ATTRIBUTES
+
+
+class RelationsModels:
+    """The artifacts of `fit_relations`, loaded from a local folder."""
+
+    def __init__(self, folder):
+        if not (folder / APPLICABILITY).is_dir():
+            raise FileNotFoundError(f"{folder}: no relations models ({APPLICABILITY}/ missing); "
+                                    "run `autoknow fit` with the relations stage in the config")
+        self.vocabulary = Vocabulary.from_json(json.loads((folder / VOCABULARY).read_text()))
+        self.applicability, meta = load_scorer(folder / APPLICABILITY)
+        if meta["features"] != list(FEATURES):
+            raise ValueError(f"{folder}: models were fitted on other features; fit again")
+        self.importance = load_scorer(folder / IMPORTANCE)[0] if (folder / IMPORTANCE).is_dir() else None
+        known = pl.read_parquet(folder / KNOWN)
+        self.types = known["type"].to_list()
+        self.embeddings = np.asarray(known["embedding"].to_list(), dtype=np.float32)
+        self.applies = known["applies"].to_list()
+
+    def known(self, attributes: list[str]) -> Known:
+        col = {a: j for j, a in enumerate(attributes)}
+        labels = np.zeros((len(self.types), len(attributes)), dtype=np.float32)
+        for i, applies in enumerate(self.applies):
+            for a in applies:
+                if a in col:
+                    labels[i, col[a]] = 1.0
+        return Known(self.types, self.embeddings.reshape(len(self.types), -1), labels, attributes)
+
+
+def ranked(df: pl.DataFrame) -> pl.DataFrame:
+    """rank 1 = the type's most important applicable attribute; inapplicable ones come last."""
+    return df.with_columns(
+        pl.struct(pl.col("applicable").not_(), -pl.col("importance"), "attribute")
+        .rank("ordinal").over("type").cast(pl.Int32).alias("rank"))
+
+
+def score_pairs(models: RelationsModels, totals: pl.DataFrame, hits: pl.DataFrame,
+                types: list[str], without: list[str], attrs: list[str], taxonomy: pl.DataFrame,
+                cfg: RelationsConfig, device: str = "auto"):
+    """The graph_attributes rows of `types` x `attrs`, the feature matrix and the text features."""
+    df = text_features(totals, hits, types, attrs)
+    known = models.known(attrs)
+    type_emb = embed_names(cfg.encoder, types, device)
+    attr_emb = embed_names(cfg.encoder, attrs, device)
+    x = feature_matrix(df, types, attrs, known, type_emb, attr_emb, taxonomy, cfg.neighbours)
+    applicability = predict(models.applicability, x)
+    importance = (predict(models.importance, x) if models.importance is not None
+                  else applicability.copy())
+    # no products, no text: the neighbours' say (taxonomy first, else name embedding)
+    no_text = np.repeat(np.array([t in set(without) for t in types]), len(attrs))
+    f = {n: i for i, n in enumerate(FEATURES)}
+    tax_known = x[:, f["tax_known"]] > 0
+    inherited = np.where(tax_known, x[:, f["tax_mean"]], x[:, f["knn_mean"]])
+    applicability = np.where(no_text, inherited, applicability).astype(np.float32)
+    out = ranked(pl.DataFrame({
+        "type": df["type"], "attribute": df["attribute"],
+        "applicability": applicability,
+        "applicable": applicability >= cfg.threshold,
+        "importance": importance.astype(np.float32),
+    }))
+    return out, x, df
+
+
+class RelationsStage(Stage):
+    name = "relations"
+    config_sections = ("relations", "resources")
+    needs = ("ingest", "taxonomy")
+    uses_models = True
+
+    def run(self, ctx: RunContext) -> dict:
+        cfg: RelationsConfig = ctx.cfg.relations
+        if ctx.models is None:
+            raise FileNotFoundError("the relations stage needs fitted models (--models)")
+        models = RelationsModels(ctx.models / "relations")
+        here = sample_vocabulary(ctx, cfg)
+        vocab = models.vocabulary.merged(here, cfg.max_attributes, cfg.values_per_attribute)
+        attrs = vocab.attributes
+        long = count_mentions(ctx, vocab, cfg)
+        totals, hits = wide_counts(long, attrs)
+        taxonomy = state.current_taxonomy(ctx)
+        with_products = sorted(totals.filter((pl.col("type") != "") & (pl.col(PRODUCTS) > 0))
+                               ["type"].to_list())
+        tax_types = set(taxonomy["type"].drop_nulls().to_list()) if taxonomy.height else set()
+        without = sorted(tax_types - set(with_products))
+        types = with_products + without
+        n_products = state.n_products(ctx)
+        counts = {
+            "rows_in": n_products, "rows_quarantined": 0,
+            "types": len(types), "types_with_products": len(with_products),
+            "types_without_products": len(without),
+            "types_new": len(set(types) - set(models.types)),
+            "attributes": len(attrs),
+            "attributes_new_in_catalogue": len(set(attrs) - set(models.vocabulary.attributes)),
+            "attributes_single_product": sum(1 for a in here.attributes if here.products.get(a) == 1),
+            "untyped_products": int(totals.filter(pl.col("type") == "")[PRODUCTS].sum() or 0),
+            "products_empty_text": int(totals[EMPTY].sum() or 0),
+            "texts": int(totals[TEXT].sum() or 0), "queries": int(totals[QUERY].sum() or 0),
+            "texts_empty": int(totals[f"{TEXT}_{EMPTY}"].sum() or 0),
+            "queries_empty": int(totals[f"{QUERY}_{EMPTY}"].sum() or 0),
+        }
+        counts["customer_rows_not_counted"] = int(  # product unknown, untyped or not sampled
+            totals.select(pl.col(f"{TEXT}_{UNMATCHED}") + pl.col(f"{QUERY}_{UNMATCHED}")).sum().item()
+            if totals.height else 0)
+        if not types or not attrs:
+            ctx.write("graph_attributes", GRAPH_ATTRIBUTES.empty_table(), GRAPH_ATTRIBUTES)
+            return {**counts, "rows_out": 0, "applicable_pairs": 0,
+                    "note": "no typed product and no taxonomy type" if not types
+                    else "no attribute vocabulary"}
+        out, x, df = score_pairs(models, totals, hits, types, without, attrs, taxonomy, cfg,
+                                 ctx.cfg.device)
+        ctx.write("graph_attributes", out.select(GRAPH_ATTRIBUTES.names), GRAPH_ATTRIBUTES)
+        ctx.write("features", pl.concat([df.select("type", "attribute", "products", "texts"),
+                                         pl.DataFrame(x, schema=list(FEATURES), orient="row")],
+                                        how="horizontal"))
+        return {**counts, "rows_out": out.height,
+                "applicable_pairs": int(out["applicable"].sum()),
+                "types_inherited_from_neighbours": len(without)}

@@ -1,0 +1,196 @@
+"""Module 2, relation discovery: counting steps, neighbour features, type split, eval, baseline,
+and fit -> rebuild on a catalogue whose held-out types were never in fit."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pytest
+
+from autoknow_ray.catalogue.type_split import type_split
+from autoknow_ray.eval.relations import score
+from autoknow_ray.modules.relations.config import RelationsConfig
+from autoknow_ray.modules.relations.features import (
+    CountCustomerMentions, CountProviderMentions, Known, Matcher, Vocabulary, build_vocabulary,
+    neighbour_features, NEIGHBOUR_FEATURES, wide_counts,
+)
+from autoknow_ray.modules.relations.stage import ranked
+from autoknow_ray.pipeline import write_table
+from autoknow_ray.schema import GRAPH_ATTRIBUTES, PRODUCTS, conform
+
+VOCAB = Vocabulary(["Flavor", "Color(s)", "Roast type"],
+                   {"Flavor": ["vanilla", "black cherry"], "Color(s)": ["red", "navy blue"],
+                    "Roast type": ["dark roast"]})
+
+
+def products_table(rows: list[dict]) -> pa.Table:
+    return conform(pa.Table.from_pylist(rows), PRODUCTS.append(pa.field("type", pa.string())))
+
+
+def test_matcher_finds_names_and_values_by_whole_tokens():
+    m = Matcher(VOCAB, max_value_tokens=4)
+    named, valued = m.match("Black Cherry coffee, DARK roast; colors: Navy Blue")
+    assert {VOCAB.attributes[i] for i in valued} == {"Flavor", "Roast type", "Color(s)"}
+    assert {VOCAB.attributes[i] for i in named} == {"Color(s)"}  # "colors" names Color(s)
+    assert m.match("reddish vanillas") == (set(), set())  # no partial words
+
+
+def test_provider_counts_survive_bad_rows_and_count_every_product():
+    rows = [
+        {"product_id": "a", "type": "Coffee", "title": "Vanilla dark roast coffee",
+         "attributes": [{"name": "Flavor", "value": "Vanilla"}]},
+        {"product_id": "b", "type": "Coffee", "title": "", "description": None},  # empty text
+        {"product_id": "c", "type": None, "title": "<b>red</b> mug"},  # untyped, HTML
+        {"product_id": "d", "type": "Coffee", "title": "x" * 1_000_000 + " vanilla"},  # huge
+    ]
+    step = CountProviderMentions(VOCAB, 4, max_chars=5000)
+    out = pl.from_arrow(step.process_batch(products_table(rows)))
+    got = {(t, a, s): h for t, a, s, h in out.iter_rows()}
+    assert got[("Coffee", "", "products")] == 3 and got[("", "", "products")] == 1
+    assert got[("Coffee", "", "empty")] == 1
+    assert got[("Coffee", "Flavor", "value")] == 1  # the huge title is cut before "vanilla"
+    assert got[("Coffee", "Flavor", "filled")] == 1
+    assert got[("", "Color(s)", "value")] == 1
+
+
+def test_customer_counts_report_texts_of_unknown_products():
+    batch = pa.table({"product_id": ["a", "a", "zz", "b"], "source": ["text", "text", "text", "query"],
+                      "text": ["love the vanilla", "", "red", "dark roast coffee"]})
+    step = CountCustomerMentions(VOCAB, 4, 5000, {"a": "Coffee", "b": "Coffee"})
+    totals, hits = wide_counts(pl.from_arrow(step.process_batch(batch)), VOCAB.attributes)
+    coffee = totals.filter(pl.col("type") == "Coffee").row(0, named=True)
+    assert coffee["text"] == 2 and coffee["text_empty"] == 1 and coffee["query"] == 1
+    assert totals.filter(pl.col("type") == "")["text_unmatched"].item() == 1
+    h = {(t, a): (x, q) for t, a, x, q in hits.select("type", "attribute", "text", "query").iter_rows()}
+    assert h[("Coffee", "Flavor")] == (1, 0) and h[("Coffee", "Roast type")] == (0, 1)
+
+
+def test_vocabulary_is_capped():
+    sample = pl.DataFrame({"product_id": ["1", "2", "3"], "attributes": [
+        [{"name": "A", "value": "x"}, {"name": "B", "value": "y"}],
+        [{"name": "A", "value": "z"}], [{"name": "A", "value": "x"}, {"name": "", "value": "q"}]]})
+    v = build_vocabulary(sample, max_attributes=1, per_attribute=1)
+    assert v.attributes == ["A"] and v.values == {"A": ["x"]} and v.products == {"A": 3}
+
+
+def test_neighbours_are_leave_one_out_and_a_new_type_inherits_from_its_parent_and_siblings():
+    attrs = ["Flavor", "Roast type", "Size"]
+    known = Known(["coffee", "tea", "shoes"], np.eye(3, dtype=np.float32),
+                  np.array([[1, 1, 0], [1, 0, 0], [0, 0, 1]], np.float32), attrs)
+    tax = pl.DataFrame({"type": ["coffee", "tea", "cold brew", "shoes"],
+                        "parent": ["beverages", "beverages", "beverages", "apparel"]})
+    types = ["coffee", "cold brew"]
+    emb = np.array([[1, 0, 0], [0.9, 0.1, 0]], np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    f = neighbour_features(types, attrs, known.types, known.labels, known.embeddings, emb,
+                           np.eye(3, dtype=np.float32), tax, k=2)
+    col = {n: i for i, n in enumerate(NEIGHBOUR_FEATURES)}
+    # coffee's own labels never reach its features: its taxonomy neighbours are tea (and cold
+    # brew, unknown), so "Roast type" (coffee only) scores 0 there
+    assert f[0, 1, col["tax_mean"]] == 0.0 and f[0, 0, col["tax_mean"]] == 1.0
+    # cold brew (never in fit) inherits what coffee and tea, its siblings, have; not shoes' Size
+    assert f[1, 0, col["tax_mean"]] == 1.0 and f[1, 1, col["tax_mean"]] == 0.5
+    assert f[1, 2, col["tax_mean"]] == 0.0
+    assert f[1, 1, col["knn_mean"]] > 0.4  # its nearest known name is coffee
+
+
+def test_rank_puts_applicable_attributes_first_by_importance():
+    df = ranked(pl.DataFrame({"type": ["t"] * 3, "attribute": ["a", "b", "c"],
+                              "applicable": [True, False, True], "importance": [0.2, 0.9, 0.5]}))
+    assert dict(zip(df["attribute"], df["rank"])) == {"c": 1, "a": 2, "b": 3}
+
+
+def _gold(tmp: Path) -> Path:
+    gold = tmp / "gold"
+    gold.mkdir(parents=True)
+    types = [(f"p{i}", "Coffee" if i < 3 else "Shoes") for i in range(6)]
+    pl.DataFrame({"product_id": [p for p, _ in types], "type": [t for _, t in types],
+                  "start": [None] * 6, "end": [None] * 6},
+                 schema={"product_id": pl.String, "type": pl.String, "start": pl.Int32,
+                         "end": pl.Int32}).write_parquet(gold / "types.parquet")
+    spans = [("p0", "Flavor"), ("p1", "Flavor"), ("p2", "Roast type"), ("p3", "Size"),
+             ("p4", "Size"), ("p5", "Color"), ("p0", "Product Type")]
+    pl.DataFrame({"product_id": [p for p, _ in spans], "attribute": [a for _, a in spans],
+                  "value": ["v"] * len(spans)}).write_parquet(gold / "spans.parquet")
+    pl.DataFrame({"type": ["coffee"]}).write_parquet(gold / "fit_types.parquet")
+    return gold
+
+
+def test_score_splits_seen_and_unseen_types(tmp_path):
+    gold = _gold(tmp_path)
+    run = tmp_path / "run"
+    rows = [("Coffee", "Flavor", 0.9), ("Coffee", "Roast type", 0.2), ("Coffee", "Size", 0.1),
+            ("Coffee", "Color", 0.6), ("shoe", "Size", 0.8), ("shoe", "Color", 0.7),
+            ("shoe", "Flavor", 0.1)]
+    df = pl.DataFrame({"type": [r[0] for r in rows], "attribute": [r[1] for r in rows],
+                       "applicability": [r[2] for r in rows]}).with_columns(
+        applicable=pl.col("applicability") >= 0.5, importance=pl.col("applicability"),
+        rank=pl.lit(1))
+    write_table(run / "graph" / "attributes.parquet", df, GRAPH_ATTRIBUTES)
+    r = score(run, gold)
+    # Coffee (seen): Flavor tp, Roast type fn, Color fp, Size tn
+    assert (r["relations.seen.tp"], r["relations.seen.fp"], r["relations.seen.fn"]) == (1, 1, 1)
+    # Shoes (unseen, named "shoe" by the run): Size, Color tp, Flavor and Roast type tn
+    assert (r["relations.unseen.tp"], r["relations.unseen.fp"], r["relations.unseen.fn"]) == (2, 0, 0)
+    assert r["relations.unseen.auc_pr"] == 1.0 and r["relations.all.types"] == 2
+
+
+def test_type_split_holds_out_whole_types_without_attributes(tmp_path):
+    from autoknow_ray.catalogue.synth import synthesize
+
+    synthesize(200, tmp_path / "cat", seed=1, n_types=8)
+    s = type_split(tmp_path / "cat", tmp_path / "split", types=0.25, products=0.2, seed=3)
+    fit = pl.read_parquet(tmp_path / "split" / "fit" / "products.parquet")
+    held = pl.read_parquet(tmp_path / "split" / "heldout" / "products.parquet")
+    assert fit.height + held.height == 200
+    assert held["attributes"].null_count() == held.height and held["product_type"].null_count() < held.height
+    fit_types = set(pl.read_parquet(tmp_path / "split" / "heldout" / "gold" / "fit_types.parquet")["type"])
+    assert fit_types == set(fit["product_type"].drop_nulls())
+    unseen = set(held["product_type"].drop_nulls()) - fit_types
+    assert unseen and len(s["heldout_types"]) == 2
+    texts = pl.read_parquet(tmp_path / "split" / "heldout" / "texts.parquet")
+    assert set(texts["product_id"]) <= set(held["product_id"])
+    with pytest.raises(ValueError):
+        type_split(tmp_path / "cat", tmp_path / "bad", types=1.5)
+
+
+def test_fit_then_rebuild_on_types_never_seen(tmp_path, ray_session):
+    from autoknow_ray.catalogue.synth import synthesize
+    from autoknow_ray.eval.baselines_relations import run_frequency
+    from autoknow_ray.eval.evaluate import evaluate
+    from autoknow_ray.graph import state
+    from autoknow_ray.pipeline import RunContext
+    from autoknow_ray.config import load_config
+    from autoknow_ray.rebuild import fit, rebuild
+
+    synthesize(300, tmp_path / "cat", seed=0, n_types=10)
+    type_split(tmp_path / "cat", tmp_path / "split", types=0.3, products=0.2, seed=0)
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text("seed: 0\nstages: [ingest, relations, graph]\n"
+                        "ray: {num_cpus: 2, object_store_memory_mb: 400}\n"
+                        "relations: {epochs: 150, hidden: 16}\n")
+    m = fit(tmp_path / "split" / "fit", tmp_path / "models", config=cfg_file)
+    stats = m["modules"]["relations"]
+    assert stats["types"] >= 5 and set(stats["comparison"]) == {"mlp", "linear"}
+    assert (tmp_path / "models" / "relations" / "applicability" / "model.safetensors").exists()
+    run = tmp_path / "run"
+    rebuild(tmp_path / "split" / "heldout", run, models=tmp_path / "models", config=cfg_file)
+    manifest = json.loads((run / "relations" / "manifest.json").read_text())
+    held = pl.read_parquet(tmp_path / "split" / "heldout" / "products.parquet")
+    assert manifest["types_new"] >= 1 and manifest["rows_in"] == held.height
+    assert manifest["customer_rows_not_counted"] == 0
+    attrs = pl.read_parquet(run / "graph" / "attributes.parquet")
+    assert attrs.columns == GRAPH_ATTRIBUTES.names and attrs["applicable"].sum() > 0
+    ctx = RunContext(run_dir=run, catalogue=tmp_path / "split" / "heldout", cfg=load_config(cfg_file))
+    table = state.attribute_applicability(ctx)
+    assert table is not None and table.height == attrs.height
+    r = evaluate(run, tmp_path / "split" / "heldout" / "gold")
+    assert r["relations.unseen.types"] >= 1 and "relations.unseen.f1" in r
+    run_frequency(tmp_path / "split" / "fit", tmp_path / "split" / "heldout", tmp_path / "base")
+    b = evaluate(tmp_path / "base", tmp_path / "split" / "heldout" / "gold")
+    assert "relations.unseen.f1" in b
+    # the synthetic attributes are shared by type families: new types recover most of them
+    assert r["relations.unseen.auc_pr"] > 0.6

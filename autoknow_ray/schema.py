@@ -71,6 +71,8 @@ GOLD_MATCHES = pa.schema([("left_id", STR), ("right_id", STR), ("label", pa.int8
 GOLD_WRONG_VALUES = pa.schema(
     [("product_id", STR), ("attribute", STR), ("value", STR), ("correct_value", STR)]
 )
+# held_out_values: attribute values removed from the catalogue for judging imputation
+GOLD_HELD_OUT_VALUES = pa.schema([("product_id", STR), ("attribute", STR), ("value", STR)])
 GOLD_TABLES: dict[str, pa.Schema] = {
     "types": GOLD_TYPES,
     "spans": GOLD_SPANS,
@@ -79,6 +81,7 @@ GOLD_TABLES: dict[str, pa.Schema] = {
     "copurchase": GOLD_COPURCHASE,
     "matches": GOLD_MATCHES,
     "wrong_values": GOLD_WRONG_VALUES,
+    "held_out_values": GOLD_HELD_OUT_VALUES,
 }
 
 # ---- stage outputs ---------------------------------------------------------------------------

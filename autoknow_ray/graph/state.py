@@ -67,3 +67,16 @@ def upstream_edits(ctx: RunContext, before: str):
     if not paths:
         return None
     return ray.data.read_parquet(paths)
+
+
+def attribute_applicability(ctx: RunContext):
+    """Module 2's applicability and importance per (type, attribute), as a small polars
+    DataFrame (type, attribute, applicability, applicable, importance, rank); None when the
+    relations stage did not run or wrote no table."""
+    from autoknow_ray.pipeline import read_parquet_any
+
+    path = ctx.table_path("relations", "graph_attributes")
+    if "relations" not in ctx.cfg.stages or not _has_rows(path):
+        return None
+    return read_parquet_any(path, ["type", "attribute", "applicability", "applicable",
+                                   "importance", "rank"])

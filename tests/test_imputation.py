@@ -50,6 +50,22 @@ def test_distant_locate_prefers_longest_whole_word_match():
     assert spans == [("Flavor", 0, 23), ("Color", 29, 35), ("Color", 36, 39)]
 
 
+def test_windows_cover_a_long_text_with_overlap():
+    from autoknow_ray.nn.conditioned_tagger import encode_windows
+    from autoknow_ray.nn.encoder import load_tokenizer, resolve_encoder
+
+    tok = load_tokenizer(resolve_encoder("default"))
+    text = " ".join(f"w{i}" for i in range(300))
+    wins = encode_windows(tok, ["short one", text], max_length=32, stride=8)
+    assert wins[0].text_index == 0 and wins[0].first and wins[0].last
+    long = [w for w in wins if w.text_index == 1]
+    assert len(long) > 10 and long[0].first and long[-1].last
+    assert not any(w.last for w in long[:-1]) and not any(w.first for w in long[1:])
+    assert all(len(w.input_ids) <= 31 for w in long)
+    assert all(b.char_lo < a.char_hi for a, b in zip(long, long[1:]))  # they overlap
+    assert long[0].char_lo == 0 and long[-1].char_hi == len(text)
+
+
 def _cands(rows):
     return pa.Table.from_pylist(rows, schema=CANDIDATES)
 
@@ -145,3 +161,69 @@ def test_holdout_values_moves_a_share_to_gold(tmp_path):
     assert (tmp_path / "out" / "taxonomy.parquet").exists()
     with pytest.raises(ValueError):
         holdout_values(tmp_path / "cat", tmp_path / "o2", fraction=0.0)
+
+
+FIT_CONFIG = """
+seed: 0
+stages: [ingest, imputation, graph]
+ray: {num_cpus: 2, object_store_memory_mb: 400}
+imputation:
+  max_text_chars: 5000
+  tagger: {epochs: 1, max_train_products: 100, max_train_windows: 150, patience: 0, max_length: 64}
+  clusters: {n_clusters: 16, min_support: 2}
+"""
+
+
+def _catalogue_with_bad_texts(root: Path) -> Path:
+    """A small synthetic catalogue whose first products carry HTML, a 60k-char and an empty
+    description."""
+    from autoknow_ray.catalogue.synth import synthesize
+    from autoknow_ray.pipeline import read_parquet_any
+
+    cat = root / "cat"
+    synthesize(150, cat, seed=0, n_types=6)
+    products = read_parquet_any(cat / "products")
+    desc = products["description"].to_list()
+    desc[0] = "<div><b>Made</b> with <i>care</i>&nbsp;&amp; love</div>"
+    desc[1] = "long words " * 6000
+    desc[2] = ""
+    import shutil
+
+    shutil.rmtree(cat / "products")
+    products.with_columns(pl.Series("description", desc)).write_parquet(cat / "products.parquet")
+    return cat
+
+
+def test_fit_and_rebuild_impute_without_overwriting(tmp_path, ray_session):
+    from autoknow_ray.cli import main
+    from autoknow_ray.eval.imputation import score
+
+    cat = _catalogue_with_bad_texts(tmp_path)
+    held = tmp_path / "held"
+    holdout_values(cat, held, fraction=0.5, seed=0)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(FIT_CONFIG)
+    models, run = tmp_path / "models", tmp_path / "run"
+    assert main(["fit", "--catalogue", str(cat), "--out", str(models), "--config", str(cfg)]) == 0
+    art = models / "imputation"
+    assert (art / "tagger" / "model.safetensors").exists() and (art / "type_vectors.safetensors").exists()
+    assert not list(art.rglob("*.bin")) and not list(art.rglob("*.pkl"))
+    assert json.loads((art / "tagger" / "config.json").read_text())["context_dim"] == 384
+    assert main(["rebuild", "--catalogue", str(held), "--out", str(run), "--models", str(models),
+                 "--config", str(cfg)]) == 0
+    manifest = json.loads((run / "imputation" / "manifest.json").read_text())
+    assert manifest["rows_in"] == manifest["rows_out"] == 150
+    assert manifest["input"]["texts_html_stripped"] >= 1 and manifest["input"]["texts_capped"] >= 1
+    assert manifest["input"]["texts_empty"] >= 1 and manifest["tokens_per_s"] > 0
+    triples = pl.read_parquet(run / "graph" / "triples.parquet")
+    mine = triples.filter(pl.col("module") == "imputation")
+    assert mine.height > 0 and set(mine["status"]) == {"added"}
+    assert mine["evidence"].str.contains(r"\[\d+:\d+\]").all()
+    # never an `added` value for a (product, attribute) the catalogue already fills, except
+    # the conflicts flagged for cleaning
+    kept = triples.filter(pl.col("status") == "kept").select("subject", "relation").unique()
+    over = mine.join(kept, on=["subject", "relation"], how="inner")
+    assert over["evidence"].str.starts_with("conflicts with catalogue").all()
+    res = score(run, held / "gold")
+    assert res["imputation.predicted"] > 0 and 0.0 < res["imputation.precision"] <= 1.0
+    assert res["imputation.held_out"] > 0 and "imputation.recall" in res

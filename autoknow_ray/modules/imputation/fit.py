@@ -14,7 +14,6 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
-import ray
 
 from autoknow_ray import runtime
 from autoknow_ray.graph import state

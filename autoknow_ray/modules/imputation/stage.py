@@ -141,11 +141,12 @@ class ImputationStage(Stage):
                               cfg.conflict_min_confidence)
         decisions = runtime.map_step(cands, decide, ctx.cfg, n, repartition=False)
         decisions.write_parquet(str(ctx.out / "decisions"))
-        dec = runtime.read_parquet(ctx.out / "decisions")
-        edits = dec.filter(lambda r: written(r["decision"])).select_columns([f.name for f in TRIPLES])
-        edits.write_parquet(str(ctx.out / "edits"))
-        per = runtime.aggregate(dec, ["decision", "relation"], {"n": ("count", None)}) \
-            if state.count_rows(ctx.out / "decisions") else None
+        per = None
+        if state.count_rows(ctx.out / "decisions"):  # no candidate anywhere: no file either
+            dec = runtime.read_parquet(ctx.out / "decisions")
+            edits = dec.filter(lambda r: written(r["decision"]))
+            edits.select_columns([f.name for f in TRIPLES]).write_parquet(str(ctx.out / "edits"))
+            per = runtime.aggregate(dec, ["decision", "relation"], {"n": ("count", None)})
         decisions_count: Counter = Counter()
         added_per_relation: Counter = Counter()
         if per is not None and per.height:

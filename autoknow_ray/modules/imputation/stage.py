@@ -63,7 +63,7 @@ def _fill_missing(batch: pa.Table) -> pa.Table:
              "customer_texts": pa.list_(pa.string()), "upstream": pa.list_(pa.string()),
              "customer_texts_dropped": pa.int64(),
              "attributes": pa.list_(pa.struct([("name", pa.string()), ("value", pa.string())]))}
-    for name in (*PRODUCT_COLUMNS, "customer_texts_dropped"):
+    for name in PRODUCT_COLUMNS:
         if name not in batch.column_names:
             batch = batch.append_column(name, pa.nulls(batch.num_rows, types.get(name, pa.string())))
     return batch

@@ -19,7 +19,7 @@ from autoknow_ray.modules.imputation.texts import SEP, filled_values, product_te
 from autoknow_ray.steps import Step, WorkerEnv
 
 PRODUCT_COLUMNS = ("product_id", "type", "title", "description", "bullets", "attributes", "brand",
-                   "customer_kinds", "customer_texts", "upstream")
+                   "customer_kinds", "customer_texts", "customer_texts_dropped", "upstream")
 CANDIDATE = pa.struct([("attribute", pa.string()), ("value", pa.string()), ("score", pa.float32()),
                        ("field", pa.string()), ("start", pa.int32()), ("end", pa.int32())])
 INPUT_COUNTS = ("texts_seen", "texts_empty", "texts_html_stripped", "texts_capped",

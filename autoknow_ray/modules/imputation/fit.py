@@ -2,8 +2,7 @@
 
 The training set is a seeded sample of at most `tagger.max_train_products` products (and their
 customer texts), drawn in the workers: the catalogue never comes to this process whole. The
-known values (the labelled terms of the embedding clusters) are a per-(type, attribute, term)
-aggregate over the whole training catalogue, capped.
+known values (the labelled terms of the embedding clusters) are counted over the same sample.
 """
 from __future__ import annotations
 
@@ -67,27 +66,15 @@ def _sample_rows(ctx: RunContext, cfg: ImputationConfig) -> list[dict]:
     return rows
 
 
-def _known_rows(batch: pa.Table) -> pa.Table:
-    types, attrs, terms = [], [], []
-    for row in batch.to_pylist():
-        for a, v in filled_values(row):
-            key = value_key(v)
-            if key:
-                types.append(row.get("product_type") or ""), attrs.append(a), terms.append(key)
-    return pa.table({"type": pa.array(types, pa.string()), "attribute": pa.array(attrs, pa.string()),
-                     "term": pa.array(terms, pa.string())})
-
-
-def known_values(ctx: RunContext, cap: int) -> pl.DataFrame:
-    """(type, attribute, term, n) over the whole training catalogue, the `cap` most frequent."""
-    path = ctx.table_path("ingest", "products")
-    if cap <= 0 or state.count_rows(path) == 0:
+def known_values(rows: list[dict], cap: int) -> pl.DataFrame:
+    """(type, attribute, term, n) of the sampled products' filled values, the `cap` most
+    frequent: the labelled terms the embedding clusters start from."""
+    recs = [(r.get("type") or "", a, value_key(v)) for r in rows for a, v in filled_values(r)]
+    recs = [x for x in recs if x[2]]
+    if cap <= 0 or not recs:
         return pl.DataFrame()
-    rows = runtime.read_parquet(path, ["product_type", "attributes", "brand"]).map_batches(
-        _known_rows, batch_format="pyarrow")
-    agg = runtime.aggregate(rows, ["type", "attribute", "term"], {"n": ("count", None)})
-    if agg.height == 0:
-        return agg
+    df = pl.DataFrame(recs, schema=["type", "attribute", "term"], orient="row")
+    agg = df.group_by("type", "attribute", "term").len("n").with_columns(pl.col("n").cast(pl.Int64))
     return agg.sort(["n", "type", "attribute", "term"], descending=[True, False, False, False]).head(cap)
 
 
@@ -120,7 +107,7 @@ def fit_imputation(ctx: RunContext, out: Path) -> dict:
         max_windows=cfg.tagger.max_train_windows,
         empty_keep_fraction=cfg.tagger.empty_keep_fraction,
         artifact_extra={"task": "imputation-tagger", "distant_supervision": stats})
-    known = known_values(ctx, cfg.clusters.known_values_max)
+    known = known_values(rows, cfg.clusters.known_values_max)
     if known.height:
         known.write_parquet(out / KNOWN_VALUES)
     metrics.pop("history", None)

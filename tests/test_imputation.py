@@ -169,14 +169,16 @@ stages: [ingest, imputation, graph]
 ray: {num_cpus: 2, object_store_memory_mb: 400}
 imputation:
   max_text_chars: 5000
-  tagger: {epochs: 1, max_train_products: 100, max_train_windows: 150, patience: 0, max_length: 64}
+  min_confidence: 0.5
+  conflict_min_confidence: 0.6
+  tagger: {epochs: 3, max_train_products: 100, max_train_windows: 200, patience: 0, max_length: 48}
   clusters: {n_clusters: 16, min_support: 2}
 """
 
 
 def _catalogue_with_bad_texts(root: Path) -> Path:
-    """A small synthetic catalogue whose first products carry HTML, a 60k-char and an empty
-    description."""
+    """A small synthetic catalogue whose first products carry HTML, a 66k-char and an
+    HTML-only (empty once cleaned) description."""
     from autoknow_ray.catalogue.synth import synthesize
     from autoknow_ray.pipeline import read_parquet_any
 
@@ -186,7 +188,7 @@ def _catalogue_with_bad_texts(root: Path) -> Path:
     desc = products["description"].to_list()
     desc[0] = "<div><b>Made</b> with <i>care</i>&nbsp;&amp; love</div>"
     desc[1] = "long words " * 6000
-    desc[2] = ""
+    desc[2] = "  <br/>  "
     import shutil
 
     shutil.rmtree(cat / "products")

@@ -101,20 +101,21 @@ class TermRows(Step):
         self.min_confidence = min_confidence
 
     def process_batch(self, batch: pa.Table) -> pa.Table:
-        types, terms, attrs = [], [], []
+        rows: list[tuple[str, str, str]] = []
         for t, filled, cands in zip(batch.column("type").to_pylist(), batch.column("filled").to_pylist(),
                                     batch.column("cands").to_pylist()):
             t = t or ""
             for item in filled or []:
                 a, key = item.split(SEP, 1)
                 if key:
-                    types.append(t), terms.append(key), attrs.append(a)
+                    rows.append((t, key, a))
             for c in cands or []:
                 key = value_key(c["value"])
                 if key:
-                    types.append(t), terms.append(key)
-                    attrs.append(c["attribute"] if c["score"] >= self.min_confidence else UNLABELLED)
-        return pa.Table.from_pydict({"type": types, "term": terms, "attribute": attrs}, schema=TERMS)
+                    label = c["attribute"] if c["score"] >= self.min_confidence else UNLABELLED
+                    rows.append((t, key, label))
+        cols = list(zip(*rows)) if rows else [(), (), ()]
+        return pa.Table.from_arrays([pa.array(list(c), pa.string()) for c in cols], schema=TERMS)
 
 
 class DecideValues(Step):

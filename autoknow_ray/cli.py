@@ -39,6 +39,13 @@ def cmd_split(a) -> int:
     return 0
 
 
+def cmd_holdout_values(a) -> int:
+    from autoknow_ray.catalogue.holdout_values import holdout_values
+
+    print(json.dumps(holdout_values(a.catalogue, a.out, fraction=a.fraction, seed=a.seed), indent=2))
+    return 0
+
+
 def cmd_fit(a) -> int:
     from autoknow_ray.rebuild import fit
 
@@ -163,6 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of the other types' products held out too")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_type_split)
+    s = sub.add_parser("holdout-values", help="copy a catalogue with a share of its attribute "
+                                              "values moved to gold/held_out_values")
+    s.add_argument("--catalogue", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--fraction", type=float, default=0.3)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_holdout_values)
 
     for name, func, hlp in (("fit", cmd_fit, "train the module models on a catalogue"),
                             ("rebuild", cmd_rebuild, "the full job: catalogue -> graph")):

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from autoknow_ray.modules.relations.config import RelationsConfig
+from autoknow_ray.modules.imputation.config import ImputationConfig
 from autoknow_ray.modules.taxonomy.config import TaggerConfig
 from autoknow_ray.modules.taxonomy.hypernym_config import HypernymConfig, TypeResolutionConfig
 
@@ -88,6 +89,7 @@ class Config(Strict):
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     taxonomy: TaxonomyStageConfig = Field(default_factory=TaxonomyStageConfig)
     relations: RelationsConfig = Field(default_factory=RelationsConfig)
+    imputation: ImputationConfig = Field(default_factory=ImputationConfig)
 
     def stage_resources(self, stage: str) -> StageResources:
         return self.resources.get(stage) or self.resources.get("default") or StageResources()

@@ -74,6 +74,8 @@ GOLD_WRONG_VALUES = pa.schema(
 # fit_types: the product types a model was fitted on (written by `autoknow type-split`), so that
 # eval reports types seen in fit and types never seen apart
 GOLD_FIT_TYPES = pa.schema([("type", STR)])
+# held_out_values: attribute values removed from the catalogue for judging imputation
+GOLD_HELD_OUT_VALUES = pa.schema([("product_id", STR), ("attribute", STR), ("value", STR)])
 GOLD_TABLES: dict[str, pa.Schema] = {
     "types": GOLD_TYPES,
     "spans": GOLD_SPANS,
@@ -83,6 +85,7 @@ GOLD_TABLES: dict[str, pa.Schema] = {
     "matches": GOLD_MATCHES,
     "wrong_values": GOLD_WRONG_VALUES,
     "fit_types": GOLD_FIT_TYPES,
+    "held_out_values": GOLD_HELD_OUT_VALUES,
 }
 
 # ---- stage outputs ---------------------------------------------------------------------------

@@ -1,0 +1,77 @@
+"""Configuration of module 3, data imputation (pydantic v2, unknown keys rejected).
+
+The defaults run on a laptop CPU in minutes (training capped in products, windows and epochs);
+a GPU cluster raises the caps, never changes the code path.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ImputationTaggerConfig(BaseModel):
+    """The type-conditioned tagger over free text, trained by distant supervision."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    encoder: str = "default"  # "default" = the packaged MiniLM; or a local folder
+    condition_on_type: bool = True  # False: the same tagger without the type input (ablation)
+    context_features: int = Field(32, ge=1)  # type features concatenated to every token
+    context_dropout: float = Field(0.1, ge=0.0, le=1.0)  # windows trained without their type
+    max_length: int = Field(128, ge=16, le=512)  # tokens per window
+    stride: int = Field(32, ge=0)  # tokens of overlap between windows
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    shape_dim: int = Field(16, ge=0)
+    epochs: int = Field(4, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    head_lr: float = Field(3e-3, gt=0)
+    batch_size: int = Field(16, ge=1)
+    weight_decay: float = Field(0.01, ge=0.0)
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    patience: int = Field(2, ge=0)
+    seed: int = 0
+    bf16: bool | Literal["auto"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    cpu_threads: int | None = Field(2, ge=1)
+    # distant supervision: the catalogue's filled values located in its own texts
+    max_train_products: int = Field(2000, ge=1)  # seeded sample of the training catalogue
+    max_train_windows: int = Field(3000, ge=1)
+    empty_keep_fraction: float = Field(0.1, ge=0.0, le=1.0)  # windows with no value kept
+    min_attribute_count: int = Field(3, ge=1)  # attributes located in fewer texts are not learned
+    max_value_chars: int = Field(100, ge=1)
+
+
+class ClusterConfig(BaseModel):
+    """Embedding clusters of candidate value terms (FAISS k-means): an uncertain span in a
+    cluster dominated by one attribute, for the product's type, takes that attribute."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    n_clusters: int = Field(256, ge=1)  # upper bound; at most one cluster per `terms_per_cluster`
+    terms_per_cluster: int = Field(4, ge=1)
+    purity: float = Field(0.8, gt=0.0, le=1.0)  # share of the dominant attribute in (cluster, type)
+    min_support: int = Field(5, ge=1)  # labelled occurrences behind that share
+    min_span_score: float = Field(0.3, ge=0.0, le=1.0)  # uncertain spans below are ignored
+    max_terms: int = Field(50_000, ge=1)  # the most frequent terms are embedded and clustered
+    niter: int = Field(20, ge=1)
+    known_values_max: int = Field(50_000, ge=0)  # training values kept in the model as labelled terms
+
+
+class ImputationConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tagger: ImputationTaggerConfig = Field(default_factory=ImputationTaggerConfig)
+    clusters: ClusterConfig = Field(default_factory=ClusterConfig)
+    # which texts are read: product fields and the customer texts (reviews, questions, answers)
+    fields: list[Literal["title", "description", "bullets", "texts"]] = Field(
+        default_factory=lambda: ["title", "description", "bullets", "texts"])
+    max_text_chars: int = Field(20_000, ge=100)  # longer texts are cut (and counted)
+    max_texts_per_product: int = Field(20, ge=1)  # customer texts read per product
+    min_confidence: float = Field(0.9, ge=0.0, le=1.0)  # the shipped threshold for `added` facts
+    # a value that disagrees with one already in the graph is added beside it (both stay, for
+    # module 4 to judge) only at this confidence; below it is counted, not written
+    emit_conflicts: bool = True
+    conflict_min_confidence: float = Field(0.97, ge=0.0, le=1.0)
+    infer_batch_size: int = Field(32, ge=1)

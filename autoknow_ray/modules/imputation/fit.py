@@ -1,0 +1,117 @@
+"""`autoknow fit` for module 3: the type-conditioned tagger, by distant supervision.
+
+The training set is a seeded sample of at most `tagger.max_train_products` products (and their
+customer texts), drawn in the workers: the catalogue never comes to this process whole. The
+known values (the labelled terms of the embedding clusters) are counted over the same sample.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from autoknow_ray import runtime
+from autoknow_ray.graph import state
+from autoknow_ray.modules.imputation.config import ImputationConfig
+from autoknow_ray.modules.imputation.distant import build_examples
+from autoknow_ray.modules.imputation.model import (
+    KNOWN_VALUES, TAGGER, save_type_vectors)
+from autoknow_ray.modules.imputation.texts import filled_values, value_key
+from autoknow_ray.nn.conditioned_tagger import ConditionedTrainSettings, train_conditioned_tagger
+from autoknow_ray.pipeline import RunContext
+
+PRODUCT_FIELDS = ["product_id", "title", "description", "bullets", "attributes", "brand",
+                  "product_type"]
+
+
+def train_settings(cfg: ImputationConfig, dim: int) -> ConditionedTrainSettings:
+    t = cfg.tagger
+    return ConditionedTrainSettings(
+        encoder=t.encoder, max_length=t.max_length, stride=t.stride,
+        context_dim=dim if t.condition_on_type else 0, context_features=t.context_features,
+        context_dropout=t.context_dropout, epochs=t.epochs, lr=t.lr, head_lr=t.head_lr,
+        batch_size=t.batch_size, weight_decay=t.weight_decay, dropout=t.dropout,
+        shape_dim=t.shape_dim, val_fraction=t.val_fraction, patience=t.patience, seed=t.seed,
+        bf16=t.bf16, device=t.device, cpu_threads=t.cpu_threads,
+        eval_batch_size=cfg.infer_batch_size)
+
+
+def _sample_rows(ctx: RunContext, cfg: ImputationConfig) -> list[dict]:
+    """A seeded sample of products, each with its customer texts (capped per product)."""
+    path = ctx.table_path("ingest", "products")
+    n = state.count_rows(path)
+    products = runtime.bounded_sample(runtime.read_parquet(path, PRODUCT_FIELDS),
+                                      cfg.tagger.max_train_products, ctx.cfg.seed, n)
+    if products.height == 0:
+        return []
+    rows = products.rename({"product_type": "type"}).to_dicts()
+    texts_path = ctx.table_path("ingest", "texts")
+    if "texts" in cfg.fields and state.count_rows(texts_path) > 0:
+        ids = pa.array(products["product_id"].to_list())
+        texts = runtime.read_parquet(texts_path, ["product_id", "kind", "text"]).map_batches(
+            lambda b: b.filter(pc.is_in(b.column("product_id"), ids)), batch_format="pyarrow")
+        cap = len(rows) * cfg.max_texts_per_product
+        sample = runtime.bounded_sample(texts, cap, ctx.cfg.seed)
+        by_product: dict[str, list] = {}
+        for pid, kind, text in (sample.iter_rows() if sample.height else []):
+            by_product.setdefault(pid, []).append((kind, text))
+        for r in rows:
+            got = by_product.get(r["product_id"], [])[: cfg.max_texts_per_product]
+            r["customer_kinds"] = [k for k, _ in got]
+            r["customer_texts"] = [t for _, t in got]
+    return rows
+
+
+def known_values(rows: list[dict], cap: int) -> pl.DataFrame:
+    """(type, attribute, term, n) of the sampled products' filled values, the `cap` most
+    frequent: the labelled terms the embedding clusters start from."""
+    recs = [(r.get("type") or "", a, value_key(v)) for r in rows for a, v in filled_values(r)]
+    recs = [x for x in recs if x[2]]
+    if cap <= 0 or not recs:
+        return pl.DataFrame()
+    df = pl.DataFrame(recs, schema=["type", "attribute", "term"], orient="row")
+    agg = df.group_by("type", "attribute", "term").len("n").with_columns(pl.col("n").cast(pl.Int64))
+    return agg.sort(["n", "type", "attribute", "term"], descending=[True, False, False, False]).head(cap)
+
+
+def fit_imputation(ctx: RunContext, out: Path) -> dict:
+    from autoknow_ray.nn.encoder import TextEncoder
+
+    cfg = ctx.cfg.imputation
+    t0 = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = _sample_rows(ctx, cfg)
+    texts, types, spans, labels, stats = build_examples(
+        rows, cfg.fields, cfg.max_text_chars, cfg.max_texts_per_product,
+        cfg.tagger.max_value_chars, cfg.tagger.min_attribute_count)
+    if not labels:
+        return {"skipped": "no filled attribute value was found in any product text: nothing to learn",
+                "products_sampled": len(rows), "distant_supervision": stats}
+    encoder = TextEncoder(cfg.tagger.encoder, device=ctx.cfg.device)
+    names = sorted({t for t in types if isinstance(t, str) and t.strip()})
+    vectors = encoder.encode(names) if names else np.zeros((0, encoder.dim), np.float32)
+    save_type_vectors(out, names, vectors)
+    index = {n: i for i, n in enumerate(names)}
+    contexts = np.zeros((len(texts), encoder.dim), dtype=np.float32)
+    for i, t in enumerate(types):
+        if t in index:
+            contexts[i] = vectors[index[t]]
+    settings = train_settings(cfg, encoder.dim)
+    _, metrics = train_conditioned_tagger(
+        texts, contexts, spans, labels, settings, out / TAGGER,
+        max_windows=cfg.tagger.max_train_windows,
+        empty_keep_fraction=cfg.tagger.empty_keep_fraction,
+        artifact_extra={"task": "imputation-tagger", "distant_supervision": stats})
+    known = known_values(rows, cfg.clusters.known_values_max)
+    if known.height:
+        known.write_parquet(out / KNOWN_VALUES)
+    metrics.pop("history", None)
+    return {"products_sampled": len(rows), "labels": labels,
+            "conditioned_on_type": cfg.tagger.condition_on_type, "types": len(names),
+            "known_values": known.height, "distant_supervision": stats, **metrics,
+            "seconds": round(time.perf_counter() - t0, 2)}

@@ -1,0 +1,194 @@
+"""Module 3 as a pipeline stage: values missing from the graph, found in the products' texts.
+
+  read     products with their current type (graph.state), their customer texts and the values
+           earlier modules added (joined per product by Ray Data)
+  tag      TagProducts in an actor pool: the type-conditioned tagger over every text, in windows
+           -> RUN/imputation/candidates/ (one row per product)
+  cluster  per-term aggregate -> MiniLM + FAISS k-means on the driver (bounded by terms)
+  decide   DecideValues as tasks -> RUN/imputation/decisions/; the written ones -> edits/
+  count    per decision and relation (Ray Data groupby)
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+from autoknow_ray import runtime
+from autoknow_ray.graph import state
+from autoknow_ray.modules.imputation.clusters import build_cluster_map
+from autoknow_ray.modules.imputation.model import TAGGER, load_known_values
+from autoknow_ray.modules.imputation.steps import (
+    INPUT_COUNTS, PRODUCT_COLUMNS, DecideValues, TagProducts, TermRows, written)
+from autoknow_ray.modules.imputation.texts import SEP
+from autoknow_ray.pipeline import RunContext, Stage
+from autoknow_ray.schema import HAS_TYPE, TRIPLES
+
+MODULE = "imputation"
+
+
+def _partitions(n: int) -> int:
+    return max(1, min(64, n // 20_000 + 1))
+
+
+def _customer_texts(group: pa.Table, cap: int) -> pa.Table:
+    """One product's texts as lists (the first `cap`, and how many were left out)."""
+    kinds = group.column("kind").to_pylist()
+    texts = group.column("text").to_pylist()
+    return pa.table({"product_id": [group.column("product_id")[0].as_py()],
+                     "customer_kinds": [kinds[:cap]], "customer_texts": [texts[:cap]],
+                     "customer_texts_dropped": [max(0, len(texts) - cap)]})
+
+
+def _upstream_items(batch: pa.Table) -> pa.Table:
+    keep = pc.and_(pc.not_equal(batch.column("relation"), HAS_TYPE),
+                   pc.is_in(batch.column("status"), pa.array(["added", "corrected"])))
+    b = batch.filter(keep)
+    items = pc.binary_join_element_wise(b.column("relation").cast(pa.string()),
+                                        b.column("object").cast(pa.string()), SEP)
+    return pa.table({"product_id": b.column("subject").cast(pa.string()), "item": items})
+
+
+def _upstream_lists(group: pa.Table) -> pa.Table:
+    return pa.table({"product_id": [group.column("product_id")[0].as_py()],
+                     "upstream": [group.column("item").to_pylist()]})
+
+
+def _fill_missing(batch: pa.Table) -> pa.Table:
+    """Columns the steps read that this catalogue lacks (no texts table, no upstream edits)."""
+    types = {"bullets": pa.list_(pa.string()), "customer_kinds": pa.list_(pa.string()),
+             "customer_texts": pa.list_(pa.string()), "upstream": pa.list_(pa.string()),
+             "customer_texts_dropped": pa.int64(),
+             "attributes": pa.list_(pa.struct([("name", pa.string()), ("value", pa.string())]))}
+    for name in PRODUCT_COLUMNS:
+        if name not in batch.column_names:
+            batch = batch.append_column(name, pa.nulls(batch.num_rows, types.get(name, pa.string())))
+    return batch
+
+
+def products_with_context(ctx: RunContext, n: int):
+    """typed products + their customer texts + the values earlier modules added, as one Ray
+    Dataset with PRODUCT_COLUMNS (one row per product)."""
+    cfg = ctx.cfg.imputation
+    ds = state.typed_products(ctx, ["product_id", "title", "description", "bullets",
+                                    "attributes", "brand"])
+    texts_path = ctx.table_path("ingest", "texts")
+    if "texts" in cfg.fields and state.count_rows(texts_path) > 0:
+        texts = ray.data.read_parquet(str(texts_path)).select_columns(["product_id", "kind", "text"])
+        cap = cfg.max_texts_per_product
+        per_product = texts.groupby("product_id").map_groups(
+            lambda g: _customer_texts(g, cap), batch_format="pyarrow")
+        ds = ds.join(per_product, join_type="left_outer", num_partitions=_partitions(n),
+                     on=("product_id",))
+    upstream = state.upstream_edits(ctx, before=MODULE)
+    if upstream is not None:
+        items = upstream.map_batches(_upstream_items, batch_format="pyarrow")
+        lists = items.groupby("product_id").map_groups(_upstream_lists, batch_format="pyarrow")
+        ds = ds.join(lists, join_type="left_outer", num_partitions=_partitions(n), on=("product_id",))
+    return ds.map_batches(_fill_missing, batch_format="pyarrow")
+
+
+def applicable_attributes(ctx: RunContext) -> dict[str, set[str]] | None:
+    table = state.attribute_applicability(ctx)
+    if table is None or table.height == 0:
+        return None
+    out: dict[str, set[str]] = {}
+    for t, a, ok in table.select("type", "attribute", "applicable").iter_rows():
+        out.setdefault(t, set())
+        if ok:
+            out[t].add(a)
+    return out
+
+
+class ImputationStage(Stage):
+    name = MODULE
+    config_sections = (MODULE, "resources")
+    needs = ("ingest", "taxonomy", "relations")
+    uses_models = True
+
+    def fingerprint(self, ctx: RunContext) -> str:
+        self.needs = tuple(s for s in ("ingest", "taxonomy", "relations") if s in ctx.cfg.stages)
+        return super().fingerprint(ctx)
+
+    def run(self, ctx: RunContext) -> dict:
+        cfg = ctx.cfg.imputation
+        n = state.n_products(ctx)
+        model_dir = None if ctx.models is None else ctx.models / MODULE
+        if model_dir is None or not (model_dir / TAGGER / "config.json").exists():
+            return {"rows_in": n, "rows_out": 0, "rows_quarantined": 0,
+                    "skipped": f"no imputation model in {model_dir} (fit found nothing to learn)"}
+        products = products_with_context(ctx, n)
+        tag = TagProducts(model_dir, cfg.fields, cfg.max_text_chars, cfg.max_texts_per_product,
+                          cfg.infer_batch_size, cfg.clusters.min_span_score
+                          if cfg.clusters.enabled else cfg.min_confidence, cfg.tagger.encoder)
+        t0 = time.perf_counter()
+        runtime.map_step(products, tag, ctx.cfg, n).write_parquet(str(ctx.out / "candidates"))
+        tag_seconds = time.perf_counter() - t0
+        cands = runtime.read_parquet(ctx.out / "candidates")
+        sums = cands.sum(list(INPUT_COUNTS)) if n else {}
+        input_counts = {k: int(sums.get(f"sum({k})") or 0) for k in INPUT_COUNTS} if sums else {}
+        rows_out = state.count_rows(ctx.out / "candidates")
+
+        cluster_map, cluster_stats = {}, {"enabled": cfg.clusters.enabled}
+        if cfg.clusters.enabled and rows_out:
+            cluster_map, stats = self._clusters(ctx, cands, model_dir)
+            cluster_stats.update(stats)
+        decide = DecideValues(cfg.min_confidence, cfg.clusters.min_span_score, cluster_map,
+                              applicable_attributes(ctx), cfg.emit_conflicts,
+                              cfg.conflict_min_confidence)
+        decisions = runtime.map_step(cands, decide, ctx.cfg, n, repartition=False)
+        decisions.write_parquet(str(ctx.out / "decisions"))
+        per = None
+        if state.count_rows(ctx.out / "decisions"):  # no candidate anywhere: no file either
+            dec = runtime.read_parquet(ctx.out / "decisions")
+            edits = dec.filter(lambda r: written(r["decision"]))
+            edits.select_columns([f.name for f in TRIPLES]).write_parquet(str(ctx.out / "edits"))
+            per = runtime.aggregate(dec, ["decision", "relation"], {"n": ("count", None)})
+        decisions_count: Counter = Counter()
+        added_per_relation: Counter = Counter()
+        if per is not None and per.height:
+            for d, rel, k in per.select("decision", "relation", "n").iter_rows():
+                decisions_count[d] += int(k)
+                if written(d):
+                    added_per_relation[rel] += int(k)
+        tokens = input_counts.get("tokens", 0)
+        return {
+            "rows_in": n,
+            "rows_out": rows_out,
+            "rows_quarantined": 0,
+            "input": input_counts,
+            "tag_seconds": round(tag_seconds, 2),
+            "tokens_per_s": round(tokens / tag_seconds, 1) if tag_seconds > 0 else None,
+            "decisions": dict(decisions_count),
+            "facts_added": sum(added_per_relation.values()),
+            "facts_added_per_relation": dict(added_per_relation.most_common()),
+            "clusters": cluster_stats,
+            "min_confidence": cfg.min_confidence,
+            "conditioned_on_type": self._conditioned(model_dir),
+        }
+
+    def _clusters(self, ctx: RunContext, cands, model_dir):
+        import polars as pl
+
+        from autoknow_ray.nn.encoder import TextEncoder
+
+        cfg = ctx.cfg.imputation
+        rows = runtime.map_step(cands, TermRows(cfg.min_confidence), ctx.cfg, repartition=False)
+        terms = runtime.aggregate(rows, ["type", "term", "attribute"], {"n": ("count", None)})
+        known = load_known_values(model_dir)
+        parts = [p.select("type", "term", "attribute", pl.col("n").cast(pl.Int64))
+                 for p in (terms, known) if p.height]
+        if not parts:
+            return {}, {"terms": 0}
+        table = pl.concat(parts, how="vertical_relaxed").with_columns(pl.col("type").fill_null(""))
+        encoder = TextEncoder(cfg.tagger.encoder, device=ctx.cfg.device)
+        return build_cluster_map(table, encoder, cfg.clusters, ctx.cfg.seed)
+
+    @staticmethod
+    def _conditioned(model_dir) -> bool:
+        import json
+
+        return bool(json.loads((model_dir / TAGGER / "config.json").read_text()).get("context_dim"))

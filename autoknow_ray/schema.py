@@ -71,6 +71,8 @@ GOLD_MATCHES = pa.schema([("left_id", STR), ("right_id", STR), ("label", pa.int8
 GOLD_WRONG_VALUES = pa.schema(
     [("product_id", STR), ("attribute", STR), ("value", STR), ("correct_value", STR)]
 )
+# wrong_types: products whose catalogue type was planted wrong (type), with the right one.
+GOLD_WRONG_TYPES = pa.schema([("product_id", STR), ("type", STR), ("correct_type", STR)])
 GOLD_TABLES: dict[str, pa.Schema] = {
     "types": GOLD_TYPES,
     "spans": GOLD_SPANS,
@@ -79,6 +81,7 @@ GOLD_TABLES: dict[str, pa.Schema] = {
     "copurchase": GOLD_COPURCHASE,
     "matches": GOLD_MATCHES,
     "wrong_values": GOLD_WRONG_VALUES,
+    "wrong_types": GOLD_WRONG_TYPES,
 }
 
 # ---- stage outputs ---------------------------------------------------------------------------
@@ -101,6 +104,22 @@ TAGS = pa.schema(
         ("start", pa.int32()),
         ("end", pa.int32()),
         ("score", pa.float32()),
+    ]
+)
+
+# cleaning scores: every triple the cleaning stage judged (catalogue facts and upstream edits),
+# with P(misassigned) and its decision; status kept | removed | corrected | upstream_removed.
+CLEANING_SCORES = pa.schema(
+    [
+        ("subject", STR),
+        ("relation", STR),
+        ("object", STR),
+        ("origin", STR),  # "catalogue", or "<module>:<status>" of the upstream edit
+        ("score", pa.float32()),
+        ("module", STR),
+        ("status", STR),
+        ("confidence", pa.float32()),
+        ("evidence", STR),
     ]
 )
 

@@ -52,3 +52,19 @@ def accuracy_at_k(ranked: dict, gold: dict, k: int) -> float:
         return 0.0
     hits = sum(1 for c, g in gold.items() if set(ranked.get(c, [])[:k]) & g)
     return round(hits / len(gold), 4)
+
+
+def average_precision(scores: list[float], labels: list[int]) -> float:
+    """Area under the precision-recall curve (average precision, step-wise, ties broken by label
+    last so equal scores do not flatter the ranking); 0.0 without positives."""
+    pairs = sorted(zip(scores, labels), key=lambda x: (-x[0], x[1]))
+    n_pos = sum(1 for _, y in pairs if y)
+    if n_pos == 0:
+        return 0.0
+    tp = 0
+    ap = 0.0
+    for i, (_, y) in enumerate(pairs, 1):
+        if y:
+            tp += 1
+            ap += tp / i
+    return round(ap / n_pos, 4)

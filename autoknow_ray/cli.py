@@ -39,6 +39,14 @@ def cmd_split(a) -> int:
     return 0
 
 
+def cmd_plant(a) -> int:
+    from autoknow_ray.catalogue.plant import plant
+
+    print(json.dumps(plant(a.catalogue, a.out, rate=a.rate, type_rate=a.type_rate, seed=a.seed,
+                           take=a.take, skip=a.skip), indent=2))
+    return 0
+
+
 def cmd_fit(a) -> int:
     from autoknow_ray.rebuild import fit
 
@@ -79,7 +87,11 @@ def cmd_eval(a) -> int:
 def cmd_baseline(a) -> int:
     from autoknow_ray.eval.baselines import run_centroid, run_dictionary
 
-    if a.method == "dictionary":
+    if a.method in ("frequency", "embedding"):
+        from autoknow_ray.eval.baselines_cleaning import run_cleaning_baseline
+
+        summary = run_cleaning_baseline(a.method, a.catalogue, a.out, encoder=a.encoder)
+    elif a.method == "dictionary":
         if not a.train:
             raise ValueError("the dictionary baseline needs --train TRAIN_DIR")
         summary = run_dictionary(a.train, a.catalogue, a.out)
@@ -124,6 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_split)
 
+    s = sub.add_parser("plant", help="copy a catalogue with planted wrong values/types (+ gold/)")
+    s.add_argument("--catalogue", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--rate", type=float, default=0.05, help="share of values made wrong")
+    s.add_argument("--type-rate", type=float, default=0.0, help="share of products moved to a wrong type")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--take", type=int, default=None, help="plant on a seeded slice of this many products")
+    s.add_argument("--skip", type=int, default=0, help="start the slice after this many (disjoint slices)")
+    s.set_defaults(func=cmd_plant)
+
     for name, func, hlp in (("fit", cmd_fit, "train the module models on a catalogue"),
                             ("rebuild", cmd_rebuild, "the full job: catalogue -> graph")):
         s = sub.add_parser(name, help=hlp)
@@ -145,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="another run (e.g. a baseline) to score on the same gold; repeatable")
     s.set_defaults(func=cmd_eval)
     s = sub.add_parser("baseline", help="write a simple method's run, to score beside a real one")
-    s.add_argument("method", choices=("dictionary", "centroid"))
+    s.add_argument("method", choices=("dictionary", "centroid", "frequency", "embedding"),
+                   help="frequency / embedding: the cleaning rules (eval/baselines_cleaning.py)")
     s.add_argument("--catalogue", required=True, help="the catalogue to extract from / place")
     s.add_argument("--out", required=True)
     s.add_argument("--train", default=None, help="training catalogue (required for dictionary)")

@@ -48,6 +48,9 @@ class CleaningConfig(BaseModel):
     type_share: float = Field(0.25, ge=0, le=1)  # share of the pairs that judge the product type
     # training
     epochs: int = Field(2, ge=1)
+    # fine-tune only the top N transformer layers (and the head): the lower layers and the
+    # embeddings stay frozen, so backward passes cost a fraction; 0 = fine-tune every layer
+    train_layers: int = Field(2, ge=0)
     lr: float = Field(5e-5, gt=0)
     head_lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(16, ge=1)

@@ -76,6 +76,31 @@ def choose_threshold(scores: np.ndarray, labels: np.ndarray, error_rate: float,
                      "val_weighted_recall": round(best[3], 4)}
 
 
+def freeze_lower_layers(model: CrossEncoder, train_layers: int) -> list:
+    """Freeze the embeddings and all but the top `train_layers` layers; the encoder parameters
+    left to train (every one when `train_layers` is 0)."""
+    if train_layers <= 0:
+        return list(model.encoder.parameters())
+    layers = model.encoder.encoder.layer
+    keep = {id(p) for layer in layers[-train_layers:] for p in layer.parameters()}
+    for p in model.encoder.parameters():
+        p.requires_grad_(id(p) in keep)
+    return [p for p in model.encoder.parameters() if p.requires_grad]
+
+
+def _length_batches(rows: list[tuple], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """Shuffled batches of similar-length rows (little padding), in shuffled order."""
+    order = list(range(len(rows)))
+    rng.shuffle(order)
+    chunk = batch_size * 20  # sort within chunks so batches stay varied across epochs
+    batches = []
+    for i in range(0, len(order), chunk):
+        part = sorted(order[i : i + chunk], key=lambda j: len(rows[j][0]))
+        batches += [part[k : k + batch_size] for k in range(0, len(part), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
 def train_cross_encoder(pairs: list[Pair], cfg: CleaningConfig, out: Path, seed: int,
                         device: str = "auto") -> dict:
     t0 = time.perf_counter()
@@ -92,8 +117,9 @@ def train_cross_encoder(pairs: list[Pair], cfg: CleaningConfig, out: Path, seed:
     train_rows, val_rows = _tokenise(train, tokens), _tokenise(val, tokens)
     y_train = torch.tensor([p.label for p in train], dtype=torch.float32)
     model = CrossEncoder(enc_path).to(dev)
+    trainable = freeze_lower_layers(model, cfg.train_layers)
     opt = torch.optim.AdamW([
-        {"params": model.encoder.parameters(), "lr": cfg.lr},
+        {"params": trainable, "lr": cfg.lr},
         {"params": model.head.parameters(), "lr": cfg.head_lr},
     ], weight_decay=0.01)
     steps = cfg.epochs * math.ceil(len(train_rows) / cfg.batch_size)
@@ -105,11 +131,8 @@ def train_cross_encoder(pairs: list[Pair], cfg: CleaningConfig, out: Path, seed:
     history = []
     for epoch in range(cfg.epochs):
         model.train()
-        order = list(range(len(train_rows)))
-        rng.shuffle(order)
         total = 0.0
-        for i in range(0, len(order), cfg.batch_size):
-            idx = order[i : i + cfg.batch_size]
+        for idx in _length_batches(train_rows, cfg.batch_size, rng):
             batch = collate([train_rows[j] for j in idx], tokenizer.pad_token_id, dev)
             loss = loss_fn(model(**batch), y_train[idx].to(dev))
             opt.zero_grad()
@@ -118,7 +141,7 @@ def train_cross_encoder(pairs: list[Pair], cfg: CleaningConfig, out: Path, seed:
             opt.step()
             sched.step()
             total += float(loss) * len(idx)
-        history.append(round(total / len(order), 4))
+        history.append(round(total / len(train_rows), 4))
     model.eval()
     scores = np.zeros(len(val_rows), dtype=np.float32)
     with torch.inference_mode():

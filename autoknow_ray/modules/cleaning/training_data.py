@@ -94,7 +94,8 @@ def make_pairs(products: pl.DataFrame, cfg: CleaningConfig, seed: int) -> tuple[
     vocab = sorted({w for v in facts["value"].to_list() for w in v.split() if len(w) > 1})
 
     per_pos = cfg.negatives_per_positive
-    type_pairs = int(cfg.max_train_pairs * cfg.type_share) if len(types) > 1 else 0
+    type_pairs = int(cfg.max_train_pairs * (cfg.type_share if valid.height else 1.0)) \
+        if len(types) > 1 else 0  # a catalogue without attribute values learns types only
     n_type_pos = min(int(type_pairs / (1 + per_pos)), products.filter(
         pl.col("product_type").is_not_null()).height)
     n_attr_pos = min(int((cfg.max_train_pairs - type_pairs) / (1 + per_pos)), valid.height)

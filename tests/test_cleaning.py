@@ -118,7 +118,7 @@ def test_eval_scores_removals_against_the_planted_list(tmp_path):
     r = cleaning_eval.score(tmp_path / "run", tmp_path / "gold")
     assert r["cleaning.values.tp"] == 1 and r["cleaning.values.fp"] == 1 and r["cleaning.values.fn"] == 1
     assert r["cleaning.values.false_removal_rate"] == 0.5  # Blue of 2 clean values
-    assert r["cleaning.values.auc_pr"] == pytest.approx((1 + 2 / 4) / 2, abs=1e-3)
+    assert r["cleaning.values.auc_pr"] == pytest.approx((1 + 2 / 3) / 2, abs=1e-3)  # ranks 1 and 3
     assert r["cleaning.types.precision"] == 1.0 and r["cleaning.types.recall"] == 1.0
 
 

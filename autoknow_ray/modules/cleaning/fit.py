@@ -140,7 +140,7 @@ def train_cross_encoder(pairs: list[Pair], cfg: CleaningConfig, out: Path, seed:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
-            total += float(loss) * len(idx)
+            total += loss.item() * len(idx)
         history.append(round(total / len(train_rows), 4))
     model.eval()
     scores = np.zeros(len(val_rows), dtype=np.float32)

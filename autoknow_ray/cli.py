@@ -43,6 +43,13 @@ def cmd_holdout_values(a) -> int:
     from autoknow_ray.catalogue.holdout_values import holdout_values
 
     print(json.dumps(holdout_values(a.catalogue, a.out, fraction=a.fraction, seed=a.seed), indent=2))
+
+
+def cmd_plant(a) -> int:
+    from autoknow_ray.catalogue.plant import plant
+
+    print(json.dumps(plant(a.catalogue, a.out, rate=a.rate, type_rate=a.type_rate, seed=a.seed,
+                           take=a.take, skip=a.skip), indent=2))
     return 0
 
 
@@ -115,6 +122,11 @@ def cmd_baseline(a) -> int:
             raise ValueError("the relations-frequency baseline needs --train TRAIN_DIR")
         summary = run_frequency(a.train, a.catalogue, a.out,
                                 a.threshold if a.threshold is not None else DEFAULT_THRESHOLD)
+    elif a.method in ("cleaning-frequency", "cleaning-embedding"):
+        from autoknow_ray.eval.baselines_cleaning import run_cleaning_baseline
+
+        summary = run_cleaning_baseline(a.method.split("-", 1)[1], a.catalogue, a.out,
+                                        encoder=a.encoder)
     elif a.method == "dictionary":
         if not a.train:
             raise ValueError("the dictionary baseline needs --train TRAIN_DIR")
@@ -177,6 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fraction", type=float, default=0.3)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_holdout_values)
+    s = sub.add_parser("plant", help="copy a catalogue with planted wrong values/types (+ gold/)")
+    s.add_argument("--catalogue", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--rate", type=float, default=0.05, help="share of values made wrong")
+    s.add_argument("--type-rate", type=float, default=0.0, help="share of products moved to a wrong type")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--take", type=int, default=None, help="plant on a seeded slice of this many products")
+    s.add_argument("--skip", type=int, default=0, help="start the slice after this many (disjoint slices)")
+    s.set_defaults(func=cmd_plant)
 
     for name, func, hlp in (("fit", cmd_fit, "train the module models on a catalogue"),
                             ("rebuild", cmd_rebuild, "the full job: catalogue -> graph")):
@@ -199,7 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="another run (e.g. a baseline) to score on the same gold; repeatable")
     s.set_defaults(func=cmd_eval)
     s = sub.add_parser("baseline", help="write a simple method's run, to score beside a real one")
-    s.add_argument("method", choices=("dictionary", "centroid", "relations-frequency"))
+    s.add_argument("method", choices=("dictionary", "centroid", "relations-frequency",
+                                      "cleaning-frequency", "cleaning-embedding"),
+                   help="cleaning-frequency / cleaning-embedding: the cleaning rules "
+                        "(eval/baselines_cleaning.py)")
     s.add_argument("--catalogue", required=True, help="the catalogue to extract from / place")
     s.add_argument("--out", required=True)
     s.add_argument("--train", default=None, help="training catalogue (required for dictionary)")

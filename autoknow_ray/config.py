@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from autoknow_ray.modules.relations.config import RelationsConfig
 from autoknow_ray.modules.imputation.config import ImputationConfig
+from autoknow_ray.modules.cleaning.config import CleaningConfig
 from autoknow_ray.modules.taxonomy.config import TaggerConfig
 from autoknow_ray.modules.taxonomy.hypernym_config import HypernymConfig, TypeResolutionConfig
 
@@ -90,6 +91,7 @@ class Config(Strict):
     taxonomy: TaxonomyStageConfig = Field(default_factory=TaxonomyStageConfig)
     relations: RelationsConfig = Field(default_factory=RelationsConfig)
     imputation: ImputationConfig = Field(default_factory=ImputationConfig)
+    cleaning: CleaningConfig = Field(default_factory=CleaningConfig)
 
     def stage_resources(self, stage: str) -> StageResources:
         return self.resources.get(stage) or self.resources.get("default") or StageResources()

@@ -76,6 +76,8 @@ GOLD_WRONG_VALUES = pa.schema(
 GOLD_FIT_TYPES = pa.schema([("type", STR)])
 # held_out_values: attribute values removed from the catalogue for judging imputation
 GOLD_HELD_OUT_VALUES = pa.schema([("product_id", STR), ("attribute", STR), ("value", STR)])
+# wrong_types: products whose catalogue type was planted wrong (type), with the right one.
+GOLD_WRONG_TYPES = pa.schema([("product_id", STR), ("type", STR), ("correct_type", STR)])
 GOLD_TABLES: dict[str, pa.Schema] = {
     "types": GOLD_TYPES,
     "spans": GOLD_SPANS,
@@ -86,6 +88,7 @@ GOLD_TABLES: dict[str, pa.Schema] = {
     "wrong_values": GOLD_WRONG_VALUES,
     "fit_types": GOLD_FIT_TYPES,
     "held_out_values": GOLD_HELD_OUT_VALUES,
+    "wrong_types": GOLD_WRONG_TYPES,
 }
 
 # ---- stage outputs ---------------------------------------------------------------------------
@@ -108,6 +111,22 @@ TAGS = pa.schema(
         ("start", pa.int32()),
         ("end", pa.int32()),
         ("score", pa.float32()),
+    ]
+)
+
+# cleaning scores: every triple the cleaning stage judged (catalogue facts and upstream edits),
+# with P(misassigned) and its decision; status kept | removed | corrected | upstream_removed.
+CLEANING_SCORES = pa.schema(
+    [
+        ("subject", STR),
+        ("relation", STR),
+        ("object", STR),
+        ("origin", STR),  # "catalogue", or "<module>:<status>" of the upstream edit
+        ("score", pa.float32()),
+        ("module", STR),
+        ("status", STR),
+        ("confidence", pa.float32()),
+        ("evidence", STR),
     ]
 )
 

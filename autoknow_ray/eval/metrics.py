@@ -47,13 +47,14 @@ def accuracy_at_k(ranked: dict, gold: dict, k: int) -> float:
 
 def average_precision(labels, scores) -> float:
     """Area under the precision-recall curve, as average precision (the mean of the precision at
-    each true item, items ranked by score)."""
+    each true item, items ranked by score; equal scores put the true items last, so ties never
+    flatter the ranking). 0.0 without true items."""
     import numpy as np
 
     y = np.asarray(labels, dtype=bool)
     if y.sum() == 0:
         return 0.0
-    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    order = np.lexsort((y, -np.asarray(scores, dtype=np.float64)))
     hits = y[order]
     precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
     return float((precision * hits).sum() / hits.sum())

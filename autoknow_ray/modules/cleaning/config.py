@@ -1,0 +1,69 @@
+"""Configuration of the cleaning module (pydantic v2, unknown keys rejected).
+
+Defaults are sized for a 2-core laptop: a few thousand training pairs, one or two epochs of
+MiniLM, minutes of CPU. On a GPU the same recipe runs with bf16 inference.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class NegativeMix(BaseModel):
+    """How negatives (misassigned values) are made from a valid pair; shares, normalised."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    other_type: float = Field(0.4, ge=0)  # a value of the same attribute from another type
+    other_attribute: float = Field(0.3, ge=0)  # a value of another attribute
+    corrupt: float = Field(0.3, ge=0)  # the value with a token replaced or its letters scrambled
+
+    @model_validator(mode="after")
+    def _some(self):
+        if self.other_type + self.other_attribute + self.corrupt <= 0:
+            raise ValueError("cleaning.negatives: at least one share must be > 0")
+        return self
+
+
+class CleaningConfig(BaseModel):
+    """The cleaning cross-encoder: training data, training, and the removal threshold."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # model
+    encoder: str = "default"  # "default" = packaged MiniLM; or a local folder / cached hub id
+    max_length: int = Field(96, ge=16, le=512)  # tokens of (attribute: value | type) + product text
+    max_value_chars: int = Field(120, ge=1)  # a value longer than this is cut before tokenising
+    max_text_chars: int = Field(1200, ge=1)  # title + description, cut before tokenising
+    # training data (the article: positives recur across a type's products; negatives swap values)
+    max_train_products: int = Field(3000, ge=1)  # products sampled from the catalogue for fit
+    max_train_pairs: int = Field(3000, ge=2)  # positives + negatives, in total
+    min_attribute_products: int = Field(3, ge=1)  # an attribute is valid for a type when it is
+    # set on at least this many of the type's products
+    min_value_products: int = Field(1, ge=1)  # and a value counts as a positive when this many
+    # of the type's products carry it (1: any value of a valid attribute; see docs/cleaning.md)
+    negatives_per_positive: float = Field(1.0, gt=0)
+    negatives: NegativeMix = Field(default_factory=NegativeMix)
+    type_share: float = Field(0.25, ge=0, le=1)  # share of the pairs that judge the product type
+    # training
+    epochs: int = Field(2, ge=1)
+    # fine-tune only the top N transformer layers (and the head): the lower layers and the
+    # embeddings stay frozen, so backward passes cost a fraction; 0 = fine-tune every layer
+    train_layers: int = Field(2, ge=0)
+    lr: float = Field(5e-5, gt=0)
+    head_lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(16, ge=1)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    val_fraction: float = Field(0.15, ge=0.05, lt=0.5)  # products held out to set the threshold
+    cpu_threads: int | None = Field(2, ge=1)
+    # the removal threshold: a number, or `auto` = the one `fit` chose on its held-out pairs,
+    # re-weighted to `expected_error_rate` misassigned values (the base rate the graph will see)
+    threshold: float | Literal["auto"] = "auto"
+    expected_error_rate: float = Field(0.05, gt=0, lt=0.5)
+    min_threshold: float = Field(0.5, ge=0, le=1)  # `auto` never goes below this
+    # what the stage judges
+    judge_types: bool = True  # score has_type triples (catalogue types and module 1's)
+    correct_from_upstream: bool = True  # a removed catalogue value with an upstream value
+    # for the same product and attribute gets it as `corrected`
+    bf16: bool | Literal["auto"] = "auto"  # inference only: on GPU, or a CPU with native bf16

@@ -1,0 +1,167 @@
+"""`autoknow fit` for module 4: train the cleaning cross-encoder on a sample of the catalogue.
+
+The training set is a seeded, capped sample of the ingested products (`bounded_sample`); pairs
+are made from it as the article says (training_data.py). A tenth or so of the products is held
+out to choose the removal threshold, re-weighted to the error rate the graph is expected to have.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from autoknow_ray import runtime
+from autoknow_ray.eval.metrics import average_precision
+from autoknow_ray.modules.cleaning.config import CleaningConfig
+from autoknow_ray.modules.cleaning.model import (CrossEncoder, PairTokens, collate, save_model)
+from autoknow_ray.modules.cleaning.training_data import Pair, make_pairs
+from autoknow_ray.nn.encoder import load_tokenizer, pick_device, resolve_encoder, set_cpu_threads
+from autoknow_ray.pipeline import RunContext
+
+PRODUCT_COLUMNS = ["product_id", "title", "description", "product_type", "attributes", "brand"]
+
+
+def fit_cleaning(ctx: RunContext, out: Path) -> dict:
+    import ray.data
+
+    cfg: CleaningConfig = ctx.cfg.cleaning
+    ds = ray.data.read_parquet(str(ctx.table_path("ingest", "products"))).select_columns(PRODUCT_COLUMNS)
+    sample = runtime.bounded_sample(ds, cfg.max_train_products, ctx.cfg.seed)
+    if sample.height == 0:
+        return {"skipped": "no products to learn from"}
+    pairs, stats = make_pairs(sample, cfg, ctx.cfg.seed)
+    if not any(p.label == 0 for p in pairs) or not any(p.label == 1 for p in pairs):
+        return {"skipped": "no valid attribute values or types to learn from", **stats}
+    return {"pairs": stats, **train_cross_encoder(pairs, cfg, out, ctx.cfg.seed, ctx.cfg.device)}
+
+
+def _held_out(pid: str, seed: int, fraction: float) -> bool:
+    h = hashlib.sha1(f"{seed}:{pid}".encode()).digest()
+    return int.from_bytes(h[:4], "big") / 2**32 < fraction
+
+
+def _tokenise(pairs: list[Pair], tokens: PairTokens) -> list[tuple]:
+    texts = sorted({p.text for p in pairs})
+    index = {t: i for i, t in enumerate(texts)}
+    return tokens.pairs([p.claim for p in pairs], tokens.ids(texts), [index[p.text] for p in pairs])
+
+
+def choose_threshold(scores: np.ndarray, labels: np.ndarray, error_rate: float,
+                     floor: float) -> tuple[float, dict]:
+    """The threshold with the best F1 once the held-out pairs are re-weighted so that misassigned
+    claims make up `error_rate` of them (training pairs are balanced; a graph is not)."""
+    n1, n0 = int(labels.sum()), int((1 - labels).sum())
+    if n1 == 0 or n0 == 0:
+        return max(floor, 0.5), {}
+    w1 = error_rate / (1 - error_rate) * n0 / n1
+    best = (max(floor, 0.5), -1.0, 0.0, 0.0)
+    for t in np.unique(scores):
+        if t < floor:
+            continue
+        flag = scores >= t
+        tp = w1 * float((flag & (labels == 1)).sum())
+        fp = float((flag & (labels == 0)).sum())
+        fn = w1 * float((~flag & (labels == 1)).sum())
+        p = tp / (tp + fp) if tp + fp else 0.0
+        r = tp / (tp + fn) if tp + fn else 0.0
+        f = 2 * p * r / (p + r) if p + r else 0.0
+        if f > best[1]:
+            best = (float(t), f, p, r)
+    return best[0], {"val_weighted_f1": round(best[1], 4), "val_weighted_precision": round(best[2], 4),
+                     "val_weighted_recall": round(best[3], 4)}
+
+
+def freeze_lower_layers(model: CrossEncoder, train_layers: int) -> list:
+    """Freeze the embeddings and all but the top `train_layers` layers; the encoder parameters
+    left to train (every one when `train_layers` is 0)."""
+    if train_layers <= 0:
+        return list(model.encoder.parameters())
+    layers = model.encoder.encoder.layer
+    keep = {id(p) for layer in layers[-train_layers:] for p in layer.parameters()}
+    for p in model.encoder.parameters():
+        p.requires_grad_(id(p) in keep)
+    return [p for p in model.encoder.parameters() if p.requires_grad]
+
+
+def _length_batches(rows: list[tuple], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """Shuffled batches of similar-length rows (little padding), in shuffled order."""
+    order = list(range(len(rows)))
+    rng.shuffle(order)
+    chunk = batch_size * 20  # sort within chunks so batches stay varied across epochs
+    batches = []
+    for i in range(0, len(order), chunk):
+        part = sorted(order[i : i + chunk], key=lambda j: len(rows[j][0]))
+        batches += [part[k : k + batch_size] for k in range(0, len(part), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def train_cross_encoder(pairs: list[Pair], cfg: CleaningConfig, out: Path, seed: int,
+                        device: str = "auto") -> dict:
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    set_cpu_threads(cfg.cpu_threads)
+    dev = pick_device(device)
+    enc_path = resolve_encoder(cfg.encoder)
+    tokenizer = load_tokenizer(enc_path)
+    tokens = PairTokens(tokenizer, cfg.max_length)
+    val = [p for p in pairs if _held_out(p.product_id, seed, cfg.val_fraction)]
+    train = [p for p in pairs if not _held_out(p.product_id, seed, cfg.val_fraction)]
+    if not val or not train:
+        val, train = pairs[: max(1, len(pairs) // 7)], pairs[max(1, len(pairs) // 7):]
+    train_rows, val_rows = _tokenise(train, tokens), _tokenise(val, tokens)
+    y_train = torch.tensor([p.label for p in train], dtype=torch.float32)
+    model = CrossEncoder(enc_path).to(dev)
+    trainable = freeze_lower_layers(model, cfg.train_layers)
+    opt = torch.optim.AdamW([
+        {"params": trainable, "lr": cfg.lr},
+        {"params": model.head.parameters(), "lr": cfg.head_lr},
+    ], weight_decay=0.01)
+    steps = cfg.epochs * math.ceil(len(train_rows) / cfg.batch_size)
+    warm = max(1, int(cfg.warmup_ratio * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * max(0.0, (steps - s) / max(1, steps - warm)))
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    rng = random.Random(seed)
+    history = []
+    for epoch in range(cfg.epochs):
+        model.train()
+        total = 0.0
+        for idx in _length_batches(train_rows, cfg.batch_size, rng):
+            batch = collate([train_rows[j] for j in idx], tokenizer.pad_token_id, dev)
+            loss = loss_fn(model(**batch), y_train[idx].to(dev))
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            total += loss.item() * len(idx)
+        history.append(round(total / len(train_rows), 4))
+    model.eval()
+    scores = np.zeros(len(val_rows), dtype=np.float32)
+    with torch.inference_mode():
+        for i in range(0, len(val_rows), 64):
+            batch = collate(val_rows[i : i + 64], tokenizer.pad_token_id, dev)
+            scores[i : i + 64] = torch.sigmoid(model(**batch)).cpu().numpy()
+    labels = np.array([p.label for p in val])
+    if cfg.threshold == "auto":
+        threshold, val_stats = choose_threshold(scores, labels, cfg.expected_error_rate,
+                                                cfg.min_threshold)
+    else:
+        threshold, val_stats = float(cfg.threshold), {}
+    auc = round(average_precision(labels.tolist(), scores.tolist()), 4)
+    per_kind = {}
+    for kind in sorted({p.kind for p in val}):
+        sel = np.array([p.kind == kind for p in val])
+        per_kind[kind] = round(float(((scores[sel] >= threshold) == (labels[sel] == 1)).mean()), 4)
+    meta = {"max_length": cfg.max_length, "max_value_chars": cfg.max_value_chars,
+            "max_text_chars": cfg.max_text_chars, "threshold": threshold, "encoder": cfg.encoder,
+            "train_pairs": len(train), "val_pairs": len(val), "val_auc_pr": round(auc, 4),
+            "val_accuracy_by_kind": per_kind, "loss_by_epoch": history, **val_stats}
+    save_model(model.cpu(), tokenizer, out, meta)
+    return {**meta, "train_seconds": round(time.perf_counter() - t0, 1)}

@@ -1,0 +1,114 @@
+"""Module 4 as a stage: score every triple of the graph so far, retract the misassigned ones.
+
+Read the products with their current type and the edits of modules 1–3 (grouped per product and
+joined on), run the cross-encoder over each product's claims in an actor pool, write every score
+(`scores/`) and the edits (`edits/`: `removed` with score and reason, `corrected` replacements).
+Nothing is deleted: the graph keeps removed triples with their status.
+"""
+from __future__ import annotations
+
+import time
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from autoknow_ray import runtime
+from autoknow_ray.graph import state
+from autoknow_ray.modules.cleaning.steps import ScoreTriples
+from autoknow_ray.pipeline import RunContext, Stage
+from autoknow_ray.schema import TRIPLES
+
+PRODUCT_COLUMNS = ["product_id", "title", "description", "type", "product_type", "attributes", "brand"]
+UPSTREAM_LISTS = ("up_relation", "up_object", "up_status", "up_module")
+
+
+def _collect_edits(group: pa.Table) -> pa.Table:
+    """All upstream edits of one product as one row of lists."""
+    return pa.table({
+        "product_id": [group.column("subject")[0].as_py()],
+        **{f"up_{c}": [group.column(c).to_pylist()] for c in ("relation", "object", "status", "module")},
+    })
+
+
+def upstream_per_product(ctx: RunContext):
+    edits = state.upstream_edits(ctx, before="cleaning")
+    if edits is None:
+        return None
+    edits = edits.select_columns(["subject", "relation", "object", "status", "module"]).map_batches(
+        lambda b: b.filter(pc.is_valid(b.column("subject"))), batch_format="pyarrow")
+    return edits.groupby("subject").map_groups(_collect_edits, batch_format="pyarrow")
+
+
+class CleaningStage(Stage):
+    name = "cleaning"
+    config_sections = ("cleaning", "resources")
+    needs = ("ingest", "taxonomy", "relations", "imputation")
+    uses_models = True
+
+    def fingerprint(self, ctx: RunContext) -> str:
+        self.needs = tuple(s for s in ("ingest", "taxonomy", "relations", "imputation")
+                           if s in ctx.cfg.stages)
+        return super().fingerprint(ctx)
+
+    def run(self, ctx: RunContext) -> dict:
+        cfg = ctx.cfg.cleaning
+        model_dir = ctx.models / "cleaning" if ctx.models else None
+        if model_dir is None or not (model_dir / "config.json").exists():
+            raise FileNotFoundError(f"cleaning: no fitted model in {model_dir}; run `autoknow fit`")
+        n = state.n_products(ctx)
+        products = state.typed_products(ctx)
+        products = products.select_columns([c for c in PRODUCT_COLUMNS if c in products.columns()])
+        upstream = upstream_per_product(ctx)
+        if upstream is not None:
+            parts = max(1, min(32, n // 5000 + 1))
+            products = products.join(upstream, join_type="left_outer", num_partitions=parts,
+                                     on=("product_id",))
+        step = ScoreTriples(model_dir, None if cfg.threshold == "auto" else float(cfg.threshold),
+                            cfg.judge_types, cfg.correct_from_upstream, cfg.bf16, ctx.cfg.device)
+        t0 = time.perf_counter()
+        runtime.map_step(products, step, ctx.cfg, n).write_parquet(str(ctx.out / "scores"))
+        seconds = time.perf_counter() - t0
+        scores = runtime.read_parquet(ctx.out / "scores")
+        scores.map_batches(_edits_only, batch_format="pyarrow").write_parquet(str(ctx.out / "edits"))
+        by = runtime.aggregate(scores.map_batches(_status_kind, batch_format="pyarrow"),
+                               ["status", "kind"], {"n": ("count", None)})
+        counts = {f"{s}.{k}": int(c) for s, k, c in by.select("status", "kind", "n").iter_rows()} \
+            if by.height else {}
+        scored = sum(v for k, v in counts.items() if not k.startswith(("corrected.", "unscored.")))
+        removed = sum(v for k, v in counts.items() if k.startswith("removed."))
+        corrected = sum(v for k, v in counts.items() if k.startswith("corrected."))
+        return {
+            "rows_in": n,
+            "rows_out": removed + corrected,
+            "rows_quarantined": 0,
+            "triples_scored": scored,
+            "triples_per_s": round(scored / seconds, 1) if seconds > 0 else None,
+            "scoring_seconds": round(seconds, 2),
+            "removed": removed,
+            "corrected": corrected,
+            "type_corrections_rejected": counts.get("removed.upstream_type_correction", 0),
+            "by_status": counts,
+            "threshold": cfg.threshold,
+        }
+
+
+def _edits_only(batch: pa.Table) -> pa.Table:
+    """The `removed` and `corrected` rows, as graph edits (TRIPLES)."""
+    keep = pc.is_in(batch.column("status"), pa.array(["removed", "corrected"]))
+    return batch.filter(pc.fill_null(keep, False)).select([f.name for f in TRIPLES]).cast(TRIPLES)
+
+
+def _status_kind(batch: pa.Table) -> pa.Table:
+    """status (`unscored` where the value was empty) × kind of claim, for the stage's counts."""
+    origin = batch.column("origin").to_pylist()
+    relation = batch.column("relation").to_pylist()
+    kind = []
+    for o, r in zip(origin, relation):
+        if o == "catalogue":
+            kind.append("catalogue_type" if r == "has_type" else "catalogue_value")
+        elif r == "has_type":
+            kind.append("upstream_type_correction" if o.endswith(":corrected") else "upstream_type")
+        else:
+            kind.append("upstream_value")
+    status = pc.if_else(pc.is_null(batch.column("score")), "unscored", batch.column("status"))
+    return pa.table({"status": status, "kind": kind})

@@ -1,0 +1,169 @@
+"""The cleaning module's per-product work: judge every triple of a product with the cross-encoder.
+
+One input row is one product (its text, current type, catalogue attributes and the edits the
+modules before cleaning made to it), so the product text is tokenised once for all its claims and
+a replacement for a removed value is found without a second pass.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+
+from autoknow_ray.modules.cleaning.model import TYPE_RELATION, claim_text, product_text
+from autoknow_ray.schema import CLEANING_SCORES
+from autoknow_ray.steps import Step, WorkerEnv
+
+CATALOGUE = "catalogue"
+LIVE_UPSTREAM = ("added", "corrected")
+
+
+def _col(batch: pa.Table, name: str) -> list:
+    return batch.column(name).to_pylist() if name in batch.column_names else [None] * batch.num_rows
+
+
+def product_claims(product_type, attributes, brand, up_rel, up_obj, up_status, up_module):
+    """[(relation, object, origin)] of one product: its catalogue facts (the graph's `kept`
+    triples: type, attributes, brand) and the live upstream edits; plus the set of catalogue facts
+    an upstream module already retracted."""
+    claims: list[tuple[str, str, str]] = []
+    seen: set[tuple[str, str]] = set()
+
+    def add(rel, obj, origin):
+        if rel is None or obj is None or (rel, obj) in seen:
+            return
+        seen.add((rel, obj))
+        claims.append((rel, obj, origin))
+
+    add(TYPE_RELATION, product_type, CATALOGUE)
+    for a in attributes or []:
+        if a:
+            add(a.get("name"), a.get("value"), CATALOGUE)
+    add("Brand", brand, CATALOGUE)
+    retracted = set()
+    for rel, obj, status, module in zip(up_rel or [], up_obj or [], up_status or [], up_module or []):
+        if status == "removed":
+            retracted.add((rel, obj))
+        elif status in LIVE_UPSTREAM and (rel, obj) not in seen:
+            seen.add((rel, obj))
+            claims.append((rel, obj, f"{module}:{status}"))
+    return claims, retracted
+
+
+def _evidence(**kw) -> str:
+    return json.dumps(kw, ensure_ascii=False, sort_keys=True)
+
+
+def decide(pid: str, claims: list, scores: list, retracted: set, threshold: float,
+           correct: bool) -> list[dict]:
+    """The scores-table rows of one product: each claim kept or removed, and `corrected` rows for
+    a removed catalogue value an upstream module can replace, or a catalogue type restored when
+    module 1's correction of it is rejected."""
+    rows = []
+    live_up = {}
+    for (rel, obj, origin), s in zip(claims, scores):
+        if origin != CATALOGUE and s is not None and s < threshold:
+            if rel not in live_up or s < live_up[rel][1]:
+                live_up[rel] = (obj, s, origin)
+    rejected_type_fix = False
+    for (rel, obj, origin), s in zip(claims, scores):
+        row = dict(subject=pid, relation=rel, object=obj, origin=origin, score=s,
+                   module="cleaning", status="kept", confidence=None, evidence=None)
+        if s is None:
+            row["evidence"] = _evidence(reason="not scored: empty value")
+        elif origin == CATALOGUE and (rel, obj) in retracted:
+            row["status"] = "upstream_removed"
+        elif s >= threshold:
+            row.update(status="removed", confidence=s)
+            if origin == CATALOGUE:
+                row["evidence"] = _evidence(score=round(s, 4), reason="misassigned catalogue value",
+                                            replacement=live_up.get(rel, (None,))[0] if correct else None)
+            else:
+                row["evidence"] = _evidence(score=round(s, 4), reason=f"rejected {origin} edit")
+                rejected_type_fix |= rel == TYPE_RELATION and origin.endswith(":corrected")
+        else:
+            row["confidence"] = 1.0 - s
+        rows.append(row)
+    if correct:
+        for row in list(rows):
+            rel = row["relation"]
+            if row["status"] == "removed" and row["origin"] == CATALOGUE and rel in live_up:
+                obj, s, origin = live_up[rel]
+                rows.append(dict(subject=pid, relation=rel, object=obj, origin=origin, score=s,
+                                 module="cleaning", status="corrected", confidence=1.0 - s,
+                                 evidence=_evidence(replaces=row["object"], score=round(s, 4),
+                                                    source=origin)))
+    if rejected_type_fix:
+        for row in list(rows):
+            if (row["relation"] == TYPE_RELATION and row["status"] == "upstream_removed"
+                    and row["score"] is not None and row["score"] < threshold):
+                rows.append(dict(row, status="corrected", confidence=1.0 - row["score"],
+                                 evidence=_evidence(score=round(row["score"], 4),
+                                                    reason="module 1's type correction rejected; "
+                                                           "catalogue type restored")))
+    return rows
+
+
+class ScoreTriples(Step):
+    """Products (with their upstream edits as lists) → one scores row per judged triple."""
+
+    name = "score_triples"
+    resources = "cleaning"
+    columns = ()  # every column: the upstream lists are absent when no module ran before
+    model = True
+
+    def __init__(self, model_dir: str | Path, threshold: float | None, judge_types: bool,
+                 correct_from_upstream: bool, bf16, device: str = "auto"):
+        self.model_dir = str(model_dir)
+        self.threshold_override = threshold
+        self.judge_types = judge_types
+        self.correct = correct_from_upstream
+        self.bf16 = bf16
+        self.device = device
+        self.scorer = None
+
+    def setup(self, env: WorkerEnv) -> None:
+        from autoknow_ray.modules.cleaning.model import MisassignmentScorer
+        from autoknow_ray.nn.encoder import set_cpu_threads
+
+        set_cpu_threads(env.cpu_threads)
+        device = "cpu" if env.device == "cpu" else self.device
+        self.scorer = MisassignmentScorer(self.model_dir, device=device, bf16=self.bf16,
+                                          batch_size=env.batch_size)
+
+    @property
+    def threshold(self) -> float:
+        return self.scorer.threshold if self.threshold_override is None else self.threshold_override
+
+    def process_batch(self, batch: pa.Table) -> pa.Table:
+        meta = self.scorer.meta
+        cols = {c: _col(batch, c) for c in ("product_id", "title", "description", "type",
+                                            "product_type", "attributes", "brand", "up_relation",
+                                            "up_object", "up_status", "up_module")}
+        per_product, claims, texts, text_of = [], [], [], []
+        for i, pid in enumerate(cols["product_id"]):
+            cl, retracted = product_claims(cols["product_type"][i], cols["attributes"][i],
+                                           cols["brand"][i], cols["up_relation"][i],
+                                           cols["up_object"][i], cols["up_status"][i],
+                                           cols["up_module"][i])
+            if not self.judge_types:
+                cl = [c for c in cl if c[0] != TYPE_RELATION]
+            texts.append(product_text(cols["title"][i], cols["description"][i],
+                                      meta["max_text_chars"]))
+            current = cols["type"][i] or cols["product_type"][i]
+            judged = []
+            for rel, obj, origin in cl:
+                if isinstance(obj, str) and obj.strip():
+                    judged.append(len(claims))
+                    claims.append(claim_text(rel, obj, current, meta["max_value_chars"]))
+                    text_of.append(i)
+                else:
+                    judged.append(None)
+            per_product.append((pid, cl, judged, retracted))
+        scores = self.scorer.score(claims, texts, text_of)
+        rows = []
+        for pid, cl, judged, retracted in per_product:
+            s = [None if j is None else float(scores[j]) for j in judged]
+            rows.extend(decide(pid, cl, s, retracted, self.threshold, self.correct))
+        return pa.Table.from_pylist(rows, schema=CLEANING_SCORES)

@@ -1,0 +1,194 @@
+"""Module 4 (cleaning): training pairs, decisions, planted errors, eval, baselines, and the stage
+end to end on a tiny synthetic catalogue with upstream edits (CPU, short training)."""
+from __future__ import annotations
+
+import json
+
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+
+from autoknow_ray.catalogue.plant import plant
+from autoknow_ray.catalogue.synth import synthesize
+from autoknow_ray.config import Config
+from autoknow_ray.eval import cleaning as cleaning_eval
+from autoknow_ray.modules.cleaning.config import CleaningConfig
+from autoknow_ray.modules.cleaning.steps import decide, product_claims
+from autoknow_ray.modules.cleaning.training_data import make_pairs
+from autoknow_ray.pipeline import read_parquet_any, write_table
+from autoknow_ray.schema import CLEANING_SCORES, TRIPLES
+
+
+@pytest.fixture(scope="module")
+def catalogue(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cleaning")
+    synthesize(160, root / "cat", seed=1, n_types=6)
+    return root
+
+
+def _products(cat):
+    return read_parquet_any(cat / "products")
+
+
+def test_pairs_follow_the_article(catalogue):
+    products = _products(catalogue / "cat")
+    cfg = CleaningConfig(max_train_pairs=400)
+    pairs, stats = make_pairs(products, cfg, seed=0)
+    assert 300 <= len(pairs) <= 400
+    labels = [p.label for p in pairs]
+    assert 0.4 < sum(labels) / len(labels) < 0.6  # one negative per positive
+    assert stats["other_type"] and stats["other_attribute"] and stats["corrupt"] and stats["type"]
+    # a negative never repeats a value its type really has for the attribute
+    positives = {p.claim for p in pairs if p.label == 0}
+    assert not [p for p in pairs if p.label == 1 and p.claim in positives and p.kind != "type"]
+    # the same seed gives the same pairs
+    again, _ = make_pairs(products, cfg, seed=0)
+    assert [p.claim for p in again] == [p.claim for p in pairs]
+
+
+def test_pairs_on_a_catalogue_without_values_learn_types_only(catalogue):
+    products = _products(catalogue / "cat").with_columns(pl.col("attributes").list.head(0),
+                                                         pl.lit(None, pl.String).alias("brand"))
+    pairs, stats = make_pairs(products, CleaningConfig(max_train_pairs=100), seed=0)
+    assert pairs and {p.kind for p in pairs} == {"type", "type_positive"}
+
+
+def test_decide_removes_corrects_and_judges_type_fixes():
+    claims, retracted = product_claims(
+        "Tea", [{"name": "Flavor", "value": "16 oz"}, {"name": "Size", "value": "16 oz"}], "Lipton",
+        ["Flavor", "has_type", "has_type"], ["Lemon", "Coffee", "Tea"],
+        ["added", "corrected", "removed"], ["imputation", "taxonomy", "taxonomy"])
+    assert ("has_type", "Tea") in retracted
+    scores = {("has_type", "Tea"): 0.1, ("Flavor", "16 oz"): 0.95, ("Size", "16 oz"): 0.05,
+              ("Brand", "Lipton"): 0.2, ("Flavor", "Lemon"): 0.1, ("has_type", "Coffee"): 0.9}
+    rows = decide("p1", claims, [scores[(r, o)] for r, o, _ in claims], retracted, 0.5, True)
+    by = {(r["relation"], r["object"], r["status"]): r for r in rows}
+    assert ("Flavor", "16 oz", "removed") in by
+    assert json.loads(by[("Flavor", "16 oz", "removed")]["evidence"])["replacement"] == "Lemon"
+    assert ("Flavor", "Lemon", "corrected") in by  # the upstream value replaces it
+    assert ("has_type", "Coffee", "removed") in by  # module 1's weak type correction rejected
+    assert ("has_type", "Tea", "corrected") in by  # and the catalogue type restored
+    assert ("Size", "16 oz", "kept") in by and ("Brand", "Lipton", "kept") in by
+    # an empty value is reported, not lost
+    claims2, _ = product_claims(None, [{"name": "Color", "value": ""}], None, None, None, None, None)
+    rows2 = decide("p2", claims2, [None], set(), 0.5, True)
+    assert rows2[0]["status"] == "kept" and "not scored" in rows2[0]["evidence"]
+
+
+def test_plant_records_what_it_changed(catalogue, tmp_path):
+    out = plant(catalogue / "cat", tmp_path / "planted", rate=0.1, type_rate=0.1, seed=3)
+    assert out["wrong_values"] > 0 and out["wrong_types"] > 0
+    orig = {r["product_id"]: r for r in _products(catalogue / "cat").to_dicts()}
+    planted = pl.read_parquet(tmp_path / "planted" / "products.parquet")
+    wrong = pl.read_parquet(tmp_path / "planted" / "gold" / "wrong_values.parquet")
+    for pid, attr, value, correct in wrong.iter_rows():
+        row = planted.filter(pl.col("product_id") == pid).to_dicts()[0]
+        values = {a["value"] for a in row["attributes"] if a["name"] == attr}
+        if attr == "Brand":
+            values.add(row["brand"])
+        assert value in values and value != correct
+        assert correct in {a["value"] for a in orig[pid]["attributes"] if a["name"] == attr} | {orig[pid]["brand"]}
+    wt = pl.read_parquet(tmp_path / "planted" / "gold" / "wrong_types.parquet")
+    for pid, t, correct in wt.iter_rows():
+        assert orig[pid]["product_type"] == correct != t
+    # seeded slices are disjoint
+    a = plant(catalogue / "cat", tmp_path / "a", rate=0, seed=0, take=50)
+    b = plant(catalogue / "cat", tmp_path / "b", rate=0, seed=0, skip=50, take=50)
+    ids_a = set(pl.read_parquet(tmp_path / "a" / "products.parquet")["product_id"].to_list())
+    ids_b = set(pl.read_parquet(tmp_path / "b" / "products.parquet")["product_id"].to_list())
+    assert a["products"] == b["products"] == 50 and not ids_a & ids_b
+    with pytest.raises(ValueError):
+        plant(catalogue / "cat", tmp_path / "c", rate=1.5)
+
+
+def test_eval_scores_removals_against_the_planted_list(tmp_path):
+    t = pl.DataFrame({"subject": ["a", "a", "b", "b", "c"],
+                      "relation": ["Color", "Size", "Color", "has_type", "Color"],
+                      "object": ["Red", "XL", "Blue", "Tea", "Green"],
+                      "status": ["removed", "kept", "removed", "removed", "kept"]})
+    write_table(tmp_path / "run" / "graph" / "triples.parquet", t, TRIPLES)
+    s = t.with_columns(pl.lit("catalogue").alias("origin"),
+                       pl.Series("score", [0.9, 0.1, 0.8, 0.7, 0.3], dtype=pl.Float32))
+    write_table(tmp_path / "run" / "cleaning" / "scores.parquet", s, CLEANING_SCORES)
+    write_table(tmp_path / "gold" / "wrong_values.parquet",
+                pl.DataFrame({"product_id": ["a", "c"], "attribute": ["Color", "Color"],
+                              "value": ["red", "Green"], "correct_value": ["x", "y"]}))
+    write_table(tmp_path / "gold" / "wrong_types.parquet",
+                pl.DataFrame({"product_id": ["b"], "type": ["Tea"], "correct_type": ["Coffee"]}))
+    r = cleaning_eval.score(tmp_path / "run", tmp_path / "gold")
+    assert r["cleaning.values.tp"] == 1 and r["cleaning.values.fp"] == 1 and r["cleaning.values.fn"] == 1
+    assert r["cleaning.values.false_removal_rate"] == 0.5  # Blue of 2 clean values
+    assert r["cleaning.values.auc_pr"] == pytest.approx((1 + 2 / 3) / 2, abs=1e-3)  # ranks 1 and 3
+    assert r["cleaning.types.precision"] == 1.0 and r["cleaning.types.recall"] == 1.0
+
+
+def test_frequency_baseline_is_a_scored_run(catalogue, tmp_path):
+    from autoknow_ray.eval.baselines_cleaning import run_cleaning_baseline
+
+    plant(catalogue / "cat", tmp_path / "p", rate=0.1, type_rate=0.05, seed=0)
+    run_cleaning_baseline("frequency", tmp_path / "p", tmp_path / "run")
+    r = cleaning_eval.score(tmp_path / "run", tmp_path / "p" / "gold")
+    assert r["cleaning.values.planted"] > 0 and 0 < r["cleaning.values.auc_pr"] <= 1
+    assert "cleaning.types.recall" in r
+
+
+def test_fit_and_stage_with_upstream_edits(catalogue, tmp_path, ray_session):
+    from autoknow_ray.catalogue.ingest import IngestStage
+    from autoknow_ray.graph.assemble import GraphStage
+    from autoknow_ray.modules.cleaning.fit import fit_cleaning
+    from autoknow_ray.modules.cleaning.stage import CleaningStage
+    from autoknow_ray.pipeline import RunContext, run_stages
+
+    cfg = Config.model_validate({
+        "stages": ["ingest", "taxonomy", "imputation", "cleaning", "graph"],
+        "resources": {"cleaning": {"actors": 1, "cpus_per_actor": 1, "batch_size": 32}},
+        "cleaning": {"max_train_pairs": 96, "epochs": 1, "max_length": 48, "train_layers": 1},
+    })
+    ctx = RunContext(run_dir=tmp_path / "fit", catalogue=catalogue / "cat", cfg=cfg)
+    run_stages([IngestStage()], ctx)
+    stats = fit_cleaning(ctx, tmp_path / "models" / "cleaning")
+    assert stats["train_pairs"] > 0 and 0.5 <= stats["threshold"] <= 1
+    files = [p.name for p in (tmp_path / "models").rglob("*") if p.is_file()]
+    assert "head.safetensors" in files and "model.safetensors" in files
+    assert not [f for f in files if f.endswith((".bin", ".pt", ".pkl"))]
+    (tmp_path / "models" / "manifest.json").write_text(json.dumps({"fingerprint": "test"}))
+
+    # the catalogue to clean: bad input rows beside planted errors
+    planted = plant(catalogue / "cat", tmp_path / "cat", rate=0.1, seed=1, take=40)
+    products = pl.read_parquet(tmp_path / "cat" / "products.parquet").to_dicts()
+    products[0]["title"] = ""
+    products[1]["description"] = "<p>" + "x" * 1_000_000 + "</p>"
+    products[2]["attributes"] = [{"name": "Color", "value": ""}]
+    pl.DataFrame(products).write_parquet(tmp_path / "cat" / "products.parquet")
+    run = RunContext(run_dir=tmp_path / "run", catalogue=tmp_path / "cat", cfg=cfg,
+                     models=tmp_path / "models")
+    run_stages([IngestStage()], run)
+    p0 = products[3]
+    tax = pl.DataFrame({"subject": [p0["product_id"]] * 2, "relation": ["has_type"] * 2,
+                        "object": [p0["product_type"], "Definitely Not A Type"],
+                        "module": ["taxonomy"] * 2, "status": ["removed", "corrected"]})
+    write_table(tmp_path / "run" / "taxonomy" / "edits.parquet", tax, TRIPLES)
+    imp = pl.DataFrame({"subject": [p0["product_id"], "unknown-product"], "relation": ["Color", "Color"],
+                        "object": ["Red", "Blue"], "module": ["imputation"] * 2, "status": ["added"] * 2})
+    write_table(tmp_path / "run" / "imputation" / "edits.parquet", imp, TRIPLES)
+
+    results = run_stages([CleaningStage(), GraphStage()], run)
+    counts = results[0]
+    assert counts["rows_in"] == 40 and counts["triples_per_s"] > 0
+    scores = read_parquet_any(run.table_path("cleaning", "scores"))
+    n_claims = sum(1 + len({(a["name"], a["value"]) for a in p["attributes"] or []}) for p in products)
+    # every catalogue claim is judged or reported (brand may repeat an attribute value)
+    assert scores.filter(pl.col("origin") == "catalogue").height >= n_claims - planted["products"]
+    assert scores.filter(pl.col("origin") == "taxonomy:corrected").height == 1
+    assert scores.filter(pl.col("origin") == "imputation:added")["subject"].to_list() == [p0["product_id"]]
+    assert scores.filter(pl.col("score").is_null()).height >= 1  # the empty value, reported
+    edits = read_parquet_any(run.table_path("cleaning", "edits"))
+    assert pq.read_schema(next(run.table_path("cleaning", "edits").glob("*.parquet"))).equals(
+        TRIPLES, check_metadata=False)
+    assert set(edits["status"].to_list()) <= {"removed", "corrected"}
+    for ev in edits.filter(pl.col("status") == "removed")["evidence"].to_list():
+        assert "score" in json.loads(ev)
+    triples = pl.read_parquet(tmp_path / "run" / "graph" / "triples.parquet")
+    # every removal names a fact of the graph, which keeps it with status removed
+    removed = edits.filter(pl.col("status") == "removed").height
+    assert triples.filter((pl.col("module") == "cleaning") & (pl.col("status") == "removed")).height == removed

@@ -39,6 +39,14 @@ def cmd_split(a) -> int:
     return 0
 
 
+def cmd_synonym_sets(a) -> int:
+    from autoknow_ray.catalogue.synonym_sets import synonym_sets
+
+    print(json.dumps(synonym_sets(a.source, a.path, a.out, seed=a.seed,
+                                  test_fraction=a.test_fraction), indent=2))
+    return 0
+
+
 def cmd_fit(a) -> int:
     from autoknow_ray.rebuild import fit
 
@@ -123,6 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fraction", type=float, default=0.2)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_split)
+
+    s = sub.add_parser("synonym-sets", help="train/test catalogues with gold synonym pairs "
+                                            "(wdc-pave raw+normalized offers, off-taxonomy names)")
+    s.add_argument("source", choices=("wdc-pave", "off-taxonomy"))
+    s.add_argument("path")
+    s.add_argument("--out", required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--test-fraction", type=float, default=0.5)
+    s.set_defaults(func=cmd_synonym_sets)
 
     for name, func, hlp in (("fit", cmd_fit, "train the module models on a catalogue"),
                             ("rebuild", cmd_rebuild, "the full job: catalogue -> graph")):

@@ -27,11 +27,12 @@ from autoknow_ray.modules.synonyms.candidates import PAIR_KEY, behaviour_pairs, 
 from autoknow_ray.modules.synonyms.cluster import clusters
 from autoknow_ray.modules.synonyms.features import feature_matrix
 from autoknow_ray.modules.synonyms.steps import (
-    MODULE, CanonicalizeTerms, EditedTerms, EmbedTerms, ExplodeTerms, ScorePairs)
+    MODULE, OCCURRENCE, CanonicalizeTerms, EditedTerms, EmbedTerms, ExplodeTerms, ScorePairs)
 from autoknow_ray.pipeline import RunContext, Stage
-from autoknow_ray.schema import GRAPH_SYNONYMS, HAS_TYPE, TRIPLES
+from autoknow_ray.schema import GRAPH_SYNONYMS, HAS_TYPE, TRIPLES, conform
 
-JOIN_PARTITIONS = 4
+TERM_CONTEXT = pa.schema([("kind", pa.string()), ("attribute", pa.string()), ("term", pa.string()),
+                          ("context", pa.string())])
 
 
 def _collect(ds) -> pl.DataFrame:
@@ -44,6 +45,33 @@ def _collect(ds) -> pl.DataFrame:
 def _as_contexts(batch: pa.Table, prefix: str, context: str, product: str) -> pa.Table:
     ctx = pa.compute.binary_join_element_wise(prefix, batch.column(context).cast(pa.string()), "")
     return pa.table({"context": ctx, "product_id": batch.column(product)})
+
+
+def _with_null(batch: pa.Table, *columns: tuple[str, pa.DataType]) -> pa.Table:
+    for name, typ in columns:
+        batch = batch.append_column(name, pa.nulls(batch.num_rows, typ))
+    return batch
+
+
+def _as_retracted(batch: pa.Table) -> pa.Table:
+    n = batch.num_rows
+    return pa.table({"product_id": batch.column("subject"), "kind": pa.nulls(n, pa.string()),
+                     "attribute": pa.nulls(n, pa.string()), "relation": batch.column("relation"),
+                     "term": batch.column("object"), "retracted": pa.array([True] * n, pa.bool_())})
+
+
+def _drop_retracted(group: pa.Table) -> pa.Table:
+    df = pl.from_arrow(group)
+    gone = df.filter(pl.col("retracted").fill_null(False)).select("relation", "term")
+    live = df.filter(~pl.col("retracted").fill_null(False)).join(gone, on=["relation", "term"], how="anti")
+    return conform(live.drop("retracted").to_arrow(), OCCURRENCE)
+
+
+def _terms_in_contexts(group: pa.Table) -> pa.Table:
+    df = pl.from_arrow(group)
+    terms = df.filter(pl.col("term").is_not_null()).select("kind", "attribute", "term").unique()
+    contexts = df.filter(pl.col("context").is_not_null()).select("context").unique()
+    return conform(terms.join(contexts, how="cross").to_arrow(), TERM_CONTEXT)
 
 
 class SynonymsStage(Stage):
@@ -88,10 +116,11 @@ class SynonymsStage(Stage):
         if upstream is not None:
             occ = occ.union(runtime.map_step(upstream, EditedTerms(), ctx.cfg))
             removed = upstream.filter(expr="status == 'removed'").map_batches(
-                lambda b: pa.table({"product_id": b.column("subject"), "relation": b.column("relation"),
-                                    "term": b.column("object")}), batch_format="pyarrow")
+                _as_retracted, batch_format="pyarrow")
             # a fact an earlier module retracted is not brought back under its canonical name
-            occ = occ.join(removed, "left_anti", JOIN_PARTITIONS, on=("product_id", "relation", "term"))
+            occ = (occ.map_batches(_with_null, fn_args=(("retracted", pa.bool_()),), batch_format="pyarrow")
+                   .union(removed).groupby("product_id")
+                   .map_groups(_drop_retracted, batch_format="pyarrow"))
         path = ctx.out / "occurrences"
         occ.write_parquet(str(path))
         return runtime.read_parquet(path), state.count_rows(path)
@@ -148,9 +177,15 @@ class SynonymsStage(Stage):
             parts.append(c.map_batches(_as_contexts, fn_args=("p:", "src", "src"), batch_format="pyarrow"))
         if not parts:
             return pl.DataFrame()
-        contexts = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-        joined = contexts.join(occ.select_columns(["product_id", "kind", "attribute", "term"]),
-                               "inner", JOIN_PARTITIONS, on=("product_id",))
+        terms = occ.select_columns(["product_id", "kind", "attribute", "term"]).map_batches(
+            _with_null, fn_args=(("context", pa.string()),), batch_format="pyarrow")
+        contexts = [c.map_batches(_with_null, fn_args=(("kind", pa.string()), ("attribute", pa.string()),
+                                                       ("term", pa.string())), batch_format="pyarrow")
+                    for c in parts]
+        # per product: every term of it under every context it was seen in (a group-by, which
+        # streams through the sort shuffle, instead of a hash join that needs its own actors)
+        joined = terms.union(*contexts).groupby("product_id").map_groups(
+            _terms_in_contexts, batch_format="pyarrow")
         return runtime.aggregate(joined, ["kind", "attribute", "term", "context"], {"n": ("count", None)})
 
     def _candidates(self, ctx: RunContext, occ, vocab: pl.DataFrame, vectors: np.ndarray) -> pl.DataFrame:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from autoknow_ray import runtime
@@ -43,8 +44,12 @@ def _collect(ds) -> pl.DataFrame:
 
 
 def _as_contexts(batch: pa.Table, prefix: str, context: str, product: str) -> pa.Table:
-    ctx = pa.compute.binary_join_element_wise(prefix, batch.column(context).cast(pa.string()), "")
-    return pa.table({"context": ctx, "product_id": batch.column(product)})
+    """Rows in the column order of the term rows they are grouped with."""
+    n = batch.num_rows
+    ctx = pc.binary_join_element_wise(prefix, batch.column(context).cast(pa.string()), "")
+    return pa.table({"product_id": batch.column(product).cast(pa.string()),
+                     "kind": pa.nulls(n, pa.string()), "attribute": pa.nulls(n, pa.string()),
+                     "term": pa.nulls(n, pa.string()), "context": ctx})
 
 
 def _with_null(batch: pa.Table, *columns: tuple[str, pa.DataType]) -> pa.Table:
@@ -179,9 +184,7 @@ class SynonymsStage(Stage):
             return pl.DataFrame()
         terms = occ.select_columns(["product_id", "kind", "attribute", "term"]).map_batches(
             _with_null, fn_args=(("context", pa.string()),), batch_format="pyarrow")
-        contexts = [c.map_batches(_with_null, fn_args=(("kind", pa.string()), ("attribute", pa.string()),
-                                                       ("term", pa.string())), batch_format="pyarrow")
-                    for c in parts]
+        contexts = parts
         # per product: every term of it under every context it was seen in (a group-by, which
         # streams through the sort shuffle, instead of a hash join that needs its own actors)
         joined = terms.union(*contexts).groupby("product_id").map_groups(

@@ -43,6 +43,7 @@ def cmd_holdout_values(a) -> int:
     from autoknow_ray.catalogue.holdout_values import holdout_values
 
     print(json.dumps(holdout_values(a.catalogue, a.out, fraction=a.fraction, seed=a.seed), indent=2))
+    return 0
 
 
 def cmd_plant(a) -> int:
@@ -50,6 +51,14 @@ def cmd_plant(a) -> int:
 
     print(json.dumps(plant(a.catalogue, a.out, rate=a.rate, type_rate=a.type_rate, seed=a.seed,
                            take=a.take, skip=a.skip), indent=2))
+    return 0
+
+
+def cmd_synonym_sets(a) -> int:
+    from autoknow_ray.catalogue.synonym_sets import synonym_sets
+
+    print(json.dumps(synonym_sets(a.source, a.path, a.out, seed=a.seed,
+                                  test_fraction=a.test_fraction), indent=2))
     return 0
 
 
@@ -198,6 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--take", type=int, default=None, help="plant on a seeded slice of this many products")
     s.add_argument("--skip", type=int, default=0, help="start the slice after this many (disjoint slices)")
     s.set_defaults(func=cmd_plant)
+    s = sub.add_parser("synonym-sets", help="train/test catalogues with gold synonym pairs "
+                                            "(wdc-pave raw+normalized offers, off-taxonomy names)")
+    s.add_argument("source", choices=("wdc-pave", "off-taxonomy"))
+    s.add_argument("path")
+    s.add_argument("--out", required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--test-fraction", type=float, default=0.5)
+    s.set_defaults(func=cmd_synonym_sets)
 
     for name, func, hlp in (("fit", cmd_fit, "train the module models on a catalogue"),
                             ("rebuild", cmd_rebuild, "the full job: catalogue -> graph")):

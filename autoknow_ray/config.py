@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from autoknow_ray.modules.relations.config import RelationsConfig
 from autoknow_ray.modules.imputation.config import ImputationConfig
 from autoknow_ray.modules.cleaning.config import CleaningConfig
+from autoknow_ray.modules.synonyms.config import SynonymsConfig
 from autoknow_ray.modules.taxonomy.config import TaggerConfig
 from autoknow_ray.modules.taxonomy.hypernym_config import HypernymConfig, TypeResolutionConfig
 
@@ -92,6 +93,7 @@ class Config(Strict):
     relations: RelationsConfig = Field(default_factory=RelationsConfig)
     imputation: ImputationConfig = Field(default_factory=ImputationConfig)
     cleaning: CleaningConfig = Field(default_factory=CleaningConfig)
+    synonyms: SynonymsConfig = Field(default_factory=SynonymsConfig)
 
     def stage_resources(self, stage: str) -> StageResources:
         return self.resources.get(stage) or self.resources.get("default") or StageResources()

@@ -1,0 +1,36 @@
+"""Module 5 settings: vocabulary caps, candidate search, the pair classifier and clustering."""
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class SynonymsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    encoder: str = "default"  # the packaged MiniLM, or a local folder
+    # vocabulary: terms per (kind, attribute) by product count; the rest are reported, not merged
+    max_terms_per_attribute: int = Field(20_000, ge=1)
+    max_terms: int = Field(200_000, ge=1)
+    max_term_chars: int = Field(200, ge=1)
+    # candidates: embedding neighbours (FAISS, exact below ivf_min_size terms in one attribute)
+    knn_k: int = Field(10, ge=1)
+    knn_min_cosine: float = 0.5
+    ivf_min_size: int = Field(50_000, ge=1)
+    # candidates: terms whose products share a query or a co-purchase (behaviour)
+    max_terms_per_context: int = Field(30, ge=2)
+    min_shared_contexts: int = Field(1, ge=1)
+    max_behaviour_pairs: int = Field(1_000_000, ge=0)
+    # decision: None = the threshold `fit` chose on its validation pairs
+    threshold: float | None = None
+    # clusters: a member must itself score >= threshold against the cluster's canonical (no
+    # chaining a ~ b ~ c into a ~ c), and a cluster holds at most this many terms
+    max_cluster_size: int = Field(50, ge=2)
+    # training (fit)
+    max_train_products: int = Field(20_000, ge=1)  # seeded product sample for co-listed pairs
+    max_train_terms: int = Field(3_000, ge=1)  # seeded term sample for rewrites and neighbours
+    train_knn_k: int = Field(3, ge=1)
+    val_fraction: float = Field(0.2, gt=0, lt=1)  # held out by term, for the threshold
+    hidden: int = Field(32, ge=1)
+    epochs: int = Field(60, ge=1)
+    lr: float = 3e-3
+    batch_size: int = Field(256, ge=1)

@@ -1,0 +1,202 @@
+"""Hand-made features of a term pair, for the synonym classifier.
+
+Every feature is general knowledge about how one name is written another way, never a list
+tuned to one catalogue: string similarities (rapidfuzz), the same code written with or without
+separators ("435952-B21" / "435952B21"), an initialism or abbreviation ("HP" / "Hewlett Packard",
+"Blk" / "Black"), a singular or plural form, and quantities compared after unit conversion
+("16 oz" = "1 lb", "1TB" = "1000 GB", but "16 oz" != "16 lb"). The unit table covers mass,
+volume, length, data size, counts and a few others, each unit with its usual spellings.
+"""
+from __future__ import annotations
+
+import re
+import unicodedata
+
+import numpy as np
+from rapidfuzz import fuzz
+from rapidfuzz.distance import JaroWinkler, Levenshtein
+
+# unit -> (dimension, factor to the dimension's base unit)
+_UNITS: dict[str, tuple[str, float]] = {}
+
+
+def _units(dim: str, factor: float, *names: str) -> None:
+    for n in names:
+        _UNITS[n] = (dim, factor)
+
+
+_units("mass", 1e-3, "mg", "milligram", "milligrams")
+_units("mass", 1e-6, "mcg", "µg", "ug", "microgram", "micrograms")
+_units("mass", 1.0, "g", "gr", "gram", "grams", "gm", "gms")
+_units("mass", 1e3, "kg", "kgs", "kilo", "kilos", "kilogram", "kilograms")
+_units("mass", 28.349523, "oz", "ounce", "ounces", "onz")
+_units("mass", 453.59237, "lb", "lbs", "pound", "pounds")
+_units("volume", 1.0, "ml", "milliliter", "milliliters", "millilitre", "millilitres", "cc")
+_units("volume", 10.0, "cl", "centiliter", "centiliters", "centilitre", "centilitres")
+_units("volume", 1e3, "l", "liter", "liters", "litre", "litres", "ltr")
+_units("volume", 29.573530, "floz", "fl oz", "fl. oz", "fl.oz", "fluid ounce", "fluid ounces")
+_units("volume", 3785.4118, "gal", "gallon", "gallons")
+_units("volume", 946.35295, "qt", "quart", "quarts")
+_units("volume", 473.17647, "pt", "pint", "pints")
+_units("length", 1.0, "mm", "millimeter", "millimeters", "millimetre", "millimetres")
+_units("length", 10.0, "cm", "centimeter", "centimeters", "centimetre", "centimetres")
+_units("length", 1e3, "m", "meter", "meters", "metre", "metres")
+_units("length", 25.4, "in", "inch", "inches", '"', "''")
+_units("length", 304.8, "ft", "foot", "feet", "'")
+_units("length", 914.4, "yd", "yard", "yards")
+_units("data", 1e3, "kb", "kilobyte", "kilobytes")
+_units("data", 1e6, "mb", "megabyte", "megabytes")
+_units("data", 1e9, "gb", "gigabyte", "gigabytes")
+_units("data", 1e12, "tb", "terabyte", "terabytes")
+_units("power", 1.0, "w", "watt", "watts")
+_units("power", 1e3, "kw", "kilowatt", "kilowatts")
+_units("time", 1.0, "s", "sec", "secs", "second", "seconds")
+_units("time", 60.0, "min", "mins", "minute", "minutes")
+_units("time", 3600.0, "h", "hr", "hrs", "hour", "hours")
+_units("count", 1.0, "ct", "count", "pack", "pk", "pcs", "pc", "piece", "pieces", "pkg",
+       "sheets", "sheet", "each", "ea")
+_units("frequency", 1e6, "mhz")
+_units("frequency", 1e9, "ghz")
+_UNIT_RE = "|".join(sorted((re.escape(u) for u in _UNITS), key=len, reverse=True))
+# a number (1,000 / 2.5 / 1/2) and an optional unit, the whole term: "16 oz", "8-TB", "1,000/Box"
+_QTY = re.compile(rf"^\s*(\d{{1,3}}(?:,\d{{3}})+|\d+(?:[.,]\d+)?)\s*[-/]?\s*({_UNIT_RE})?\.?\s*"
+                  rf"(?:/\s*(?:box|pack|pk|case|carton|ctn|bx))?\s*$", re.IGNORECASE)
+_NUM = re.compile(r"\d+(?:[.,]\d+)?")
+_THOUSANDS = re.compile(r"(\d),(\d{3})(?!\d)")
+_ALNUM = re.compile(r"[\W_]+", re.UNICODE)
+_TOKENS = re.compile(r"[^\W_]+", re.UNICODE)
+
+FEATURES = (
+    "ratio", "token_set", "partial", "jaro_winkler", "key_levenshtein", "key_equal",
+    "singular_equal", "initialism", "abbreviation", "quantity_both", "quantity_equal",
+    "quantity_conflict", "numbers_equal", "numbers_conflict", "cosine", "length_ratio",
+    "token_containment",
+)
+
+
+def fold(s: str) -> str:
+    return unicodedata.normalize("NFKC", s).casefold().strip()
+
+
+def key(s: str) -> str:
+    """Letters and digits only, case-folded: the same code with or without separators."""
+    return _ALNUM.sub("", fold(s))
+
+
+def tokens(s: str) -> list[str]:
+    return _TOKENS.findall(fold(s))
+
+
+def singular(word: str) -> str:
+    if len(word) > 3 and word.endswith("ies"):
+        return word[:-3] + "y"
+    if len(word) > 3 and word.endswith(("ses", "xes", "ches", "shes")):
+        return word[:-2]
+    if len(word) > 2 and word.endswith("s") and not word.endswith("ss"):
+        return word[:-1]
+    return word
+
+
+def singular_key(s: str) -> str:
+    return "".join(singular(t) for t in tokens(s))
+
+
+def quantity(s: str) -> tuple[str, float] | None:
+    """(dimension, value in the base unit) of a term that is one quantity, else None. A bare
+    number is dimension "number"."""
+    m = _QTY.match(fold(s))
+    if not m:
+        return None
+    num, unit = m.group(1), m.group(2)
+    num = num.replace(",", "") if re.fullmatch(r"\d{1,3}(?:,\d{3})+", num) else num.replace(",", ".")
+    try:
+        v = float(num)
+    except ValueError:
+        return None
+    if not unit:
+        return ("number", v)
+    dim, factor = _UNITS[unit.lower()]
+    return (dim, v * factor)
+
+
+def same_quantity(a: tuple[str, float], b: tuple[str, float]) -> bool:
+    if a[0] != b[0]:
+        return False
+    hi, lo = max(a[1], b[1]), min(a[1], b[1])
+    if hi == 0:
+        return lo == 0
+    r = lo / hi
+    # 2% covers rounded conversions (16 oz = 453.6 g ~ 1 lb); data sizes are also sold in
+    # binary multiples (1 TB ~ 1024 GB)
+    return r >= 0.98 or (a[0] == "data" and abs(hi / lo - 1.024) < 0.01)
+
+
+def numbers(s: str) -> set[str]:
+    s = _THOUSANDS.sub(r"\1\2", s)
+    return {n.replace(",", ".").lstrip("0") or "0" for n in _NUM.findall(s)}
+
+
+def is_initialism(short: str, long: str) -> bool:
+    """'HP' of 'Hewlett-Packard', 'USB' of 'Universal Serial Bus' (case-insensitive)."""
+    k = key(short)
+    words = tokens(long)
+    return len(words) >= 2 and len(k) == len(words) and k == "".join(w[0] for w in words)
+
+
+def is_abbreviation(short: str, long: str) -> bool:
+    """'Blk' of 'Black', 'Med' of 'Medium': the short form's letters appear in order in the long
+    form, starting with its first letter, and it is clearly shorter."""
+    s, l_ = key(short), key(long)
+    if len(s) < 2 or len(s) > 0.7 * len(l_) or s[0] != l_[0] or any(c.isdigit() for c in s):
+        return False
+    i = 0
+    for c in l_:
+        if i < len(s) and c == s[i]:
+            i += 1
+    return i == len(s)
+
+
+def pair_features(a: str, b: str, cosine: float = 0.0) -> list[float]:
+    fa, fb = fold(a), fold(b)
+    ka, kb = key(a), key(b)
+    short, long = (a, b) if len(ka) <= len(kb) else (b, a)
+    qa, qb = quantity(a), quantity(b)
+    both_q = qa is not None and qb is not None
+    q_equal = both_q and same_quantity(qa, qb)
+    na, nb = numbers(fa), numbers(fb)
+    ta, tb = set(tokens(a)), set(tokens(b))
+    small, big = (ta, tb) if len(ta) <= len(tb) else (tb, ta)
+    return [
+        fuzz.ratio(fa, fb) / 100.0,
+        fuzz.token_set_ratio(fa, fb) / 100.0,
+        fuzz.partial_ratio(fa, fb) / 100.0,
+        JaroWinkler.normalized_similarity(fa, fb),
+        Levenshtein.normalized_similarity(ka, kb),
+        float(bool(ka) and ka == kb),
+        float(bool(ka) and singular_key(a) == singular_key(b)),
+        float(is_initialism(short, long)),
+        float(is_abbreviation(short, long)),
+        float(both_q),
+        float(q_equal),
+        float(both_q and not q_equal),
+        float(bool(na) and na == nb),
+        float(bool(na) and bool(nb) and not (na & nb)),
+        float(cosine),
+        min(len(ka), len(kb)) / max(len(ka), len(kb), 1),
+        float(bool(small) and small <= big),
+    ]
+
+
+def feature_matrix(a: list[str], b: list[str], cosine=None) -> np.ndarray:
+    n = len(a)
+    cos = np.zeros(n) if cosine is None else np.asarray(cosine, dtype=np.float64)
+    out = np.zeros((n, len(FEATURES)), dtype=np.float32)
+    for i in range(n):
+        out[i] = pair_features(a[i] or "", b[i] or "", cos[i])
+    return out
+
+
+def edit_similarity(a: list[str], b: list[str]) -> np.ndarray:
+    """Normalised Levenshtein similarity of the case-folded strings: the edit-distance baseline."""
+    return np.array([Levenshtein.normalized_similarity(fold(x or ""), fold(y or ""))
+                     for x, y in zip(a, b)], dtype=np.float32)

@@ -1,0 +1,183 @@
+"""`autoknow fit` for module 5: the synonym pair classifier, from the catalogue alone.
+
+Labels come from what the catalogue holds (gold/ is never read), see `distant.py`: co-listed
+terms and general rewrites are positives, near neighbours and hard rewrites are negatives. The
+training set is a seeded sample of products (cap `max_train_products`) and of terms (cap
+`max_train_terms`); pairs are split into train / validation by term with the seed, and the
+shipped threshold is the one with the best F1 on the validation pairs.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+from autoknow_ray import runtime
+from autoknow_ray.eval.metrics import prf
+from autoknow_ray.modules.synonyms import distant
+from autoknow_ray.modules.synonyms.candidates import knn_pairs
+from autoknow_ray.modules.synonyms.features import FEATURES, feature_matrix, key, quantity, \
+    same_quantity, singular_key
+from autoknow_ray.modules.synonyms.model import PairClassifier, save
+from autoknow_ray.modules.synonyms.steps import TYPE_ATTRIBUTE
+from autoknow_ray.pipeline import RunContext
+
+
+def _sample_terms(ctx: RunContext) -> pl.DataFrame:
+    """(title_key, kind, attribute, term) of a seeded product sample."""
+    cfg = ctx.cfg.synonyms
+    ds = runtime.read_parquet(ctx.table_path("ingest", "products"),
+                              ["title", "product_type", "attributes", "brand"])
+    df = runtime.bounded_sample(ds, cfg.max_train_products, ctx.cfg.seed)
+    if df.height == 0:
+        return pl.DataFrame(schema={"title_key": pl.String, "kind": pl.String,
+                                    "attribute": pl.String, "term": pl.String})
+    df = df.with_columns(pl.col("title").map_elements(distant.title_key, return_dtype=pl.String)
+                         .alias("title_key"))
+    types = df.select("title_key", pl.lit("type").alias("kind"),
+                      pl.lit(TYPE_ATTRIBUTE).alias("attribute"), pl.col("product_type").alias("term"))
+    attrs = (df.select("title_key", "attributes").explode("attributes")
+             .filter(pl.col("attributes").is_not_null())
+             .select("title_key", pl.lit("value").alias("kind"),
+                     pl.col("attributes").struct.field("name").alias("attribute"),
+                     pl.col("attributes").struct.field("value").alias("term")))
+    brand = df.select("title_key", pl.lit("value").alias("kind"), pl.lit("Brand").alias("attribute"),
+                      pl.col("brand").alias("term"))
+    out = pl.concat([types, attrs, brand], how="vertical_relaxed").with_columns(
+        pl.col("term").str.strip_chars())
+    return out.filter(pl.col("term").is_not_null() & (pl.col("term") != "")
+                      & (pl.col("term").str.len_chars() <= cfg.max_term_chars)
+                      & pl.col("attribute").is_not_null())
+
+
+def _same_by_rule(a: str, b: str) -> bool:
+    qa, qb = quantity(a), quantity(b)
+    return key(a) == key(b) or singular_key(a) == singular_key(b) or (
+        qa is not None and qb is not None and qa[0] != "number" and same_quantity(qa, qb))
+
+
+def training_pairs(rows: pl.DataFrame, encoder, cfg, seed: int) -> pl.DataFrame:
+    """Labelled pairs (kind, attribute, term_a, term_b, label, origin, split, cosine)."""
+    rng = np.random.default_rng(seed)
+    colisted = distant.colisted_pairs(list(rows.iter_rows()))
+    vocab = rows.group_by(["kind", "attribute", "term"]).len().sort(["kind", "attribute", "term"])
+    if vocab.height > cfg.max_train_terms:
+        vocab = vocab.sample(cfg.max_train_terms, seed=seed).sort(["kind", "attribute", "term"])
+    terms = vocab["term"].to_list()
+    is_val = {t: rng.random() < cfg.val_fraction for t in sorted(set(terms))}
+    pairs: list[tuple[str, str, str, str, int, str]] = []
+    for kind, attr, a, b in sorted(colisted):
+        pairs.append((kind, attr, a, b, 1, "colisted"))
+    for kind, attr, t in vocab.select("kind", "attribute", "term").iter_rows():
+        for v in distant.positive_rewrites(t, rng)[:4]:
+            pairs.append((kind, attr, t, v, 1, "rewrite"))
+        for v in distant.negative_rewrites(t, rng):
+            pairs.append((kind, attr, t, v, 0, "hard_rewrite"))
+    vecs = encoder.encode(terms)
+    near = knn_pairs(vocab, vecs, cfg.train_knn_k, 0.3, cfg.ivf_min_size, seed)
+    for kind, attr, a, b in near.select("kind", "attribute", "term_a", "term_b").iter_rows():
+        if (kind, attr, a, b) in colisted:
+            continue
+        pairs.append((kind, attr, a, b, int(_same_by_rule(a, b)), "neighbour"))
+    df = pl.DataFrame(pairs, schema=["kind", "attribute", "term_a", "term_b", "label", "origin"],
+                      orient="row").unique(["kind", "attribute", "term_a", "term_b"], keep="first",
+                                           maintain_order=True)
+    # a pair is validation when either of its terms is: no validation term is seen in training
+    val_terms = {t for t, v in is_val.items() if v}
+    rng_split = np.random.default_rng(seed + 1)
+    split = []
+    for a, b in df.select("term_a", "term_b").iter_rows():
+        if a in is_val or b in is_val:
+            split.append("val" if (a in val_terms or b in val_terms) else "train")
+        else:  # co-listed pairs of terms outside the term sample
+            split.append("val" if rng_split.random() < cfg.val_fraction else "train")
+    df = df.with_columns(pl.Series("split", split))
+    strings = sorted(set(df["term_a"].to_list()) | set(df["term_b"].to_list()))
+    sv = encoder.encode(strings)
+    pos = {s: i for i, s in enumerate(strings)}
+    ia = np.array([pos[s] for s in df["term_a"].to_list()], dtype=np.int64)
+    ib = np.array([pos[s] for s in df["term_b"].to_list()], dtype=np.int64)
+    cos = (sv[ia] * sv[ib]).sum(1) if len(ia) else np.zeros(0)
+    return df.with_columns(pl.Series("cosine", cos.astype(np.float32)))
+
+
+def _average_precision(y: np.ndarray, s: np.ndarray) -> float:
+    if y.sum() == 0:
+        return 0.0
+    order = np.argsort(-s, kind="stable")
+    y = y[order]
+    tp = np.cumsum(y)
+    precision = tp / np.arange(1, len(y) + 1)
+    return float((precision * y).sum() / y.sum())
+
+
+def best_threshold(y: np.ndarray, s: np.ndarray) -> tuple[float, dict]:
+    best = (0.5, prf(int(((s >= 0.5) & (y == 1)).sum()), int(((s >= 0.5) & (y == 0)).sum()),
+                     int(((s < 0.5) & (y == 1)).sum())))
+    for t in np.unique(np.round(s, 3)):
+        if t <= 0.05:
+            continue
+        p = s >= t
+        r = prf(int((p & (y == 1)).sum()), int((p & (y == 0)).sum()), int((~p & (y == 1)).sum()))
+        if r["f1"] > best[1]["f1"]:
+            best = (float(t), r)
+    return best
+
+
+def train_classifier(x: np.ndarray, y: np.ndarray, cfg, seed: int) -> PairClassifier:
+    torch.manual_seed(seed)
+    model = PairClassifier(x.shape[1], cfg.hidden)
+    mean, std = x.mean(0), x.std(0)
+    constant = std < 1e-6
+    model.mean.copy_(torch.from_numpy(mean))
+    model.std.copy_(torch.from_numpy(np.where(constant, 1.0, std)))
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y.astype(np.float32))
+    pos = max(float(y.sum()), 1.0)
+    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor((len(y) - pos) / pos))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(cfg.epochs):
+        for idx in torch.randperm(len(y), generator=g).split(cfg.batch_size):
+            opt.zero_grad()
+            loss_fn(model(xt[idx]), yt[idx]).backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():  # a feature that never varied in training has no learned weight
+        model.net[0].weight[:, torch.from_numpy(constant)] = 0.0
+    return model
+
+
+def fit_synonyms(ctx: RunContext, out: Path) -> dict:
+    from autoknow_ray.nn.encoder import TextEncoder
+
+    cfg = ctx.cfg.synonyms
+    t0 = time.perf_counter()
+    rows = _sample_terms(ctx)
+    if rows.select("kind", "attribute", "term").unique().height < 2:
+        return {"skipped": "the catalogue has fewer than two type names or values to learn from"}
+    encoder = TextEncoder(cfg.encoder, device=ctx.cfg.device)
+    pairs = training_pairs(rows, encoder, cfg, ctx.cfg.seed)
+    y = pairs["label"].to_numpy().astype(np.int64)
+    if y.min() == y.max():
+        return {"skipped": "the catalogue gives only one class of training pairs"}
+    x = feature_matrix(pairs["term_a"].to_list(), pairs["term_b"].to_list(), pairs["cosine"].to_numpy())
+    train = (pairs["split"] == "train").to_numpy()
+    val = ~train
+    model = train_classifier(x[train], y[train], cfg, ctx.cfg.seed)
+    sv = model.score(x[val])
+    threshold, val_prf = best_threshold(y[val], sv)
+    meta = {"hidden": cfg.hidden, "threshold": threshold, "encoder": cfg.encoder,
+            "seed": ctx.cfg.seed}
+    save(model, out, meta)
+    pairs.write_parquet(out / "training_pairs.parquet")
+    origins = dict(pairs.group_by(["origin", "label"]).len()
+                   .select(pl.format("{}.{}", "origin", "label"), "len").iter_rows())
+    return {"pairs": pairs.height, "positives": int(y.sum()), "origins": origins,
+            "features": len(FEATURES), "threshold": round(threshold, 4),
+            "val_auc_pr": round(_average_precision(y[val], sv), 4),
+            "val_precision": val_prf["precision"], "val_recall": val_prf["recall"],
+            "val_f1": val_prf["f1"], "seconds": round(time.perf_counter() - t0, 2)}

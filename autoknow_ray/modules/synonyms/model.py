@@ -1,0 +1,58 @@
+"""The pair classifier: a small MLP over the hand-made pair features, saved as safetensors."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from autoknow_ray.modules.synonyms.features import FEATURES
+
+WEIGHTS = "classifier.safetensors"
+CONFIG = "config.json"
+
+
+class PairClassifier(torch.nn.Module):
+    def __init__(self, n_features: int, hidden: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(n_features))
+        self.register_buffer("std", torch.ones(n_features))
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(n_features, hidden), torch.nn.ReLU(),
+            torch.nn.Linear(hidden, hidden), torch.nn.ReLU(),
+            torch.nn.Linear(hidden, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) / self.std).squeeze(-1)
+
+    @torch.inference_mode()
+    def score(self, x: np.ndarray) -> np.ndarray:
+        if len(x) == 0:
+            return np.zeros(0, dtype=np.float32)
+        return torch.sigmoid(self(torch.from_numpy(np.asarray(x, np.float32)))).numpy()
+
+
+def save(model: PairClassifier, out: Path, meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / WEIGHTS))
+    (out / CONFIG).write_text(json.dumps({**meta, "features": list(FEATURES)}, indent=2))
+
+
+def load(model_dir: Path) -> tuple[PairClassifier, dict]:
+    from safetensors.torch import load_file
+
+    meta = json.loads((model_dir / CONFIG).read_text())
+    if meta.get("features") != list(FEATURES):
+        raise ValueError(f"{model_dir}: the classifier was trained on features {meta.get('features')}"
+                         f", this version computes {list(FEATURES)}: run `autoknow fit` again")
+    model = PairClassifier(len(FEATURES), int(meta["hidden"]))
+    model.load_state_dict(load_file(str(model_dir / WEIGHTS)))
+    model.eval()
+    return model, meta
+
+
+def exists(model_dir: Path | None) -> bool:
+    return model_dir is not None and (model_dir / WEIGHTS).exists() and (model_dir / CONFIG).exists()

@@ -1,0 +1,255 @@
+"""Module 5 as a pipeline stage: synonyms among product types and among the values of each
+attribute.
+
+    occurrences  typed products (+ earlier modules' value edits) -> (product, term) rows   [workers]
+    vocabulary   count per (kind, attribute, term); capped per attribute and in total  [aggregate]
+    embeddings   MiniLM per vocabulary term                                         [actor pool]
+    candidates   FAISS kNN per (kind, attribute) + terms sharing queries / baskets  [per term]
+    scores       features + pair classifier                                         [actor pool]
+    clusters     accepted pairs -> clusters around the most frequent term           [per term]
+    edits        occurrences of merged terms -> removed original + corrected canonical [workers]
+
+Outputs in RUN/synonyms/: occurrences/ (per product, written by the workers), vocabulary, pairs
+(every scored candidate with its classifier score and the single-feature scores, for eval),
+graph_synonyms (GRAPH_SYNONYMS) and edits/ (TRIPLES).
+"""
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+from autoknow_ray import runtime
+from autoknow_ray.graph import state
+from autoknow_ray.modules.synonyms import model as pair_model
+from autoknow_ray.modules.synonyms.candidates import PAIR_KEY, behaviour_pairs, cosine_of, knn_pairs
+from autoknow_ray.modules.synonyms.cluster import clusters
+from autoknow_ray.modules.synonyms.features import feature_matrix
+from autoknow_ray.modules.synonyms.steps import (
+    MODULE, OCCURRENCE, CanonicalizeTerms, EditedTerms, EmbedTerms, ExplodeTerms, ScorePairs)
+from autoknow_ray.pipeline import RunContext, Stage
+from autoknow_ray.schema import GRAPH_SYNONYMS, HAS_TYPE, TRIPLES, conform
+
+TERM_CONTEXT = pa.schema([("kind", pa.string()), ("attribute", pa.string()), ("term", pa.string()),
+                          ("context", pa.string())])
+
+
+def _collect(ds) -> pl.DataFrame:
+    """A per-term dataset (bounded by the vocabulary cap) as one polars frame."""
+    parts = [pl.from_arrow(t) for t in ray.get(ds.to_arrow_refs())]
+    parts = [p for p in parts if p.height]
+    return pl.concat(parts, how="vertical_relaxed") if parts else pl.DataFrame()
+
+
+def _as_contexts(batch: pa.Table, prefix: str, context: str, product: str) -> pa.Table:
+    """Rows in the column order of the term rows they are grouped with."""
+    n = batch.num_rows
+    ctx = pc.binary_join_element_wise(prefix, batch.column(context).cast(pa.string()), "")
+    return pa.table({"product_id": batch.column(product).cast(pa.string()),
+                     "kind": pa.nulls(n, pa.string()), "attribute": pa.nulls(n, pa.string()),
+                     "term": pa.nulls(n, pa.string()), "context": ctx})
+
+
+def _with_null(batch: pa.Table, *columns: tuple[str, pa.DataType]) -> pa.Table:
+    for name, typ in columns:
+        batch = batch.append_column(name, pa.nulls(batch.num_rows, typ))
+    return batch
+
+
+def _as_retracted(batch: pa.Table) -> pa.Table:
+    n = batch.num_rows
+    return pa.table({"product_id": batch.column("subject"), "kind": pa.nulls(n, pa.string()),
+                     "attribute": pa.nulls(n, pa.string()), "relation": batch.column("relation"),
+                     "term": batch.column("object"), "retracted": pa.array([True] * n, pa.bool_())})
+
+
+def _drop_retracted(group: pa.Table) -> pa.Table:
+    df = pl.from_arrow(group)
+    gone = df.filter(pl.col("retracted").fill_null(False)).select("relation", "term")
+    live = df.filter(~pl.col("retracted").fill_null(False)).join(gone, on=["relation", "term"], how="anti")
+    return conform(live.drop("retracted").to_arrow(), OCCURRENCE)
+
+
+def _terms_in_contexts(group: pa.Table) -> pa.Table:
+    df = pl.from_arrow(group)
+    terms = df.filter(pl.col("term").is_not_null()).select("kind", "attribute", "term").unique()
+    contexts = df.filter(pl.col("context").is_not_null()).select("context").unique()
+    return conform(terms.join(contexts, how="cross").to_arrow(), TERM_CONTEXT)
+
+
+class SynonymsStage(Stage):
+    name = MODULE
+    config_sections = ("synonyms", "resources")
+    needs = ("ingest", "taxonomy", "relations", "imputation", "cleaning")
+    uses_models = True
+
+    def run(self, ctx: RunContext) -> dict:
+        cfg = ctx.cfg.synonyms
+        model_dir = ctx.models / MODULE if ctx.models is not None else None
+        occ, n_occ = self._occurrences(ctx)
+        vocab, counts = self._vocabulary(ctx, occ)
+        if not pair_model.exists(model_dir):
+            return self._write_nothing(ctx, counts, f"no trained classifier in {model_dir}: "
+                                                   "run `autoknow fit` with the synonyms module")
+        classifier, meta = pair_model.load(model_dir)
+        threshold = cfg.threshold if cfg.threshold is not None else float(meta["threshold"])
+        vocab, vectors = self._embed(ctx, vocab)
+        pairs = self._candidates(ctx, occ, vocab, vectors)
+        scored = self._score(ctx, pairs, model_dir)
+        scored = scored.with_columns((pl.col("score") >= threshold).alias("accepted"))
+        ctx.write("pairs", scored)
+        merged = self._clusters(scored, vocab, vectors, classifier, threshold, cfg.max_cluster_size)
+        ctx.write("graph_synonyms", merged.with_columns(
+            pl.when(pl.col("kind") == "type").then(None).otherwise(pl.col("attribute"))
+            .alias("attribute")), GRAPH_SYNONYMS)
+        n_edits = self._edits(ctx, occ, merged, n_occ)
+        return {**counts, "occurrences": n_occ, "threshold": round(threshold, 4),
+                "candidate_pairs": scored.height,
+                "candidates_by_source": dict(scored.group_by("source").len().rows()),
+                "accepted_pairs": int(scored["accepted"].sum()) if scored.height else 0,
+                "clusters": merged.select("kind", "attribute", "canonical").unique().height,
+                "merged_terms": merged.height, "edits": n_edits}
+
+    # ---- occurrences and vocabulary ------------------------------------------------------------
+    def _occurrences(self, ctx: RunContext):
+        n = state.n_products(ctx)
+        ds = state.typed_products(ctx, ["product_id", "attributes", "brand"])
+        occ = runtime.map_step(ds, ExplodeTerms(), ctx.cfg, n)
+        upstream = state.upstream_edits(ctx, before=MODULE)
+        if upstream is not None:
+            occ = occ.union(runtime.map_step(upstream, EditedTerms(), ctx.cfg))
+            removed = upstream.filter(expr="status == 'removed'").map_batches(
+                _as_retracted, batch_format="pyarrow")
+            # a fact an earlier module retracted is not brought back under its canonical name
+            occ = (occ.map_batches(_with_null, fn_args=(("retracted", pa.bool_()),), batch_format="pyarrow")
+                   .union(removed).groupby("product_id")
+                   .map_groups(_drop_retracted, batch_format="pyarrow"))
+        path = ctx.out / "occurrences"
+        occ.write_parquet(str(path))
+        return runtime.read_parquet(path), state.count_rows(path)
+
+    def _vocabulary(self, ctx: RunContext, occ) -> tuple[pl.DataFrame, dict]:
+        cfg = ctx.cfg.synonyms
+        vocab = runtime.aggregate(occ, ["kind", "attribute", "term"], {"n": ("count", None)})
+        if vocab.height == 0:
+            vocab = pl.DataFrame(schema={"kind": pl.String, "attribute": pl.String,
+                                         "term": pl.String, "n": pl.Int64})
+        too_long = vocab.filter(pl.col("term").str.len_chars() > cfg.max_term_chars)
+        vocab = (vocab.filter(pl.col("term").str.len_chars() <= cfg.max_term_chars)
+                 .sort(["n", "kind", "attribute", "term"], descending=[True, False, False, False]))
+        capped = (vocab.with_columns(pl.int_range(pl.len()).over(["kind", "attribute"]).alias("_r"))
+                  .filter(pl.col("_r") < cfg.max_terms_per_attribute).drop("_r")
+                  .head(cfg.max_terms))
+        ctx.write("vocabulary", capped)
+        over = vocab.height - capped.height
+        counts = {"rows_in": capped.height + too_long.height + over, "rows_out": capped.height,
+                  "rows_quarantined": too_long.height + over,
+                  "quarantine_reasons": {"term_too_long": too_long.height,
+                                         "over_vocabulary_cap": over},
+                  "terms_by_kind": dict(capped.group_by("kind").len().rows())}
+        return capped.sort(["kind", "attribute", "term"]), counts
+
+    def _write_nothing(self, ctx: RunContext, counts: dict, reason: str) -> dict:
+        ctx.write("graph_synonyms", GRAPH_SYNONYMS.empty_table(), GRAPH_SYNONYMS)
+        ctx.write("edits", TRIPLES.empty_table(), TRIPLES)
+        return {**counts, "skipped": reason, "merged_terms": 0, "edits": 0}
+
+    # ---- embeddings, candidates, scores -------------------------------------------------------
+    def _embed(self, ctx: RunContext, vocab: pl.DataFrame) -> tuple[pl.DataFrame, np.ndarray]:
+        if vocab.height == 0:
+            return vocab, np.zeros((0, 1), np.float32)
+        ds = ray.data.from_arrow(vocab.select("kind", "attribute", "term").to_arrow())
+        out = _collect(runtime.map_step(ds, EmbedTerms(ctx.cfg.synonyms.encoder), ctx.cfg,
+                                        vocab.height))
+        out = out.join(vocab.select("kind", "attribute", "term", "n"),
+                       on=["kind", "attribute", "term"], how="left").sort(["kind", "attribute", "term"])
+        vectors = np.asarray(out["embedding"].to_list(), dtype=np.float32)
+        vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-6)
+        return out.drop("embedding"), vectors
+
+    def _term_contexts(self, ctx: RunContext, occ) -> pl.DataFrame:
+        parts = []
+        if state.count_rows(ctx.table_path("ingest", "behavior")):
+            b = runtime.read_parquet(ctx.table_path("ingest", "behavior"), ["query", "product_id"])
+            parts.append(b.map_batches(_as_contexts, fn_args=("q:", "query", "product_id"),
+                                       batch_format="pyarrow"))
+        if state.count_rows(ctx.table_path("ingest", "copurchase")):
+            c = runtime.read_parquet(ctx.table_path("ingest", "copurchase"), ["src", "dst"])
+            # one basket context per product: itself and what was bought with it
+            parts.append(c.map_batches(_as_contexts, fn_args=("p:", "src", "dst"), batch_format="pyarrow"))
+            parts.append(c.map_batches(_as_contexts, fn_args=("p:", "src", "src"), batch_format="pyarrow"))
+        if not parts:
+            return pl.DataFrame()
+        terms = occ.select_columns(["product_id", "kind", "attribute", "term"]).map_batches(
+            _with_null, fn_args=(("context", pa.string()),), batch_format="pyarrow")
+        contexts = parts
+        # per product: every term of it under every context it was seen in (a group-by, which
+        # streams through the sort shuffle, instead of a hash join that needs its own actors)
+        joined = terms.union(*contexts).groupby("product_id").map_groups(
+            _terms_in_contexts, batch_format="pyarrow")
+        return runtime.aggregate(joined, ["kind", "attribute", "term", "context"], {"n": ("count", None)})
+
+    def _candidates(self, ctx: RunContext, occ, vocab: pl.DataFrame, vectors: np.ndarray) -> pl.DataFrame:
+        cfg = ctx.cfg.synonyms
+        knn = knn_pairs(vocab, vectors, cfg.knn_k, cfg.knn_min_cosine, cfg.ivf_min_size, ctx.cfg.seed)
+        tc = self._term_contexts(ctx, occ)
+        if tc.height:
+            tc = tc.join(vocab.select("kind", "attribute", "term"), on=["kind", "attribute", "term"],
+                         how="semi")
+        beh = behaviour_pairs(tc, cfg.max_terms_per_context, cfg.min_shared_contexts,
+                              cfg.max_behaviour_pairs) if tc.height else behaviour_pairs(
+            pl.DataFrame(), 1, 1, 0)
+        pairs = knn.join(beh, on=PAIR_KEY, how="full", coalesce=True).with_columns(
+            pl.when(pl.col("cosine").is_null()).then(pl.lit("behaviour"))
+            .when(pl.col("shared").is_null()).then(pl.lit("knn")).otherwise(pl.lit("both"))
+            .alias("source"),
+            pl.col("shared").fill_null(0))
+        missing = pairs["cosine"].is_null().to_numpy()
+        if missing.any():
+            cos = cosine_of(pairs, vocab, vectors)
+            pairs = pairs.with_columns(pl.Series("cosine", np.where(missing, cos,
+                                                                     pairs["cosine"].fill_null(0).to_numpy()),
+                                                 dtype=pl.Float32))
+        return pairs.select(*PAIR_KEY, "source", pl.col("cosine").cast(pl.Float32),
+                            pl.col("shared").cast(pl.Int64)).sort(PAIR_KEY)
+
+    def _score(self, ctx: RunContext, pairs: pl.DataFrame, model_dir) -> pl.DataFrame:
+        if pairs.height == 0:
+            return pairs.with_columns(pl.lit(None, pl.Float32).alias("edit_sim"),
+                                      pl.lit(None, pl.Float32).alias("score"))
+        ds = ray.data.from_arrow(pairs.to_arrow())
+        return _collect(runtime.map_step(ds, ScorePairs(model_dir), ctx.cfg, pairs.height)).sort(PAIR_KEY)
+
+    # ---- clusters and edits ---------------------------------------------------------------------
+    def _clusters(self, scored: pl.DataFrame, vocab: pl.DataFrame, vectors: np.ndarray,
+                  classifier, threshold: float, max_size: int) -> pl.DataFrame:
+        rows = []
+        pos = {(k, a, t): i for i, (k, a, t) in enumerate(vocab.select("kind", "attribute", "term").iter_rows())}
+        counts = {(k, a, t): n for k, a, t, n in vocab.select("kind", "attribute", "term", "n").iter_rows()}
+        accepted = scored.filter(pl.col("accepted")) if scored.height else scored
+        for (kind, attr), g in accepted.group_by(["kind", "attribute"], maintain_order=True):
+            edges = {(a, b): s for a, b, s in g.select("term_a", "term_b", "score").iter_rows()}
+
+            def score_pairs(pairs, kind=kind, attr=attr):
+                cos = [float(vectors[pos[(kind, attr, a)]] @ vectors[pos[(kind, attr, b)]]) for a, b in pairs]
+                x = feature_matrix([a for a, _ in pairs], [b for _, b in pairs], cos)
+                return classifier.score(x).tolist()
+
+            term_counts = {t: counts.get((kind, attr, t), 0) for e in edges for t in e}
+            for term, canon, s in clusters(edges, term_counts, threshold, score_pairs, max_size):
+                rows.append((kind, attr, term, canon, s))
+        return pl.DataFrame(rows, schema={"kind": pl.String, "attribute": pl.String, "term": pl.String,
+                                          "canonical": pl.String, "score": pl.Float32}, orient="row")
+
+    def _edits(self, ctx: RunContext, occ, merged: pl.DataFrame, n_occ: int) -> int:
+        if merged.height == 0:
+            ctx.write("edits", TRIPLES.empty_table(), TRIPLES)
+            return 0
+        mapping = {(HAS_TYPE if k == "type" else a, t): (c, float(s))
+                   for k, a, t, c, s in merged.select("kind", "attribute", "term", "canonical", "score").iter_rows()}
+        path = ctx.out / "edits"
+        runtime.map_step(occ, CanonicalizeTerms(mapping), ctx.cfg, n_occ).write_parquet(str(path))
+        return state.count_rows(path)
+

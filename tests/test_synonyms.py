@@ -1,0 +1,180 @@
+"""Module 5 (synonym finding): features, training pairs, clusters, and fit + rebuild end to end."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+
+from autoknow_ray.modules.synonyms import distant
+from autoknow_ray.modules.synonyms.cluster import clusters
+from autoknow_ray.modules.synonyms.features import FEATURES, pair_features, quantity, same_quantity
+
+
+def feats(a, b):
+    return dict(zip(FEATURES, pair_features(a, b)))
+
+
+def test_quantities_compare_after_unit_conversion():
+    assert feats("16 oz", "1 lb")["quantity_equal"] == 1.0
+    assert feats("1TB", "1000 GB")["quantity_equal"] == 1.0
+    assert feats("8-TB", "8 Terabytes")["quantity_equal"] == 1.0
+    f = feats("16 oz", "16 lb")
+    assert f["quantity_equal"] == 0.0 and f["quantity_conflict"] == 1.0
+    assert quantity("Model X1") is None
+    assert not same_quantity(quantity("12 in"), quantity("12 cm"))
+    assert same_quantity(quantity("12 in"), quantity("1 ft"))
+
+
+def test_codes_initialisms_abbreviations():
+    assert feats("435952-B21", "435952B21")["key_equal"] == 1.0
+    assert feats("435952-B21", "435952-B22")["key_equal"] == 0.0
+    assert feats("HP", "Hewlett-Packard")["initialism"] == 1.0
+    assert feats("HP", "Dell")["initialism"] == 0.0
+    assert feats("Blk", "Black")["abbreviation"] == 1.0
+    assert feats("Model X1", "Model X2")["numbers_conflict"] == 1.0
+    assert feats("Cereal bar", "Cereal bars")["singular_equal"] == 1.0
+    # empty and very long strings give finite features, never an error
+    assert np.isfinite(pair_features("", "x" * 1_000_000)).all()
+
+
+def test_rewrites_keep_meaning_and_hard_rewrites_change_it():
+    rng = np.random.default_rng(0)
+    pos = distant.positive_rewrites("16 oz", rng)
+    assert "1 lb" in pos and all(same_quantity(quantity(p), quantity("16 oz")) for p in pos
+                                 if quantity(p) is not None)
+    neg = distant.negative_rewrites("16 oz", rng)
+    assert neg and all(not same_quantity(quantity(n), quantity("16 oz")) for n in neg)
+    assert "435952B21" in distant.positive_rewrites("435952-B21", rng)
+    assert "HP" in distant.positive_rewrites("Hewlett Packard", rng)
+    pairs = distant.colisted_pairs([("t1", "value", "Color", "Grey"), ("t1", "value", "Color", "Gray"),
+                                    ("t2", "value", "Color", "Red")])
+    assert pairs == {("value", "Color", "Gray", "Grey")}
+
+
+def test_clusters_do_not_chain():
+    # a~b and b~c are accepted but the classifier rejects a~c: c must not join a's cluster
+    edges = {("X1", "X1 "): 0.9, ("X1 ", "X2"): 0.9}
+    counts = {"X1": 10, "X1 ": 2, "X2": 5}
+    out = clusters(edges, counts, 0.5, lambda pairs: [0.1 for _ in pairs], max_size=10)
+    merged = {(t, c) for t, c, _ in out}
+    assert ("X1 ", "X1") in merged
+    assert not any(t == "X2" and c == "X1" for t, c in merged)
+    # a cluster holds at most max_size terms
+    star = {("a", f"b{i}"): 0.9 for i in range(10)}
+    out = clusters(star, {"a": 100}, 0.5, lambda p: [0.9] * len(p), max_size=4)
+    assert len(out) == 3 and {c for _, c, _ in out} == {"a"}
+
+
+def _catalogue(path):
+    """Duplicate listings (same title, two spellings of a value) teach the classifier; behaviour
+    links spellings through shared queries; near misses (16 oz / 16 lb, X1 / X2) must stay apart."""
+    rows, behavior = [], []
+    spell = [("Size", "16 oz", "1 lb"), ("Size", "32 oz", "2 lb"), ("Color", "Grey", "Gray"),
+             ("Brand", "Hewlett-Packard", "HP"), ("Part Number", "435952-B21", "435952B21"),
+             ("Part Number", "581284-S21", "581284S21"), ("Color", "Black", "Blk"),
+             ("Size", "1TB", "1000 GB"), ("Color", "Navy Blue", "navy blue")]
+    others = ["16 lb", "12 oz", "Model X1", "Model X2", "Red", "Green", "White", "64 GB", "2TB",
+              "Dell", "Lenovo", "435952-B22", "8 oz", "Blue", "Brown"]
+    n = 0
+    for i, (attr, a, b) in enumerate(spell):
+        for rep in range(3):
+            title = f"Item {i} variant {rep} with {attr.lower()}"
+            for v in (a, b):
+                n += 1
+                rows.append({"product_id": f"p{n}", "title": title, "product_type": "Widget" if v != b or i % 2 else "Widgets",
+                             "attributes": [{"name": attr, "value": v}], "brand": None})
+                behavior.append({"query": f"q{i}", "product_id": f"p{n}", "action": "view", "count": 1})
+    for j, v in enumerate(others):
+        attr = "Size" if any(c.isdigit() for c in v) and "Model" not in v and "-" not in v else (
+            "Part Number" if "-" in v or "Model" in v else ("Brand" if v in ("Dell", "Lenovo") else "Color"))
+        n += 1
+        rows.append({"product_id": f"p{n}", "title": f"Other thing {j}", "product_type": "Gadget",
+                     "attributes": [{"name": attr, "value": v}], "brand": None})
+    # bad input: an empty value, a megabyte value, HTML, an unknown id in behaviour
+    n += 1
+    rows.append({"product_id": f"p{n}", "title": "Broken listing", "product_type": None,
+                 "attributes": [{"name": "Color", "value": "   "}, {"name": "Color", "value": "z" * 1_000_000},
+                                {"name": "Color", "value": "<b>Red</b>"}], "brand": None})
+    behavior.append({"query": "q0", "product_id": "no-such-product", "action": "view", "count": 3})
+    path.mkdir(parents=True, exist_ok=True)
+    pl.DataFrame(rows).write_parquet(path / "products.parquet")
+    pl.DataFrame({"type": ["Widget", "Widgets", "Gadget"], "parent": [None, None, None]},
+                 schema={"type": pl.String, "parent": pl.String}).write_parquet(path / "taxonomy.parquet")
+    pl.DataFrame(behavior).write_parquet(path / "behavior.parquet")
+    gold = pl.DataFrame({"kind": ["value"] * 5 + ["type"], "attribute": ["Size", "Color", "Brand", "Part Number", "Size", None],
+                         "term": ["1 lb", "Gray", "HP", "435952B21", "1000 GB", "Widgets"],
+                         "canonical": ["16 oz", "Grey", "Hewlett-Packard", "435952-B21", "1TB", "Widget"]})
+    (path / "gold").mkdir(exist_ok=True)
+    gold.write_parquet(path / "gold" / "synonyms.parquet")
+    return len(rows)
+
+
+@pytest.fixture(scope="module")
+def fitted(ray_session, tmp_path_factory):
+    from autoknow_ray.config import Config
+    from autoknow_ray.rebuild import fit, rebuild
+
+    root = tmp_path_factory.mktemp("syn")
+    n = _catalogue(root / "cat")
+    cfg = Config.model_validate({
+        "stages": ["ingest", "synonyms", "graph"],
+        "ray": {"num_cpus": 2, "object_store_memory_mb": 400},
+        "synonyms": {"max_train_terms": 200, "epochs": 40, "knn_k": 5, "max_term_chars": 200}})
+    manifest = fit(root / "cat", root / "models", config=cfg)
+    rebuild(root / "cat", root / "run", models=root / "models", config=cfg)
+    return root, n, manifest
+
+
+def test_fit_writes_a_trained_classifier(fitted):
+    root, _, manifest = fitted
+    stats = manifest["modules"]["synonyms"]
+    assert (root / "models" / "synonyms" / "classifier.safetensors").exists()
+    meta = json.loads((root / "models" / "synonyms" / "config.json").read_text())
+    assert 0.0 < meta["threshold"] < 1.0 and meta["features"] == list(FEATURES)
+    assert stats["origins"].get("colisted.1", 0) >= 9  # the duplicate listings were found
+    assert stats["val_f1"] > 0.7
+
+
+def test_rebuild_merges_spellings_and_keeps_near_misses_apart(fitted):
+    root, _, _ = fitted
+    syn = pl.read_parquet(root / "run" / "graph" / "synonyms.parquet")
+    assert syn.columns == ["kind", "attribute", "term", "canonical", "score"]
+    canon = {(a, t): c for a, t, c in syn.select("attribute", "term", "canonical").iter_rows()}
+    same = lambda a, x, y: canon.get((a, x), x) == canon.get((a, y), y)  # noqa: E731
+    assert same("Part Number", "435952-B21", "435952B21")
+    assert same("Color", "Grey", "Gray")
+    assert not same("Size", "16 oz", "16 lb")
+    assert not same("Part Number", "Model X1", "Model X2")
+    assert not same("Part Number", "435952-B21", "435952-B22")
+    # every merged term points at a canonical that is itself a term, never at another merged term
+    assert not set(syn["canonical"].to_list()) & set(syn["term"].to_list())
+
+
+def test_edits_carry_the_canonical_with_the_original_in_evidence(fitted):
+    root, n, _ = fitted
+    manifest = json.loads((root / "run" / "synonyms" / "manifest.json").read_text())
+    assert manifest["rows_in"] == manifest["rows_out"] + manifest["rows_quarantined"]
+    assert manifest["quarantine_reasons"]["term_too_long"] == 1
+    triples = pl.read_parquet(root / "run" / "graph" / "triples.parquet")
+    corrected = triples.filter((pl.col("module") == "synonyms") & (pl.col("status") == "corrected"))
+    removed = triples.filter((pl.col("module") == "synonyms") & (pl.col("status") == "removed"))
+    assert corrected.height > 0 and removed.height > 0
+    syn = pl.read_parquet(root / "run" / "graph" / "synonyms.parquet")
+    canonicals = set(syn["canonical"].to_list())
+    assert set(corrected["object"].to_list()) <= canonicals
+    for obj, ev in corrected.select("object", "evidence").iter_rows():
+        assert ev.startswith("synonym: original ")
+    assert not (set(removed["object"].to_list()) & canonicals)
+
+
+def test_eval_scores_pairs_and_graph(fitted):
+    from autoknow_ray.eval.synonyms import score
+
+    root, _, _ = fitted
+    r = score(root / "run", root / "cat" / "gold")
+    for key in ("classifier", "edit_distance", "cosine"):
+        assert 0.0 <= r[f"synonyms.value.{key}.auc_pr"] <= 1.0
+    assert r["synonyms.value.gold_pairs_in_vocabulary"] == 5
+    assert r["synonyms.value.graph.recall"] >= 0.6

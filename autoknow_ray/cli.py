@@ -78,8 +78,11 @@ def cmd_eval(a) -> int:
 
 def cmd_baseline(a) -> int:
     from autoknow_ray.eval.baselines import run_centroid, run_dictionary
+    from autoknow_ray.eval import baselines_related as related
 
-    if a.method == "dictionary":
+    if a.method in related.METHODS:
+        summary = related.run_baseline(a.method, a.catalogue, a.out, encoder=a.encoder, config=a.config)
+    elif a.method == "dictionary":
         if not a.train:
             raise ValueError("the dictionary baseline needs --train TRAIN_DIR")
         summary = run_dictionary(a.train, a.catalogue, a.out)
@@ -145,11 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="another run (e.g. a baseline) to score on the same gold; repeatable")
     s.set_defaults(func=cmd_eval)
     s = sub.add_parser("baseline", help="write a simple method's run, to score beside a real one")
-    s.add_argument("method", choices=("dictionary", "centroid"))
+    s.add_argument("method", choices=("dictionary", "centroid", "copurchase", "text-knn", "gnn-symmetric"))
     s.add_argument("--catalogue", required=True, help="the catalogue to extract from / place")
     s.add_argument("--out", required=True)
     s.add_argument("--train", default=None, help="training catalogue (required for dictionary)")
     s.add_argument("--encoder", default="default", help="text encoder for centroid")
+    s.add_argument("--config", default=None, help="config for gnn-symmetric (a rebuild)")
     s.set_defaults(func=cmd_baseline)
     s = sub.add_parser("bench", help="scaling benchmark: sizes x workers, against the simple way")
     s.add_argument("--out", default="runs/bench")

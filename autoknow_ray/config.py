@@ -13,6 +13,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from autoknow_ray.modules.related.config import RelatedConfig
 from autoknow_ray.modules.taxonomy.config import TaggerConfig
 from autoknow_ray.modules.taxonomy.hypernym_config import HypernymConfig, TypeResolutionConfig
 
@@ -78,6 +79,7 @@ class Config(Strict):
     )
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     taxonomy: TaxonomyStageConfig = Field(default_factory=TaxonomyStageConfig)
+    related: RelatedConfig = Field(default_factory=RelatedConfig)
 
     def stage_resources(self, stage: str) -> StageResources:
         return self.resources.get(stage) or self.resources.get("default") or StageResources()

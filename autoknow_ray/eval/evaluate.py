@@ -182,6 +182,9 @@ def evaluate(run: str | Path, gold: str | Path) -> dict:
     hyp = _read_gold(gold, "hypernyms")
     if hyp is not None:
         results.update(eval_hypernyms(run, triples, taxonomy, hyp))
+    from autoknow_ray.eval.related import score as score_related
+
+    results.update(score_related(run, gold))
     (run / "eval.json").write_text(json.dumps(results, indent=2, sort_keys=True))
     return results
 

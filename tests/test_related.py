@@ -49,8 +49,8 @@ def _one_way_copurchase(n: int) -> pa.Table:
         k = i + 2
         if k < n - 20:
             src.append(f"p{k}"), dst.append(f"p{k + 1}"), cnt.append(2)
-    src += ["p5", "p9"]
-    dst += ["p4", "p8"]  # p4 -> p5 is there too (when drawn): two-way rows
+    src += ["p3", "p7"]
+    dst += ["p2", "p6"]  # p2 -> p3 and p6 -> p7 are there too: two-way pairs
     cnt += [1, 1]
     src += ["p0", "nobody", "p3"]
     dst += ["ghost", "p1", "p3"]

@@ -197,7 +197,7 @@ def train(settings: GNNSettings, rc: RelatedConfig, text: np.ndarray, types: np.
             opt.zero_grad()
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             history["steps"] += 1
             if time.perf_counter() - start > rc.max_train_seconds:
                 break

@@ -163,3 +163,40 @@ def test_score_and_copurchase_baseline(tmp_path):
     assert res["related.mrr@5"] == pytest.approx((1 + 0.5) / 3, abs=1e-3)
     # one-way pairs: a->b (b ranks a at 2, a ranks b at 1: a win), a->c (c has no list: a win)
     assert res["related.asymmetry.forward_above_reverse"] == 1.0
+
+
+def test_worker_steps_embed_and_recommend_without_ray(tmp_path):
+    """The inference steps as a worker runs them: weights + capped node tables -> embeddings ->
+    top-k, a cold product (no edges) included."""
+    from autoknow_ray.modules.related.model import DualGNN, save
+    from autoknow_ray.modules.related.steps import DualEmbed, Recommend, _fixed
+
+    s = GNNSettings(type_buckets=8, type_dim=4, dim=8, fanout=3)
+    model = DualGNN(s)
+    save(model, tmp_path / "model")
+    n = 12
+    rng = np.random.default_rng(0)
+    ids = [f"p{i}" for i in range(n)]
+    (tmp_path / "nodes").mkdir()
+    pq.write_table(pa.table({"product_id": ids, "h0": _fixed(rng.normal(size=(n, 8)))}),
+                   tmp_path / "nodes" / "part.parquet")
+    (tmp_path / "nb").mkdir()
+    pq.write_table(pa.table({
+        "product_id": ["p0", "p1", "p2", "p0"], "kind": ["out", "in", "in", "similar"],
+        "neighbours": [["p1", "p2", "ghost"], ["p0"], ["p0"], ["p3"]],
+        "weight_sum": [3.0, 1.0, 2.0, 1.0]}), tmp_path / "nb" / "part.parquet")
+    embed = DualEmbed(tmp_path / "model", tmp_path / "nodes", tmp_path / "nb", 3)
+    embed.setup(WorkerEnv())
+    assert embed.tables.out_nb[0].tolist() == [1, 2, -1]  # an unknown neighbour is dropped
+    assert embed.tables.in_nb[1].tolist() == [0, -1, -1]
+    emb = embed.process_batch(pa.table({"product_id": ids}))
+    (tmp_path / "emb").mkdir()
+    pq.write_table(emb, tmp_path / "emb" / "part.parquet")
+    rec = Recommend(tmp_path / "emb", 4, 1000, 8, 0)
+    rec.setup(WorkerEnv())
+    out = pl.from_arrow(rec.process_batch(emb.select(["product_id", "source"])))
+    assert out.group_by("product_id").len()["len"].to_list() == [4] * n
+    assert out.filter(pl.col("product_id") == pl.col("related_id")).height == 0
+    assert sorted(out.filter(pl.col("product_id") == "p11")["rank"].to_list()) == [1, 2, 3, 4]
+    with pytest.raises(KeyError):
+        embed.process_batch(pa.table({"product_id": ["unknown"]}))

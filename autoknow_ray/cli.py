@@ -123,8 +123,12 @@ def cmd_type_split(a) -> int:
 
 def cmd_baseline(a) -> int:
     from autoknow_ray.eval.baselines import run_centroid, run_dictionary
+    from autoknow_ray.eval import baselines_related as related
 
-    if a.method == "relations-frequency":
+    if a.method in related.METHODS:
+        summary = related.run_baseline(a.method, a.catalogue, a.out, encoder=a.encoder,
+                                       config=a.config)
+    elif a.method == "relations-frequency":
         from autoknow_ray.eval.baselines_relations import DEFAULT_THRESHOLD, run_frequency
 
         if not a.train:
@@ -238,15 +242,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_eval)
     s = sub.add_parser("baseline", help="write a simple method's run, to score beside a real one")
     s.add_argument("method", choices=("dictionary", "centroid", "relations-frequency",
-                                      "cleaning-frequency", "cleaning-embedding"),
-                   help="cleaning-frequency / cleaning-embedding: the cleaning rules "
-                        "(eval/baselines_cleaning.py)")
+                                      "cleaning-frequency", "cleaning-embedding",
+                                      "copurchase", "text-knn", "gnn-symmetric"),
+                   help="cleaning-*: the cleaning rules (eval/baselines_cleaning.py); copurchase, "
+                        "text-knn, gnn-symmetric: related products (eval/baselines_related.py)")
     s.add_argument("--catalogue", required=True, help="the catalogue to extract from / place")
     s.add_argument("--out", required=True)
     s.add_argument("--train", default=None, help="training catalogue (required for dictionary)")
     s.add_argument("--encoder", default="default", help="text encoder for centroid")
     s.add_argument("--threshold", type=float, default=None,
                    help="relations-frequency: share of a type's products that must mention a value")
+    s.add_argument("--config", default=None, help="config for gnn-symmetric (a rebuild)")
     s.set_defaults(func=cmd_baseline)
     s = sub.add_parser("export", help="write a run's graph as N-Triples or Neo4j import CSVs")
     s.add_argument("--run", required=True)

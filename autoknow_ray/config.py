@@ -17,6 +17,7 @@ from autoknow_ray.modules.relations.config import RelationsConfig
 from autoknow_ray.modules.imputation.config import ImputationConfig
 from autoknow_ray.modules.cleaning.config import CleaningConfig
 from autoknow_ray.modules.synonyms.config import SynonymsConfig
+from autoknow_ray.modules.related.config import RelatedConfig
 from autoknow_ray.modules.taxonomy.config import TaggerConfig
 from autoknow_ray.modules.taxonomy.hypernym_config import HypernymConfig, TypeResolutionConfig
 
@@ -94,6 +95,7 @@ class Config(Strict):
     imputation: ImputationConfig = Field(default_factory=ImputationConfig)
     cleaning: CleaningConfig = Field(default_factory=CleaningConfig)
     synonyms: SynonymsConfig = Field(default_factory=SynonymsConfig)
+    related: RelatedConfig = Field(default_factory=RelatedConfig)
 
     def stage_resources(self, stage: str) -> StageResources:
         return self.resources.get(stage) or self.resources.get("default") or StageResources()

@@ -194,6 +194,9 @@ def evaluate(run: str | Path, gold: str | Path) -> dict:
     from autoknow_ray.eval import synonyms as eval_synonyms
 
     results.update(eval_synonyms.score(run, gold))
+    from autoknow_ray.eval.related import score as score_related
+
+    results.update(score_related(run, gold))
     (run / "eval.json").write_text(json.dumps(results, indent=2, sort_keys=True))
     return results
 

@@ -1,0 +1,99 @@
+"""Baselines for related products, each written as a run folder that `autoknow eval` scores from
+`graph/related.parquet` exactly like a rebuild:
+
+- `copurchase`: item-item co-purchase counts — a product's top k are the products most often
+  bought with it in the catalogue (count A -> B plus B -> A);
+- `text-knn`: the nearest titles by the packaged MiniLM embedding (cosine);
+- `gnn-symmetric`: the same GNN and training with one embedding per product (source = target),
+  without the asymmetry term — what the dual embeddings are measured against.
+
+The first two are the simple way on purpose (one process, polars and FAISS); they are meant for
+the evaluation catalogues, not for a 100M-product rebuild.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from autoknow_ray.eval.baselines import read_catalogue_table
+from autoknow_ray.pipeline import write_table
+from autoknow_ray.schema import GRAPH_RELATED, GRAPH_TAXONOMY, TRIPLES
+
+METHODS = ("copurchase", "text-knn", "gnn-symmetric")
+
+
+def _write_run(out: Path, related: pl.DataFrame) -> dict:
+    out = Path(out)
+    write_table(out / "graph" / "related.parquet", related, GRAPH_RELATED)
+    write_table(out / "graph" / "triples.parquet", TRIPLES.empty_table(), TRIPLES)
+    write_table(out / "graph" / "taxonomy.parquet", GRAPH_TAXONOMY.empty_table(), GRAPH_TAXONOMY)
+    return {"run": str(out), "rows": related.height,
+            "products_with_list": related["product_id"].n_unique() if related.height else 0}
+
+
+def copurchase_counts(copurchase: pl.DataFrame, top_k: int) -> pl.DataFrame:
+    if copurchase.height == 0:
+        return pl.from_arrow(GRAPH_RELATED.empty_table())
+    cp = copurchase.select("src", "dst", pl.col("count").cast(pl.Float64)).filter(pl.col("src") != pl.col("dst"))
+    both = pl.concat([cp, cp.select(src="dst", dst="src", count="count")])
+    pairs = both.group_by("src", "dst").agg(pl.col("count").sum())
+    ranked = pairs.sort(["src", "count", "dst"], descending=[False, True, False]).with_columns(
+        rank=pl.int_range(1, pl.len() + 1).over("src"))
+    return ranked.filter(pl.col("rank") <= top_k).select(
+        product_id="src", related_id="dst", rank=pl.col("rank").cast(pl.Int32),
+        score=pl.col("count").cast(pl.Float32))
+
+
+def run_copurchase(catalogue: str | Path, out: str | Path, top_k: int = 20) -> dict:
+    return _write_run(Path(out), copurchase_counts(read_catalogue_table(catalogue, "copurchase"), top_k))
+
+
+def text_neighbours(ids: list[str], vectors: np.ndarray, top_k: int) -> pl.DataFrame:
+    from autoknow_ray.index.faiss_index import VectorIndex
+
+    if len(ids) < 2:
+        return pl.from_arrow(GRAPH_RELATED.empty_table())
+    scores, nn = VectorIndex("ip", ivf_min_size=10**9).build(vectors).search(vectors, top_k + 1)
+    a = np.repeat(np.arange(len(ids)), nn.shape[1])
+    b, s = nn.reshape(-1), scores.reshape(-1)
+    df = pl.DataFrame({"a": a, "b": b, "score": s.astype(np.float32)}).filter(
+        (pl.col("b") >= 0) & (pl.col("a") != pl.col("b")))
+    df = df.with_columns(rank=pl.int_range(1, pl.len() + 1).over("a")).filter(pl.col("rank") <= top_k)
+    idarr = pl.Series(ids)
+    return df.select(product_id=idarr.gather(df["a"]), related_id=idarr.gather(df["b"]),
+                     rank=pl.col("rank").cast(pl.Int32), score="score")
+
+
+def run_text_knn(catalogue: str | Path, out: str | Path, encoder: str = "default", top_k: int = 20,
+                 max_length: int = 32) -> dict:
+    from autoknow_ray.nn.encoder import TextEncoder
+
+    products = read_catalogue_table(catalogue, "products")
+    titles = [t or "" for t in products["title"].to_list()]
+    vectors = TextEncoder(encoder, max_length=max_length).encode(titles)
+    return _write_run(Path(out), text_neighbours(products["product_id"].to_list(), vectors, top_k))
+
+
+def run_gnn_symmetric(catalogue: str | Path, out: str | Path, config: str | Path | None = None) -> dict:
+    from autoknow_ray.config import load_config
+    from autoknow_ray.rebuild import rebuild
+
+    cfg = load_config(config)
+    cfg = cfg.model_copy(update={
+        "stages": [s for s in ("ingest", "related", "graph") if s in {*cfg.stages, "ingest", "related", "graph"}],
+        "related": cfg.related.model_copy(update={"symmetric": True}),
+    })
+    return rebuild(catalogue, out, config=cfg)
+
+
+def run_baseline(method: str, catalogue: str | Path, out: str | Path, *, encoder: str = "default",
+                 config: str | Path | None = None) -> dict:
+    if method == "copurchase":
+        return run_copurchase(catalogue, out)
+    if method == "text-knn":
+        return run_text_knn(catalogue, out, encoder=encoder)
+    if method == "gnn-symmetric":
+        return run_gnn_symmetric(catalogue, out, config)
+    raise ValueError(f"unknown related-products baseline {method!r}; known: {METHODS}")

@@ -1,0 +1,43 @@
+"""Settings of the related-products module (the directed dual-embedding GNN).
+
+Defaults fit a 2-core laptop on a 50k-product catalogue in minutes; a GPU cluster raises the caps.
+"""
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class RelatedConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # ---- the product graph
+    encoder: str = "default"  # text encoder for the product metadata (the packaged MiniLM)
+    text_max_length: int = Field(32, ge=4)  # title tokens: titles are short, padding costs
+    text_knn: int = Field(10, ge=0)  # similarity edges from title embeddings (no co-view logs)
+    coview_max_per_query: int = Field(30, ge=2)  # most-viewed products of one query kept
+    coview_min_products: int = Field(2, ge=2)  # a query needs this many products to link them
+    text_knn_always: bool = False  # also add text kNN edges where co-views exist
+    rows_per_partition: int = Field(500_000, ge=1)  # groupby shuffle partitions: rows / this
+    fanout: int = Field(10, ge=1)  # neighbours per node and edge kind (strongest first)
+    # ---- the model
+    type_buckets: int = Field(2048, ge=1)  # product types hashed into this many embeddings
+    type_dim: int = Field(16, ge=1)
+    dim: int = Field(64, ge=4)
+    symmetric: bool = False  # one embedding per node (the ablation baseline), no asymmetry term
+    # ---- training (self-supervised on the catalogue's own graph)
+    max_train_edges: int = Field(300_000, ge=1)  # co-purchase edges sampled for training
+    max_train_nodes: int = Field(60_000, ge=1)  # products whose titles fit encodes
+    epochs: int = Field(6, ge=1)
+    max_train_seconds: float = Field(240.0, gt=0)  # stop early on a slow machine
+    batch_size: int = Field(512, ge=2)
+    negatives: int = Field(512, ge=1)  # uniform random products per batch (non-edges)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(1e-5, ge=0)
+    supervision_fraction: float = Field(0.3, gt=0, le=1)  # edges hidden from message passing
+    asymmetry_weight: float = Field(0.5, ge=0)  # outbound over inbound on one-way edges
+    augment_prob: float = Field(0.2, ge=0, le=1)  # target swapped for a product similar to it
+    augment_weight: float = Field(0.5, ge=0)
+    # ---- recommendations
+    top_k: int = Field(20, ge=1)
+    ivf_min_size: int = Field(200_000, ge=1)  # exact search below, IVF above
+    nprobe: int = Field(32, ge=1)

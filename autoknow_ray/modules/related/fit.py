@@ -1,0 +1,230 @@
+"""Training the dual-embedding GNN, self-supervised, on the catalogue's own behaviour graph.
+
+The graph is built with the same distributed passes as the stage; training then takes a seeded
+sample of at most `max_train_edges` co-purchase edges over at most `max_train_nodes` products
+(the only part that reaches this process) and runs mini-batches, each computing the two-hop
+neighbourhood of its own nodes. Each epoch hides a fraction of the edges from message passing and
+asks the model to find them (a model that sees the edge it must predict learns to copy edges):
+
+- contrastive: source(a) . target(b) of a hidden edge a -> b against the batch's other targets and
+  `negatives` uniformly drawn products (random non-edges), softmax cross-entropy;
+- asymmetry: on one-way edges, softplus(source(b) . target(a) - source(a) . target(b)): the
+  outbound direction must score above the inbound one;
+- augmentation against selection bias: with probability `augment_prob` the target b is swapped
+  for a product similar to b (co-viewed, else nearest title) and kept as a down-weighted positive,
+  so a product that was bought only because it was the one shown does not own the edge.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+import torch.nn.functional as F
+
+from autoknow_ray import runtime
+from autoknow_ray.graph.state import count_rows, typed_products
+from autoknow_ray.modules.related import graph_build as gb
+from autoknow_ray.modules.related.config import RelatedConfig
+from autoknow_ray.modules.related.model import (DualGNN, GNNSettings, degree_features,
+                                                padded_neighbours, save)
+from autoknow_ray.modules.related.steps import TEXT_DIM, EmbedProducts, _vectors
+from autoknow_ray.pipeline import RunContext
+
+log = logging.getLogger(__name__)
+
+
+def _collect(ds) -> pl.DataFrame:
+    import ray
+
+    parts = [pl.from_arrow(t) for t in ray.get(ds.to_arrow_refs())]
+    parts = [p for p in parts if p.height]
+    return pl.concat(parts, how="vertical_relaxed") if parts else pl.DataFrame()
+
+
+def _training_nodes(edges: pl.DataFrame, cap: int) -> list[str]:
+    deg = pl.concat([edges.select(id="src"), edges.select(id="dst")]).group_by("id").len()
+    return deg.sort(["len", "id"], descending=[True, False]).head(cap)["id"].to_list()
+
+
+def _keep_ids(ids: set[str], column: str):
+    keep = pa.array(sorted(ids), pa.string())
+
+    def fn(batch: pa.Table) -> pa.Table:
+        return batch.filter(pc.is_in(batch.column(column), value_set=keep))
+    return fn
+
+
+def fit_related(ctx: RunContext, out: Path) -> dict:
+    cfg, rc = ctx.cfg, ctx.cfg.related
+    out = Path(out)
+    work = out / "_graph"
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    t0 = time.perf_counter()
+    products = ctx.table_path("ingest", "products")
+    stats = gb.copurchase_edges(cfg, ctx.table_path("ingest", "copurchase"), products, work)
+    stats.update(gb.coview_edges(cfg, ctx.table_path("ingest", "behavior"), products, work))
+    if stats["copurchase_edges"] == 0:
+        shutil.rmtree(work)
+        return {"skipped": "no co-purchase edges to learn from: the stage ranks by title similarity",
+                **stats}
+    edges = runtime.bounded_sample(runtime.read_parquet(work / gb.COPURCHASE_EDGES),
+                                   rc.max_train_edges, cfg.seed, stats["copurchase_edges"])
+    ids = _training_nodes(edges, rc.max_train_nodes)
+    id_set = set(ids)
+    edges = edges.filter(pl.col("src").is_in(ids) & pl.col("dst").is_in(ids))
+    meta = typed_products(ctx, ["product_id", "title"]).map_batches(
+        _keep_ids(id_set, "product_id"), batch_format="pyarrow")
+    step = EmbedProducts(rc.encoder, rc.text_max_length, rc.type_buckets, None)
+    nodes = _collect(runtime.map_step(meta, step, cfg, len(ids)))
+    nodes = nodes.sort("product_id")
+    index = {p: i for i, p in enumerate(nodes["product_id"].to_list())}
+    text = _vectors(nodes.to_arrow().column("text"), TEXT_DIM)
+    types = nodes["type_bucket"].to_numpy().astype(np.int64)
+
+    def idx(col: pl.Series) -> np.ndarray:
+        return np.array([index.get(x, -1) for x in col.to_list()], dtype=np.int64)
+
+    src, dst = idx(edges["src"]), idx(edges["dst"])
+    ok = (src >= 0) & (dst >= 0)
+    src, dst = src[ok], dst[ok]
+    count = edges["count"].to_numpy()[ok].astype(np.float64)
+    two_way = edges["two_way"].to_numpy()[ok].astype(bool)
+    sim = _similar_pairs(cfg, work, stats, id_set, index, text)
+    stats.update(train_edges=int(len(src)), train_nodes=len(index), train_similar_edges=int(len(sim[0])),
+                 one_way_fraction=round(float((~two_way).mean()), 4) if len(two_way) else 0.0)
+    settings = GNNSettings(text_dim=TEXT_DIM, type_buckets=rc.type_buckets, type_dim=rc.type_dim,
+                           dim=rc.dim, symmetric=rc.symmetric, encoder=rc.encoder,
+                           text_max_length=rc.text_max_length, fanout=rc.fanout)
+    model, history = train(settings, rc, text, types, (src, dst, count, two_way), sim, cfg.seed)
+    save(model, out, {"trained_on": str(ctx.catalogue), **{k: v for k, v in stats.items()
+                                                          if isinstance(v, (int, float, str))}})
+    shutil.rmtree(work)
+    return {**stats, **history, "seconds_total": round(time.perf_counter() - t0, 1)}
+
+
+def _similar_pairs(cfg, work: Path, stats: dict, id_set: set, index: dict, text: np.ndarray):
+    """Similarity edges among the training products: co-views where the logs have them, else
+    each product's nearest titles."""
+    rc: RelatedConfig = cfg.related
+    pairs = []
+    if stats.get("coview_edges"):
+        ds = runtime.read_parquet(work / gb.SIMILAR_EDGES, ["src", "dst", "weight"]).map_batches(
+            _keep_ids(id_set, "src"), batch_format="pyarrow").map_batches(
+            _keep_ids(id_set, "dst"), batch_format="pyarrow")
+        sim = runtime.bounded_sample(ds, rc.max_train_nodes * rc.fanout * 2, cfg.seed)
+        if sim.height:
+            pairs.append((np.array([index[x] for x in sim["src"].to_list()]),
+                          np.array([index[x] for x in sim["dst"].to_list()]),
+                          sim["weight"].to_numpy().astype(np.float64)))
+    if (not pairs or rc.text_knn_always) and rc.text_knn and len(text) > 1:
+        from autoknow_ray.index.faiss_index import VectorIndex
+
+        vi = VectorIndex("ip", ivf_min_size=rc.ivf_min_size, nprobe=rc.nprobe, seed=cfg.seed).build(text)
+        scores, nn = vi.search(text, rc.text_knn + 1)
+        a = np.repeat(np.arange(len(text)), nn.shape[1])
+        b, w = nn.reshape(-1), scores.reshape(-1)
+        keep = (b >= 0) & (b != a)
+        pairs.append((np.concatenate([a[keep], b[keep]]), np.concatenate([b[keep], a[keep]]),
+                      np.concatenate([w[keep], w[keep]]).astype(np.float64)))
+    if not pairs:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
+    return tuple(np.concatenate(x) for x in zip(*pairs))
+
+
+def train(settings: GNNSettings, rc: RelatedConfig, text: np.ndarray, types: np.ndarray,
+          edges: tuple, sim: tuple, seed: int) -> tuple[DualGNN, dict]:
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    n = len(text)
+    src, dst, count, two_way = edges
+    model = DualGNN(settings)
+    opt = torch.optim.Adam(model.parameters(), lr=rc.lr, weight_decay=rc.weight_decay)
+    text_t, types_t = torch.from_numpy(text), torch.from_numpy(types)
+    out_w = np.bincount(src, weights=count, minlength=n)
+    in_w = np.bincount(dst, weights=count, minlength=n)
+    degree = torch.from_numpy(degree_features(out_w, in_w))
+    sim_nb = torch.from_numpy(padded_neighbours(n, sim[0], sim[1], sim[2], settings.fanout))
+    has_sim = (sim_nb[:, 0] >= 0).numpy()
+    asym_w = 0.0 if settings.symmetric else rc.asymmetry_weight
+    history = {"epochs": 0, "steps": 0, "loss": []}
+    start = time.perf_counter()
+    for epoch in range(rc.epochs):
+        perm = rng.permutation(len(src))
+        n_sup = max(1, int(len(src) * rc.supervision_fraction))
+        sup, msg = perm[:n_sup], perm[n_sup:]
+        out_nb = torch.from_numpy(padded_neighbours(n, src[msg], dst[msg], count[msg], settings.fanout, rng))
+        in_nb = torch.from_numpy(padded_neighbours(n, dst[msg], src[msg], count[msg], settings.fanout, rng))
+        losses = []
+        for lo in range(0, len(sup), rc.batch_size):
+            batch = sup[lo:lo + rc.batch_size]
+            a, b = src[batch], dst[batch]
+            aug_b = b.copy()
+            swap = (rng.random(len(b)) < rc.augment_prob) & has_sim[b]
+            if swap.any():
+                col = rng.integers(0, settings.fanout, int(swap.sum()))
+                cand = sim_nb[torch.from_numpy(b[swap]), torch.from_numpy(col)].numpy()
+                first = sim_nb[torch.from_numpy(b[swap]), 0].numpy()
+                aug_b[swap] = np.where(cand >= 0, cand, first)
+            negs = rng.integers(0, n, rc.negatives)
+            nodes, inv = np.unique(np.concatenate([a, b, aug_b, negs]), return_inverse=True)
+            na, nb_, naug, nneg = np.split(inv, np.cumsum([len(a), len(b), len(aug_b)]))
+            nodes_t = torch.from_numpy(nodes)
+            need = _two_hop(nodes_t, out_nb, in_nb, sim_nb)
+            h0 = torch.zeros(n, settings.dim)
+            h0 = h0.index_put((need,), model.metadata(text_t[need], types_t[need]))
+            s, t = model(nodes_t, h0, degree, out_nb, in_nb, sim_nb)
+            cand_ids = np.concatenate([b, negs])
+            cands = torch.cat([t[nb_], t[nneg]])
+            loss = _softmax_loss(s[na], cands, b, cand_ids)
+            if swap.any() and rc.augment_weight > 0:
+                aug_cands = torch.cat([t[naug[swap]], t[nneg]])
+                loss = loss + rc.augment_weight * _softmax_loss(
+                    s[na[swap]], aug_cands, aug_b[swap], np.concatenate([aug_b[swap], negs]))
+            one = torch.from_numpy(~two_way[batch])
+            if asym_w and one.any():
+                fwd = (s[na] * t[nb_]).sum(1)
+                rev = (s[nb_] * t[na]).sum(1)
+                loss = loss + asym_w * F.softplus(rev - fwd)[one].mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            history["steps"] += 1
+            if time.perf_counter() - start > rc.max_train_seconds:
+                break
+        history["epochs"] = epoch + 1
+        history["loss"].append(round(float(np.mean(losses)), 4) if losses else None)
+        log.info("related fit: epoch %d loss %s", epoch + 1, history["loss"][-1])
+        if time.perf_counter() - start > rc.max_train_seconds:
+            history["stopped"] = f"max_train_seconds ({rc.max_train_seconds}) reached"
+            break
+    history["train_seconds"] = round(time.perf_counter() - start, 1)
+    return model.eval(), history
+
+
+def _two_hop(nodes: torch.Tensor, out_nb, in_nb, sim_nb) -> torch.Tensor:
+    ring = nodes
+    for _ in range(2):
+        nb = torch.cat([ring[:, None], out_nb[ring], in_nb[ring], sim_nb[ring]], 1)
+        ring = torch.unique(nb[nb >= 0])
+    return ring
+
+
+def _softmax_loss(queries: torch.Tensor, cands: torch.Tensor, true_ids: np.ndarray,
+                  cand_ids: np.ndarray) -> torch.Tensor:
+    """Row i's positive is candidate i; another candidate that is the same product is masked."""
+    logits = queries @ cands.T
+    m = len(true_ids)
+    same = torch.from_numpy(cand_ids[None, :] == true_ids[:, None])
+    same[torch.arange(m), torch.arange(m)] = False
+    logits = logits.masked_fill(same, float("-inf"))
+    return F.cross_entropy(logits, torch.arange(m))

@@ -1,0 +1,231 @@
+"""The product graph, built with Ray Data passes over the catalogue's behaviour tables.
+
+Written as Parquet edge lists (folders of shards, written by the workers):
+- `edges_copurchase/`: `src`, `dst`, `count`, `two_way` — directed co-purchase edges, duplicate
+  rows summed; `two_way` where both directions were bought, one-way otherwise;
+- `edges_similar/`: `src`, `dst`, `weight`, `kind` (coview | text) — similarity, both directions:
+  products seen under the same query, else (no co-view logs) the nearest titles by FAISS kNN;
+- `neighbours/`: `product_id`, `kind` (out | in | similar), `neighbours` (at most `fanout`, the
+  strongest first), `weight_sum` — the capped adjacency the GNN's workers load;
+- `quarantine/` (QUARANTINE schema): edges to unknown products, self-loops, negative or zero
+  counts, behaviour rows of unknown products, each with its reason.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from autoknow_ray import runtime
+from autoknow_ray.config import Config
+from autoknow_ray.graph.state import count_rows
+from autoknow_ray.modules.related.steps import CheckEdges, TextNeighbours
+from autoknow_ray.schema import QUARANTINE
+
+COPURCHASE_EDGES = "edges_copurchase"
+SIMILAR_EDGES = "edges_similar"
+NEIGHBOURS = "neighbours"
+QUARANTINE_TABLE = "quarantine"
+COPURCHASE_SCHEMA = pa.schema([("src", pa.string()), ("dst", pa.string()), ("count", pa.int64()),
+                               ("two_way", pa.bool_())])
+SIMILAR_SCHEMA = pa.schema([("src", pa.string()), ("dst", pa.string()), ("weight", pa.float32()),
+                            ("kind", pa.string())])
+NEIGHBOURS_SCHEMA = pa.schema([("product_id", pa.string()), ("kind", pa.string()),
+                               ("neighbours", pa.list_(pa.string())), ("weight_sum", pa.float64())])
+RAW_CHARS = 300
+
+
+def write_shards(ds, path: Path, schema: pa.Schema) -> int:
+    """Write `ds` as shards in `path`; an empty result still leaves a readable empty shard."""
+    path.mkdir(parents=True, exist_ok=True)
+    if ds is not None:
+        ds.write_parquet(str(path))
+    n = count_rows(path)
+    if n == 0:
+        import pyarrow.parquet as pq
+
+        pq.write_table(schema.empty_table(), path / "empty.parquet")
+    return n
+
+
+def _quarantine_rows(table: str, source: str, id_col: str, raw_cols: list[str]):
+    def to_rows(batch: pa.Table) -> pa.Table:
+        raw = pc.binary_join_element_wise(
+            *[pc.cast(pc.fill_null(pc.cast(batch.column(c), pa.string()), ""), pa.string())
+              for c in raw_cols], " | ")
+        n = batch.num_rows
+        return pa.table({
+            "table": pa.array([table] * n, pa.string()),
+            "source": pa.array([source] * n, pa.string()),
+            "row": pa.nulls(n, pa.int64()),
+            "product_id": batch.column(id_col).cast(pa.string()),
+            "reason": batch.column("_reason"),
+            "raw": pc.utf8_slice_codeunits(raw, 0, RAW_CHARS),
+        }, schema=QUARANTINE)
+    return to_rows
+
+
+def quarantine_reasons(path: Path) -> dict:
+    """Rows per reason, streamed from the quarantine shards (one column, a few keys)."""
+    if count_rows(path) == 0:
+        return {}
+    counts = pl.scan_parquet(str(path / "*.parquet")).group_by("reason").len().collect()
+    return dict(counts.sort("reason").rows())
+
+
+def _partitions(cfg: Config, n_rows: int) -> int:
+    """Hash-shuffle partitions for a groupby: Ray's default (200) costs minutes of task overhead
+    on a small graph; one partition per `rows_per_partition` rows keeps large ones spread."""
+    return max(1, -(-int(n_rows) // cfg.related.rows_per_partition))
+
+
+def _rejected(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.is_valid(batch.column("_reason")))
+
+
+def _accepted(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.is_null(batch.column("_reason"))).drop_columns(["_reason"])
+
+
+def _checked(cfg: Config, path: Path, products: Path, src: str, dst: str | None, count: str):
+    n = count_rows(path)
+    if n == 0:
+        return None, 0
+    ds = runtime.read_parquet(path)
+    step = CheckEdges(products, src, dst, count)
+    return runtime.map_step(ds, step, cfg, n).materialize(), n
+
+
+def copurchase_edges(cfg: Config, copurchase: Path, products: Path, out: Path) -> dict:
+    """Directed co-purchase edges with counts and their direction (one-way / two-way)."""
+    checked, n_in = _checked(cfg, copurchase, products, "src", "dst", "count")
+    if checked is None:
+        write_shards(None, out / COPURCHASE_EDGES, COPURCHASE_SCHEMA)
+        return {"copurchase_rows_in": 0, "copurchase_quarantined": 0, "copurchase_edges": 0}
+    bad = checked.map_batches(_rejected, batch_format="pyarrow")
+    bad.map_batches(_quarantine_rows("copurchase", "ingest/copurchase", "src", ["src", "dst", "count"]),
+                    batch_format="pyarrow").write_parquet(str(out / QUARANTINE_TABLE))
+    n_bad = count_rows(out / QUARANTINE_TABLE)
+
+    def canonical(batch: pa.Table) -> pa.Table:
+        src, dst = batch.column("src"), batch.column("dst")
+        forward = pc.less(src, dst)
+        count = batch.column("count").cast(pa.int64())
+        zero = pa.scalar(0, pa.int64())
+        return pa.table({"a": pc.if_else(forward, src, dst), "b": pc.if_else(forward, dst, src),
+                         "fwd": pc.if_else(forward, count, zero), "bwd": pc.if_else(forward, zero, count)})
+
+    def directed(batch: pa.Table) -> pa.Table:
+        a, b = batch.column("a"), batch.column("b")
+        f, r = batch.column("fwd"), batch.column("bwd")
+        both = pc.and_(pc.greater(f, 0), pc.greater(r, 0))
+        one = pa.table({"src": a, "dst": b, "count": f, "two_way": both}).filter(pc.greater(f, 0))
+        two = pa.table({"src": b, "dst": a, "count": r, "two_way": both}).filter(pc.greater(r, 0))
+        return pa.concat_tables([one, two])
+
+    import ray.data.aggregate as A
+
+    good = checked.map_batches(_accepted, batch_format="pyarrow")
+    pairs = good.map_batches(canonical, batch_format="pyarrow").groupby(["a", "b"], num_partitions=_partitions(cfg, n_in)).aggregate(
+        A.Sum("fwd", alias_name="fwd"), A.Sum("bwd", alias_name="bwd"))
+    n_edges = write_shards(pairs.map_batches(directed, batch_format="pyarrow"), out / COPURCHASE_EDGES,
+                     COPURCHASE_SCHEMA)
+    return {"copurchase_rows_in": n_in, "copurchase_quarantined": n_bad, "copurchase_edges": n_edges,
+            "quarantine_reasons": quarantine_reasons(out / QUARANTINE_TABLE)}
+
+
+def coview_edges(cfg: Config, behavior: Path, products: Path, out: Path) -> dict:
+    """Products seen under the same query, linked both ways (weight: queries they share)."""
+    rc = cfg.related
+    checked, n_in = _checked(cfg, behavior, products, "product_id", None, "count")
+    if checked is None:
+        return {"behavior_rows_in": 0, "behavior_quarantined": 0, "coview_edges": 0}
+    bad = checked.map_batches(_rejected, batch_format="pyarrow")
+    qdir = out / QUARANTINE_TABLE
+    before = count_rows(qdir)
+    bad.map_batches(_quarantine_rows("behavior", "ingest/behavior", "product_id",
+                                     ["query", "product_id", "count"]),
+                    batch_format="pyarrow").write_parquet(str(qdir))
+    n_bad = count_rows(qdir) - before
+    import ray.data.aggregate as A
+
+    good = checked.map_batches(_accepted, batch_format="pyarrow")
+    per_query = good.groupby(["query", "product_id"], num_partitions=_partitions(cfg, n_in)).aggregate(A.Sum("count", alias_name="n"))
+    cap, least = rc.coview_max_per_query, rc.coview_min_products
+
+    def pairs_of_query(batch: pa.Table) -> pa.Table:
+        top = pl.from_arrow(batch).sort("n", descending=True).head(cap)
+        if top.height < least:
+            return pa.table({"src": pa.array([], pa.string()), "dst": pa.array([], pa.string()),
+                             "w": pa.array([], pa.float64())})
+        ids = top["product_id"].to_numpy()
+        i, j = np.meshgrid(np.arange(len(ids)), np.arange(len(ids)), indexing="ij")
+        m = i != j
+        return pa.table({"src": pa.array(ids[i[m]], pa.string()), "dst": pa.array(ids[j[m]], pa.string()),
+                         "w": pa.array(np.ones(int(m.sum())))})
+
+    def as_similar(batch: pa.Table) -> pa.Table:
+        return pa.table({"src": batch.column("src"), "dst": batch.column("dst"),
+                         "weight": batch.column("weight").cast(pa.float32()),
+                         "kind": pa.array(["coview"] * batch.num_rows, pa.string())})
+
+    edges = (per_query.groupby("query", num_partitions=_partitions(cfg, n_in))
+             .map_groups(pairs_of_query, batch_format="pyarrow")
+             .groupby(["src", "dst"], num_partitions=_partitions(cfg, n_in * cap)).aggregate(A.Sum("w", alias_name="weight"))
+             .map_batches(as_similar, batch_format="pyarrow"))
+    n_edges = write_shards(edges, out / SIMILAR_EDGES, SIMILAR_SCHEMA)
+    return {"behavior_rows_in": n_in, "behavior_quarantined": n_bad, "coview_edges": n_edges}
+
+
+def text_edges(cfg: Config, nodes: Path, out: Path, n_nodes: int) -> int:
+    """Each product's nearest titles, both directions (the kNN of one side is not symmetric)."""
+    rc = cfg.related
+    if rc.text_knn == 0 or n_nodes < 2:
+        return 0
+    step = TextNeighbours(nodes, rc.text_knn, rc.ivf_min_size, rc.nprobe, cfg.seed)
+    knn = runtime.map_step(runtime.read_parquet(nodes, ["product_id", "text"]), step, cfg, n_nodes)
+
+    def both_ways(batch: pa.Table) -> pa.Table:
+        w = batch.column("weight")
+        kind = pa.array(["text"] * batch.num_rows, pa.string())
+        return pa.concat_tables([
+            pa.table({"src": batch.column("src"), "dst": batch.column("dst"), "weight": w, "kind": kind}),
+            pa.table({"src": batch.column("dst"), "dst": batch.column("src"), "weight": w, "kind": kind})])
+
+    before = count_rows(out / SIMILAR_EDGES)
+    knn.map_batches(both_ways, batch_format="pyarrow").write_parquet(str(out / SIMILAR_EDGES))
+    return count_rows(out / SIMILAR_EDGES) - before
+
+
+def neighbour_table(cfg: Config, out: Path) -> dict:
+    """At most `fanout` neighbours per node and kind, strongest first, with the total weight."""
+    fanout = cfg.related.fanout
+
+    def top(kind: str, key: str, other: str, weight: str):
+        def fn(batch: pa.Table) -> pa.Table:
+            g = (pl.from_arrow(batch).group_by(other).agg(pl.col(weight).max())
+                 .sort([weight, other], descending=[True, False]))
+            return pa.table({"product_id": pa.array([batch.column(key)[0].as_py()], pa.string()),
+                             "kind": pa.array([kind], pa.string()),
+                             "neighbours": pa.array([g[other].head(fanout).to_list()], pa.list_(pa.string())),
+                             "weight_sum": pa.array([float(g[weight].sum())], pa.float64())})
+        return fn
+
+    counts = {}
+    for kind, table, key, other, weight in (("out", COPURCHASE_EDGES, "src", "dst", "count"),
+                                             ("in", COPURCHASE_EDGES, "dst", "src", "count"),
+                                             ("similar", SIMILAR_EDGES, "src", "dst", "weight")):
+        if count_rows(out / table) == 0:
+            counts[kind] = 0
+            continue
+        ds = runtime.read_parquet(out / table, [key, other, weight])
+        rows = ds.groupby(key, num_partitions=_partitions(cfg, count_rows(out / table))).map_groups(top(kind, key, other, weight), batch_format="pyarrow")
+        before = count_rows(out / NEIGHBOURS)
+        rows.write_parquet(str(out / NEIGHBOURS))
+        counts[kind] = count_rows(out / NEIGHBOURS) - before
+    if count_rows(out / NEIGHBOURS) == 0:
+        write_shards(None, out / NEIGHBOURS, NEIGHBOURS_SCHEMA)
+    return {f"nodes_with_{k}_neighbours": v for k, v in counts.items()}

@@ -1,0 +1,164 @@
+"""The directed dual-embedding GNN (papers/related-products-gnn-article.txt), in plain torch.
+
+Each product has a source and a target embedding. Layer 0 is the product metadata (title embedding
++ a hashed type embedding), the same for both roles. Each of the two hops then updates
+
+    source(v) <- self source, mean target(u) over co-purchase OUT-neighbours u, mean source(w)
+                 over similar products w
+    target(v) <- self target, mean source(u) over co-purchase IN-neighbours u, mean target(w)
+                 over similar products w
+
+and a product bought with B scores B by source(A) . target(B). Neighbourhoods are padded index
+arrays [nodes, fanout] (-1 = none), so a batch computes only its own two-hop neighbourhood: the
+same code trains on a sampled subgraph and embeds a 10M-node catalogue batch by batch.
+With `symmetric=True` it is the one-embedding ablation: co-purchase neighbours of both directions
+feed one embedding that serves as source and target.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+from torch import nn
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+N_DEGREE = 2  # log1p of the out- and in-co-purchase counts of a node
+
+
+@dataclass
+class GNNSettings:
+    text_dim: int = 384
+    type_buckets: int = 2048
+    type_dim: int = 16
+    dim: int = 64
+    symmetric: bool = False
+    encoder: str = "default"
+    text_max_length: int = 32
+    fanout: int = 10
+
+
+def type_bucket(types: list[str | None], buckets: int) -> np.ndarray:
+    """Hash type names into `buckets` rows (0 = no type); stable across processes and catalogues,
+    so a model fitted on one catalogue embeds the types of another it shares names with."""
+    s = pl.Series("t", types, dtype=pl.String).str.to_lowercase().str.strip_chars()
+    h = s.hash(seed=17).to_numpy().astype(np.uint64)
+    out = (h % np.uint64(max(buckets - 1, 1))).astype(np.int64) + 1
+    out[s.is_null().to_numpy()] = 0
+    return out
+
+
+def id_hash(ids) -> np.ndarray:
+    """64-bit hashes of product ids: how workers match ids without holding a dict of strings."""
+    return pl.Series("id", ids, dtype=pl.String).hash(seed=3).to_numpy().astype(np.uint64)
+
+
+def masked_mean(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Mean of rows x[idx] over the last axis of idx [n, f], ignoring -1; zeros where none."""
+    mask = (idx >= 0).unsqueeze(-1).to(x.dtype)
+    g = x[idx.clamp(min=0)] * mask
+    return g.sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+class DualGNN(nn.Module):
+    def __init__(self, s: GNNSettings):
+        super().__init__()
+        self.settings = s
+        d = s.dim
+        self.type_emb = nn.Embedding(s.type_buckets, s.type_dim)
+        self.inp = nn.Linear(s.text_dim + s.type_dim, d)
+        self.l1_src = nn.Linear(3 * d + N_DEGREE, d)
+        self.l2_src = nn.Linear(3 * d, d)
+        if not s.symmetric:
+            self.l1_tgt = nn.Linear(3 * d + N_DEGREE, d)
+            self.l2_tgt = nn.Linear(3 * d, d)
+
+    def metadata(self, text: torch.Tensor, types: torch.Tensor) -> torch.Tensor:
+        """Layer 0: the product's own metadata, its source and target embedding alike."""
+        return torch.tanh(self.inp(torch.cat([text, self.type_emb(types)], -1)))
+
+    def forward(self, nodes: torch.Tensor, h0: torch.Tensor, degree: torch.Tensor,
+                out_nb: torch.Tensor, in_nb: torch.Tensor, sim_nb: torch.Tensor):
+        """Source and target embeddings [len(nodes), dim] after two hops.
+
+        `h0` [n, dim] and `degree` [n, 2] cover every node that `nodes` reach in two hops;
+        `out_nb`, `in_nb`, `sim_nb` [n, fanout] index into them (-1 = no neighbour)."""
+        # hop 1 runs on the nodes and their neighbours, hop 2 on the nodes alone
+        nb = torch.cat([nodes[:, None], out_nb[nodes], in_nb[nodes], sim_nb[nodes]], 1)
+        ring = torch.unique(nb[nb >= 0])
+        pos = torch.full((h0.shape[0],), -1, dtype=torch.long, device=h0.device)
+        pos[ring] = torch.arange(len(ring), device=h0.device)
+        s1, t1 = self._hop1(ring, h0, degree, out_nb, in_nb, sim_nb)
+
+        def local(idx):
+            return torch.where(idx >= 0, pos[idx.clamp(min=0)], idx)
+
+        me = pos[nodes]
+        o, i, w = local(out_nb[nodes]), local(in_nb[nodes]), local(sim_nb[nodes])
+        if self.settings.symmetric:
+            both = torch.cat([o, i], 1)
+            e = self.l2_src(torch.cat([s1[me], masked_mean(s1, both), masked_mean(s1, w)], -1))
+            return e, e
+        src = self.l2_src(torch.cat([s1[me], masked_mean(t1, o), masked_mean(s1, w)], -1))
+        tgt = self.l2_tgt(torch.cat([t1[me], masked_mean(s1, i), masked_mean(t1, w)], -1))
+        return src, tgt
+
+    def _hop1(self, ring, h0, degree, out_nb, in_nb, sim_nb):
+        x, deg = h0[ring], degree[ring]
+        o, i, w = out_nb[ring], in_nb[ring], sim_nb[ring]
+        sim = masked_mean(h0, w)
+        if self.settings.symmetric:
+            e = torch.relu(self.l1_src(torch.cat([x, masked_mean(h0, torch.cat([o, i], 1)), sim, deg], -1)))
+            return e, e
+        # at layer 0 a node's source and target embeddings are both h0
+        s1 = torch.relu(self.l1_src(torch.cat([x, masked_mean(h0, o), sim, deg], -1)))
+        t1 = torch.relu(self.l1_tgt(torch.cat([x, masked_mean(h0, i), sim, deg], -1)))
+        return s1, t1
+
+
+def degree_features(out_weight: np.ndarray, in_weight: np.ndarray) -> np.ndarray:
+    return np.stack([np.log1p(out_weight), np.log1p(in_weight)], 1).astype(np.float32)
+
+
+def save(model: DualGNN, out: Path, extra: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(out / WEIGHTS))
+    (out / CONFIG).write_text(json.dumps({**asdict(model.settings), **(extra or {})}, indent=2))
+
+
+def load(folder: Path, device: str = "cpu") -> DualGNN:
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / WEIGHTS).exists():
+        raise FileNotFoundError(f"{folder}: no {WEIGHTS}; run `autoknow fit` with the related module")
+    cfg = json.loads((folder / CONFIG).read_text())
+    fields = GNNSettings.__dataclass_fields__
+    model = DualGNN(GNNSettings(**{k: v for k, v in cfg.items() if k in fields}))
+    model.load_state_dict(load_file(str(folder / WEIGHTS)))
+    return model.to(device).eval()
+
+
+def padded_neighbours(n: int, rows: np.ndarray, cols: np.ndarray, weights: np.ndarray, fanout: int,
+                      rng: np.random.Generator | None = None) -> np.ndarray:
+    """[n, fanout] neighbour indices per row, strongest first (ties, and with `rng` a small
+    jitter, broken at random so a training epoch sees other neighbours of hubs)."""
+    out = np.full((n, fanout), -1, dtype=np.int64)
+    if len(rows) == 0:
+        return out
+    key = -np.log1p(weights.astype(np.float64))
+    if rng is not None:
+        key = key - rng.random(len(rows)) * 0.5
+    order = np.lexsort((key, rows))
+    r, c = rows[order], cols[order]
+    start = np.searchsorted(r, r, side="left")
+    rank = np.arange(len(r)) - start
+    keep = rank < fanout
+    out[r[keep], rank[keep]] = c[keep]
+    return out

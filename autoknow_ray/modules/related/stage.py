@@ -1,0 +1,83 @@
+"""The related-products stage: the product graph, two-hop dual embeddings, FAISS top-k.
+
+Read the catalogue's co-purchases and behaviour -> check and aggregate them into directed and
+similarity edge lists -> embed every product's metadata -> cap each node's neighbours -> source
+and target embeddings in the workers -> each product's top-k targets -> `graph_related/`.
+The model's weights come from `fit`; the embeddings are derived again for the catalogue given,
+since the graph is the catalogue's own. Products without any edge (cold start) get both
+embeddings from their metadata through the same layers. Without trained weights (a catalogue
+with no co-purchases to learn from) source and target are the title embedding itself.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+
+from autoknow_ray import runtime
+from autoknow_ray.graph.state import count_rows, n_products, typed_products
+from autoknow_ray.modules.related import graph_build as gb
+from autoknow_ray.modules.related.model import WEIGHTS
+from autoknow_ray.modules.related.steps import DualEmbed, EmbedProducts, Recommend
+from autoknow_ray.pipeline import RunContext, Stage
+
+NODES = "nodes"
+EMBEDDINGS = "embeddings"
+
+
+def _text_as_embeddings(batch: pa.Table) -> pa.Table:
+    text = batch.column("text")
+    return pa.table({"product_id": batch.column("product_id"), "source": text, "target": text})
+
+
+class RelatedStage(Stage):
+    name = "related"
+    config_sections = ("related", "resources")
+    needs = ("ingest", "taxonomy")
+    uses_models = True
+
+    def fingerprint(self, ctx: RunContext) -> str:
+        self.needs = tuple(s for s in ("ingest", "taxonomy") if s in ctx.cfg.stages)
+        return super().fingerprint(ctx)
+
+    def run(self, ctx: RunContext) -> dict:
+        cfg, rc, out = ctx.cfg, ctx.cfg.related, ctx.out
+        n = n_products(ctx)
+        model_dir = (ctx.models / "related") if ctx.models else None
+        trained = model_dir is not None and (model_dir / WEIGHTS).exists()
+        products = ctx.table_path("ingest", "products")
+        counts = gb.copurchase_edges(cfg, ctx.table_path("ingest", "copurchase"), products, out)
+        counts.update(gb.coview_edges(cfg, ctx.table_path("ingest", "behavior"), products, out))
+
+        step = EmbedProducts(rc.encoder, rc.text_max_length, rc.type_buckets,
+                             model_dir if trained else None)
+        runtime.map_step(typed_products(ctx, ["product_id", "title"]), step, cfg, n) \
+            .write_parquet(str(out / NODES))
+        counts["text_edges"] = 0
+        if counts["coview_edges"] == 0 or rc.text_knn_always:
+            counts["text_edges"] = gb.text_edges(cfg, out / NODES, out, n)
+        counts.update(gb.neighbour_table(cfg, out))
+
+        if trained:
+            embed = DualEmbed(model_dir, out / NODES, out / gb.NEIGHBOURS, rc.fanout)
+            emb = runtime.map_step(runtime.read_parquet(out / NODES, ["product_id"]), embed, cfg, n)
+        else:
+            emb = runtime.read_parquet(out / NODES, ["product_id", "text"]).map_batches(
+                _text_as_embeddings, batch_format="pyarrow")
+        emb.write_parquet(str(out / EMBEDDINGS))
+        recommend = Recommend(out / EMBEDDINGS, rc.top_k, rc.ivf_min_size, rc.nprobe, cfg.seed)
+        runtime.map_step(runtime.read_parquet(out / EMBEDDINGS, ["product_id", "source"]), recommend,
+                         cfg, n).write_parquet(str(out / "graph_related"))
+        counts["quarantine_reasons"] = gb.quarantine_reasons(out / gb.QUARANTINE_TABLE)
+        n_rows = count_rows(out / "graph_related")
+        n_bad = count_rows(out / gb.QUARANTINE_TABLE)
+        if n_bad == 0:
+            gb.write_shards(None, out / gb.QUARANTINE_TABLE, gb.QUARANTINE)
+        return {
+            "rows_in": n,
+            "rows_out": n_rows,
+            "rows_quarantined": n_bad,
+            "products_embedded": count_rows(out / EMBEDDINGS),
+            "model": "dual-gnn" if trained else "title-similarity (no trained weights)",
+            **counts,
+        }

@@ -1,0 +1,301 @@
+"""Per-product steps of the related-products module (the stage protocol, autoknow_ray.steps).
+
+Workers load what they need in `setup()` from files on disk: the trained weights, and for the two
+steps that look across products (text kNN, the two-hop embedding, the top-k search) the capped
+per-node tables the stage wrote before them (vectors in fp16, at most `fanout` neighbours per node
+and edge kind). That is per-worker memory of O(nodes x (dim + 3 fanout)), not the catalogue's text.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from autoknow_ray.steps import Step, WorkerEnv
+
+TEXT_DIM = 384
+
+
+def _read(path: Path, columns: list[str]) -> pa.Table:
+    path = Path(path)
+    files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
+    tables = [pq.read_table(f, columns=columns) for f in files]
+    tables = [t for t in tables if t.num_rows]
+    if not tables:
+        return pa.table({c: [] for c in columns})
+    return pa.concat_tables(tables)
+
+
+def _vectors(col: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks() if col.num_chunks else pa.array([], pa.list_(pa.float16(), dim))
+    if len(col) == 0:
+        return np.zeros((0, dim), np.float32)
+    return col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), dim).astype(np.float32)
+
+
+def _fixed(vecs: np.ndarray) -> pa.FixedSizeListArray:
+    v = np.ascontiguousarray(vecs.astype(np.float16))
+    return pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), v.shape[1])
+
+
+class CheckEdges(Step):
+    """Marks edges that cannot enter the graph (`_reason`): an endpoint that is not a product of
+    the catalogue, a self-loop, a negative or zero count. The known ids arrive as 64-bit hashes
+    loaded once per worker from the ingested products."""
+
+    name = "related_check_edges"
+    resources = "related"
+    model = True
+
+    def __init__(self, products_path: Path, src: str, dst: str | None, count: str):
+        self.products_path = str(products_path)
+        self.src, self.dst, self.count = src, dst, count
+        self.columns = tuple(c for c in (src, dst, count) if c) + (("query",) if dst is None else ())
+        self.known = None
+
+    def setup(self, env: WorkerEnv) -> None:
+        from autoknow_ray.modules.related.model import id_hash
+
+        ids = _read(Path(self.products_path), ["product_id"]).column("product_id")
+        self.known = np.unique(id_hash(ids.to_pylist()))
+
+    def _unknown(self, ids: pa.ChunkedArray) -> np.ndarray:
+        from autoknow_ray.modules.related.model import id_hash
+
+        h = id_hash(ids.to_pylist())
+        pos = np.clip(np.searchsorted(self.known, h), 0, max(len(self.known) - 1, 0))
+        found = (self.known[pos] == h) if len(self.known) else np.zeros(len(h), bool)
+        return ~found
+
+    def process_batch(self, batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        reasons = np.full(n, None, dtype=object)
+        counts = batch.column(self.count).to_numpy(zero_copy_only=False).astype(np.float64)
+        counts = np.nan_to_num(counts, nan=1.0)
+        src = batch.column(self.src)
+        checks = [(self._unknown(src), f"unknown product in {self.src}")]
+        if self.dst:
+            dst = batch.column(self.dst)
+            checks.append((self._unknown(dst), f"unknown product in {self.dst}"))
+            checks.append((pc.equal(src, dst).to_numpy(zero_copy_only=False), "self-loop"))
+        checks += [(counts < 0, "negative count"), (counts == 0, "zero count")]
+        for mask, reason in checks:
+            reasons[np.asarray(mask, bool) & (reasons == None)] = reason  # noqa: E711
+        return batch.append_column("_reason", pa.array(reasons.tolist(), pa.string()))
+
+
+class EmbedProducts(Step):
+    """Title embedding (MiniLM, fp16 out), hashed type, and with a trained model its layer-0
+    metadata embedding `h0`: the only per-product input the GNN needs."""
+
+    name = "related_embed"
+    resources = "related"
+    columns = ("product_id", "title", "type")
+    model = True
+
+    def __init__(self, encoder: str, max_length: int, type_buckets: int, model_dir: Path | None):
+        self.encoder_name, self.max_length = encoder, max_length
+        self.type_buckets = type_buckets
+        self.model_dir = str(model_dir) if model_dir else None
+        self.encoder = self.model = None
+
+    def setup(self, env: WorkerEnv) -> None:
+        import torch
+
+        from autoknow_ray.modules.related.model import load
+        from autoknow_ray.nn.encoder import TextEncoder, set_cpu_threads
+
+        set_cpu_threads(env.cpu_threads)
+        self.encoder = TextEncoder(self.encoder_name, device=env.device, max_length=self.max_length,
+                                   batch_size=max(env.batch_size, 64))
+        if self.model_dir:
+            self.model = load(Path(self.model_dir), "cpu")
+            self.type_buckets = self.model.settings.type_buckets
+        self.torch = torch
+
+    def process_batch(self, batch: pa.Table) -> pa.Table:
+        from autoknow_ray.modules.related.model import type_bucket
+
+        titles = [t or "" for t in batch.column("title").to_pylist()]
+        text = self.encoder.encode(titles)
+        types = type_bucket(batch.column("type").to_pylist(), self.type_buckets)
+        cols = {"product_id": batch.column("product_id"), "text": _fixed(text),
+                "type_bucket": pa.array(types, pa.int32())}
+        if self.model is not None:
+            with self.torch.inference_mode():
+                h0 = self.model.metadata(self.torch.from_numpy(text), self.torch.from_numpy(types))
+            cols["h0"] = _fixed(h0.numpy())
+        return pa.table(cols)
+
+
+class TextNeighbours(Step):
+    """Similarity edges where the logs have no co-views: each product's nearest titles (FAISS
+    inner product over the normalised title embeddings; IVF past `ivf_min_size`)."""
+
+    name = "related_text_knn"
+    resources = "related"
+    columns = ("product_id", "text")
+    model = True
+
+    def __init__(self, nodes_path: Path, k: int, ivf_min_size: int, nprobe: int, seed: int):
+        self.nodes_path, self.k = str(nodes_path), k
+        self.ivf_min_size, self.nprobe, self.seed = ivf_min_size, nprobe, seed
+        self.index = self.ids = None
+
+    def setup(self, env: WorkerEnv) -> None:
+        from autoknow_ray.index.faiss_index import VectorIndex
+
+        t = _read(Path(self.nodes_path), ["product_id", "text"])
+        self.ids = t.column("product_id").combine_chunks() if t.num_rows else pa.array([], pa.string())
+        self.index = VectorIndex("ip", ivf_min_size=self.ivf_min_size, nprobe=self.nprobe,
+                                 seed=self.seed).build(_vectors(t.column("text"), TEXT_DIM))
+
+    def process_batch(self, batch: pa.Table) -> pa.Table:
+        q = _vectors(batch.column("text"), TEXT_DIM)
+        scores, ids = self.index.search(q, self.k + 1)
+        src = np.repeat(np.arange(batch.num_rows), ids.shape[1])
+        ids, scores = ids.reshape(-1), scores.reshape(-1)
+        dst_ids = self.ids.take(pa.array(np.clip(ids, 0, None)))
+        src_ids = batch.column("product_id").take(pa.array(src))
+        keep = (ids >= 0) & ~np.asarray(pc.equal(src_ids, dst_ids).to_numpy(zero_copy_only=False), bool)
+        keep_a = pa.array(keep)
+        return pa.table({"src": src_ids.filter(keep_a), "dst": dst_ids.filter(keep_a),
+                         "weight": pa.array(scores[keep].astype(np.float32))})
+
+
+class NodeTables:
+    """Every node's h0 and degree, with its capped neighbour lists, as index arrays: what a worker
+    holds to compute two-hop embeddings for any batch of nodes."""
+
+    def __init__(self, nodes_path: Path, neighbours_path: Path, fanout: int, with_h0: bool = True):
+        from autoknow_ray.modules.related.model import degree_features, id_hash
+
+        cols = ["product_id", "h0"] if with_h0 else ["product_id"]
+        t = _read(nodes_path, cols)
+        self.ids = t.column("product_id").combine_chunks() if t.num_rows else pa.array([], pa.string())
+        h = id_hash(self.ids.to_pylist())
+        self.order = np.argsort(h, kind="stable")
+        self.sorted_hash = h[self.order]
+        n = len(self.ids)
+        if with_h0:
+            col = t.column("h0")
+            dim = col.type.list_size
+            self.h0 = _vectors(col, dim)
+        nb = _read(neighbours_path, ["product_id", "kind", "neighbours", "weight_sum"])
+        self.out_nb = np.full((n, fanout), -1, np.int64)
+        self.in_nb = np.full((n, fanout), -1, np.int64)
+        self.sim_nb = np.full((n, fanout), -1, np.int64)
+        out_w, in_w = np.zeros(n), np.zeros(n)
+        for kind, arr, w in (("out", self.out_nb, out_w), ("in", self.in_nb, in_w),
+                             ("similar", self.sim_nb, None)):
+            rows = nb.filter(pc.equal(nb.column("kind"), kind))
+            if rows.num_rows == 0:
+                continue
+            me = self.index_of(rows.column("product_id").to_pylist())
+            lists = rows.column("neighbours").combine_chunks()
+            flat = self.index_of(lists.flatten().to_pylist())
+            offsets = lists.offsets.to_numpy()
+            lengths = np.diff(offsets)
+            r = np.repeat(me, lengths)
+            rank = np.arange(len(flat)) - np.repeat(offsets[:-1], lengths)
+            ok = (r >= 0) & (flat >= 0) & (rank < fanout)
+            arr[r[ok], rank[ok]] = flat[ok]
+            if w is not None:
+                ws = rows.column("weight_sum").to_numpy(zero_copy_only=False)
+                w[me[me >= 0]] = ws[me >= 0]
+        self.degree = degree_features(out_w, in_w)
+
+    def index_of(self, ids: list) -> np.ndarray:
+        """Row of each id (-1 where unknown)."""
+        from autoknow_ray.modules.related.model import id_hash
+
+        if not len(ids) or not len(self.sorted_hash):
+            return np.full(len(ids), -1, np.int64)
+        h = id_hash(ids)
+        pos = np.clip(np.searchsorted(self.sorted_hash, h), 0, len(self.sorted_hash) - 1)
+        found = self.sorted_hash[pos] == h
+        return np.where(found, self.order[pos], -1).astype(np.int64)
+
+
+class DualEmbed(Step):
+    """A batch of products -> their source and target embeddings after two hops."""
+
+    name = "related_dual_embed"
+    resources = "related"
+    columns = ("product_id",)
+    model = True
+
+    def __init__(self, model_dir: Path, nodes_path: Path, neighbours_path: Path, fanout: int):
+        self.model_dir, self.nodes_path = str(model_dir), str(nodes_path)
+        self.neighbours_path, self.fanout = str(neighbours_path), fanout
+        self.model = self.tables = None
+
+    def setup(self, env: WorkerEnv) -> None:
+        import torch
+
+        from autoknow_ray.modules.related.model import load
+        from autoknow_ray.nn.encoder import set_cpu_threads
+
+        set_cpu_threads(env.cpu_threads)
+        self.torch = torch
+        self.device = env.device
+        self.model = load(Path(self.model_dir), env.device)
+        self.tables = NodeTables(Path(self.nodes_path), Path(self.neighbours_path), self.fanout)
+        t = self.tables
+        self.t = {k: torch.from_numpy(getattr(t, k)).to(env.device)
+                  for k in ("h0", "degree", "out_nb", "in_nb", "sim_nb")}
+
+    def process_batch(self, batch: pa.Table) -> pa.Table:
+        torch = self.torch
+        idx = self.tables.index_of(batch.column("product_id").to_pylist())
+        if (idx < 0).any():
+            raise KeyError(f"{int((idx < 0).sum())} products of the batch are not in the node table")
+        with torch.inference_mode():
+            s, t = self.model(torch.from_numpy(idx).to(self.device), self.t["h0"], self.t["degree"],
+                              self.t["out_nb"], self.t["in_nb"], self.t["sim_nb"])
+        return pa.table({"product_id": batch.column("product_id"), "source": _fixed(s.float().cpu().numpy()),
+                         "target": _fixed(t.float().cpu().numpy())})
+
+
+class Recommend(Step):
+    """Top-k related products of a batch: FAISS inner product of each source embedding against
+    every target embedding (GPU index where FAISS has one; IVF past `ivf_min_size`)."""
+
+    name = "related_recommend"
+    resources = "related"
+    columns = ("product_id", "source")
+    model = True
+
+    def __init__(self, embeddings_path: Path, k: int, ivf_min_size: int, nprobe: int, seed: int):
+        self.path, self.k = str(embeddings_path), k
+        self.ivf_min_size, self.nprobe, self.seed = ivf_min_size, nprobe, seed
+        self.index = self.ids = None
+
+    def setup(self, env: WorkerEnv) -> None:
+        from autoknow_ray.index.faiss_index import VectorIndex
+
+        t = _read(Path(self.path), ["product_id", "target"])
+        self.ids = t.column("product_id").combine_chunks() if t.num_rows else pa.array([], pa.string())
+        dim = t.schema.field("target").type.list_size if t.num_rows else 1
+        self.index = VectorIndex("ip", ivf_min_size=self.ivf_min_size, nprobe=self.nprobe,
+                                 seed=self.seed).build(_vectors(t.column("target"), dim))
+
+    def process_batch(self, batch: pa.Table) -> pa.Table:
+        q = _vectors(batch.column("source"), batch.schema.field("source").type.list_size)
+        scores, ids = self.index.search(q, self.k + 1)
+        n, kk = ids.shape
+        src = batch.column("product_id").take(pa.array(np.repeat(np.arange(n), kk)))
+        flat = ids.reshape(-1)
+        dst = self.ids.take(pa.array(np.clip(flat, 0, None)))
+        keep = (flat >= 0) & ~np.asarray(pc.equal(src, dst).to_numpy(zero_copy_only=False), bool)
+        keep = keep.reshape(n, kk)
+        keep &= np.cumsum(keep, 1) <= self.k  # the k best other than the product itself
+        rank = np.cumsum(keep, 1).astype(np.int32)
+        m = pa.array(keep.reshape(-1))
+        return pa.table({"product_id": src.filter(m), "related_id": dst.filter(m),
+                         "rank": pa.array(rank.reshape(-1)[keep.reshape(-1)]),
+                         "score": pa.array(scores.reshape(-1)[keep.reshape(-1)].astype(np.float32))})

@@ -1,0 +1,202 @@
+"""Related products: graph build with bad input, training learns direction, stage end to end with
+cold start and a behaviour-less catalogue, eval and the co-purchase baseline."""
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from autoknow_ray.config import Config
+from autoknow_ray.eval.baselines_related import copurchase_counts
+from autoknow_ray.eval.related import score
+from autoknow_ray.modules.related.config import RelatedConfig
+from autoknow_ray.modules.related.fit import train
+from autoknow_ray.modules.related.model import GNNSettings, padded_neighbours
+from autoknow_ray.modules.related.steps import CheckEdges
+from autoknow_ray.pipeline import read_parquet_any
+from autoknow_ray.rebuild import rebuild
+from autoknow_ray.steps import WorkerEnv
+
+
+def _products(n: int) -> pa.Table:
+    kinds = ["phone", "phone case", "laptop", "laptop bag"]
+    return pa.table({"product_id": [f"p{i}" for i in range(n)],
+                     "title": [f"Brand{i % 7} {kinds[i % 4]} model {i}" for i in range(n)],
+                     "product_type": [kinds[i % 4] for i in range(n)]})
+
+
+def _catalogue(tmp_path, n=120, copurchase=None):
+    d = tmp_path / "cat"
+    d.mkdir()
+    pq.write_table(_products(n), d / "products.parquet")
+    pq.write_table(pa.table({"type": ["phone", "phone case", "laptop", "laptop bag"],
+                             "parent": [None] * 4}, schema=pa.schema([("type", pa.string()), ("parent", pa.string())])),
+                   d / "taxonomy.parquet")
+    if copurchase is not None:
+        pq.write_table(copurchase, d / "copurchase.parquet")
+    return d
+
+
+def _one_way_copurchase(n: int) -> pa.Table:
+    """Phones lead to cases, laptops to bags (one-way); a few two-way pairs; bad rows."""
+    rng = np.random.default_rng(0)
+    src, dst, cnt = [], [], []
+    for i in range(0, n - 20, 4):  # the last products stay without edges (cold start)
+        for j in rng.choice(np.arange(1, n - 20, 4), 3, replace=False):
+            src.append(f"p{i}"), dst.append(f"p{j}"), cnt.append(int(rng.integers(1, 5)))
+        k = i + 2
+        if k < n - 20:
+            src.append(f"p{k}"), dst.append(f"p{k + 1}"), cnt.append(2)
+    src += ["p3", "p7"]
+    dst += ["p2", "p6"]  # p2 -> p3 and p6 -> p7 are there too: two-way pairs
+    cnt += [1, 1]
+    src += ["p0", "nobody", "p3"]
+    dst += ["ghost", "p1", "p3"]
+    cnt += [1, 1, 1]
+    return pa.table({"src": src, "dst": dst, "count": pa.array(cnt, pa.int64())})
+
+
+def test_check_edges_reasons(tmp_path):
+    pq.write_table(_products(5), tmp_path / "products.parquet")
+    step = CheckEdges(tmp_path / "products.parquet", "src", "dst", "count")
+    step.setup(WorkerEnv())
+    out = step.process_batch(pa.table({"src": ["p0", "p1", "p2", "x", "p3", "p4"],
+                                       "dst": ["p1", "p1", "zz", "p0", "p4", "p0"],
+                                       "count": pa.array([2, 1, 1, 1, -3, 0], pa.int64())}))
+    assert out.column("_reason").to_pylist() == [
+        None, "self-loop", "unknown product in dst", "unknown product in src", "negative count",
+        "zero count"]
+
+
+def test_training_learns_direction():
+    """Source embeddings of one type should point at target embeddings of its complement, not back."""
+    rng = np.random.default_rng(1)
+    n = 200
+    kind = np.arange(n) % 2  # 0 = phone, 1 = case; every edge goes phone -> case
+    text = rng.normal(size=(n, 384)).astype(np.float32)
+    text[:, 0] += 3 * kind
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    src = rng.choice(np.flatnonzero(kind == 0), 800)
+    dst = rng.choice(np.flatnonzero(kind == 1), 800)
+    edges = (src, dst, np.ones(800), np.zeros(800, bool))
+    rc = RelatedConfig(epochs=4, batch_size=128, negatives=64, dim=16, max_train_seconds=30)
+    s = GNNSettings(type_buckets=8, type_dim=4, dim=16, fanout=5)
+    empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
+    model, history = train(s, rc, text, np.zeros(n, np.int64), edges, empty, seed=0)
+    assert history["loss"][-1] < history["loss"][0]
+    import torch
+
+    out_nb = torch.from_numpy(padded_neighbours(n, src, dst, np.ones(800), 5))
+    in_nb = torch.from_numpy(padded_neighbours(n, dst, src, np.ones(800), 5))
+    sim_nb = torch.full((n, 5), -1, dtype=torch.long)
+    with torch.no_grad():
+        h0 = model.metadata(torch.from_numpy(text), torch.zeros(n, dtype=torch.long))
+        deg = torch.zeros(n, 2)
+        sv, tv = model(torch.arange(n), h0, deg, out_nb, in_nb, sim_nb)
+    forward = (sv[torch.from_numpy(src)] * tv[torch.from_numpy(dst)]).sum(1)
+    backward = (sv[torch.from_numpy(dst)] * tv[torch.from_numpy(src)]).sum(1)
+    assert float((forward > backward).float().mean()) > 0.9
+
+
+def _config(**related) -> Config:
+    return Config(stages=["ingest", "related", "graph"],
+                  ray={"num_cpus": 2, "object_store_memory_mb": 400},
+                  related={"epochs": 2, "max_train_seconds": 20, "dim": 16, "negatives": 64,
+                           "batch_size": 64, "top_k": 5, "text_knn": 4, "fanout": 4, **related})
+
+
+def test_stage_end_to_end_with_bad_edges_and_cold_start(tmp_path, ray_session):
+    n = 120
+    cat = _catalogue(tmp_path, n, _one_way_copurchase(n))
+    run = tmp_path / "run"
+    rebuild(cat, run, config=_config())
+    manifest = __import__("json").loads((run / "related" / "manifest.json").read_text())
+    assert manifest["model"] == "dual-gnn"
+    # ingest already rejected the self-loop; the unknown endpoints reach the stage's quarantine
+    q = read_parquet_any(run / "related" / "quarantine")
+    assert sorted(q["reason"].to_list()) == ["unknown product in dst", "unknown product in src"]
+    assert manifest["rows_quarantined"] == 2
+    edges = read_parquet_any(run / "related" / "edges_copurchase")
+    assert edges.filter(pl.col("src") == pl.col("dst")).height == 0
+    two = edges.filter(pl.col("two_way"))
+    assert two.height % 2 == 0 and two.height > 0
+    assert edges.filter(~pl.col("two_way")).height > 0
+    related = read_parquet_any(run / "graph" / "related.parquet")
+    assert set(related["product_id"].unique()) == {f"p{i}" for i in range(n)}  # cold start too
+    assert related.filter(pl.col("product_id") == pl.col("related_id")).height == 0
+    assert related.group_by("product_id").len()["len"].max() == 5
+    assert related["rank"].min() == 1
+    gold = tmp_path / "gold"
+    gold.mkdir()
+    pq.write_table(pa.table({"src": ["p0", "p4"], "dst": ["p1", "p5"], "count": [1, 1]}),
+                   gold / "copurchase.parquet")
+    res = score(run, gold)
+    assert res["related.pairs"] == 2 and 0 <= res["related.hr@5"] <= 1
+
+
+def test_catalogue_without_behaviour_gets_title_neighbours(tmp_path, ray_session):
+    cat = _catalogue(tmp_path, 40)
+    run = tmp_path / "run"
+    rebuild(cat, run, config=_config())
+    related = read_parquet_any(run / "graph" / "related.parquet")
+    assert related["product_id"].n_unique() == 40
+    top = related.filter((pl.col("product_id") == "p1") & (pl.col("rank") == 1))["related_id"][0]
+    assert int(top[1:]) % 4 == 1  # another phone case is the nearest title
+
+
+def test_score_and_copurchase_baseline(tmp_path):
+    cp = pl.DataFrame({"src": ["a", "a", "b", "c"], "dst": ["b", "c", "a", "a"], "count": [5, 1, 1, 3]})
+    base = copurchase_counts(cp, 2)
+    assert base.filter(pl.col("product_id") == "a")["related_id"].to_list() == ["b", "c"]
+    run = tmp_path / "run" / "graph"
+    run.mkdir(parents=True)
+    pl.DataFrame({"product_id": ["a", "a", "b"], "related_id": ["b", "c", "a"], "rank": [1, 2, 2],
+                  "score": [1.0, 0.5, 0.2]}).write_parquet(run / "related.parquet")
+    gold = tmp_path / "gold"
+    gold.mkdir()
+    pl.DataFrame({"src": ["a", "a", "d"], "dst": ["b", "c", "a"], "count": [1, 1, 1]}).write_parquet(
+        gold / "copurchase.parquet")
+    res = score(tmp_path / "run", gold)
+    assert res["related.hr@5"] == pytest.approx(2 / 3, abs=1e-3)
+    assert res["related.mrr@5"] == pytest.approx((1 + 0.5) / 3, abs=1e-3)
+    # one-way pairs: a->b (b ranks a at 2, a ranks b at 1: a win), a->c (c has no list: a win)
+    assert res["related.asymmetry.forward_above_reverse"] == 1.0
+
+
+def test_worker_steps_embed_and_recommend_without_ray(tmp_path):
+    """The inference steps as a worker runs them: weights + capped node tables -> embeddings ->
+    top-k, a cold product (no edges) included."""
+    from autoknow_ray.modules.related.model import DualGNN, save
+    from autoknow_ray.modules.related.steps import DualEmbed, Recommend, _fixed
+
+    s = GNNSettings(type_buckets=8, type_dim=4, dim=8, fanout=3)
+    model = DualGNN(s)
+    save(model, tmp_path / "model")
+    n = 12
+    rng = np.random.default_rng(0)
+    ids = [f"p{i}" for i in range(n)]
+    (tmp_path / "nodes").mkdir()
+    pq.write_table(pa.table({"product_id": ids, "h0": _fixed(rng.normal(size=(n, 8)))}),
+                   tmp_path / "nodes" / "part.parquet")
+    (tmp_path / "nb").mkdir()
+    pq.write_table(pa.table({
+        "product_id": ["p0", "p1", "p2", "p0"], "kind": ["out", "in", "in", "similar"],
+        "neighbours": [["p1", "p2", "ghost"], ["p0"], ["p0"], ["p3"]],
+        "weight_sum": [3.0, 1.0, 2.0, 1.0]}), tmp_path / "nb" / "part.parquet")
+    embed = DualEmbed(tmp_path / "model", tmp_path / "nodes", tmp_path / "nb", 3)
+    embed.setup(WorkerEnv())
+    assert embed.tables.out_nb[0].tolist() == [1, 2, -1]  # an unknown neighbour is dropped
+    assert embed.tables.in_nb[1].tolist() == [0, -1, -1]
+    emb = embed.process_batch(pa.table({"product_id": ids}))
+    (tmp_path / "emb").mkdir()
+    pq.write_table(emb, tmp_path / "emb" / "part.parquet")
+    rec = Recommend(tmp_path / "emb", 4, 1000, 8, 0)
+    rec.setup(WorkerEnv())
+    out = pl.from_arrow(rec.process_batch(emb.select(["product_id", "source"])))
+    assert out.group_by("product_id").len()["len"].to_list() == [4] * n
+    assert out.filter(pl.col("product_id") == pl.col("related_id")).height == 0
+    assert sorted(out.filter(pl.col("product_id") == "p11")["rank"].to_list()) == [1, 2, 3, 4]
+    with pytest.raises(KeyError):
+        embed.process_batch(pa.table({"product_id": ["unknown"]}))

@@ -6,6 +6,7 @@ Keys are flat (`type_extraction.f1`, `attribute_extraction.Brand.f1`, `hypernym.
 """
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -15,7 +16,9 @@ from autoknow_ray.eval.metrics import accuracy_at_k, norm_text, norm_type, prf, 
 from autoknow_ray.pipeline import read_parquet_any, table_file
 from autoknow_ray.schema import HAS_TYPE
 
-TYPE_SPAN_ATTRIBUTES = {"product type"}  # gold span attributes that name the product type
+TYPE_SPAN_ATTRIBUTES = {"product type"}
+# eval/<module>.py of each module after the first, each with score(run, gold) -> flat dict
+MODULE_SCORERS = ("relations", "imputation", "cleaning", "synonyms", "related")  # gold span attributes that name the product type
 
 
 def _read_gold(gold: Path, name: str) -> pl.DataFrame | None:
@@ -182,21 +185,8 @@ def evaluate(run: str | Path, gold: str | Path) -> dict:
     hyp = _read_gold(gold, "hypernyms")
     if hyp is not None:
         results.update(eval_hypernyms(run, triples, taxonomy, hyp))
-    from autoknow_ray.eval import relations
-
-    results.update(relations.score(run, gold))
-    from autoknow_ray.eval import imputation
-
-    results.update(imputation.score(run, gold))
-    from autoknow_ray.eval import cleaning
-
-    results.update(cleaning.score(run, gold))
-    from autoknow_ray.eval import synonyms as eval_synonyms
-
-    results.update(eval_synonyms.score(run, gold))
-    from autoknow_ray.eval.related import score as score_related
-
-    results.update(score_related(run, gold))
+    for module in MODULE_SCORERS:  # each module scores its own graph tables against gold/
+        results.update(importlib.import_module(f"autoknow_ray.eval.{module}").score(run, gold))
     (run / "eval.json").write_text(json.dumps(results, indent=2, sort_keys=True))
     return results
 

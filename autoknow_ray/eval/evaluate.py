@@ -16,9 +16,9 @@ from autoknow_ray.eval.metrics import accuracy_at_k, norm_text, norm_type, prf, 
 from autoknow_ray.pipeline import read_parquet_any, table_file
 from autoknow_ray.schema import HAS_TYPE
 
-TYPE_SPAN_ATTRIBUTES = {"product type"}
+TYPE_SPAN_ATTRIBUTES = {"product type"}  # gold span attributes that name the product type
 # eval/<module>.py of each module after the first, each with score(run, gold) -> flat dict
-MODULE_SCORERS = ("relations", "imputation", "cleaning", "synonyms", "related")  # gold span attributes that name the product type
+MODULE_SCORERS = ("relations", "imputation", "cleaning", "synonyms", "related")
 
 
 def _read_gold(gold: Path, name: str) -> pl.DataFrame | None:

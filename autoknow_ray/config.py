@@ -84,7 +84,9 @@ class TaxonomyStageConfig(Strict):
 class Config(Strict):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    stages: list[str] = Field(default_factory=lambda: ["ingest", "taxonomy", "graph", "report"])
+    stages: list[str] = Field(default_factory=lambda: [
+        "ingest", "taxonomy", "relations", "imputation", "cleaning", "synonyms", "related", "graph",
+        "report"])
     ray: RayConfig = Field(default_factory=RayConfig)
     resources: dict[str, StageResources] = Field(
         default_factory=lambda: {"default": StageResources()}

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from autoknow_ray import runtime
-from autoknow_ray.graph.state import count_rows, typed_products
+from autoknow_ray.graph.state import typed_products
 from autoknow_ray.modules.related import graph_build as gb
 from autoknow_ray.modules.related.config import RelatedConfig
 from autoknow_ray.modules.related.model import (DualGNN, GNNSettings, degree_features,

@@ -10,8 +10,6 @@ with no co-purchases to learn from) source and target are the title embedding it
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import pyarrow as pa
 
 from autoknow_ray import runtime

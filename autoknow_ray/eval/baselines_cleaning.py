@@ -99,8 +99,7 @@ def embedding_scores(products: pl.DataFrame, encoder) -> pl.DataFrame:
     groups = list(zip(values["type"].to_list(), values["relation"].to_list()))
     cos = _loo_cosine(v, groups)
     values = values.with_columns(pl.Series("_d", 1.0 - np.nan_to_num(cos, nan=0.0)),
-                                 pl.Series("_n", [groups.count(g) for g in groups]) if len(groups) < 2000
-                                 else pl.len().over("type", "relation").alias("_n"))
+                                 pl.len().over("type", "relation").alias("_n"))
     stats = values.group_by("type", "relation").agg(pl.col("_d").mean().alias("_m"),
                                                     pl.col("_d").std().alias("_s"))
     values = values.join(stats, on=["type", "relation"], how="left").with_columns(

@@ -138,8 +138,9 @@ def stage_started(name: str) -> None:
 
 
 def stage_finished(name: str, seconds: float, rows: int | None = None) -> None:
-    rate = f", {rows / seconds:,.0f} rows/s" if rows and seconds > 0 else ""
-    line(f"stage {name}: done in {seconds:.1f} s{rate}")
+    per_s = rows / seconds if rows and seconds > 0 else None
+    rate = "" if per_s is None else f", {per_s:,.0f} rows/s" if per_s >= 10 else f", {per_s:.2g} rows/s"
+    line(f"stage {name}: done in {seconds:.{1 if seconds >= 1 else 2}f} s{rate}")
 
 
 def stage_skipped(name: str) -> None:

@@ -218,11 +218,14 @@ def graph_tables(run: Path) -> dict[str, dict]:
     out = {}
     for name in _table_names(gdir):
         path = table_file(gdir, name)
-        head = []
-        for b in scan_batches(path, None, None, None, TABLE_SAMPLE_ROWS):
-            head = b.slice(0, TABLE_SAMPLE_ROWS).to_pylist()
-            break
         ds = table_dataset(path)
+        head = []
+        for f in ds.files if ds else []:  # the first file's first row group (tiny scanner
+            # batches would make the dataset scanner cut a whole shard into them first)
+            first = next(pq.ParquetFile(f).iter_batches(batch_size=TABLE_SAMPLE_ROWS), None)
+            if first is not None and first.num_rows:
+                head = first.to_pylist()
+                break
         out[name] = {"rows": table_rows(path), "columns": ds.schema.names if ds else [],
                      "head": head}
     return out

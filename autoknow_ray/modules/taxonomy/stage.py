@@ -294,8 +294,8 @@ class TaxonomyStage(Stage):
         if tm is None:
             return None, None, None, None
         typed = tm.select_columns(["product_id", "product_type", "embedding"])
-        context = sample.per_key_sample(typed, "product_type", "product_id", hcfg.context_per_type,
-                                        hcfg.context_max, ctx.cfg.seed, parts)
+        context, _counts = sample.per_key_sample(typed, "product_type", "product_id", hcfg.context_per_type,
+                                                 hcfg.context_max, ctx.cfg.seed, parts)
         stats = sample.vector_sums(typed, "product_type", "embedding", parts).rename({"product_type": "type"})
         child_pids = sorted({p for lst in children["product_ids"].to_list() for p in lst})
         behavior = copurchase = None

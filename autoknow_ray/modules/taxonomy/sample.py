@@ -108,7 +108,7 @@ def vector_sums(ds, key: str, vector: str, partitions: int = 1) -> pl.DataFrame:
         keys = batch.column(key).to_pylist()
         col = batch.column(vector).combine_chunks()
         dim = col.type.list_size
-        vecs = col.values.to_numpy(zero_copy_only=False).astype(np.float64).reshape(-1, dim)
+        vecs = col.flatten().to_numpy(zero_copy_only=False).astype(np.float64).reshape(-1, dim)
         uniq, inv = np.unique(np.asarray(keys, dtype=object), return_inverse=True)
         sums = np.zeros((len(uniq), dim))
         np.add.at(sums, inv, vecs)

@@ -190,7 +190,7 @@ class TaxonomyStage(Stage):
                .join(ex.rename({"span_key": "key"}), on="key", how="left")
                .with_columns(pl.max_horizontal(pl.col("n_products").fill_null(0), pl.col("support"))
                              .cast(pl.Int64).alias("n_products"),
-                             pl.col("example_product_ids").fill_null([])))
+                             pl.col("example_product_ids").fill_null(pl.lit([], dtype=pl.List(pl.String)))))
         accepted = dict(out.select("key", "type").iter_rows())
         cands = out.select(list(CANDIDATES_SCHEMA)).cast(CANDIDATES_SCHEMA).sort(
             ["support", "type"], descending=[True, False])

@@ -209,7 +209,7 @@ def _vectors(column) -> np.ndarray:
     """A fixed-size-list column of title vectors as L2-normalised float32 rows."""
     col = column.combine_chunks() if hasattr(column, "combine_chunks") else column
     dim = col.type.list_size
-    v = col.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
+    v = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)  # offsets kept
     return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
 
 

@@ -76,9 +76,7 @@ def _typed_sample(products, per_type: int, cap: int, seed: int,
     if products is None:
         return empty, pl.DataFrame(schema={"product_type": pl.String, "n": pl.Int64})
     ds = products.select_columns(["product_id", "title", "product_type"])
-    got = sample.per_key_sample(ds, "product_type", "product_id", per_type, cap, seed, parts)
-    counts = runtime.aggregate(sample.where_valid(ds.select_columns(["product_type"]), "product_type"),
-                               ["product_type"], {"n": ("count", None)}, parts)
+    got, counts = sample.per_key_sample(ds, "product_type", "product_id", per_type, cap, seed, parts)
     if got.height == 0:
         return empty, counts
     return got.with_row_index("_draw"), counts

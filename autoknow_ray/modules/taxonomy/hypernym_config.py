@@ -8,7 +8,8 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 
-# the kNN vote's floors, chosen on a validation split of OA-Mine's training file (docs/taxonomy.md)
+# the kNN vote's floors: provisional low values (a vote below them is near chance on any
+# catalogue with a few types); not yet chosen on a validation split (docs/taxonomy.md)
 KNN_MIN_SIMILARITY = 0.3
 KNN_MIN_SHARE = 0.3
 

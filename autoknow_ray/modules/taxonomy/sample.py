@@ -52,15 +52,15 @@ def where_in(ds, columns: str | tuple[str, ...], values: set[str]):
 
 
 def per_key_sample(ds, key: str, id_column: str, per_key: int, cap: int, seed: int,
-                   partitions: int = 1) -> pl.DataFrame:
+                   partitions: int = 1) -> tuple[pl.DataFrame, pl.DataFrame]:
     """At most `per_key` rows for each value of `key` (rows with a null key are skipped) and at
     most `cap` rows in all (the per-key share shrinks to fit), drawn uniformly by a hash of
-    `id_column` and `seed`. Two passes: the per-key counts (an aggregate), then the rows whose
-    draw falls under their key's rate."""
+    `id_column` and `seed`; and every key's row count `n`. Two passes: the per-key counts (an
+    aggregate), then the rows whose draw falls under their key's rate."""
     ds = where_valid(ds, key)
     counts = runtime.aggregate(ds, [key], {"n": ("count", None)}, partitions)
     if counts.height == 0 or per_key <= 0 or cap <= 0:
-        return pl.DataFrame()
+        return pl.DataFrame(), counts
     n = counts["n"].to_numpy()
     take = int(per_key)
     while take > 1 and np.minimum(n, take).sum() > cap:
@@ -76,10 +76,10 @@ def per_key_sample(ds, key: str, id_column: str, per_key: int, cap: int, seed: i
     parts = [pl.from_arrow(t) for t in _refs(ds.map_batches(draw, batch_format="pyarrow"))]
     parts = [p for p in parts if p.height]
     if not parts:
-        return pl.DataFrame()
+        return pl.DataFrame(), counts
     rows = pl.concat(parts, how="vertical_relaxed").sort([key, _U, id_column])
     rows = rows.group_by(key, maintain_order=True).head(take).drop(_U)
-    return rows.head(cap)
+    return rows.head(cap), counts
 
 
 def first_per_key(ds, key: str, id_column: str, n: int, seed: int, partitions: int = 1) -> pl.DataFrame:
@@ -108,7 +108,7 @@ def vector_sums(ds, key: str, vector: str, partitions: int = 1) -> pl.DataFrame:
         keys = batch.column(key).to_pylist()
         col = batch.column(vector).combine_chunks()
         dim = col.type.list_size
-        vecs = col.values.to_numpy(zero_copy_only=False).astype(np.float64).reshape(-1, dim)
+        vecs = col.flatten().to_numpy(zero_copy_only=False).astype(np.float64).reshape(-1, dim)
         uniq, inv = np.unique(np.asarray(keys, dtype=object), return_inverse=True)
         sums = np.zeros((len(uniq), dim))
         np.add.at(sums, inv, vecs)

@@ -99,18 +99,18 @@ class TaxonomyStage(Stage):
             tm = runtime.read_parquet(scratch)
             candidates, accepted = self._candidates(tm, names, tax_types, cfg.types, ctx.cfg.seed, parts)
             names = TypeNames(list(parents), accepted)
-            resolve = self._resolve_step(ctx, tm, names, parents, art, encoder)
+            typed_types = set(self._type_counts(tm, parts)["product_type"].to_list())
+            resolve = self._resolve_step(ctx, tm, names, parents, art, encoder, typed_types)
             decisions_dir = ctx.out / "_decisions"
             runtime.map_step(tm, resolve, ctx.cfg, n).write_parquet(str(decisions_dir))
             counts = self._write_products(ctx, products_path, decisions_dir, n, parts)
         else:
-            candidates, tm = pl.DataFrame(schema=CANDIDATES_SCHEMA), None
+            candidates, tm, typed_types = pl.DataFrame(schema=CANDIDATES_SCHEMA), None, set()
             for name, schema in (("typed_products", _typed_schema()), ("edits", TRIPLES),
                                  ("product_type_candidates", PRODUCT_TYPE_CANDIDATES)):
                 ctx.write(name, schema.empty_table(), schema)
 
         # ---- hypernyms: new types and orphans, against a sampled context ----------------------
-        typed_types = set(self._type_counts(tm, parts)["product_type"].to_list()) if tm is not None else set()
         has_edges = taxonomy.height > 0 and taxonomy["parent"].is_not_null().any()
         # without any parent edge the taxonomy is flat: its parentless types are roots
         orphans = orphan_types(taxonomy, typed_types) if has_edges else []
@@ -190,13 +190,14 @@ class TaxonomyStage(Stage):
                .join(ex.rename({"span_key": "key"}), on="key", how="left")
                .with_columns(pl.max_horizontal(pl.col("n_products").fill_null(0), pl.col("support"))
                              .cast(pl.Int64).alias("n_products"),
-                             pl.col("example_product_ids").fill_null([])))
+                             pl.col("example_product_ids").fill_null(pl.lit([], dtype=pl.List(pl.String)))))
         accepted = dict(out.select("key", "type").iter_rows())
         cands = out.select(list(CANDIDATES_SCHEMA)).cast(CANDIDATES_SCHEMA).sort(
             ["support", "type"], descending=[True, False])
         return cands, accepted
 
-    def _resolve_step(self, ctx, tm, names: TypeNames, parents, art, encoder) -> ResolveTypes:
+    def _resolve_step(self, ctx, tm, names: TypeNames, parents, art, encoder,
+                      typed_types: set[str]) -> ResolveTypes:
         cfg = ctx.cfg.taxonomy
 
         def first_pass(batch: pa.Table) -> pa.Table:
@@ -219,7 +220,9 @@ class TaxonomyStage(Stage):
         else:
             reference = pl.DataFrame(schema={"product_id": pl.String, "ref_type": pl.String,
                                              "from_catalogue": pl.Boolean, "embedding": pl.List(pl.Float32)})
-        type_names = sorted(set(names.known.values()) | set(names.accepted.values()))
+        # every name a correction compares: the taxonomy's, the accepted new ones, the catalogue's
+        type_names = sorted(set(names.known.values()) | set(names.accepted.values())
+                            | {c for c in map(names.catalogue, typed_types) if c is not None})
         vectors = dict(zip(type_names, encoder.encode(type_names))) if type_names else {}
         return ResolveTypes(cfg.types, names, ancestors_map(parents), vectors, reference,
                             load_type_reference(art), cfg.add_title_attributes, cfg.min_attribute_score)
@@ -245,11 +248,12 @@ class TaxonomyStage(Stage):
         schema = _typed_schema()
         typed.map_batches(lambda b: _conform(b, schema), batch_format="pyarrow").write_parquet(
             str(ctx.out / "typed_products"))
-        outcomes = runtime.aggregate(decisions.select_columns(["outcome"]), ["outcome"],
-                                     {"n": ("count", None)}, parts)
+        outcomes = runtime.aggregate(decisions.select_columns(["outcome", "n_spans"]), ["outcome"],
+                                     {"n": ("count", None), "spans": ("sum", "n_spans")}, parts)
         return {
             "outcomes": {k or "none": int(v) for k, v in outcomes.select("outcome", "n").iter_rows()}
             if outcomes.height else {},
+            "spans": int(outcomes["spans"].sum()) if outcomes.height else 0,
             "typed_products": count_rows(ctx.out / "typed_products"),
             "edits": count_rows(ctx.out / "edits"),
         }
@@ -294,8 +298,8 @@ class TaxonomyStage(Stage):
         if tm is None:
             return None, None, None, None
         typed = tm.select_columns(["product_id", "product_type", "embedding"])
-        context = sample.per_key_sample(typed, "product_type", "product_id", hcfg.context_per_type,
-                                        hcfg.context_max, ctx.cfg.seed, parts)
+        context, _counts = sample.per_key_sample(typed, "product_type", "product_id", hcfg.context_per_type,
+                                                 hcfg.context_max, ctx.cfg.seed, parts)
         stats = sample.vector_sums(typed, "product_type", "embedding", parts).rename({"product_type": "type"})
         child_pids = sorted({p for lst in children["product_ids"].to_list() for p in lst})
         behavior = copurchase = None

@@ -209,7 +209,7 @@ def _vectors(column) -> np.ndarray:
     """A fixed-size-list column of title vectors as L2-normalised float32 rows."""
     col = column.combine_chunks() if hasattr(column, "combine_chunks") else column
     dim = col.type.list_size
-    v = col.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
+    v = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)  # offsets kept
     return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
 
 
@@ -333,8 +333,8 @@ class ResolveTypes(Step):
                 ranked[i] = [{"type": t, "score": s, "rank": r + 1}
                              for r, (t, s) in enumerate(v.ranked[:RANKED_TOP])]
 
-        edits = [self._edits(pids[i], olds[i], out, i, spans)
-                 for i, spans in enumerate(batch.column("spans").to_pylist())]
+        all_spans = batch.column("spans").to_pylist()
+        edits = [self._edits(pids[i], olds[i], out, i, spans) for i, spans in enumerate(all_spans)]
         return pa.table({
             "product_id": batch.column("product_id"),
             "type": pa.array(out["type"], pa.string()),
@@ -342,6 +342,7 @@ class ResolveTypes(Step):
             "type_confidence": pa.array(out["type_confidence"], pa.float32()),
             "type_evidence": pa.array(out["type_evidence"], pa.string()),
             "outcome": pa.array(outcome, pa.string()),
+            "n_spans": pa.array([len(x or ()) for x in all_spans], pa.int64()),
             "edits": pa.array(edits, pa.list_(TRIPLE)),
             "ranked": pa.array(ranked, RANKED),
         })

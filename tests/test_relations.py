@@ -12,7 +12,6 @@ import pytest
 
 from autoknow_ray.catalogue.type_split import type_split
 from autoknow_ray.eval.relations import score
-from autoknow_ray.modules.relations.config import RelationsConfig
 from autoknow_ray.modules.relations.features import (
     CountCustomerMentions, CountProviderMentions, Known, Matcher, Vocabulary, build_vocabulary,
     neighbour_features, NEIGHBOUR_FEATURES, wide_counts,

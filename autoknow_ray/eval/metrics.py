@@ -46,18 +46,22 @@ def accuracy_at_k(ranked: dict, gold: dict, k: int) -> float:
 
 
 def average_precision(labels, scores) -> float:
-    """Area under the precision-recall curve, as average precision (the mean of the precision at
-    each true item, items ranked by score; equal scores put the true items last, so ties never
-    flatter the ranking). 0.0 without true items."""
+    """Area under the precision-recall curve, as average precision: sum over score thresholds of
+    (recall gain) x precision. Tied scores form one threshold, so the order of ties never
+    matters."""
     import numpy as np
 
     y = np.asarray(labels, dtype=bool)
     if y.sum() == 0:
         return 0.0
-    order = np.lexsort((y, -np.asarray(scores, dtype=np.float64)))
-    hits = y[order]
-    precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
-    return float((precision * hits).sum() / hits.sum())
+    s = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(-s, kind="stable")
+    s, hits = s[order], y[order]
+    last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]  # the end of each run of equal scores
+    tp = np.cumsum(hits)[last]
+    precision = tp / (last + 1)
+    recall = tp / y.sum()
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
 def spearman(a, b) -> float | None:

@@ -116,10 +116,20 @@ def quiet_ray_data() -> None:
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = os.environ.get("AUTOKNOW_PROGRESS", "1") != "0"
+    reserve_no_cpus_for_shuffles(ctx)
     if not logging.getLogger("autoknow_ray").isEnabledFor(logging.INFO):
         for name in ("ray.data", "ray.data._internal.execution.streaming_executor",
                      "ray.data._internal.progress.logging_progress", "ray.data.dataset"):
             logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def reserve_no_cpus_for_shuffles(ctx) -> None:
+    """Hash-shuffle aggregators (keyed repartition, join, groupby) reserve a share of the cluster's
+    CPUs as a memory guard, and on a small cluster the aggregators of finished shuffles can hold
+    them while the next read waits: every CPU reserved, the job hangs ("not enough resources to
+    run any task from ReadFiles…"). They do little computing until finalisation, so they reserve
+    a token share and the read, map and write tasks keep the CPUs."""
+    ctx.hash_shuffle_operator_actor_num_cpus_override = 0.01
 
 
 def autoscaling_limits() -> dict[str, float]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from dataclasses import asdict, dataclass
 
 import ray
@@ -250,6 +251,15 @@ class _StepActor:
         return self.step.process_batch(as_table(batch))
 
 
+def _actor_class(step) -> type:
+    """`_StepActor` under the step's name (`title_models` -> `TitleModels`), so Ray Data's
+    operators, progress bars and worker processes say which step they run."""
+    name = "".join(w[:1].upper() + w[1:] for w in re.split(r"[^0-9A-Za-z]+", step.name) if w)
+    if not name or not name[0].isalpha():
+        return _StepActor
+    return type(name, (_StepActor,), {"__module__": __name__, "__qualname__": name})
+
+
 def _run_step_task(batch, step_ref: list, env):
     from autoknow_ray.steps import as_table
 
@@ -273,7 +283,7 @@ def map_step(ds: "ray.data.Dataset", step, cfg: Config, n_rows: int | None = Non
     ref = [ray.put(step)]
     env = _worker_env(plan)
     if step.model or plan.num_gpus:
-        return ds.map_batches(_StepActor, fn_constructor_kwargs={"step_ref": ref, "env": env},
+        return ds.map_batches(_actor_class(step), fn_constructor_kwargs={"step_ref": ref, "env": env},
                               batch_format="pyarrow", **actor_pool_kwargs(plan, per_call))
     return ds.map_batches(_run_step_task, fn_kwargs={"step_ref": ref, "env": env},
                           batch_format="pyarrow", batch_size=per_call, num_cpus=plan.num_cpus)

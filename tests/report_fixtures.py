@@ -119,12 +119,16 @@ def build_run(root: Path) -> Path:
 
 
 def shard_graph_table(run: Path, name: str) -> None:
-    """Turn RUN/graph/<name>.parquet into a folder of two shards, as large runs write it."""
-    single = run / "graph" / f"{name}.parquet"
-    t = pq.read_table(single)
-    folder = run / "graph" / name
+    """Turn RUN/graph/<name> (one file, or the graph stage's own shards) into a folder of exactly
+    two shards, as large runs write it."""
+    import shutil
+
+    single, folder = run / "graph" / f"{name}.parquet", run / "graph" / name
+    t = pq.read_table(single if single.exists() else folder)
+    if single.exists():
+        single.unlink()
+    shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir()
     half = t.num_rows // 2
     pq.write_table(t.slice(0, half), folder / "part-00000.parquet")
     pq.write_table(t.slice(half), folder / "part-00001.parquet")
-    single.unlink()

@@ -56,12 +56,12 @@ def test_bench_smallest(ray_session, tmp_path, tiny_models):
     for row in data["table"]:
         assert _positive(row["wall_seconds"]) and _positive(row["model_titles_per_s"])
         assert row["plan"]["actors"] == 1
-        assert set(row["model_ops"]) == {"TitleTagger", "EmbedTitles"}
+        assert set(row["model_ops"]) == {"TitleModels"}
         assert row["driver_memory"]["samples"] >= 1
         assert row["driver_peak_rss_bytes"] == row["driver_memory"]["peak_over_baseline_bytes"]
         actors = row["memory"]["actors"]
         if Path("/proc/self/status").exists():
-            assert {"TitleTagger", "EmbedTitles"} <= set(actors)
+            assert {"TitleModels"} <= set(actors)
             assert all(_positive(a["peak_bytes_max"]) for a in actors.values())
     m = data["machine"]
     for key in ("host_cpus", "ray_version", "torch_version", "data_context", "gpus"):

@@ -340,7 +340,7 @@ def test_a_worker_node_killed_mid_ingest_changes_nothing(multinode, fault_catalo
     with open(log, "w") as f:
         driver = subprocess.Popen(autoknow_rebuild(multinode, fault_catalogue, run, undisturbed["config"]),
                                   env=multinode.env, stdout=f, stderr=subprocess.STDOUT)
-    staged = run / ".ingest.tmp" / "_validated_products"
+    staged = run / ".ingest.tmp" / "_staging" / "products-validated"
     victim = multinode.raylets[-1]
     try:
         deadline = time.monotonic() + 120

@@ -4,7 +4,7 @@ from autoknow_ray.eval.metrics import accuracy_at_k, norm_text, norm_type, prf, 
 def test_normalisation():
     assert norm_text("  Green  TEA, ") == "green tea"
     assert norm_type("Tea Bags") == norm_type("tea bag")
-    assert norm_type("Berries") == "berry"
+    assert norm_type("Berries") == norm_type("berry")
     assert norm_type("glass") == "glass"
 
 

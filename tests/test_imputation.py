@@ -217,7 +217,9 @@ def test_fit_and_rebuild_impute_without_overwriting(tmp_path, ray_session):
     assert manifest["rows_in"] == manifest["rows_out"] == 150
     assert manifest["input"]["texts_html_stripped"] >= 1 and manifest["input"]["texts_capped"] >= 1
     assert manifest["input"]["texts_empty"] >= 1 and manifest["tokens_per_s"] > 0
-    triples = pl.read_parquet(run / "graph" / "triples.parquet")
+    from autoknow_ray.pipeline import read_parquet_any, table_file
+
+    triples = read_parquet_any(table_file(run / "graph", "triples"))
     mine = triples.filter(pl.col("module") == "imputation")
     assert mine.height > 0 and set(mine["status"]) == {"added"}
     assert mine["evidence"].str.contains(r"\[\d+:\d+\]").all()

@@ -158,7 +158,9 @@ def test_edits_carry_the_canonical_with_the_original_in_evidence(fitted):
     # the megabyte value is cut or rejected by ingest; no over-long term reaches the vocabulary
     vocab = pl.read_parquet(root / "run" / "synonyms" / "vocabulary.parquet")
     assert vocab["term"].str.len_chars().max() <= 200 and "" not in vocab["term"].to_list()
-    triples = pl.read_parquet(root / "run" / "graph" / "triples.parquet")
+    from autoknow_ray.pipeline import read_parquet_any, table_file
+
+    triples = read_parquet_any(table_file(root / "run" / "graph", "triples"))
     corrected = triples.filter((pl.col("module") == "synonyms") & (pl.col("status") == "corrected"))
     removed = triples.filter((pl.col("module") == "synonyms") & (pl.col("status") == "removed"))
     assert corrected.height > 0 and removed.height > 0

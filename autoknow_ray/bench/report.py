@@ -129,10 +129,10 @@ def markdown(r: dict) -> str:
           "actor pool → write Parquet), timed inside the real rebuild.", "",
           "| products | workers | rebuild s | products/s | s per 1k | model stages titles/s | "
           "per worker | titles per actor CPU-s | actor CPU share | load avg | peak GiB per "
-          "TitleTagger actor | per EmbedTitles actor | driver peak GiB (over baseline) | "
+          "TitleModels actor (tagger + embedder) | driver peak GiB (over baseline) | "
           "object store peak GiB | "
           "spilled GiB |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in r["table"]:
         mem = run.get("memory") or {}
         mt = run.get("model_titles_per_s")
@@ -141,8 +141,7 @@ def markdown(r: dict) -> str:
             f"{f(run['products_per_s'])} | {f(run['seconds_per_1k'])} | {f(mt)} | "
             f"{f(mt / run['workers'] if mt else None)} | {f(run.get('model_titles_per_cpu_s'))} | "
             f"{f(run.get('actor_cpu_share'))} | {f(run.get('load_average_mean'))} | "
-            f"{gib(_peak(run, 'TitleTagger'))} | "
-            f"{gib(_peak(run, 'EmbedTitles'))} | {gib(run.get('driver_peak_rss_bytes'))} | "
+            f"{gib(_peak(run, 'TitleModels'))} | {gib(run.get('driver_peak_rss_bytes'))} | "
             f"{gib(mem.get('object_store_peak_bytes'))} | "
             f"{gib(mem.get('object_store_spilled_bytes'))} |")
     L += ["", "### Per stage", "",
@@ -159,8 +158,7 @@ def markdown(r: dict) -> str:
             L.append(f"| {n:,} | {w} | {st} | {f(sec)} | {f(n / sec if sec else None)} | — |")
             if st == "taxonomy":
                 rest = sec
-                for op, label in (("TitleTagger", "taxonomy: tagger (actor pool)"),
-                                  ("EmbedTitles", "taxonomy: title embeddings (actor pool)")):
+                for op, label in (("TitleModels", "taxonomy: tagger + embedder (one actor pool)"),):
                     if op in ops:
                         o = ops[op]["seconds"]
                         rest -= o

@@ -31,6 +31,8 @@ FIT_PRODUCTS = {True: 1_000, False: 3_000}  # quick / full: enough steps to tag 
 FIT_EPOCHS = {True: 1, False: 2}
 COMPARE_TITLES = {True: 192, False: 1_024}
 COMPARE_ROUNDS = {True: 2, False: 3}
+# the model steps' Ray Data operators: module 1 tags and embeds each title in one actor pool
+MODEL_OPS = ("TitleModels",)
 FLOP_SAMPLE = 50_000  # titles tokenized to measure lengths (the mean scales to the catalogue)
 
 
@@ -157,7 +159,7 @@ def run_one(catalogue: Path, n: int, workers: int, cfg, cluster: dict, models: P
     wall = time.perf_counter() - t0
     stages = {s["stage"]: s for s in res["stages"]}
     writes = {w["udf"]: w for w in probe.writes}
-    model_ops = {k: writes[k] for k in ("TitleTagger", "EmbedTitles") if k in writes}
+    model_ops = {k: writes[k] for k in MODEL_OPS if k in writes}
     model_seconds = sum(w["seconds"] for w in model_ops.values())
     report = run_dir / "report.json"
     if report.exists():
@@ -481,7 +483,7 @@ def summarize(rows: list[dict], sizes: list[int], workers: list[int], sweep_n: i
     s: dict = {
         "ratio_vs_simple": ours / simple["combined_best"] if ours else None,
         "ratio_vs_simple_basis": (
-            f"model stages end to end (TitleTagger + EmbedTitles executions) on {large['n']:,} "
+            f"model stages end to end (the TitleModels execution: tagger + embedder in one pool) on {large['n']:,} "
             f"products, {w_max} worker(s) / the best simple way measured (tagger and embedding "
             "each at its best batch size and thread setting)"),
         "ratio_vs_simple_default_threads": (ours / simple["combined_default_threads"]

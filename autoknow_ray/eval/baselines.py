@@ -280,7 +280,9 @@ def place_types(taxonomy: pl.DataFrame, products: pl.DataFrame, encoder, top_k: 
     """
     _, children = taxonomy_maps(taxonomy)
     hosts = sorted(t for t, c in children.items() if c)
-    orphans = orphan_types(taxonomy, products) if hosts else []
+    typed = set(products.get_column("product_type").drop_nulls().to_list()) \
+        if "product_type" in products.columns else set()
+    orphans = orphan_types(taxonomy, typed) if hosts else []
     if not orphans:
         return _no_ranks("type", "parent")
     names = sorted({*orphans, *hosts, *(c for h in hosts for c in children[h])})

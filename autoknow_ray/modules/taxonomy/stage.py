@@ -90,9 +90,13 @@ class TaxonomyStage(Stage):
             BestTypeSpan(set(names.known), cfg.types.min_span_score),
             EmbedTitles(cfg.tagger.encoder),
         ])
+        chunks = {"chunks": 0, "skipped": 0}
         if n:
-            products = runtime.read_parquet(products_path, ["product_id", "title", "product_type"])
-            runtime.map_step(products, models, ctx.cfg, n).write_parquet(str(scratch))
+            # committed chunk by chunk into ctx.resume: a job killed late in tagging resumes
+            # after the last finished chunk
+            files = sorted(products_path.rglob("*.parquet")) if products_path.is_dir() \
+                else [products_path]
+            chunks = runtime.map_step_checkpointed(files, models, ctx.cfg, scratch, ctx.resume)
         encoder = TextEncoder(cfg.tagger.encoder, device=ctx.cfg.device)
         counts: dict = {}
         if n:
@@ -144,6 +148,8 @@ class TaxonomyStage(Stage):
             "rows_out": counts.get("typed_products", 0),
             "rows_quarantined": 0,
             "resources": plan.as_dict(),
+            "title_chunks": chunks["chunks"],
+            "title_chunks_resumed": chunks["skipped"],
             "tagger_spans": counts.get("spans", 0),
             "types_kept": outcomes.get("kept", 0),
             "types_added": outcomes.get("added", 0),

@@ -315,9 +315,16 @@ def aggregate(ds: "ray.data.Dataset", by: list[str], aggs: dict[str, tuple[str, 
             raise ValueError(f"aggregate {out!r}: unknown function {fn!r}; known {sorted(_AGGS)}")
         cls = getattr(A, _AGGS[fn])
         fns.append(cls(alias_name=out) if fn == "count" else cls(col, alias_name=out))
-    table = ds.groupby(by if len(by) > 1 else by[0], num_partitions=num_partitions
-                       ).aggregate(*fns).to_arrow_refs()
-    parts = [pl.from_arrow(t) for t in ray.get(table)]
+    try:
+        table = ray.get(ds.groupby(by if len(by) > 1 else by[0], num_partitions=num_partitions
+                                   ).aggregate(*fns).to_arrow_refs())
+    except Exception:
+        # Ray Data's shuffle fails on an input with no rows at all (its reduce gets blocks
+        # without columns: "No match for FieldRef"); no rows means no keys
+        if ds.count() == 0:
+            return pl.DataFrame()
+        raise
+    parts = [pl.from_arrow(t) for t in table]
     parts = [p for p in parts if p.height]
     return pl.concat(parts, how="vertical_relaxed") if parts else pl.DataFrame()
 

@@ -15,7 +15,7 @@ from autoknow_ray.modules.related.config import RelatedConfig
 from autoknow_ray.modules.related.fit import train
 from autoknow_ray.modules.related.model import GNNSettings, padded_neighbours
 from autoknow_ray.modules.related.steps import CheckEdges
-from autoknow_ray.pipeline import read_parquet_any
+from autoknow_ray.pipeline import read_parquet_any, table_file
 from autoknow_ray.rebuild import rebuild
 from autoknow_ray.steps import WorkerEnv
 
@@ -114,16 +114,18 @@ def test_stage_end_to_end_with_bad_edges_and_cold_start(tmp_path, ray_session):
     rebuild(cat, run, config=_config())
     manifest = __import__("json").loads((run / "related" / "manifest.json").read_text())
     assert manifest["model"] == "dual-gnn"
-    # ingest already rejected the self-loop; the unknown endpoints reach the stage's quarantine
-    q = read_parquet_any(run / "related" / "quarantine")
-    assert sorted(q["reason"].to_list()) == ["unknown product in dst", "unknown product in src"]
-    assert manifest["rows_quarantined"] == 2
+    # ingest rejects the self-loop and the edges to products the catalogue lacks, with reasons;
+    # what reaches the stage is clean
+    q = read_parquet_any(table_file(run / "ingest" / "quarantine", "copurchase"))
+    reasons = sorted(r for r in q["reason"].to_list() if r.startswith("unknown"))
+    assert reasons == ["unknown product_id (dst)", "unknown product_id (src)"]
+    assert manifest["rows_quarantined"] == 0
     edges = read_parquet_any(run / "related" / "edges_copurchase")
     assert edges.filter(pl.col("src") == pl.col("dst")).height == 0
     two = edges.filter(pl.col("two_way"))
     assert two.height % 2 == 0 and two.height > 0
     assert edges.filter(~pl.col("two_way")).height > 0
-    related = read_parquet_any(run / "graph" / "related.parquet")
+    related = read_parquet_any(table_file(run / "graph", "related"))
     assert set(related["product_id"].unique()) == {f"p{i}" for i in range(n)}  # cold start too
     assert related.filter(pl.col("product_id") == pl.col("related_id")).height == 0
     assert related.group_by("product_id").len()["len"].max() == 5
@@ -140,7 +142,7 @@ def test_catalogue_without_behaviour_gets_title_neighbours(tmp_path, ray_session
     cat = _catalogue(tmp_path, 40)
     run = tmp_path / "run"
     rebuild(cat, run, config=_config())
-    related = read_parquet_any(run / "graph" / "related.parquet")
+    related = read_parquet_any(table_file(run / "graph", "related"))
     assert related["product_id"].n_unique() == 40
     top = related.filter((pl.col("product_id") == "p1") & (pl.col("rank") == 1))["related_id"][0]
     assert int(top[1:]) % 4 == 1  # another phone case is the nearest title

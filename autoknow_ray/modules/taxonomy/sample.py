@@ -124,7 +124,14 @@ def vector_sums(ds, key: str, vector: str, partitions: int = 1) -> pl.DataFrame:
 
     out = (ds.select_columns([key, vector]).map_batches(partial, batch_format="pyarrow")
            .groupby(key, num_partitions=partitions).map_groups(total, batch_format="pyarrow"))
-    parts = [pl.from_arrow(t) for t in _refs(out)]
+    try:
+        tables = _refs(out)
+    except Exception:
+        # Ray Data's shuffle fails on an input with no rows (an untyped catalogue): no keys
+        if ds.count() == 0:
+            return pl.DataFrame()
+        raise
+    parts = [pl.from_arrow(t) for t in tables]
     parts = [p for p in parts if p.height]
     return pl.concat(parts, how="vertical_relaxed") if parts else pl.DataFrame()
 

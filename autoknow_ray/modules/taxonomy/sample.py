@@ -129,7 +129,7 @@ def vector_sums(ds, key: str, vector: str, partitions: int = 1) -> pl.DataFrame:
     except Exception:
         # Ray Data's shuffle fails on an input with no rows (an untyped catalogue): no keys
         if ds.count() == 0:
-            return pl.DataFrame()
+            return pl.DataFrame(schema={key: pl.String, "n": pl.Int64, "sum": pl.List(pl.Float64)})
         raise
     parts = [pl.from_arrow(t) for t in tables]
     parts = [p for p in parts if p.height]

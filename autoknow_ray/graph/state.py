@@ -8,21 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pyarrow.parquet as pq
 
-from autoknow_ray.pipeline import RunContext
+from autoknow_ray.pipeline import RunContext, count_rows  # noqa: F401 (re-exported)
 
 # module 1 writes every ingested product once, with its resolved type, to this table
 TYPED_PRODUCTS = ("taxonomy", "typed_products")
-
-
-def count_rows(path: Path) -> int:
-    """Rows of a Parquet file or folder of shards, from the footers alone."""
-    path = Path(path)
-    if not path.exists():
-        return 0
-    files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
 
 
 def _has_rows(path: Path) -> bool:

@@ -168,10 +168,15 @@ def _faulty_catalogue(d):
     return d
 
 
-def test_bom_cycles_unknown_products_and_row_numbers(tmp_path, ray_session):
+@pytest.mark.parametrize("single_task_rows", [0, 100_000], ids=["shuffle-and-join", "one-task"])
+def test_bom_cycles_unknown_products_and_row_numbers(tmp_path, ray_session, single_task_rows):
+    """The same answers from both ways of de-duplicating and checking product references: the
+    hash shuffle and join a large catalogue takes, and the one task a small one takes."""
     cat = _faulty_catalogue(tmp_path / "cat")
     run = tmp_path / "run"
-    ctx = RunContext(run_dir=run, catalogue=cat, cfg=_cfg())
+    cfg = _cfg()
+    cfg.ingest.single_task_rows = single_task_rows
+    ctx = RunContext(run_dir=run, catalogue=cat, cfg=cfg)
     run_stages([IngestStage(), GraphStage(), ReportStage()], ctx)
     m = read_manifest(run / "ingest")
     for name, t in m["tables"].items():

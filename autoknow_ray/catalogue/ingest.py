@@ -6,7 +6,8 @@ Per-product tables never reach the driver. For each table the workers read and v
 every id's rows meet in one partition, where the first occurrence by (`_source`, `_row`) is kept
 and the others are quarantined as duplicates; rows of texts, behaviour and co-purchases that name
 a product the catalogue lacks are found with a hash join against the kept ids and quarantined as
-"unknown product_id". The good rows go to `ingest/<table>/`, the rejected ones to
+"unknown product_id". A table below `ingest.single_task_rows` (with the product ids it is checked
+against) gets the same work from one Ray task instead: the shuffles' fixed cost would dominate. The good rows go to `ingest/<table>/`, the rejected ones to
 `ingest/quarantine/<table>/`, both folders of Parquet shards written by the workers, and
 rows in = rows out + rows quarantined is checked per table from the written files.
 
@@ -183,14 +184,58 @@ def _checked(ctx: RunContext, table: str, validated: Path, n_in: int, products: 
     return ds
 
 
+def check_in_one_task(validated: str, table: str, products: str, out: str,
+                      quarantine: str) -> None:
+    """What `_checked` and the two writes do, for a table small enough to be one partition:
+    every row of a key is in it, so the first occurrence is kept exactly as the shuffle keeps it,
+    and the product ids are a set instead of a join. Runs as one Ray task."""
+    files = sorted(Path(validated).rglob("*.parquet"))
+    schema = validated_schema(table)
+    batch = pa.concat_tables([conform(pq.read_table(f), schema) for f in files])
+    key = UNIQUE_KEYS.get(table)
+    if key:
+        batch = first_occurrence(batch, table, key)
+    for column in PRODUCT_REFERENCES.get(table, ()):
+        ids = pa.concat_tables([pq.read_table(f, columns=["product_id"])
+                                for f in sorted(Path(products).rglob("*.parquet"))])
+        known = pc.is_in(batch.column(column), value_set=pc.unique(ids.column("product_id")))
+        label = UNKNOWN_PRODUCT if column == "product_id" else f"{UNKNOWN_PRODUCT} ({column})"
+        batch = mark_unknown(batch.append_column("_known", pc.if_else(known, True, None)),
+                             column, label)
+    for folder, rows in ((out, good_rows(batch, table)), (quarantine, quarantine_rows(batch, table))):
+        if rows.num_rows:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            pq.write_table(rows, Path(folder) / "part-00000.parquet")
+
+
+def count_reasons_in_one_task(quarantine: str) -> dict[tuple[str, str], int]:
+    files = sorted(Path(quarantine).rglob("*.parquet"))
+    kinds = pl.from_arrow(reason_kinds(pa.concat_tables(
+        [pq.read_table(f, columns=["table", "reason"]) for f in files])))
+    return {(t, k): int(n) for t, k, n in kinds.group_by("table", "kind").len().iter_rows()}
+
+
+def _one_task_fits(ctx: RunContext, validated: Path, n_in: int, table: str) -> bool:
+    cfg = ctx.cfg.ingest
+    size = sum(f.stat().st_size for f in validated.rglob("*.parquet"))
+    n_ids = count_rows(ctx.out / "products") if table in PRODUCT_REFERENCES else 0
+    return max(n_in, n_ids) <= cfg.single_task_rows and size <= cfg.single_task_bytes
+
+
 def _ingest_table(ctx: RunContext, table: str, ds, staging: Path) -> dict:
     """Validate → stage → de-duplicate / check references → good rows and quarantine, all
     written by the workers; returns the counts, checked for balance by the caller."""
+    import ray
+
     out, quarantine = ctx.out / table, ctx.out / "quarantine" / table
     validated, checked = staging / f"{table}-validated", staging / f"{table}-checked"
     ds.write_parquet(str(validated))
     n_in = count_rows(validated)
-    if n_in:
+    if n_in and _one_task_fits(ctx, validated, n_in, table):
+        task = ray.remote(num_cpus=0.5, max_retries=3)(check_in_one_task)
+        ray.get(task.remote(str(validated), table, str(ctx.out / "products"), str(out),
+                            str(quarantine)))
+    elif n_in:
         _checked(ctx, table, validated, n_in, ctx.out / "products").write_parquet(str(checked))
         rows = runtime.read_parquet(checked)
         rows.map_batches(good_rows, fn_kwargs={"table": table},
@@ -237,7 +282,7 @@ class IngestStage(Stage):
             tables[table] = counts
         shutil.rmtree(staging, ignore_errors=True)
         ensure_shards(ctx.out / "quarantine", QUARANTINE)
-        reasons = self._reasons(ctx.out / "quarantine")
+        reasons = self._reasons(ctx.out / "quarantine", cfg.single_task_rows)
         for table, counts in tables.items():
             if table in PRODUCT_REFERENCES:
                 counts["unknown_product"] = sum(
@@ -254,10 +299,15 @@ class IngestStage(Stage):
         }
 
     @staticmethod
-    def _reasons(quarantine: Path) -> dict[tuple[str, str], int]:
+    def _reasons(quarantine: Path, single_task_rows: int = 0) -> dict[tuple[str, str], int]:
         """Quarantined rows per (table, reason kind): an aggregate, one row per kind."""
-        if not count_rows(quarantine):
+        n = count_rows(quarantine)
+        if not n:
             return {}
+        if n <= single_task_rows:
+            import ray
+
+            return ray.get(ray.remote(num_cpus=0.5)(count_reasons_in_one_task).remote(str(quarantine)))
         ds = runtime.read_parquet(quarantine, ["table", "reason"]).map_batches(
             reason_kinds, batch_format="pyarrow")
         agg = runtime.count_by(ds, ["table", "kind"])

@@ -134,3 +134,67 @@ def test_driver_memory_sampler_sees_the_peak_of_the_run_only():
     assert s["samples"] >= 3
     assert 80 * 2**20 <= s["peak_over_baseline_bytes"] < 160 * 2**20, s
     assert s["baseline_bytes"] >= len(before)
+
+
+def _sleepy_step(seconds: float):
+    import pyarrow as pa
+
+    from autoknow_ray.steps import Step
+
+    class SleepyModel(Step):
+        name = "sleepy_model"
+        model = True  # an actor pool, as the model steps run
+        columns = ("product_id",)
+
+        def __init__(self, s: float):
+            self.seconds = s
+
+        def process_batch(self, batch: pa.Table) -> pa.Table:
+            import time
+
+            time.sleep(self.seconds)  # waits without taking a core: the answer is known
+            return batch
+
+    return SleepyModel(seconds)
+
+
+def _measured_throughput(n_batches: int, rows: int, actors: int, seconds: float, out: Path) -> dict:
+    """One execution watched by the bench's own probe, as `run_one` watches the model stages."""
+    import ray.data
+
+    from autoknow_ray import runtime
+    from autoknow_ray.bench.probe import DatasetProbe
+    from autoknow_ray.config import StageResources
+
+    cfg = load_config(REPO / "configs" / "test.yaml")
+    cfg.resources["default"] = StageResources(actors=actors, cpus_per_actor=0.25, batch_size=rows,
+                                              rows_per_call=rows, reserve_cpus=0.5)
+    ds = ray.data.range(n_batches * rows, override_num_blocks=n_batches).map_batches(
+        lambda b: {"product_id": [f"p{i}" for i in b["id"]]}, batch_format="numpy")
+    probe = DatasetProbe()
+    with probe.watching():
+        runtime.map_step(ds, _sleepy_step(seconds), cfg, repartition=False).write_parquet(str(out))
+    (w,) = probe.writes
+    assert w["rows"] == n_batches * rows
+    return {"n": n_batches * rows, "workers": actors, "x": w["rows"] / w["seconds"]}
+
+
+def test_bench_measures_a_known_answer(ray_session, tmp_path):
+    """A step that sleeps t seconds per batch (waiting takes no core, so two cores hold two
+    actors): the bench's steady-state arithmetic (a linear fit of seconds over sizes, which
+    removes the fixed cost of starting an execution) must find t seconds per batch with a pool of
+    one and t/2 with a pool of two, i.e. a scaling efficiency of about 1."""
+    rows, t = 4, 0.3
+    fits = {}
+    for actors in (1, 2):
+        # a first execution pays for worker processes and imports: not part of either figure
+        _measured_throughput(1, rows, actors, 0.0, tmp_path / f"warm{actors}")
+        runs = [_measured_throughput(b, rows, actors, t, tmp_path / f"a{actors}-b{b}")
+                for b in (4, 16)]
+        fixed, per_row = linear_fit([r["n"] for r in runs], [r["n"] / r["x"] for r in runs])
+        fits[actors] = {"seconds_per_batch": per_row * rows, "fixed": fixed,
+                        "n": 16 * rows, "workers": actors, "x": 1.0 / per_row}
+    assert 0.8 * t <= fits[1]["seconds_per_batch"] <= 1.3 * t, fits
+    assert 0.4 * t <= fits[2]["seconds_per_batch"] <= 0.7 * t, fits
+    eff = scaling(list(fits.values()), 16 * rows, "x")["2"]["efficiency"]
+    assert 0.7 <= eff <= 1.25, fits

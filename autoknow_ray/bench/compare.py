@@ -5,9 +5,14 @@ measured in interleaved rounds (best round kept, so a burst of load from a neigh
 variant alike and none twice):
 
 - `simple`: the plain way (see `simple.py`) at batch sizes 1, 8, 32, torch's default threads;
-  also at one thread (batches > 1): on a busy machine one thread can beat two, and the best
-  simple way is the baseline. One thread against one actor also splits "model path" from
-  "threads".
+  also at one thread (batches > 1). Two rows of it are named, so a reader sees what Ray adds and
+  what the model path adds:
+  - `naive`: the loop a user writes first: fp32, Hugging Face defaults, batch 32, torch's
+    default threads, titles in catalogue order (`ratio_vs_simple` is ours over this);
+  - `single_process`: our model path in one process with every thread torch takes: bf16 where it
+    pays (GPU, CPU with bf16 units), rows sorted by length across 1024-row chunks
+    (`ratio_vs_single_process` is ours over this: what the Ray pool adds).
+  The best of all simple variants stays in the result too.
 - `model_path`: our SpanTagger / TextEncoder exactly as one actor runs them (one thread, Ray
   batches of `ray_batch` rows, model batch as the stage sets it, fp32 on CPU), then with one
   change at a time: rows sorted by length across a larger Ray batch, bf16 autocast, both.
@@ -102,6 +107,11 @@ def compare_model_path(tagger_dir: str | Path, encoder: str | None, titles: list
     paths = {"as_run": (False, ray_batch), "bucketed": (False, bucket_batch)}
     if bf16_ok:
         paths.update({"bf16": (True, ray_batch), "bucketed_bf16": (True, bucket_batch)})
+    tuned = "bucketed_bf16" if bf16_ok else "bucketed"
+    variants["single_process_tag"] = ("single_process", "tagger",
+                                      ours_tagger(bf16_ok, bucket_batch, tag_batch), None)
+    variants["single_process_embed"] = ("single_process", "encoder",
+                                        ours_embedder(bf16_ok, bucket_batch, embed_batch), None)
     for name, (bf16, chunk) in paths.items():
         variants[f"ours_tag_{name}"] = ("ours", "tagger", ours_tagger(bf16, chunk, tag_batch),
                                         actor_threads)
@@ -135,6 +145,12 @@ def compare_model_path(tagger_dir: str | Path, encoder: str | None, titles: list
         e = [v for k, v in best_cpu.items() if variants[k][0] in kinds and variants[k][1] == "encoder"]
         return 1.0 / (1.0 / max(t) + 1.0 / max(e))
 
+    naive_b = 32 if 32 in batch_sizes else max(batch_sizes)
+    naive = 1.0 / (1.0 / best[f"simple_tag_b{naive_b}"] + 1.0 / best[f"simple_embed_b{naive_b}"])
+    naive_cpu = 1.0 / (1.0 / best_cpu[f"simple_tag_b{naive_b}"]
+                       + 1.0 / best_cpu[f"simple_embed_b{naive_b}"])
+    single = combined(("single_process",))[2]
+    single_cpu = combined_cpu(("single_process",))
     best_tag, best_emb, combined_best = combined(("simple", "simple_1thread"))
     default = combined(("simple",))
     one_thread = combined(("simple_1thread",))
@@ -171,6 +187,10 @@ def compare_model_path(tagger_dir: str | Path, encoder: str | None, titles: list
         "bucket_batch": bucket_batch,
         "rates": best,
         "rates_per_cpu_s": best_cpu,
+        "naive": {"batch_size": naive_b, "precision": "fp32", "threads": default_threads
+                  if not on_gpu else None, "combined": naive, "combined_per_cpu_s": naive_cpu},
+        "single_process": {"path": tuned, "threads": default_threads if not on_gpu else None,
+                           "combined": single, "combined_per_cpu_s": single_cpu},
         "simple": {
             "best_tagger": best_tag,
             "best_encoder": best_emb,

@@ -109,11 +109,16 @@ def markdown(r: dict) -> str:
         + " of a core each).",
         "",
         f"- `ratio_vs_simple` = {f(s.get('ours_model_titles_per_s'))} / "
-        f"{f(s.get('simple_titles_per_s'))} titles/s: {s['ratio_vs_simple_basis']}. Against the "
-        f"simple way at torch's default threads only: {f(s.get('ratio_vs_simple_default_threads'))}×.",
+        f"{f(s.get('naive_titles_per_s'))} titles/s: {s['ratio_vs_simple_basis']}.",
+        f"- `ratio_vs_single_process` = {f(s.get('ours_model_titles_per_s'))} / "
+        f"{f(s.get('single_process_titles_per_s'))} titles/s = "
+        f"{f(s.get('ratio_vs_single_process'))}: {s.get('ratio_vs_single_process_basis')}.",
+        f"- Against the best of every simple variant (batch 1/8/32, default or one thread, "
+        f"{f(s.get('simple_titles_per_s'))} titles/s): {f(s.get('ratio_vs_best_simple'))}×; at "
+        f"torch's default threads only: {f(s.get('ratio_vs_simple_default_threads'))}×.",
         f"- Steady state (fixed costs — actor start, model load, reads — removed by a linear fit "
         f"over sizes): model stages {f(s.get('model_marginal_titles_per_s'))} titles/s, "
-        f"{f(s.get('ratio_vs_simple_steady'))}× the simple way; fixed cost of the model stages "
+        f"{f(s.get('ratio_vs_simple_steady'))}× the naive loop; fixed cost of the model stages "
         f"{f(s.get('model_fixed_seconds'))} s per rebuild.",
         f"- Whole rebuild: {f(s.get('fixed_seconds'))} s fixed + "
         f"{f(s.get('marginal_seconds_per_1k'))} s per 1k products (linear fit); seconds per 1k: "
@@ -201,6 +206,11 @@ def markdown(r: dict) -> str:
                 L.append(f"| simple, batch {b}{label} | {f(t)} | {f(e)} | "
                          f"{f(both('simple', f'_b{b}{suffix}'))} | "
                          f"{f(both('simple', f'_b{b}{suffix}', cpu))} |")
+    sp = cmp_.get("single_process")
+    if sp:
+        L.append(f"| our model path in one process ({sp['path']}, default threads) | "
+                 f"{f(rates.get('single_process_tag'))} | {f(rates.get('single_process_embed'))} | "
+                 f"{f(sp['combined'])} | {f(sp['combined_per_cpu_s'])} |")
     for name, v in cmp_["model_path_per_actor"].items():
         L.append(f"| ours per actor: {VARIANTS.get(name, name)} | {f(v['tagger'])} | "
                  f"{f(v['encoder'])} | {f(v['combined'])} | {f(both('ours', f'_{name}', cpu))} |")

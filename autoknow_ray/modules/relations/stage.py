@@ -39,6 +39,7 @@ class RelationsModels:
         self.applicability, meta = load_scorer(folder / APPLICABILITY)
         if meta["features"] != list(FEATURES):
             raise ValueError(f"{folder}: models were fitted on other features; fit again")
+        self.threshold = float(meta.get("threshold") or 0.5)  # picked in fit
         self.importance = load_scorer(folder / IMPORTANCE)[0] if (folder / IMPORTANCE).is_dir() else None
         known = pl.read_parquet(folder / KNOWN)
         self.types = known["type"].to_list()
@@ -80,10 +81,11 @@ def score_pairs(models: RelationsModels, totals: pl.DataFrame, hits: pl.DataFram
     tax_known = x[:, f["tax_known"]] > 0
     inherited = np.where(tax_known, x[:, f["tax_mean"]], x[:, f["knn_mean"]])
     applicability = np.where(no_text, inherited, applicability).astype(np.float32)
+    threshold = cfg.threshold if cfg.threshold is not None else models.threshold
     out = ranked(pl.DataFrame({
         "type": df["type"], "attribute": df["attribute"],
         "applicability": applicability,
-        "applicable": applicability >= cfg.threshold,
+        "applicable": applicability >= threshold,
         "importance": importance.astype(np.float32),
     }))
     return out, x, df

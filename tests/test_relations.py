@@ -17,7 +17,7 @@ from autoknow_ray.modules.relations.features import (
     neighbour_features, NEIGHBOUR_FEATURES, value_template, wide_counts,
 )
 from autoknow_ray.modules.relations.model import best_threshold
-from autoknow_ray.modules.relations.stage import ranked
+from autoknow_ray.modules.relations.stage import ranked, with_fit_labels
 from autoknow_ray.pipeline import write_table
 from autoknow_ray.schema import GRAPH_ATTRIBUTES, PRODUCTS, conform
 
@@ -118,6 +118,14 @@ def test_neighbours_are_leave_one_out_and_a_new_type_inherits_from_its_parent_an
     assert f[1, 0, col["tax_mean"]] == 1.0 and f[1, 1, col["tax_mean"]] == 0.5
     assert f[1, 2, col["tax_mean"]] == 0.0
     assert f[1, 1, col["knn_mean"]] > 0.4  # its nearest known name is coffee
+
+
+def test_a_type_seen_in_fit_keeps_its_fit_labels_and_a_new_one_the_model_score():
+    known = Known(["coffee", "tea"], np.eye(2, dtype=np.float32),
+                  np.array([[1, 0, 1], [0, 1, 0]], np.float32), ["Flavor", "Size", "Roast"])
+    app = np.full(6, 0.2, np.float32)
+    out = with_fit_labels(app, ["coffee", "cold brew"], known)
+    assert out.tolist() == pytest.approx([1.0, 0.2, 1.0, 0.2, 0.2, 0.2])
 
 
 def test_rank_puts_applicable_attributes_first_by_importance():

@@ -14,9 +14,10 @@ from autoknow_ray.catalogue.type_split import type_split
 from autoknow_ray.eval.relations import score
 from autoknow_ray.modules.relations.features import (
     CountCustomerMentions, CountProviderMentions, Known, Matcher, Vocabulary, build_vocabulary,
-    neighbour_features, NEIGHBOUR_FEATURES, wide_counts,
+    neighbour_features, NEIGHBOUR_FEATURES, value_template, wide_counts,
 )
-from autoknow_ray.modules.relations.stage import ranked
+from autoknow_ray.modules.relations.model import best_threshold
+from autoknow_ray.modules.relations.stage import ranked, with_fit_labels
 from autoknow_ray.pipeline import write_table
 from autoknow_ray.schema import GRAPH_ATTRIBUTES, PRODUCTS, conform
 
@@ -37,6 +38,28 @@ def test_matcher_finds_names_and_values_by_whole_tokens():
     assert m.match("reddish vanillas") == (set(), set())  # no partial words
 
 
+def test_value_templates_find_unseen_values_of_the_same_form():
+    vocab = Vocabulary(["Net content", "Count"], {"Net content": ["16 capsules", "12 oz"],
+                                                  "Count": ["12", "30"]},
+                       value_types={"Net content": {"16 capsules": ["Coffee"], "12 oz": ["Tea"]}})
+    assert value_template(("16", "capsules")) == ("0", "capsules")
+    assert value_template(("12",)) is None and value_template(("vanilla",)) is None
+    m = Matcher(vocab, max_value_tokens=4)
+    named, valued, templated = m.match_all("Vitamin D3, 60 Capsules")
+    assert templated == {0} and valued == set()  # a new number of capsules; bare numbers never
+    assert m.match_all("60 capsules", own_type="Coffee")[2] == set()  # carried by Coffee only
+    assert m.match_all("8 oz cup", own_type="Coffee")[2] == {0}  # Tea carries "12 oz"
+    assert m.match("60 capsules") == (set(), set())  # `match` is unchanged
+
+
+def test_best_threshold_is_picked_on_f1():
+    y = np.array([1, 1, 1, 0, 0, 0], np.float32)
+    s = np.array([0.9, 0.3, 0.25, 0.2, 0.1, 0.05], np.float32)
+    t, f1 = best_threshold(y, s)
+    assert 0.2 < t <= 0.25 and f1 == 1.0
+    assert best_threshold(np.zeros(3), s[:3]) == (0.5, 0.0)
+
+
 def test_provider_counts_survive_bad_rows_and_count_every_product():
     rows = [
         {"product_id": "a", "type": "Coffee", "title": "Vanilla dark roast coffee",
@@ -53,6 +76,7 @@ def test_provider_counts_survive_bad_rows_and_count_every_product():
     assert got[("Coffee", "Flavor", "value")] == 1  # the huge title is cut before "vanilla"
     assert got[("Coffee", "Flavor", "filled")] == 1
     assert got[("", "Color(s)", "value")] == 1
+    assert not any(src == "shape" for _, _, src in got)  # no value of VOCAB has a number
 
 
 def test_customer_counts_report_texts_of_unknown_products():
@@ -94,6 +118,14 @@ def test_neighbours_are_leave_one_out_and_a_new_type_inherits_from_its_parent_an
     assert f[1, 0, col["tax_mean"]] == 1.0 and f[1, 1, col["tax_mean"]] == 0.5
     assert f[1, 2, col["tax_mean"]] == 0.0
     assert f[1, 1, col["knn_mean"]] > 0.4  # its nearest known name is coffee
+
+
+def test_a_type_seen_in_fit_keeps_its_fit_labels_and_a_new_one_the_model_score():
+    known = Known(["coffee", "tea"], np.eye(2, dtype=np.float32),
+                  np.array([[1, 0, 1], [0, 1, 0]], np.float32), ["Flavor", "Size", "Roast"])
+    app = np.full(6, 0.2, np.float32)
+    out = with_fit_labels(app, ["coffee", "cold brew"], known)
+    assert out.tolist() == pytest.approx([1.0, 0.2, 1.0, 0.2, 0.2, 0.2])
 
 
 def test_rank_puts_applicable_attributes_first_by_importance():
@@ -173,7 +205,10 @@ def test_fit_then_rebuild_on_types_never_seen(tmp_path, ray_session):
                         "relations: {epochs: 150, hidden: 16}\n")
     m = fit(tmp_path / "split" / "fit", tmp_path / "models", config=cfg_file)
     stats = m["modules"]["relations"]
-    assert stats["types"] >= 5 and set(stats["comparison"]) == {"mlp", "linear"}
+    assert stats["types"] >= 5 and set(stats["comparison"]) == {"mlp", "linear", "ridge"}
+    # model and threshold picked on out-of-fold predictions over the fit's types
+    assert stats["folds"] == 5 and 0 < stats["threshold"] < 1
+    assert all(0 <= c["oof_auc_pr"] <= 1 for c in stats["comparison"].values())
     assert (tmp_path / "models" / "relations" / "applicability" / "model.safetensors").exists()
     run = tmp_path / "run"
     rebuild(tmp_path / "split" / "heldout", run, models=tmp_path / "models", config=cfg_file)

@@ -34,11 +34,17 @@ class RelationsConfig(BaseModel):
     importance_customer_weight: float = Field(0.25, ge=0.0, le=1.0)
 
     # ---- the two models
-    model: Literal["auto", "mlp", "linear"] = "auto"  # auto: the better on held-out types in fit
+    # auto: the best out-of-fold AUC-PR in fit; ridge: linear with `ridge_weight_decay`
+    model: Literal["auto", "mlp", "linear", "ridge"] = "auto"
     hidden: int = Field(32, ge=1)
     epochs: int = Field(400, ge=1)
     lr: float = Field(0.01, gt=0)
     weight_decay: float = Field(1e-3, ge=0)
-    validation_types: float = Field(0.25, gt=0, lt=1)  # types held out in fit to pick the model
+    ridge_weight_decay: float = Field(0.1, ge=0)
+    # the model kind and the threshold are picked on out-of-fold predictions: the labelled types
+    # are split into this many folds, each predicted by models trained on the other folds' types
+    # (its neighbour features from those types only: every type is then "never seen")
+    folds: int = Field(5, ge=2)
     max_train_pairs: int = Field(300_000, ge=1)  # (type, attribute) pairs, seeded sample beyond
-    threshold: float = Field(0.5, gt=0, lt=1)  # applicable = applicability >= threshold
+    # applicable = applicability >= threshold; None: the threshold of best out-of-fold F1 in fit
+    threshold: float | None = Field(None, gt=0, lt=1)

@@ -26,6 +26,7 @@ TOKEN = re.compile(r"\w+")
 TOTAL = ""  # attribute of the per-type total rows (attribute names are never empty)
 # sources of the sparse counts: per (type, attribute) hits, and per type totals (attribute TOTAL)
 VALUE, NAME, FILLED, TEXT, QUERY = "value", "name", "filled", "text", "query"
+SHAPE = "shape"  # a value template (numbers abstracted) of the attribute occurs
 PRODUCTS, EMPTY, UNMATCHED = "products", "empty", "unmatched"
 COUNTS = pa.schema([("type", pa.string()), ("attribute", pa.string()), ("source", pa.string()),
                     ("hits", pa.int64())])
@@ -33,6 +34,24 @@ COUNTS = pa.schema([("type", pa.string()), ("attribute", pa.string()), ("source"
 
 def tokens(text: str) -> list[str]:
     return TOKEN.findall(text.casefold())
+
+
+DIGITS = re.compile(r"\d+")
+
+
+def shape(token: str) -> str:
+    """A token with its numbers abstracted: "16" -> "0", "10oz" -> "0oz"."""
+    return DIGITS.sub("0", token)
+
+
+def value_template(toks: tuple[str, ...]) -> tuple[str, ...] | None:
+    """The value's token template with numbers abstracted ("16 capsules" -> ("0", "capsules")),
+    when it has both a number and a word (so it says more than "a number" and differs from the
+    value itself): it finds the attribute's unseen values of the same form ("60 capsules")."""
+    shaped = tuple(shape(t) for t in toks)
+    if shaped == toks or not any(sum(c.isalpha() for c in t) >= 2 for t in shaped):
+        return None
+    return shaped
 
 
 def name_forms(name: str) -> set[tuple[str, ...]]:
@@ -127,6 +146,8 @@ class Matcher:
         self.names: dict[tuple[str, ...], set[int]] = defaultdict(set)
         # token key -> attribute index -> the types that carry the value
         self.values: dict[tuple[str, ...], dict[int, set[str]]] = defaultdict(dict)
+        # the same, keyed by value templates (numbers abstracted), looked up in the shaped text
+        self.templates: dict[tuple[str, ...], dict[int, set[str]]] = defaultdict(dict)
         for i, a in enumerate(vocab.attributes):
             for f in name_forms(a):
                 self.names[f].add(i)
@@ -135,24 +156,40 @@ class Matcher:
                 t = tuple(tokens(v or ""))
                 if t and len(t) <= max_value_tokens and len("".join(t)) > 1:
                     self.values[t].setdefault(i, set()).update(carried.get(v, ()))
+                    tpl = value_template(t)
+                    if tpl is not None:
+                        self.templates[tpl].setdefault(i, set()).update(carried.get(v, ()))
         self.max_n = max([len(k) for k in (*self.names, *self.values)] or [1])
+
+    @staticmethod
+    def _hits(table, key, own_type, out: set[int]) -> None:
+        hit = table.get(key)
+        if hit:
+            for a, carriers in hit.items():
+                if own_type is None or not carriers or carriers - {own_type}:
+                    out.add(a)
 
     def match(self, text: str, own_type: str | None = None) -> tuple[set[int], set[int]]:
         """(attributes named, attributes with a value) in `text`. With `own_type`, a value counts
         only when a type other than `own_type` carries it (or its types are unknown)."""
+        named, valued, _ = self.match_all(text, own_type, templates=False)
+        return named, valued
+
+    def match_all(self, text: str, own_type: str | None = None, templates: bool = True
+                  ) -> tuple[set[int], set[int], set[int]]:
+        """`match` plus the attributes one of whose value templates occurs (same carrier rule)."""
         toks = tokens(text)
-        named, valued = set(), set()
+        shaped = [shape(t) for t in toks] if templates and self.templates else None
+        named, valued, templated = set(), set(), set()
         for n in range(1, self.max_n + 1):
             for i in range(len(toks) - n + 1):
                 key = tuple(toks[i:i + n])
                 if key in self.names:
                     named |= self.names[key]
-                hit = self.values.get(key)
-                if hit:
-                    for a, carriers in hit.items():
-                        if own_type is None or not carriers or carriers - {own_type}:
-                            valued.add(a)
-        return named, valued
+                self._hits(self.values, key, own_type, valued)
+                if shaped is not None:
+                    self._hits(self.templates, tuple(shaped[i:i + n]), own_type, templated)
+        return named, valued, templated
 
 
 def _counts_table(acc: dict) -> pa.Table:
@@ -194,11 +231,14 @@ class CountProviderMentions(Step):
             text = " \n ".join(p for p in parts if p)[: self.max_chars]
             if not text.strip():
                 acc[(t, TOTAL, EMPTY)] += 1
-            named, valued = self.matcher.match(text, t) if text else (set(), set())
+            named, valued, templated = (self.matcher.match_all(text, t) if text
+                                        else (set(), set(), set()))
             for i in named:
                 acc[(t, attrs[i], NAME)] += 1
             for i in valued:
                 acc[(t, attrs[i], VALUE)] += 1
+            for i in templated:
+                acc[(t, attrs[i], SHAPE)] += 1
             for a in {p.get("name") for p in (filled or []) if p and p.get("value")}:
                 if a in index:
                     acc[(t, a, FILLED)] += 1
@@ -246,7 +286,7 @@ class CountCustomerMentions(Step):
 
 
 # ---- from counts to the pair features (driver; types x attributes) -------------------------
-TEXT_FEATURES = ("value_rate", "name_rate", "value_lift", "value_rank_in_type",
+TEXT_FEATURES = ("value_rate", "name_rate", "shape_rate", "value_lift", "value_rank_in_type",
                  "text_rate", "query_rate", "has_texts", "has_queries")
 NEIGHBOUR_FEATURES = ("tax_mean", "tax_known", "knn_mean", "knn_top_sim", "attr_prior",
                       "name_sim")
@@ -270,7 +310,7 @@ def wide_counts(long: pl.DataFrame, attributes: list[str]) -> tuple[pl.DataFrame
     hits = (hits.pivot(on="source", index=["type", "attribute"], values="hits",
                        aggregate_function="sum") if hits.height
             else pl.DataFrame(schema={"type": pl.String, "attribute": pl.String}))
-    for c in (VALUE, NAME, FILLED, TEXT, QUERY):
+    for c in (VALUE, NAME, SHAPE, FILLED, TEXT, QUERY):
         if c not in hits.columns:
             hits = hits.with_columns(pl.lit(0, pl.Int64).alias(c))
     return totals, hits.fill_null(0)
@@ -286,7 +326,8 @@ def text_features(totals: pl.DataFrame, hits: pl.DataFrame, types: list[str],
     t = totals.select("type", pl.col(PRODUCTS).alias("products"), pl.col(TEXT).alias("texts"),
                       pl.col(QUERY).alias("queries"))
     h = hits.select("type", "attribute", pl.col(VALUE).alias("value_hits"),
-                    pl.col(NAME).alias("name_hits"), pl.col(FILLED).alias("filled"),
+                    pl.col(NAME).alias("name_hits"), pl.col(SHAPE).alias("shape_hits"),
+                    pl.col(FILLED).alias("filled"),
                     pl.col(TEXT).alias("text_hits"), pl.col(QUERY).alias("query_hits"))
     df = (grid.join(t, on="type", how="left").join(h, on=["type", "attribute"], how="left")
           .fill_null(0))
@@ -294,6 +335,7 @@ def text_features(totals: pl.DataFrame, hits: pl.DataFrame, types: list[str],
     df = df.with_columns(
         value_rate=pl.col("value_hits") / n,
         name_rate=pl.col("name_hits") / n,
+        shape_rate=pl.col("shape_hits") / n,
         text_rate=pl.col("text_hits") / pl.col("texts").cast(pl.Float64).clip(1, None),
         query_rate=pl.col("query_hits") / pl.col("queries").cast(pl.Float64).clip(1, None),
         has_texts=(pl.col("texts") > 0).cast(pl.Float64),

@@ -8,9 +8,11 @@ type mention the attribute. Neither label is a feature: the features are text oc
 what the type's neighbours (taxonomy, name embedding) have, computed leave-one-out, so the model
 learns to use neighbours exactly as it must for a type it has never seen.
 
-Which model (MLP or linear) is picked on types held out of training (`validation_types`), with
-their neighbour features computed from the training types only; the chosen kind is then trained
-on every labelled type.
+Which model (MLP or linear) and which decision threshold are picked on out-of-fold predictions:
+the labelled types are split into `folds` groups, each predicted by models trained on the other
+groups, with its neighbour features computed from those types only (so every type is scored as a
+type never seen). The chosen kind is then trained on every labelled type; the threshold of best
+out-of-fold F1 travels with it (unless the config sets one).
 """
 from __future__ import annotations
 
@@ -27,13 +29,24 @@ from autoknow_ray.modules.relations.counting import count_mentions, sample_vocab
 from autoknow_ray.modules.relations.features import (
     FEATURES, Known, Vocabulary, embed_names, feature_matrix, text_features, wide_counts,
 )
-from autoknow_ray.modules.relations.model import f1_at, predict, save_scorer, train_scorer
+from autoknow_ray.modules.relations.model import (
+    best_threshold, f1_at, predict, save_scorer, train_scorer,
+)
 from autoknow_ray.pipeline import RunContext
 
 VOCABULARY = "vocabulary.json"
 KNOWN = "known_types.parquet"
 APPLICABILITY, IMPORTANCE = "applicability", "importance"
-KINDS = {"mlp": None, "linear": 0}  # hidden units: None = the config's `hidden`
+# model kinds compared in fit: (hidden units, None = the config's `hidden`; weight decay, None =
+# the config's `weight_decay`, else `ridge_weight_decay`): "ridge" is a linear model whose strong
+# L2 keeps its logits moderate where few types leave the features nearly separable in training
+KINDS = {"mlp": (None, None), "linear": (0, None), "ridge": (0, "ridge")}
+
+
+def _kind(kind: str, cfg: RelationsConfig) -> tuple[int, float]:
+    hidden, wd = KINDS[kind]
+    return (cfg.hidden if hidden is None else hidden,
+            cfg.weight_decay if wd is None else cfg.ridge_weight_decay)
 
 
 def importance_target(df: pl.DataFrame, customer_weight: float) -> pl.DataFrame:
@@ -46,12 +59,13 @@ def importance_target(df: pl.DataFrame, customer_weight: float) -> pl.DataFrame:
                            .otherwise(fill))
 
 
-def _fit_pairs(x, y, imp, cfg: RelationsConfig, hidden: int, seed: int):
+def _fit_pairs(x, y, imp, cfg: RelationsConfig, kind: str, seed: int):
+    hidden, weight_decay = _kind(kind, cfg)
     app = train_scorer(x, y, hidden=hidden, epochs=cfg.epochs, lr=cfg.lr,
-                       weight_decay=cfg.weight_decay, seed=seed, binary=True)
+                       weight_decay=weight_decay, seed=seed, binary=True)
     pos = y > 0.5
     im = train_scorer(x[pos], imp[pos], hidden=hidden, epochs=cfg.epochs, lr=cfg.lr,
-                      weight_decay=cfg.weight_decay, seed=seed, binary=False) if pos.any() else None
+                      weight_decay=weight_decay, seed=seed, binary=False) if pos.any() else None
     return app, im
 
 
@@ -105,46 +119,57 @@ def fit_from_counts(long: pl.DataFrame, vocab: Vocabulary, taxonomy: pl.DataFram
     labels = y.reshape(len(types), len(attrs))
     na = len(attrs)
 
-    # pick the model kind on held-out types: they are "new", their neighbours the other types
+    # pick the model kind and the threshold on out-of-fold predictions over the types: each fold
+    # is "new", its neighbour features from the other folds' types only
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(types))
-    n_val = min(len(types) - 1, max(1, int(round(cfg.validation_types * len(types)))))
-    val_i, tr_i = sorted(order[:n_val]), sorted(order[n_val:])
-    tr_types, val_types = [types[i] for i in tr_i], [types[i] for i in val_i]
-    known_tr = Known(tr_types, type_emb[tr_i], labels[tr_i], attrs)
+    n_folds = min(cfg.folds, len(types))
+    fold_of = np.empty(len(types), dtype=np.int64)
+    fold_of[order] = np.arange(len(types)) % n_folds
 
     def rows(idx):
         return np.concatenate([np.arange(i * na, (i + 1) * na) for i in idx])
 
-    x_tr = feature_matrix(df[rows(tr_i)], tr_types, attrs, known_tr, type_emb[tr_i], attr_emb,
-                          taxonomy, cfg.neighbours)
-    x_val = feature_matrix(df[rows(val_i)], val_types, attrs, known_tr, type_emb[val_i], attr_emb,
-                           taxonomy, cfg.neighbours)
-    y_tr, y_val = y[rows(tr_i)], y[rows(val_i)]
-    comparison = {}
-    for kind, hidden in KINDS.items():
-        app, im = _fit_pairs(x_tr, y_tr, imp[rows(tr_i)], cfg,
-                             cfg.hidden if hidden is None else hidden, seed)
-        p = predict(app, x_val)
+    folds = []
+    for f in range(n_folds):
+        val_i = [i for i in range(len(types)) if fold_of[i] == f]
+        tr_i = [i for i in range(len(types)) if fold_of[i] != f]
+        tr_types, val_types = [types[i] for i in tr_i], [types[i] for i in val_i]
+        known_tr = Known(tr_types, type_emb[tr_i], labels[tr_i], attrs)
+        x_tr = feature_matrix(df[rows(tr_i)], tr_types, attrs, known_tr, type_emb[tr_i], attr_emb,
+                              taxonomy, cfg.neighbours)
+        x_val = feature_matrix(df[rows(val_i)], val_types, attrs, known_tr, type_emb[val_i],
+                               attr_emb, taxonomy, cfg.neighbours)
+        folds.append((rows(tr_i), rows(val_i), x_tr, x_val))
+    comparison, oof = {}, {}
+    for kind in KINDS:
+        p_app, p_imp = np.zeros(len(y), np.float32), np.zeros(len(y), np.float32)
+        for tr, val, x_tr, x_val in folds:
+            app, im = _fit_pairs(x_tr, y[tr], imp[tr], cfg, kind, seed)
+            p_app[val] = predict(app, x_val)
+            p_imp[val] = predict(im, x_val) if im is not None else p_app[val]
+        oof[kind] = p_app
+        thr, f1 = best_threshold(y, p_app)
         comparison[kind] = {
-            "val_auc_pr": round(average_precision(y_val, p), 4),
-            "val_f1": round(f1_at(y_val, p, cfg.threshold), 4),
-            "val_importance_spearman": _mean_spearman(
-                val_types, na, y_val, imp[rows(val_i)],
-                predict(im, x_val) if im is not None else np.zeros(len(y_val))),
+            "oof_auc_pr": round(average_precision(y, p_app), 4),
+            "oof_f1_at_0.5": round(f1_at(y, p_app, 0.5), 4),
+            "oof_best_threshold": thr, "oof_best_f1": round(f1, 4),
+            "oof_importance_spearman": _mean_spearman(types, na, y, imp, p_imp),
         }
     kind = cfg.model if cfg.model != "auto" else max(
-        comparison, key=lambda k: (comparison[k]["val_auc_pr"], k == "linear"))
-    hidden = cfg.hidden if KINDS[kind] is None else KINDS[kind]
+        comparison, key=lambda k: (comparison[k]["oof_auc_pr"], k == "linear"))
+    hidden = _kind(kind, cfg)[0]
+    threshold = (cfg.threshold if cfg.threshold is not None
+                 else comparison[kind]["oof_best_threshold"])
 
     # the final models: every labelled type, neighbour features leave-one-out
     known = Known(types, type_emb, labels, attrs)
     x = feature_matrix(df, types, attrs, known, type_emb, attr_emb, taxonomy, cfg.neighbours)
-    app, im = _fit_pairs(x, y, imp, cfg, hidden, seed)
+    app, im = _fit_pairs(x, y, imp, cfg, kind, seed)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"features": list(FEATURES), "n_features": len(FEATURES), "hidden": hidden,
             "kind": kind}
-    save_scorer(app, out / APPLICABILITY, {**meta, "threshold": cfg.threshold})
+    save_scorer(app, out / APPLICABILITY, {**meta, "threshold": threshold})
     if im is not None:
         save_scorer(im, out / IMPORTANCE, meta)
     (out / VOCABULARY).write_text(json.dumps(vocab.to_json(), indent=1))
@@ -160,7 +185,8 @@ def fit_from_counts(long: pl.DataFrame, vocab: Vocabulary, taxonomy: pl.DataFram
         "types_without_attributes": int(typed.height - len(filled_types & set(typed["type"].to_list()))),
         "untyped_products": int(totals.filter(pl.col("type") == "")["products"].sum() or 0),
         "attributes_single_product": len(single),
-        "validation_types": len(val_types),
+        "folds": n_folds,
         "comparison": comparison,
         "model": kind,
+        "threshold": threshold,
     }

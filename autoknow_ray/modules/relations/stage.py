@@ -39,6 +39,7 @@ class RelationsModels:
         self.applicability, meta = load_scorer(folder / APPLICABILITY)
         if meta["features"] != list(FEATURES):
             raise ValueError(f"{folder}: models were fitted on other features; fit again")
+        self.threshold = float(meta.get("threshold") or 0.5)  # picked in fit
         self.importance = load_scorer(folder / IMPORTANCE)[0] if (folder / IMPORTANCE).is_dir() else None
         known = pl.read_parquet(folder / KNOWN)
         self.types = known["type"].to_list()
@@ -62,6 +63,21 @@ def ranked(df: pl.DataFrame) -> pl.DataFrame:
         .rank("ordinal").over("type").cast(pl.Int32).alias("rank"))
 
 
+def with_fit_labels(applicability: np.ndarray, types: list[str], known: Known) -> np.ndarray:
+    """A type labelled in fit keeps what fit's catalogue said: an attribute filled for its
+    products there applies (applicability 1). The features of a type are leave-one-out (its own
+    labels never reach them), so without this a seen type would be judged as if new. Attributes
+    it never had keep the model's score: its text here may show new ones. Row order: type-major,
+    `known.labels` over the same attributes."""
+    na = known.labels.shape[1]
+    row = {t: i for i, t in enumerate(known.types)}
+    out = applicability.reshape(len(types), na).copy()
+    for i, t in enumerate(types):
+        if t in row:
+            out[i] = np.where(known.labels[row[t]] > 0.5, 1.0, out[i])
+    return out.reshape(-1)
+
+
 def score_pairs(models: RelationsModels, totals: pl.DataFrame, hits: pl.DataFrame,
                 types: list[str], without: list[str], attrs: list[str], taxonomy: pl.DataFrame,
                 cfg: RelationsConfig, device: str = "auto"):
@@ -80,10 +96,12 @@ def score_pairs(models: RelationsModels, totals: pl.DataFrame, hits: pl.DataFram
     tax_known = x[:, f["tax_known"]] > 0
     inherited = np.where(tax_known, x[:, f["tax_mean"]], x[:, f["knn_mean"]])
     applicability = np.where(no_text, inherited, applicability).astype(np.float32)
+    applicability = with_fit_labels(applicability, types, known)
+    threshold = cfg.threshold if cfg.threshold is not None else models.threshold
     out = ranked(pl.DataFrame({
         "type": df["type"], "attribute": df["attribute"],
         "applicability": applicability,
-        "applicable": applicability >= cfg.threshold,
+        "applicable": applicability >= threshold,
         "importance": importance.astype(np.float32),
     }))
     return out, x, df

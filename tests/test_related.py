@@ -202,3 +202,58 @@ def test_worker_steps_embed_and_recommend_without_ray(tmp_path):
     assert sorted(out.filter(pl.col("product_id") == "p11")["rank"].to_list()) == [1, 2, 3, 4]
     with pytest.raises(KeyError):
         embed.process_batch(pa.table({"product_id": ["unknown"]}))
+
+
+def test_split_events_keeps_every_event_once():
+    from autoknow_ray.modules.related.fit import split_events
+
+    count = np.array([1, 5, 40, 0])
+    tr, va = split_events(count, 0.25, np.random.default_rng(0))
+    assert (tr + va == count).all() and (tr >= 0).all() and (va >= 0).all()
+    assert va[2] > 0 and tr[2] > 0  # a pair bought often lands on both sides
+    assert (split_events(count, 0.0, np.random.default_rng(0))[1] == 0).all()
+
+
+def test_validation_ranks_with_and_without_the_count_prior():
+    from autoknow_ray.modules.related.fit import Validation
+
+    n = 6
+    S = np.eye(n, 3, dtype=np.float32)
+    T = np.zeros((n, 3), np.float32)
+    T[5, 0] = 1.0  # the model puts 5 first for 0
+    T[4, 0] = 0.5
+    train = (np.array([0]), np.array([2]), np.array([9.0]))  # but 0 and 2 were bought together
+    val = Validation(n, np.array([0, 0]), np.array([5, 2]), train, 10, np.random.default_rng(0))
+    assert val.ranks(S, T, 0.0).tolist() == [1, 3]
+    assert val.ranks(S, T, 10.0).tolist() == [2, 1]
+    w, hr, table = val.best_weight(S, T, [0.0, 100.0], k=1)
+    assert hr == 0.5 and set(table) == {0.0, 100.0}
+
+
+def test_recommend_reranks_with_the_count_prior(tmp_path):
+    """A co-purchase neighbour outside the FAISS hits enters the list once the prior weighs in;
+    no product twice, never the product itself."""
+    from autoknow_ray.modules.related.steps import Recommend, _fixed
+
+    ids = [f"p{i}" for i in range(8)]
+    vec = np.zeros((8, 4), np.float32)
+    vec[:, 0] = np.linspace(1, 0, 8)  # every source ranks targets p0 > p1 > ... by the model
+    (tmp_path / "emb").mkdir()
+    pq.write_table(pa.table({"product_id": ids, "source": _fixed(vec), "target": _fixed(vec)}),
+                   tmp_path / "emb" / "part.parquet")
+    (tmp_path / "nb").mkdir()
+    pq.write_table(pa.table({
+        "product_id": ["p1", "p7"], "kind": ["out", "in"], "neighbours": [["p7", "p2"], ["p1"]],
+        "weights": [[50.0, 1.0], [50.0]], "weight_sum": [51.0, 50.0]}), tmp_path / "nb" / "part.parquet")
+    emb = pq.read_table(tmp_path / "emb" / "part.parquet").select(["product_id", "source"])
+    plain = Recommend(tmp_path / "emb", 3, 1000, 8, 0, tmp_path / "nb", 0.0, 4)
+    plain.setup(WorkerEnv())
+    top = pl.from_arrow(plain.process_batch(emb))
+    assert top.filter(pl.col("product_id") == "p1")["related_id"].to_list() == ["p0", "p2", "p3"]
+    rec = Recommend(tmp_path / "emb", 3, 1000, 8, 0, tmp_path / "nb", 1.0, 4)
+    rec.setup(WorkerEnv())
+    out = pl.from_arrow(rec.process_batch(emb))
+    p1 = out.filter(pl.col("product_id") == "p1").sort("rank")
+    assert p1["related_id"].to_list()[0] == "p7" and p1["rank"].to_list() == [1, 2, 3]
+    assert out.group_by("product_id").agg(pl.col("related_id").n_unique())["related_id"].min() == 3
+    assert out.filter(pl.col("product_id") == pl.col("related_id")).height == 0

@@ -25,11 +25,13 @@ class RelatedConfig(BaseModel):
     dim: int = Field(64, ge=4)
     symmetric: bool = False  # one embedding per node (the ablation baseline), no asymmetry term
     # ---- training (self-supervised on the catalogue's own graph)
-    max_train_edges: int = Field(300_000, ge=1)  # co-purchase edges sampled for training
+    # co-purchase edges sampled for training: the whole graph of a mid-sized catalogue, so the
+    # neighbour lists and degree features seen in training are those of inference
+    max_train_edges: int = Field(2_000_000, ge=1)
     max_train_nodes: int = Field(60_000, ge=1)  # products whose titles fit encodes
     epochs: int = Field(6, ge=1)
     max_train_seconds: float = Field(240.0, gt=0)  # stop early on a slow machine
-    batch_size: int = Field(512, ge=2)
+    batch_size: int = Field(4096, ge=2)  # a batch's two-hop ring spans most of a small graph: big batches
     negatives: int = Field(512, ge=1)  # uniform random products per batch (non-edges)
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(1e-5, ge=0)
@@ -37,6 +39,15 @@ class RelatedConfig(BaseModel):
     asymmetry_weight: float = Field(0.5, ge=0)  # outbound over inbound on one-way edges
     augment_prob: float = Field(0.2, ge=0, le=1)  # target swapped for a product similar to it
     augment_weight: float = Field(0.5, ge=0)
+    in_batch_negatives: bool = False  # also the batch's other targets (popularity-sampled) as negatives
+    # ---- validation inside fit: a share of the co-purchase events (not of the edges: a pair
+    # bought again is what the future holds) is taken out of training and scored as hit rate @10
+    validation_fraction: float = Field(0.1, ge=0, lt=1)
+    validation_pairs: int = Field(4000, ge=1)  # held-out pairs scored (a seeded sample)
+    # co-purchase count prior: score(A, B) = source(A) . target(B) + w * log1p(count A-B, both
+    # directions); w picked on the validation pairs from these multiples of the scores' spread
+    prior_weights: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 100.0])
+    prior_candidates: int = Field(20, ge=0)  # co-purchase neighbours per product re-ranked
     # ---- recommendations
     top_k: int = Field(20, ge=1)
     ivf_min_size: int = Field(200_000, ge=1)  # exact search below, IVF above

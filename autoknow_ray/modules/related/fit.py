@@ -104,7 +104,7 @@ def fit_related(ctx: RunContext, out: Path) -> dict:
     settings = GNNSettings(text_dim=TEXT_DIM, type_buckets=rc.type_buckets, type_dim=rc.type_dim,
                            dim=rc.dim, symmetric=rc.symmetric, encoder=rc.encoder,
                            text_max_length=rc.text_max_length, fanout=rc.fanout)
-    model, history = train(settings, rc, text, types, (src, dst, count, two_way), sim, cfg.seed)
+    model, history = fit_and_validate(settings, rc, text, types, (src, dst, count, two_way), sim, cfg.seed)
     save(model, out, {"trained_on": str(ctx.catalogue), **{k: v for k, v in stats.items()
                                                           if isinstance(v, (int, float, str))}})
     shutil.rmtree(work)
@@ -141,7 +141,9 @@ def _similar_pairs(cfg, work: Path, stats: dict, id_set: set, index: dict, text:
 
 
 def train(settings: GNNSettings, rc: RelatedConfig, text: np.ndarray, types: np.ndarray,
-          edges: tuple, sim: tuple, seed: int) -> tuple[DualGNN, dict]:
+          edges: tuple, sim: tuple, seed: int, on_epoch=None) -> tuple[DualGNN, dict]:
+    """Trains on `edges` (src, dst, count, two_way index arrays). `on_epoch(model)`, where given,
+    scores the model after each epoch (higher is better) and the best epoch's weights are kept."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     n = len(text)
@@ -156,8 +158,10 @@ def train(settings: GNNSettings, rc: RelatedConfig, text: np.ndarray, types: np.
     has_sim = (sim_nb[:, 0] >= 0).numpy()
     asym_w = 0.0 if settings.symmetric else rc.asymmetry_weight
     history = {"epochs": 0, "steps": 0, "loss": []}
+    best = (-np.inf, None, 0)
     start = time.perf_counter()
     for epoch in range(rc.epochs):
+        model.train()
         perm = rng.permutation(len(src))
         n_sup = max(1, int(len(src) * rc.supervision_fraction))
         sup, msg = perm[:n_sup], perm[n_sup:]
@@ -182,13 +186,10 @@ def train(settings: GNNSettings, rc: RelatedConfig, text: np.ndarray, types: np.
             h0 = torch.zeros(n, settings.dim)
             h0 = h0.index_put((need,), model.metadata(text_t[need], types_t[need]))
             s, t = model(nodes_t, h0, degree, out_nb, in_nb, sim_nb)
-            cand_ids = np.concatenate([b, negs])
-            cands = torch.cat([t[nb_], t[nneg]])
-            loss = _softmax_loss(s[na], cands, b, cand_ids)
+            loss = _contrastive(s[na], t[nb_], t[nneg], b, negs, rc.in_batch_negatives)
             if swap.any() and rc.augment_weight > 0:
-                aug_cands = torch.cat([t[naug[swap]], t[nneg]])
-                loss = loss + rc.augment_weight * _softmax_loss(
-                    s[na[swap]], aug_cands, aug_b[swap], np.concatenate([aug_b[swap], negs]))
+                loss = loss + rc.augment_weight * _contrastive(
+                    s[na[swap]], t[naug[swap]], t[nneg], aug_b[swap], negs, rc.in_batch_negatives)
             one = torch.from_numpy(~two_way[batch])
             if asym_w and one.any():
                 fwd = (s[na] * t[nb_]).sum(1)
@@ -203,12 +204,128 @@ def train(settings: GNNSettings, rc: RelatedConfig, text: np.ndarray, types: np.
                 break
         history["epochs"] = epoch + 1
         history["loss"].append(round(float(np.mean(losses)), 4) if losses else None)
-        log.info("related fit: epoch %d loss %s", epoch + 1, history["loss"][-1])
+        if on_epoch is not None:
+            model.eval()
+            score = on_epoch(model)
+            history.setdefault("validation", []).append(round(float(score), 4))
+            if score > best[0]:
+                best = (score, {k: v.detach().clone() for k, v in model.state_dict().items()}, epoch + 1)
+        log.info("related fit: epoch %d loss %s validation %s", epoch + 1, history["loss"][-1],
+                 history.get("validation", [None])[-1])
         if time.perf_counter() - start > rc.max_train_seconds:
             history["stopped"] = f"max_train_seconds ({rc.max_train_seconds}) reached"
             break
+    if best[1] is not None:
+        model.load_state_dict(best[1])
+        history["best_epoch"] = best[2]
     history["train_seconds"] = round(time.perf_counter() - start, 1)
     return model.eval(), history
+
+
+def split_events(count: np.ndarray, fraction: float, rng: np.random.Generator):
+    """Each edge's co-purchase events split at random: (training counts, validation counts).
+    A pair bought three times may land twice in training and once in validation, as a pair
+    bought before is bought again later; edges are not held out whole."""
+    c = np.asarray(count).astype(np.int64)
+    val = rng.binomial(c, fraction) if fraction > 0 else np.zeros_like(c)
+    return c - val, val
+
+
+def all_embeddings(model: DualGNN, text: np.ndarray, types: np.ndarray, edges: tuple, sim_nb,
+                   chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Source and target embeddings of every node, message passing over all of `edges`."""
+    n = len(text)
+    src, dst, count = edges[:3]
+    fanout = model.settings.fanout
+    out_nb = torch.from_numpy(padded_neighbours(n, src, dst, count, fanout))
+    in_nb = torch.from_numpy(padded_neighbours(n, dst, src, count, fanout))
+    degree = torch.from_numpy(degree_features(np.bincount(src, weights=count, minlength=n),
+                                              np.bincount(dst, weights=count, minlength=n)))
+    S, T = [], []
+    with torch.no_grad():
+        h0 = model.metadata(torch.from_numpy(text), torch.from_numpy(types))
+        for lo in range(0, n, chunk):
+            s, t = model(torch.arange(lo, min(n, lo + chunk)), h0, degree, out_nb, in_nb, sim_nb)
+            S.append(s.numpy())
+            T.append(t.numpy())
+    return np.concatenate(S), np.concatenate(T)
+
+
+class Validation:
+    """Held-out co-purchase pairs scored as a user of the recommendations would: the rank of B
+    among every product for A (A itself excluded), by source(A) . target(B) plus `w` times the
+    log co-purchase count of the pair in the training graph."""
+
+    def __init__(self, n: int, val_src, val_dst, train_edges: tuple, max_pairs: int,
+                 rng: np.random.Generator, chunk: int = 1024):
+        import scipy.sparse as sp
+
+        keep = np.arange(len(val_src))
+        if len(keep) > max_pairs:
+            keep = np.sort(rng.choice(keep, max_pairs, replace=False))
+        self.src, self.dst, self.chunk = val_src[keep], val_dst[keep], chunk
+        a, b, c = train_edges[:3]
+        m = sp.coo_matrix((np.r_[c, c].astype(np.float64), (np.r_[a, b], np.r_[b, a])), shape=(n, n)).tocsr()
+        m.sum_duplicates()
+        m.data = np.log1p(m.data)
+        self.prior = m
+
+    def ranks(self, S: np.ndarray, T: np.ndarray, w: float) -> np.ndarray:
+        out = np.empty(len(self.src), np.int64)
+        for lo in range(0, len(self.src), self.chunk):
+            a, b = self.src[lo:lo + self.chunk], self.dst[lo:lo + self.chunk]
+            sc = S[a] @ T.T
+            if w:
+                sc += np.float32(w) * self.prior[a].toarray().astype(np.float32)
+            r = np.arange(len(a))
+            sc[r, a] = -np.inf
+            true = sc[r, b]
+            out[lo:lo + len(a)] = (sc > true[:, None]).sum(1) + 1
+        return out
+
+    def spread(self, S: np.ndarray, T: np.ndarray) -> float:
+        a = self.src[:self.chunk]
+        return float((S[a] @ T.T).std()) or 1.0
+
+    def best_weight(self, S, T, multiples, k: int = 10) -> tuple[float, float, dict]:
+        """(weight, HR@k, HR@k per multiple of the scores' spread)."""
+        spread = self.spread(S, T)
+        table = {float(m): float((self.ranks(S, T, m * spread) <= k).mean()) for m in multiples}
+        m = max(table, key=lambda x: (table[x], -x))
+        return m * spread, table[m], table
+
+
+def fit_and_validate(settings: GNNSettings, rc: RelatedConfig, text: np.ndarray, types: np.ndarray,
+                     edges: tuple, sim: tuple, seed: int) -> tuple[DualGNN, dict]:
+    """Trains on the training share of the co-purchase events, keeps the epoch whose model alone
+    has the best validation hit rate @10, and picks the weight of the co-purchase count prior on the same
+    validation pairs (none of this sees anything beyond the catalogue's own graph)."""
+    src, dst, count, two_way = edges
+    n = len(text)
+    rng = np.random.default_rng(seed + 1)
+    tr, va = split_events(count, rc.validation_fraction, rng)
+    if rc.validation_fraction == 0 or not (va > 0).any() or not (tr > 0).any():
+        model, hist = train(settings, rc, text, types, edges, sim, seed)
+        return model, {**hist, "prior_weight": 0.0}
+    keep = tr > 0
+    train_edges = (src[keep], dst[keep], tr[keep].astype(np.float64), two_way[keep])
+    val = Validation(n, src[va > 0], dst[va > 0], train_edges, rc.validation_pairs, rng)
+    sim_nb = torch.from_numpy(padded_neighbours(n, sim[0], sim[1], sim[2], settings.fanout))
+    multiples = sorted({0.0, *rc.prior_weights})
+
+    def on_epoch(model):
+        S, T = all_embeddings(model, text, types, train_edges, sim_nb)
+        return float((val.ranks(S, T, 0.0) <= 10).mean())
+
+    model, hist = train(settings, rc, text, types, train_edges, sim, seed, on_epoch)
+    S, T = all_embeddings(model, text, types, train_edges, sim_nb)
+    w, hr, table = val.best_weight(S, T, multiples)
+    prior_only = float((val.ranks(S, T, 1e4 * val.spread(S, T)) <= 10).mean())
+    model.settings.prior_weight = float(w)
+    return model, {**hist, "validation_pairs": int(len(val.src)), "prior_weight": round(float(w), 4),
+                   "validation_hr@10": round(hr, 4),
+                   "validation_hr@10_by_prior_multiple": {str(k): round(v, 4) for k, v in table.items()},
+                   "validation_hr@10_counts_first": round(prior_only, 4)}
 
 
 def _two_hop(nodes: torch.Tensor, out_nb, in_nb, sim_nb) -> torch.Tensor:
@@ -217,6 +334,20 @@ def _two_hop(nodes: torch.Tensor, out_nb, in_nb, sim_nb) -> torch.Tensor:
         nb = torch.cat([ring[:, None], out_nb[ring], in_nb[ring], sim_nb[ring]], 1)
         ring = torch.unique(nb[nb >= 0])
     return ring
+
+
+def _contrastive(queries: torch.Tensor, pos: torch.Tensor, negs: torch.Tensor, true_ids: np.ndarray,
+                 neg_ids: np.ndarray, in_batch: bool) -> torch.Tensor:
+    """Softmax cross-entropy of each query's positive against the random non-edges `negs` and,
+    with `in_batch`, the batch's other positives (drawn as often as products are bought, so they
+    push popular products down)."""
+    if in_batch:
+        return _softmax_loss(queries, torch.cat([pos, negs]), true_ids, np.concatenate([true_ids, neg_ids]))
+    pos_logit = (queries * pos).sum(1, keepdim=True)
+    neg_logits = (queries @ negs.T).masked_fill(torch.from_numpy(neg_ids[None, :] == true_ids[:, None]),
+                                                float("-inf"))
+    return F.cross_entropy(torch.cat([pos_logit, neg_logits], 1),
+                           torch.zeros(len(true_ids), dtype=torch.long))
 
 
 def _softmax_loss(queries: torch.Tensor, cands: torch.Tensor, true_ids: np.ndarray,

@@ -5,8 +5,10 @@ Written as Parquet edge lists (folders of shards, written by the workers):
   rows summed; `two_way` where both directions were bought, one-way otherwise;
 - `edges_similar/`: `src`, `dst`, `weight`, `kind` (coview | text) — similarity, both directions:
   products seen under the same query, else (no co-view logs) the nearest titles by FAISS kNN;
-- `neighbours/`: `product_id`, `kind` (out | in | similar), `neighbours` (at most `fanout`, the
-  strongest first), `weight_sum` — the capped adjacency the GNN's workers load;
+- `neighbours/`: `product_id`, `kind` (out | in | similar), `neighbours` (at most
+  max(`fanout`, `prior_candidates`), the strongest first) with their `weights`, `weight_sum` —
+  the capped adjacency the GNN's workers load (its first `fanout`) and the co-purchase counts the
+  recommendations re-rank with;
 - `quarantine/` (QUARANTINE schema): edges to unknown products, self-loops, negative or zero
   counts, behaviour rows of unknown products, each with its reason.
 """
@@ -34,7 +36,8 @@ COPURCHASE_SCHEMA = pa.schema([("src", pa.string()), ("dst", pa.string()), ("cou
 SIMILAR_SCHEMA = pa.schema([("src", pa.string()), ("dst", pa.string()), ("weight", pa.float32()),
                             ("kind", pa.string())])
 NEIGHBOURS_SCHEMA = pa.schema([("product_id", pa.string()), ("kind", pa.string()),
-                               ("neighbours", pa.list_(pa.string())), ("weight_sum", pa.float64())])
+                               ("neighbours", pa.list_(pa.string())), ("weights", pa.list_(pa.float64())),
+                               ("weight_sum", pa.float64())])
 RAW_CHARS = 300
 
 
@@ -201,8 +204,9 @@ def text_edges(cfg: Config, nodes: Path, out: Path, n_nodes: int) -> int:
 
 
 def neighbour_table(cfg: Config, out: Path) -> dict:
-    """At most `fanout` neighbours per node and kind, strongest first, with the total weight."""
-    fanout = cfg.related.fanout
+    """At most max(`fanout`, `prior_candidates`) neighbours per node and kind, strongest first,
+    with their weights and the total weight."""
+    fanout = max(cfg.related.fanout, cfg.related.prior_candidates)
 
     def top(kind: str, key: str, other: str, weight: str):
         def fn(batch: pa.Table) -> pa.Table:
@@ -211,6 +215,8 @@ def neighbour_table(cfg: Config, out: Path) -> dict:
             return pa.table({"product_id": pa.array([batch.column(key)[0].as_py()], pa.string()),
                              "kind": pa.array([kind], pa.string()),
                              "neighbours": pa.array([g[other].head(fanout).to_list()], pa.list_(pa.string())),
+                             "weights": pa.array([g[weight].head(fanout).cast(pl.Float64).to_list()],
+                                                 pa.list_(pa.float64())),
                              "weight_sum": pa.array([float(g[weight].sum())], pa.float64())})
         return fn
 

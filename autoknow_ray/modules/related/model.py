@@ -40,6 +40,7 @@ class GNNSettings:
     encoder: str = "default"
     text_max_length: int = 32
     fanout: int = 10
+    prior_weight: float = 0.0  # weight of log1p(co-purchase count) added to the score (fit picks it)
 
 
 def type_bucket(types: list[str | None], buckets: int) -> np.ndarray:

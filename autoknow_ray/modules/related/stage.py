@@ -28,6 +28,16 @@ def _text_as_embeddings(batch: pa.Table) -> pa.Table:
     return pa.table({"product_id": batch.column("product_id"), "source": text, "target": text})
 
 
+def _model_config(model_dir) -> dict:
+    """The saved model settings: `prior_weight` (the co-purchase count prior's weight that fit
+    picked on its validation pairs) and `symmetric`."""
+    import json
+
+    from autoknow_ray.modules.related.model import CONFIG
+
+    return json.loads((model_dir / CONFIG).read_text())
+
+
 class RelatedStage(Stage):
     name = "related"
     config_sections = ("related", "resources")
@@ -63,7 +73,10 @@ class RelatedStage(Stage):
             emb = runtime.read_parquet(out / NODES, ["product_id", "text"]).map_batches(
                 _text_as_embeddings, batch_format="pyarrow")
         emb.write_parquet(str(out / EMBEDDINGS))
-        recommend = Recommend(out / EMBEDDINGS, rc.top_k, rc.ivf_min_size, rc.nprobe, cfg.seed)
+        settings = _model_config(model_dir) if trained else {}
+        prior = float(settings.get("prior_weight", 0.0))
+        recommend = Recommend(out / EMBEDDINGS, rc.top_k, rc.ivf_min_size, rc.nprobe, cfg.seed,
+                              out / gb.NEIGHBOURS, prior, rc.prior_candidates)
         runtime.map_step(runtime.read_parquet(out / EMBEDDINGS, ["product_id", "source"]), recommend,
                          cfg, n).write_parquet(str(out / "graph_related"))
         counts["quarantine_reasons"] = gb.quarantine_reasons(out / gb.QUARANTINE_TABLE)
@@ -76,6 +89,8 @@ class RelatedStage(Stage):
             "rows_out": n_rows,
             "rows_quarantined": n_bad,
             "products_embedded": count_rows(out / EMBEDDINGS),
-            "model": "dual-gnn" if trained else "title-similarity (no trained weights)",
+            "model": ("symmetric-gnn" if settings.get("symmetric") else "dual-gnn") if trained
+            else "title-similarity (no trained weights)",
+            "prior_weight": prior,
             **counts,
         }

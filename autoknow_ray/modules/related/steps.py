@@ -167,11 +167,23 @@ class TextNeighbours(Step):
                          "weight": pa.array(scores[keep].astype(np.float32))})
 
 
+def _read_neighbours(path: Path) -> pa.Table:
+    cols = ["product_id", "kind", "neighbours", "weight_sum"]
+    files = sorted(Path(path).rglob("*.parquet")) if Path(path).is_dir() else [Path(path)]
+    names = set()
+    for f in files:
+        names |= set(pq.read_schema(f).names)
+    return _read(Path(path), cols + (["weights"] if "weights" in names else []))
+
+
 class NodeTables:
     """Every node's h0 and degree, with its capped neighbour lists, as index arrays: what a worker
-    holds to compute two-hop embeddings for any batch of nodes."""
+    holds to compute two-hop embeddings for any batch of nodes. With `prior_width` it also holds
+    up to that many co-purchase neighbours out and in with their counts (`out_prior`, `in_prior`:
+    indices and weights), for re-ranking by the count prior."""
 
-    def __init__(self, nodes_path: Path, neighbours_path: Path, fanout: int, with_h0: bool = True):
+    def __init__(self, nodes_path: Path, neighbours_path: Path, fanout: int, with_h0: bool = True,
+                 prior_width: int = 0):
         from autoknow_ray.modules.related.model import degree_features, id_hash
 
         cols = ["product_id", "h0"] if with_h0 else ["product_id"]
@@ -185,10 +197,13 @@ class NodeTables:
             col = t.column("h0")
             dim = col.type.list_size
             self.h0 = _vectors(col, dim)
-        nb = _read(neighbours_path, ["product_id", "kind", "neighbours", "weight_sum"])
+        nb = _read_neighbours(neighbours_path)
         self.out_nb = np.full((n, fanout), -1, np.int64)
         self.in_nb = np.full((n, fanout), -1, np.int64)
         self.sim_nb = np.full((n, fanout), -1, np.int64)
+        if prior_width:
+            self.out_prior = (np.full((n, prior_width), -1, np.int64), np.zeros((n, prior_width)))
+            self.in_prior = (np.full((n, prior_width), -1, np.int64), np.zeros((n, prior_width)))
         out_w, in_w = np.zeros(n), np.zeros(n)
         for kind, arr, w in (("out", self.out_nb, out_w), ("in", self.in_nb, in_w),
                              ("similar", self.sim_nb, None)):
@@ -207,6 +222,12 @@ class NodeTables:
             if w is not None:
                 ws = rows.column("weight_sum").to_numpy(zero_copy_only=False)
                 w[me[me >= 0]] = ws[me >= 0]
+            if prior_width and kind != "similar" and "weights" in nb.column_names:
+                idx, wt = self.out_prior if kind == "out" else self.in_prior
+                per = rows.column("weights").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+                ok = (r >= 0) & (flat >= 0) & (rank < prior_width)
+                idx[r[ok], rank[ok]] = flat[ok]
+                wt[r[ok], rank[ok]] = per[ok]
         self.degree = degree_features(out_w, in_w)
 
     def index_of(self, ids: list) -> np.ndarray:
@@ -263,17 +284,29 @@ class DualEmbed(Step):
 
 class Recommend(Step):
     """Top-k related products of a batch: FAISS inner product of each source embedding against
-    every target embedding (GPU index where FAISS has one; IVF past `ivf_min_size`)."""
+    every target embedding (GPU index where FAISS has one; IVF past `ivf_min_size`).
+
+    With a `prior_weight` (picked by `fit` on its validation pairs) the FAISS candidates and the
+    product's co-purchase neighbours (up to `prior_candidates` each way) are re-ranked by
+    source(A) . target(B) + prior_weight * log1p(co-purchases of A and B, both directions)."""
 
     name = "related_recommend"
     resources = "related"
     columns = ("product_id", "source")
     model = True
 
-    def __init__(self, embeddings_path: Path, k: int, ivf_min_size: int, nprobe: int, seed: int):
+    def __init__(self, embeddings_path: Path, k: int, ivf_min_size: int, nprobe: int, seed: int,
+                 neighbours_path: Path | None = None, prior_weight: float = 0.0,
+                 prior_candidates: int = 0):
         self.path, self.k = str(embeddings_path), k
         self.ivf_min_size, self.nprobe, self.seed = ivf_min_size, nprobe, seed
-        self.index = self.ids = None
+        self.neighbours_path = str(neighbours_path) if neighbours_path else None
+        self.prior_weight, self.prior_candidates = float(prior_weight), int(prior_candidates)
+        self.index = self.ids = self.tables = None
+
+    @property
+    def uses_prior(self) -> bool:
+        return bool(self.prior_weight > 0 and self.prior_candidates and self.neighbours_path)
 
     def setup(self, env: WorkerEnv) -> None:
         from autoknow_ray.index.faiss_index import VectorIndex
@@ -281,12 +314,21 @@ class Recommend(Step):
         t = _read(Path(self.path), ["product_id", "target"])
         self.ids = t.column("product_id").combine_chunks() if t.num_rows else pa.array([], pa.string())
         dim = t.schema.field("target").type.list_size if t.num_rows else 1
+        targets = _vectors(t.column("target"), dim)
         self.index = VectorIndex("ip", ivf_min_size=self.ivf_min_size, nprobe=self.nprobe,
-                                 seed=self.seed).build(_vectors(t.column("target"), dim))
+                                 seed=self.seed).build(targets)
+        if self.uses_prior:
+            self.targets = targets
+            # the node table is indexed like the embeddings, so its rows are the FAISS ids
+            self.tables = NodeTables(Path(self.path), Path(self.neighbours_path), 1, with_h0=False,
+                                     prior_width=self.prior_candidates)
 
     def process_batch(self, batch: pa.Table) -> pa.Table:
         q = _vectors(batch.column("source"), batch.schema.field("source").type.list_size)
-        scores, ids = self.index.search(q, self.k + 1)
+        extra = self.prior_candidates if self.uses_prior else 0
+        scores, ids = self.index.search(q, self.k + 1 + extra)
+        if self.uses_prior:
+            scores, ids = self._rerank(batch, q, ids)
         n, kk = ids.shape
         src = batch.column("product_id").take(pa.array(np.repeat(np.arange(n), kk)))
         flat = ids.reshape(-1)
@@ -299,3 +341,32 @@ class Recommend(Step):
         return pa.table({"product_id": src.filter(m), "related_id": dst.filter(m),
                          "rank": pa.array(rank.reshape(-1)[keep.reshape(-1)]),
                          "score": pa.array(scores.reshape(-1)[keep.reshape(-1)].astype(np.float32))})
+
+    def _rerank(self, batch: pa.Table, q: np.ndarray, ids: np.ndarray):
+        """Candidates = FAISS hits + co-purchase neighbours out and in; each scored by the model
+        plus the count prior; duplicates and missing slots sink to the end (-1 ids)."""
+        me = self.tables.index_of(batch.column("product_id").to_pylist())
+        n = len(me)
+        out_i, out_w = self.tables.out_prior
+        in_i, in_w = self.tables.in_prior
+        rows = np.clip(me, 0, None)
+        known = (me >= 0)[:, None]
+        oi, ow = np.where(known, out_i[rows], -1), np.where(known, out_w[rows], 0.0)
+        ii, iw = np.where(known, in_i[rows], -1), np.where(known, in_w[rows], 0.0)
+        cand = np.concatenate([ids, oi, ii], 1)
+        count = ((cand[:, :, None] == oi[:, None, :]) * ow[:, None, :]).sum(2) \
+            + ((cand[:, :, None] == ii[:, None, :]) * iw[:, None, :]).sum(2)
+        model = np.einsum("nd,ncd->nc", q, self.targets[np.clip(cand, 0, None)])
+        score = model + self.prior_weight * np.log1p(count)
+        srt = np.sort(cand, 1)
+        dup = np.zeros_like(cand, bool)
+        order = np.argsort(cand, 1, kind="stable")
+        dup_sorted = np.zeros_like(srt, bool)
+        dup_sorted[:, 1:] = srt[:, 1:] == srt[:, :-1]
+        np.put_along_axis(dup, order, dup_sorted, 1)
+        score[(cand < 0) | dup] = -np.inf
+        best = np.argsort(-score, 1, kind="stable")[:, :self.k + 1]
+        out_ids = np.take_along_axis(cand, best, 1)
+        out_sc = np.take_along_axis(score, best, 1)
+        out_ids[~np.isfinite(out_sc)] = -1
+        return out_sc, out_ids

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -192,6 +193,17 @@ def test_worker_steps_embed_and_recommend_without_ray(tmp_path):
     assert embed.tables.out_nb[0].tolist() == [1, 2, -1]  # an unknown neighbour is dropped
     assert embed.tables.in_nb[1].tolist() == [0, -1, -1]
     emb = embed.process_batch(pa.table({"product_id": ids}))
+    # hop 1 computed once for every node gives what each batch's own neighbourhood gives
+    assert embed.hop1 is not None
+    per_batch = embed.hop1
+    embed.hop1 = None
+    for part in (ids[:5], ids[5:]):
+        alone = embed.process_batch(pa.table({"product_id": part}))
+        once = emb.filter(pc.is_in(emb.column("product_id"), pa.array(part)))
+        for col in ("source", "target"):
+            np.testing.assert_allclose(np.array(alone.column(col).to_pylist()),
+                                       np.array(once.column(col).to_pylist()), atol=1e-5)
+    embed.hop1 = per_batch
     (tmp_path / "emb").mkdir()
     pq.write_table(emb, tmp_path / "emb" / "part.parquet")
     rec = Recommend(tmp_path / "emb", 4, 1000, 8, 0)

@@ -98,8 +98,26 @@ class DualGNN(nn.Module):
         def local(idx):
             return torch.where(idx >= 0, pos[idx.clamp(min=0)], idx)
 
-        me = pos[nodes]
-        o, i, w = local(out_nb[nodes]), local(in_nb[nodes]), local(sim_nb[nodes])
+        return self._hop2(pos[nodes], s1, t1, local(out_nb[nodes]), local(in_nb[nodes]),
+                          local(sim_nb[nodes]))
+
+    def hop1_all(self, h0, degree, out_nb, in_nb, sim_nb, chunk: int = 65_536):
+        """Hop-1 source and target embeddings of every node, chunk by chunk: computed once, they
+        serve every batch (`forward_from_hop1`) instead of each batch recomputing the hop-1
+        ring of its neighbourhood, which on a dense graph is most of the graph."""
+        parts = [self._hop1(torch.arange(a, min(a + chunk, h0.shape[0]), device=h0.device),
+                            h0, degree, out_nb, in_nb, sim_nb)
+                 for a in range(0, h0.shape[0], chunk)]
+        if not parts:
+            empty = h0.new_zeros((0, self.settings.dim))
+            return empty, empty
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def forward_from_hop1(self, nodes, s1, t1, out_nb, in_nb, sim_nb):
+        """What `forward` gives, from the hop-1 embeddings of every node (`hop1_all`)."""
+        return self._hop2(nodes, s1, t1, out_nb[nodes], in_nb[nodes], sim_nb[nodes])
+
+    def _hop2(self, me, s1, t1, o, i, w):
         if self.settings.symmetric:
             both = torch.cat([o, i], 1)
             e = self.l2_src(torch.cat([s1[me], masked_mean(s1, both), masked_mean(s1, w)], -1))

@@ -242,6 +242,11 @@ class NodeTables:
         return np.where(found, self.order[pos], -1).astype(np.int64)
 
 
+# a worker computes the hop-1 embeddings of every node once (2 × dim floats a node) when the
+# graph has at most this many nodes; past it, each batch computes its own hop-1 neighbourhood
+HOP1_ONCE_MAX_NODES = 4_000_000
+
+
 class DualEmbed(Step):
     """A batch of products -> their source and target embeddings after two hops."""
 
@@ -269,15 +274,25 @@ class DualEmbed(Step):
         t = self.tables
         self.t = {k: torch.from_numpy(getattr(t, k)).to(env.device)
                   for k in ("h0", "degree", "out_nb", "in_nb", "sim_nb")}
+        self.hop1 = None
+        if self.t["h0"].shape[0] <= HOP1_ONCE_MAX_NODES:
+            with torch.inference_mode():
+                self.hop1 = self.model.hop1_all(self.t["h0"], self.t["degree"], self.t["out_nb"],
+                                                self.t["in_nb"], self.t["sim_nb"])
 
     def process_batch(self, batch: pa.Table) -> pa.Table:
         torch = self.torch
         idx = self.tables.index_of(batch.column("product_id").to_pylist())
         if (idx < 0).any():
             raise KeyError(f"{int((idx < 0).sum())} products of the batch are not in the node table")
+        nodes = torch.from_numpy(idx).to(self.device)
         with torch.inference_mode():
-            s, t = self.model(torch.from_numpy(idx).to(self.device), self.t["h0"], self.t["degree"],
-                              self.t["out_nb"], self.t["in_nb"], self.t["sim_nb"])
+            if self.hop1 is not None:
+                s, t = self.model.forward_from_hop1(nodes, *self.hop1, self.t["out_nb"],
+                                                    self.t["in_nb"], self.t["sim_nb"])
+            else:
+                s, t = self.model(nodes, self.t["h0"], self.t["degree"], self.t["out_nb"],
+                                  self.t["in_nb"], self.t["sim_nb"])
         return pa.table({"product_id": batch.column("product_id"), "source": _fixed(s.float().cpu().numpy()),
                          "target": _fixed(t.float().cpu().numpy())})
 

@@ -117,7 +117,7 @@ def cmd_type_split(a) -> int:
     from autoknow_ray.catalogue.type_split import type_split
 
     print(json.dumps(type_split(a.catalogue, a.out, types=a.types, products=a.products,
-                                seed=a.seed), indent=2))
+                                seed=a.seed, untyped=a.untyped), indent=2))
     return 0
 
 
@@ -194,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--products", type=float, default=0.2,
                    help="share of the other types' products held out too")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--untyped", action="store_true",
+                   help="held-out products without type labels and with the fit's taxonomy "
+                        "(gold/types and gold/hypernyms keep the answers): the open-world check")
     s.set_defaults(func=cmd_type_split)
     s = sub.add_parser("holdout-values", help="copy a catalogue with a share of its attribute "
                                               "values moved to gold/held_out_values")

@@ -18,3 +18,37 @@ def test_prf_and_accuracy():
     assert accuracy_at_k(ranked, gold, 1) == 0.0
     assert accuracy_at_k(ranked, gold, 2) == round(1 / 3, 4)
     assert accuracy_at_k(ranked, gold, 3) == round(2 / 3, 4)
+
+
+def test_open_world_figures_from_the_graph_files():
+    """Withheld types: a new type (named as gold or not, attached where gold says or not), a
+    known type forced on it, or no type; known types: right, wrong or untyped."""
+    import polars as pl
+
+    from autoknow_ray.eval.evaluate import eval_open_world
+
+    def triple(pid, t):
+        return {"subject": pid, "relation": "has_type", "object": t, "confidence": 0.9,
+                "module": "taxonomy", "status": "added", "evidence": ""}
+
+    triples = pl.DataFrame([triple("k1", "Tea"), triple("k2", "Coffee"), triple("u1", "Ground Coffees"),
+                            triple("u2", "pens"), triple("u3", "Tea"), triple("w1", "Stapler")])
+    taxonomy = pl.DataFrame({"type": ["Tea", "Coffee", "ground coffee", "pens", "Stapler"],
+                             "parent": [None, None, None, "Office", "Office"],
+                             "is_new": [False, False, True, True, True],
+                             "confidence": [None] * 5}, schema_overrides={"parent": pl.String})
+    gold = pl.DataFrame({"product_id": ["k1", "k2", "k3", "u1", "u2", "u3", "u4", "w1"],
+                         "type": ["tea", "Tea", "Tea", "Ground Coffee", "Ink", "Ground Coffee",
+                                  "Ground Coffee", "staplers"]})
+    fit = pl.DataFrame({"type": ["Tea", "Coffee"]})
+    hyp = pl.DataFrame({"child": ["Ink", "Stapler"], "child_kind": ["type", "type"],
+                        "parent": ["Office", "Desk"], "depth": [1, 1]})
+    r = eval_open_world(triples, taxonomy, gold, fit, hyp)
+    assert r["types.known.products"] == 3 and r["types.known.accuracy"] == round(1 / 3, 4)
+    assert r["types.known.typed"] == round(2 / 3, 4)
+    assert r["types.unseen.products"] == 5
+    # u1 (ground coffee, a root: right), u2 (pens under Office: right), w1 (stapler under
+    # Office, gold says Desk: wrong place) are new; u3 forced into Tea; u4 untyped
+    assert r["types.unseen.new_type"] == 0.6 and r["types.unseen.new_type_gold_name"] == 0.4
+    assert r["types.unseen.attached_right"] == 0.4
+    assert r["types.unseen.forced_known"] == 0.2 and r["types.unseen.untyped"] == 0.2

@@ -301,3 +301,34 @@ def test_config_rejects_unknown_keys():
         HypernymConfig(epochz=3)
     with pytest.raises(ValidationError, match="min_suport"):
         TypeResolutionConfig(min_suport=3)
+
+
+def test_knn_floors_chosen_on_known_against_withheld_types(tmp_path):
+    """Fit's validation of the kNN vote: tight, well-separated types give floors that answer
+    known-type titles and refuse titles whose type is withheld; the stage's settings take them
+    unless the config sets its own."""
+    from autoknow_ray.modules.taxonomy import knn_floors
+    from autoknow_ray.modules.taxonomy.stage import resolved_floors
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(6, 32))
+    types = [f"t{t}" for t in range(6) for _ in range(40)]
+    vecs = np.array([centres[int(t[1])] + 0.4 * rng.normal(size=32) for t in types])
+    f = knn_floors.choose_floors(types, vecs, k=10)
+    assert f["known_answered_right"] > 0.95 and f["withheld_forced"] < 0.05, f
+    assert f["knn_min_similarity"] > 0.5  # the withheld types' nearest titles are far
+    # loose, overlapping types: the floors still refuse most withheld-type votes
+    loose = np.array([centres[int(t[1])] + 3.0 * rng.normal(size=32) for t in types])
+    g = knn_floors.choose_floors(types, loose, k=10)
+    assert g["withheld_forced"] <= g["known_answered_right"]
+    assert "skipped" in knn_floors.choose_floors(["a", "a", "b", "b"], vecs[:4])
+
+    knn_floors.save(f, tmp_path)
+    assert TypeResolutionConfig().knn_min_similarity is not None  # shipped: fixed floors
+    cfg = TypeResolutionConfig(knn_min_similarity=None, knn_min_share=None)  # fit's choice
+    got = resolved_floors(cfg, tmp_path)
+    assert (got.knn_min_similarity, got.knn_min_share) == (f["knn_min_similarity"], f["knn_min_share"])
+    own = resolved_floors(cfg.model_copy(update={"knn_min_share": 0.9}), tmp_path)
+    assert own.knn_min_share == 0.9 and own.knn_min_similarity == f["knn_min_similarity"]
+    none = resolved_floors(cfg, tmp_path / "absent")
+    assert none.knn_min_similarity is not None and none.knn_min_share is not None

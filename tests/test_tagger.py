@@ -12,7 +12,8 @@ import torch
 from pydantic import ValidationError
 
 from autoknow_ray.modules.taxonomy.config import TaggerConfig
-from autoknow_ray.modules.taxonomy.distant import build_examples, type_variants
+from autoknow_ray.modules.taxonomy import type_names
+from autoknow_ray.modules.taxonomy.distant import build_examples, swap_types, type_variants
 from autoknow_ray.nn.encoder import load_tokenizer, resolve_encoder
 from autoknow_ray.nn.tagger import (
     SpanTagger,
@@ -87,6 +88,42 @@ def test_distant_spans_longest_first_word_boundaries_plurals():
     ds0 = build_examples(_products(rows), min_attribute_count=2, empty_keep_fraction=0.0)
     assert "no match here at all" not in dict(ds0.examples)
     assert ds0.stats["n_without_spans"] == 1 and ds0.stats["n_without_spans_kept"] == 0
+
+
+def test_type_swap_moves_the_other_spans_and_follows_the_case():
+    t = "Starbucks Medium Roast Ground Coffee, 12 oz"
+
+    def at(label, word, text=t):
+        s = text.index(word)
+        return (label, s, s + len(word))
+
+    ex = [(t, [at("Brand", "Starbucks"), at("Roast", "Medium Roast"), at("type", "Ground Coffee"),
+               at("Size", "12 oz")]),
+          ("Brand only title", [("Brand", 0, 5)]),
+          ("SHOUTED TEA", [at("type", "TEA", "SHOUTED TEA")])]
+    out, n = swap_types(ex, ["ballpoint pen"], share=1.0)
+    assert n == 2 and len(out) == 3
+    title, spans = out[0]
+    assert title == "Starbucks Medium Roast Ballpoint Pen, 12 oz"
+    assert [(lab, title[s:e]) for lab, s, e in spans] == [
+        ("Brand", "Starbucks"), ("Roast", "Medium Roast"), ("type", "Ballpoint Pen"), ("Size", "12 oz")]
+    assert out[1] == ex[1]  # no type span: untouched
+    assert out[2][0] == "SHOUTED BALLPOINT PEN"
+    assert swap_types(ex, ["ballpoint pen"], share=0.0) == (ex, 0)
+    # a share of the typed titles is swapped, deterministically for a seed
+    many = [(f"Acme Tea {i}", [("type", 5, 8)]) for i in range(400)]
+    got, k = swap_types(many, ["Pen"], share=0.5, seed=3)
+    assert 150 < k < 250 and got == swap_types(many, ["Pen"], share=0.5, seed=3)[0]
+
+
+def test_public_type_names_are_short_names_of_words():
+    if type_names.shared_data_dir() is None:
+        pytest.skip("the shared data is not beside the project")
+    names = type_names.load("auto")
+    assert len(names) > 5000
+    assert all(1 <= len(n.split()) <= 4 and type_names.usable(n) == n for n in names)
+    assert type_names.usable("Vitamins & Supplements") is None
+    assert type_names.load("none") == ()
 
 
 # ---- BIO alignment and decoding --------------------------------------------------------------

@@ -10,6 +10,11 @@ From one catalogue (with gold/) it writes two:
                    their labels and `fit_types` (the types fit saw, so eval can report seen and
                    unseen types apart)
 
+With `untyped=True` (`--untyped`) the held-out catalogue is what a new catalogue with unseen types
+looks like: its products carry no type label (gold/types keeps them), its taxonomy is the fit's
+(the held-out types removed), and gold/hypernyms holds each held-out type's parents in the whole
+taxonomy (none: a root), so eval can judge where a new type found in titles was attached.
+
 Type names that differ only by case, spacing or a plural ending ("Wedding band", "wedding bands")
 are one type for the split, so a held-out type is never seen in fit under another spelling.
 Texts, behaviour and co-purchases follow their products; the taxonomy is kept whole in both.
@@ -49,7 +54,7 @@ def _write(df: pl.DataFrame, path: Path, schema) -> None:
 
 
 def type_split(catalogue: str | Path, out: str | Path, *, types: float = 0.3,
-               products: float = 0.2, seed: int = 0) -> dict:
+               products: float = 0.2, seed: int = 0, untyped: bool = False) -> dict:
     catalogue, out = Path(catalogue), Path(out)
     if not catalogue.is_dir():
         raise FileNotFoundError(f"catalogue folder not found: {catalogue}")
@@ -72,6 +77,9 @@ def type_split(catalogue: str | Path, out: str | Path, *, types: float = 0.3,
     to_held = unseen | (typed & ~unseen & (draw < products))
     fit_p, held_p = prods.filter(~to_held), prods.filter(to_held)
     held_p = held_p.drop("attributes", "brand")  # written as nulls by conform
+    if untyped:
+        held_p = held_p.drop("product_type")
+    taxonomy = _read(catalogue, "taxonomy")
     if out.exists():
         shutil.rmtree(out)
     counts = {}
@@ -84,9 +92,12 @@ def type_split(catalogue: str | Path, out: str | Path, *, types: float = 0.3,
         for name, schema in CATALOGUE_TABLES.items():
             if name == "products":
                 continue
-            df = _read(catalogue, name)
+            df = taxonomy if name == "taxonomy" else _read(catalogue, name)
             if df is None:
                 continue
+            if name == "taxonomy" and untyped and part == "heldout":
+                df = df.filter(~pl.col("type").map_elements(type_key, return_dtype=pl.String)
+                               .is_in(list(held)))
             if "product_id" in df.columns:
                 df = df.filter(pl.col("product_id").is_in(ids.implode()))
             elif name == "copurchase":
@@ -99,12 +110,27 @@ def type_split(catalogue: str | Path, out: str | Path, *, types: float = 0.3,
                 continue
             if "product_id" in df.columns:
                 df = df.filter(pl.col("product_id").is_in(ids.implode()))
+            if name == "hypernyms" and untyped and part == "heldout":
+                df = pl.concat([df, _held_parents(taxonomy, held)], how="vertical_relaxed")
             _write(df, d / "gold" / f"{name}.parquet", schema)
             counts[part][f"gold/{name}"] = df.height
+        if untyped and part == "heldout" and _read(catalogue / "gold", "hypernyms") is None:
+            _write(_held_parents(taxonomy, held), d / "gold" / "hypernyms.parquet",
+                   GOLD_TABLES["hypernyms"])
         _write(pl.DataFrame({"type": fit_types}, schema={"type": pl.String}),
                d / "gold" / f"{FIT_TYPES}.parquet", GOLD_TABLES[FIT_TYPES])
     summary = {"catalogue": str(catalogue.resolve()), "types": len(keys),
                "heldout_types": sorted(held), "fit_types": len(fit_types),
-               "options": {"types": types, "products": products, "seed": seed}, "counts": counts}
+               "options": {"types": types, "products": products, "seed": seed, "untyped": untyped}, "counts": counts}
     (out / "split.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _held_parents(taxonomy: pl.DataFrame | None, held: set[str]) -> pl.DataFrame:
+    """gold/hypernyms rows of the held-out types: each type's parents in the whole taxonomy."""
+    schema = {"child": pl.String, "parent": pl.String, "child_kind": pl.String, "depth": pl.Int32}
+    if taxonomy is None or taxonomy.height == 0:
+        return pl.DataFrame(schema=schema)
+    rows = {(t, p) for t, p in taxonomy.select("type", "parent").iter_rows()
+            if t is not None and p is not None and type_key(t) in held and p != t}
+    return pl.DataFrame([(t, p, "type", 1) for t, p in sorted(rows)], schema=schema, orient="row")

@@ -52,6 +52,73 @@ def eval_types(triples: pl.DataFrame, gold: pl.DataFrame) -> dict:
     return out
 
 
+def _predicted_types(triples: pl.DataFrame) -> dict[str, str]:
+    pred = (_live(triples).filter(pl.col("relation") == HAS_TYPE)
+            .sort("confidence", descending=True, nulls_last=True).unique("subject", keep="first"))
+    return dict(zip(pred["subject"].to_list(), pred["object"].to_list()))
+
+
+def eval_open_world(triples: pl.DataFrame, taxonomy: pl.DataFrame, gold: pl.DataFrame,
+                    fit_types: pl.DataFrame, hypernyms: pl.DataFrame | None) -> dict:
+    """Types on a split where whole types were withheld from fit (`autoknow type-split`): the
+    products of the fit types (`types.known.*`: accuracy, share typed) and of the withheld types
+    (`types.unseen.*`): the share that got a new type (a type neither fit nor the run's taxonomy
+    knew), with the gold name, attached under the right node (the gold parents of its type in the
+    whole taxonomy, gold/hypernyms; no parent row: a root), forced into a known type (wrong by
+    construction), or left untyped."""
+    fit_keys = {norm_type(t) for t in fit_types["type"].to_list() if t}
+    known = set(fit_keys)
+    if taxonomy.height:
+        known |= {norm_type(t) for t in taxonomy.filter(~pl.col("is_new"))["type"].to_list()}
+    parents: dict[str, set[str]] = {}
+    for t, p in taxonomy.filter(pl.col("parent").is_not_null()).select("type", "parent").iter_rows():
+        parents.setdefault(norm_type(t), set()).add(norm_type(p))
+    gold_parents: dict[str, set[str]] = {}
+    if hypernyms is not None:
+        for c, p in hypernyms.filter((pl.col("child_kind") == "type") & (pl.col("depth") == 1)) \
+                .select("child", "parent").iter_rows():
+            gold_parents.setdefault(norm_type(c), set()).add(norm_type(p))
+    pred = _predicted_types(triples)
+    n_known = known_right = known_typed = 0
+    n_unseen = new = named = attached = forced = untyped = 0
+    for pid, t in zip(gold["product_id"].to_list(), gold["type"].to_list()):
+        g = norm_type(t)
+        p = pred.get(pid)
+        pk = norm_type(p) if p is not None else None
+        if g in fit_keys:
+            n_known += 1
+            known_typed += pk is not None
+            known_right += pk == g
+            continue
+        n_unseen += 1
+        if pk is None:
+            untyped += 1
+        elif pk in known:
+            forced += 1
+        else:
+            new += 1
+            named += pk == g
+            want, got = gold_parents.get(g, set()), parents.get(pk, set())
+            attached += bool(want & got) if want else not got
+
+    def share(x: int, n: int) -> float:
+        return round(x / n, 4) if n else 0.0
+
+    out = {"types.known.products": n_known, "types.unseen.products": n_unseen}
+    if n_known:
+        out["types.known.accuracy"] = share(known_right, n_known)
+        out["types.known.typed"] = share(known_typed, n_known)
+    if n_unseen:
+        out.update({
+            "types.unseen.new_type": share(new, n_unseen),
+            "types.unseen.new_type_gold_name": share(named, n_unseen),
+            "types.unseen.attached_right": share(attached, n_unseen),
+            "types.unseen.forced_known": share(forced, n_unseen),
+            "types.unseen.untyped": share(untyped, n_unseen),
+        })
+    return out
+
+
 def eval_attributes(triples: pl.DataFrame, spans: pl.DataFrame, field: str | None) -> dict:
     g = spans.filter(~pl.col("attribute").str.to_lowercase().is_in(list(TYPE_SPAN_ATTRIBUTES)))
     if field:
@@ -165,6 +232,10 @@ def evaluate(run: str | Path, gold: str | Path) -> dict:
     types = _read_gold(gold, "types")
     if types is not None:
         results.update(eval_types(triples, types))
+        fit_types = _read_gold(gold, "fit_types")
+        if fit_types is not None:
+            results.update(eval_open_world(triples, taxonomy, types, fit_types,
+                                           _read_gold(gold, "hypernyms")))
     spans = _read_gold(gold, "spans")
     if spans is not None:
         results.update(eval_attributes(triples, spans, "title"))

@@ -37,6 +37,14 @@ class TaggerConfig(BaseModel):
     max_value_chars: int = Field(200, ge=1)
     use_type: bool = True
     use_attributes: bool = True
+    # type-name swaps: this share of the training titles that name their type get another type
+    # name in its place, so a type's position and form are learnt, not its identity. Names from
+    # `type_names`: "auto" = the public taxonomies beside the project (Google's product taxonomy
+    # and Open Food Facts' categories under $AUTOKNOW_SHARED_DATA or ../shared/data; read at fit
+    # time, never copied into the package), else the catalogue's own taxonomy; "none"; or a
+    # text file, one name a line. Off (0) until measured end to end (docs/taxonomy.md).
+    type_swap: float = Field(0.0, ge=0.0, le=1.0)
+    type_names: str = "auto"
     # hardware
     bf16: bool | Literal["auto"] = "auto"  # auto: on GPU only
     device: Literal["auto", "cpu", "cuda"] = "auto"

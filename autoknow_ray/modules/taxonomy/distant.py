@@ -195,3 +195,47 @@ def build_examples(
         "dropped_attributes": dropped,
     }
     return DistantSet(examples, labels, stats)
+
+
+def _cased_like(name: str, surface: str) -> str:
+    """`name` written the way the title wrote its own type: upper, lower or word-capitalised."""
+    letters = [c for c in surface if c.isalpha()]
+    if letters and all(c.isupper() for c in letters) and len(letters) > 1:
+        return name.upper()
+    if letters and all(c.islower() for c in letters):
+        return name.lower()
+    if all(w[:1].isupper() for w in surface.split() if w[:1].isalpha()):
+        return " ".join(w[:1].upper() + w[1:] for w in name.split())
+    return name
+
+
+def swap_types(examples: list[tuple[str, list[Span]]], names: tuple[str, ...] | list[str],
+               share: float, seed: int = 0) -> tuple[list[tuple[str, list[Span]]], int]:
+    """Replace the type span(s) of a `share` of the examples that have one by another type name
+    (drawn from `names`, cased like the title's own), the other spans shifted to match: the tagger
+    then learns where and how a type stands in a title, not the few words of this catalogue's
+    types. Returns the new examples (same count and order) and how many were swapped."""
+    if not names or share <= 0:
+        return examples, 0
+    rng = np.random.default_rng(seed + 7919)
+    out, swapped = [], 0
+    for title, spans in examples:
+        if not any(lab == TYPE_LABEL for lab, _, _ in spans) or rng.random() >= share:
+            out.append((title, spans))
+            continue
+        name = names[int(rng.integers(len(names)))]
+        parts, new_spans, pos, shift = [], [], 0, 0
+        for lab, s, e in spans:  # sorted, not overlapping
+            if lab == TYPE_LABEL:
+                sub = _cased_like(name, title[s:e])
+                parts.append(title[pos:s] + sub)
+                new_spans.append((lab, s + shift, s + shift + len(sub)))
+                shift += len(sub) - (e - s)
+            else:
+                parts.append(title[pos:e])
+                new_spans.append((lab, s + shift, e + shift))
+            pos = e
+        parts.append(title[pos:])
+        out.append(("".join(parts), new_spans))
+        swapped += 1
+    return out, swapped

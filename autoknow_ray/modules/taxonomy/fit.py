@@ -15,7 +15,7 @@ import polars as pl
 
 from autoknow_ray import runtime
 from autoknow_ray.graph.state import count_rows
-from autoknow_ray.modules.taxonomy import sample
+from autoknow_ray.modules.taxonomy import knn_floors, sample
 from autoknow_ray.modules.taxonomy.hypernym import HypernymClassifier
 from autoknow_ray.modules.taxonomy.tagger_fit import fit_tagger
 from autoknow_ray.nn.encoder import TextEncoder
@@ -62,8 +62,14 @@ def fit_taxonomy(ctx: RunContext, out: Path) -> dict:
         hyp.save(out / "hypernym")
         result["hypernym"] = {**hyp.train_stats, "context_products": context.height,
                               "seconds": round(time.perf_counter() - t0, 2)}
-    result["reference"] = save_type_reference(
-        _head_per_type(typed, cfg.reference_per_type, cfg.reference_max), out)
+    reference = _head_per_type(typed, cfg.reference_per_type, cfg.reference_max)
+    result["reference"] = save_type_reference(reference, out)
+    floors = (knn_floors.choose_floors(reference["product_type"].to_list(),
+                                       np.asarray(reference["embedding"].to_list(), np.float32),
+                                       k=cfg.types.knn_k, seed=seed)
+              if reference.height else {"skipped": "no typed products"})
+    knn_floors.save(floors, out)
+    result["knn_floors"] = floors
     result["tagger"].pop("history", None)
     return result
 

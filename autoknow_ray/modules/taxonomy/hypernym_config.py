@@ -8,8 +8,8 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 
-# the kNN vote's floors: provisional low values (a vote below them is near chance on any
-# catalogue with a few types); not yet chosen on a validation split (docs/taxonomy.md)
+# the kNN vote's floors where fit chose none (knn_floors.py chooses them on its own validation:
+# known types against withheld ones); low values, a vote below them is near chance
 KNN_MIN_SIMILARITY = 0.3
 KNN_MIN_SHARE = 0.3
 
@@ -38,9 +38,14 @@ class TypeResolutionConfig(BaseModel):
     # The vote answers only where the neighbours are close and agree; otherwise the product
     # stays untyped, its reason counted in the manifest.
     knn_k: int = Field(10, ge=1)
-    knn_min_similarity: float = Field(
+    # null: the floors fit chose on its own known-against-withheld-type validation
+    # (models/taxonomy/knn_floors.json), else the constants above. The shipped default stays at
+    # the constants until the fit-chosen floors are measured end to end on real catalogues: in
+    # the kNN vote alone they refuse nearly every withheld-type title but also ~10% of the
+    # known-type ones (docs/taxonomy.md)
+    knn_min_similarity: float | None = Field(
         KNN_MIN_SIMILARITY, ge=-1, le=1, description="below this cosine to the nearest typed title: no type")
-    knn_min_share: float = Field(
+    knn_min_share: float | None = Field(
         KNN_MIN_SHARE, ge=0, le=1, description="below this vote share of the best type: no type")
     knn_catalogue_sample: int = Field(
         50_000, ge=0, description="typed titles of this catalogue in the kNN reference (a cap)")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -25,8 +26,9 @@ import pyarrow.compute as pc
 
 from autoknow_ray import runtime
 from autoknow_ray.graph.state import count_rows
-from autoknow_ray.modules.taxonomy import sample
+from autoknow_ray.modules.taxonomy import knn_floors, sample
 from autoknow_ray.modules.taxonomy.fit import load_type_reference
+from autoknow_ray.modules.taxonomy.hypernym_config import KNN_MIN_SHARE, KNN_MIN_SIMILARITY
 from autoknow_ray.modules.taxonomy.hypernym import HypernymClassifier
 from autoknow_ray.modules.taxonomy.infer import TagTitles
 from autoknow_ray.modules.taxonomy.types import (
@@ -121,7 +123,9 @@ class TaxonomyStage(Stage):
         children = self._children(ctx, candidates, orphans, parts)
         ranked = pl.DataFrame(schema={"type": pl.String, "parent": pl.String, "score": pl.Float32,
                                       "rank": pl.Int32, "accepted": pl.Boolean})
-        if children.height and (art / "hypernym" / "config.json").exists():
+        # a flat taxonomy (no parent edge) has nothing to attach under: its new types are roots,
+        # like its own types
+        if children.height and has_edges and (art / "hypernym" / "config.json").exists():
             hyp = HypernymClassifier.load(art / "hypernym")
             context, behavior, copurchase, stats = self._hypernym_context(ctx, tm, children, hyp.cfg, parts)
             ranked = hyp.predict(children, taxonomy=taxonomy, products=context, behavior=behavior,
@@ -230,7 +234,7 @@ class TaxonomyStage(Stage):
         type_names = sorted(set(names.known.values()) | set(names.accepted.values())
                             | {c for c in map(names.catalogue, typed_types) if c is not None})
         vectors = dict(zip(type_names, encoder.encode(type_names))) if type_names else {}
-        return ResolveTypes(cfg.types, names, ancestors_map(parents), vectors, reference,
+        return ResolveTypes(resolved_floors(cfg.types, art), names, ancestors_map(parents), vectors, reference,
                             load_type_reference(art), cfg.add_title_attributes, cfg.min_attribute_score)
 
     @staticmethod
@@ -338,6 +342,17 @@ class TaxonomyStage(Stage):
         if context.height:
             context = context.sort("product_id")
         return context, behavior, copurchase, stats
+
+
+def resolved_floors(types_cfg, art: Path):
+    """The type-resolution settings with the kNN floors filled in: the config's where it sets
+    them, else the ones fit chose on its validation (knn_floors.json), else the constants."""
+    chosen = knn_floors.load(art) or {}
+    update = {}
+    for key, default in (("knn_min_similarity", KNN_MIN_SIMILARITY), ("knn_min_share", KNN_MIN_SHARE)):
+        if getattr(types_cfg, key) is None:
+            update[key] = float(chosen.get(key, default))
+    return types_cfg.model_copy(update=update) if update else types_cfg
 
 
 def _typed_schema() -> pa.Schema:

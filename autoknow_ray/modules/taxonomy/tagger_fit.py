@@ -14,7 +14,8 @@ from pathlib import Path
 import polars as pl
 
 from autoknow_ray.modules.taxonomy.config import TaggerConfig
-from autoknow_ray.modules.taxonomy.distant import build_examples
+from autoknow_ray.modules.taxonomy import type_names
+from autoknow_ray.modules.taxonomy.distant import build_examples, swap_types
 from autoknow_ray.nn.tagger import CONFIG, TrainSettings, train_span_tagger
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,17 @@ def fit_tagger(products: pl.DataFrame, cfg: TaggerConfig, out_dir: Path) -> dict
         raise ValueError(
             "distant supervision found no type or attribute value in any title: nothing to learn"
         )
+    names: tuple[str, ...] | list[str] = ()
+    if cfg.type_swap > 0:
+        names = type_names.load(cfg.type_names)
+        ds.stats["type_names_source"] = cfg.type_names
+        if not names and cfg.type_names == "auto" and "product_type" in products.columns:
+            # no public taxonomy beside the project: the catalogue's own type names
+            names = sorted({n for n in (type_names.usable(t) for t in
+                                        products["product_type"].drop_nulls().unique().to_list()) if n})
+            ds.stats["type_names_source"] = "catalogue"
+        ds.stats["type_names"] = len(names)
+    ds.examples, ds.stats["n_type_swapped"] = swap_types(ds.examples, names, cfg.type_swap, cfg.seed)
     settings = train_settings(cfg)
     extra = {"distant_supervision": ds.stats, "task": "title-tagger"}
     if cfg.use_ray_train:

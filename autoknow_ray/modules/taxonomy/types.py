@@ -28,7 +28,8 @@ import polars as pl
 import pyarrow as pa
 
 from autoknow_ray.index.knn_vote import LabelIndex, decide
-from autoknow_ray.modules.taxonomy.hypernym_config import TypeResolutionConfig
+from autoknow_ray.modules.taxonomy.hypernym_config import (
+    KNN_MIN_SHARE, KNN_MIN_SIMILARITY, TypeResolutionConfig)
 from autoknow_ray.schema import HAS_TYPE, TRIPLES
 from autoknow_ray.steps import Step, WorkerEnv
 from autoknow_ray.text import clean_surface, stem_tokens, type_key  # noqa: F401
@@ -115,6 +116,24 @@ class TypeNames:
         k = type_key(value)
         return self.known.get(k) or self.accepted.get(k)
 
+    def span_type(self, value: str | None) -> str | None:
+        """The type a tagger span names: its own name if known or accepted, else the longest
+        known or accepted tail of its words ("Mineral Sunscreen" names "sunscreen": an English
+        noun phrase ends in its head)."""
+        if value is None:
+            return None
+        k = type_key(value)
+        got = self.known.get(k) or self.accepted.get(k)
+        if got is not None:
+            return got
+        words = k.split()
+        for i in range(1, len(words)):
+            tail = " ".join(words[i:])
+            got = self.known.get(tail) or self.accepted.get(tail)
+            if got is not None:
+                return got
+        return None
+
     def catalogue(self, value: str | None) -> str | None:
         """A catalogue label as the taxonomy writes it (kept as given where the taxonomy lacks it)."""
         if not isinstance(value, str) or not value.strip():
@@ -125,7 +144,7 @@ class TypeNames:
     def first_pass(self, product_type: str | None, span_value: str | None) -> str | None:
         """The type a product has before corrections and the kNN vote: its catalogue label, else
         its tagger span's name."""
-        return self.catalogue(product_type) or self.canonical(span_value)
+        return self.catalogue(product_type) or self.span_type(span_value)
 
 
 def lower_case_taxonomy(taxonomy_types: list[str]) -> bool:
@@ -197,12 +216,39 @@ def accept_candidates(surfaces: pl.DataFrame, cfg: TypeResolutionConfig, lower: 
         pl.col("n").sum().alias("support"), pl.col("score_sum").sum().alias("_s"),
         pl.col("span_value").sort_by([pl.col("n"), pl.col("span_value")], descending=[True, False])
         .first().alias("type"))
+    per_key = _with_heads(per_key)
     out = per_key.with_columns((pl.col("_s") / pl.col("support")).alias("mean_score")).filter(
         (pl.col("support") >= cfg.min_support) & (pl.col("mean_score") >= cfg.min_score - 1e-6))
     if lower:
         out = out.with_columns(pl.col("type").str.to_lowercase())
     return out.select(pl.col("span_key").alias("key"), "type", pl.col("support").cast(pl.Int64),
                       pl.col("mean_score").cast(pl.Float32)).sort("key")
+
+
+def _with_heads(per_key: pl.DataFrame) -> pl.DataFrame:
+    """A key's support and score sum also count the spans that end in it: "Spray Sunscreen" and
+    "Mineral Sunscreen" support "sunscreen" where titles also write it alone (the resolution
+    maps them to it, `TypeNames.span_type`). Per distinct key: small."""
+    rows = per_key.select("span_key", "support", "_s").rows()
+    present = {k for k, _, _ in rows}
+    extra_n: dict[str, int] = defaultdict(int)
+    extra_s: dict[str, float] = defaultdict(float)
+    for k, n, sc in rows:
+        words = (k or "").split()
+        for i in range(1, len(words)):
+            tail = " ".join(words[i:])
+            if tail in present:
+                extra_n[tail] += n
+                extra_s[tail] += sc
+    if not extra_n:
+        return per_key
+    add = pl.DataFrame({"span_key": list(extra_n), "_n2": [extra_n[k] for k in extra_n],
+                        "_s2": [extra_s[k] for k in extra_n]},
+                       schema={"span_key": pl.String, "_n2": pl.Int64, "_s2": pl.Float64})
+    return (per_key.join(add, on="span_key", how="left")
+            .with_columns((pl.col("support") + pl.col("_n2").fill_null(0)).alias("support"),
+                          (pl.col("_s") + pl.col("_s2").fill_null(0.0)).alias("_s"))
+            .drop("_n2", "_s2"))
 
 
 def _vectors(column) -> np.ndarray:
@@ -239,7 +285,9 @@ class ResolveTypes(Step):
                  name_vectors: dict[str, np.ndarray], catalogue_reference: pl.DataFrame,
                  training_reference: tuple[list[str], np.ndarray] | None,
                  add_attributes: bool, min_attribute_score: float):
-        self.cfg = cfg
+        floors = {k: v for k, v in (("knn_min_similarity", KNN_MIN_SIMILARITY),
+                                    ("knn_min_share", KNN_MIN_SHARE)) if getattr(cfg, k) is None}
+        self.cfg = cfg.model_copy(update=floors) if floors else cfg
         self.names = names
         self.ancestors = ancestors
         self.name_vectors = {t: np.asarray(v, np.float16) for t, v in name_vectors.items()}
@@ -287,7 +335,7 @@ class ResolveTypes(Step):
         to_check, untyped = [], []
         for i in range(n):
             old_name = names.catalogue(olds[i])
-            new = names.canonical(span_values[i])
+            new = names.span_type(span_values[i])
             score = float(span_scores[i]) if span_scores[i] is not None else 0.0
             if old_name is not None:
                 if new is not None and type_key(new) == type_key(old_name):

@@ -108,3 +108,21 @@ def test_aggregate_and_bounded_sample(ray_session):
     assert 0 < sample.height <= 50
     with pytest.raises(ValueError, match="unknown function"):
         runtime.aggregate(ds, ["type"], {"x": ("median", "score")})
+
+
+def test_per_key_sample_keeps_the_dataset_column_order(ray_session):
+    """A per-type sample stacks with a plain row sample of the same dataset (the hypernym
+    context joins the two): same columns, same order."""
+    import ray
+
+    from autoknow_ray.modules.taxonomy import sample
+
+    ds = ray.data.from_arrow(pa.table({"product_id": [f"p{i}" for i in range(30)],
+                                       "product_type": [f"t{i % 3}" for i in range(30)],
+                                       "score": [float(i) for i in range(30)]}))
+    rows, counts = sample.per_key_sample(ds, "product_type", "product_id", 4, 100, seed=0)
+    assert rows.columns == ["product_id", "product_type", "score"]
+    assert rows.group_by("product_type").len()["len"].max() <= 4
+    assert sorted(counts["n"].to_list()) == [10, 10, 10]
+    more = runtime.bounded_sample(ds, 5, seed=0)
+    assert pl.concat([rows, more], how="vertical_relaxed").height == rows.height + 5

@@ -78,7 +78,10 @@ def per_key_sample(ds, key: str, id_column: str, per_key: int, cap: int, seed: i
     if not parts:
         return pl.DataFrame(), counts
     rows = pl.concat(parts, how="vertical_relaxed").sort([key, _U, id_column])
-    rows = rows.group_by(key, maintain_order=True).head(take).drop(_U)
+    # group_by().head() moves the key first: give the rows back in the dataset's column order,
+    # so they stack with other samples of the same dataset
+    order = [c for c in parts[0].columns if c != _U]
+    rows = rows.group_by(key, maintain_order=True).head(take).select(order)
     return rows.head(cap), counts
 
 

@@ -338,9 +338,7 @@ class TaxonomyStage(Stage):
                     sample.where_in(typed, "product_id", set(extra)), len(extra), ctx.cfg.seed)
                 more = more.filter(pl.col("product_type").is_not_null()) if more.height else more
                 if more.height:
-                    # the per-type sample and the row sample list their columns in other orders
-                    context = (pl.concat([context, more.select(context.columns)], how="vertical_relaxed")
-                               if context.height else more)
+                    context = pl.concat([context, more], how="vertical_relaxed") if context.height else more
         if context.height:
             context = context.sort("product_id")
         return context, behavior, copurchase, stats

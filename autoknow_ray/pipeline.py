@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from autoknow_ray import __version__, progress
 from autoknow_ray.config import Config
+from autoknow_ray.memory import MemorySampler
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -189,7 +190,8 @@ def run_stages(stages: list[Stage], ctx: RunContext, *, force: bool = False) -> 
         log.info("stage %s: running", stage.name)
         progress.stage_started(stage.name)
         t0 = time.perf_counter()
-        counts = stage.run(ctx)
+        with MemorySampler(interval=0.25) as driver_memory:
+            counts = stage.run(ctx)
         seconds = time.perf_counter() - t0
         ctx.out = ctx.resume = None
         rows = counts.get("rows_in") or counts.get("rows_out") or 0
@@ -201,6 +203,8 @@ def run_stages(stages: list[Stage], ctx: RunContext, *, force: bool = False) -> 
             "seconds": round(seconds, 3),
             "rows_per_s": round(rows / seconds, 1) if seconds > 0 else None,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            # what the stage cost the driver (autoknow_ray/memory.py: heap vs object-store pages)
+            "driver_memory": driver_memory.stage_figures(),
             **counts,
         }
         _write_json_atomic(tmp / MANIFEST, manifest)

@@ -20,6 +20,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from autoknow_ray.memory import MemorySampler as DriverMemorySampler  # noqa: F401 (the bench's name)
+
 _TITLE = re.compile(r"MapBatches\((\w+)\)")
 
 
@@ -207,65 +209,3 @@ class MemorySampler:
                        if self.proc_available else "unavailable (/proc not present)"),
         }
 
-
-def self_rss() -> int | None:
-    """This process's resident set now (VmRSS), in bytes; None where /proc is absent."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        import psutil
-
-        return int(psutil.Process().memory_info().rss)
-    except Exception:
-        return None
-
-
-class DriverMemorySampler:
-    """The driver's resident memory while one rebuild runs: sampled every `interval` s by a
-    background thread, reported as the peak minus the baseline taken just before the run (the
-    process's lifetime high-water mark would carry earlier runs and the bench's own set-up)."""
-
-    def __init__(self, interval: float = 0.2):
-        self.interval = interval
-        self.baseline: int | None = None
-        self.peak: int | None = None
-        self.samples = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _sample(self):
-        rss = self_rss()
-        if rss is not None:
-            self.peak = rss if self.peak is None else max(self.peak, rss)
-            self.samples += 1
-
-    def _loop(self):
-        while not self._stop.is_set():
-            self._sample()
-            self._stop.wait(self.interval)
-
-    def __enter__(self):
-        self.baseline = self_rss()
-        self.peak = self.baseline
-        self._thread = threading.Thread(target=self._loop, name="bench-driver-rss", daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        self._sample()
-
-    def summary(self) -> dict:
-        grown = (self.peak - self.baseline
-                 if self.peak is not None and self.baseline is not None else None)
-        return {"baseline_bytes": self.baseline, "peak_bytes": self.peak,
-                "peak_over_baseline_bytes": grown, "samples": self.samples,
-                "method": f"VmRSS of the driver every {self.interval}s while the rebuild ran, "
-                          "peak minus the value just before it"}

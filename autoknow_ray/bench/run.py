@@ -197,12 +197,18 @@ def run_one(catalogue: Path, n: int, workers: int, cfg, cluster: dict, models: P
         "memory": mem_summary,
         # sampled while this rebuild ran, over the driver's memory just before it
         "driver_peak_rss_bytes": driver.summary()["peak_over_baseline_bytes"],
+        # its heap alone (RssAnon): without the object store's shared pages it mapped
+        "driver_peak_heap_bytes": driver.summary().get("anon_peak_over_baseline_bytes"),
         "driver_memory": driver.summary(),
         "ray_data_stats": {k: v.get("stats", "") for k, v in model_ops.items()},
     }
 
 
 # ---- derived figures -----------------------------------------------------------------------------
+def _growth(small: dict, large: dict, key: str) -> float | None:
+    return large[key] / small[key] if large.get(key) and small.get(key) else None
+
+
 def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float] | None:
     """(fixed, per unit) of y = a + b·x by least squares; None with fewer than 2 distinct x."""
     if len(set(xs)) < 2:
@@ -510,9 +516,9 @@ def summarize(rows: list[dict], sizes: list[int], workers: list[int], sweep_n: i
                             f" (no two sizes ≥ {GROWTH_MIN_SIZE:,}: fixed costs weigh in)")),
         "seconds_per_1k": {str(r["n"]): r["seconds_per_1k"] for r in by_size},
         "driver_peak_rss_bytes": {str(r["n"]): r.get("driver_peak_rss_bytes") for r in by_size},
-        "driver_memory_growth": (large["driver_peak_rss_bytes"] / small["driver_peak_rss_bytes"]
-                                 if large.get("driver_peak_rss_bytes")
-                                 and small.get("driver_peak_rss_bytes") else None),
+        "driver_memory_growth": _growth(small, large, "driver_peak_rss_bytes"),
+        "driver_peak_heap_bytes": {str(r["n"]): r.get("driver_peak_heap_bytes") for r in by_size},
+        "driver_heap_growth": _growth(small, large, "driver_peak_heap_bytes"),
         "fixed_seconds": fit_total[0] if fit_total else None,
         "marginal_seconds_per_1k": fit_total[1] * 1000 if fit_total else None,
         "model_fixed_seconds": fit_model[0] if fit_model else None,

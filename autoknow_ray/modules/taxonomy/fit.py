@@ -15,6 +15,7 @@ import polars as pl
 
 from autoknow_ray import runtime
 from autoknow_ray.graph.state import count_rows
+from autoknow_ray.index.vectors import as_matrix
 from autoknow_ray.modules.taxonomy import knn_floors, sample
 from autoknow_ray.modules.taxonomy.hypernym import HypernymClassifier
 from autoknow_ray.modules.taxonomy.tagger_fit import fit_tagger
@@ -65,7 +66,7 @@ def fit_taxonomy(ctx: RunContext, out: Path) -> dict:
     reference = _head_per_type(typed, cfg.reference_per_type, cfg.reference_max)
     result["reference"] = save_type_reference(reference, out)
     floors = (knn_floors.choose_floors(reference["product_type"].to_list(),
-                                       np.asarray(reference["embedding"].to_list(), np.float32),
+                                       as_matrix(reference["embedding"], np.float32),
                                        k=cfg.types.knn_k, seed=seed)
               if reference.height else {"skipped": "no typed products"})
     knn_floors.save(floors, out)
@@ -103,7 +104,7 @@ def _scaled_stats(context: pl.DataFrame, counts: pl.DataFrame) -> pl.DataFrame |
     full = dict(counts.select("product_type", "n").iter_rows())
     rows = []
     for (t,), grp in context.group_by(["product_type"], maintain_order=True):
-        vec = np.asarray(grp["embedding"].to_list(), dtype=np.float64).sum(0)
+        vec = as_matrix(grp["embedding"], np.float64).sum(0)
         n_full = int(full.get(t, grp.height))
         rows.append({"type": t, "n": n_full, "sum": (vec * n_full / grp.height).tolist()})
     return pl.DataFrame(rows, schema={"type": pl.String, "n": pl.Int64, "sum": pl.List(pl.Float64)})
@@ -137,7 +138,7 @@ def save_type_reference(sample_rows: pl.DataFrame, out: Path) -> dict:
     if sample_rows.height == 0:
         return {"rows": 0}
     rows = sample_rows.sort(["product_type", "title"])
-    vecs = np.asarray(rows["embedding"].to_list(), dtype=np.float32).astype(np.float16)
+    vecs = as_matrix(rows["embedding"], np.float16)
     save_file({"vectors": vecs}, str(out / REFERENCE_WEIGHTS))
     (out / REFERENCE_META).write_text(json.dumps({"types": rows["product_type"].to_list(),
                                                   "titles": rows["title"].to_list()}))

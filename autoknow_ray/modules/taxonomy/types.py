@@ -28,6 +28,7 @@ import polars as pl
 import pyarrow as pa
 
 from autoknow_ray.index.knn_vote import LabelIndex, decide
+from autoknow_ray.index.vectors import as_matrix
 from autoknow_ray.modules.taxonomy.hypernym_config import (
     KNN_MIN_SHARE, KNN_MIN_SIMILARITY, TypeResolutionConfig)
 from autoknow_ray.schema import HAS_TYPE, TRIPLES
@@ -253,9 +254,7 @@ def _with_heads(per_key: pl.DataFrame) -> pl.DataFrame:
 
 def _vectors(column) -> np.ndarray:
     """A fixed-size-list column of title vectors as L2-normalised float32 rows."""
-    col = column.combine_chunks() if hasattr(column, "combine_chunks") else column
-    dim = col.type.list_size
-    v = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)  # offsets kept
+    v = as_matrix(column, np.float32)
     return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
 
 
@@ -296,8 +295,8 @@ class ResolveTypes(Step):
         self.ref_ids = ref["product_id"].to_list() if ref.height else []
         self.ref_types = ref["ref_type"].to_list() if ref.height else []
         self.ref_catalogue = ref["from_catalogue"].to_list() if ref.height else []
-        self.ref_vecs = (np.asarray(ref["embedding"].to_list(), dtype=np.float16) if ref.height
-                         else np.zeros((0, 0), np.float16))
+        self.ref_vecs = as_matrix(ref["embedding"], np.float16) if ref.height \
+            else np.zeros((0, 0), np.float16)
         if training_reference is not None and len(training_reference[0]):
             types = [names.canonical(t) or t for t in training_reference[0]]
             self.train_ref = (types, np.asarray(training_reference[1], dtype=np.float16))

@@ -33,6 +33,7 @@ from rapidfuzz import fuzz
 
 from autoknow_ray import progress
 from autoknow_ray.index.faiss_index import VectorIndex
+from autoknow_ray.index.vectors import as_matrix
 from autoknow_ray.modules.taxonomy.hypernym_config import HypernymConfig
 from autoknow_ray.modules.taxonomy.types import (
     ancestors_map,
@@ -197,14 +198,17 @@ class _Context:
             ti = self.tidx.get(pt)
             return key_to_type.get(type_key(pt)) if ti is None else ti
 
-        rows_pid, rows_title, rows_type, rows_vec = [], [], [], []
+        rows_pid, rows_title, rows_type, rows_at = [], [], [], []
+        given_vecs = None  # the sample's title vectors as one matrix (never a float per object)
         if products is not None and products.height:
             cols = products.columns
             n_rows = products.height
             ptypes = products.get_column("product_type").to_list() if "product_type" in cols else [None] * n_rows
             titles = products.get_column("title").to_list() if "title" in cols else [None] * n_rows
-            vecs = products.get_column("embedding").to_list() if "embedding" in cols else [None] * n_rows
-            for pid, title, pt, vec in zip(products.get_column("product_id").to_list(), titles, ptypes, vecs):
+            if "embedding" in cols and products.get_column("embedding").null_count() == 0:
+                given_vecs = as_matrix(products.get_column("embedding"), np.float32)
+            for i, (pid, title, pt) in enumerate(zip(products.get_column("product_id").to_list(),
+                                                     titles, ptypes)):
                 if pid is None:
                     continue
                 if title is not None:
@@ -215,13 +219,13 @@ class _Context:
                 rows_pid.append(pid)
                 rows_title.append(title or "")
                 rows_type.append(ti)
-                rows_vec.append(vec)
+                rows_at.append(i)
         self.prod_ids = rows_pid
         self.prow = {p: i for i, p in enumerate(rows_pid)}
         self.prod_type = np.asarray(rows_type, dtype=np.int64)
         P = len(rows_pid)
-        if P and all(v is not None for v in rows_vec):
-            self.prod_emb = _normalize_rows(np.asarray(rows_vec, dtype=np.float32))
+        if P and given_vecs is not None:
+            self.prod_emb = _normalize_rows(given_vecs[np.asarray(rows_at, dtype=np.int64)])
         else:
             self.prod_emb = _encode(encoder, rows_title) if P else np.zeros((0, self.dim), np.float32)
 

@@ -16,6 +16,7 @@ import numpy as np
 import polars as pl
 
 from autoknow_ray.graph import state
+from autoknow_ray.index.vectors import as_matrix
 from autoknow_ray.modules.relations.config import RelationsConfig
 from autoknow_ray.modules.relations.counting import count_mentions, sample_vocabulary
 from autoknow_ray.modules.relations.features import (
@@ -43,7 +44,7 @@ class RelationsModels:
         self.importance = load_scorer(folder / IMPORTANCE)[0] if (folder / IMPORTANCE).is_dir() else None
         known = pl.read_parquet(folder / KNOWN)
         self.types = known["type"].to_list()
-        self.embeddings = np.asarray(known["embedding"].to_list(), dtype=np.float32)
+        self.embeddings = as_matrix(known["embedding"], np.float32)
         self.applies = known["applies"].to_list()
 
     def known(self, attributes: list[str]) -> Known:

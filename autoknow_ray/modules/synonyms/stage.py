@@ -23,6 +23,7 @@ import ray
 
 from autoknow_ray import runtime
 from autoknow_ray.graph import state
+from autoknow_ray.index.vectors import as_matrix
 from autoknow_ray.modules.synonyms import model as pair_model
 from autoknow_ray.modules.synonyms.candidates import PAIR_KEY, behaviour_pairs, cosine_of, knn_pairs
 from autoknow_ray.modules.synonyms.cluster import clusters
@@ -165,7 +166,7 @@ class SynonymsStage(Stage):
                                         vocab.height))
         out = out.join(vocab.select("kind", "attribute", "term", "n"),
                        on=["kind", "attribute", "term"], how="left").sort(["kind", "attribute", "term"])
-        vectors = np.asarray(out["embedding"].to_list(), dtype=np.float32)
+        vectors = as_matrix(out["embedding"], np.float32).copy()
         vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-6)
         return out.drop("embedding"), vectors
 

@@ -109,6 +109,7 @@ class TaxonomyStage(Stage):
             resolve = self._resolve_step(ctx, tm, names, parents, art, encoder, typed_types)
             decisions_dir = ctx.out / "_decisions"
             runtime.map_step(tm, resolve, ctx.cfg, n).write_parquet(str(decisions_dir))
+            del resolve  # its reference index lives on in the workers only
             counts = self._write_products(ctx, products_path, decisions_dir, n, parts)
         else:
             candidates, tm, typed_types = pl.DataFrame(schema=CANDIDATES_SCHEMA), None, set()
@@ -225,9 +226,7 @@ class TaxonomyStage(Stage):
             tm.select_columns(["product_id", "product_type", "span_value", "embedding"])
             .map_batches(first_pass, batch_format="pyarrow"),
             cfg.types.knn_catalogue_sample, ctx.cfg.seed)
-        if reference.height:
-            reference = reference.sort("product_id")
-        else:
+        if not reference.height:
             reference = pl.DataFrame(schema={"product_id": pl.String, "ref_type": pl.String,
                                              "from_catalogue": pl.Boolean, "embedding": pl.List(pl.Float32)})
         # every name a correction compares: the taxonomy's, the accepted new ones, the catalogue's

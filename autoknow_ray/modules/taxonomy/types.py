@@ -290,12 +290,20 @@ class ResolveTypes(Step):
         self.names = names
         self.ancestors = ancestors
         self.name_vectors = {t: np.asarray(v, np.float16) for t, v in name_vectors.items()}
-        # catalogue_reference: product_id, ref_type, from_catalogue, embedding (fp16 rows)
+        # catalogue_reference: product_id, ref_type, from_catalogue, embedding (fp16 rows), in
+        # any order: kept in product_id order (the same index whatever order the sample came in),
+        # the vectors copied once into one fp16 matrix
         ref = catalogue_reference
-        self.ref_ids = ref["product_id"].to_list() if ref.height else []
-        self.ref_types = ref["ref_type"].to_list() if ref.height else []
-        self.ref_catalogue = ref["from_catalogue"].to_list() if ref.height else []
-        self.ref_vecs = as_matrix(ref["embedding"], np.float16) if ref.height \
+        order = ref["product_id"].arg_sort().to_numpy() if ref.height else np.zeros(0, np.int64)
+
+        def ordered(column: str) -> list:
+            values = ref[column].to_list()
+            return [values[i] for i in order]
+
+        self.ref_ids = ordered("product_id") if ref.height else []
+        self.ref_types = ordered("ref_type") if ref.height else []
+        self.ref_catalogue = ordered("from_catalogue") if ref.height else []
+        self.ref_vecs = as_matrix(ref["embedding"], np.float16)[order] if ref.height \
             else np.zeros((0, 0), np.float16)
         if training_reference is not None and len(training_reference[0]):
             types = [names.canonical(t) or t for t in training_reference[0]]

@@ -3,14 +3,14 @@
 Each stage writes into `RUN/.<stage>.tmp/` and is moved to `RUN/<stage>/` only when it is
 complete, with `manifest.json` last. A stage whose manifest fingerprint matches its inputs,
 config and code is skipped on re-run; a stage killed mid-way left only a tmp folder, which the
-next run discards. So a killed job resumes without duplicating output.
+next run discards. So a killed job resumes without duplicating output. The run directory may be
+an object-store URI (`autoknow_ray.storage`): there the move is a copy with the manifest last.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -20,7 +20,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from autoknow_ray import __version__, progress
+from autoknow_ray import __version__, progress, storage
 from autoknow_ray.config import Config
 from autoknow_ray.memory import MemorySampler
 
@@ -30,6 +30,7 @@ MANIFEST = "manifest.json"
 
 @dataclass
 class RunContext:
+    # local Paths, or storage.RemotePath for object-store URIs
     run_dir: Path
     catalogue: Path
     cfg: Config
@@ -61,38 +62,39 @@ class RunContext:
 
 def table_file(folder: Path, name: str) -> Path:
     """Where table `name` lives in `folder`: `name.parquet`, else the shard folder `name/`."""
-    single = Path(folder) / f"{name}.parquet"
-    return single if single.exists() else Path(folder) / name
+    folder = storage.path(folder)
+    single = folder / f"{name}.parquet"
+    return single if single.exists() else folder / name
 
 
 def read_parquet_any(path: Path, columns: list[str] | None = None) -> pl.DataFrame:
     """A Parquet file or a folder of Parquet shards, as one polars DataFrame."""
-    path = Path(path)
+    path = storage.path(path)
     if path.is_dir():
-        files = sorted(str(p) for p in path.rglob("*.parquet"))
+        fs, files = storage.dataset_files(sorted(path.rglob("*.parquet")))
         if not files:
             return pl.DataFrame()
-        return pl.from_arrow(pq.ParquetDataset(files).read(columns=columns))
-    return pl.from_arrow(pq.read_table(path, columns=columns))
+        return pl.from_arrow(pq.ParquetDataset(files, filesystem=fs).read(columns=columns))
+    return pl.from_arrow(pq.read_table(str(path), columns=columns))
 
 
 def count_rows(path: Path) -> int:
     """Rows of a Parquet file or folder of shards, from the footers alone (0 when absent)."""
-    path = Path(path)
+    path = storage.path(path)
     if not path.exists():
         return 0
     files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    return sum(pq.ParquetFile(str(f)).metadata.num_rows for f in files)
 
 
 def ensure_shards(folder: Path, schema: pa.Schema) -> None:
     """A shard folder that readers can open: Ray writes no file for an empty dataset, so an
     empty one gets one empty shard with the table's schema."""
-    folder = Path(folder)
+    folder = storage.path(folder)
     if folder.is_dir() and any(folder.rglob("*.parquet")):
         return
     folder.mkdir(parents=True, exist_ok=True)
-    pq.write_table(schema.empty_table(), folder / "part-00000.parquet")
+    pq.write_table(schema.empty_table(), str(folder / "part-00000.parquet"))
 
 
 def write_table(path: Path, table: pa.Table | pl.DataFrame, schema: pa.Schema | None = None):
@@ -103,7 +105,7 @@ def write_table(path: Path, table: pa.Table | pl.DataFrame, schema: pa.Schema | 
     if schema is not None:
         table = conform(table, schema)
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path)
+    pq.write_table(table, str(path))
 
 
 @lru_cache(maxsize=1)
@@ -150,7 +152,7 @@ class Stage:
 
 
 def read_manifest(d: Path) -> dict:
-    p = Path(d) / MANIFEST
+    p = storage.path(d) / MANIFEST
     if not p.exists():
         return {}
     try:
@@ -180,12 +182,12 @@ def run_stages(stages: list[Stage], ctx: RunContext, *, force: bool = False) -> 
             continue
         tmp = ctx.run_dir / f".{stage.name}.tmp"
         if tmp.exists():
-            shutil.rmtree(tmp)  # the remains of a run that was killed mid-stage
+            storage.rmtree(tmp)  # the remains of a run that was killed mid-stage
         tmp.mkdir(parents=True)
         resume_root = ctx.run_dir / f".{stage.name}.resume"
         for old in resume_root.glob("*"):
             if old.name != fp:  # finished chunks of other inputs, config or code: not reusable
-                shutil.rmtree(old)
+                storage.rmtree(old)
         ctx.out, ctx.resume = tmp, resume_root / fp
         log.info("stage %s: running", stage.name)
         progress.stage_started(stage.name)
@@ -208,9 +210,7 @@ def run_stages(stages: list[Stage], ctx: RunContext, *, force: bool = False) -> 
             **counts,
         }
         _write_json_atomic(tmp / MANIFEST, manifest)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.replace(final)
-        shutil.rmtree(resume_root, ignore_errors=True)
+        storage.replace_dir(tmp, final, last=MANIFEST)
+        storage.rmtree(resume_root)
         results.append({**manifest, "skipped": False})
     return results

@@ -10,7 +10,7 @@ import logging
 import time
 from pathlib import Path
 
-from autoknow_ray import runtime
+from autoknow_ray import runtime, storage
 from autoknow_ray.config import Config, load_config
 from autoknow_ray.pipeline import RunContext, Stage, read_manifest, run_stages
 
@@ -86,8 +86,6 @@ def fit_inputs(catalogue: Path, cfg: Config, modules: list[str]) -> str:
     """What a models folder was fitted on: the catalogue's files (name, size, mtime), the config
     sections the fit reads and the package's source. `rebuild` without `--models` fits again
     when this changes, instead of reusing models fitted on another catalogue or config."""
-    import os
-
     from autoknow_ray.catalogue.reader import find_table_files
     from autoknow_ray.pipeline import source_fingerprint
     from autoknow_ray.schema import CATALOGUE_TABLES
@@ -95,7 +93,7 @@ def fit_inputs(catalogue: Path, cfg: Config, modules: list[str]) -> str:
     files = {}
     for table in CATALOGUE_TABLES:
         for f, _ in find_table_files(catalogue, table):
-            st = os.stat(f)
+            st = f.stat()
             files[str(f.relative_to(catalogue))] = [st.st_size, st.st_mtime_ns]
     parts = {"catalogue": str(catalogue.resolve()), "files": files, "modules": sorted(modules),
              "config": cfg.section_hash("seed", "device", "ingest", *modules),
@@ -111,7 +109,8 @@ def fit(catalogue: str | Path, out: str | Path, *, config: Config | str | Path |
         modules: list[str] | None = None, address: str | None = None) -> dict:
     """Train the module models on `catalogue`, write artifacts to `out`."""
     cfg = _as_config(config)
-    catalogue, out = Path(catalogue), Path(out)
+    storage.require_local(out, "models")
+    catalogue, out = storage.path(catalogue), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cluster = runtime.connect(cfg, address)
     runtime.check_shared_storage({"catalogue": catalogue, "models": out})
@@ -148,13 +147,16 @@ def fit(catalogue: str | Path, out: str | Path, *, config: Config | str | Path |
 def rebuild(catalogue: str | Path, out: str | Path, *, models: str | Path | None = None,
             config: Config | str | Path | None = None, address: str | None = None,
             force: bool = False) -> dict:
-    """The full job. Without `models`, fits on this catalogue first (into RUN/models)."""
+    """The full job. Without `models`, fits on this catalogue first (into RUN/models). The
+    catalogue and `out` may be object-store URIs (autoknow_ray.storage); `models` is local."""
     cfg = _as_config(config)
-    catalogue, out = Path(catalogue), Path(out)
+    catalogue, out = storage.path(catalogue), storage.path(out)
     if not catalogue.is_dir():
         raise FileNotFoundError(f"catalogue directory not found: {catalogue}")
-    out.mkdir(parents=True, exist_ok=True)
     needs_models = bool(modules_with_models(cfg))
+    if models is not None or needs_models:
+        storage.require_local(models if models is not None else out / "models", "models")
+    out.mkdir(parents=True, exist_ok=True)
     if needs_models and models is None:
         models = out / "models"
         fitted = read_manifest(models)

@@ -55,10 +55,13 @@ def connect(cfg: Config, address: str | None = None) -> dict:
 
 
 def _sees_file(path: str, token: str) -> bool:
-    from pathlib import Path
+    from autoknow_ray import storage
 
-    p = Path(path)
-    return p.is_file() and p.read_text() == token
+    p = storage.path(path)
+    try:
+        return p.is_file() and p.read_text() == token
+    except OSError:  # an object store this node has no credentials or endpoint for
+        return False
 
 
 def _probe_on_node(node_id: str, path: str, token: str) -> bool:
@@ -75,9 +78,11 @@ def check_shared_storage(folders: dict[str, "Path"], nodes: list[str] | None = N
     a node that cannot would write its tasks' output where no one reads it, or fail to read its
     input. On a multi-node cluster the driver writes a token file in each folder and a task pinned
     to every other node reads it back; a folder a node cannot see stops the job here, with the
-    node and the folder named, before any row is processed."""
+    node and the folder named, before any row is processed. An object-store URI is checked the
+    same way: every node reaches the bucket, but each needs its credentials and endpoint."""
     import uuid
-    from pathlib import Path
+
+    from autoknow_ray import storage
 
     if nodes is None:
         if not ray.is_initialized():
@@ -89,9 +94,9 @@ def check_shared_storage(folders: dict[str, "Path"], nodes: list[str] | None = N
     if not others:
         return
     probe = probe or _probe_on_node
-    problems = []
+    problems, remote = [], False
     for what, folder in folders.items():
-        folder = Path(folder)
+        folder = storage.path(folder)
         if not folder.is_dir():
             continue
         token = uuid.uuid4().hex
@@ -101,13 +106,16 @@ def check_shared_storage(folders: dict[str, "Path"], nodes: list[str] | None = N
             for node in others:
                 if not probe(node, str(sentinel), token):
                     problems.append(f"node {node[:12]} cannot see the {what} folder {folder}")
+                    remote = remote or storage.is_remote(folder)
         finally:
             sentinel.unlink(missing_ok=True)
     if problems:
         raise RuntimeError(
             "storage not shared across the cluster: " + "; ".join(problems)
             + ". Put the catalogue, models and run directory on storage every node mounts at the "
-            "same path (EFS, Filestore, NFS, a ReadWriteMany volume); see docs/cluster.md.")
+            "same path (EFS, Filestore, NFS, a ReadWriteMany volume) or on an object store"
+            + (" whose credentials and endpoint (AWS_* variables) every node has" if remote else "")
+            + "; see docs/cluster.md.")
 
 
 def quiet_ray_data() -> None:
@@ -355,15 +363,15 @@ def map_step_checkpointed(files: list[str], step, cfg: Config, out, resume=None,
     `chunk_rows` input rows (whole files; default: the step's `checkpoint_rows`) with a completion
     marker per chunk in `resume` (the stage's `ctx.resume`). A job killed late in a long
     per-product stage resumes without redoing the finished chunks. Outputs are hard-linked into
-    `out` (copied where the filesystem has no links). Returns {"chunks", "skipped", "rows"}."""
+    `out` (copied where the filesystem has no links, and on object stores).
+    Returns {"chunks", "skipped", "rows"}."""
     import json
-    import os
-    import shutil
-    from pathlib import Path
 
     import pyarrow.parquet as pq
 
-    out = Path(out)
+    from autoknow_ray import storage
+
+    out = storage.path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = sorted(str(f) for f in files)
     rows = [pq.ParquetFile(f).metadata.num_rows for f in files]
@@ -377,7 +385,7 @@ def map_step_checkpointed(files: list[str], step, cfg: Config, out, resume=None,
         if not chunks or sum(rows[j] for j in chunks[-1]) + n > limit:
             chunks.append([])
         chunks[-1].append(i)
-    resume = Path(resume)
+    resume = storage.path(resume)
     resume.mkdir(parents=True, exist_ok=True)
     skipped = 0
     for c, members in enumerate(chunks):
@@ -388,17 +396,13 @@ def map_step_checkpointed(files: list[str], step, cfg: Config, out, resume=None,
             skipped += 1
             continue
         if target.exists():
-            shutil.rmtree(target)  # a chunk that was being written when the job died
+            storage.rmtree(target)  # a chunk that was being written when the job died
         n = sum(rows[i] for i in members)
         map_step(read_parquet(chunk_files), step, cfg, n).write_parquet(str(target))
         marker.write_text(json.dumps({"files": chunk_files, "rows": n}))
     for c in range(len(chunks)):
         for f in sorted((resume / f"chunk-{c:05d}").glob("*.parquet")):
-            dst = out / f"chunk-{c:05d}-{f.name}"
-            try:
-                os.link(f, dst)
-            except OSError:
-                shutil.copy2(f, dst)
+            storage.link_or_copy(f, out / f"chunk-{c:05d}-{f.name}")
     return {"chunks": len(chunks), "skipped": skipped, "rows": sum(rows)}
 
 

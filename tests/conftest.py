@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,22 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("AUTOKNOW_PROGRESS", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The object-store tests (test_storage_s3.py) serve an S3 API on this loopback port. pyarrow, in
+# the driver and in every Ray worker, takes its endpoint and credentials from these variables, so
+# they are set before the session's Ray starts (its workers inherit them); the fake credentials
+# also keep any test from reaching a real account.
+S3_ENDPOINT = f"http://127.0.0.1:{_free_port()}"
+os.environ.update({"AWS_ENDPOINT_URL": S3_ENDPOINT, "AWS_ACCESS_KEY_ID": "testing",
+                   "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                   "AWS_EC2_METADATA_DISABLED": "true"})
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("AUTOKNOW_SHARED_DATA", REPO.parent / "shared" / "data"))

@@ -16,8 +16,6 @@ The taxonomy is small (types, not products): it is read to the driver, and a cyc
 """
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import polars as pl
@@ -25,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from autoknow_ray import runtime
+from autoknow_ray import runtime, storage
 from autoknow_ray.catalogue.reader import find_table_files, read_table, validated_schema
 from autoknow_ray.catalogue.validate import UNIQUE_KEYS
 from autoknow_ray.pipeline import RunContext, Stage, count_rows, ensure_shards
@@ -153,11 +151,11 @@ def _ingest_taxonomy(ds, out: Path, quarantine: Path) -> dict:
     rows = break_cycles(rows.sort(["_source", "_row"], maintain_order=True))
     table = conform(rows.to_arrow(), validated_schema("taxonomy"))
     out.mkdir(parents=True, exist_ok=True)
-    pq.write_table(good_rows(table, "taxonomy"), out / "part-00000.parquet")
+    pq.write_table(good_rows(table, "taxonomy"), str(out / "part-00000.parquet"))
     bad = quarantine_rows(table, "taxonomy")
     if bad.num_rows:
         quarantine.mkdir(parents=True, exist_ok=True)
-        pq.write_table(bad, quarantine / "part-00000.parquet")
+        pq.write_table(bad, str(quarantine / "part-00000.parquet"))
     return {"rows_in": rows.height,
             "taxonomy_cycles_broken": int(rows["_reason"].str.starts_with(CYCLE).sum())}
 
@@ -189,29 +187,29 @@ def check_in_one_task(validated: str, table: str, products: str, out: str,
     """What `_checked` and the two writes do, for a table small enough to be one partition:
     every row of a key is in it, so the first occurrence is kept exactly as the shuffle keeps it,
     and the product ids are a set instead of a join. Runs as one Ray task."""
-    files = sorted(Path(validated).rglob("*.parquet"))
+    files = sorted(storage.path(validated).rglob("*.parquet"))
     schema = validated_schema(table)
-    batch = pa.concat_tables([conform(pq.read_table(f), schema) for f in files])
+    batch = pa.concat_tables([conform(pq.read_table(str(f)), schema) for f in files])
     key = UNIQUE_KEYS.get(table)
     if key:
         batch = first_occurrence(batch, table, key)
     for column in PRODUCT_REFERENCES.get(table, ()):
-        ids = pa.concat_tables([pq.read_table(f, columns=["product_id"])
-                                for f in sorted(Path(products).rglob("*.parquet"))])
+        ids = pa.concat_tables([pq.read_table(str(f), columns=["product_id"])
+                                for f in sorted(storage.path(products).rglob("*.parquet"))])
         known = pc.is_in(batch.column(column), value_set=pc.unique(ids.column("product_id")))
         label = UNKNOWN_PRODUCT if column == "product_id" else f"{UNKNOWN_PRODUCT} ({column})"
         batch = mark_unknown(batch.append_column("_known", pc.if_else(known, True, None)),
                              column, label)
     for folder, rows in ((out, good_rows(batch, table)), (quarantine, quarantine_rows(batch, table))):
         if rows.num_rows:
-            Path(folder).mkdir(parents=True, exist_ok=True)
-            pq.write_table(rows, Path(folder) / "part-00000.parquet")
+            storage.path(folder).mkdir(parents=True, exist_ok=True)
+            pq.write_table(rows, str(storage.path(folder) / "part-00000.parquet"))
 
 
 def count_reasons_in_one_task(quarantine: str) -> dict[tuple[str, str], int]:
-    files = sorted(Path(quarantine).rglob("*.parquet"))
+    files = sorted(storage.path(quarantine).rglob("*.parquet"))
     kinds = pl.from_arrow(reason_kinds(pa.concat_tables(
-        [pq.read_table(f, columns=["table", "reason"]) for f in files])))
+        [pq.read_table(str(f), columns=["table", "reason"]) for f in files])))
     return {(t, k): int(n) for t, k, n in kinds.group_by("table", "kind").len().iter_rows()}
 
 
@@ -253,7 +251,7 @@ class IngestStage(Stage):
         files = {}
         for table in CATALOGUE_TABLES:
             for f, _ in find_table_files(ctx.catalogue, table):
-                st = os.stat(f)
+                st = f.stat()
                 files[str(f.relative_to(ctx.catalogue))] = [st.st_size, st.st_mtime_ns]
         return {"catalogue": str(ctx.catalogue.resolve()), "files": files}
 
@@ -280,7 +278,7 @@ class IngestStage(Stage):
             counts["rows_quarantined"] = count_rows(ctx.out / "quarantine" / table)
             check_balance(table, counts["rows_in"], counts["rows_out"], counts["rows_quarantined"])
             tables[table] = counts
-        shutil.rmtree(staging, ignore_errors=True)
+        storage.rmtree(staging)
         ensure_shards(ctx.out / "quarantine", QUARANTINE)
         reasons = self._reasons(ctx.out / "quarantine", cfg.single_task_rows)
         for table, counts in tables.items():

@@ -18,6 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from autoknow_ray import storage
 from autoknow_ray.catalogue.validate import VALIDATORS, RowError
 from autoknow_ray.config import IngestConfig
 from autoknow_ray.schema import CATALOGUE_TABLES
@@ -34,7 +35,8 @@ BOM = b"\xef\xbb\xbf"
 
 
 def find_table_files(catalogue: Path, name: str) -> list[tuple[Path, str]]:
-    """The files of one table, sorted, with their format; [] when the table is absent."""
+    """The files of one table, sorted, with their format; [] when the table is absent.
+    `catalogue`: a local Path or a storage.RemotePath."""
     found: list[tuple[Path, str]] = []
     for ext, fmt in FORMATS.items():
         f = catalogue / f"{name}{ext}"
@@ -42,9 +44,9 @@ def find_table_files(catalogue: Path, name: str) -> list[tuple[Path, str]]:
             found.append((f, fmt))
     d = catalogue / name
     if d.is_dir():
-        for f in sorted(d.rglob("*")):
+        for f in storage.files(d):
             fmt = FORMATS.get(f.suffix.lower())
-            if f.is_file() and fmt and not f.name.startswith((".", "_")):
+            if fmt and not f.name.startswith((".", "_")):
                 found.append((f, fmt))
     return found
 
@@ -133,6 +135,11 @@ def _csv_rows(data: bytes):
 def source_name(path: str, catalogue: str) -> str:
     """`path` relative to the catalogue (`products/part-0.parquet`), so two shards of the same
     name in different folders stay apart in the quarantine."""
+    if storage.is_uri(catalogue):
+        # Ray Data names an object-store file without its scheme (`bucket/key`)
+        root = catalogue.split("://", 1)[1].rstrip("/") + "/"
+        key = path.split("://", 1)[-1]
+        return key[len(root):] if key.startswith(root) else key.rsplit("/", 1)[-1]
     p = Path(path)
     try:
         return p.resolve().relative_to(Path(catalogue).resolve()).as_posix()
@@ -151,13 +158,13 @@ def parse_text_batch(batch: pa.Table, table: str, fmt: str, cfg: IngestConfig,
     return pa.concat_tables(parts)
 
 
-def parquet_units(files: list[Path], table: str) -> list[dict]:
+def parquet_units(files: list[str], table: str) -> list[dict]:
     """One unit of work per row group of every Parquet file (footers only, no rows): the file,
     the row group, the number of its first row in the file, and the table's columns it has."""
     wanted = CATALOGUE_TABLES[table].names
     units = []
     for f in files:
-        meta = pq.ParquetFile(f).metadata
+        meta = pq.ParquetFile(str(f)).metadata
         have = set(meta.schema.to_arrow_schema().names)
         columns = [c for c in wanted if c in have]
         first = 0
@@ -196,7 +203,7 @@ def read_table(catalogue: Path, table: str, cfg: IngestConfig):
     kwargs = {"table": table, "cfg": cfg, "catalogue": str(catalogue)}
     for fmt, paths in sorted(by_fmt.items()):
         if fmt == "parquet":
-            units = parquet_units([Path(p) for p in paths], table)
+            units = parquet_units(paths, table)
             if not units:
                 continue
             ds = ray.data.from_items(units, override_num_blocks=len(units))

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import time
 from pathlib import Path
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from autoknow_ray import storage
 from autoknow_ray.graph.export import scan_batches, table_dataset
 from autoknow_ray.pipeline import RunContext, Stage, read_manifest, table_file
 from autoknow_ray.schema import GRAPH_TABLES
@@ -85,7 +85,7 @@ def table_rows(path: Path) -> int:
     ds = table_dataset(path)
     if ds is None:
         return 0
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in ds.files)
+    return sum(pq.ParquetFile(f, filesystem=ds.filesystem).metadata.num_rows for f in ds.files)
 
 
 def _scalar(v) -> bool:
@@ -222,7 +222,8 @@ def graph_tables(run: Path) -> dict[str, dict]:
         head = []
         for f in ds.files if ds else []:  # the first file's first row group (tiny scanner
             # batches would make the dataset scanner cut a whole shard into them first)
-            first = next(pq.ParquetFile(f).iter_batches(batch_size=TABLE_SAMPLE_ROWS), None)
+            first = next(pq.ParquetFile(f, filesystem=ds.filesystem).iter_batches(
+                batch_size=TABLE_SAMPLE_ROWS), None)
             if first is not None and first.num_rows:
                 head = first.to_pylist()
                 break
@@ -295,7 +296,7 @@ def eval_rows(run: Path) -> list[dict]:
 
 # ---- the report ----------------------------------------------------------------------------------
 def build_report(run: Path, stage_names: list[str] | None = None, meta: dict | None = None) -> dict:
-    run = Path(run)
+    run = storage.path(run)
     names = stage_names if stage_names is not None else stage_names_in(run)
     stages = [e for e in (_stage_entry(run, n) for n in names if n != "report") if e]
     g = read_manifest(run / "graph")
@@ -332,7 +333,7 @@ def build_report(run: Path, stage_names: list[str] | None = None, meta: dict | N
 def write_report(run: Path, stage_names: list[str] | None = None, meta: dict | None = None) -> dict:
     from autoknow_ray.eval.report_html import render_html
 
-    run = Path(run)
+    run = storage.path(run)
     report = build_report(run, stage_names, meta)
     (run / "report.json").write_text(json.dumps(report, indent=2, default=str))
     (run / "report.html").write_text(render_html(report), encoding="utf-8")
@@ -342,7 +343,7 @@ def write_report(run: Path, stage_names: list[str] | None = None, meta: dict | N
 def rerender(run: str | Path) -> bool:
     """Write the report again (after `autoknow eval` added RUN/eval.json); False when `run` has
     no report yet (a baseline's folder, a run that did not reach the report stage)."""
-    run = Path(run)
+    run = storage.path(run)
     p = run / "report.json"
     if not p.exists():
         return False
@@ -370,11 +371,11 @@ class ReportStage(Stage):
         q = ctx.table_path("ingest", "quarantine")
         published = table_file(ctx.run_dir, "quarantine")
         if published.is_dir():
-            shutil.rmtree(published)
+            storage.rmtree(published)
         elif published.exists():
             published.unlink()
         if q.is_dir():
-            shutil.copytree(q, ctx.run_dir / "quarantine")
+            storage.copytree(q, ctx.run_dir / "quarantine")
         elif q.exists():
-            shutil.copyfile(q, ctx.run_dir / "quarantine.parquet")
+            storage.copy_file(q, ctx.run_dir / "quarantine.parquet")
         return {"rows_in": len(report["stages"]), "rows_out": len(report["stages"]), "rows_quarantined": 0}

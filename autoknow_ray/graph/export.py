@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
 
+from autoknow_ray import storage
 from autoknow_ray.pipeline import table_file
 from autoknow_ray.schema import GRAPH_TABLES, HAS_TYPE
 
@@ -36,17 +37,18 @@ FORMATS = ("nt", "neo4j")
 # ---- reading a table of the run without holding it ------------------------------------------
 def table_dataset(path: Path, schema: pa.Schema | None = None) -> pads.Dataset | None:
     """A Parquet file or a folder of Parquet shards as a pyarrow dataset (None when absent or
-    empty). `schema` unifies shards written with slightly different types (a null column)."""
-    path = Path(path)
+    empty). `schema` unifies shards written with slightly different types (a null column).
+    Its `files` are paths in its `filesystem` (for an object store: without the scheme)."""
+    path = storage.path(path)
     if path.is_dir():
-        files = sorted(str(p) for p in path.rglob("*.parquet"))
+        fs, files = storage.dataset_files(sorted(path.rglob("*.parquet")))
     elif path.exists():
-        files = [str(path)]
+        fs, files = storage.dataset_files([path])
     else:
         files = []
     if not files:
         return None
-    return pads.dataset(files, format="parquet", schema=schema)
+    return pads.dataset(files, format="parquet", schema=schema, filesystem=fs)
 
 
 def scan_batches(path: Path, columns: list[str] | None = None, filter=None,
@@ -68,7 +70,7 @@ def scan_batches(path: Path, columns: list[str] | None = None, filter=None,
 
 
 def graph_table(run: Path, name: str) -> Path:
-    return table_file(Path(run) / "graph", name)
+    return table_file(storage.path(run) / "graph", name)
 
 
 def _live_filter():

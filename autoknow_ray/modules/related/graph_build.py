@@ -50,7 +50,7 @@ def write_shards(ds, path: Path, schema: pa.Schema) -> int:
     if n == 0:
         import pyarrow.parquet as pq
 
-        pq.write_table(schema.empty_table(), path / "empty.parquet")
+        pq.write_table(schema.empty_table(), str(path / "empty.parquet"))
     return n
 
 

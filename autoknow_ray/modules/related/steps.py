@@ -14,15 +14,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from autoknow_ray import storage
 from autoknow_ray.steps import Step, WorkerEnv
 
 TEXT_DIM = 384
 
 
 def _read(path: Path, columns: list[str]) -> pa.Table:
-    path = Path(path)
+    path = storage.path(path)
     files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
-    tables = [pq.read_table(f, columns=columns) for f in files]
+    tables = [pq.read_table(str(f), columns=columns) for f in files]
     tables = [t for t in tables if t.num_rows]
     if not tables:
         return pa.table({c: [] for c in columns})
@@ -60,7 +61,7 @@ class CheckEdges(Step):
     def setup(self, env: WorkerEnv) -> None:
         from autoknow_ray.modules.related.model import id_hash
 
-        ids = _read(Path(self.products_path), ["product_id"]).column("product_id")
+        ids = _read(storage.path(self.products_path), ["product_id"]).column("product_id")
         self.known = np.unique(id_hash(ids.to_pylist()))
 
     def _unknown(self, ids: pa.ChunkedArray) -> np.ndarray:
@@ -149,7 +150,7 @@ class TextNeighbours(Step):
     def setup(self, env: WorkerEnv) -> None:
         from autoknow_ray.index.faiss_index import VectorIndex
 
-        t = _read(Path(self.nodes_path), ["product_id", "text"])
+        t = _read(storage.path(self.nodes_path), ["product_id", "text"])
         self.ids = t.column("product_id").combine_chunks() if t.num_rows else pa.array([], pa.string())
         self.index = VectorIndex("ip", ivf_min_size=self.ivf_min_size, nprobe=self.nprobe,
                                  seed=self.seed).build(_vectors(t.column("text"), TEXT_DIM))
@@ -169,11 +170,12 @@ class TextNeighbours(Step):
 
 def _read_neighbours(path: Path) -> pa.Table:
     cols = ["product_id", "kind", "neighbours", "weight_sum"]
-    files = sorted(Path(path).rglob("*.parquet")) if Path(path).is_dir() else [Path(path)]
+    path = storage.path(path)
+    files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
     names = set()
     for f in files:
-        names |= set(pq.read_schema(f).names)
-    return _read(Path(path), cols + (["weights"] if "weights" in names else []))
+        names |= set(pq.read_schema(str(f)).names)
+    return _read(path, cols + (["weights"] if "weights" in names else []))
 
 
 class NodeTables:
@@ -270,7 +272,7 @@ class DualEmbed(Step):
         self.torch = torch
         self.device = env.device
         self.model = load(Path(self.model_dir), env.device)
-        self.tables = NodeTables(Path(self.nodes_path), Path(self.neighbours_path), self.fanout)
+        self.tables = NodeTables(storage.path(self.nodes_path), storage.path(self.neighbours_path), self.fanout)
         t = self.tables
         self.t = {k: torch.from_numpy(getattr(t, k)).to(env.device)
                   for k in ("h0", "degree", "out_nb", "in_nb", "sim_nb")}
@@ -326,7 +328,7 @@ class Recommend(Step):
     def setup(self, env: WorkerEnv) -> None:
         from autoknow_ray.index.faiss_index import VectorIndex
 
-        t = _read(Path(self.path), ["product_id", "target"])
+        t = _read(storage.path(self.path), ["product_id", "target"])
         self.ids = t.column("product_id").combine_chunks() if t.num_rows else pa.array([], pa.string())
         dim = t.schema.field("target").type.list_size if t.num_rows else 1
         targets = _vectors(t.column("target"), dim)
@@ -335,7 +337,7 @@ class Recommend(Step):
         if self.uses_prior:
             self.targets = targets
             # the node table is indexed like the embeddings, so its rows are the FAISS ids
-            self.tables = NodeTables(Path(self.path), Path(self.neighbours_path), 1, with_h0=False,
+            self.tables = NodeTables(storage.path(self.path), storage.path(self.neighbours_path), 1, with_h0=False,
                                      prior_width=self.prior_candidates)
 
     def process_batch(self, batch: pa.Table) -> pa.Table:

@@ -16,7 +16,6 @@ workers as steps of the stage protocol:
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from autoknow_ray import runtime
+from autoknow_ray import runtime, storage
 from autoknow_ray.graph.state import count_rows
 from autoknow_ray.modules.taxonomy import knn_floors, sample
 from autoknow_ray.modules.taxonomy.fit import load_type_reference
@@ -145,7 +144,7 @@ class TaxonomyStage(Stage):
         ctx.write("hypernym_candidates", ranked)
         ctx.write("graph_taxonomy", graph_tax, GRAPH_TAXONOMY)
         for d in ("_title_models", "_decisions"):
-            shutil.rmtree(ctx.out / d, ignore_errors=True)
+            storage.rmtree(ctx.out / d)
         outcomes = counts.get("outcomes", {})
         unresolved = {k: v for k, v in outcomes.items() if k not in ("kept", "added", "corrected")}
         return {

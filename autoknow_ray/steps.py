@@ -31,6 +31,9 @@ class WorkerEnv:
     device: str = "cpu"  # "cuda" where the plan gave this worker a GPU (share)
     cpu_threads: int = 1  # torch threads for this worker
     batch_size: int = 64  # the model batch (rows per forward pass) from the resource plan
+    # (object-store URI, local folder) pairs: artifacts the runtime copies onto this worker's
+    # node before setup(), so a step's local artifact paths hold on every node
+    artifacts: tuple[tuple[str, str], ...] = ()
 
 
 class Step:

@@ -301,6 +301,48 @@ def dataset_files(files: list) -> tuple[object, list[str]]:
     return None, [str(f) for f in files]
 
 
+def local_copy(src, dest: Path | None = None) -> Path:
+    """A copy of the folder `src` (an object-store URI) on this node's disk, made once: the
+    models load from local files (transformers, safetensors). `dest` defaults to a folder under
+    $AUTOKNOW_CACHE_DIR (else the system's temp dir) named by a hash of the URI and its
+    manifest, so another fit at the same URI is another copy. Several processes may ask at once:
+    each copies into a folder of its own and the first rename wins; a folder without its
+    `.complete` marker (a copy that died) is copied again."""
+    import hashlib
+    import tempfile
+
+    src = path(src)
+    if isinstance(src, Path):
+        return src
+    if dest is None:
+        manifest = src / "manifest.json"
+        key = hashlib.sha256(str(src).encode()
+                             + (manifest.read_bytes() if manifest.exists() else b"")).hexdigest()[:20]
+        root = Path(os.environ.get("AUTOKNOW_CACHE_DIR") or Path(tempfile.gettempdir()) / "autoknow-cache")
+        dest = root / "models" / key
+    dest = Path(dest)
+    if (dest / ".complete").exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for f in files(src):
+        target = tmp / f.relative_to(src).as_posix()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(f.read_bytes())
+    (tmp / ".complete").write_text(str(src))
+    if (dest / ".complete").exists():  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+        return dest
+    shutil.rmtree(dest, ignore_errors=True)  # an unfinished copy of a process that died
+    try:
+        tmp.replace(dest)
+    except OSError:  # another process renamed its copy in between
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
 def require_local(p, what: str) -> None:
     """Stop with a clear error where `p` is an object-store URI but must be a local folder."""
     if is_remote(p):

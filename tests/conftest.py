@@ -22,8 +22,10 @@ def _free_port() -> int:
 # the driver and in every Ray worker, takes its endpoint and credentials from these variables, so
 # they are set before the session's Ray starts (its workers inherit them); the fake credentials
 # also keep any test from reaching a real account.
-S3_ENDPOINT = f"http://127.0.0.1:{_free_port()}"
-os.environ.update({"AWS_ENDPOINT_URL": S3_ENDPOINT, "AWS_ACCESS_KEY_ID": "testing",
+# A Ray worker that imports a test module imports this file too: it keeps the session's port
+# (inherited through the environment) instead of picking another.
+S3_ENDPOINT = os.environ.get("AUTOKNOW_TEST_S3_ENDPOINT") or f"http://127.0.0.1:{_free_port()}"
+os.environ.update({"AUTOKNOW_TEST_S3_ENDPOINT": S3_ENDPOINT, "AWS_ENDPOINT_URL": S3_ENDPOINT, "AWS_ACCESS_KEY_ID": "testing",
                    "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
                    "AWS_EC2_METADATA_DISABLED": "true"})
 

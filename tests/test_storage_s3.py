@@ -2,12 +2,17 @@
 server) on loopback: the same graph as on local paths, manifests in the bucket, resume."""
 from __future__ import annotations
 
+import json
+import shutil
 import socket
 import subprocess
 import sys
 import time
 
+from pathlib import Path
+
 import polars as pl
+import pyarrow as pa
 import pytest
 
 from autoknow_ray import storage
@@ -15,6 +20,7 @@ from autoknow_ray.catalogue.synth import synthesize
 from autoknow_ray.cli import main
 from autoknow_ray.pipeline import read_manifest, read_parquet_any, table_file
 from autoknow_ray.schema import GRAPH_TABLES
+from autoknow_ray.steps import Step
 from tests.conftest import REPO, S3_ENDPOINT
 
 # ingest -> graph -> report: every kind of read and write the pipeline does, without the models
@@ -170,13 +176,60 @@ def test_chunked_step_resumes_on_the_bucket(ray_session, s3):
     assert sorted(got) == sorted(f"p{i}-{j}" for i in range(6) for j in range(50))
 
 
-def test_remote_models_folder_is_refused_with_a_clear_error(runs, capsys):
+def test_a_fit_into_the_bucket_is_refused_with_a_clear_error(runs, capsys):
     args = ["rebuild", "--catalogue", str(runs["catalogue"]), "--out", str(runs["s3"])]
-    assert main([*args, "--models", f"s3://{BUCKET}/models"]) == 2
-    assert "must be a local path" in capsys.readouterr().err
+    assert main([*args, "--models", f"s3://{BUCKET}/no-models"]) == 2
+    assert "not a models folder" in capsys.readouterr().err
     # without --models, the fit would go into the bucket's RUN/models
     assert main([*args, "--config", str(REPO / "configs" / "test.yaml")]) == 2
     assert "must be a local path" in capsys.readouterr().err
+
+
+class _ReadsArtifact(Step):
+    """A model step in miniature: setup() reads a file of its local artifact folder."""
+
+    name = "reads_artifact"
+    model = True
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def setup(self, env):
+        self.size = len((Path(self.folder) / "taxonomy" / "weights.bin").read_bytes())
+
+    def process_batch(self, batch):
+        return pa.table({"id": batch.column("id"), "size": pa.array([self.size] * batch.num_rows)})
+
+
+def test_models_in_the_bucket_are_read_from_a_copy_on_each_node(runs, s3, tmp_path, monkeypatch):
+    import ray
+
+    from autoknow_ray import runtime
+    from autoknow_ray.config import load_config
+
+    monkeypatch.setenv("AUTOKNOW_CACHE_DIR", str(tmp_path / "cache"))
+    models = storage.path(f"s3://{BUCKET}/models")
+    (models / "manifest.json").write_text(json.dumps({"fingerprint": "m1"}))
+    (models / "taxonomy" / "weights.bin").write_bytes(b"w" * 1000)
+    local = runtime.use_models(models)
+    assert local.is_relative_to(tmp_path / "cache")
+    assert (local / "taxonomy" / "weights.bin").read_bytes() == b"w" * 1000
+    assert runtime.use_models(models) == local  # made once: the same folder again
+    # a worker makes the same copy on its node before setup(): gone here, it must copy again
+    shutil.rmtree(local)
+    runtime.use_models(models)
+    shutil.rmtree(local)
+    out = runtime.map_step(ray.data.from_items([{"id": i} for i in range(8)]),
+                           _ReadsArtifact(str(local)), load_config(CONFIG), 8).take_all()
+    assert sorted(r["size"] for r in out) == [1000] * 8
+    assert (local / ".complete").exists()
+    # the same through the command line: a rebuild with --models in the bucket
+    args = ["rebuild", "--catalogue", str(runs["catalogue"]), "--out", f"s3://{BUCKET}/run-m",
+            "--config", CONFIG, "--models", str(models)]
+    assert main(args) == 0
+    assert read_manifest(storage.path(f"s3://{BUCKET}/run-m/graph")).get("complete")
+    assert runtime.use_models(None) is None  # a later local run copies nothing on its workers
+    assert runtime._worker_env(runtime.plan_actors(load_config(CONFIG), "default", 8)).artifacts == ()
 
 
 def test_shared_storage_check_probes_object_stores_too(s3):

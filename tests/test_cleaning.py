@@ -37,10 +37,17 @@ def test_pairs_follow_the_article(catalogue):
     assert 300 <= len(pairs) <= 400
     labels = [p.label for p in pairs]
     assert 0.4 < sum(labels) / len(labels) < 0.6  # one negative per positive
-    assert stats["other_type"] and stats["other_attribute"] and stats["corrupt"] and stats["type"]
-    # a negative never repeats a value its type really has for the attribute
+    assert (stats["other_type"] and stats["swap"] and stats["other_attribute"] and stats["corrupt"]
+            and stats["type"])
+    # a negative never repeats a value its type really has for the attribute; a swap (another
+    # product's value) never repeats one the product itself has
     positives = {p.claim for p in pairs if p.label == 0}
-    assert not [p for p in pairs if p.label == 1 and p.claim in positives and p.kind != "type"]
+    assert not [p for p in pairs if p.label == 1 and p.claim in positives
+                and p.kind not in ("type", "swap")]
+    own = {(p.product_id, p.claim) for p in pairs if p.label == 0}
+    assert not [p for p in pairs if p.kind == "swap" and (p.product_id, p.claim) in own]
+    # every pair carries its value and title for the text features
+    assert all(p.value and p.title for p in pairs)
     # the same seed gives the same pairs
     again, _ = make_pairs(products, cfg, seed=0)
     assert [p.claim for p in again] == [p.claim for p in pairs]
@@ -69,6 +76,13 @@ def test_decide_removes_corrects_and_judges_type_fixes():
     assert ("has_type", "Coffee", "removed") in by  # module 1's weak type correction rejected
     assert ("has_type", "Tea", "corrected") in by  # and the catalogue type restored
     assert ("Size", "16 oz", "kept") in by and ("Brand", "Lipton", "kept") in by
+    # types have their own threshold: at 0.95 module 1's type correction (0.9) stands, the
+    # catalogue type stays retracted, and values are judged as before
+    rows = decide("p1", claims, [scores[(r, o)] for r, o, _ in claims], retracted, 0.5, True,
+                  type_threshold=0.95)
+    by = {(r["relation"], r["object"], r["status"]): r for r in rows}
+    assert ("has_type", "Coffee", "kept") in by and ("has_type", "Tea", "corrected") not in by
+    assert ("Flavor", "16 oz", "removed") in by
     # an empty value is reported, not lost
     claims2, _ = product_claims(None, [{"name": "Color", "value": ""}], None, None, None, None, None)
     rows2 = decide("p2", claims2, [None], set(), 0.5, True)
@@ -199,3 +213,35 @@ def test_fit_and_stage_with_upstream_edits(catalogue, tmp_path, ray_session):
     # every removal names a fact of the graph, which keeps it with status removed
     removed = edits.filter(pl.col("status") == "removed").height
     assert triples.filter((pl.col("module") == "cleaning") & (pl.col("status") == "removed")).height == removed
+
+
+def test_text_features_tell_a_written_value_from_a_typo_and_an_absent_one():
+    from autoknow_ray.modules.cleaning.model import TEXT_FEATURES, text_features
+
+    title = "Hills Bros. Mint Chocolate Drink Mix, 12 Count"
+    text = title + " . Ships fast. UPC: 012345678905"
+    exact = text_features("Mint Chocolate", title, text)
+    typo = text_features("Mnit Chocolaet", title, text)
+    absent = text_features("Vanilla Bean", title, text)
+    upc = text_features("012345678905", title, text)
+    assert len(exact) == len(TEXT_FEATURES)
+    assert exact[:4] == [1.0, 1.0, 1.0, 1.0]
+    assert typo[0] == 0.0 and absent[0] == 0.0 and typo[1] > absent[1]
+    assert upc[0] == 1.0 and upc[3] == 0.0  # in the description, not in the title
+    assert text_features("", title, text) == [0.0] * len(TEXT_FEATURES)
+
+
+def test_auto_threshold_prefers_the_highest_of_near_equal_ones():
+    import numpy as np
+
+    from autoknow_ray.modules.cleaning.fit import choose_threshold
+
+    # clean claims score up to 0.6, misassigned ones from 0.7: every threshold in (0.6, 0.7]
+    # separates them; with a tolerance the highest such one is taken
+    scores = np.array([0.1, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95])
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    low, stats = choose_threshold(scores, labels, 0.05, 0.5)
+    assert low == 0.7 and stats["val_weighted_f1"] == 1.0
+    high, _ = choose_threshold(scores, labels, 0.05, 0.5, tolerance=0.2)
+    assert high > low  # a little recall traded for fewer removals
+    assert choose_threshold(scores, np.zeros(8), 0.05, 0.5)[0] == 0.5

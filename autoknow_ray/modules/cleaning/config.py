@@ -15,13 +15,14 @@ class NegativeMix(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    other_type: float = Field(0.4, ge=0)  # a value of the same attribute from another type
-    other_attribute: float = Field(0.3, ge=0)  # a value of another attribute
-    corrupt: float = Field(0.3, ge=0)  # the value with a token replaced or its letters scrambled
+    other_type: float = Field(0.25, ge=0)  # a value of the same attribute from another type
+    swap: float = Field(0.25, ge=0)  # the same attribute's value of another product (any type)
+    other_attribute: float = Field(0.25, ge=0)  # a value of another attribute
+    corrupt: float = Field(0.25, ge=0)  # character edits, a token replaced, letters scrambled
 
     @model_validator(mode="after")
     def _some(self):
-        if self.other_type + self.other_attribute + self.corrupt <= 0:
+        if self.other_type + self.swap + self.other_attribute + self.corrupt <= 0:
             raise ValueError("cleaning.negatives: at least one share must be > 0")
         return self
 
@@ -33,12 +34,14 @@ class CleaningConfig(BaseModel):
 
     # model
     encoder: str = "default"  # "default" = packaged MiniLM; or a local folder / cached hub id
-    max_length: int = Field(96, ge=16, le=512)  # tokens of (attribute: value | type) + product text
+    max_length: int = Field(64, ge=16, le=512)  # tokens of (attribute: value | type) + product text
     max_value_chars: int = Field(120, ge=1)  # a value longer than this is cut before tokenising
     max_text_chars: int = Field(1200, ge=1)  # title + description, cut before tokenising
+    feature_text_chars: int = Field(20_000, ge=1)  # the text the text features search (string
+    # matching is cheap, so it reads far past what the transformer sees: a UPC at the end counts)
     # training data (the article: positives recur across a type's products; negatives swap values)
     max_train_products: int = Field(3000, ge=1)  # products sampled from the catalogue for fit
-    max_train_pairs: int = Field(3000, ge=2)  # positives + negatives, in total
+    max_train_pairs: int = Field(4000, ge=2)  # positives + negatives, in total
     min_attribute_products: int = Field(3, ge=1)  # an attribute is valid for a type when it is
     # set on at least this many of the type's products
     min_value_products: int = Field(1, ge=1)  # and a value counts as a positive when this many
@@ -46,13 +49,16 @@ class CleaningConfig(BaseModel):
     negatives_per_positive: float = Field(1.0, gt=0)
     negatives: NegativeMix = Field(default_factory=NegativeMix)
     type_share: float = Field(0.25, ge=0, le=1)  # share of the pairs that judge the product type
+    # the claim's text features (TEXT_FEATURES in model.py) beside the transformer: an exact or
+    # fuzzy match of the value in the product's text; their weight is learned from the pairs
+    text_features: bool = True
     # training
-    epochs: int = Field(2, ge=1)
+    epochs: int = Field(4, ge=1)
     # fine-tune only the top N transformer layers (and the head): the lower layers and the
     # embeddings stay frozen, so backward passes cost a fraction; 0 = fine-tune every layer
     train_layers: int = Field(2, ge=0)
-    lr: float = Field(5e-5, gt=0)
-    head_lr: float = Field(1e-3, gt=0)
+    lr: float = Field(1e-4, gt=0)
+    head_lr: float = Field(3e-3, gt=0)
     batch_size: int = Field(16, ge=1)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     val_fraction: float = Field(0.15, ge=0.05, lt=0.5)  # products held out to set the threshold
@@ -60,8 +66,12 @@ class CleaningConfig(BaseModel):
     # the removal threshold: a number, or `auto` = the one `fit` chose on its held-out pairs,
     # re-weighted to `expected_error_rate` misassigned values (the base rate the graph will see)
     threshold: float | Literal["auto"] = "auto"
+    type_threshold: float | Literal["auto"] = "auto"  # the same, for product-type claims
     expected_error_rate: float = Field(0.05, gt=0, lt=0.5)
     min_threshold: float = Field(0.5, ge=0, le=1)  # `auto` never goes below this
+    # `auto` takes the highest threshold whose weighted F1 is within this of the best: of
+    # thresholds that do about as well on the held-out pairs, the one that removes least
+    threshold_tolerance: float = Field(0.02, ge=0, le=1)
     # what the stage judges
     judge_types: bool = True  # score has_type triples (catalogue types and module 1's)
     correct_from_upstream: bool = True  # a removed catalogue value with an upstream value

@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from autoknow_ray import runtime
+from autoknow_ray import progress, runtime
 from autoknow_ray.eval.metrics import average_precision
 from autoknow_ray.modules.cleaning.config import CleaningConfig
-from autoknow_ray.modules.cleaning.model import (CrossEncoder, PairTokens, collate, save_model)
+from autoknow_ray.modules.cleaning.model import (TEXT_FEATURES, CrossEncoder, PairTokens, collate,
+                                                 save_model, text_features)
 from autoknow_ray.modules.cleaning.training_data import Pair, make_pairs
 from autoknow_ray.nn.encoder import load_tokenizer, pick_device, resolve_encoder, set_cpu_threads
 from autoknow_ray.pipeline import RunContext
@@ -52,14 +53,16 @@ def _tokenise(pairs: list[Pair], tokens: PairTokens) -> list[tuple]:
 
 
 def choose_threshold(scores: np.ndarray, labels: np.ndarray, error_rate: float,
-                     floor: float) -> tuple[float, dict]:
+                     floor: float, tolerance: float = 0.0) -> tuple[float, dict]:
     """The threshold with the best F1 once the held-out pairs are re-weighted so that misassigned
-    claims make up `error_rate` of them (training pairs are balanced; a graph is not)."""
+    claims make up `error_rate` of them (training pairs are balanced; a graph is not). Of the
+    thresholds within `tolerance` of that F1, the highest: the held-out pairs rarely hold the odd
+    but correct values a new catalogue has, so among near-equals the one that removes least."""
     n1, n0 = int(labels.sum()), int((1 - labels).sum())
     if n1 == 0 or n0 == 0:
         return max(floor, 0.5), {}
     w1 = error_rate / (1 - error_rate) * n0 / n1
-    best = (max(floor, 0.5), -1.0, 0.0, 0.0)
+    curve = []
     for t in np.unique(scores):
         if t < floor:
             continue
@@ -70,10 +73,28 @@ def choose_threshold(scores: np.ndarray, labels: np.ndarray, error_rate: float,
         p = tp / (tp + fp) if tp + fp else 0.0
         r = tp / (tp + fn) if tp + fn else 0.0
         f = 2 * p * r / (p + r) if p + r else 0.0
-        if f > best[1]:
-            best = (float(t), f, p, r)
+        curve.append((float(t), f, p, r))
+    if not curve:
+        return max(floor, 0.5), {}
+    top = max(c[1] for c in curve)
+    best = max((c for c in curve if c[1] >= top - tolerance), key=lambda c: c[0])
     return best[0], {"val_weighted_f1": round(best[1], 4), "val_weighted_precision": round(best[2], 4),
                      "val_weighted_recall": round(best[3], 4)}
+
+
+TYPE_KINDS = ("type", "type_positive")
+
+
+def _threshold(setting, scores: np.ndarray, labels: np.ndarray, cfg: CleaningConfig,
+               fallback: float | None = None) -> tuple[float, dict]:
+    """A configured number, or `auto`: chosen on these held-out pairs (the fallback, else the
+    floor, when they hold one class only)."""
+    if setting != "auto":
+        return float(setting), {}
+    if fallback is not None and (labels.sum() == 0 or labels.sum() == len(labels)):
+        return fallback, {}
+    return choose_threshold(scores, labels, cfg.expected_error_rate, cfg.min_threshold,
+                            cfg.threshold_tolerance)
 
 
 def freeze_lower_layers(model: CrossEncoder, train_layers: int) -> list:
@@ -115,12 +136,16 @@ def train_cross_encoder(pairs: list[Pair], cfg: CleaningConfig, out: Path, seed:
     if not val or not train:
         val, train = pairs[: max(1, len(pairs) // 7)], pairs[max(1, len(pairs) // 7):]
     train_rows, val_rows = _tokenise(train, tokens), _tokenise(val, tokens)
+    use_f = cfg.text_features
+    f_train = [text_features(p.value, p.title, p.feature_text) for p in train] if use_f else None
+    f_val = [text_features(p.value, p.title, p.feature_text) for p in val] if use_f else None
     y_train = torch.tensor([p.label for p in train], dtype=torch.float32)
-    model = CrossEncoder(enc_path).to(dev)
+    model = CrossEncoder(enc_path, len(TEXT_FEATURES) if use_f else 0).to(dev)
     trainable = freeze_lower_layers(model, cfg.train_layers)
     opt = torch.optim.AdamW([
         {"params": trainable, "lr": cfg.lr},
-        {"params": model.head.parameters(), "lr": cfg.head_lr},
+        {"params": [*model.head.parameters(),
+                    *(model.features.parameters() if use_f else ())], "lr": cfg.head_lr},
     ], weight_decay=0.01)
     steps = cfg.epochs * math.ceil(len(train_rows) / cfg.batch_size)
     warm = max(1, int(cfg.warmup_ratio * steps))
@@ -133,7 +158,8 @@ def train_cross_encoder(pairs: list[Pair], cfg: CleaningConfig, out: Path, seed:
         model.train()
         total = 0.0
         for idx in _length_batches(train_rows, cfg.batch_size, rng):
-            batch = collate([train_rows[j] for j in idx], tokenizer.pad_token_id, dev)
+            batch = collate([train_rows[j] for j in idx], tokenizer.pad_token_id, dev,
+                            [f_train[j] for j in idx] if use_f else None)
             loss = loss_fn(model(**batch), y_train[idx].to(dev))
             opt.zero_grad()
             loss.backward()
@@ -142,25 +168,32 @@ def train_cross_encoder(pairs: list[Pair], cfg: CleaningConfig, out: Path, seed:
             sched.step()
             total += loss.item() * len(idx)
         history.append(round(total / len(train_rows), 4))
+        progress.epoch_line("cleaning", epoch + 1, cfg.epochs, {"loss": history[-1]})
     model.eval()
     scores = np.zeros(len(val_rows), dtype=np.float32)
     with torch.inference_mode():
         for i in range(0, len(val_rows), 64):
-            batch = collate(val_rows[i : i + 64], tokenizer.pad_token_id, dev)
+            batch = collate(val_rows[i : i + 64], tokenizer.pad_token_id, dev,
+                            f_val[i : i + 64] if use_f else None)
             scores[i : i + 64] = torch.sigmoid(model(**batch)).cpu().numpy()
     labels = np.array([p.label for p in val])
-    if cfg.threshold == "auto":
-        threshold, val_stats = choose_threshold(scores, labels, cfg.expected_error_rate,
-                                                cfg.min_threshold)
-    else:
-        threshold, val_stats = float(cfg.threshold), {}
+    # values and types get a threshold each: the two claims differ in how hard and how common
+    # their errors are, and a type wrongly removed takes the product out of its type
+    is_type = np.array([p.kind in TYPE_KINDS for p in val], dtype=bool)
+    threshold, val_stats = _threshold(cfg.threshold, scores[~is_type], labels[~is_type], cfg)
+    type_threshold, type_stats = _threshold(cfg.type_threshold, scores[is_type], labels[is_type],
+                                            cfg, fallback=threshold)
+    val_stats.update({f"type_{k}": v for k, v in type_stats.items()})
     auc = round(average_precision(labels.tolist(), scores.tolist()), 4)
     per_kind = {}
     for kind in sorted({p.kind for p in val}):
         sel = np.array([p.kind == kind for p in val])
-        per_kind[kind] = round(float(((scores[sel] >= threshold) == (labels[sel] == 1)).mean()), 4)
+        t = type_threshold if kind in TYPE_KINDS else threshold
+        per_kind[kind] = round(float(((scores[sel] >= t) == (labels[sel] == 1)).mean()), 4)
     meta = {"max_length": cfg.max_length, "max_value_chars": cfg.max_value_chars,
-            "max_text_chars": cfg.max_text_chars, "threshold": threshold, "encoder": cfg.encoder,
+            "max_text_chars": cfg.max_text_chars, "feature_text_chars": cfg.feature_text_chars,
+            "threshold": threshold, "type_threshold": type_threshold, "encoder": cfg.encoder,
+            "text_features": list(TEXT_FEATURES) if use_f else [],
             "train_pairs": len(train), "val_pairs": len(val), "val_auc_pr": round(auc, 4),
             "val_accuracy_by_kind": per_kind, "loss_by_epoch": history, **val_stats}
     save_model(model.cpu(), tokenizer, out, meta)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import re
+
 import numpy as np
 import torch
 
@@ -36,16 +38,61 @@ def product_text(title: str | None, description: str | None, max_chars: int) -> 
     return text[:max_chars]
 
 
+_WORD = re.compile(r"\w+")
+# How the claim's value stands in the product's own text, beside what the transformer reads: an
+# exact substring, a fuzzy match (a typo scores high but not 1), the share of the value's words
+# the text has, its length. The model learns their weight from the catalogue's own pairs, so a
+# catalogue whose values are seldom written in the text teaches it to ignore them.
+TEXT_FEATURES = ("exact", "partial", "word_share", "title_exact", "length")
+
+
+def text_features(value: str, title: str, text: str) -> list[float]:
+    from rapidfuzz import fuzz
+
+    v = " ".join((value or "").casefold().split())
+    t = " ".join((text or "").casefold().split())
+    ti = " ".join((title or "").casefold().split())
+    if not v:
+        return [0.0] * len(TEXT_FEATURES)
+    words = _WORD.findall(v)
+    have = set(_WORD.findall(t))
+    return [float(v in t), fuzz.partial_ratio(v, t) / 100.0 if t else 0.0,
+            sum(w in have for w in words) / len(words) if words else 0.0,
+            float(v in ti), min(len(v), 60) / 60.0]
+
+
 class CrossEncoder(torch.nn.Module):
-    def __init__(self, encoder_path: str):
+    """Mean-pooled encoder → linear logit, plus (when `n_features`) a small MLP over the
+    claim's text features whose logit is added: an additive model the pairs train end to end."""
+
+    def __init__(self, encoder_path: str, n_features: int = 0):
         super().__init__()
         self.encoder = load_encoder(encoder_path)
         self.head = torch.nn.Linear(int(self.encoder.config.hidden_size), 1)
+        self.n_features = n_features
+        self.features = torch.nn.Sequential(
+            torch.nn.Linear(n_features, 16), torch.nn.GELU(), torch.nn.Linear(16, 1)) \
+            if n_features else None
 
-    def forward(self, input_ids, attention_mask, token_type_ids):
+    def forward(self, input_ids, attention_mask, token_type_ids, features=None):
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
                               token_type_ids=token_type_ids).last_hidden_state
-        return self.head(mean_pool(hidden, attention_mask)).squeeze(-1)
+        logit = self.head(mean_pool(hidden, attention_mask)).squeeze(-1)
+        if self.features is not None:
+            logit = logit + self.features(features.to(logit.dtype)).squeeze(-1)
+        return logit
+
+    def head_state(self) -> dict:
+        out = {k: v for k, v in self.head.state_dict().items()}
+        if self.features is not None:
+            out.update({f"features.{k}": v for k, v in self.features.state_dict().items()})
+        return out
+
+    def load_head_state(self, state: dict) -> None:
+        self.head.load_state_dict({k: v for k, v in state.items() if not k.startswith("features.")})
+        if self.features is not None:
+            self.features.load_state_dict({k[len("features."):]: v for k, v in state.items()
+                                           if k.startswith("features.")})
 
 
 class PairTokens:
@@ -73,7 +120,9 @@ class PairTokens:
         return out
 
 
-def collate(rows: list[tuple], pad_id: int, device) -> dict:
+def collate(rows: list[tuple], pad_id: int, device, features=None) -> dict:
+    """Padded tensors of (input_ids, token_type_ids) rows; `features` (one list per row) rides
+    along when the model has a feature head."""
     n = max(len(r[0]) for r in rows)
     ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
     types = torch.zeros((len(rows), n), dtype=torch.long)
@@ -82,8 +131,11 @@ def collate(rows: list[tuple], pad_id: int, device) -> dict:
         ids[i, : len(a)] = torch.tensor(a)
         types[i, : len(b)] = torch.tensor(b)
         mask[i, : len(a)] = 1
-    return {"input_ids": ids.to(device), "token_type_ids": types.to(device),
-            "attention_mask": mask.to(device)}
+    out = {"input_ids": ids.to(device), "token_type_ids": types.to(device),
+           "attention_mask": mask.to(device)}
+    if features is not None:
+        out["features"] = torch.tensor(features, dtype=torch.float32).to(device)
+    return out
 
 
 class MisassignmentScorer:
@@ -103,15 +155,29 @@ class MisassignmentScorer:
     def threshold(self) -> float:
         return float(self.meta["threshold"])
 
+    @property
+    def type_threshold(self) -> float:
+        """The threshold for type claims (models fitted before it had one use `threshold`)."""
+        return float(self.meta.get("type_threshold", self.meta["threshold"]))
+
+    @property
+    def uses_features(self) -> bool:
+        return bool(self.meta.get("text_features"))
+
     @torch.inference_mode()
-    def score(self, claims: list[str], texts: list[str], text_of: list[int]) -> np.ndarray:
-        """P(misassigned) per claim; `texts` are the distinct product texts of the call."""
+    def score(self, claims: list[str], texts: list[str], text_of: list[int],
+              features: list[list[float]] | None = None) -> np.ndarray:
+        """P(misassigned) per claim; `texts` are the distinct product texts of the call;
+        `features` (per claim, `text_features`) when the model was fitted with them."""
         out = np.zeros(len(claims), dtype=np.float32)
         if not claims:
             return out
+        if self.uses_features and features is None:
+            raise ValueError("this cleaning model needs the claims' text features")
         rows = self.tokens.pairs(claims, self.tokens.ids(texts), text_of)
         for idx in length_buckets([len(r[0]) for r in rows], self.batch_size):
-            enc = collate([rows[i] for i in idx], self.tokenizer.pad_token_id, self.device)
+            feats = [features[i] for i in idx] if self.uses_features else None
+            enc = collate([rows[i] for i in idx], self.tokenizer.pad_token_id, self.device, feats)
             with autocast(self.device, self.bf16):
                 logits = self.model(**enc)
             out[idx] = torch.sigmoid(logits.float()).cpu().numpy()
@@ -124,13 +190,15 @@ def save_model(model: CrossEncoder, tokenizer, out: Path, meta: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model.encoder.save_pretrained(out / "encoder", safe_serialization=True)
     tokenizer.save_pretrained(out / "encoder")
-    save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, str(out / WEIGHTS))
+    save_file({k: v.contiguous() for k, v in model.head_state().items()}, str(out / WEIGHTS))
     (out / CONFIG).write_text(json.dumps(meta, indent=2))
 
 
 def load_model(model_dir: Path) -> CrossEncoder:
     from safetensors.torch import load_file
 
-    model = CrossEncoder(resolve_encoder(str(model_dir / "encoder")))
-    model.head.load_state_dict(load_file(str(model_dir / WEIGHTS)))
+    meta = json.loads((model_dir / CONFIG).read_text())
+    model = CrossEncoder(resolve_encoder(str(model_dir / "encoder")),
+                         len(meta.get("text_features") or ()))
+    model.load_head_state(load_file(str(model_dir / WEIGHTS)))
     return model

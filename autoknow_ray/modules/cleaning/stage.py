@@ -7,6 +7,7 @@ Nothing is deleted: the graph keeps removed triples with their status.
 """
 from __future__ import annotations
 
+import json
 import time
 
 import pyarrow as pa
@@ -64,7 +65,13 @@ class CleaningStage(Stage):
             products = products.join(upstream, join_type="left_outer", num_partitions=parts,
                                      on=("product_id",))
         step = ScoreTriples(model_dir, None if cfg.threshold == "auto" else float(cfg.threshold),
-                            cfg.judge_types, cfg.correct_from_upstream, cfg.bf16, ctx.cfg.device)
+                            cfg.judge_types, cfg.correct_from_upstream, cfg.bf16, ctx.cfg.device,
+                            None if cfg.type_threshold == "auto" else float(cfg.type_threshold))
+        meta = json.loads((model_dir / "config.json").read_text())
+        step_thresholds = (
+            meta["threshold"] if cfg.threshold == "auto" else float(cfg.threshold),
+            meta.get("type_threshold", meta["threshold"]) if cfg.type_threshold == "auto"
+            else float(cfg.type_threshold))
         t0 = time.perf_counter()
         runtime.map_step(products, step, ctx.cfg, n).write_parquet(str(ctx.out / "scores"))
         seconds = time.perf_counter() - t0
@@ -89,6 +96,9 @@ class CleaningStage(Stage):
             "type_corrections_rejected": counts.get("removed.upstream_type_correction", 0),
             "by_status": counts,
             "threshold": cfg.threshold,
+            "type_threshold": cfg.type_threshold,
+            # the numbers used: the config's, or those `fit` chose (`auto`)
+            "thresholds_used": {"value": step_thresholds[0], "type": step_thresholds[1]},
         }
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from autoknow_ray.modules.cleaning.model import TYPE_RELATION, claim_text, product_text
+from autoknow_ray.modules.cleaning.model import (TYPE_RELATION, claim_text, product_text,
+                                                 text_features)
 from autoknow_ray.schema import CLEANING_SCORES
 from autoknow_ray.steps import Step, WorkerEnv
 
@@ -56,14 +57,19 @@ def _evidence(**kw) -> str:
 
 
 def decide(pid: str, claims: list, scores: list, retracted: set, threshold: float,
-           correct: bool) -> list[dict]:
+           correct: bool, type_threshold: float | None = None) -> list[dict]:
     """The scores-table rows of one product: each claim kept or removed, and `corrected` rows for
     a removed catalogue value an upstream module can replace, or a catalogue type restored when
     module 1's correction of it is rejected."""
     rows = []
     live_up = {}
+    type_t = threshold if type_threshold is None else type_threshold
+
+    def limit(rel):
+        return type_t if rel == TYPE_RELATION else threshold
+
     for (rel, obj, origin), s in zip(claims, scores):
-        if origin != CATALOGUE and s is not None and s < threshold:
+        if origin != CATALOGUE and s is not None and s < limit(rel):
             if rel not in live_up or s < live_up[rel][1]:
                 live_up[rel] = (obj, s, origin)
     rejected_type_fix = False
@@ -74,7 +80,7 @@ def decide(pid: str, claims: list, scores: list, retracted: set, threshold: floa
             row["evidence"] = _evidence(reason="not scored: empty value")
         elif origin == CATALOGUE and (rel, obj) in retracted:
             row["status"] = "upstream_removed"
-        elif s >= threshold:
+        elif s >= limit(rel):
             row.update(status="removed", confidence=s)
             if origin == CATALOGUE:
                 row["evidence"] = _evidence(score=round(s, 4), reason="misassigned catalogue value",
@@ -97,7 +103,7 @@ def decide(pid: str, claims: list, scores: list, retracted: set, threshold: floa
     if rejected_type_fix:
         for row in list(rows):
             if (row["relation"] == TYPE_RELATION and row["status"] == "upstream_removed"
-                    and row["score"] is not None and row["score"] < threshold):
+                    and row["score"] is not None and row["score"] < type_t):
                 rows.append(dict(row, status="corrected", confidence=1.0 - row["score"],
                                  evidence=_evidence(score=round(row["score"], 4),
                                                     reason="module 1's type correction rejected; "
@@ -114,9 +120,11 @@ class ScoreTriples(Step):
     model = True
 
     def __init__(self, model_dir: str | Path, threshold: float | None, judge_types: bool,
-                 correct_from_upstream: bool, bf16, device: str = "auto"):
+                 correct_from_upstream: bool, bf16, device: str = "auto",
+                 type_threshold: float | None = None):
         self.model_dir = str(model_dir)
         self.threshold_override = threshold
+        self.type_threshold_override = type_threshold
         self.judge_types = judge_types
         self.correct = correct_from_upstream
         self.bf16 = bf16
@@ -136,12 +144,18 @@ class ScoreTriples(Step):
     def threshold(self) -> float:
         return self.scorer.threshold if self.threshold_override is None else self.threshold_override
 
+    @property
+    def type_threshold(self) -> float:
+        return (self.scorer.type_threshold if self.type_threshold_override is None
+                else self.type_threshold_override)
+
     def process_batch(self, batch: pa.Table) -> pa.Table:
         meta = self.scorer.meta
         cols = {c: _col(batch, c) for c in ("product_id", "title", "description", "type",
                                             "product_type", "attributes", "brand", "up_relation",
                                             "up_object", "up_status", "up_module")}
-        per_product, claims, texts, text_of = [], [], [], []
+        per_product, claims, texts, text_of, feats = [], [], [], [], []
+        use_f = self.scorer.uses_features
         for i, pid in enumerate(cols["product_id"]):
             cl, retracted = product_claims(cols["product_type"][i], cols["attributes"][i],
                                            cols["brand"][i], cols["up_relation"][i],
@@ -152,18 +166,23 @@ class ScoreTriples(Step):
             texts.append(product_text(cols["title"][i], cols["description"][i],
                                       meta["max_text_chars"]))
             current = cols["type"][i] or cols["product_type"][i]
+            ftext = product_text(cols["title"][i], cols["description"][i],
+                                 meta.get("feature_text_chars", meta["max_text_chars"])) if use_f else ""
             judged = []
             for rel, obj, origin in cl:
                 if isinstance(obj, str) and obj.strip():
                     judged.append(len(claims))
                     claims.append(claim_text(rel, obj, current, meta["max_value_chars"]))
                     text_of.append(i)
+                    if use_f:
+                        feats.append(text_features(obj, cols["title"][i] or "", ftext))
                 else:
                     judged.append(None)
             per_product.append((pid, cl, judged, retracted))
-        scores = self.scorer.score(claims, texts, text_of)
+        scores = self.scorer.score(claims, texts, text_of, feats if use_f else None)
         rows = []
         for pid, cl, judged, retracted in per_product:
             s = [None if j is None else float(scores[j]) for j in judged]
-            rows.extend(decide(pid, cl, s, retracted, self.threshold, self.correct))
+            rows.extend(decide(pid, cl, s, retracted, self.threshold, self.correct,
+                               self.type_threshold))
         return pa.Table.from_pylist(rows, schema=CLEANING_SCORES)

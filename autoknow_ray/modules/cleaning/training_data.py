@@ -24,7 +24,10 @@ class Pair:
     claim: str
     text: str
     label: int  # 1 = misassigned
-    kind: str  # positive | other_type | other_attribute | corrupt | type
+    kind: str  # positive | other_type | swap | other_attribute | corrupt | type
+    value: str = ""  # the claim's value (or type), for the text features
+    title: str = ""
+    feature_text: str = ""  # title + description up to `feature_text_chars`, for the features
 
 
 def facts_of(products: pl.DataFrame) -> pl.DataFrame:
@@ -58,8 +61,31 @@ def valid_facts(facts: pl.DataFrame, cfg: CleaningConfig) -> pl.DataFrame:
             .drop("_an", "_vn"))
 
 
+_LETTERS = "abcdefghijklmnopqrstuvwxyz0123456789"
+
+
+def _typo(value: str, rng: random.Random, edits: int = 2) -> str:
+    """`edits` random character edits (substitute, delete, insert, transpose)."""
+    chars = list(value)
+    for _ in range(edits):
+        op = rng.randrange(4)
+        i = rng.randrange(len(chars)) if chars else 0
+        if op == 0 and chars:
+            chars[i] = rng.choice(_LETTERS)
+        elif op == 1 and len(chars) > 1:
+            del chars[i]
+        elif op == 2:
+            chars.insert(i, rng.choice(_LETTERS))
+        elif len(chars) > 1:
+            j = min(i + 1, len(chars) - 1)
+            chars[i], chars[j] = chars[j], chars[i]
+    return "".join(chars)
+
+
 def _corrupt(value: str, vocab: list[str], rng: random.Random) -> str:
     tokens = value.split()
+    if rng.random() < 0.5:
+        return _typo(value, rng, rng.choice((1, 2, 2, 3)))
     if len(tokens) > 1 and vocab:
         i = rng.randrange(len(tokens))
         tokens[i] = rng.choice(vocab)
@@ -80,6 +106,10 @@ def make_pairs(products: pl.DataFrame, cfg: CleaningConfig, seed: int) -> tuple[
     valid = valid_facts(facts, cfg)
     texts = {pid: product_text(t, d, cfg.max_text_chars) for pid, t, d in
              products.select("product_id", "title", "description").iter_rows()}
+    titles = {pid: t if isinstance(t, str) else "" for pid, t in
+              products.select("product_id", "title").iter_rows()}
+    ftexts = {pid: product_text(t, d, cfg.feature_text_chars) for pid, t, d in
+              products.select("product_id", "title", "description").iter_rows()}
     types = sorted(set(products["product_type"].drop_nulls().to_list()))
     by_attr: dict[str, list[tuple[str, str]]] = {}
     for _, t, a, v in facts.iter_rows():
@@ -100,13 +130,21 @@ def make_pairs(products: pl.DataFrame, cfg: CleaningConfig, seed: int) -> tuple[
         pl.col("product_type").is_not_null()).height)
     n_attr_pos = min(int((cfg.max_train_pairs - type_pairs) / (1 + per_pos)), valid.height)
     mix = cfg.negatives
-    kinds = ["other_type", "other_attribute", "corrupt"]
-    weights = [mix.other_type, mix.other_attribute, mix.corrupt]
+    kinds = ["other_type", "swap", "other_attribute", "corrupt"]
+    weights = [mix.other_type, mix.swap, mix.other_attribute, mix.corrupt]
 
     def mismatched(pid: str, t: str, a: str, v: str, kind: str) -> str | None:
-        own = values_of.get((t, a), set())
+        # a swap is wrong for this product, not for the type: only the product's own values for
+        # the attribute are off limits; the other kinds avoid every value the type has
+        own = ({x.casefold() for b, x in by_product.get(pid, []) if b == a} if kind == "swap"
+               else values_of.get((t, a), set()))
         for _ in range(12):
-            if kind == "other_type":
+            if kind == "swap":
+                pool = by_attr.get(a, [])
+                if not pool:
+                    return None
+                _, w = rng.choice(pool)
+            elif kind == "other_type":
                 pool = by_attr.get(a, [])
                 if not pool:
                     return None
@@ -128,8 +166,10 @@ def make_pairs(products: pl.DataFrame, cfg: CleaningConfig, seed: int) -> tuple[
     stats = {k: 0 for k in ["positive", *kinds, "type_positive", "type", "no_negative"]}
     rows = valid.sample(n_attr_pos, seed=seed).rows() if n_attr_pos else []
     for pid, t, a, v in rows:
-        text = texts.get(pid, "")
-        pairs.append(Pair(pid, claim_text(a, v, t, cfg.max_value_chars), text, 0, "positive"))
+        text, title = texts.get(pid, ""), titles.get(pid, "")
+        ftext = ftexts.get(pid, "")
+        pairs.append(Pair(pid, claim_text(a, v, t, cfg.max_value_chars), text, 0, "positive", v, title,
+                          ftext))
         stats["positive"] += 1
         n_neg = int(per_pos) + (1 if rng.random() < per_pos - int(per_pos) else 0)
         for _ in range(n_neg):
@@ -137,7 +177,8 @@ def make_pairs(products: pl.DataFrame, cfg: CleaningConfig, seed: int) -> tuple[
             for kind in order:
                 w = mismatched(pid, t, a, v, kind)
                 if w is not None:
-                    pairs.append(Pair(pid, claim_text(a, w, t, cfg.max_value_chars), text, 1, kind))
+                    pairs.append(Pair(pid, claim_text(a, w, t, cfg.max_value_chars), text, 1, kind,
+                                      w, title, ftext))
                     stats[kind] += 1
                     break
             else:
@@ -145,15 +186,15 @@ def make_pairs(products: pl.DataFrame, cfg: CleaningConfig, seed: int) -> tuple[
     if n_type_pos:
         typed = products.filter(pl.col("product_type").is_not_null()).sample(n_type_pos, seed=seed)
         for pid, t in typed.select("product_id", "product_type").iter_rows():
-            text = texts.get(pid, "")
+            text, title, ftext = texts.get(pid, ""), titles.get(pid, ""), ftexts.get(pid, "")
             pairs.append(Pair(pid, claim_text(TYPE_RELATION, t, None, cfg.max_value_chars), text, 0,
-                              "type_positive"))
+                              "type_positive", t, title, ftext))
             stats["type_positive"] += 1
             n_neg = int(per_pos) + (1 if rng.random() < per_pos - int(per_pos) else 0)
             for _ in range(n_neg):
                 other = rng.choice([x for x in types if x != t])
                 pairs.append(Pair(pid, claim_text(TYPE_RELATION, other, None, cfg.max_value_chars),
-                                  text, 1, "type"))
+                                  text, 1, "type", other, title, ftext))
                 stats["type"] += 1
     rng.shuffle(pairs)
     stats.update(facts=facts.height, valid_facts=valid.height, types=len(types))

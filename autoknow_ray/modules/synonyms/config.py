@@ -20,6 +20,10 @@ class SynonymsConfig(BaseModel):
     max_terms_per_context: int = Field(30, ge=2)
     min_shared_contexts: int = Field(1, ge=1)
     max_behaviour_pairs: int = Field(1_000_000, ge=0)
+    # candidates from duplicate listings: the values of one attribute under one normalised
+    # title listed 2..max_products_per_title times
+    colisted: bool = True
+    max_products_per_title: int = Field(8, ge=2)
     # decision: None = the threshold `fit` chose on its validation pairs
     threshold: float | None = None
     # clusters: a member must itself score >= threshold against the cluster's canonical (no

@@ -19,7 +19,7 @@ import re
 
 import numpy as np
 
-from autoknow_ray.modules.synonyms.features import _UNITS, key, quantity, tokens
+from autoknow_ray.modules.synonyms.features import _CONVERTIBLE, _UNITS, key, quantity, tokens
 
 # unit spellings grouped by (dimension, factor): "oz" <-> "ounce" <-> "ounces"
 _SPELLINGS: dict[tuple[str, float], list[str]] = {}
@@ -51,6 +51,12 @@ def positive_rewrites(term: str, rng: np.random.Generator) -> list[str]:
                 v = q[1] / df[1]
                 if 0.1 <= v < 10000 and abs(v * 100 - round(v * 100)) < 1e-6:
                     out.append(f"{_fmt(v)} {_SPELLINGS[df][0]}")
+            # the amount in another unit, written bare where the attribute implies the unit
+            if q[0] in _CONVERTIBLE and others:
+                df = sorted(others)[int(rng.integers(len(others)))]
+                v = q[1] / df[1]
+                if 0.1 <= v < 10000:
+                    out.insert(1, f"{v:.1f}")  # early: fit keeps the first few rewrites
     k = key(term)
     if any(c.isdigit() for c in k) and any(c.isalpha() for c in k) and len(k) >= 5:
         out.append(re.sub(r"[\s\-_/.]+", "", term))  # 435952-B21 -> 435952B21
@@ -107,6 +113,10 @@ def negative_rewrites(term: str, rng: np.random.Generator) -> list[str]:
         if others:
             df = others[int(rng.integers(len(others)))]
             out.append(f"{num} {_SPELLINGS[df][0]}")
+            if q[0] in _CONVERTIBLE:  # a bare number that is not the amount in that unit
+                v = q[1] / df[1] * float(rng.choice([0.8, 0.9, 1.1, 1.25]))
+                if 0.1 <= v < 10000:
+                    out.insert(1, f"{v:.1f}")  # early: fit keeps the first few rewrites
     k = key(term)
     if any(c.isdigit() for c in k) and any(c.isalpha() for c in k) and len(k) >= 5:
         chars = list(term)

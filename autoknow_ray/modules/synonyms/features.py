@@ -70,8 +70,15 @@ FEATURES = (
     "ratio", "token_set", "partial", "jaro_winkler", "key_levenshtein", "key_equal",
     "singular_equal", "initialism", "abbreviation", "quantity_both", "quantity_equal",
     "quantity_conflict", "numbers_equal", "numbers_conflict", "cosine", "length_ratio",
-    "token_containment",
+    "token_containment", "converted_equal", "conversion_ratio",
 )
+# the distinct unit factors of each dimension: "16 in" may be written as the bare "40.6" (cm)
+# where the attribute implies its unit
+_FACTORS: dict[str, list[float]] = {}
+for _dim, _f in sorted(set(_UNITS.values())):
+    _FACTORS.setdefault(_dim, []).append(_f)
+_BARE = re.compile(r"^\s*(\d+)(?:[.,](\d+))?\s*$")
+_CONVERTIBLE = ("mass", "volume", "length")
 
 
 def fold(s: str) -> str:
@@ -131,6 +138,47 @@ def same_quantity(a: tuple[str, float], b: tuple[str, float]) -> bool:
     return r >= 0.98 or (a[0] == "data" and abs(hi / lo - 1.024) < 0.01)
 
 
+def _bare(s: str) -> tuple[float, int] | None:
+    """(value, decimals shown) of a term that is a bare number, else None."""
+    m = _BARE.match(s)
+    if not m:
+        return None
+    return float(f"{m.group(1)}.{m.group(2) or 0}"), len(m.group(2) or "")
+
+
+def _rounds_to(v: float, shown: tuple[float, int]) -> bool:
+    x, d = shown
+    return x > 0 and abs(v - x) <= 0.5 * 10 ** -d + 1e-9
+
+
+def converted_equal(a: str, b: str) -> bool:
+    """One side a quantity with its unit, the other a bare number that is the same amount in a
+    unit of that dimension, rounded as written ("16 in" / "40.6", "8.4 oz" / "238")."""
+    for q_side, n_side in ((a, b), (b, a)):
+        q, shown = quantity(q_side), _bare(n_side)
+        if q is None or shown is None or q[0] not in _FACTORS or q[0] == "count":
+            continue
+        if any(_rounds_to(q[1] / f, shown) for f in _FACTORS[q[0]]):
+            return True
+    return False
+
+
+def conversion_ratio(a: str, b: str) -> bool:
+    """Two bare numbers, one the other converted between two units of one dimension and
+    rounded as written, with at least one decimal shown ("6" / "15.2": inches to cm)."""
+    na, nb = _bare(a), _bare(b)
+    if na is None or nb is None or na[0] == nb[0] or na[0] <= 0 or nb[0] <= 0:
+        return False
+    for src, dst in ((na, nb), (nb, na)):
+        if dst[1] < 1:
+            continue
+        for dim in _CONVERTIBLE:
+            fs = _FACTORS[dim]
+            if any(f1 != f2 and _rounds_to(src[0] * f1 / f2, dst) for f1 in fs for f2 in fs):
+                return True
+    return False
+
+
 def numbers(s: str) -> set[str]:
     s = _THOUSANDS.sub(r"\1\2", s)
     return {n.replace(",", ".").lstrip("0") or "0" for n in _NUM.findall(s)}
@@ -184,6 +232,8 @@ def pair_features(a: str, b: str, cosine: float = 0.0) -> list[float]:
         float(cosine),
         min(len(ka), len(kb)) / max(len(ka), len(kb), 1),
         float(bool(small) and small <= big),
+        float(converted_equal(fa, fb)),
+        float(conversion_ratio(fa, fb)),
     ]
 
 

@@ -4,7 +4,8 @@ attribute.
     occurrences  typed products (+ earlier modules' value edits) -> (product, term) rows   [workers]
     vocabulary   count per (kind, attribute, term); capped per attribute and in total  [aggregate]
     embeddings   MiniLM per vocabulary term                                         [actor pool]
-    candidates   FAISS kNN per (kind, attribute) + terms sharing queries / baskets  [per term]
+    candidates   FAISS kNN per (kind, attribute) + terms sharing queries / baskets / a
+                 title listed more than once                                   [per term]
     scores       features + pair classifier                                         [actor pool]
     clusters     accepted pairs -> clusters around the most frequent term           [per term]
     edits        occurrences of merged terms -> removed original + corrected canonical [workers]
@@ -51,6 +52,26 @@ def _as_contexts(batch: pa.Table, prefix: str, context: str, product: str) -> pa
     return pa.table({"product_id": batch.column(product).cast(pa.string()),
                      "kind": pa.nulls(n, pa.string()), "attribute": pa.nulls(n, pa.string()),
                      "term": pa.nulls(n, pa.string()), "context": ctx})
+
+
+def _title_keys(batch: pa.Table) -> pa.Table:
+    from autoknow_ray.modules.synonyms.distant import title_key
+
+    return pa.table({"product_id": batch.column("product_id").cast(pa.string()),
+                     "title_key": pa.array([title_key(t) for t in batch.column("title").to_pylist()],
+                                           pa.string())})
+
+
+def _duplicate_titles(group: pa.Table, max_products: int) -> pa.Table:
+    """One title's products as context rows when it is listed more than once (and at most
+    `max_products` times: more is a generic title, not one item listed twice)."""
+    key = group.column("title_key")[0].as_py()
+    if not key or not 2 <= group.num_rows <= max_products:
+        group = group.slice(0, 0)
+    n = group.num_rows
+    return pa.table({"product_id": group.column("product_id"), "kind": pa.nulls(n, pa.string()),
+                     "attribute": pa.nulls(n, pa.string()), "term": pa.nulls(n, pa.string()),
+                     "context": pa.array([f"t:{key}"] * n, pa.string())})
 
 
 def _with_null(batch: pa.Table, *columns: tuple[str, pa.DataType]) -> pa.Table:
@@ -181,6 +202,13 @@ class SynonymsStage(Stage):
             # one basket context per product: itself and what was bought with it
             parts.append(c.map_batches(_as_contexts, fn_args=("p:", "src", "dst"), batch_format="pyarrow"))
             parts.append(c.map_batches(_as_contexts, fn_args=("p:", "src", "src"), batch_format="pyarrow"))
+        if ctx.cfg.synonyms.colisted:
+            # the same item listed twice (one normalised title): its values of one attribute
+            # name the same thing, or disagree; either way a pair worth scoring
+            t = runtime.read_parquet(ctx.table_path("ingest", "products"), ["product_id", "title"])
+            parts.append(t.map_batches(_title_keys, batch_format="pyarrow").groupby("title_key")
+                         .map_groups(_duplicate_titles, fn_args=(ctx.cfg.synonyms.max_products_per_title,),
+                                     batch_format="pyarrow"))
         if not parts:
             return pl.DataFrame()
         terms = occ.select_columns(["product_id", "kind", "attribute", "term"]).map_batches(

@@ -9,7 +9,8 @@ import pytest
 
 from autoknow_ray.modules.synonyms import distant
 from autoknow_ray.modules.synonyms.cluster import clusters
-from autoknow_ray.modules.synonyms.features import FEATURES, pair_features, quantity, same_quantity
+from autoknow_ray.modules.synonyms.features import (FEATURES, conversion_ratio, converted_equal,
+                                                   pair_features, quantity, same_quantity)
 
 
 def feats(a, b):
@@ -27,6 +28,21 @@ def test_quantities_compare_after_unit_conversion():
     assert same_quantity(quantity("12 in"), quantity("1 ft"))
 
 
+def test_a_bare_number_may_be_the_amount_in_another_unit():
+    # an attribute that implies its unit writes "16 in" as 40.6 (cm), "8.4 oz" as 238 (g)
+    assert converted_equal('16"', "40.6") and converted_equal("8.4 oz", "238")
+    assert converted_equal('11-3/4"', "29.8")  # a mixed number is 11.75 in
+    assert not converted_equal("16 in", "41.6") and not converted_equal("16 oz", "17")
+    assert not converted_equal("24 ports", "24")  # a count is not converted
+    # two bare numbers a unit apart, rounded as written (at least one decimal shown)
+    assert conversion_ratio("6", "15.2") and conversion_ratio("9 1/4", "23.5")
+    assert not conversion_ratio("7", "27.9") and not conversion_ratio("2", "5")
+    assert not conversion_ratio("12", "12")
+    assert quantity("3/4") == ("number", 0.75) and quantity("1/2 in") == ("length", 12.7)
+    assert quantity("104/Pack") == ("count", 104.0)  # a per-pack count, not a fraction
+    assert feats('16"', "40.6")["converted_equal"] == 1.0
+
+
 def test_codes_initialisms_abbreviations():
     assert feats("435952-B21", "435952B21")["key_equal"] == 1.0
     assert feats("435952-B21", "435952-B22")["key_equal"] == 0.0
@@ -42,10 +58,14 @@ def test_codes_initialisms_abbreviations():
 def test_rewrites_keep_meaning_and_hard_rewrites_change_it():
     rng = np.random.default_rng(0)
     pos = distant.positive_rewrites("16 oz", rng)
-    assert "1 lb" in pos and all(same_quantity(quantity(p), quantity("16 oz")) for p in pos
-                                 if quantity(p) is not None)
+    units = [p for p in pos if quantity(p) is not None and quantity(p)[0] != "number"]
+    bare = [p for p in pos if quantity(p) is not None and quantity(p)[0] == "number"]
+    assert "1 lb" in pos and all(same_quantity(quantity(p), quantity("16 oz")) for p in units)
+    # the amount in another unit, written bare, is the same amount
+    assert bare and all(converted_equal("16 oz", b) for b in bare)
     neg = distant.negative_rewrites("16 oz", rng)
     assert neg and all(not same_quantity(quantity(n), quantity("16 oz")) for n in neg)
+    assert not any(converted_equal("16 oz", n) for n in neg)
     assert "435952B21" in distant.positive_rewrites("435952-B21", rng)
     assert "HP" in distant.positive_rewrites("Hewlett Packard", rng)
     pairs = distant.colisted_pairs([("t1", "value", "Color", "Grey"), ("t1", "value", "Color", "Gray"),

@@ -52,11 +52,10 @@ def positive_rewrites(term: str, rng: np.random.Generator) -> list[str]:
                 if 0.1 <= v < 10000 and abs(v * 100 - round(v * 100)) < 1e-6:
                     out.append(f"{_fmt(v)} {_SPELLINGS[df][0]}")
             # the amount in another unit, written bare where the attribute implies the unit
-            if q[0] in _CONVERTIBLE and others:
-                df = sorted(others)[int(rng.integers(len(others)))]
-                v = q[1] / df[1]
-                if 0.1 <= v < 10000:
-                    out.insert(1, f"{v:.1f}")  # early: fit keeps the first few rewrites
+            sensible = [df for df in sorted(others) if 0.1 <= q[1] / df[1] < 10000]
+            if q[0] in _CONVERTIBLE and sensible:
+                df = sensible[int(rng.integers(len(sensible)))]
+                out.insert(1, f"{q[1] / df[1]:.1f}")  # early: fit keeps the first few rewrites
     k = key(term)
     if any(c.isdigit() for c in k) and any(c.isalpha() for c in k) and len(k) >= 5:
         out.append(re.sub(r"[\s\-_/.]+", "", term))  # 435952-B21 -> 435952B21

@@ -108,9 +108,29 @@ def singular_key(s: str) -> str:
     return "".join(singular(t) for t in tokens(s))
 
 
+# a mixed number or fraction and what follows: "11-3/4\"", "8 1/2", "3/4 in"
+_MIXED = re.compile(r"^\s*(?:(\d+)[\s-]+)?(\d+)\s*/\s*(\d+)\s*(.*?)\s*$")
+
+
+def _fraction(s: str) -> tuple[float, str] | None:
+    """(value, rest) of a term that starts with a fraction or mixed number, else None."""
+    m = _MIXED.match(s)
+    if not m or int(m.group(3)) == 0 or int(m.group(2)) >= int(m.group(3)):
+        return None
+    return int(m.group(1) or 0) + int(m.group(2)) / int(m.group(3)), m.group(4)
+
+
 def quantity(s: str) -> tuple[str, float] | None:
     """(dimension, value in the base unit) of a term that is one quantity, else None. A bare
-    number is dimension "number"."""
+    number is dimension "number"; fractions and mixed numbers count ("11-3/4\"" is 11.75 in)."""
+    f = _fraction(fold(s))
+    if f is not None:
+        v, rest = f
+        rest = rest.strip(" .-")
+        if not rest:
+            return ("number", v)
+        unit = _UNITS.get(rest)
+        return (unit[0], v * unit[1]) if unit else None
     m = _QTY.match(fold(s))
     if not m:
         return None
@@ -139,7 +159,10 @@ def same_quantity(a: tuple[str, float], b: tuple[str, float]) -> bool:
 
 
 def _bare(s: str) -> tuple[float, int] | None:
-    """(value, decimals shown) of a term that is a bare number, else None."""
+    """(value, decimals shown) of a term that is a bare number (or fraction), else None."""
+    f = _fraction(s)
+    if f is not None and not f[1].strip(" .-"):
+        return f[0], 3  # a fraction is exact: compare it closely
     m = _BARE.match(s)
     if not m:
         return None

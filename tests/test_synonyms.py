@@ -81,6 +81,9 @@ def test_clusters_do_not_chain():
     merged = {(t, c) for t, c, _ in out}
     assert ("X1 ", "X1") in merged
     assert not any(t == "X2" and c == "X1" for t, c in merged)
+    # without a scorer only direct pairs count: b~c accepted, a~c never proposed, c stays out
+    out = clusters(edges, counts, 0.5, None, max_size=10)
+    assert {(t, c) for t, c, _ in out} == {("X1 ", "X1")}
     # a cluster holds at most max_size terms
     star = {("a", f"b{i}"): 0.9 for i in range(10)}
     out = clusters(star, {"a": 100}, 0.5, lambda p: [0.9] * len(p), max_size=4)

@@ -29,6 +29,9 @@ class SynonymsConfig(BaseModel):
     # clusters: a member must itself score >= threshold against the cluster's canonical (no
     # chaining a ~ b ~ c into a ~ c), and a cluster holds at most this many terms
     max_cluster_size: int = Field(50, ge=2)
+    # a term whose pair with the cluster's canonical was never a candidate joins only if the
+    # classifier, asked about that pair, accepts it (measured to chain; off: direct pairs only)
+    rescore_members: bool = False
     # training (fit)
     max_train_products: int = Field(20_000, ge=1)  # seeded product sample for co-listed pairs
     max_train_terms: int = Field(3_000, ge=1)  # seeded term sample for rewrites and neighbours

@@ -122,6 +122,7 @@ class SynonymsStage(Stage):
         scored = self._score(ctx, pairs, model_dir)
         scored = scored.with_columns((pl.col("score") >= threshold).alias("accepted"))
         ctx.write("pairs", scored)
+        self._rescore_members = cfg.rescore_members
         merged = self._clusters(scored, vocab, vectors, classifier, threshold, cfg.max_cluster_size)
         ctx.write("graph_synonyms", merged.with_columns(
             pl.when(pl.col("kind") == "type").then(None).otherwise(pl.col("attribute"))
@@ -267,7 +268,8 @@ class SynonymsStage(Stage):
                 return classifier.score(x).tolist()
 
             term_counts = {t: counts.get((kind, attr, t), 0) for e in edges for t in e}
-            for term, canon, s in clusters(edges, term_counts, threshold, score_pairs, max_size):
+            scorer = score_pairs if self._rescore_members else None
+            for term, canon, s in clusters(edges, term_counts, threshold, scorer, max_size):
                 rows.append((kind, attr, term, canon, s))
         return pl.DataFrame(rows, schema={"kind": pl.String, "attribute": pl.String, "term": pl.String,
                                           "canonical": pl.String, "score": pl.Float32}, orient="row")

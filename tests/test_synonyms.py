@@ -204,3 +204,19 @@ def test_eval_scores_pairs_and_graph(fitted):
         assert 0.0 <= r[f"synonyms.value.{key}.auc_pr"] <= 1.0
     assert r["synonyms.value.gold_pairs_in_vocabulary"] == 5
     assert r["synonyms.value.graph.tp"] >= 1 and r["synonyms.value.graph.fp"] == 0
+
+
+def test_duplicate_titles_become_contexts_only_when_listed_more_than_once():
+    import pyarrow as pa
+
+    from autoknow_ray.modules.synonyms.stage import _duplicate_titles, _title_keys
+
+    keys = _title_keys(pa.table({"product_id": ["a", "b", "c"],
+                                 "title": ["HP 4GB DDR3 Memory", "hp 4gb  ddr3 memory", None]}))
+    assert keys.column("title_key").to_pylist()[0] == keys.column("title_key").to_pylist()[1]
+    twice = _duplicate_titles(keys.slice(0, 2), 8)
+    assert twice.column("product_id").to_pylist() == ["a", "b"]
+    assert len(set(twice.column("context").to_pylist())) == 1
+    assert _duplicate_titles(keys.slice(0, 1), 8).num_rows == 0  # listed once
+    many = pa.table({"product_id": [str(i) for i in range(9)], "title_key": ["x"] * 9})
+    assert _duplicate_titles(many, 8).num_rows == 0  # a generic title, not one item twice

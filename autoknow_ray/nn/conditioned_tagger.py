@@ -441,6 +441,9 @@ def train_conditioned_tagger(
                 bad += 1
         history.append(rec)
         log.info("conditioned tagger epoch %s %s", epoch, rec)
+        from autoknow_ray import progress
+
+        progress.epoch_line("imputation tagger", epoch, s.epochs, rec)
         if val and s.patience and bad >= s.patience:
             break
     if best_state is not None:

@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 
-from autoknow_ray import runtime
+from autoknow_ray import progress, runtime
 from autoknow_ray.graph.state import typed_products
 from autoknow_ray.modules.related import graph_build as gb
 from autoknow_ray.modules.related.config import RelatedConfig
@@ -212,6 +212,9 @@ def train(settings: GNNSettings, rc: RelatedConfig, text: np.ndarray, types: np.
                 best = (score, {k: v.detach().clone() for k, v in model.state_dict().items()}, epoch + 1)
         log.info("related fit: epoch %d loss %s validation %s", epoch + 1, history["loss"][-1],
                  history.get("validation", [None])[-1])
+        progress.epoch_line("related", epoch + 1, rc.epochs,
+                            {"loss": history["loss"][-1] or 0.0,
+                             **({"val_hr@10": history["validation"][-1]} if on_epoch else {})})
         if time.perf_counter() - start > rc.max_train_seconds:
             history["stopped"] = f"max_train_seconds ({rc.max_train_seconds}) reached"
             break

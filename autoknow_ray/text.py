@@ -49,3 +49,24 @@ def type_key(text: str | None) -> str:
 
 def clean_surface(text: str) -> str:
     return " ".join(str(text).split())
+
+
+def char_edits(value: str, rng, edits: int = 2) -> str:
+    """`value` with `edits` random character edits (delete, insert, substitute, transpose), as a
+    typing slip makes them; `rng` is a `random.Random`."""
+    import string
+
+    chars = list(value)
+    for _ in range(edits):
+        op = rng.choice(("delete", "insert", "substitute", "transpose"))
+        i = rng.randrange(max(1, len(chars)))
+        if op == "delete" and len(chars) > 1:
+            del chars[i]
+        elif op == "insert":
+            chars.insert(i, rng.choice(string.ascii_lowercase))
+        elif op == "transpose" and len(chars) > 1:
+            j = min(i + 1, len(chars) - 1)
+            chars[i], chars[j] = chars[j], chars[i]
+        else:
+            chars[min(i, len(chars) - 1)] = rng.choice(string.ascii_lowercase) if chars else "x"
+    return "".join(chars)

@@ -13,32 +13,19 @@ from __future__ import annotations
 
 import random
 import shutil
-import string
 from pathlib import Path
 
 import polars as pl
 
 from autoknow_ray.pipeline import read_parquet_any, table_file, write_table
 from autoknow_ray.schema import GOLD_TABLES, PRODUCTS, conform
+from autoknow_ray.text import char_edits
 
 KINDS = ("swap", "other_attribute", "typo")
 
 
 def _typo(value: str, rng: random.Random) -> str:
-    chars = list(value)
-    for _ in range(2):
-        op = rng.choice(("delete", "insert", "substitute", "transpose"))
-        i = rng.randrange(max(1, len(chars)))
-        if op == "delete" and len(chars) > 1:
-            del chars[i]
-        elif op == "insert":
-            chars.insert(i, rng.choice(string.ascii_lowercase))
-        elif op == "transpose" and len(chars) > 1:
-            j = min(i + 1, len(chars) - 1)
-            chars[i], chars[j] = chars[j], chars[i]
-        else:
-            chars[min(i, len(chars) - 1)] = rng.choice(string.ascii_lowercase) if chars else "x"
-    return "".join(chars)
+    return char_edits(value, rng, 2)
 
 
 def _read_products(catalogue: Path) -> pl.DataFrame:

@@ -14,6 +14,7 @@ import re
 
 import numpy as np
 import torch
+from rapidfuzz import fuzz
 
 from autoknow_ray.nn.encoder import (autocast, inference_bf16, length_buckets, load_encoder,
                                      load_tokenizer, mean_pool, pick_device, resolve_encoder)
@@ -47,8 +48,6 @@ TEXT_FEATURES = ("exact", "partial", "word_share", "title_exact", "length")
 
 
 def text_features(value: str, title: str, text: str) -> list[float]:
-    from rapidfuzz import fuzz
-
     v = " ".join((value or "").casefold().split())
     t = " ".join((text or "").casefold().split())
     ti = " ".join((title or "").casefold().split())

@@ -16,6 +16,7 @@ import polars as pl
 
 from autoknow_ray.modules.cleaning.config import CleaningConfig
 from autoknow_ray.modules.cleaning.model import TYPE_RELATION, claim_text, product_text
+from autoknow_ray.text import char_edits
 
 
 @dataclass
@@ -61,31 +62,10 @@ def valid_facts(facts: pl.DataFrame, cfg: CleaningConfig) -> pl.DataFrame:
             .drop("_an", "_vn"))
 
 
-_LETTERS = "abcdefghijklmnopqrstuvwxyz0123456789"
-
-
-def _typo(value: str, rng: random.Random, edits: int = 2) -> str:
-    """`edits` random character edits (substitute, delete, insert, transpose)."""
-    chars = list(value)
-    for _ in range(edits):
-        op = rng.randrange(4)
-        i = rng.randrange(len(chars)) if chars else 0
-        if op == 0 and chars:
-            chars[i] = rng.choice(_LETTERS)
-        elif op == 1 and len(chars) > 1:
-            del chars[i]
-        elif op == 2:
-            chars.insert(i, rng.choice(_LETTERS))
-        elif len(chars) > 1:
-            j = min(i + 1, len(chars) - 1)
-            chars[i], chars[j] = chars[j], chars[i]
-    return "".join(chars)
-
-
 def _corrupt(value: str, vocab: list[str], rng: random.Random) -> str:
     tokens = value.split()
     if rng.random() < 0.5:
-        return _typo(value, rng, rng.choice((1, 2, 2, 3)))
+        return char_edits(value, rng, rng.choice((1, 2, 2, 3)))
     if len(tokens) > 1 and vocab:
         i = rng.randrange(len(tokens))
         tokens[i] = rng.choice(vocab)

@@ -336,22 +336,109 @@ def read_parquet(path, columns: list[str] | None = None) -> "ray.data.Dataset":
 
 _AGGS = {"count": "Count", "sum": "Sum", "mean": "Mean", "min": "Min", "max": "Max",
          "unique": "Unique"}
+# Functions whose per-block partials combine exactly: count and sum add up, min and max of the
+# partials, mean from partial sums and counts.
+_COMBINABLE = {"count", "sum", "mean", "min", "max"}
+# Partial aggregates (one row per key per block) up to this many rows are combined on the
+# driver; above it, a Ray Data groupby over the partials combines them in the workers. Either
+# way the driver holds aggregates only, never the input rows.
+DRIVER_COMBINE_ROWS = 200_000
+
+
+def _partial_exprs(aggs: dict[str, tuple[str, str | None]]):
+    import polars as pl
+
+    exprs = []
+    for out, (fn, col) in aggs.items():
+        if fn == "count":
+            exprs.append(pl.len().cast(pl.Int64).alias(out))
+        elif fn == "sum":
+            exprs.append(pl.col(col).sum().alias(out))
+        elif fn == "mean":
+            exprs += [pl.col(col).cast(pl.Float64).sum().alias(f"{out}__sum"),
+                      pl.col(col).count().cast(pl.Int64).alias(f"{out}__n")]
+        else:
+            exprs.append(getattr(pl.col(col), fn)().alias(out))
+    return exprs
+
+
+def _combine_exprs(aggs: dict[str, tuple[str, str | None]]):
+    import polars as pl
+
+    exprs = []
+    for out, (fn, _col) in aggs.items():
+        if fn in ("count", "sum"):
+            exprs.append(pl.col(out).sum().alias(out))
+        elif fn == "mean":
+            exprs += [pl.col(f"{out}__sum").sum().alias(f"{out}__sum"),
+                      pl.col(f"{out}__n").sum().alias(f"{out}__n")]
+        else:
+            exprs.append(getattr(pl.col(out), fn)().alias(out))
+    return exprs
+
+
+def _finish_means(df, aggs):
+    import polars as pl
+
+    for out, (fn, _col) in aggs.items():
+        if fn == "mean":
+            df = df.with_columns(pl.when(pl.col(f"{out}__n") > 0)
+                                 .then(pl.col(f"{out}__sum") / pl.col(f"{out}__n"))
+                                 .otherwise(None).alias(out)).drop(f"{out}__sum", f"{out}__n")
+    return df.select([*[c for c in df.columns if c not in aggs], *aggs])
 
 
 def aggregate(ds: "ray.data.Dataset", by: list[str], aggs: dict[str, tuple[str, str | None]],
-              num_partitions: int | None = None):
+              num_partitions: int | None = None, driver_rows: int = DRIVER_COMBINE_ROWS):
     """Per-key aggregates of a distributed table, as a polars DataFrame on the driver (one row per
     key: per-type and per-term figures, never per product). `aggs` maps an output column to
     (function, input column): {"n": ("count", None), "score": ("mean", "score")}.
-    `num_partitions`: the shuffle's partitions (Ray's default is 200, a task each: size it to the
-    rows, see `shuffle_partitions`)."""
+
+    Two phases, as a combiner does: each block is aggregated in its own task (one row per key
+    per block), then the partials are combined: on the driver when they are at most
+    `driver_rows` rows (a small catalogue or few keys; Ray Data's shuffle costs seconds of
+    fixed overhead per call), else by a Ray Data groupby over the partials with
+    `num_partitions` partitions (Ray's default is 200, a task each: size it to the rows, see
+    `shuffle_partitions`). `unique` has no partial form and runs as one Ray Data groupby."""
+    import polars as pl
+
+    for out, (fn, _col) in aggs.items():
+        if fn not in _AGGS:
+            raise ValueError(f"aggregate {out!r}: unknown function {fn!r}; known {sorted(_AGGS)}")
+    if not all(fn in _COMBINABLE for fn, _ in aggs.values()):
+        return _ray_groupby(ds, by, {o: (fn, c) for o, (fn, c) in aggs.items()}, num_partitions)
+    def partial(batch):
+        import pyarrow as pa
+
+        if batch.num_rows == 0:
+            return pa.table({})
+        return pl.from_arrow(batch).group_by(by).agg(_partial_exprs(aggs)).to_arrow()
+
+    parts_ds = ds.map_batches(partial, batch_format="pyarrow").materialize()
+    if parts_ds.count() <= driver_rows:
+        parts = [pl.from_arrow(t) for t in ray.get(parts_ds.to_arrow_refs())]
+        parts = [p for p in parts if p.height]
+        if not parts:
+            return pl.DataFrame()
+        merged = pl.concat(parts, how="vertical_relaxed").group_by(by).agg(_combine_exprs(aggs))
+        return _finish_means(merged, aggs)
+    combine = {}
+    for out, (fn, _col) in aggs.items():
+        if fn == "mean":
+            combine[f"{out}__sum"] = ("sum", f"{out}__sum")
+            combine[f"{out}__n"] = ("sum", f"{out}__n")
+        else:
+            combine[out] = ("sum" if fn == "count" else fn, out)
+    merged = _ray_groupby(parts_ds, by, combine, num_partitions)
+    return _finish_means(merged, aggs) if merged.height else merged
+
+
+def _ray_groupby(ds, by, aggs, num_partitions):
     import polars as pl
     import ray.data.aggregate as A
 
     fns = []
     for out, (fn, col) in aggs.items():
-        if fn not in _AGGS:
-            raise ValueError(f"aggregate {out!r}: unknown function {fn!r}; known {sorted(_AGGS)}")
         cls = getattr(A, _AGGS[fn])
         fns.append(cls(alias_name=out) if fn == "count" else cls(col, alias_name=out))
     try:
@@ -448,15 +535,10 @@ def hash_partitions(n_rows: int, max_rows: int, min_rows: int) -> int:
 
 def count_by(ds: "ray.data.Dataset", by: list[str], num_partitions: int | None = None):
     """Rows per key of a distributed table as a polars DataFrame (`by` columns + `n`), for keys
-    that are few (relations, statuses, reasons): a hash aggregation over one partition per CPU
-    instead of Ray Data's default of 200, whose reduce tasks dominate on a small cluster."""
+    that are few (relations, statuses, reasons): `aggregate`'s partial counts per block, combined
+    on the driver (or over one partition per CPU when the partials are many)."""
     import polars as pl
-    from ray.data.aggregate import Count
 
     parts = num_partitions or max(1, int(ray.cluster_resources().get("CPU", 1)))
-    grouped = ds.groupby(by if len(by) > 1 else by[0], num_partitions=parts)
-    frames = [pl.from_arrow(t) for t in ray.get(grouped.aggregate(Count(alias_name="n"))
-                                                .to_arrow_refs())]
-    frames = [f for f in frames if f.height]
-    return pl.concat(frames, how="vertical_relaxed") if frames else pl.DataFrame(
-        schema={**{c: pl.String for c in by}, "n": pl.Int64})
+    got = aggregate(ds, by, {"n": ("count", None)}, parts)
+    return got if got.height else pl.DataFrame(schema={**{c: pl.String for c in by}, "n": pl.Int64})

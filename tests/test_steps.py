@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -108,6 +109,42 @@ def test_aggregate_and_bounded_sample(ray_session):
     assert 0 < sample.height <= 50
     with pytest.raises(ValueError, match="unknown function"):
         runtime.aggregate(ds, ["type"], {"x": ("median", "score")})
+
+
+def test_aggregate_combines_partials_the_same_on_the_driver_and_in_the_workers(ray_session):
+    """Per-block partials combined on the driver (few partials) and by a Ray Data groupby (the
+    cap forced to 0, as for a catalogue with many keys) give the same figures as polars on the
+    whole table, nulls and multi-column keys included; vector sums likewise."""
+    import ray
+
+    from autoknow_ray.modules.taxonomy import sample
+
+    rng = np.random.default_rng(0)
+    n = 900
+    t = pa.table({"type": [f"t{i}" for i in rng.integers(0, 7, n)],
+                  "attr": [None if i % 11 == 0 else f"a{i % 3}" for i in range(n)],
+                  "hits": rng.integers(0, 5, n).tolist(),
+                  "score": [None if i % 13 == 0 else float(x) for i, x in enumerate(rng.normal(size=n))]})
+    ds = ray.data.from_arrow(t).repartition(5)
+    aggs = {"n": ("count", None), "hits": ("sum", "hits"), "mean": ("mean", "score"),
+            "lo": ("min", "score"), "hi": ("max", "score")}
+    want = (pl.from_arrow(t).group_by(["type", "attr"])
+            .agg(pl.len().cast(pl.Int64).alias("n"), pl.col("hits").sum(), pl.col("score").mean().alias("mean"),
+                 pl.col("score").min().alias("lo"), pl.col("score").max().alias("hi"))
+            .sort(["type", "attr"], nulls_last=True))
+    for cap in (runtime.DRIVER_COMBINE_ROWS, 0):
+        got = runtime.aggregate(ds, ["type", "attr"], aggs, 2, driver_rows=cap).sort(
+            ["type", "attr"], nulls_last=True)
+        assert got.columns == ["type", "attr", *aggs]
+        assert got.select("type", "attr", "n", "hits").equals(want.select("type", "attr", "n", "hits")), cap
+        for c in ("mean", "lo", "hi"):
+            assert np.allclose(got[c].to_numpy(), want[c].to_numpy()), (cap, c)
+    vecs = pa.table({"type": ["a", "b", "a", None], "v": pa.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [9.0, 9.0]],
+                                                                   pa.list_(pa.float32(), 2))})
+    sums = sample.vector_sums(ray.data.from_arrow(vecs).repartition(2), "type", "v").sort("type")
+    assert sums["type"].to_list() == ["a", "b"] and sums["n"].to_list() == [2, 1]
+    assert sums["sum"].to_list() == [[6.0, 8.0], [3.0, 4.0]]
+    assert runtime.aggregate(ray.data.from_arrow(t.slice(0, 0)), ["type"], {"n": ("count", None)}).height == 0
 
 
 def test_per_key_sample_keeps_the_dataset_column_order(ray_session):

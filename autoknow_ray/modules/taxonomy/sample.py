@@ -125,8 +125,22 @@ def vector_sums(ds, key: str, vector: str, partitions: int = 1) -> pl.DataFrame:
                          "n": pa.array([pc.sum(group.column("n")).as_py()], pa.int64()),
                          "sum": pa.array([sums], pa.list_(pa.float64()))})
 
-    out = (ds.select_columns([key, vector]).map_batches(partial, batch_format="pyarrow")
-           .groupby(key, num_partitions=partitions).map_groups(total, batch_format="pyarrow"))
+    partials = ds.select_columns([key, vector]).map_batches(partial, batch_format="pyarrow").materialize()
+    if partials.count() <= runtime.DRIVER_COMBINE_ROWS // 10:  # each partial row holds a vector
+        # few partials (a small catalogue, or few types): combine them here, without a shuffle
+        got = [pl.from_arrow(t) for t in _refs(partials)]
+        got = [g for g in got if g.height]
+        if not got:
+            return pl.DataFrame(schema={key: pl.String, "n": pl.Int64, "sum": pl.List(pl.Float64)})
+        rows = pl.concat(got, how="vertical_relaxed")
+        keys, inv = np.unique(np.asarray(rows[key].to_list(), dtype=object), return_inverse=True)
+        vecs = np.asarray(rows["sum"].to_list(), dtype=np.float64)
+        sums = np.zeros((len(keys), vecs.shape[1]))
+        np.add.at(sums, inv, vecs)
+        n = np.bincount(inv, weights=rows["n"].to_numpy(), minlength=len(keys)).astype(np.int64)
+        return pl.DataFrame({key: list(keys), "n": n, "sum": [list(v) for v in sums]},
+                            schema={key: pl.String, "n": pl.Int64, "sum": pl.List(pl.Float64)})
+    out = partials.groupby(key, num_partitions=partitions).map_groups(total, batch_format="pyarrow")
     try:
         tables = _refs(out)
     except Exception:

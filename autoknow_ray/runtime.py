@@ -414,7 +414,10 @@ def aggregate(ds: "ray.data.Dataset", by: list[str], aggs: dict[str, tuple[str, 
             return pa.table({})
         return pl.from_arrow(batch).group_by(by).agg(_partial_exprs(aggs)).to_arrow()
 
-    parts_ds = ds.map_batches(partial, batch_format="pyarrow").materialize()
+    # only the key and input columns travel to the tasks (and through polars): a per-product
+    # table's other columns (vectors, descriptions) are neither read nor converted
+    needed = list(dict.fromkeys([*by, *(c for _fn, c in aggs.values() if c)]))
+    parts_ds = ds.select_columns(needed).map_batches(partial, batch_format="pyarrow").materialize()
     if parts_ds.count() <= driver_rows:
         parts = [pl.from_arrow(t) for t in ray.get(parts_ds.to_arrow_refs())]
         parts = [p for p in parts if p.height]

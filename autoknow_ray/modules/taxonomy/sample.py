@@ -108,15 +108,11 @@ def vector_sums(ds, key: str, vector: str, partitions: int = 1) -> pl.DataFrame:
     ds = where_valid(ds, key)
 
     def partial(batch: pa.Table) -> pa.Table:
-        keys = batch.column(key).to_pylist()
         col = batch.column(vector).combine_chunks()
         dim = col.type.list_size
         vecs = col.flatten().to_numpy(zero_copy_only=False).astype(np.float64).reshape(-1, dim)
-        uniq, inv = np.unique(np.asarray(keys, dtype=object), return_inverse=True)
-        sums = np.zeros((len(uniq), dim))
-        np.add.at(sums, inv, vecs)
-        return pa.table({key: pa.array(list(uniq), pa.string()),
-                         "n": pa.array(np.bincount(inv, minlength=len(uniq)), pa.int64()),
+        uniq, n, sums = _sum_by_key(batch.column(key).to_pylist(), vecs, np.ones(len(vecs)))
+        return pa.table({key: pa.array(uniq, pa.string()), "n": pa.array(n, pa.int64()),
                          "sum": pa.array(list(sums), pa.list_(pa.float64()))})
 
     def total(group: pa.Table) -> pa.Table:
@@ -133,12 +129,9 @@ def vector_sums(ds, key: str, vector: str, partitions: int = 1) -> pl.DataFrame:
         if not got:
             return pl.DataFrame(schema={key: pl.String, "n": pl.Int64, "sum": pl.List(pl.Float64)})
         rows = pl.concat(got, how="vertical_relaxed")
-        keys, inv = np.unique(np.asarray(rows[key].to_list(), dtype=object), return_inverse=True)
-        vecs = np.asarray(rows["sum"].to_list(), dtype=np.float64)
-        sums = np.zeros((len(keys), vecs.shape[1]))
-        np.add.at(sums, inv, vecs)
-        n = np.bincount(inv, weights=rows["n"].to_numpy(), minlength=len(keys)).astype(np.int64)
-        return pl.DataFrame({key: list(keys), "n": n, "sum": [list(v) for v in sums]},
+        keys, n, sums = _sum_by_key(rows[key].to_list(), np.asarray(rows["sum"].to_list(), dtype=np.float64),
+                                    rows["n"].to_numpy())
+        return pl.DataFrame({key: keys, "n": n, "sum": [list(v) for v in sums]},
                             schema={key: pl.String, "n": pl.Int64, "sum": pl.List(pl.Float64)})
     out = partials.groupby(key, num_partitions=partitions).map_groups(total, batch_format="pyarrow")
     try:
@@ -151,6 +144,16 @@ def vector_sums(ds, key: str, vector: str, partitions: int = 1) -> pl.DataFrame:
     parts = [pl.from_arrow(t) for t in tables]
     parts = [p for p in parts if p.height]
     return pl.concat(parts, how="vertical_relaxed") if parts else pl.DataFrame()
+
+
+def _sum_by_key(keys: list, vecs: np.ndarray, weights: np.ndarray):
+    """Distinct keys, the summed `weights` and the summed rows of `vecs` per key: a block's
+    partial sums in the tasks, and the partials' total on the driver."""
+    uniq, inv = np.unique(np.asarray(keys, dtype=object), return_inverse=True)
+    sums = np.zeros((len(uniq), vecs.shape[1]))
+    np.add.at(sums, inv, vecs)
+    n = np.bincount(inv, weights=weights, minlength=len(uniq)).astype(np.int64)
+    return list(uniq), n, sums
 
 
 def _refs(ds) -> list[pa.Table]:

@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from autoknow_ray import storage
+from autoknow_ray.index.vectors import as_matrix
 from autoknow_ray.steps import Step, WorkerEnv
 
 TEXT_DIM = 384
@@ -31,11 +32,9 @@ def _read(path: Path, columns: list[str]) -> pa.Table:
 
 
 def _vectors(col: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
-    if isinstance(col, pa.ChunkedArray):
-        col = col.combine_chunks() if col.num_chunks else pa.array([], pa.list_(pa.float16(), dim))
-    if len(col) == 0:
-        return np.zeros((0, dim), np.float32)
-    return col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), dim).astype(np.float32)
+    """`as_matrix`, with the width an empty column of a variable-length list type lacks."""
+    m = as_matrix(col)
+    return m if len(m) else np.zeros((0, dim), np.float32)
 
 
 def _fixed(vecs: np.ndarray) -> pa.FixedSizeListArray:

@@ -322,10 +322,15 @@ def test_knn_floors_chosen_on_known_against_withheld_types(tmp_path):
     g = knn_floors.choose_floors(types, loose, k=10)
     assert g["withheld_forced"] <= g["known_answered_right"]
     assert "skipped" in knn_floors.choose_floors(["a", "a", "b", "b"], vecs[:4])
+    # a long tail: 60 types of one title each beside the six. They cannot be answered right, so
+    # they count as withheld-type votes only and do not drown the known types' side
+    tail = rng.normal(size=(60, 32)) * 2.0
+    h = knn_floors.choose_floors(types + [f"s{i}" for i in range(60)], np.vstack([vecs, tail]), k=10)
+    assert h["known_answered_right"] > 0.95 and h["withheld_forced"] < 0.1, h
 
     knn_floors.save(f, tmp_path)
-    assert TypeResolutionConfig().knn_min_similarity is not None  # shipped: fixed floors
-    cfg = TypeResolutionConfig(knn_min_similarity=None, knn_min_share=None)  # fit's choice
+    cfg = TypeResolutionConfig()  # shipped: the fit's choice
+    assert cfg.knn_min_similarity is None and cfg.knn_min_share is None
     got = resolved_floors(cfg, tmp_path)
     assert (got.knn_min_similarity, got.knn_min_share) == (f["knn_min_similarity"], f["knn_min_share"])
     own = resolved_floors(cfg.model_copy(update={"knn_min_share": 0.9}), tmp_path)

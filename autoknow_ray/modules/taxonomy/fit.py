@@ -16,7 +16,8 @@ import polars as pl
 from autoknow_ray import runtime
 from autoknow_ray.graph.state import count_rows
 from autoknow_ray.index.vectors import as_matrix
-from autoknow_ray.modules.taxonomy import knn_floors, sample
+from autoknow_ray.modules.taxonomy import knn_floors, sample, type_names
+from autoknow_ray.modules.taxonomy.title_names import build_vocabulary, save_vocabulary
 from autoknow_ray.modules.taxonomy.hypernym import HypernymClassifier
 from autoknow_ray.modules.taxonomy.tagger_fit import fit_tagger
 from autoknow_ray.nn.encoder import TextEncoder
@@ -41,6 +42,7 @@ def fit_taxonomy(ctx: RunContext, out: Path) -> dict:
         # rebuild then types products by the kNN vote and still places the taxonomy's types
         result = {"tagger": {"skipped": str(e)}}
     result["tagger"]["train_products"] = train.height
+    result["vocabulary"] = _save_vocabulary(train, taxonomy, cfg.types, out)
     del train
 
     t0 = time.perf_counter()
@@ -73,6 +75,22 @@ def fit_taxonomy(ctx: RunContext, out: Path) -> dict:
     result["knn_floors"] = floors
     result["tagger"].pop("history", None)
     return result
+
+
+def _save_vocabulary(train: pl.DataFrame, taxonomy: pl.DataFrame, tcfg, out: Path) -> dict:
+    """The type names a rebuild looks for in titles (title_names.py), from the taxonomy, the
+    sampled products' types and attribute values, and the public names."""
+    types = taxonomy["type"].drop_nulls().to_list() if taxonomy.height else []
+    values: list[str] = []
+    if train.height:
+        if "product_type" in train.columns:
+            types += train["product_type"].drop_nulls().unique().to_list()
+        if "attributes" in train.columns:
+            values = (train.select(pl.col("attributes").list.eval(pl.element().struct.field("value")))
+                      .to_series().explode().drop_nulls().unique().to_list())
+    public = type_names.load(tcfg.vocabulary) if tcfg.title_names else ()
+    vocab = build_vocabulary(types, public, values)
+    return save_vocabulary(vocab, out, tcfg.vocabulary if public else "catalogue")
 
 
 def _typed_sample(products, per_type: int, cap: int, seed: int,

@@ -67,20 +67,27 @@ def choose_floors(types: list[str], vectors: np.ndarray, k: int = 10, max_rows: 
     known_right = kb == labels
     sims[labels[:, None] == labels[None, :]] = -np.inf  # the title's whole type withheld
     _, us, un = _votes(sims, labels, k)
-    # each type weighs alike: a mean over types of per-type means
-    weight = 1.0 / np.bincount(labels)[labels]
+    # each type weighs alike: a mean over types of per-type means. A title whose type has no
+    # other reference title can never be answered right: it counts among the withheld-type votes
+    # only (a long-tailed catalogue, most of its types one or two titles, would otherwise pull
+    # the floors up to refuse nearly everything)
+    per_type = np.bincount(labels)
+    weight = 1.0 / per_type[labels]
     weight = weight / weight.sum()
+    multi = per_type[labels] >= 2
+    weight_known = np.where(multi, 1.0 / per_type[labels], 0.0)
+    weight_known = weight_known / weight_known.sum()
     scored = []
     for ms in SIMILARITY_GRID:
         for mh in SHARE_GRID:
             answered_k = (kn >= ms) & (ks >= mh - 1e-9)
             answered_u = (un >= ms) & (us >= mh - 1e-9)
-            right = float(weight @ (answered_k & known_right))
+            right = float(weight_known @ (answered_k & known_right))
             forced = float(weight @ answered_u)
             scored.append((round(right - forced, 4), ms, mh,
                            {"knn_min_similarity": float(ms), "knn_min_share": float(mh),
                             "known_answered_right": round(right, 4),
-                            "known_answered": round(float(weight @ answered_k), 4),
+                            "known_answered": round(float(weight_known @ answered_k), 4),
                             "withheld_forced": round(forced, 4)}))
     top = max(x[0] for x in scored)
     tied = [x for x in scored if x[0] >= top - 1e-4]
@@ -89,7 +96,7 @@ def choose_floors(types: list[str], vectors: np.ndarray, k: int = 10, max_rows: 
     at = sorted((x for x in tied if x[1] == ms), key=lambda x: x[2])
     out = dict(at[len(at) // 2][3])
     out.update({"rows": int(len(rows)), "types": len(uniq), "k": k,
-                "no_floor_known_right": round(float(weight @ known_right), 4)})
+                "no_floor_known_right": round(float(weight_known @ known_right), 4)})
     return out
 
 

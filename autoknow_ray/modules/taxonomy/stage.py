@@ -30,6 +30,9 @@ from autoknow_ray.modules.taxonomy.fit import load_type_reference
 from autoknow_ray.modules.taxonomy.hypernym_config import KNN_MIN_SHARE, KNN_MIN_SIMILARITY
 from autoknow_ray.modules.taxonomy.hypernym import HypernymClassifier
 from autoknow_ray.modules.taxonomy.infer import TagTitles
+from autoknow_ray.modules.taxonomy.title_names import (
+    EVIDENCE_PREFIX, TitleTypeNames, build_vocabulary, load_vocabulary,
+)
 from autoknow_ray.modules.taxonomy.types import (
     CANDIDATES_SCHEMA, TYPE_COLUMNS, BestTypeSpan, ResolveTypes, TypeNames,
     accept_candidates, ancestors_map, lower_case_taxonomy, orphan_types, taxonomy_maps,
@@ -85,10 +88,14 @@ class TaxonomyStage(Stage):
         # ---- 1. one read of the titles: spans + best type span + title vector ----------------
         scratch = ctx.out / "_title_models"
         tagger_dir = art / "tagger"
+        # the type names a title may write: the fit's vocabulary and this taxonomy's own names
+        vocab = {**build_vocabulary(tax_types, (), ()), **load_vocabulary(art)} \
+            if cfg.types.title_names else {}
         models = Chain("title_models", [
             TagTitles(str(tagger_dir) if (tagger_dir / "config.json").exists() else None,
                       min_score=cfg.tagger.min_score),
             BestTypeSpan(set(names.known), cfg.types.min_span_score),
+            TitleTypeNames(vocab),
             EmbedTitles(cfg.tagger.encoder),
         ])
         chunks = {"chunks": 0, "skipped": 0}
@@ -103,12 +110,18 @@ class TaxonomyStage(Stage):
         if n:
             tm = runtime.read_parquet(scratch)
             candidates, accepted = self._candidates(tm, names, tax_types, cfg.types, ctx.cfg.seed, parts)
-            names = TypeNames(list(parents), accepted)
+            name_support, name_accepted = self._title_name_support(
+                tm, names, vocab, accepted, cfg.types, lower_case_taxonomy(tax_types), parts)
+            names = TypeNames(list(parents), {**name_accepted, **accepted})
             typed_types = set(self._type_counts(tm, parts)["product_type"].to_list())
-            resolve = self._resolve_step(ctx, tm, names, parents, art, encoder, typed_types)
+            resolve = self._resolve_step(ctx, tm, names, parents, art, encoder, typed_types,
+                                         name_support)
             decisions_dir = ctx.out / "_decisions"
             runtime.map_step(tm, resolve, ctx.cfg, n).write_parquet(str(decisions_dir))
             del resolve  # its reference index lives on in the workers only
+            if name_accepted:
+                candidates = self._with_title_name_types(ctx, candidates, set(names.known.values()),
+                                                         cfg.types, parts)
             counts = self._write_products(ctx, products_path, decisions_dir, n, parts)
         else:
             candidates, tm, typed_types = pl.DataFrame(schema=CANDIDATES_SCHEMA), None, set()
@@ -206,8 +219,71 @@ class TaxonomyStage(Stage):
             ["support", "type"], descending=[True, False])
         return cands, accepted
 
+    @staticmethod
+    def _title_name_support(tm, names: TypeNames, vocab: dict[str, str], accepted: dict[str, str],
+                            cfg, lower: bool, parts: int) -> tuple[dict[str, int], dict[str, str]]:
+        """Per name key: the products with neither a catalogue type nor a tagger type span whose
+        title writes it (a per-key aggregate, bounded by the vocabulary); and the new names among
+        them (a key neither the taxonomy nor the tagger's candidates name, with `min_support`)."""
+        if not vocab:
+            return {}, {}
+
+        def keys(batch: pa.Table) -> pa.Table:
+            old = batch.column("product_type").to_pylist()
+            span = batch.column("span_key").to_pylist()
+            flat = [k for o, sk, ks in zip(old, span, batch.column("name_keys").to_pylist())
+                    if not (isinstance(o, str) and o.strip()) and not sk for k in ks or ()]
+            return pa.table({"key": pa.array(flat, pa.string())})
+
+        counts = runtime.aggregate(
+            tm.select_columns(["product_type", "span_key", "name_keys"]).map_batches(
+                keys, batch_format="pyarrow"), ["key"], {"n": ("count", None)}, parts)
+        support = {k: int(v) for k, v in counts.select("key", "n").iter_rows()} if counts.height else {}
+        new = {}
+        for k, v in support.items():
+            if v >= cfg.min_support and k not in accepted and names.key_type(k) is None:
+                new[k] = vocab[k].lower() if lower else vocab[k]
+        return support, new
+
+    @staticmethod
+    def _with_title_name_types(ctx, candidates: pl.DataFrame, known: set[str], cfg,
+                               parts: int) -> pl.DataFrame:
+        """The new types that products took from their titles' words (`title names …` in their
+        evidence), with those products as support; a name no product took is no type."""
+        decisions = runtime.read_parquet(ctx.out / "_decisions", ["product_id", "type", "type_evidence"])
+
+        def named(batch: pa.Table) -> pa.Table:
+            ev = pc.fill_null(pc.starts_with(batch.column("type_evidence"), EVIDENCE_PREFIX), False)
+            new = pc.invert(pc.fill_null(pc.is_in(batch.column("type"),
+                                                  value_set=pa.array(sorted(known), pa.string())), False))
+            return batch.filter(pc.and_(ev, new)).select(["product_id", "type"])
+
+        took = decisions.map_batches(named, batch_format="pyarrow")
+        counts = runtime.aggregate(took, ["type"], {"support": ("count", None)}, parts)
+        if not counts.height:
+            return candidates
+        ex = sample.first_per_key(took, "type", "product_id", cfg.max_examples, ctx.cfg.seed, parts)
+        ex = (ex.group_by("type").agg(pl.col("product_id").sort().alias("example_product_ids"))
+              if ex.height else pl.DataFrame(schema={"type": pl.String,
+                                                     "example_product_ids": pl.List(pl.String)}))
+        rows = (counts.join(ex, on="type", how="left")
+                .with_columns(pl.col("support").cast(pl.Int64),
+                              pl.col("support").cast(pl.Int64).alias("n_products"),
+                              pl.col("example_product_ids").fill_null(pl.lit([], dtype=pl.List(pl.String))),
+                              pl.lit(None, pl.Float32).alias("mean_score"))
+                .select(list(CANDIDATES_SCHEMA)).cast(CANDIDATES_SCHEMA))
+        both = set(candidates["type"].to_list()) & set(rows["type"].to_list())
+        if both:  # a tagger candidate that titles also named: one row, the supports added
+            add = dict(rows.filter(pl.col("type").is_in(list(both))).select("type", "support").iter_rows())
+            candidates = candidates.with_columns(
+                (pl.col("support") + pl.col("type").replace_strict(add, default=0, return_dtype=pl.Int64))
+                .alias("support"))
+            rows = rows.filter(~pl.col("type").is_in(list(both)))
+        return pl.concat([candidates, rows], how="vertical_relaxed").cast(CANDIDATES_SCHEMA).sort(
+            ["support", "type"], descending=[True, False])
+
     def _resolve_step(self, ctx, tm, names: TypeNames, parents, art, encoder,
-                      typed_types: set[str]) -> ResolveTypes:
+                      typed_types: set[str], name_support: dict[str, int] | None = None) -> ResolveTypes:
         cfg = ctx.cfg.taxonomy
 
         def first_pass(batch: pa.Table) -> pa.Table:
@@ -233,7 +309,8 @@ class TaxonomyStage(Stage):
                             | {c for c in map(names.catalogue, typed_types) if c is not None})
         vectors = dict(zip(type_names, encoder.encode(type_names))) if type_names else {}
         return ResolveTypes(resolved_floors(cfg.types, art), names, ancestors_map(parents), vectors, reference,
-                            load_type_reference(art), cfg.add_title_attributes, cfg.min_attribute_score)
+                            load_type_reference(art), cfg.add_title_attributes, cfg.min_attribute_score,
+                            name_support)
 
     @staticmethod
     def _type_counts(tm, parts: int) -> pl.DataFrame:

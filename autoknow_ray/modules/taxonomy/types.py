@@ -32,6 +32,7 @@ from autoknow_ray.index.vectors import as_matrix
 from autoknow_ray.modules.taxonomy.hypernym_config import (
     KNN_MIN_SHARE, KNN_MIN_SIMILARITY, TypeResolutionConfig)
 from autoknow_ray.schema import HAS_TYPE, TRIPLES
+from autoknow_ray.modules.taxonomy.title_names import EVIDENCE_PREFIX, pick
 from autoknow_ray.steps import Step, WorkerEnv
 from autoknow_ray.text import clean_surface, stem_tokens, type_key  # noqa: F401
 
@@ -109,6 +110,13 @@ class TypeNames:
         for t in taxonomy_types:
             self.known.setdefault(type_key(t), t)
         self.accepted = dict(accepted or {})
+        # a known type's last word names it where no other known type ends in that word
+        # ("mask" → "Safety Mask"): per head word, the known types ending in it
+        heads: dict[str, set[str]] = defaultdict(set)
+        for k, t in self.known.items():
+            if k:
+                heads[k.split()[-1]].add(t)
+        self.heads = {w: next(iter(ts)) for w, ts in heads.items() if len(ts) == 1}
 
     def canonical(self, value: str | None) -> str | None:
         """The taxonomy's (or an accepted new) name of a type string, None if neither."""
@@ -134,6 +142,22 @@ class TypeNames:
             if got is not None:
                 return got
         return None
+
+    def key_type(self, key: str | None) -> str | None:
+        """The type a title's name key (`text.type_key` form) names: known or accepted, else its
+        longest known or accepted tail, else the one known type whose last word it is."""
+        if not key:
+            return None
+        got = self.known.get(key) or self.accepted.get(key)
+        if got is not None:
+            return got
+        words = key.split()
+        for i in range(1, len(words)):
+            tail = " ".join(words[i:])
+            got = self.known.get(tail) or self.accepted.get(tail)
+            if got is not None:
+                return got
+        return self.heads.get(key) if len(words) == 1 else None
 
     def catalogue(self, value: str | None) -> str | None:
         """A catalogue label as the taxonomy writes it (kept as given where the taxonomy lacks it)."""
@@ -277,13 +301,15 @@ class ResolveTypes(Step):
 
     name = "resolve_types"
     resources = "taxonomy"
-    columns = ("product_id", "product_type", "span_value", "span_score", "spans", "embedding")
+    columns = ("product_id", "product_type", "span_value", "span_score", "spans", "name_keys",
+               "embedding")
     model = True  # builds its indexes once per worker
 
     def __init__(self, cfg: TypeResolutionConfig, names: TypeNames, ancestors: dict[str, set[str]],
                  name_vectors: dict[str, np.ndarray], catalogue_reference: pl.DataFrame,
                  training_reference: tuple[list[str], np.ndarray] | None,
-                 add_attributes: bool, min_attribute_score: float):
+                 add_attributes: bool, min_attribute_score: float,
+                 name_support: dict[str, int] | None = None):
         floors = {k: v for k, v in (("knn_min_similarity", KNN_MIN_SIMILARITY),
                                     ("knn_min_share", KNN_MIN_SHARE)) if getattr(cfg, k) is None}
         self.cfg = cfg.model_copy(update=floors) if floors else cfg
@@ -312,6 +338,8 @@ class ResolveTypes(Step):
             self.train_ref = None
         self.add_attributes = add_attributes
         self.min_attribute_score = float(min_attribute_score)
+        # per name key: products without a catalogue or tagger type whose title writes it
+        self.name_support = dict(name_support or {})
         self.correct_index = self.fallback_index = None
 
     def setup(self, env: WorkerEnv) -> None:
@@ -334,6 +362,8 @@ class ResolveTypes(Step):
         olds = batch.column("product_type").to_pylist()
         span_values = batch.column("span_value").to_pylist()
         span_scores = batch.column("span_score").to_pylist()
+        title_keys = (batch.column("name_keys").to_pylist() if "name_keys" in batch.column_names
+                      else [None] * batch.num_rows)
         vecs = _vectors(batch.column("embedding")) if batch.num_rows else np.zeros((0, 1), np.float32)
         n = len(pids)
         out = {c: [None] * n for c in TYPE_COLUMNS}
@@ -381,6 +411,12 @@ class ResolveTypes(Step):
             for i, (vote, near) in zip(untyped, self.fallback_index.votes(vecs[untyped], cfg.knn_k)):
                 v = decide(vote, near, cfg.knn_min_similarity, cfg.knn_min_share)
                 if v.label is None:
+                    hit = (pick(title_keys[i], names.key_type, self.name_support)
+                           if cfg.title_names else None)
+                    if hit is not None:  # the title's own words name its type
+                        self._set(out, outcome, i, hit[1], cfg.title_name_confidence, "added",
+                                  f"{EVIDENCE_PREFIX}{hit[0]!r} ({v.reason})")
+                        continue
                     out["type_evidence"][i] = v.reason
                     outcome[i] = v.reason
                     continue

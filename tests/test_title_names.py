@@ -1,0 +1,101 @@
+"""Type names written in titles (modules/taxonomy/title_names.py): the vocabulary, the lookup,
+and the decision for products the tagger did not type and the kNN vote refused."""
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from autoknow_ray.modules.taxonomy.hypernym_config import TypeResolutionConfig
+from autoknow_ray.modules.taxonomy.title_names import (
+    TitleTypeNames, build_vocabulary, load_vocabulary, name_keys, pick, save_vocabulary,
+)
+from autoknow_ray.modules.taxonomy.types import ResolveTypes, TypeNames
+from autoknow_ray.modules.taxonomy.infer import SPANS
+from autoknow_ray.steps import WorkerEnv
+from autoknow_ray.text import type_key
+
+
+def test_vocabulary_keeps_catalogue_types_and_drops_attribute_values(tmp_path):
+    v = build_vocabulary(["Banana Bread", "Tea"], ["Bananas", "Sunscreen", "Vitamins & Minerals",
+                                                  "Green", "Tea"], ["banana", "Green", None])
+    assert set(v) == {type_key("Banana Bread"), "tea", "sunscreen"}  # "&" is no word
+    assert v["tea"] == "Tea"  # the catalogue's own spelling first
+    save_vocabulary(v, tmp_path, "auto")
+    assert load_vocabulary(tmp_path) == v
+    assert load_vocabulary(tmp_path / "missing") == {}
+
+
+def test_names_outside_brand_spans_longest_first():
+    vocab = build_vocabulary([], ["Banana", "Sunscreen", "Sunscreen Lotion", "Lotion", "Boat"], [])
+    title = "Banana Boat Sport Sunscreen Lotion SPF 100, Banana scent"
+    brand = [{"label": "Brand", "value": "Banana Boat", "start": 0, "end": 11, "score": 0.9}]
+    assert name_keys(title, brand, vocab) == [type_key("Sunscreen Lotion"), "banana"]
+    assert name_keys(title, [], vocab) == ["banana", "boat", type_key("Sunscreen Lotion")]
+    assert name_keys(None, [], vocab) == [] and name_keys(title, [], {}) == []
+    # the step: one list per row, brand spans from the tagger's own output
+    batch = pa.table({"title": [title, ""], "spans": pa.array([brand, []], SPANS)})
+    out = TitleTypeNames(vocab).process_batch(batch)
+    assert out.column("name_keys").to_pylist() == [[type_key("Sunscreen Lotion"), "banana"], []]
+
+
+def test_key_type_maps_tails_and_unique_heads_to_known_types():
+    names = TypeNames(["Safety Mask", "Face Mask Kit", "Coffee", "Hair Dryer", "Dryer Sheet"],
+                      {"sunscreen": "Sunscreen"})
+    assert names.key_type(type_key("Ground Coffee")) == "Coffee"  # a known tail
+    assert names.key_type("mask") == "Safety Mask"  # the only known type ending in "mask"
+    assert names.key_type("dryer") == "Hair Dryer"
+    assert names.key_type("sheet") == "Dryer Sheet"
+    assert names.key_type("kit") == "Face Mask Kit"
+    assert names.key_type("sunscreen") == "Sunscreen"  # accepted new
+    assert names.key_type("lotion") is None and names.key_type("") is None
+    two = TypeNames(["Safety Mask", "Sleep Mask"])
+    assert two.key_type("mask") is None  # ambiguous head: no answer
+
+
+def test_pick_prefers_support_then_length():
+    resolve = {"sunscreen": "Sunscreen", "cream": "Cream", "sunscreen cream": "Sunscreen"}.get
+    assert pick(["cream", "sunscreen"], resolve, {"sunscreen": 9, "cream": 2}) == ("sunscreen", "Sunscreen")
+    assert pick(["cream", "sunscreen cream"], resolve, {}) == ("sunscreen cream", "Sunscreen")
+    assert pick(["lotion"], resolve, {"lotion": 50}) is None
+    assert pick([], resolve, {}) is None
+
+
+def _batch(titles, keys, vecs):
+    n = len(titles)
+    v = np.asarray(vecs, np.float16)
+    return pa.table({
+        "product_id": [f"p{i}" for i in range(n)],
+        "product_type": pa.array([None] * n, pa.string()),
+        "span_value": pa.array([None] * n, pa.string()),
+        "span_score": pa.array([None] * n, pa.float32()),
+        "spans": pa.array([[] for _ in range(n)], SPANS),
+        "name_keys": pa.array(keys, pa.list_(pa.string())),
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), v.shape[1]),
+    })
+
+
+def test_refused_products_take_the_name_their_title_writes():
+    # a reference of two known types far from the queries: the kNN vote refuses them
+    ref = pl.DataFrame({"product_id": ["r0", "r1", "r2", "r3"], "ref_type": ["Coffee", "Coffee", "Tea", "Tea"],
+                        "from_catalogue": [True] * 4,
+                        "embedding": [[1.0, 0.0, 0.0], [0.99, 0.1, 0.0], [0.0, 1.0, 0.0], [0.1, 0.99, 0.0]]})
+    names = TypeNames(["Coffee", "Tea", "Safety Mask"], {"sunscreen": "Sunscreen"})
+    cfg = TypeResolutionConfig(knn_min_similarity=0.8, knn_min_share=0.8)
+    step = ResolveTypes(cfg, names, {}, {}, ref, None, add_attributes=False, min_attribute_score=0.5,
+                        name_support={"sunscreen": 5, "cream": 1, "mask": 2})
+    step.setup(WorkerEnv())
+    batch = _batch(["Sunscreen Cream", "KN95 Mask", "no name at all", "Coffee beans"],
+                   [["sunscreen", "cream"], ["mask"], [], ["coffe"]],
+                   [[0, 0, 1], [0, 0.05, 1], [0, 0.1, 1], [1, 0.02, 0]])
+    out = step.process_batch(batch).to_pydict()
+    assert out["type"] == ["Sunscreen", "Safety Mask", None, "Coffee"]
+    assert out["type_evidence"][0].startswith("title names 'sunscreen'")
+    assert out["type_confidence"][0] == cfg.title_name_confidence
+    assert out["type_evidence"][2] == "knn: neighbours too far"
+    assert out["type_evidence"][3].startswith("knn")  # a close, agreeing vote answers first
+    # switched off: the refusals stand
+    off = ResolveTypes(cfg.model_copy(update={"title_names": False}), names, {}, {}, ref, None,
+                       add_attributes=False, min_attribute_score=0.5, name_support={"sunscreen": 5})
+    off.setup(WorkerEnv())
+    assert off.process_batch(batch).column("type").to_pylist() == [None, None, None, "Coffee"]

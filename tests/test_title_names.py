@@ -37,6 +37,7 @@ def test_names_outside_brand_spans_longest_first():
     batch = pa.table({"title": [title, ""], "spans": pa.array([brand, []], SPANS)})
     out = TitleTypeNames(vocab).process_batch(batch)
     assert out.column("name_keys").to_pylist() == [[type_key("Sunscreen Lotion"), "banana"], []]
+    assert out.column("head_value").to_pylist() == ["Lotion", None]  # the brand masked
 
 
 def test_key_type_maps_tails_and_unique_heads_to_known_types():
@@ -99,3 +100,44 @@ def test_refused_products_take_the_name_their_title_writes():
                        add_attributes=False, min_attribute_score=0.5, name_support={"sunscreen": 5})
     off.setup(WorkerEnv())
     assert off.process_batch(batch).column("type").to_pylist() == [None, None, None, "Coffee"]
+
+
+def test_head_word_ends_the_first_phrase_outside_brands():
+    from autoknow_ray.modules.taxonomy.title_names import head_word
+
+    assert head_word("Pleaser Men's Tempo 08 Platform Sneaker ,Black Veggie Suede,6 M US", []) == (
+        "sneaker", "Sneaker")
+    assert head_word("Dr. Martens unisex adult Keith Oxford, Tan, 8 US", []) == ("oxford", "Oxford")
+    assert head_word("Memory Foam Slipper with Rubber Sole", []) == ("slipper", "Slipper")
+    assert head_word("Acme Blue Widget - Blue", [], {"blue"}) == ("widget", "Widget")
+    assert head_word("Acme Sunscreen Lotion SPF 50", []) == ("lotion", "Lotion")  # an acronym skipped
+    # a possessive, a short word, a number, an attribute value: no head
+    assert head_word("Kids' Carter's", []) is None
+    assert head_word("Go XL, 2 pack", []) is None
+    assert head_word("1234, 5678", []) is None
+    assert head_word("Acme Folic Acid 800 Mcg", []) is None  # a unit
+    assert head_word("Acme Tempo Black, size 8", [], {"black"}) is None
+    # the brand's own words are not the head
+    brand = [{"label": "Brand", "value": "Banana Boat", "start": 0, "end": 11, "score": 0.9}]
+    assert head_word("Banana Boat", brand) is None
+    assert head_word(None, []) is None
+
+
+def test_refused_products_take_a_supported_head_word():
+    ref = pl.DataFrame({"product_id": ["r0", "r1", "r2", "r3"], "ref_type": ["Coffee", "Coffee", "Tea", "Tea"],
+                        "from_catalogue": [True] * 4,
+                        "embedding": [[1.0, 0.0, 0.0], [0.99, 0.1, 0.0], [0.0, 1.0, 0.0], [0.1, 0.99, 0.0]]})
+    names = TypeNames(["Coffee", "Tea"], {"sneaker": "Sneaker"})
+    cfg = TypeResolutionConfig(knn_min_similarity=0.8, knn_min_share=0.8)
+    step = ResolveTypes(cfg, names, {}, {}, ref, None, add_attributes=False, min_attribute_score=0.5)
+    step.setup(WorkerEnv())
+    batch = _batch(["Pleaser Platform Sneaker", "Greek Mountain Tea", "Acme Gizmo"],
+                   [[], [], []], [[0, 0, 1], [0, 0.05, 1], [0, 0.1, 1]])
+    batch = batch.append_column("head_key", pa.array(["sneaker", "tea", "gizmo"], pa.string()))
+    out = step.process_batch(batch).to_pydict()
+    assert out["type"] == ["Sneaker", "Tea", None]  # "gizmo" is no accepted name
+    assert out["type_evidence"][0].startswith("title names 'sneaker' (head word;")
+    off = ResolveTypes(cfg.model_copy(update={"title_heads": False}), names, {}, {}, ref, None,
+                       add_attributes=False, min_attribute_score=0.5)
+    off.setup(WorkerEnv())
+    assert off.process_batch(batch).column("type").to_pylist() == [None, None, None]

@@ -17,7 +17,7 @@ from autoknow_ray import runtime
 from autoknow_ray.graph.state import count_rows
 from autoknow_ray.index.vectors import as_matrix
 from autoknow_ray.modules.taxonomy import knn_floors, sample, type_names
-from autoknow_ray.modules.taxonomy.title_names import build_vocabulary, save_vocabulary
+from autoknow_ray.modules.taxonomy.title_names import build_vocabulary, not_type_keys, save_vocabulary
 from autoknow_ray.modules.taxonomy.hypernym import HypernymClassifier
 from autoknow_ray.modules.taxonomy.tagger_fit import fit_tagger
 from autoknow_ray.nn.encoder import TextEncoder
@@ -90,7 +90,8 @@ def _save_vocabulary(train: pl.DataFrame, taxonomy: pl.DataFrame, tcfg, out: Pat
                       .to_series().explode().drop_nulls().unique().to_list())
     public = type_names.load(tcfg.vocabulary) if tcfg.title_names else ()
     vocab = build_vocabulary(types, public, values)
-    return save_vocabulary(vocab, out, tcfg.vocabulary if public else "catalogue")
+    return save_vocabulary(vocab, out, tcfg.vocabulary if public else "catalogue",
+                           not_type_keys(values, vocab))
 
 
 def _typed_sample(products, per_type: int, cap: int, seed: int,

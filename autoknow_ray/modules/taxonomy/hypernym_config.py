@@ -54,6 +54,9 @@ class TypeResolutionConfig(BaseModel):
     # writes (a vocabulary of type names kept by fit: modules/taxonomy/title_names.py); a new
     # name needs `min_support` such products
     title_names: bool = True
+    # … else the last word of its title's first noun phrase, where `min_support` such products
+    # end their first phrase in it ("… Platform Sneaker, Black" → "Sneaker"; English word order)
+    title_heads: bool = True
     # the public names fit adds to the catalogue's own: "auto" (Google's product taxonomy and
     # Open Food Facts' categories beside the project, as `tagger.type_names`), "none", or a file
     vocabulary: str = "auto"

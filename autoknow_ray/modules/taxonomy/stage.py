@@ -31,7 +31,7 @@ from autoknow_ray.modules.taxonomy.hypernym_config import KNN_MIN_SHARE, KNN_MIN
 from autoknow_ray.modules.taxonomy.hypernym import HypernymClassifier
 from autoknow_ray.modules.taxonomy.infer import TagTitles
 from autoknow_ray.modules.taxonomy.title_names import (
-    EVIDENCE_PREFIX, TitleTypeNames, build_vocabulary, load_vocabulary,
+    EVIDENCE_PREFIX, TitleTypeNames, build_vocabulary, load_not_types, load_vocabulary,
 )
 from autoknow_ray.modules.taxonomy.types import (
     CANDIDATES_SCHEMA, TYPE_COLUMNS, BestTypeSpan, ResolveTypes, TypeNames,
@@ -95,7 +95,7 @@ class TaxonomyStage(Stage):
             TagTitles(str(tagger_dir) if (tagger_dir / "config.json").exists() else None,
                       min_score=cfg.tagger.min_score),
             BestTypeSpan(set(names.known), cfg.types.min_span_score),
-            TitleTypeNames(vocab),
+            TitleTypeNames(vocab, load_not_types(art) if cfg.types.title_heads else ()),
             EmbedTitles(cfg.tagger.encoder),
         ])
         chunks = {"chunks": 0, "skipped": 0}
@@ -225,24 +225,41 @@ class TaxonomyStage(Stage):
         """Per name key: the products with neither a catalogue type nor a tagger type span whose
         title writes it (a per-key aggregate, bounded by the vocabulary); and the new names among
         them (a key neither the taxonomy nor the tagger's candidates name, with `min_support`)."""
-        if not vocab:
+        if not (cfg.title_names or cfg.title_heads):
             return {}, {}
 
         def keys(batch: pa.Table) -> pa.Table:
             old = batch.column("product_type").to_pylist()
             span = batch.column("span_key").to_pylist()
-            flat = [k for o, sk, ks in zip(old, span, batch.column("name_keys").to_pylist())
-                    if not (isinstance(o, str) and o.strip()) and not sk for k in ks or ()]
-            return pa.table({"key": pa.array(flat, pa.string())})
+            free = [not (isinstance(o, str) and o.strip()) and not sk for o, sk in zip(old, span)]
+            rows = [(k, None) for f, ks in zip(free, batch.column("name_keys").to_pylist()) if f
+                    for k in ks or ()]
+            rows += [("\x00" + hk, hv) for f, hk, hv in zip(free, batch.column("head_key").to_pylist(),
+                                                          batch.column("head_value").to_pylist())
+                     if f and hk]
+            return pa.table({"key": pa.array([r[0] for r in rows], pa.string()),
+                             "value": pa.array([r[1] for r in rows], pa.string())})
 
         counts = runtime.aggregate(
-            tm.select_columns(["product_type", "span_key", "name_keys"]).map_batches(
-                keys, batch_format="pyarrow"), ["key"], {"n": ("count", None)}, parts)
-        support = {k: int(v) for k, v in counts.select("key", "n").iter_rows()} if counts.height else {}
+            tm.select_columns(["product_type", "span_key", "name_keys", "head_key", "head_value"])
+            .map_batches(keys, batch_format="pyarrow"), ["key", "value"], {"n": ("count", None)}, parts)
+        support: dict[str, int] = {}
+        heads: dict[str, list[tuple[int, str]]] = {}
+        for k, value, n in (counts.select("key", "value", "n").iter_rows() if counts.height else ()):
+            if k.startswith("\x00"):  # a head word: per key, its surfaces
+                heads.setdefault(k[1:], []).append((int(n), value))
+            else:
+                support[k] = int(n)
         new = {}
         for k, v in support.items():
             if v >= cfg.min_support and k not in accepted and names.key_type(k) is None:
                 new[k] = vocab[k].lower() if lower else vocab[k]
+        if cfg.title_heads:
+            for k, surfaces in heads.items():
+                n = sum(c for c, _ in surfaces)
+                if n >= cfg.min_support and k not in accepted and k not in new and names.key_type(k) is None:
+                    name = min(surfaces, key=lambda x: (-x[0], x[1]))[1]
+                    new[k] = name.lower() if lower else name
         return support, new
 
     @staticmethod

@@ -25,6 +25,7 @@ A tagger trained on a catalogue with a handful of types rarely marks such a word
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Iterable
 
@@ -35,6 +36,7 @@ from autoknow_ray.steps import Step
 from autoknow_ray.text import type_key
 
 VOCABULARY_FILE = "type_vocabulary.json"
+MAX_NOT_TYPES = 50_000  # attribute value keys kept with the vocabulary (a capped fit sample's)
 MAX_WORDS = 4  # type_names.usable keeps names of one to four words
 EVIDENCE_PREFIX = "title names "
 
@@ -58,10 +60,18 @@ def build_vocabulary(catalogue_types: Iterable[str], public_names: Iterable[str]
     return vocab
 
 
-def save_vocabulary(vocab: dict[str, str], out: Path, source: str) -> dict:
-    (Path(out) / VOCABULARY_FILE).write_text(json.dumps({"source": source, "names": vocab},
-                                                        sort_keys=True))
-    return {"names": len(vocab), "source": source}
+def not_type_keys(attribute_values: Iterable[str], vocab: dict[str, str]) -> list[str]:
+    """The keys of the fit catalogue's attribute values that are none of its type names: a
+    title's head word that is one of them ("Black", "Vanilla") names no type."""
+    keys = {type_key(v) for v in attribute_values if isinstance(v, str)} - set(vocab) - {""}
+    return sorted(keys)[:MAX_NOT_TYPES]
+
+
+def save_vocabulary(vocab: dict[str, str], out: Path, source: str,
+                    not_types: list[str] | None = None) -> dict:
+    (Path(out) / VOCABULARY_FILE).write_text(json.dumps(
+        {"source": source, "names": vocab, "not_types": list(not_types or [])}, sort_keys=True))
+    return {"names": len(vocab), "not_types": len(not_types or []), "source": source}
 
 
 def load_vocabulary(model_dir: Path) -> dict[str, str]:
@@ -70,6 +80,13 @@ def load_vocabulary(model_dir: Path) -> dict[str, str]:
     if not p.exists():
         return {}
     return dict(json.loads(p.read_text()).get("names") or {})
+
+
+def load_not_types(model_dir: Path) -> frozenset[str]:
+    p = Path(model_dir) / VOCABULARY_FILE
+    if not p.exists():
+        return frozenset()
+    return frozenset(json.loads(p.read_text()).get("not_types") or ())
 
 
 def _is_brand(label: str | None) -> bool:
@@ -112,22 +129,69 @@ def name_keys(title: str | None, spans, vocab: dict[str, str] | frozenset) -> li
     return out
 
 
+# where a title's first noun phrase ends: a list separator, a bracket, a dash between spaces, or
+# the English words that start a complement ("… Sneaker with Memory Foam", "… Shampoo for Men")
+_PHRASE_END = re.compile(r"[,;|(\[/]|\s[-–—]\s|\b(?:with|for|by|in|from|and|or|of)\b", re.I)
+_WORD = re.compile(r"[^\W\d_][^\W\d_'’-]*(?:['’-][^\W\d_]+)*")
+
+
+def head_word(title: str | None, spans, not_types: frozenset | set = frozenset()) -> tuple[str, str] | None:
+    """(key, surface) of the last word of the title's first noun phrase, outside its brand spans:
+    where an English product title writes its type ("Pleaser Men's Tempo 08 Platform Sneaker,
+    Black" → "Sneaker"). None when that word has fewer than three letters, is a possessive,
+    follows a number (a unit), or is one of `not_types` (the fit catalogue's attribute values)."""
+    if not title:
+        return None
+    chars = list(title)
+    for sp in spans or ():
+        if _is_brand(sp.get("label")) and sp.get("start") is not None:
+            for i in range(max(0, sp["start"]), min(len(chars), sp["end"])):
+                chars[i] = " "
+    masked = "".join(chars)
+    first = _PHRASE_END.split(masked.strip(), maxsplit=1)[0]
+    tokens = first.split()
+    upper = title.isupper()
+    w, before = None, None
+    for j in range(len(tokens) - 1, -1, -1):
+        found = _WORD.findall(tokens[j])
+        if not found:
+            continue
+        cand = found[-1]
+        if not upper and cand.isupper() and len(cand) <= 4:
+            continue  # an acronym ends no noun phrase ("… Sunscreen Lotion SPF 100")
+        w, before = cand, tokens[j - 1] if j else None
+        break
+    if w is None or len(w) < 3 or w.lower().endswith(("'s", "’s")):
+        return None
+    if before is not None and any(ch.isdigit() for ch in before):
+        return None  # a measure's unit ("… 500 Mcg", "… 12 Ounce"), not a type
+    k = type_key(w)
+    if not k or k in not_types:
+        return None
+    return k, w[0].upper() + w[1:] if w.islower() else w
+
+
 class TitleTypeNames(Step):
-    """Appends `name_keys` (list of strings): the vocabulary's type names written in each title,
-    outside its brand spans (after `TagTitles`, in the same actor)."""
+    """Appends `name_keys` (list of strings: the vocabulary's type names written in each title,
+    outside its brand spans) and `head_key` / `head_value` (the last word of its first noun
+    phrase, `head_word`), after `TagTitles`, in the same actor."""
 
     name = "title_type_names"
     resources = "taxonomy"
     columns = ("title", "spans")
 
-    def __init__(self, vocab: dict[str, str]):
+    def __init__(self, vocab: dict[str, str], not_types: frozenset | set = frozenset()):
         self.vocab = frozenset(vocab)
+        self.not_types = frozenset(not_types)
 
     def process_batch(self, batch: pa.Table) -> pa.Table:
         titles = batch.column("title").to_pylist()
         spans = batch.column("spans").to_pylist()
         keys = [name_keys(t, s, self.vocab) for t, s in zip(titles, spans)]
-        return batch.append_column("name_keys", pa.array(keys, pa.list_(pa.string())))
+        heads = [head_word(t, s, self.not_types) for t, s in zip(titles, spans)]
+        return (batch.append_column("name_keys", pa.array(keys, pa.list_(pa.string())))
+                .append_column("head_key", pa.array([h[0] if h else None for h in heads], pa.string()))
+                .append_column("head_value", pa.array([h[1] if h else None for h in heads], pa.string())))
 
 
 def pick(keys: Iterable[str], resolve, support: dict[str, int]) -> tuple[str, str] | None:

@@ -302,7 +302,7 @@ class ResolveTypes(Step):
     name = "resolve_types"
     resources = "taxonomy"
     columns = ("product_id", "product_type", "span_value", "span_score", "spans", "name_keys",
-               "embedding")
+               "head_key", "embedding")
     model = True  # builds its indexes once per worker
 
     def __init__(self, cfg: TypeResolutionConfig, names: TypeNames, ancestors: dict[str, set[str]],
@@ -364,6 +364,8 @@ class ResolveTypes(Step):
         span_scores = batch.column("span_score").to_pylist()
         title_keys = (batch.column("name_keys").to_pylist() if "name_keys" in batch.column_names
                       else [None] * batch.num_rows)
+        heads = (batch.column("head_key").to_pylist() if "head_key" in batch.column_names
+                 else [None] * batch.num_rows)
         vecs = _vectors(batch.column("embedding")) if batch.num_rows else np.zeros((0, 1), np.float32)
         n = len(pids)
         out = {c: [None] * n for c in TYPE_COLUMNS}
@@ -416,6 +418,11 @@ class ResolveTypes(Step):
                     if hit is not None:  # the title's own words name its type
                         self._set(out, outcome, i, hit[1], cfg.title_name_confidence, "added",
                                   f"{EVIDENCE_PREFIX}{hit[0]!r} ({v.reason})")
+                        continue
+                    head = names.key_type(heads[i]) if cfg.title_heads and heads[i] else None
+                    if head is not None:  # … its first phrase ends in a type's name
+                        self._set(out, outcome, i, head, cfg.title_name_confidence, "added",
+                                  f"{EVIDENCE_PREFIX}{heads[i]!r} (head word; {v.reason})")
                         continue
                     out["type_evidence"][i] = v.reason
                     outcome[i] = v.reason

@@ -141,3 +141,34 @@ def test_refused_products_take_a_supported_head_word():
                        add_attributes=False, min_attribute_score=0.5)
     off.setup(WorkerEnv())
     assert off.process_batch(batch).column("type").to_pylist() == [None, None, None]
+
+
+def test_new_names_need_support_and_are_capped(ray_session):
+    import ray
+
+    from autoknow_ray.modules.taxonomy.stage import TaxonomyStage
+
+    rows = ([("sunscreen", None, None, None)] * 5 + [("gizmo", None, None, None)] * 2
+            + [(None, None, "sneaker", "Sneaker")] * 4 + [(None, None, "sneaker", "sneaker")]
+            + [(None, None, "boot", "Boot")] * 3)
+    tm = ray.data.from_arrow(pa.table({
+        "product_type": pa.array([None] * len(rows), pa.string()),
+        "span_key": pa.array([None] * len(rows), pa.string()),
+        "name_keys": pa.array([[r[0]] if r[0] else [] for r in rows], pa.list_(pa.string())),
+        "head_key": pa.array([r[2] for r in rows], pa.string()),
+        "head_value": pa.array([r[3] for r in rows], pa.string()),
+    }))
+    # a typed product's words count for nothing
+    typed = ray.data.from_arrow(pa.table({
+        "product_type": ["Tea"] * 9, "span_key": pa.array([None] * 9, pa.string()),
+        "name_keys": pa.array([["gizmo"]] * 9, pa.list_(pa.string())),
+        "head_key": pa.array(["gizmo"] * 9, pa.string()), "head_value": ["Gizmo"] * 9}))
+    names = TypeNames(["Tea"])
+    vocab = {"sunscreen": "Sunscreen", "gizmo": "Gizmo"}
+    cfg = TypeResolutionConfig(min_support=3)
+    support, new = TaxonomyStage._title_name_support(tm.union(typed), names, vocab, {}, cfg, False, 1)
+    assert support == {"sunscreen": 5, "gizmo": 2}
+    assert new == {"sunscreen": "Sunscreen", "sneaker": "Sneaker", "boot": "Boot"}
+    capped = TaxonomyStage._title_name_support(tm, names, vocab, {}, cfg.model_copy(
+        update={"max_title_types": 2}), True, 1)[1]
+    assert capped == {"sunscreen": "sunscreen", "sneaker": "sneaker"}  # the best supported, lower-cased

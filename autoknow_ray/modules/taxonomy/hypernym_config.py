@@ -57,6 +57,10 @@ class TypeResolutionConfig(BaseModel):
     # … else the last word of its title's first noun phrase, where `min_support` such products
     # end their first phrase in it ("… Platform Sneaker, Black" → "Sneaker"; English word order)
     title_heads: bool = True
+    # at most this many new types from title names and head words, the best supported (a bound
+    # on what the driver ships to the workers and on the hypernym step's children, whatever the
+    # catalogue's size)
+    max_title_types: int = Field(2000, ge=0)
     # the public names fit adds to the catalogue's own: "auto" (Google's product taxonomy and
     # Open Food Facts' categories beside the project, as `tagger.type_names`), "none", or a file
     vocabulary: str = "auto"

@@ -260,7 +260,11 @@ class TaxonomyStage(Stage):
                 if n >= cfg.min_support and k not in accepted and k not in new and names.key_type(k) is None:
                     name = min(surfaces, key=lambda x: (-x[0], x[1]))[1]
                     new[k] = name.lower() if lower else name
-        return support, new
+                    support.setdefault("\x00" + k, n)
+        if len(new) > cfg.max_title_types:
+            ranked = sorted(new, key=lambda k: (-support.get(k, support.get("\x00" + k, 0)), k))
+            new = {k: new[k] for k in ranked[:cfg.max_title_types]}
+        return {k: v for k, v in support.items() if not k.startswith("\x00")}, new
 
     @staticmethod
     def _with_title_name_types(ctx, candidates: pl.DataFrame, known: set[str], cfg,

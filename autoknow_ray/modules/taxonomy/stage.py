@@ -280,18 +280,20 @@ class TaxonomyStage(Stage):
             return batch.filter(pc.and_(ev, new)).select(["product_id", "type"])
 
         took = decisions.map_batches(named, batch_format="pyarrow")
-        counts = runtime.aggregate(took, ["type"], {"support": ("count", None)}, parts)
+        # the examples: the first and last product id per type, in the same aggregate (a
+        # per-group sample would cost a second shuffle)
+        counts = runtime.aggregate(took, ["type"], {"support": ("count", None),
+                                                    "first": ("min", "product_id"),
+                                                    "last": ("max", "product_id")}, parts)
         if not counts.height:
             return candidates
-        ex = sample.first_per_key(took, "type", "product_id", cfg.max_examples, ctx.cfg.seed, parts)
-        ex = (ex.group_by("type").agg(pl.col("product_id").sort().alias("example_product_ids"))
-              if ex.height else pl.DataFrame(schema={"type": pl.String,
-                                                     "example_product_ids": pl.List(pl.String)}))
-        rows = (counts.join(ex, on="type", how="left")
-                .with_columns(pl.col("support").cast(pl.Int64),
-                              pl.col("support").cast(pl.Int64).alias("n_products"),
-                              pl.col("example_product_ids").fill_null(pl.lit([], dtype=pl.List(pl.String))),
-                              pl.lit(None, pl.Float32).alias("mean_score"))
+        n_ex = min(cfg.max_examples, 2)
+        rows = (counts.with_columns(
+                    pl.col("support").cast(pl.Int64),
+                    pl.col("support").cast(pl.Int64).alias("n_products"),
+                    pl.concat_list("first", "last").list.unique(maintain_order=True).list.head(n_ex)
+                    .alias("example_product_ids"),
+                    pl.lit(None, pl.Float32).alias("mean_score"))
                 .select(list(CANDIDATES_SCHEMA)).cast(CANDIDATES_SCHEMA))
         both = set(candidates["type"].to_list()) & set(rows["type"].to_list())
         if both:  # a tagger candidate that titles also named: one row, the supports added

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pytest
 
 from autoknow_ray.modules.taxonomy.hypernym_config import TypeResolutionConfig
 from autoknow_ray.modules.taxonomy.title_names import (
@@ -24,6 +25,12 @@ def test_vocabulary_keeps_catalogue_types_and_drops_attribute_values(tmp_path):
     save_vocabulary(v, tmp_path, "auto")
     assert load_vocabulary(tmp_path) == v
     assert load_vocabulary(tmp_path / "missing") == {}
+    (tmp_path / "type_vocabulary.json").write_text('{"names": ')  # a half-written file
+    with pytest.raises(ValueError, match="not a type vocabulary.*autoknow fit"):
+        load_vocabulary(tmp_path)
+    (tmp_path / "type_vocabulary.json").write_text('["Tea"]')
+    with pytest.raises(ValueError, match="no names table"):
+        load_vocabulary(tmp_path)
 
 
 def test_names_outside_brand_spans_longest_first():

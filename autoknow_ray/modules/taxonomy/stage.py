@@ -232,39 +232,37 @@ class TaxonomyStage(Stage):
             old = batch.column("product_type").to_pylist()
             span = batch.column("span_key").to_pylist()
             free = [not (isinstance(o, str) and o.strip()) and not sk for o, sk in zip(old, span)]
-            rows = [(k, None) for f, ks in zip(free, batch.column("name_keys").to_pylist()) if f
-                    for k in ks or ()]
-            rows += [("\x00" + hk, hv) for f, hk, hv in zip(free, batch.column("head_key").to_pylist(),
-                                                          batch.column("head_value").to_pylist())
+            rows = [("name", k, None) for f, ks in zip(free, batch.column("name_keys").to_pylist())
+                    if f for k in ks or ()]
+            rows += [("head", hk, hv) for f, hk, hv in zip(free, batch.column("head_key").to_pylist(),
+                                                        batch.column("head_value").to_pylist())
                      if f and hk]
-            return pa.table({"key": pa.array([r[0] for r in rows], pa.string()),
-                             "value": pa.array([r[1] for r in rows], pa.string())})
+            return pa.table({c: pa.array([r[i] for r in rows], pa.string())
+                             for i, c in enumerate(("kind", "key", "value"))})
 
         counts = runtime.aggregate(
             tm.select_columns(["product_type", "span_key", "name_keys", "head_key", "head_value"])
-            .map_batches(keys, batch_format="pyarrow"), ["key", "value"], {"n": ("count", None)}, parts)
-        support: dict[str, int] = {}
-        heads: dict[str, list[tuple[int, str]]] = {}
-        for k, value, n in (counts.select("key", "value", "n").iter_rows() if counts.height else ()):
-            if k.startswith("\x00"):  # a head word: per key, its surfaces
-                heads.setdefault(k[1:], []).append((int(n), value))
-            else:
+            .map_batches(keys, batch_format="pyarrow"), ["kind", "key", "value"],
+            {"n": ("count", None)}, parts)
+        support: dict[str, int] = {}  # per vocabulary name
+        heads: dict[str, list[tuple[int, str]]] = {}  # per head key: (count, surface)
+        for kind, k, value, n in (counts.select("kind", "key", "value", "n").iter_rows()
+                                  if counts.height else ()):
+            if kind == "name":
                 support[k] = int(n)
-        new = {}
-        for k, v in support.items():
-            if v >= cfg.min_support and k not in accepted and names.key_type(k) is None:
-                new[k] = vocab[k].lower() if lower else vocab[k]
+            else:
+                heads.setdefault(k, []).append((int(n), value))
+        new: dict[str, tuple[int, str]] = {}  # key: (support, name)
+        for k, n in support.items():
+            if n >= cfg.min_support and k not in accepted and names.key_type(k) is None:
+                new[k] = (n, vocab[k])
         if cfg.title_heads:
             for k, surfaces in heads.items():
                 n = sum(c for c, _ in surfaces)
                 if n >= cfg.min_support and k not in accepted and k not in new and names.key_type(k) is None:
-                    name = min(surfaces, key=lambda x: (-x[0], x[1]))[1]
-                    new[k] = name.lower() if lower else name
-                    support.setdefault("\x00" + k, n)
-        if len(new) > cfg.max_title_types:
-            ranked = sorted(new, key=lambda k: (-support.get(k, support.get("\x00" + k, 0)), k))
-            new = {k: new[k] for k in ranked[:cfg.max_title_types]}
-        return {k: v for k, v in support.items() if not k.startswith("\x00")}, new
+                    new[k] = (n, min(surfaces, key=lambda x: (-x[0], x[1]))[1])
+        best = sorted(new, key=lambda k: (-new[k][0], k))[:cfg.max_title_types]
+        return support, {k: new[k][1].lower() if lower else new[k][1] for k in best}
 
     @staticmethod
     def _with_title_name_types(ctx, candidates: pl.DataFrame, known: set[str], cfg,

@@ -74,19 +74,26 @@ def save_vocabulary(vocab: dict[str, str], out: Path, source: str,
     return {"names": len(vocab), "not_types": len(not_types or []), "source": source}
 
 
-def load_vocabulary(model_dir: Path) -> dict[str, str]:
-    """The fit's vocabulary ({} for a model folder from before it, or a fit without one)."""
+def _read(model_dir: Path) -> dict:
     p = Path(model_dir) / VOCABULARY_FILE
     if not p.exists():
         return {}
-    return dict(json.loads(p.read_text()).get("names") or {})
+    try:
+        d = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{p} is not a type vocabulary ({e}); run `autoknow fit` again") from None
+    if not isinstance(d, dict) or not isinstance(d.get("names", {}), dict):
+        raise ValueError(f"{p} is not a type vocabulary (no names table); run `autoknow fit` again")
+    return d
+
+
+def load_vocabulary(model_dir: Path) -> dict[str, str]:
+    """The fit's vocabulary ({} for a model folder from before it, or a fit without one)."""
+    return dict(_read(model_dir).get("names") or {})
 
 
 def load_not_types(model_dir: Path) -> frozenset[str]:
-    p = Path(model_dir) / VOCABULARY_FILE
-    if not p.exists():
-        return frozenset()
-    return frozenset(json.loads(p.read_text()).get("not_types") or ())
+    return frozenset(_read(model_dir).get("not_types") or ())
 
 
 def _is_brand(label: str | None) -> bool:

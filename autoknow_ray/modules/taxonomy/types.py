@@ -129,35 +129,24 @@ class TypeNames:
         """The type a tagger span names: its own name if known or accepted, else the longest
         known or accepted tail of its words ("Mineral Sunscreen" names "sunscreen": an English
         noun phrase ends in its head)."""
-        if value is None:
-            return None
-        k = type_key(value)
-        got = self.known.get(k) or self.accepted.get(k)
-        if got is not None:
-            return got
-        words = k.split()
-        for i in range(1, len(words)):
-            tail = " ".join(words[i:])
-            got = self.known.get(tail) or self.accepted.get(tail)
-            if got is not None:
-                return got
-        return None
+        return None if value is None else self._known_or_tail(type_key(value))
 
     def key_type(self, key: str | None) -> str | None:
         """The type a title's name key (`text.type_key` form) names: known or accepted, else its
         longest known or accepted tail, else the one known type whose last word it is."""
         if not key:
             return None
-        got = self.known.get(key) or self.accepted.get(key)
-        if got is not None:
-            return got
+        got = self._known_or_tail(key)
+        return got if got is not None or " " in key else self.heads.get(key)
+
+    def _known_or_tail(self, key: str) -> str | None:
         words = key.split()
-        for i in range(1, len(words)):
+        for i in range(len(words)):
             tail = " ".join(words[i:])
             got = self.known.get(tail) or self.accepted.get(tail)
             if got is not None:
                 return got
-        return self.heads.get(key) if len(words) == 1 else None
+        return None
 
     def catalogue(self, value: str | None) -> str | None:
         """A catalogue label as the taxonomy writes it (kept as given where the taxonomy lacks it)."""

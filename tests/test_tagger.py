@@ -237,3 +237,53 @@ def test_tag_titles_step_returns_spans_per_product(artifact):
 def test_config_rejects_unknown_keys():
     with pytest.raises(ValidationError, match="epochz"):
         TaggerConfig(epochz=3)
+
+
+# ---- gazetteer input -------------------------------------------------------------------------
+def test_gazetteer_marks_known_values_and_cross_fold_hides_a_fold_s_own(tmp_path):
+    from collections import Counter
+
+    from autoknow_ray.nn import gazetteer as gz
+
+    text = "Acme Navy Blue Running Shoes"
+    chars = [(0, 4), (5, 9), (10, 14), (15, 22), (23, 28)]
+    g = gz.Gazetteer(2, [(0, ("acme",)), (1, ("navy", "blue")), (1, ("blue",))])
+    f = g.features(text, chars)
+    assert f.shape == (5, 4)
+    assert f[0].tolist() == [1, 0, 0, 0]  # B of label 0 on "Acme"
+    assert f[1].tolist() == [0, 0, 1, 0] and f[2].tolist() == [0, 0, 1, 1]  # "Navy Blue", "Blue"
+    assert not f[3:].any()
+    # fold 0 only knows the values of fold 1, and the other way round
+    c0 = gz.count_entries([text], [chars], [[(0, 0, 0)]], max_words=8)
+    c1 = gz.count_entries([text], [chars], [[(1, 1, 2), (0, 3, 4)]], max_words=8, skip=frozenset({0}))
+    assert c1 == Counter({(1, ("navy", "blue")): 1})  # label 0 skipped
+    g0, g1 = gz.cross_fold([c0, c1], 2, 8, 100)
+    assert not g0.features(text, chars)[:, 0].any() and g0.features(text, chars)[1, 2] == 1
+    assert g1.features(text, chars)[0, 0] == 1 and not g1.features(text, chars)[:, 2:].any()
+    # JSON round trip; a broken file is a clear error
+    g.save(tmp_path)
+    assert (gz.Gazetteer.load(tmp_path).features(text, chars) == f).all()
+    (tmp_path / gz.FILE).write_text('{"entries": []}')
+    with pytest.raises(ValueError, match="not a gazetteer"):
+        gz.Gazetteer.load(tmp_path)
+
+
+def test_fit_with_gazetteer_ships_it_and_uses_it(tmp_path):
+    from autoknow_ray.modules.taxonomy.tagger_fit import fit_tagger
+    from autoknow_ray.nn import gazetteer as gz
+
+    cfg = TaggerConfig(epochs=2, batch_size=8, val_fraction=0.2, max_length=32, cpu_threads=2,
+                       min_attribute_count=1, device="cpu", gazetteer=True)
+    metrics = fit_tagger(_synthetic(), cfg, tmp_path)
+    assert metrics["n_val"] == 8
+    tagger = SpanTagger.load(tmp_path, device="cpu", cpu_threads=2)
+    g = tagger.gazetteer
+    assert g is not None and len(g) > 0 and g.n_features == 2 * len(tagger.labels)
+    type_k = tagger.labels.index("type")
+    assert all(type_k not in ks for ks in g.index.values())  # the type label stays out
+    assert ("acme",) in g.index and tagger.model.gaz_proj.weight.abs().sum() > 0  # it learnt
+    preds = tagger.predict(["Kiva Black Backpack, Large", ""], batch_size=4)
+    assert preds[1] == [] and all(0 <= s < e for _, s, e, _ in preds[0])
+    (tmp_path / gz.FILE).unlink()
+    with pytest.raises(ValueError, match="gazetteer"):
+        SpanTagger.load(tmp_path, device="cpu")

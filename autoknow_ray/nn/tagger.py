@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from autoknow_ray import progress
+from autoknow_ray.nn import gazetteer as gz
 from autoknow_ray.nn.encoder import (
     autocast,
     inference_bf16,
@@ -169,6 +170,8 @@ class Encoded:
     word_first: list[int]  # token position of each word's first piece
     word_chars: list[tuple[int, int]]  # char span of each word in the original text
     shapes: list[int]  # per token: the shape of the word it belongs to (0 for special tokens)
+    token_word: list[int] | None = None  # per token: its word's index (-1 for special tokens)
+    gaz: np.ndarray | None = None  # per word: gazetteer match features (see nn/gazetteer.py)
 
 
 N_SHAPES = 8
@@ -213,7 +216,7 @@ def _words(word_ids: list[int | None], offsets: list[tuple[int, int]], text: str
         prev = wid
     shapes_w = [word_shape(text[s:e]) for s, e in chars]
     shapes = [shapes_w[w] if w >= 0 else 0 for w in token_word]
-    return first, [(s, e) for s, e in chars], shapes
+    return first, [(s, e) for s, e in chars], shapes, token_word
 
 
 def encode_texts(tokenizer, texts: Sequence[str], max_length: int) -> list[Encoded]:
@@ -231,8 +234,9 @@ def encode_texts(tokenizer, texts: Sequence[str], max_length: int) -> list[Encod
     )
     out = []
     for i in range(len(texts)):
-        first, chars, shapes = _words(enc.word_ids(i), enc["offset_mapping"][i], texts[i])
-        out.append(Encoded(list(enc["input_ids"][i]), first, chars, shapes))
+        first, chars, shapes, token_word = _words(enc.word_ids(i), enc["offset_mapping"][i],
+                                                  texts[i])
+        out.append(Encoded(list(enc["input_ids"][i]), first, chars, shapes, token_word))
     return out
 
 
@@ -274,9 +278,12 @@ def align_round_trip(tokenizer, text: str, spans: list[Span], labels: Sequence[s
 # ---- the model -------------------------------------------------------------------------------
 class SpanTaggerModel(nn.Module):
     """Encoder → dropout → linear over BIO tags; optionally a small word-shape embedding is
-    concatenated to the encoder output (case and digits, lost by uncased tokenizers)."""
+    concatenated to the encoder output (case and digits, lost by uncased tokenizers), and
+    gazetteer match features (`gaz_features` columns) enter through a learnt projection added
+    to the input embeddings (zero at initialisation: the encoder starts as it was)."""
 
-    def __init__(self, encoder: nn.Module, n_tags: int, dropout: float = 0.1, shape_dim: int = 0):
+    def __init__(self, encoder: nn.Module, n_tags: int, dropout: float = 0.1, shape_dim: int = 0,
+                 gaz_features: int = 0):
         super().__init__()
         if getattr(encoder, "pooler", None) is not None:
             encoder.pooler = None  # unused: keeps the artifact small and DDP free of unused params
@@ -287,14 +294,28 @@ class SpanTaggerModel(nn.Module):
         self.head = nn.Linear(int(encoder.config.hidden_size) + self.shape_dim, n_tags)
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
+        self.gaz_features = int(gaz_features)
+        self.gaz_proj = None
+        if self.gaz_features:
+            self.gaz_proj = nn.Linear(self.gaz_features, int(encoder.config.hidden_size), bias=False)
+            nn.init.zeros_(self.gaz_proj.weight)
 
     def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         shapes: torch.Tensor | None = None,
+        gaz: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.gaz_proj is None:
+            hidden = self.encoder(input_ids=input_ids,
+                                  attention_mask=attention_mask).last_hidden_state
+        else:
+            emb = self.encoder.get_input_embeddings()(input_ids)
+            if gaz is not None:
+                emb = emb + self.gaz_proj(gaz.to(emb.dtype))
+            hidden = self.encoder(inputs_embeds=emb,
+                                  attention_mask=attention_mask).last_hidden_state
         if self.shape_emb is not None:
             if shapes is None:
                 shapes = torch.zeros_like(input_ids)
@@ -307,6 +328,20 @@ def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
     return torch.tensor([r + [value] * (n - len(r)) for r in rows], dtype=torch.long)
 
 
+def _gaz_tokens(encs: list[Encoded], n_tokens: int) -> torch.Tensor:
+    """Per-token gazetteer features [batch, tokens, features]: every piece of a word gets its
+    word's row; special and padding tokens get zeros."""
+    width = next(e.gaz.shape[1] for e in encs if e.gaz is not None)
+    out = np.zeros((len(encs), n_tokens, width), dtype=np.float32)
+    for i, e in enumerate(encs):
+        if e.gaz is None or e.token_word is None or not len(e.gaz):
+            continue
+        tw = np.asarray(e.token_word)
+        pos = np.nonzero(tw >= 0)[0]
+        out[i, pos] = e.gaz[tw[pos]]
+    return torch.from_numpy(out)
+
+
 def _batch(encs: list[Encoded], pad_id: int, tags: list[list[int]] | None = None):
     """(model inputs, token labels or None) for a list of encoded texts."""
     ids = _pad([e.input_ids for e in encs], pad_id)
@@ -315,6 +350,8 @@ def _batch(encs: list[Encoded], pad_id: int, tags: list[list[int]] | None = None
         "attention_mask": _pad([[1] * len(e.input_ids) for e in encs], 0),
         "shapes": _pad([e.shapes for e in encs], 0),
     }
+    if any(e.gaz is not None for e in encs):
+        inputs["gaz"] = _gaz_tokens(encs, ids.shape[1])
     if tags is None:
         return inputs, None
     lab = torch.full_like(ids, IGNORE)
@@ -348,6 +385,12 @@ class TrainSettings:
     cpu_threads: int | None = 2
     length_jitter: float = 4.0  # tokens of noise on lengths when bucketing shuffled batches
     eval_batch_size: int = 64
+    # gazetteer input (nn/gazetteer.py): the training spans' values, cross-fold during training
+    gazetteer: bool = False
+    gazetteer_folds: int = 4
+    gazetteer_max_words: int = 8
+    gazetteer_max_entries: int = 200_000
+    gazetteer_skip: tuple[str, ...] = ()  # labels kept out of the gazetteer
 
 
 def resolve_bf16(bf16: bool | str | None, device: torch.device) -> bool:
@@ -381,6 +424,16 @@ class SpanTagger:
         self._start, self._trans = allowed_transitions(len(self.labels))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.trim_punct = True
+        self.gazetteer: gz.Gazetteer | None = None  # used by predict() when the model has one
+
+    def add_gazetteer(self, encs: list[Encoded], texts: Sequence[str],
+                      gazetteer: "gz.Gazetteer | None" = None) -> None:
+        """Fill each encoded text's gazetteer features (the tagger's own gazetteer by default)."""
+        g = gazetteer if gazetteer is not None else self.gazetteer
+        if g is None or getattr(self.model, "gaz_proj", None) is None:
+            return
+        for e, t in zip(encs, texts):
+            e.gaz = g.features(t, e.word_chars)
 
     # -- construction --
     @classmethod
@@ -393,10 +446,12 @@ class SpanTagger:
         device: str | torch.device = "auto",
         bf16: bool | str | None = "auto",
         shape_dim: int = 0,
+        gaz_features: int = 0,
     ) -> "SpanTagger":
         path = resolve_encoder(encoder)
         dev = device if isinstance(device, torch.device) else pick_device(device)
-        model = SpanTaggerModel(load_encoder(path), len(bio_tags(labels)), dropout, shape_dim)
+        model = SpanTaggerModel(load_encoder(path), len(bio_tags(labels)), dropout, shape_dim,
+                                gaz_features)
         meta = {"encoder_source": path, "dropout": dropout}
         return cls(model.to(dev), load_tokenizer(path), labels, max_length, dev,
                    resolve_bf16(bf16, dev), meta)
@@ -418,6 +473,7 @@ class SpanTagger:
             "max_length": self.max_length,
             "dropout": float(model.dropout.p),
             "shape_dim": model.shape_dim,
+            "gaz_features": model.gaz_features,
             "hidden_size": int(model.encoder.config.hidden_size),
             "encoder_config": enc_cfg,
             "encoder_source": self.meta.get("encoder_source"),
@@ -426,6 +482,8 @@ class SpanTagger:
         }
         (out / CONFIG).write_text(json.dumps(cfg, indent=2, default=str))
         self.tokenizer.save_pretrained(str(out))
+        if model.gaz_features and self.gazetteer is not None:
+            self.gazetteer.save(out)
         # the tokenizer writes its own config files; none of them is a pickle
         return out
 
@@ -448,16 +506,23 @@ class SpanTagger:
         enc_cfg = dict(cfg["encoder_config"])
         enc_config = AutoConfig.for_model(enc_cfg.pop("model_type"), **enc_cfg)
         encoder = AutoModel.from_config(enc_config)
+        gaz_features = int(cfg.get("gaz_features", 0))
         model = SpanTaggerModel(encoder, len(cfg["tags"]), float(cfg.get("dropout", 0.1)),
-                                int(cfg.get("shape_dim", 0)))
+                                int(cfg.get("shape_dim", 0)), gaz_features)
         missing, unexpected = model.load_state_dict(load_file(str(art / WEIGHTS)), strict=False)
         if unexpected or [k for k in missing if "position_ids" not in k]:
             raise ValueError(f"artifact weights do not fit: missing={missing} unexpected={unexpected}")
         dev = device if isinstance(device, torch.device) else pick_device(device)
         tokenizer = load_tokenizer(str(art))
         meta = {k: v for k, v in cfg.items() if k not in ("encoder_config",)}
-        return cls(model.to(dev).eval(), tokenizer, cfg["labels"], cfg["max_length"], dev,
-                   inference_bf16(bf16, dev), meta)
+        tagger = cls(model.to(dev).eval(), tokenizer, cfg["labels"], cfg["max_length"], dev,
+                     inference_bf16(bf16, dev), meta)
+        if gaz_features:
+            tagger.gazetteer = gz.Gazetteer.load(art)
+            if tagger.gazetteer.n_features != gaz_features:
+                raise ValueError(f"{art}: gazetteer has {tagger.gazetteer.n_features} features, "
+                                 f"the model expects {gaz_features}")
+        return tagger
 
     # -- inference --
     @torch.inference_mode()
@@ -482,6 +547,7 @@ class SpanTagger:
             for idx in length_buckets([len(clean[i]) for i in todo], batch_size):
                 rows = [todo[j] for j in idx]
                 encs = encode_texts(self.tokenizer, [clean[i] for i in rows], self.max_length)
+                self.add_gazetteer(encs, [clean[i] for i in rows])
                 keep = [(r, e) for r, e in zip(rows, encs) if e.word_first]
                 if not keep:
                     continue
@@ -554,6 +620,31 @@ def _param_groups(model: SpanTaggerModel, lr: float, head_lr: float, weight_deca
     return out
 
 
+def _train_gazetteer(tagger: SpanTagger, encs: list[Encoded], texts: Sequence[str],
+                     tags: list[list[int]], labels: Sequence[str], s: TrainSettings) -> dict:
+    """The tagger's gazetteer (every training span's value, for validation and inference) and
+    each training text's features from the other folds' values only (see nn/gazetteer.py)."""
+    skip = frozenset(i for i, lab in enumerate(labels) if lab in set(s.gazetteer_skip))
+    folds = max(2, int(s.gazetteer_folds))
+    fold_of = np.random.default_rng(s.seed + 104729).integers(folds, size=len(encs))
+    spans = [tags_to_word_spans(t) for t in tags]
+    counts = []
+    for f in range(folds):
+        rows = np.nonzero(fold_of == f)[0]
+        counts.append(gz.count_entries([texts[i] for i in rows],
+                                       [encs[i].word_chars for i in rows],
+                                       [spans[i] for i in rows], s.gazetteer_max_words, skip))
+    per_fold = gz.cross_fold(counts, len(labels), s.gazetteer_max_words, s.gazetteer_max_entries)
+    for i, (e, t) in enumerate(zip(encs, texts)):
+        e.gaz = per_fold[int(fold_of[i])].features(t, e.word_chars)
+    total = sum(counts, start=type(counts[0])())
+    tagger.gazetteer = gz.Gazetteer(len(labels), gz.top_entries(total, s.gazetteer_max_entries),
+                                    s.gazetteer_max_words)
+    matched = sum(int(e.gaz[:, 0::2].sum()) for e in encs)
+    return {"gazetteer_entries": len(tagger.gazetteer), "gazetteer_folds": folds,
+            "gazetteer_train_matches": matched}
+
+
 def train_span_tagger(
     examples: Sequence[Example],
     labels: Sequence[str],
@@ -590,10 +681,12 @@ def train_span_tagger(
         raise ValueError("no training examples")
 
     tagger = SpanTagger.from_encoder(s.encoder, labels, s.max_length, s.dropout, dev, use_bf16,
-                                     s.shape_dim)
+                                     s.shape_dim, 2 * len(labels) if s.gazetteer else 0)
     label2idx = {lab: i for i, lab in enumerate(labels)}
     encs = encode_texts(tagger.tokenizer, [t for t, _ in train_ex], s.max_length)
     tags = [word_labels(e.word_chars, sp, label2idx) for e, (_, sp) in zip(encs, train_ex)]
+    gaz_stats = _train_gazetteer(tagger, encs, [t for t, _ in train_ex], tags, labels, s) \
+        if s.gazetteer else {}
     lengths = np.array([len(e.input_ids) for e in encs], dtype=np.float64)
 
     model: nn.Module = tagger.model
@@ -682,6 +775,7 @@ def train_span_tagger(
         "bf16": use_bf16,
         "device": str(dev),
         "train_examples_per_s": seen / max(1e-9, sum(h["seconds"] for h in history)),
+        **gaz_stats,
     }
     if val_ex:
         final = span_prf(val_gold, tagger.predict([t for t, _ in val_ex], s.eval_batch_size))

@@ -37,6 +37,13 @@ class TaggerConfig(BaseModel):
     max_value_chars: int = Field(200, ge=1)
     use_type: bool = True
     use_attributes: bool = True
+    # gazetteer input: the fit catalogue's attribute values found in its titles enter the
+    # tagger as per-word match features (cross-fold during training, so values it never saw are
+    # still found; nn/gazetteer.py). The type label stays out: a gazetteer of the catalogue's few
+    # types would teach that a type is one of those names, against the open world.
+    gazetteer: bool = False
+    gazetteer_folds: int = Field(4, ge=2)
+    gazetteer_max_entries: int = Field(200_000, ge=1)
     # type-name swaps: this share of the training titles that name their type get another type
     # name in its place, so a type's position and form are learnt, not its identity. Names from
     # `type_names`: "auto" = the public taxonomies beside the project (Google's product taxonomy

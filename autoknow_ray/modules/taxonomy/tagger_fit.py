@@ -15,7 +15,7 @@ import polars as pl
 
 from autoknow_ray.modules.taxonomy.config import TaggerConfig
 from autoknow_ray.modules.taxonomy import type_names
-from autoknow_ray.modules.taxonomy.distant import build_examples, swap_types
+from autoknow_ray.modules.taxonomy.distant import TYPE_LABEL, build_examples, swap_types
 from autoknow_ray.nn.tagger import CONFIG, TrainSettings, train_span_tagger
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,10 @@ def train_settings(cfg: TaggerConfig) -> TrainSettings:
         device=cfg.device,
         cpu_threads=cfg.cpu_threads,
         eval_batch_size=cfg.infer_batch_size,
+        gazetteer=cfg.gazetteer,
+        gazetteer_folds=cfg.gazetteer_folds,
+        gazetteer_max_entries=cfg.gazetteer_max_entries,
+        gazetteer_skip=(TYPE_LABEL,),
     )
 
 

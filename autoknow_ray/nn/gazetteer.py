@@ -58,12 +58,12 @@ class Gazetteer:
                  max_words: int = 8):
         self.n_labels = int(n_labels)
         self.max_words = int(max_words)
-        self.index: dict[tuple[str, ...], tuple[int, ...]] = {}
         grouped: dict[tuple[str, ...], set[int]] = {}
         for k, words in entries:
             if words and len(words) <= self.max_words:
                 grouped.setdefault(tuple(words), set()).add(int(k))
-        self.index = {w: tuple(sorted(ks)) for w, ks in grouped.items()}
+        self.index: dict[tuple[str, ...], tuple[int, ...]] = {
+            w: tuple(sorted(ks)) for w, ks in grouped.items()}
         self.lengths = sorted({len(w) for w in self.index}, reverse=True)
 
     @property

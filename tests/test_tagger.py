@@ -257,7 +257,7 @@ def test_gazetteer_marks_known_values_and_cross_fold_hides_a_fold_s_own(tmp_path
     c0 = gz.count_entries([text], [chars], [[(0, 0, 0)]], max_words=8)
     c1 = gz.count_entries([text], [chars], [[(1, 1, 2), (0, 3, 4)]], max_words=8, skip=frozenset({0}))
     assert c1 == Counter({(1, ("navy", "blue")): 1})  # label 0 skipped
-    g0, g1 = gz.cross_fold([c0, c1], 2, 8, 100)
+    g0, g1 = gz.cross_fold([c0, c1], c0 + c1, 2, 8, 100)
     assert not g0.features(text, chars)[:, 0].any() and g0.features(text, chars)[1, 2] == 1
     assert g1.features(text, chars)[0, 0] == 1 and not g1.features(text, chars)[:, 2:].any()
     # JSON round trip; a broken file is a clear error
@@ -265,6 +265,9 @@ def test_gazetteer_marks_known_values_and_cross_fold_hides_a_fold_s_own(tmp_path
     assert (gz.Gazetteer.load(tmp_path).features(text, chars) == f).all()
     (tmp_path / gz.FILE).write_text('{"entries": []}')
     with pytest.raises(ValueError, match="not a gazetteer"):
+        gz.Gazetteer.load(tmp_path)
+    (tmp_path / gz.FILE).write_text('{"format": "%s", "n_labels": 2, "entries": [[0]]}' % gz.FORMAT)
+    with pytest.raises(ValueError, match="malformed"):
         gz.Gazetteer.load(tmp_path)
 
 

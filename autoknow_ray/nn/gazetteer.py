@@ -109,8 +109,13 @@ class Gazetteer:
             raise ValueError(f"{path}: not a readable gazetteer ({exc})") from exc
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ValueError(f"{path} is not a gazetteer (format {FORMAT!r} expected)")
-        return cls(int(data["n_labels"]), [(int(k), tuple(w)) for k, w in data["entries"]],
-                   int(data.get("max_words", 8)))
+        try:
+            return cls(int(data["n_labels"]),
+                       [(int(k), tuple(str(x) for x in w)) for k, w in data["entries"]],
+                       int(data.get("max_words", 8)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{path} is not a gazetteer: a malformed field ({exc!r}); "
+                             "run `autoknow fit` again") from exc
 
 
 def top_entries(counts: Counter, max_entries: int) -> list[tuple[int, tuple[str, ...]]]:
@@ -120,12 +125,10 @@ def top_entries(counts: Counter, max_entries: int) -> list[tuple[int, tuple[str,
 
 
 def cross_fold(
-    counts_per_fold: Sequence[Counter], n_labels: int, max_words: int, max_entries: int
+    counts_per_fold: Sequence[Counter], total: Counter, n_labels: int, max_words: int,
+    max_entries: int,
 ) -> list[Gazetteer]:
-    """Fold i's gazetteer holds the entries of every other fold."""
-    total: Counter = Counter()
-    for c in counts_per_fold:
-        total.update(c)
+    """Fold i's gazetteer holds the entries of every other fold (`total`: all folds' counts)."""
     out = []
     for c in counts_per_fold:
         rest = total - c  # drops entries whose count falls to zero

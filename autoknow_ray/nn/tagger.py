@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -426,14 +427,12 @@ class SpanTagger:
         self.trim_punct = True
         self.gazetteer: gz.Gazetteer | None = None  # used by predict() when the model has one
 
-    def add_gazetteer(self, encs: list[Encoded], texts: Sequence[str],
-                      gazetteer: "gz.Gazetteer | None" = None) -> None:
-        """Fill each encoded text's gazetteer features (the tagger's own gazetteer by default)."""
-        g = gazetteer if gazetteer is not None else self.gazetteer
-        if g is None or getattr(self.model, "gaz_proj", None) is None:
+    def add_gazetteer(self, encs: list[Encoded], texts: Sequence[str]) -> None:
+        """Fill each encoded text's features from the tagger's gazetteer (if the model has one)."""
+        if self.gazetteer is None or getattr(self.model, "gaz_proj", None) is None:
             return
         for e, t in zip(encs, texts):
-            e.gaz = g.features(t, e.word_chars)
+            e.gaz = self.gazetteer.features(t, e.word_chars)
 
     # -- construction --
     @classmethod
@@ -634,10 +633,11 @@ def _train_gazetteer(tagger: SpanTagger, encs: list[Encoded], texts: Sequence[st
         counts.append(gz.count_entries([texts[i] for i in rows],
                                        [encs[i].word_chars for i in rows],
                                        [spans[i] for i in rows], s.gazetteer_max_words, skip))
-    per_fold = gz.cross_fold(counts, len(labels), s.gazetteer_max_words, s.gazetteer_max_entries)
+    total = sum(counts, start=Counter())
+    per_fold = gz.cross_fold(counts, total, len(labels), s.gazetteer_max_words,
+                             s.gazetteer_max_entries)
     for i, (e, t) in enumerate(zip(encs, texts)):
         e.gaz = per_fold[int(fold_of[i])].features(t, e.word_chars)
-    total = sum(counts, start=type(counts[0])())
     tagger.gazetteer = gz.Gazetteer(len(labels), gz.top_entries(total, s.gazetteer_max_entries),
                                     s.gazetteer_max_words)
     matched = sum(int(e.gaz[:, 0::2].sum()) for e in encs)

@@ -125,12 +125,17 @@ def quiet_ray_data() -> None:
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = os.environ.get("AUTOKNOW_PROGRESS", "1") != "0"
-    reserve_no_cpus_for_shuffles(ctx)
-    parquet_reads_without_listing_tasks(ctx)
+    configure_data_context(ctx)
     if not logging.getLogger("autoknow_ray").isEnabledFor(logging.INFO):
         for name in ("ray.data", "ray.data._internal.execution.streaming_executor",
                      "ray.data._internal.progress.logging_progress", "ray.data.dataset"):
             logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def configure_data_context(ctx) -> None:
+    """The house's Ray Data settings, one place for every run and for the test session."""
+    reserve_no_cpus_for_shuffles(ctx)
+    parquet_reads_without_listing_tasks(ctx)
 
 
 def reserve_no_cpus_for_shuffles(ctx) -> None:

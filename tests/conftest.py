@@ -47,12 +47,11 @@ def ray_session():
     if not ray.is_initialized():
         ray.init(num_cpus=2, object_store_memory=400 * 1024 * 1024, include_dashboard=False,
                  log_to_driver=False)
-    from autoknow_ray.runtime import parquet_reads_without_listing_tasks, reserve_no_cpus_for_shuffles
+    from autoknow_ray.runtime import configure_data_context
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
-    reserve_no_cpus_for_shuffles(ctx)
-    parquet_reads_without_listing_tasks(ctx)
+    configure_data_context(ctx)
     yield ray
     ray.shutdown()
 

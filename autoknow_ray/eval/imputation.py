@@ -99,10 +99,15 @@ def score(run: Path, gold: Path) -> dict:
             out[f"{prefix}.recall_in_text"] = round(len(pred & located) / len(located), 4)
         return out
 
+    res = {"imputation.held_out": len(held), "imputation.held_out_in_text": len(located)}
+    if not (run / "imputation" / "manifest.json").exists():
+        # no imputation stage in this run: only what the other modules added is scored (the
+        # module's own rows would read as a model that found nothing)
+        res.update(prf({f for f, _ in judged(live)}, "imputation.all_modules"))
+        return _drop_recall(res) if not recall_known else res
     pred = judged(imputed)
     pred_set = {f for f, _ in pred}
-    res = {"imputation.held_out": len(held), "imputation.held_out_in_text": len(located),
-           **prf(pred_set, "imputation")}
+    res.update(prf(pred_set, "imputation"))
     shipped = _shipped_threshold(run)
     if shipped is not None:
         res["imputation.shipped_threshold"] = shipped
@@ -126,7 +131,10 @@ def score(run: Path, gold: Path) -> dict:
     if cf:
         res["imputation.conflicts.precision"] = round(len(cf & truth) / len(cf), 4)
     res.update(prf({f for f, _ in judged(live)}, "imputation.all_modules"))
-    if not recall_known:  # the gold does not say which values the catalogue lacked
-        res = {k: v for k, v in res.items() if "recall" not in k and "f1" not in k
-               and "held_out" not in k}
-    return res
+    return _drop_recall(res) if not recall_known else res
+
+
+def _drop_recall(res: dict) -> dict:
+    """Without a record of which values the catalogue lacked, recall (and F1) are unknowable."""
+    return {k: v for k, v in res.items() if "recall" not in k and "f1" not in k
+            and "held_out" not in k}

@@ -92,7 +92,8 @@ def encode_windows(tokenizer, texts: Sequence[str], max_length: int, stride: int
     out: list[Window] = []
     for i in range(len(enc["input_ids"])):
         t = int(owner[i])
-        first, chars, shapes, _ = _words(enc.word_ids(i), enc["offset_mapping"][i], texts[t])
+        words = _words(enc.word_ids(i), enc["offset_mapping"][i], texts[t])
+        first, chars, shapes = words.first, words.chars, words.shapes
         if not first:
             continue
         w = Window(list(enc["input_ids"][i]), first, chars, shapes, text_index=t,

@@ -21,7 +21,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -197,7 +197,16 @@ def word_shape(word: str) -> int:
     return 4
 
 
-def _words(word_ids: list[int | None], offsets: list[tuple[int, int]], text: str):
+class WordLayout(NamedTuple):
+    """Where a tokenized text's words are: per word its first token and character span, per
+    token its word's shape (0 for special tokens) and word index (-1 for special tokens)."""
+    first: list[int]
+    chars: list[tuple[int, int]]
+    shapes: list[int]
+    token_word: list[int]
+
+
+def _words(word_ids: list[int | None], offsets: list[tuple[int, int]], text: str) -> WordLayout:
     first: list[int] = []
     chars: list[list[int]] = []
     token_word: list[int] = []  # word index per token, -1 for special tokens
@@ -217,7 +226,7 @@ def _words(word_ids: list[int | None], offsets: list[tuple[int, int]], text: str
         prev = wid
     shapes_w = [word_shape(text[s:e]) for s, e in chars]
     shapes = [shapes_w[w] if w >= 0 else 0 for w in token_word]
-    return first, [(s, e) for s, e in chars], shapes, token_word
+    return WordLayout(first, [(s, e) for s, e in chars], shapes, token_word)
 
 
 def encode_texts(tokenizer, texts: Sequence[str], max_length: int) -> list[Encoded]:
@@ -235,9 +244,8 @@ def encode_texts(tokenizer, texts: Sequence[str], max_length: int) -> list[Encod
     )
     out = []
     for i in range(len(texts)):
-        first, chars, shapes, token_word = _words(enc.word_ids(i), enc["offset_mapping"][i],
-                                                  texts[i])
-        out.append(Encoded(list(enc["input_ids"][i]), first, chars, shapes, token_word))
+        w = _words(enc.word_ids(i), enc["offset_mapping"][i], texts[i])
+        out.append(Encoded(list(enc["input_ids"][i]), w.first, w.chars, w.shapes, w.token_word))
     return out
 
 

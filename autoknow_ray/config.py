@@ -36,6 +36,10 @@ class RayConfig(Strict):
     object_store_memory_mb: int | None = 1024
     include_dashboard: bool = False
     dashboard_host: str = "127.0.0.1"  # never 0.0.0.0 unless the user says so
+    # per-key partial aggregates (one row per key per block) up to this many rows are combined
+    # on the driver, above it by a Ray Data groupby in the workers (a shuffle: seconds of fixed
+    # cost); the most rows of partials the driver holds at once (runtime.aggregate)
+    driver_combine_rows: int = Field(200_000, ge=0)
 
 
 class StageResources(Strict):

@@ -34,7 +34,9 @@ class ActorPlan:
 
 def connect(cfg: Config, address: str | None = None) -> dict:
     """Join `address` (or RAY_ADDRESS, or cfg.ray.address); otherwise start an embedded cluster."""
+    global DRIVER_COMBINE_ROWS
     address = address or os.environ.get("RAY_ADDRESS") or cfg.ray.address
+    DRIVER_COMBINE_ROWS = cfg.ray.driver_combine_rows
     quiet_ray_data()
     if ray.is_initialized():
         return cluster_info()
@@ -356,7 +358,8 @@ _AGGS = {"count": "Count", "sum": "Sum", "mean": "Mean", "min": "Min", "max": "M
 _COMBINABLE = {"count", "sum", "mean", "min", "max"}
 # Partial aggregates (one row per key per block) up to this many rows are combined on the
 # driver; above it, a Ray Data groupby over the partials combines them in the workers. Either
-# way the driver holds aggregates only, never the input rows.
+# way the driver holds aggregates only, never the input rows. `connect` sets it from the config
+# (`ray.driver_combine_rows`).
 DRIVER_COMBINE_ROWS = 200_000
 
 
@@ -404,15 +407,15 @@ def _finish_means(df, aggs):
 
 
 def aggregate(ds: "ray.data.Dataset", by: list[str], aggs: dict[str, tuple[str, str | None]],
-              num_partitions: int | None = None, driver_rows: int = DRIVER_COMBINE_ROWS):
+              num_partitions: int | None = None, driver_rows: int | None = None):
     """Per-key aggregates of a distributed table, as a polars DataFrame on the driver (one row per
     key: per-type and per-term figures, never per product). `aggs` maps an output column to
     (function, input column): {"n": ("count", None), "score": ("mean", "score")}.
 
     Two phases, as a combiner does: each block is aggregated in its own task (one row per key
     per block), then the partials are combined: on the driver when they are at most
-    `driver_rows` rows (a small catalogue or few keys; Ray Data's shuffle costs seconds of
-    fixed overhead per call), else by a Ray Data groupby over the partials with
+    `driver_rows` rows (default: the config's `ray.driver_combine_rows`; a small catalogue or
+    few keys: Ray Data's shuffle costs seconds of fixed overhead per call), else by a Ray Data groupby over the partials with
     `num_partitions` partitions (Ray's default is 200, a task each: size it to the rows, see
     `shuffle_partitions`). `unique` has no partial form and runs as one Ray Data groupby."""
     import polars as pl
@@ -433,7 +436,7 @@ def aggregate(ds: "ray.data.Dataset", by: list[str], aggs: dict[str, tuple[str, 
     # table's other columns (vectors, descriptions) are neither read nor converted
     needed = list(dict.fromkeys([*by, *(c for _fn, c in aggs.values() if c)]))
     parts_ds = ds.select_columns(needed).map_batches(partial, batch_format="pyarrow").materialize()
-    if parts_ds.count() <= driver_rows:
+    if parts_ds.count() <= (DRIVER_COMBINE_ROWS if driver_rows is None else driver_rows):
         parts = [pl.from_arrow(t) for t in ray.get(parts_ds.to_arrow_refs())]
         parts = [p for p in parts if p.height]
         if not parts:

@@ -145,6 +145,18 @@ def test_aggregate_combines_partials_the_same_on_the_driver_and_in_the_workers(r
     assert sums["type"].to_list() == ["a", "b"] and sums["n"].to_list() == [2, 1]
     assert sums["sum"].to_list() == [[6.0, 8.0], [3.0, 4.0]]
     assert runtime.aggregate(ray.data.from_arrow(t.slice(0, 0)), ["type"], {"n": ("count", None)}).height == 0
+    # the driver's share is the config's (`ray.driver_combine_rows`), set where a run connects;
+    # with 0 the partials are combined by a groupby in the workers, to the same figures
+    from autoknow_ray.config import Config
+
+    before = runtime.DRIVER_COMBINE_ROWS
+    try:
+        runtime.connect(Config.model_validate({"ray": {"driver_combine_rows": 0}}))
+        assert runtime.DRIVER_COMBINE_ROWS == 0
+        got = runtime.aggregate(ds, ["type", "attr"], aggs, 2).sort(["type", "attr"], nulls_last=True)
+        assert got.select("type", "attr", "n", "hits").equals(want.select("type", "attr", "n", "hits"))
+    finally:
+        runtime.DRIVER_COMBINE_ROWS = before
 
 
 def test_per_key_sample_keeps_the_dataset_column_order(ray_session):

@@ -9,7 +9,8 @@ import pytest
 
 from autoknow_ray.modules.taxonomy.hypernym_config import TypeResolutionConfig
 from autoknow_ray.modules.taxonomy.title_names import (
-    TitleTypeNames, build_vocabulary, load_vocabulary, name_keys, pick, save_vocabulary,
+    TitleTypeNames, build_vocabulary, load_vocabulary, load_vocabulary_and_not_types, name_keys, pick,
+    save_vocabulary,
 )
 from autoknow_ray.modules.taxonomy.types import ResolveTypes, TypeNames
 from autoknow_ray.modules.taxonomy.infer import SPANS
@@ -22,9 +23,11 @@ def test_vocabulary_keeps_catalogue_types_and_drops_attribute_values(tmp_path):
                                                   "Green", "Tea"], ["banana", "Green", None])
     assert set(v) == {type_key("Banana Bread"), "tea", "sunscreen"}  # "&" is no word
     assert v["tea"] == "Tea"  # the catalogue's own spelling first
-    save_vocabulary(v, tmp_path, "auto")
+    save_vocabulary(v, tmp_path, "auto", not_types=["set"])
     assert load_vocabulary(tmp_path) == v
+    assert load_vocabulary_and_not_types(tmp_path) == (v, frozenset({"set"}))
     assert load_vocabulary(tmp_path / "missing") == {}
+    assert load_vocabulary_and_not_types(tmp_path / "missing") == ({}, frozenset())
     (tmp_path / "type_vocabulary.json").write_text('{"names": ')  # a half-written file
     with pytest.raises(ValueError, match="not a type vocabulary.*autoknow fit"):
         load_vocabulary(tmp_path)

@@ -31,7 +31,7 @@ from autoknow_ray.modules.taxonomy.hypernym_config import KNN_MIN_SHARE, KNN_MIN
 from autoknow_ray.modules.taxonomy.hypernym import HypernymClassifier
 from autoknow_ray.modules.taxonomy.infer import TagTitles
 from autoknow_ray.modules.taxonomy.title_names import (
-    EVIDENCE_PREFIX, TitleTypeNames, build_vocabulary, load_not_types, load_vocabulary,
+    EVIDENCE_PREFIX, TitleTypeNames, build_vocabulary, load_vocabulary_and_not_types,
 )
 from autoknow_ray.modules.taxonomy.types import (
     CANDIDATES_SCHEMA, TYPE_COLUMNS, BestTypeSpan, ResolveTypes, TypeNames,
@@ -89,13 +89,13 @@ class TaxonomyStage(Stage):
         scratch = ctx.out / "_title_models"
         tagger_dir = art / "tagger"
         # the type names a title may write: the fit's vocabulary and this taxonomy's own names
-        vocab = {**build_vocabulary(tax_types, (), ()), **load_vocabulary(art)} \
-            if cfg.types.title_names else {}
+        fitted, not_types = load_vocabulary_and_not_types(art)  # one read of the file
+        vocab = {**build_vocabulary(tax_types, (), ()), **fitted} if cfg.types.title_names else {}
         models = Chain("title_models", [
             TagTitles(str(tagger_dir) if (tagger_dir / "config.json").exists() else None,
                       min_score=cfg.tagger.min_score),
             BestTypeSpan(set(names.known), cfg.types.min_span_score),
-            TitleTypeNames(vocab, load_not_types(art) if cfg.types.title_heads else ()),
+            TitleTypeNames(vocab, not_types if cfg.types.title_heads else ()),
             EmbedTitles(cfg.tagger.encoder),
         ])
         chunks = {"chunks": 0, "skipped": 0}

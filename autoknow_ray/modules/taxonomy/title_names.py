@@ -92,8 +92,10 @@ def load_vocabulary(model_dir: Path) -> dict[str, str]:
     return dict(_read(model_dir).get("names") or {})
 
 
-def load_not_types(model_dir: Path) -> frozenset[str]:
-    return frozenset(_read(model_dir).get("not_types") or ())
+def load_vocabulary_and_not_types(model_dir: Path) -> tuple[dict[str, str], frozenset[str]]:
+    """Both tables of the fit's vocabulary file, from one read of it."""
+    d = _read(model_dir)
+    return dict(d.get("names") or {}), frozenset(d.get("not_types") or ())
 
 
 def _is_brand(label: str | None) -> bool:

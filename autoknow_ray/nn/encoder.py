@@ -6,7 +6,9 @@ is forced offline before transformers is imported.
 """
 from __future__ import annotations
 
+import logging
 import os
+import time
 from contextlib import nullcontext
 from functools import lru_cache
 from pathlib import Path
@@ -19,6 +21,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from autoknow_ray.steps import Step, WorkerEnv  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 DEFAULT_ENCODER = "default"
 
@@ -76,12 +80,43 @@ def cpu_has_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
+_clock = time.perf_counter  # the probe's clock (a test replaces it)
+
+
+@lru_cache(maxsize=1)
+def cpu_bf16_pays(rounds: int = 2) -> bool:
+    """Whether bf16 autocast runs a transformer block's feed-forward faster than fp32 on this
+    CPU, at this process's thread count: measured once per process (~0.3 s), since the flags do
+    not say. A CPU with AVX512-BF16 units ran MiniLM ~3x faster in bf16 (AMD EPYC); another
+    with the same flag and no AMX ran it 1.6x slower (an Intel Xeon), the same in this probe."""
+    if not cpu_has_bf16():
+        return False
+    x = torch.randn(1024, 384)
+    ff = torch.nn.Sequential(torch.nn.Linear(384, 1536), torch.nn.GELU(), torch.nn.Linear(1536, 384))
+
+    def best(bf16: bool) -> float:
+        with torch.inference_mode(), autocast(torch.device("cpu"), bf16):
+            ff(x)  # the first call builds the kernels
+            times = []
+            for _ in range(rounds):
+                t0 = _clock()
+                ff(x)
+                ff(x)
+                times.append(_clock() - t0)
+        return min(times)
+
+    fp32, bf16 = best(False), best(True)
+    log.info("bf16 autocast on this CPU: %.3f s against fp32 %.3f s", bf16, fp32)
+    return bf16 < 0.9 * fp32
+
+
 def inference_bf16(bf16: bool | str | None, device: torch.device) -> bool:
     """bf16 autocast for inference: `auto`/None = on GPU, and on a CPU with native bf16 units
-    (there it runs ~3x the fp32 rate; spans and embeddings agree with fp32 to ~0.99 F1 / 1.0
-    cosine, measured by `autoknow bench`). Training never uses this: it stays fp32 on CPU."""
+    where a one-off probe finds it faster than fp32 (`cpu_bf16_pays`; spans and embeddings agree
+    with fp32 to ~0.99 F1 / 1.0 cosine, measured by `autoknow bench`). Training never uses this:
+    it stays fp32 on CPU."""
     if bf16 is None or bf16 == "auto":
-        return device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16())
+        return device.type == "cuda" or (device.type == "cpu" and cpu_bf16_pays())
     return bool(bf16)
 
 

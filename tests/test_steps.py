@@ -175,3 +175,38 @@ def test_per_key_sample_keeps_the_dataset_column_order(ray_session):
     assert sorted(counts["n"].to_list()) == [10, 10, 10]
     more = runtime.bounded_sample(ds, 5, seed=0)
     assert pl.concat([rows, more], how="vertical_relaxed").height == rows.height + 5
+
+
+def test_knn_reference_is_written_by_the_workers_and_read_in_setup(ray_session, tmp_path):
+    """The kNN reference never reaches the driver: the workers write a capped, hash-drawn
+    sample; each resolve worker reads it in setup(). The same rows run after run, at most `cap`."""
+    import ray
+
+    from autoknow_ray.modules.taxonomy.hypernym_config import TypeResolutionConfig
+    from autoknow_ray.modules.taxonomy.types import ResolveTypes, TypeNames, read_reference, write_reference
+
+    n, cap = 600, 100
+    rng = np.random.default_rng(1)
+    vecs = rng.normal(size=(n, 4)).astype(np.float32)
+    t = pa.table({"product_id": [f"p{i:04d}" for i in range(n)],
+                  "ref_type": ["Tea" if i % 2 else "Coffee" for i in range(n)],
+                  "from_catalogue": [True] * n,
+                  "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), 4)})
+    ds = ray.data.from_arrow(t).repartition(4)
+    a = read_reference(write_reference(ds, n, cap, 7, tmp_path / "a"), cap)
+    b = read_reference(write_reference(ds.random_shuffle(seed=3), n, cap, 7, tmp_path / "b"), cap)
+    assert a.height == cap and a["product_id"].to_list() == b["product_id"].to_list()
+    assert a.columns == ["product_id", "ref_type", "from_catalogue", "embedding"]
+    small = read_reference(write_reference(ds, n, 10_000, 7, tmp_path / "all"), 10_000)
+    assert small.height == n  # under the cap: every row
+    assert read_reference(str(tmp_path / "none"), cap).height == 0  # no row was drawn
+    cfg = TypeResolutionConfig(knn_min_similarity=0.5, knn_min_share=0.5)
+    names = TypeNames(["Coffee", "Tea"])
+    by_path = ResolveTypes(cfg, names, {}, {}, str(tmp_path / "a"), None, add_attributes=False,
+                           min_attribute_score=0.5, reference_cap=cap)
+    assert by_path.ref_ids == []  # nothing of it travels with the step
+    by_path.setup(WorkerEnv())
+    by_frame = ResolveTypes(cfg, names, {}, {}, a, None, add_attributes=False, min_attribute_score=0.5)
+    by_frame.setup(WorkerEnv())
+    assert by_path.ref_ids == by_frame.ref_ids and np.array_equal(by_path.ref_vecs, by_frame.ref_vecs)
+    assert by_path.ref_types == by_frame.ref_types

@@ -35,7 +35,7 @@ from autoknow_ray.modules.taxonomy.title_names import (
 )
 from autoknow_ray.modules.taxonomy.types import (
     CANDIDATES_SCHEMA, TYPE_COLUMNS, BestTypeSpan, ResolveTypes, TypeNames,
-    accept_candidates, ancestors_map, lower_case_taxonomy, orphan_types, taxonomy_maps,
+    accept_candidates, ancestors_map, lower_case_taxonomy, orphan_types, taxonomy_maps, write_reference,
 )
 from autoknow_ray.nn.encoder import EmbedTitles, TextEncoder
 from autoknow_ray.pipeline import RunContext, Stage
@@ -114,7 +114,7 @@ class TaxonomyStage(Stage):
                 tm, names, vocab, accepted, cfg.types, lower_case_taxonomy(tax_types), parts)
             names = TypeNames(list(parents), {**name_accepted, **accepted})
             typed_types = set(self._type_counts(tm, parts)["product_type"].to_list())
-            resolve = self._resolve_step(ctx, tm, names, parents, art, encoder, typed_types,
+            resolve = self._resolve_step(ctx, tm, n, names, parents, art, encoder, typed_types,
                                          name_support)
             decisions_dir = ctx.out / "_decisions"
             runtime.map_step(tm, resolve, ctx.cfg, n).write_parquet(str(decisions_dir))
@@ -156,7 +156,7 @@ class TaxonomyStage(Stage):
         ctx.write("new_types", candidates)
         ctx.write("hypernym_candidates", ranked)
         ctx.write("graph_taxonomy", graph_tax, GRAPH_TAXONOMY)
-        for d in ("_title_models", "_decisions"):
+        for d in ("_title_models", "_decisions", "_knn_reference"):
             storage.rmtree(ctx.out / d)
         outcomes = counts.get("outcomes", {})
         unresolved = {k: v for k, v in outcomes.items() if k not in ("kept", "added", "corrected")}
@@ -303,7 +303,7 @@ class TaxonomyStage(Stage):
         return pl.concat([candidates, rows], how="vertical_relaxed").cast(CANDIDATES_SCHEMA).sort(
             ["support", "type"], descending=[True, False])
 
-    def _resolve_step(self, ctx, tm, names: TypeNames, parents, art, encoder,
+    def _resolve_step(self, ctx, tm, n_rows: int, names: TypeNames, parents, art, encoder,
                       typed_types: set[str], name_support: dict[str, int] | None = None) -> ResolveTypes:
         cfg = ctx.cfg.taxonomy
 
@@ -317,21 +317,19 @@ class TaxonomyStage(Stage):
                               "from_catalogue": pa.array(cat), "embedding": batch.column("embedding")})
                     .filter(keep))
 
-        # the kNN reference: a capped sample of this catalogue's typed titles with their vectors
-        reference = runtime.bounded_sample(
+        # the kNN reference: a capped sample of this catalogue's typed titles with their vectors,
+        # written by the workers and read by each resolve worker in its setup(): never the driver's
+        reference = write_reference(
             tm.select_columns(["product_id", "product_type", "span_value", "embedding"])
             .map_batches(first_pass, batch_format="pyarrow"),
-            cfg.types.knn_catalogue_sample, ctx.cfg.seed)
-        if not reference.height:
-            reference = pl.DataFrame(schema={"product_id": pl.String, "ref_type": pl.String,
-                                             "from_catalogue": pl.Boolean, "embedding": pl.List(pl.Float32)})
+            n_rows, cfg.types.knn_catalogue_sample, ctx.cfg.seed, ctx.out / "_knn_reference")
         # every name a correction compares: the taxonomy's, the accepted new ones, the catalogue's
         type_names = sorted(set(names.known.values()) | set(names.accepted.values())
                             | {c for c in map(names.catalogue, typed_types) if c is not None})
         vectors = dict(zip(type_names, encoder.encode(type_names))) if type_names else {}
         return ResolveTypes(resolved_floors(cfg.types, art), names, ancestors_map(parents), vectors, reference,
                             load_type_reference(art), cfg.add_title_attributes, cfg.min_attribute_score,
-                            name_support)
+                            name_support, reference_cap=cfg.types.knn_catalogue_sample)
 
     @staticmethod
     def _type_counts(tm, parts: int) -> pl.DataFrame:

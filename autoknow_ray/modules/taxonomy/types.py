@@ -22,6 +22,7 @@ folded), so "Ice Creams" matches a taxonomy type "ice cream".
 from __future__ import annotations
 
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -298,28 +299,23 @@ class ResolveTypes(Step):
                  name_vectors: dict[str, np.ndarray], catalogue_reference: pl.DataFrame,
                  training_reference: tuple[list[str], np.ndarray] | None,
                  add_attributes: bool, min_attribute_score: float,
-                 name_support: dict[str, int] | None = None):
+                 name_support: dict[str, int] | None = None, reference_cap: int | None = None):
         floors = {k: v for k, v in (("knn_min_similarity", KNN_MIN_SIMILARITY),
                                     ("knn_min_share", KNN_MIN_SHARE)) if getattr(cfg, k) is None}
         self.cfg = cfg.model_copy(update=floors) if floors else cfg
         self.names = names
         self.ancestors = ancestors
         self.name_vectors = {t: np.asarray(v, np.float16) for t, v in name_vectors.items()}
-        # catalogue_reference: product_id, ref_type, from_catalogue, embedding (fp16 rows), in
-        # any order: kept in product_id order (the same index whatever order the sample came in),
-        # the vectors copied once into one fp16 matrix
-        ref = catalogue_reference
-        order = ref["product_id"].arg_sort().to_numpy() if ref.height else np.zeros(0, np.int64)
-
-        def ordered(column: str) -> list:
-            values = ref[column].to_list()
-            return [values[i] for i in order]
-
-        self.ref_ids = ordered("product_id") if ref.height else []
-        self.ref_types = ordered("ref_type") if ref.height else []
-        self.ref_catalogue = ordered("from_catalogue") if ref.height else []
-        self.ref_vecs = as_matrix(ref["embedding"], np.float16)[order] if ref.height \
-            else np.zeros((0, 0), np.float16)
+        # catalogue_reference: product_id, ref_type, from_catalogue, embedding (fp16 rows) — a
+        # frame, or the folder of Parquet files the workers wrote it to (`write_reference`): then
+        # each worker reads it in setup() and the driver never holds it
+        self.reference_path: str | None = None
+        if isinstance(catalogue_reference, (str, Path)):
+            self.reference_path = str(catalogue_reference)
+            self.reference_cap = reference_cap
+            self._keep_reference(pl.DataFrame(schema=REFERENCE_SCHEMA))
+        else:
+            self._keep_reference(catalogue_reference)
         if training_reference is not None and len(training_reference[0]):
             types = [names.canonical(t) or t for t in training_reference[0]]
             self.train_ref = (types, np.asarray(training_reference[1], dtype=np.float16))
@@ -331,7 +327,24 @@ class ResolveTypes(Step):
         self.name_support = dict(name_support or {})
         self.correct_index = self.fallback_index = None
 
+    def _keep_reference(self, ref: pl.DataFrame) -> None:
+        """The reference in product_id order (the same index whatever order the sample came in),
+        its vectors copied once into one fp16 matrix."""
+        order = ref["product_id"].arg_sort().to_numpy() if ref.height else np.zeros(0, np.int64)
+
+        def ordered(column: str) -> list:
+            values = ref[column].to_list()
+            return [values[i] for i in order]
+
+        self.ref_ids = ordered("product_id") if ref.height else []
+        self.ref_types = ordered("ref_type") if ref.height else []
+        self.ref_catalogue = ordered("from_catalogue") if ref.height else []
+        self.ref_vecs = as_matrix(ref["embedding"], np.float16)[order] if ref.height \
+            else np.zeros((0, 0), np.float16)
+
     def setup(self, env: WorkerEnv) -> None:
+        if self.reference_path is not None:
+            self._keep_reference(read_reference(self.reference_path, self.reference_cap))
         rows = [i for i, c in enumerate(self.ref_catalogue) if c]
         vecs = self.ref_vecs.astype(np.float32)
         # corrections: the catalogue's own labels only, as the catalogue gives them
@@ -471,3 +484,42 @@ def _triple(subject, relation, obj, confidence, status, evidence) -> dict:
     return {"subject": subject, "relation": relation, "object": obj,
             "confidence": None if confidence is None else float(confidence), "module": MODULE,
             "status": status, "evidence": evidence}
+
+
+REFERENCE_SCHEMA = {"product_id": pl.String, "ref_type": pl.String, "from_catalogue": pl.Boolean,
+                    "embedding": pl.List(pl.Float32)}
+_DRAW = "_draw"  # the per-row uniform draw of the reference sample
+
+
+def write_reference(ds, n_rows: int, cap: int, seed: int, out) -> str:
+    """The kNN reference sample, written by the workers to the folder `out`: each row of `ds`
+    (product_id, ref_type, from_catalogue, embedding) is kept when a hash of its product id and
+    `seed` falls under (cap + 4 sqrt(cap) + 10) / n_rows: about cap + 4 standard deviations of
+    rows, so fewer than `cap` are drawn only where the catalogue has fewer (odds ~3e-5), and at
+    most a few percent more travel; `read_reference` keeps the `cap` lowest draws. The same rows
+    run after run, in any block order."""
+    from autoknow_ray.modules.taxonomy.sample import uniform
+
+    rate = min(1.0, (cap + 4 * cap ** 0.5 + 10) / max(n_rows, 1)) if cap > 0 else 0.0
+
+    def draw(batch: pa.Table) -> pa.Table:
+        u = uniform(batch.column("product_id").to_pylist(), seed)
+        keep = u < rate
+        return batch.filter(pa.array(keep)).append_column(_DRAW, pa.array(u[keep]))
+
+    ds.map_batches(draw, batch_format="pyarrow").write_parquet(str(out))
+    return str(out)
+
+
+def read_reference(path: str, cap: int | None) -> pl.DataFrame:
+    """The reference `write_reference` wrote: its `cap` lowest draws (ties by product id)."""
+    from autoknow_ray.pipeline import read_parquet_any
+
+    # no row drawn: the workers wrote no file, perhaps not even the folder
+    ref = read_parquet_any(Path(path)) if Path(path).exists() else pl.DataFrame()
+    if not ref.height:
+        return pl.DataFrame(schema=REFERENCE_SCHEMA)
+    ref = ref.sort([_DRAW, "product_id"])
+    if cap is not None:
+        ref = ref.head(cap)
+    return ref.drop(_DRAW)

@@ -120,6 +120,29 @@ def check_shared_storage(folders: dict[str, "Path"], nodes: list[str] | None = N
             + "; see docs/cluster.md.")
 
 
+def run_task(fn, *args, cfg: Config, num_cpus: float = 1, **kwargs):
+    """`fn(*args, **kwargs)` in one Ray task, its result back to the driver: bounded work on a
+    capped sample (a model over it, the samples it gathers with Ray Data) whose inputs and
+    intermediate copies a head node should not hold. Ray Data inside the task runs with the
+    run's settings."""
+    global _TASK
+    if _TASK is None:
+        _TASK = ray.remote(max_retries=0)(_in_task)
+    return ray.get(_TASK.options(num_cpus=num_cpus).remote(fn, args, kwargs, cfg))
+
+
+_TASK = None
+
+
+def _in_task(fn, args, kwargs, cfg: Config):
+    import ray.data
+
+    global DRIVER_COMBINE_ROWS
+    DRIVER_COMBINE_ROWS = cfg.ray.driver_combine_rows
+    configure_data_context(ray.data.DataContext.get_current())
+    return fn(*args, **kwargs)
+
+
 def quiet_ray_data() -> None:
     """Progress bars on a terminal; no per-tick INFO logs (Ray Data logs each tick at INFO when
     stdout is not a terminal). AUTOKNOW_PROGRESS=0 turns the bars off; -v brings the logs back."""

@@ -105,9 +105,10 @@ class TaxonomyStage(Stage):
             files = sorted(products_path.rglob("*.parquet")) if products_path.is_dir() \
                 else [products_path]
             chunks = runtime.map_step_checkpointed(files, models, ctx.cfg, scratch, ctx.resume)
-        encoder = TextEncoder(cfg.tagger.encoder, device=ctx.cfg.device)
         counts: dict = {}
         if n:
+            # the driver's encoder embeds type names only (a few thousand at most)
+            encoder = TextEncoder(cfg.tagger.encoder, device=ctx.cfg.device)
             tm = runtime.read_parquet(scratch)
             candidates, accepted = self._candidates(tm, names, tax_types, cfg.types, ctx.cfg.seed, parts)
             name_support, name_accepted = self._title_name_support(
@@ -124,7 +125,7 @@ class TaxonomyStage(Stage):
                                                          cfg.types, parts)
             counts = self._write_products(ctx, products_path, decisions_dir, n, parts)
         else:
-            candidates, tm, typed_types = pl.DataFrame(schema=CANDIDATES_SCHEMA), None, set()
+            candidates, typed_types = pl.DataFrame(schema=CANDIDATES_SCHEMA), set()
             for name, schema in (("typed_products", _typed_schema()), ("edits", TRIPLES),
                                  ("product_type_candidates", PRODUCT_TYPE_CANDIDATES)):
                 ctx.write(name, schema.empty_table(), schema)
@@ -133,16 +134,11 @@ class TaxonomyStage(Stage):
         has_edges = taxonomy.height > 0 and taxonomy["parent"].is_not_null().any()
         # without any parent edge the taxonomy is flat: its parentless types are roots
         orphans = orphan_types(taxonomy, typed_types) if has_edges else []
-        children = self._children(ctx, candidates, orphans, parts)
-        ranked = pl.DataFrame(schema={"type": pl.String, "parent": pl.String, "score": pl.Float32,
-                                      "rank": pl.Int32, "accepted": pl.Boolean})
-        # a flat taxonomy (no parent edge) has nothing to attach under: its new types are roots,
-        # like its own types
-        if children.height and has_edges and (art / "hypernym" / "config.json").exists():
-            hyp = HypernymClassifier.load(art / "hypernym")
-            context, behavior, copurchase, stats = self._hypernym_context(ctx, tm, children, hyp.cfg, parts)
-            ranked = hyp.predict(children, taxonomy=taxonomy, products=context, behavior=behavior,
-                                 copurchase=copurchase, encoder=encoder, type_stats=stats)
+        # in one Ray task: the children's sampled products, the capped context and the
+        # classifier over them; the driver gets the ranked parents (a few rows per new type)
+        n_children, ranked = runtime.run_task(
+            _place_types, self, ctx, candidates, orphans, taxonomy, has_edges, art, bool(n), parts,
+            cfg=ctx.cfg)
         known = set(tax_types)
         graph_tax = ranked.filter(pl.col("accepted")).select(
             "type", "parent", (~pl.col("type").is_in(list(known))).alias("is_new"),
@@ -175,7 +171,7 @@ class TaxonomyStage(Stage):
             "types_unresolved_reasons": unresolved,
             "edits": counts.get("edits", 0),
             "new_types": candidates.height,
-            "hypernym_children": children.height,
+            "hypernym_children": n_children,
             "hypernym_edges": graph_tax.filter(pl.col("parent").is_not_null()).height,
         }
 
@@ -436,6 +432,26 @@ class TaxonomyStage(Stage):
         if context.height:
             context = context.sort("product_id")
         return context, behavior, copurchase, stats
+
+
+def _place_types(stage: TaxonomyStage, ctx, candidates: pl.DataFrame, orphans: list[str],
+                 taxonomy: pl.DataFrame, has_edges: bool, art: Path, tagged: bool,
+                 parts: int) -> tuple[int, pl.DataFrame]:
+    """The hypernyms of the new and orphan types (run by `runtime.run_task`, off the driver):
+    (children placed, ranked parents)."""
+    children = stage._children(ctx, candidates, orphans, parts)
+    ranked = pl.DataFrame(schema={"type": pl.String, "parent": pl.String, "score": pl.Float32,
+                                  "rank": pl.Int32, "accepted": pl.Boolean})
+    # a flat taxonomy (no parent edge) has nothing to attach under: its new types are roots,
+    # like its own types
+    if children.height and has_edges and (art / "hypernym" / "config.json").exists():
+        hyp = HypernymClassifier.load(art / "hypernym")
+        tm = runtime.read_parquet(ctx.out / "_title_models") if tagged else None
+        encoder = TextEncoder(ctx.cfg.taxonomy.tagger.encoder, device=ctx.cfg.device)
+        context, behavior, copurchase, stats = stage._hypernym_context(ctx, tm, children, hyp.cfg, parts)
+        ranked = hyp.predict(children, taxonomy=taxonomy, products=context, behavior=behavior,
+                             copurchase=copurchase, encoder=encoder, type_stats=stats)
+    return children.height, ranked
 
 
 def resolved_floors(types_cfg, art: Path):

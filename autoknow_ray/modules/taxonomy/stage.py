@@ -6,12 +6,15 @@ workers as steps of the stage protocol:
 1. `title_models` (one actor hosting the tagger and the encoder, one read of the titles): each
    product's spans, best type span and fp16 title vector → `_title_models/` (scratch).
 2. aggregates: new-type candidates (support, mean score per type key), example ids, per-type
-   title-vector sums; capped samples: the kNN reference, the hypernym context.
-3. `resolve_types` (second pass, with the accepted names and the capped reference index shipped
-   through the object store): each product's type, edits and kNN alternatives.
+   name support; the kNN reference, a capped sample written by the workers to `_knn_reference/`.
+3. `resolve_types` (second pass, with the accepted names; each worker reads the reference in its
+   setup()): each product's type, edits and kNN alternatives.
 4. written by the workers: `typed_products/` (every product with its type columns), `edits/`,
-   `product_type_candidates/`; by the driver (small): `new_types`, `hypernym_candidates`,
-   `graph_taxonomy`.
+   `product_type_candidates/`.
+5. hypernyms, in one Ray task (`runtime.run_task`): the new types' sampled products, the capped
+   context (per-type samples, per-type title-vector sums, behaviour rows) and the classifier over
+   them; the driver gets the ranked parents and writes (small) `new_types`,
+   `hypernym_candidates`, `graph_taxonomy`.
 """
 from __future__ import annotations
 

@@ -47,7 +47,7 @@ def test_bench_smallest(ray_session, tmp_path, tiny_models):
     data = json.loads((out / "bench.json").read_text())
     assert data["summary"] == json.loads(json.dumps(result["summary"]))
     s = data["summary"]
-    assert set(s["driver_peak_rss_bytes"]) == {"120"}
+    assert set(s["driver_peak_rss_bytes"]) == {"120"} and set(s["driver_peak_resident_bytes"]) == {"120"}
     for key in ("ratio_vs_simple", "time_per_1k_growth", "flop_fraction"):
         assert _positive(s[key]), (key, s[key])
     assert "scaling_efficiency" in s and s["scaling_efficiency"] is None  # one pool size
@@ -59,6 +59,8 @@ def test_bench_smallest(ray_session, tmp_path, tiny_models):
         assert set(row["model_ops"]) == {"TitleModels"}
         assert row["driver_memory"]["samples"] >= 1
         assert row["driver_peak_rss_bytes"] == row["driver_memory"]["peak_over_baseline_bytes"]
+        assert row["driver_peak_resident_bytes"] == row["driver_memory"]["peak_bytes"]
+        assert row["driver_peak_resident_bytes"] >= row["driver_peak_rss_bytes"]
         actors = row["memory"]["actors"]
         if Path("/proc/self/status").exists():
             assert {"TitleModels"} <= set(actors)

@@ -134,7 +134,7 @@ def markdown(r: dict) -> str:
           "actor pool → write Parquet), timed inside the real rebuild.", "",
           "| products | workers | rebuild s | products/s | s per 1k | model stages titles/s | "
           "per worker | titles per actor CPU-s | actor CPU share | load avg | peak GiB per "
-          "TitleModels actor (tagger + embedder) | driver peak GiB (over baseline) | "
+          "TitleModels actor (tagger + embedder) | driver peak GiB resident (over its start) | "
           "object store peak GiB | "
           "spilled GiB |",
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -146,7 +146,8 @@ def markdown(r: dict) -> str:
             f"{f(run['products_per_s'])} | {f(run['seconds_per_1k'])} | {f(mt)} | "
             f"{f(mt / run['workers'] if mt else None)} | {f(run.get('model_titles_per_cpu_s'))} | "
             f"{f(run.get('actor_cpu_share'))} | {f(run.get('load_average_mean'))} | "
-            f"{gib(_peak(run, 'TitleModels'))} | {gib(run.get('driver_peak_rss_bytes'))} | "
+            f"{gib(_peak(run, 'TitleModels'))} | {gib(run.get('driver_peak_resident_bytes'))} "
+            f"({gib(run.get('driver_peak_rss_bytes'))}) | "
             f"{gib(mem.get('object_store_peak_bytes'))} | "
             f"{gib(mem.get('object_store_spilled_bytes'))} |")
     L += ["", "### Per stage", "",

@@ -197,6 +197,8 @@ def test_knn_reference_is_written_by_the_workers_and_read_in_setup(ray_session, 
     b = read_reference(write_reference(ds.random_shuffle(seed=3), n, cap, 7, tmp_path / "b"), cap)
     assert a.height == cap and a["product_id"].to_list() == b["product_id"].to_list()
     assert a.columns == ["product_id", "ref_type", "from_catalogue", "embedding"]
+    counted = read_reference(write_reference(ds, None, cap, 7, tmp_path / "c"), cap)  # rows counted
+    assert counted["product_id"].to_list() == a["product_id"].to_list()
     small = read_reference(write_reference(ds, n, 10_000, 7, tmp_path / "all"), 10_000)
     assert small.height == n  # under the cap: every row
     assert read_reference(str(tmp_path / "none"), cap).height == 0  # no row was drawn

@@ -118,7 +118,7 @@ class TaxonomyStage(Stage):
                 tm, names, vocab, accepted, cfg.types, lower_case_taxonomy(tax_types), parts)
             names = TypeNames(list(parents), {**name_accepted, **accepted})
             typed_types = set(self._type_counts(tm, parts)["product_type"].to_list())
-            resolve = self._resolve_step(ctx, tm, n, names, parents, art, encoder, typed_types,
+            resolve = self._resolve_step(ctx, tm, names, parents, art, encoder, typed_types,
                                          name_support)
             decisions_dir = ctx.out / "_decisions"
             runtime.map_step(tm, resolve, ctx.cfg, n).write_parquet(str(decisions_dir))
@@ -302,7 +302,7 @@ class TaxonomyStage(Stage):
         return pl.concat([candidates, rows], how="vertical_relaxed").cast(CANDIDATES_SCHEMA).sort(
             ["support", "type"], descending=[True, False])
 
-    def _resolve_step(self, ctx, tm, n_rows: int, names: TypeNames, parents, art, encoder,
+    def _resolve_step(self, ctx, tm, names: TypeNames, parents, art, encoder,
                       typed_types: set[str], name_support: dict[str, int] | None = None) -> ResolveTypes:
         cfg = ctx.cfg.taxonomy
 
@@ -321,7 +321,7 @@ class TaxonomyStage(Stage):
         reference = write_reference(
             tm.select_columns(["product_id", "product_type", "span_value", "embedding"])
             .map_batches(first_pass, batch_format="pyarrow"),
-            n_rows, cfg.types.knn_catalogue_sample, ctx.cfg.seed, ctx.out / "_knn_reference")
+            None, cfg.types.knn_catalogue_sample, ctx.cfg.seed, ctx.out / "_knn_reference")
         # every name a correction compares: the taxonomy's, the accepted new ones, the catalogue's
         type_names = sorted(set(names.known.values()) | set(names.accepted.values())
                             | {c for c in map(names.catalogue, typed_types) if c is not None})

@@ -491,15 +491,17 @@ REFERENCE_SCHEMA = {"product_id": pl.String, "ref_type": pl.String, "from_catalo
 _DRAW = "_draw"  # the per-row uniform draw of the reference sample
 
 
-def write_reference(ds, n_rows: int, cap: int, seed: int, out) -> str:
-    """The kNN reference sample, written by the workers to the folder `out`: each row of `ds`
-    (product_id, ref_type, from_catalogue, embedding) is kept when a hash of its product id and
-    `seed` falls under (cap + 4 sqrt(cap) + 10) / n_rows: about cap + 4 standard deviations of
-    rows, so fewer than `cap` are drawn only where the catalogue has fewer (odds ~3e-5), and at
+def write_reference(ds, n_rows: int | None, cap: int, seed: int, out) -> str:
+    """The kNN reference sample, written by the workers to the folder `out`: each of the
+    `n_rows` rows of `ds` (None: counted; product_id, ref_type, from_catalogue, embedding) is
+    kept when a hash of its product id and `seed` falls under (cap + 4 sqrt(cap) + 10) / n_rows:
+    about cap + 4 standard deviations of rows, so fewer than `cap` are drawn only where the catalogue has fewer (odds ~3e-5), and at
     most a few percent more travel; `read_reference` keeps the `cap` lowest draws. The same rows
     run after run, in any block order."""
     from autoknow_ray.modules.taxonomy.sample import uniform
 
+    if n_rows is None:  # the rows of `ds` itself (a filtered table: one counting pass)
+        n_rows = ds.count() if cap > 0 else 0
     rate = min(1.0, (cap + 4 * cap ** 0.5 + 10) / max(n_rows, 1)) if cap > 0 else 0.0
 
     def draw(batch: pa.Table) -> pa.Table:

@@ -124,22 +124,31 @@ def run_task(fn, *args, cfg: Config, num_cpus: float = 1, **kwargs):
     """`fn(*args, **kwargs)` in one Ray task, its result back to the driver: bounded work on a
     capped sample (a model over it, the samples it gathers with Ray Data) whose inputs and
     intermediate copies a head node should not hold. Ray Data inside the task runs with the
-    run's settings."""
+    run's settings, and models from an object store are copied to its node first."""
     global _TASK
     if _TASK is None:
         _TASK = ray.remote(max_retries=0)(_in_task)
-    return ray.get(_TASK.options(num_cpus=num_cpus).remote(fn, args, kwargs, cfg))
+    return ray.get(_TASK.options(num_cpus=num_cpus).remote(fn, args, kwargs, cfg,
+                                                           tuple(_REMOTE_ARTIFACTS)))
 
 
 _TASK = None
 
 
-def _in_task(fn, args, kwargs, cfg: Config):
+def _in_task(fn, args, kwargs, cfg: Config, artifacts: tuple = ()):
+    from pathlib import Path
+
     import ray.data
+
+    from autoknow_ray import storage
 
     global DRIVER_COMBINE_ROWS
     DRIVER_COMBINE_ROWS = cfg.ray.driver_combine_rows
     configure_data_context(ray.data.DataContext.get_current())
+    # models from an object store: on this node's disk at the path the driver's copy has, as
+    # before a step's setup()
+    for uri, local in artifacts:
+        storage.local_copy(uri, Path(local))
     return fn(*args, **kwargs)
 
 
@@ -438,8 +447,8 @@ def aggregate(ds: "ray.data.Dataset", by: list[str], aggs: dict[str, tuple[str, 
     Two phases, as a combiner does: each block is aggregated in its own task (one row per key
     per block), then the partials are combined: on the driver when they are at most
     `driver_rows` rows (default: the config's `ray.driver_combine_rows`; a small catalogue or
-    few keys: Ray Data's shuffle costs seconds of fixed overhead per call), else by a Ray Data groupby over the partials with
-    `num_partitions` partitions (Ray's default is 200, a task each: size it to the rows, see
+    few keys: Ray Data's shuffle costs seconds of fixed overhead per call), else by a Ray Data
+    groupby over the partials with `num_partitions` partitions (Ray's default is 200, a task each: size it to the rows, see
     `shuffle_partitions`). `unique` has no partial form and runs as one Ray Data groupby."""
     import polars as pl
 

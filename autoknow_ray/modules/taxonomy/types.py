@@ -296,7 +296,7 @@ class ResolveTypes(Step):
     model = True  # builds its indexes once per worker
 
     def __init__(self, cfg: TypeResolutionConfig, names: TypeNames, ancestors: dict[str, set[str]],
-                 name_vectors: dict[str, np.ndarray], catalogue_reference: pl.DataFrame,
+                 name_vectors: dict[str, np.ndarray], catalogue_reference: pl.DataFrame | str | Path,
                  training_reference: tuple[list[str], np.ndarray] | None,
                  add_attributes: bool, min_attribute_score: float,
                  name_support: dict[str, int] | None = None, reference_cap: int | None = None):
@@ -310,9 +310,9 @@ class ResolveTypes(Step):
         # frame, or the folder of Parquet files the workers wrote it to (`write_reference`): then
         # each worker reads it in setup() and the driver never holds it
         self.reference_path: str | None = None
+        self.reference_cap = reference_cap
         if isinstance(catalogue_reference, (str, Path)):
             self.reference_path = str(catalogue_reference)
-            self.reference_cap = reference_cap
             self._keep_reference(pl.DataFrame(schema=REFERENCE_SCHEMA))
         else:
             self._keep_reference(catalogue_reference)
@@ -495,9 +495,9 @@ def write_reference(ds, n_rows: int | None, cap: int, seed: int, out) -> str:
     """The kNN reference sample, written by the workers to the folder `out`: each of the
     `n_rows` rows of `ds` (None: counted; product_id, ref_type, from_catalogue, embedding) is
     kept when a hash of its product id and `seed` falls under (cap + 4 sqrt(cap) + 10) / n_rows:
-    about cap + 4 standard deviations of rows, so fewer than `cap` are drawn only where the catalogue has fewer (odds ~3e-5), and at
-    most a few percent more travel; `read_reference` keeps the `cap` lowest draws. The same rows
-    run after run, in any block order."""
+    about cap + 4 standard deviations of rows, so fewer than `cap` are drawn only where the
+    catalogue has fewer (odds ~3e-5), and at most a few percent more travel; `read_reference`
+    keeps the `cap` lowest draws. The same rows run after run, in any block order."""
     from autoknow_ray.modules.taxonomy.sample import uniform
 
     if n_rows is None:  # the rows of `ds` itself (a filtered table: one counting pass)

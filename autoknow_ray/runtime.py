@@ -136,19 +136,12 @@ _TASK = None
 
 
 def _in_task(fn, args, kwargs, cfg: Config, artifacts: tuple = ()):
-    from pathlib import Path
-
     import ray.data
-
-    from autoknow_ray import storage
 
     global DRIVER_COMBINE_ROWS
     DRIVER_COMBINE_ROWS = cfg.ray.driver_combine_rows
     configure_data_context(ray.data.DataContext.get_current())
-    # models from an object store: on this node's disk at the path the driver's copy has, as
-    # before a step's setup()
-    for uri, local in artifacts:
-        storage.local_copy(uri, Path(local))
+    _local_artifacts(artifacts)  # as before a step's setup()
     return fn(*args, **kwargs)
 
 
@@ -313,15 +306,20 @@ def _worker_env(plan: ActorPlan) -> "WorkerEnv":
                      artifacts=tuple(_REMOTE_ARTIFACTS))
 
 
-def _setup(step, env) -> None:
-    """A step's setup() on this worker, after its node has the artifacts it reads."""
-    if env.artifacts:
+def _local_artifacts(artifacts) -> None:
+    """Models from an object store on this node's disk, at the path the driver's copy has."""
+    if artifacts:
         from pathlib import Path
 
         from autoknow_ray import storage
 
-        for uri, local in env.artifacts:
+        for uri, local in artifacts:
             storage.local_copy(uri, Path(local))
+
+
+def _setup(step, env) -> None:
+    """A step's setup() on this worker, after its node has the artifacts it reads."""
+    _local_artifacts(env.artifacts)
     step.setup(env)
 
 

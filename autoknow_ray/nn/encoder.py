@@ -88,7 +88,8 @@ def cpu_bf16_pays(rounds: int = 2) -> bool:
     """Whether bf16 autocast runs a transformer block's feed-forward faster than fp32 on this
     CPU, at this process's thread count: measured once per process (~0.3 s), since the flags do
     not say. A CPU with AVX512-BF16 units ran MiniLM ~3x faster in bf16 (AMD EPYC); another
-    with the same flag and no AMX ran it 1.6x slower (an Intel Xeon), the same in this probe."""
+    with the same flag and no AMX ran it 1.76x slower (an Intel Xeon; `autoknow bench`, 3 Dec
+    2026: per core 0.562x the simple way against fp32's 0.988x), the same in this probe."""
     if not cpu_has_bf16():
         return False
     x = torch.randn(1024, 384)

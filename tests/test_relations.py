@@ -228,3 +228,33 @@ def test_fit_then_rebuild_on_types_never_seen(tmp_path, ray_session):
     assert "relations.unseen.f1" in b
     # the synthetic attributes are shared by type families: new types recover most of them
     assert r["relations.unseen.auc_pr"] > 0.6
+
+
+def test_a_catalogue_without_attributes_fits_no_model_and_rebuilds_with_an_empty_table(tmp_path, ray_session):
+    """Instacart's catalogue has types and no structured attribute: fit has no label to learn
+    relations from, and a rebuild with those models still runs to the end, saying why the
+    attributes table is empty (it used to stop with 'no relations models')."""
+    from autoknow_ray.rebuild import fit, rebuild
+
+    cat = tmp_path / "cat"
+    cat.mkdir()
+    rows = [{"product_id": f"p{i}", "title": f"Organic {t} {i}", "product_type": t}
+            for i, t in enumerate(["Milk", "Bread", "Coffee"] * 10)]
+    pl.DataFrame(rows).write_parquet(cat / "products.parquet")
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text("seed: 0\nstages: [ingest, relations, graph]\n"
+                        "ray: {num_cpus: 2, object_store_memory_mb: 400}\n")
+    m = fit(cat, tmp_path / "models", config=cfg_file)
+    assert "structured attribute" in m["modules"]["relations"]["skipped"]
+    run = tmp_path / "run"
+    rebuild(cat, run, models=tmp_path / "models", config=cfg_file)
+    manifest = json.loads((run / "relations" / "manifest.json").read_text())
+    assert "structured attribute" in manifest["skipped"] and manifest["rows_in"] == 30
+    attrs = pl.read_parquet(run / "graph" / "attributes.parquet")
+    assert attrs.height == 0 and attrs.columns == GRAPH_ATTRIBUTES.names
+    # a models folder whose fit never ran relations is still an error, not an empty table
+    other = tmp_path / "models2"
+    other.mkdir()
+    (other / "manifest.json").write_text(json.dumps({"modules": {}}))
+    with pytest.raises(FileNotFoundError, match="no relations models"):
+        rebuild(cat, tmp_path / "run2", models=other, config=cfg_file)

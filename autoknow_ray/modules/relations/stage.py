@@ -25,7 +25,7 @@ from autoknow_ray.modules.relations.features import (
 )
 from autoknow_ray.modules.relations.fit import APPLICABILITY, IMPORTANCE, KNOWN, VOCABULARY
 from autoknow_ray.modules.relations.model import load_scorer, predict
-from autoknow_ray.pipeline import RunContext, Stage
+from autoknow_ray.pipeline import RunContext, Stage, read_manifest
 from autoknow_ray.schema import GRAPH_ATTRIBUTES
 
 
@@ -118,7 +118,15 @@ class RelationsStage(Stage):
         cfg: RelationsConfig = ctx.cfg.relations
         if ctx.models is None:
             raise FileNotFoundError("the relations stage needs fitted models (--models)")
-        models = RelationsModels(ctx.models / "relations")
+        folder = ctx.models / "relations"
+        skipped = (read_manifest(ctx.models).get("modules") or {}).get("relations", {}).get("skipped")
+        if skipped and not (folder / APPLICABILITY).is_dir():
+            # fit ran and found nothing to learn (a catalogue without structured attributes, as
+            # Instacart's): an empty table with the reason, not an error that stops the job
+            ctx.write("graph_attributes", GRAPH_ATTRIBUTES.empty_table(), GRAPH_ATTRIBUTES)
+            return {"rows_in": state.n_products(ctx), "rows_out": 0, "rows_quarantined": 0,
+                    "applicable_pairs": 0, "skipped": f"no relations model: fit said {skipped!r}"}
+        models = RelationsModels(folder)
         here = sample_vocabulary(ctx, cfg)
         vocab = models.vocabulary.merged(here, cfg.max_attributes, cfg.values_per_attribute)
         attrs = vocab.attributes

@@ -197,7 +197,8 @@ def run_stages(stages: list[Stage], ctx: RunContext, *, force: bool = False) -> 
         seconds = time.perf_counter() - t0
         ctx.out = ctx.resume = None
         rows = counts.get("rows_in") or counts.get("rows_out") or 0
-        progress.stage_finished(stage.name, seconds, rows)
+        skipped = counts.get("skipped")
+        progress.stage_finished(stage.name, seconds, rows, skipped if isinstance(skipped, str) else None)
         manifest = {
             "stage": stage.name,
             "fingerprint": fp,

@@ -137,7 +137,13 @@ def stage_started(name: str) -> None:
     line(f"stage {name}: running …")
 
 
-def stage_finished(name: str, seconds: float, rows: int | None = None) -> None:
+def stage_finished(name: str, seconds: float, rows: int | None = None,
+                   skipped: str | None = None) -> None:
+    """`skipped`: the reason a stage that ran found nothing to do (no rate is shown then: rows
+    passed through untouched are no throughput)."""
+    if skipped:
+        line(f"stage {name}: done in {seconds:.{1 if seconds >= 1 else 2}f} s, nothing to do: {skipped}")
+        return
     per_s = rows / seconds if rows and seconds > 0 else None
     rate = "" if per_s is None else f", {per_s:,.0f} rows/s" if per_s >= 10 else f", {per_s:.2g} rows/s"
     line(f"stage {name}: done in {seconds:.{1 if seconds >= 1 else 2}f} s{rate}")

@@ -206,6 +206,9 @@ def test_progress_lines_are_bounded_and_quiet_turns_them_off(monkeypatch, capsys
     progress.stage_started("graph")
     progress.stage_finished("graph", 2.0, 100)
     assert capsys.readouterr().err == "stage graph: running …\nstage graph: done in 2.0 s, 50 rows/s\n"
+    # a stage that found nothing to do says why, and shows no rate for rows it never looked at
+    progress.stage_finished("relations", 0.001, 30, "no relations model")
+    assert capsys.readouterr().err == "stage relations: done in 0.00 s, nothing to do: no relations model\n"
 
     progress.set_enabled(False)
     progress.epoch_line("tagger", 1, 3, {"loss": 0.5})

@@ -296,6 +296,39 @@ def test_prefer_specific_parent(encoder):
     assert not any(anc.get(a) in acc for a in acc)  # no accepted type has its parent accepted
 
 
+def test_knn_floors_follow_the_rebuilt_catalogues_share_of_known_type_products():
+    """Fit keeps its whole grid and the nearest-neighbour cosines of known- and withheld-type
+    votes; a rebuild estimates which share of its untyped titles look known and takes the floors
+    for that share: lower where nearly all are of known types, higher where most are new."""
+    from autoknow_ray.modules.taxonomy import knn_floors
+
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(8, 32))
+    types = [f"t{t}" for t in range(8) for _ in range(30)]
+    # overlapping types: the fit's balanced choice refuses some known-type titles
+    vecs = np.array([centres[int(t[1])] + 1.2 * rng.normal(size=32) for t in types])
+    f = knn_floors.choose_floors(types, vecs, k=10)
+    assert len(f["grid"]) == len(knn_floors.SIMILARITY_GRID) * len(knn_floors.SHARE_GRID)
+    hk, hw = np.array(f["nearest_known"]), np.array(f["nearest_withheld"])
+    assert abs(hk.sum() - 1) < 1e-6 and abs(hw.sum() - 1) < 1e-6
+    # known titles have closer neighbours than titles whose whole type is withheld
+    mid = (np.asarray(knn_floors.NEAREST_BINS[:-1]) + 0.025)
+    assert hk @ mid > hw @ mid
+    # the mixture share is recovered from a histogram mixed at 0.8, and clipped into [0, 1]
+    assert abs(knn_floors.known_share(list(0.8 * hk + 0.2 * hw), f["nearest_known"],
+                                      f["nearest_withheld"]) - 0.8) < 1e-6
+    assert knn_floors.known_share(f["nearest_known"], f["nearest_known"], f["nearest_withheld"]) == 1.0
+    assert knn_floors.known_share(list(hk), list(hk), list(hk)) == 0.5  # no evidence either way
+    # at a share of 0.5 the rebuild's choice is fit's own
+    half = knn_floors.floors_for(f, 0.5)
+    assert (half["knn_min_similarity"], half["knn_min_share"]) == (f["knn_min_similarity"],
+                                                                   f["knn_min_share"])
+    known, new = knn_floors.floors_for(f, 0.95), knn_floors.floors_for(f, 0.05)
+    assert known["known_answered_right"] >= half["known_answered_right"] >= new["known_answered_right"]
+    assert known["withheld_forced"] >= half["withheld_forced"] >= new["withheld_forced"]
+    assert known["known_answered_right"] > new["known_answered_right"]
+
+
 def test_config_rejects_unknown_keys():
     with pytest.raises(ValidationError, match="epochz"):
         HypernymConfig(epochz=3)

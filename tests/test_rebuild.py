@@ -68,10 +68,33 @@ def test_rebuild_with_models_then_eval(fitted, capsys):
     report = json.loads((run / "report.json").read_text())
     assert [s["stage"] for s in report["stages"]] == ["ingest", "taxonomy", "graph"]
     assert report["stages"][1]["rows_in"] == 150
+    floors = json.loads((run / "taxonomy" / "manifest.json").read_text())["knn_floors"]
+    assert floors["source"] == "fit" and floors["untyped_sample"] < 50  # too few to estimate from
     assert main(["eval", "--run", str(run), "--gold", str(fitted / "blind" / "gold")]) == 0
     results = json.loads((run / "eval.json").read_text())
     # 12 types; chance is ~0.1. Short training still has to find most of them.
     assert results["type_extraction.f1"] > 0.6, results
+
+
+def test_knn_floors_follow_the_catalogues_own_share_of_known_type_products(fitted, tmp_path):
+    """With no tagger type to lean on, every blind product goes to the kNN vote. They are all of
+    known types (the blind catalogue is the fit's own products, labels hidden), which the rebuild
+    reads off a sample of them: their floors come from fit's grid at a high known share, no higher
+    than fit's balanced ones."""
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text((REPO / "configs" / "test.yaml").read_text()
+                   + "  types: {min_span_score: 1.0, title_names: false, title_heads: false}\n")
+    run = tmp_path / "run"
+    assert main(["rebuild", "--catalogue", str(fitted / "blind"), "--out", str(run),
+                 "--models", str(fitted / "models"), "--config", str(cfg)]) == 0
+    manifest = json.loads((run / "taxonomy" / "manifest.json").read_text())
+    floors = manifest["knn_floors"]
+    assert floors["source"].startswith("fit grid") and floors["untyped_sample"] >= 140, floors
+    assert floors["known_share"] > 0.8, floors
+    fit_floors = json.loads((fitted / "models" / "taxonomy" / "knn_floors.json").read_text())
+    assert floors["knn_min_similarity"] <= fit_floors["knn_min_similarity"]
+    assert floors["knn_min_share"] <= fit_floors["knn_min_share"]
+    assert manifest["types_unresolved"] <= 5, manifest["types_unresolved_reasons"]
 
 
 def test_rebuild_rerun_skips_finished_stages(fitted, capsys):

@@ -39,7 +39,9 @@ class TypeResolutionConfig(BaseModel):
     # stays untyped, its reason counted in the manifest.
     knn_k: int = Field(10, ge=1)
     # null (the default): the floors fit chose on its own known-against-withheld-type validation
-    # (models/taxonomy/knn_floors.json), else the constants above (a model folder without one).
+    # (models/taxonomy/knn_floors.json), else the constants above (a model folder without one);
+    # with `knn_prior_sample` > 0, re-chosen on fit's grid for the share of this catalogue's
+    # untyped products that look like products of known types (below).
     # Measured end to end on OA-Mine with types withheld from fit: the products of the withheld
     # types forced into a known type fell from 0.95 to 0.01, at a cost in the known types'
     # accuracy (docs/taxonomy.md); 0.3 / 0.3 restores the old, forcing behaviour
@@ -47,6 +49,11 @@ class TypeResolutionConfig(BaseModel):
         None, ge=-1, le=1, description="below this cosine to the nearest typed title: no type")
     knn_min_share: float | None = Field(
         None, ge=0, le=1, description="below this vote share of the best type: no type")
+    # with the floors from fit (both null above): this many untyped titles of the rebuilt
+    # catalogue, sampled, tell which share of its untyped products look like products of known
+    # types (their nearest-neighbour cosines against fit's two validation distributions), and the
+    # floors are chosen on fit's grid for that share (knn_floors.floors_for); 0: fit's floors
+    knn_prior_sample: int = Field(2000, ge=0)
     knn_catalogue_sample: int = Field(
         50_000, ge=0, description="typed titles of this catalogue in the kNN reference (a cap)")
     catalogue_confidence: float = Field(1.0, ge=0, le=1)

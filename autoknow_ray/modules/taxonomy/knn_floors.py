@@ -12,6 +12,19 @@ neighbour's cosine, the best type's share of the vote) the choice maximises
 (each type weighted alike); among tied pairs the middle one (median similarity floor, then the
 median share floor at it), the choice farthest from either side. Nothing here reads eval gold: the
 reference is fit's own training sample.
+
+That objective weighs a product of a known type and one of a type the taxonomy lacks alike, as if
+half the untyped products of a rebuild were of new types. A rebuild can do better: fit also keeps
+the whole grid and the two distributions of the nearest neighbour's cosine (known-type votes,
+withheld-type votes), and the rebuild estimates from a capped sample of its own untyped products
+which share of them looks known (`known_share`: the mixture of the two distributions that fits
+the sample best, least squares on histograms), then takes the floors that maximise
+
+    known_share * right  -  (1 - known_share) * forced
+
+(`floors_for`): a catalogue whose untyped products all have close neighbours of known types (a
+complete taxonomy, products with a label missing) is answered almost everywhere; one full of
+products of new types refuses them. At a known share of 0.5 it is the choice above.
 """
 from __future__ import annotations
 
@@ -25,6 +38,14 @@ from autoknow_ray.index.knn_vote import normalize
 FLOORS_FILE = "knn_floors.json"
 SIMILARITY_GRID = tuple(round(x, 2) for x in np.arange(0.2, 0.951, 0.05))
 SHARE_GRID = tuple(round(x, 2) for x in np.arange(0.3, 1.001, 0.05))
+NEAREST_BINS = tuple(round(x, 2) for x in np.arange(0.0, 1.001, 0.05))  # histogram edges
+
+
+def nearest_histogram(nearest: np.ndarray) -> list[float]:
+    """Shares of `nearest` cosines per bin of NEAREST_BINS (values outside clipped in)."""
+    x = np.clip(np.asarray(nearest, np.float64), 0.0, 1.0 - 1e-9)
+    h = np.histogram(x, bins=np.asarray(NEAREST_BINS))[0].astype(np.float64)
+    return [round(float(v), 6) for v in h / max(h.sum(), 1.0)]
 
 
 def _votes(sims: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -89,15 +110,49 @@ def choose_floors(types: list[str], vectors: np.ndarray, k: int = 10, max_rows: 
                             "known_answered_right": round(right, 4),
                             "known_answered": round(float(weight_known @ answered_k), 4),
                             "withheld_forced": round(forced, 4)}))
+    out = dict(_best(scored))
+    out.update({"rows": int(len(rows)), "types": len(uniq), "k": k,
+                "no_floor_known_right": round(float(weight_known @ known_right), 4),
+                # for the rebuild's own choice (floors_for): every grid point, and the nearest
+                # neighbour's cosine of known-type votes (types with a second title) and of
+                # withheld-type votes
+                "grid": [[x[1], x[2], x[3]["known_answered_right"], x[3]["withheld_forced"]]
+                         for x in scored],
+                "nearest_known": nearest_histogram(kn[multi]),
+                "nearest_withheld": nearest_histogram(un)})
+    return out
+
+
+def _best(scored: list[tuple]) -> dict:
+    """The grid point of the best objective; among ties the middle one (median similarity
+    floor, then the median share floor at it)."""
     top = max(x[0] for x in scored)
     tied = [x for x in scored if x[0] >= top - 1e-4]
     sims_tied = sorted({x[1] for x in tied})
     ms = sims_tied[len(sims_tied) // 2]
     at = sorted((x for x in tied if x[1] == ms), key=lambda x: x[2])
-    out = dict(at[len(at) // 2][3])
-    out.update({"rows": int(len(rows)), "types": len(uniq), "k": k,
-                "no_floor_known_right": round(float(weight_known @ known_right), 4)})
-    return out
+    return at[len(at) // 2][3]
+
+
+def known_share(sample_hist: list[float], known_hist: list[float], withheld_hist: list[float]) -> float:
+    """The share p in [0, 1] for which p * known + (1 - p) * withheld is nearest (least squares)
+    to the sample's histogram of nearest-neighbour cosines."""
+    u, k, w = (np.asarray(h, np.float64) for h in (sample_hist, known_hist, withheld_hist))
+    d = k - w
+    denom = float(d @ d)
+    if denom < 1e-12:  # the two distributions are alike: no evidence either way
+        return 0.5
+    return float(np.clip((u - w) @ d / denom, 0.0, 1.0))
+
+
+def floors_for(floors: dict, share: float) -> dict:
+    """The floors of best share * right - (1 - share) * forced on fit's grid, with the figures
+    behind them; `floors` as fit saved them (needs its "grid")."""
+    scored = [(round(share * right - (1 - share) * forced, 4), ms, mh,
+               {"knn_min_similarity": float(ms), "knn_min_share": float(mh),
+                "known_answered_right": right, "withheld_forced": forced})
+              for ms, mh, right, forced in floors["grid"]]
+    return _best(scored)
 
 
 def save(floors: dict, out: Path) -> None:

@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 
 from autoknow_ray import runtime, storage
 from autoknow_ray.graph.state import count_rows
+from autoknow_ray.index.vectors import as_matrix
 from autoknow_ray.modules.taxonomy import knn_floors, sample
 from autoknow_ray.modules.taxonomy.fit import load_type_reference
 from autoknow_ray.modules.taxonomy.hypernym_config import KNN_MIN_SHARE, KNN_MIN_SIMILARITY
@@ -176,6 +177,8 @@ class TaxonomyStage(Stage):
             "new_types": candidates.height,
             "hypernym_children": n_children,
             "hypernym_edges": graph_tax.filter(pl.col("parent").is_not_null()).height,
+            # the kNN vote's floors this rebuild used, and where they came from
+            "knn_floors": getattr(self, "floors_report", None),
         }
 
     # ---- 2. aggregates and samples --------------------------------------------------------------
@@ -326,9 +329,30 @@ class TaxonomyStage(Stage):
         type_names = sorted(set(names.known.values()) | set(names.accepted.values())
                             | {c for c in map(names.catalogue, typed_types) if c is not None})
         vectors = dict(zip(type_names, encoder.encode(type_names))) if type_names else {}
-        return ResolveTypes(resolved_floors(cfg.types, art), names, ancestors_map(parents), vectors, reference,
-                            load_type_reference(art), cfg.add_title_attributes, cfg.min_attribute_score,
-                            name_support, reference_cap=cfg.types.knn_catalogue_sample)
+        step = ResolveTypes(resolved_floors(cfg.types, art), names, ancestors_map(parents), vectors,
+                            reference, load_type_reference(art), cfg.add_title_attributes,
+                            cfg.min_attribute_score, name_support,
+                            reference_cap=cfg.types.knn_catalogue_sample)
+        self.floors_report = {"source": "config" if cfg.types.knn_min_similarity is not None
+                              and cfg.types.knn_min_share is not None else "fit"}
+        fitted_floors = knn_floors.load(art)
+        if (cfg.types.knn_prior_sample > 0 and fitted_floors and "grid" in fitted_floors
+                and cfg.types.knn_min_similarity is None and cfg.types.knn_min_share is None):
+            # the floors for this catalogue's own mix of known-type and new-type products,
+            # estimated in one Ray task from a capped sample of its untyped titles
+            share, n_sample = runtime.run_task(
+                _known_share_of_untyped, step, names, str(ctx.out / "_title_models"),
+                fitted_floors, cfg.types.knn_prior_sample, ctx.cfg.seed, cfg=ctx.cfg)
+            if n_sample >= MIN_PRIOR_SAMPLE:
+                chosen = knn_floors.floors_for(fitted_floors, share)
+                step.cfg = step.cfg.model_copy(update={k: chosen[k] for k in
+                                                       ("knn_min_similarity", "knn_min_share")})
+                self.floors_report = {"source": "fit grid, this catalogue's known share",
+                                      "known_share": round(share, 4), **chosen}
+            self.floors_report["untyped_sample"] = n_sample
+        self.floors_report.update({k: getattr(step.cfg, k)
+                                   for k in ("knn_min_similarity", "knn_min_share")})
+        return step
 
     @staticmethod
     def _type_counts(tm, parts: int) -> pl.DataFrame:
@@ -455,6 +479,41 @@ def _place_types(stage: TaxonomyStage, ctx, candidates: pl.DataFrame, orphans: l
         ranked = hyp.predict(children, taxonomy=taxonomy, products=context, behavior=behavior,
                              copurchase=copurchase, encoder=encoder, type_stats=stats)
     return children.height, ranked
+
+
+MIN_PRIOR_SAMPLE = 50  # fewer untyped titles than this: fit's floors as they are
+
+
+def _known_share_of_untyped(step: ResolveTypes, names: TypeNames, title_models: str, floors: dict,
+                            cap: int, seed: int) -> tuple[float, int]:
+    """(share of this catalogue's untyped titles that look like titles of known types, sample
+    size). Run by `runtime.run_task`. The untyped titles are those the kNN vote would answer (no
+    catalogue type, no tagger type); their nearest-neighbour cosines are taken against a draw of
+    the vote's reference as large as fit's validation reference, so they compare with the
+    distributions fit measured there (a larger reference has closer neighbours)."""
+    from autoknow_ray.index.knn_vote import normalize
+
+    def untyped(batch: pa.Table) -> pa.Table:
+        olds = batch.column("product_type").to_pylist()
+        spans = batch.column("span_value").to_pylist()
+        keep = pa.array([names.first_pass(o, sp) is None for o, sp in zip(olds, spans)])
+        return batch.select(["product_id", "embedding"]).filter(keep)
+
+    ds = runtime.read_parquet(title_models, ["product_id", "product_type", "span_value", "embedding"])
+    got = runtime.bounded_sample(ds.map_batches(untyped, batch_format="pyarrow"), cap, seed)
+    if got.height == 0:
+        return 0.5, 0
+    ref = step.vote_reference()
+    if not len(ref):
+        return 0.5, 0
+    rng = np.random.default_rng(seed)
+    size = min(len(ref), int(floors.get("rows") or len(ref)))
+    ref = normalize(ref[np.sort(rng.choice(len(ref), size=size, replace=False))].astype(np.float32))
+    q = normalize(as_matrix(got["embedding"], np.float32))
+    nearest = np.concatenate([(q[i:i + 1024] @ ref.T).max(axis=1) for i in range(0, len(q), 1024)])
+    share = knn_floors.known_share(knn_floors.nearest_histogram(nearest), floors["nearest_known"],
+                                   floors["nearest_withheld"])
+    return share, int(got.height)
 
 
 def resolved_floors(types_cfg, art: Path):

@@ -342,6 +342,16 @@ class ResolveTypes(Step):
         self.ref_vecs = as_matrix(ref["embedding"], np.float16)[order] if ref.height \
             else np.zeros((0, 0), np.float16)
 
+    def vote_reference(self) -> np.ndarray:
+        """The fp16 rows the kNN vote searches (this catalogue's capped sample, then the fit's
+        reference), read from the reference folder where it lives there; no index is built."""
+        if self.reference_path is not None and not len(self.ref_types):
+            self._keep_reference(read_reference(self.reference_path, self.reference_cap))
+        parts = [self.ref_vecs] if len(self.ref_types) else []
+        if self.train_ref is not None:
+            parts.append(self.train_ref[1])
+        return np.concatenate(parts).astype(np.float16) if parts else np.zeros((0, 0), np.float16)
+
     def setup(self, env: WorkerEnv) -> None:
         if self.reference_path is not None:
             self._keep_reference(read_reference(self.reference_path, self.reference_cap))

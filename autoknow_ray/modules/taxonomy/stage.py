@@ -333,8 +333,9 @@ class TaxonomyStage(Stage):
                             reference, load_type_reference(art), cfg.add_title_attributes,
                             cfg.min_attribute_score, name_support,
                             reference_cap=cfg.types.knn_catalogue_sample)
-        self.floors_report = {"source": "config" if cfg.types.knn_min_similarity is not None
-                              and cfg.types.knn_min_share is not None else "fit"}
+        set_here = [cfg.types.knn_min_similarity is not None, cfg.types.knn_min_share is not None]
+        self.floors_report = {"source": "config" if all(set_here) else
+                              "config and fit" if any(set_here) else "fit"}
         fitted_floors = knn_floors.load(art)
         if (cfg.types.knn_prior_sample > 0 and fitted_floors and "grid" in fitted_floors
                 and cfg.types.knn_min_similarity is None and cfg.types.knn_min_share is None):

@@ -79,8 +79,7 @@ def test_rebuild_with_models_then_eval(fitted, capsys):
 def test_knn_floors_follow_the_catalogues_own_share_of_known_type_products(fitted, tmp_path):
     """With no tagger type to lean on, every blind product goes to the kNN vote. They are all of
     known types (the blind catalogue is the fit's own products, labels hidden), which the rebuild
-    reads off a sample of them: their floors come from fit's grid at a high known share, no higher
-    than fit's balanced ones."""
+    reads off a sample of them: their floors come from fit's grid at a high known share."""
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text((REPO / "configs" / "test.yaml").read_text()
                    + "  types: {min_span_score: 1.0, title_names: false, title_heads: false}\n")
@@ -91,9 +90,10 @@ def test_knn_floors_follow_the_catalogues_own_share_of_known_type_products(fitte
     floors = manifest["knn_floors"]
     assert floors["source"].startswith("fit grid") and floors["untyped_sample"] >= 140, floors
     assert floors["known_share"] > 0.8, floors
+    # with a known share above one half, the choice answers at least as many known-type
+    # validation titles right as fit's balanced choice (and pays for it in forced ones)
     fit_floors = json.loads((fitted / "models" / "taxonomy" / "knn_floors.json").read_text())
-    assert floors["knn_min_similarity"] <= fit_floors["knn_min_similarity"]
-    assert floors["knn_min_share"] <= fit_floors["knn_min_share"]
+    assert floors["known_answered_right"] >= fit_floors["known_answered_right"] - 1e-3, floors
     assert manifest["types_unresolved"] <= 5, manifest["types_unresolved_reasons"]
 
 

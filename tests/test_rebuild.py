@@ -94,6 +94,9 @@ def test_knn_floors_follow_the_catalogues_own_share_of_known_type_products(fitte
     # validation titles right as fit's balanced choice (and pays for it in forced ones)
     fit_floors = json.loads((fitted / "models" / "taxonomy" / "knn_floors.json").read_text())
     assert floors["known_answered_right"] >= fit_floors["known_answered_right"] - 1e-3, floors
+    # the grid lives in the models folder, not in the manifest `autoknow fit` prints
+    fit_manifest = json.loads((fitted / "models" / "manifest.json").read_text())
+    assert "grid" in fit_floors and "grid" not in fit_manifest["modules"]["taxonomy"]["knn_floors"]
     assert manifest["types_unresolved"] <= 5, manifest["types_unresolved_reasons"]
 
 

@@ -72,7 +72,9 @@ def fit_taxonomy(ctx: RunContext, out: Path) -> dict:
                                        k=cfg.types.knn_k, seed=seed)
               if reference.height else {"skipped": "no typed products"})
     knn_floors.save(floors, out)
-    result["knn_floors"] = floors
+    # the manifest (printed by `autoknow fit`) keeps the choice and its figures; the grid and the
+    # histograms a rebuild re-chooses from stay in knn_floors.json
+    result["knn_floors"] = {k: v for k, v in floors.items() if k not in knn_floors.REBUILD_KEYS}
     result["tagger"].pop("history", None)
     return result
 

@@ -39,6 +39,7 @@ FLOORS_FILE = "knn_floors.json"
 SIMILARITY_GRID = tuple(round(x, 2) for x in np.arange(0.2, 0.951, 0.05))
 SHARE_GRID = tuple(round(x, 2) for x in np.arange(0.3, 1.001, 0.05))
 NEAREST_BINS = tuple(round(x, 2) for x in np.arange(0.0, 1.001, 0.05))  # histogram edges
+REBUILD_KEYS = ("grid", "nearest_known", "nearest_withheld")  # what floors_for reads
 
 
 def nearest_histogram(nearest: np.ndarray) -> list[float]:

@@ -309,6 +309,7 @@ def test_knn_floors_follow_the_rebuilt_catalogues_share_of_known_type_products()
     vecs = np.array([centres[int(t[1])] + 1.2 * rng.normal(size=32) for t in types])
     f = knn_floors.choose_floors(types, vecs, k=10)
     assert len(f["grid"]) == len(knn_floors.SIMILARITY_GRID) * len(knn_floors.SHARE_GRID)
+    assert set(knn_floors.REBUILD_KEYS) <= set(f)  # what a rebuild needs before it re-chooses
     hk, hw = np.array(f["nearest_known"]), np.array(f["nearest_withheld"])
     assert abs(hk.sum() - 1) < 1e-6 and abs(hw.sum() - 1) < 1e-6
     # known titles have closer neighbours than titles whose whole type is withheld

@@ -119,7 +119,7 @@ class TaxonomyStage(Stage):
                 tm, names, vocab, accepted, cfg.types, lower_case_taxonomy(tax_types), parts)
             names = TypeNames(list(parents), {**name_accepted, **accepted})
             typed_types = set(self._type_counts(tm, parts)["product_type"].to_list())
-            resolve = self._resolve_step(ctx, tm, names, parents, art, encoder, typed_types,
+            resolve, floors_report = self._resolve_step(ctx, tm, names, parents, art, encoder, typed_types,
                                          name_support)
             decisions_dir = ctx.out / "_decisions"
             runtime.map_step(tm, resolve, ctx.cfg, n).write_parquet(str(decisions_dir))
@@ -129,7 +129,7 @@ class TaxonomyStage(Stage):
                                                          cfg.types, parts)
             counts = self._write_products(ctx, products_path, decisions_dir, n, parts)
         else:
-            candidates, typed_types = pl.DataFrame(schema=CANDIDATES_SCHEMA), set()
+            candidates, typed_types, floors_report = pl.DataFrame(schema=CANDIDATES_SCHEMA), set(), None
             for name, schema in (("typed_products", _typed_schema()), ("edits", TRIPLES),
                                  ("product_type_candidates", PRODUCT_TYPE_CANDIDATES)):
                 ctx.write(name, schema.empty_table(), schema)
@@ -178,7 +178,7 @@ class TaxonomyStage(Stage):
             "hypernym_children": n_children,
             "hypernym_edges": graph_tax.filter(pl.col("parent").is_not_null()).height,
             # the kNN vote's floors this rebuild used, and where they came from
-            "knn_floors": getattr(self, "floors_report", None),
+            "knn_floors": floors_report,
         }
 
     # ---- 2. aggregates and samples --------------------------------------------------------------
@@ -306,7 +306,8 @@ class TaxonomyStage(Stage):
             ["support", "type"], descending=[True, False])
 
     def _resolve_step(self, ctx, tm, names: TypeNames, parents, art, encoder,
-                      typed_types: set[str], name_support: dict[str, int] | None = None) -> ResolveTypes:
+                      typed_types: set[str], name_support: dict[str, int] | None = None,
+                      ) -> tuple[ResolveTypes, dict]:
         cfg = ctx.cfg.taxonomy
 
         def first_pass(batch: pa.Table) -> pa.Table:
@@ -333,27 +334,31 @@ class TaxonomyStage(Stage):
                             reference, load_type_reference(art), cfg.add_title_attributes,
                             cfg.min_attribute_score, name_support,
                             reference_cap=cfg.types.knn_catalogue_sample)
-        set_here = [cfg.types.knn_min_similarity is not None, cfg.types.knn_min_share is not None]
-        self.floors_report = {"source": "config" if all(set_here) else
-                              "config and fit" if any(set_here) else "fit"}
-        fitted_floors = knn_floors.load(art)
-        if (cfg.types.knn_prior_sample > 0 and fitted_floors and "grid" in fitted_floors
-                and cfg.types.knn_min_similarity is None and cfg.types.knn_min_share is None):
-            # the floors for this catalogue's own mix of known-type and new-type products,
-            # estimated in one Ray task from a capped sample of its untyped titles
+        return step, self._floors_for_catalogue(ctx, step, names, art)
+
+    @staticmethod
+    def _floors_for_catalogue(ctx, step: ResolveTypes, names: TypeNames, art: Path) -> dict:
+        """Where fit's floors are used and fit kept its grid: re-choose them for this catalogue's
+        own mix of known- and new-type products (estimated in one Ray task from a capped sample
+        of its untyped titles), in place on `step`. Returns what the manifest records."""
+        tcfg = ctx.cfg.taxonomy.types
+        set_here = [tcfg.knn_min_similarity is not None, tcfg.knn_min_share is not None]
+        report = {"source": "config" if all(set_here) else "config and fit" if any(set_here) else "fit"}
+        fitted = knn_floors.load(art)
+        if (tcfg.knn_prior_sample > 0 and not any(set_here) and fitted
+                and all(k in fitted for k in knn_floors.REBUILD_KEYS)):
             share, n_sample = runtime.run_task(
-                _known_share_of_untyped, step, names, str(ctx.out / "_title_models"),
-                fitted_floors, cfg.types.knn_prior_sample, ctx.cfg.seed, cfg=ctx.cfg)
+                _known_share_of_untyped, step, names, str(ctx.out / "_title_models"), fitted,
+                tcfg.knn_prior_sample, ctx.cfg.seed, cfg=ctx.cfg)
             if n_sample >= MIN_PRIOR_SAMPLE:
-                chosen = knn_floors.floors_for(fitted_floors, share)
+                chosen = knn_floors.floors_for(fitted, share)
                 step.cfg = step.cfg.model_copy(update={k: chosen[k] for k in
                                                        ("knn_min_similarity", "knn_min_share")})
-                self.floors_report = {"source": "fit grid, this catalogue's known share",
-                                      "known_share": round(share, 4), **chosen}
-            self.floors_report["untyped_sample"] = n_sample
-        self.floors_report.update({k: getattr(step.cfg, k)
-                                   for k in ("knn_min_similarity", "knn_min_share")})
-        return step
+                report = {"source": "fit grid, this catalogue's known share",
+                          "known_share": round(share, 4), **chosen}
+            report["untyped_sample"] = n_sample
+        report.update({k: getattr(step.cfg, k) for k in ("knn_min_similarity", "knn_min_share")})
+        return report
 
     @staticmethod
     def _type_counts(tm, parts: int) -> pl.DataFrame:

@@ -361,11 +361,9 @@ class ResolveTypes(Step):
         self.correct_index = LabelIndex(vecs[rows] if rows else np.zeros((0, 1), np.float32),
                                         [self.ref_types[i] for i in rows],
                                         keys=[self.ref_ids[i] for i in rows], seed=self.cfg.seed)
-        types, parts = list(self.ref_types), [vecs] if len(self.ref_types) else []
-        if self.train_ref is not None:
-            types += self.train_ref[0]
-            parts.append(self.train_ref[1].astype(np.float32))
-        self.fallback_index = LabelIndex(np.concatenate(parts) if parts else np.zeros((0, 1), np.float32),
+        types = list(self.ref_types) + (list(self.train_ref[0]) if self.train_ref is not None else [])
+        ref = self.vote_reference()
+        self.fallback_index = LabelIndex(ref.astype(np.float32) if len(ref) else np.zeros((0, 1), np.float32),
                                          types, seed=self.cfg.seed)
 
     def process_batch(self, batch: pa.Table) -> pa.Table:

@@ -11,6 +11,13 @@ _NON_WORD = re.compile(r"[^\w%]+")
 _KEEP_S = ("ss", "us", "is")
 
 
+def fold(text: str) -> str:
+    """The case-insensitive comparison form of a string: NFKC (micro sign -> Greek mu, full-width
+    -> ASCII, no-break space -> space, "ﬁ" -> "fi"), then case-folded. For lookups in sets and
+    dicts, never for text whose character offsets are kept (NFKC may change lengths)."""
+    return unicodedata.normalize("NFKC", text).casefold()
+
+
 def stem(word: str) -> str:
     """A crude singular stem: the same for the singular and the plural of most English nouns
     (berry/berries → berri, cookie/cookies → cooki, tomato/tomatoes → tomato, box/boxes → box).

@@ -18,6 +18,7 @@ from rapidfuzz import fuzz
 
 from autoknow_ray.nn.encoder import (autocast, inference_bf16, length_buckets, load_encoder,
                                      load_tokenizer, mean_pool, pick_device, resolve_encoder)
+from autoknow_ray.text import fold
 
 TYPE_RELATION = "has_type"
 WEIGHTS = "head.safetensors"
@@ -48,9 +49,9 @@ TEXT_FEATURES = ("exact", "partial", "word_share", "title_exact", "length")
 
 
 def text_features(value: str, title: str, text: str) -> list[float]:
-    v = " ".join((value or "").casefold().split())
-    t = " ".join((text or "").casefold().split())
-    ti = " ".join((title or "").casefold().split())
+    v = " ".join(fold(value or "").split())
+    t = " ".join(fold(text or "").split())
+    ti = " ".join(fold(title or "").split())
     if not v:
         return [0.0] * len(TEXT_FEATURES)
     words = _WORD.findall(v)

@@ -16,7 +16,7 @@ import polars as pl
 
 from autoknow_ray.modules.cleaning.config import CleaningConfig
 from autoknow_ray.modules.cleaning.model import TYPE_RELATION, claim_text, product_text
-from autoknow_ray.text import char_edits
+from autoknow_ray.text import char_edits, fold
 
 
 @dataclass
@@ -96,7 +96,7 @@ def make_pairs(products: pl.DataFrame, cfg: CleaningConfig, seed: int) -> tuple[
         by_attr.setdefault(a, []).append((t, v))
     values_of: dict[tuple[str, str], set[str]] = {}
     for _, t, a, v in facts.iter_rows():
-        values_of.setdefault((t, a), set()).add(v.casefold())
+        values_of.setdefault((t, a), set()).add(fold(v))
     by_product: dict[str, list[tuple[str, str]]] = {}
     for pid, _, a, v in facts.iter_rows():
         by_product.setdefault(pid, []).append((a, v))
@@ -116,7 +116,7 @@ def make_pairs(products: pl.DataFrame, cfg: CleaningConfig, seed: int) -> tuple[
     def mismatched(pid: str, t: str, a: str, v: str, kind: str) -> str | None:
         # a swap is wrong for this product, not for the type: only the product's own values for
         # the attribute are off limits; the other kinds avoid every value the type has
-        own = ({x.casefold() for b, x in by_product.get(pid, []) if b == a} if kind == "swap"
+        own = ({fold(x) for b, x in by_product.get(pid, []) if b == a} if kind == "swap"
                else values_of.get((t, a), set()))
         for _ in range(12):
             if kind == "swap":
@@ -138,7 +138,7 @@ def make_pairs(products: pl.DataFrame, cfg: CleaningConfig, seed: int) -> tuple[
                     continue
             else:
                 w = _corrupt(v, vocab, rng)
-            if w and w.casefold() not in own:
+            if w and fold(w) not in own:
                 return w
         return None
 

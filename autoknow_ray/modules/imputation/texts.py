@@ -10,7 +10,7 @@ import html
 import re
 from collections import Counter
 
-from autoknow_ray.text import tokens
+from autoknow_ray.text import fold, tokens
 
 _TAG = re.compile(r"<\s*(script|style)\b.*?<\s*/\s*\1\s*>|<!--.*?-->|<[^<>]{0,2000}>",
                   re.IGNORECASE | re.DOTALL)
@@ -79,7 +79,7 @@ def value_key(value) -> str:
 
 
 def is_null_value(value) -> bool:
-    return not isinstance(value, str) or value.strip().lower() in NULL_VALUES
+    return not isinstance(value, str) or fold(value).strip() in NULL_VALUES
 
 
 def filled_values(row: dict) -> list[tuple[str, str]]:

@@ -21,6 +21,7 @@ import polars as pl
 import pyarrow as pa
 
 from autoknow_ray.steps import Step
+from autoknow_ray.text import fold
 
 TOKEN = re.compile(r"\w+")
 TOTAL = ""  # attribute of the per-type total rows (attribute names are never empty)
@@ -33,7 +34,7 @@ COUNTS = pa.schema([("type", pa.string()), ("attribute", pa.string()), ("source"
 
 
 def tokens(text: str) -> list[str]:
-    return TOKEN.findall(text.casefold())
+    return TOKEN.findall(fold(text))
 
 
 DIGITS = re.compile(r"\d+")

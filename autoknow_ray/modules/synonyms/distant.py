@@ -19,7 +19,8 @@ import re
 
 import numpy as np
 
-from autoknow_ray.modules.synonyms.features import _CONVERTIBLE, _UNITS, key, quantity, tokens
+from autoknow_ray.modules.synonyms.features import (_CONVERTIBLE, _UNITS, fold, key, quantity,
+                                                    tokens)
 
 # unit spellings grouped by (dimension, factor): "oz" <-> "ounce" <-> "ounces"
 _SPELLINGS: dict[tuple[str, float], list[str]] = {}
@@ -39,9 +40,9 @@ def positive_rewrites(term: str, rng: np.random.Generator) -> list[str]:
     q = quantity(term)
     if m and q is not None and q[0] != "number":
         num, unit = m.group(1), m.group(2)
-        dim_factor = _UNITS.get(unit.lower().rstrip("."))
+        dim_factor = _UNITS.get(fold(unit).rstrip("."))
         if dim_factor:
-            spellings = [u for u in _SPELLINGS[dim_factor] if u != unit.lower()]
+            spellings = [u for u in _SPELLINGS[dim_factor] if u != fold(unit)]
             for u in rng.permutation(spellings)[:2]:
                 out.append(f"{num} {u}" if rng.random() < 0.7 else f"{num}{u}")
             out.append(f"{num}{unit}" if " " in term else f"{num} {unit}")
@@ -107,7 +108,7 @@ def negative_rewrites(term: str, rng: np.random.Generator) -> list[str]:
     q = quantity(term)
     if m and q is not None and q[0] != "number":
         num, unit = m.group(1), m.group(2)
-        own = _UNITS.get(unit.lower().rstrip("."))
+        own = _UNITS.get(fold(unit).rstrip("."))
         others = [df for df in _SPELLINGS if df[0] == q[0] and df != own]
         if others:
             df = others[int(rng.integers(len(others)))]

@@ -9,6 +9,7 @@ volume, length, data size, counts and a few others, each unit with its usual spe
 """
 from __future__ import annotations
 
+import math
 import re
 import unicodedata
 
@@ -16,13 +17,21 @@ import numpy as np
 from rapidfuzz import fuzz
 from rapidfuzz.distance import JaroWinkler, Levenshtein
 
-# unit -> (dimension, factor to the dimension's base unit)
+
+def fold(s: str) -> str:
+    """The comparison form of a term: NFKC (micro sign -> Greek mu, full-width -> ASCII, no-break
+    space -> space, "ﬁ" -> "fi"), case-folded, stripped."""
+    return unicodedata.normalize("NFKC", s).casefold().strip()
+
+
+# unit -> (dimension, factor to the dimension's base unit), keyed by fold(): the form a term is
+# looked up in, so every way of writing a unit ("µg", "μg", "ＭＧ") finds its entry
 _UNITS: dict[str, tuple[str, float]] = {}
 
 
 def _units(dim: str, factor: float, *names: str) -> None:
     for n in names:
-        _UNITS[n] = (dim, factor)
+        _UNITS[fold(n)] = (dim, factor)
 
 
 _units("mass", 1e-3, "mg", "milligram", "milligrams")
@@ -58,9 +67,11 @@ _units("count", 1.0, "ct", "count", "pack", "pk", "pcs", "pc", "piece", "pieces"
 _units("frequency", 1e6, "mhz")
 _units("frequency", 1e9, "ghz")
 _UNIT_RE = "|".join(sorted((re.escape(u) for u in _UNITS), key=len, reverse=True))
-# a number (1,000 / 2.5 / 1/2) and an optional unit, the whole term: "16 oz", "8-TB", "1,000/Box"
+# a number (1,000 / 2.5 / 1/2) and an optional unit, the whole folded term: "16 oz", "8-tb",
+# "1,000/box". Matched case-sensitively against fold(): IGNORECASE would also match letters that
+# fold leaves alone ("ı" for "i") and so name a unit the table does not hold.
 _QTY = re.compile(rf"^\s*(\d{{1,3}}(?:,\d{{3}})+|\d+(?:[.,]\d+)?)\s*[-/]?\s*({_UNIT_RE})?\.?\s*"
-                  rf"(?:/\s*(?:box|pack|pk|case|carton|ctn|bx))?\s*$", re.IGNORECASE)
+                  rf"(?:/\s*(?:box|pack|pk|case|carton|ctn|bx))?\s*$")
 _NUM = re.compile(r"\d+(?:[.,]\d+)?")
 _THOUSANDS = re.compile(r"(\d),(\d{3})(?!\d)")
 _ALNUM = re.compile(r"[\W_]+", re.UNICODE)
@@ -79,10 +90,6 @@ for _dim, _f in sorted(set(_UNITS.values())):
     _FACTORS.setdefault(_dim, []).append(_f)
 _BARE = re.compile(r"^\s*(\d+)(?:[.,](\d+))?\s*$")
 _CONVERTIBLE = ("mass", "volume", "length")
-
-
-def fold(s: str) -> str:
-    return unicodedata.normalize("NFKC", s).casefold().strip()
 
 
 def key(s: str) -> str:
@@ -142,16 +149,23 @@ def quantity(s: str) -> tuple[str, float] | None:
         return None
     if not unit:
         return ("number", v)
-    dim, factor = _UNITS[unit.lower()]
-    return (dim, v * factor)
+    found = _UNITS.get(unit)
+    if found is None:
+        return None
+    return (found[0], v * found[1])
 
 
-def same_quantity(a: tuple[str, float], b: tuple[str, float]) -> bool:
-    if a[0] != b[0]:
+def same_quantity(a: tuple[str, float] | None, b: tuple[str, float] | None) -> bool:
+    """The same amount of one dimension, within rounding. Total: zero, negative, infinite or
+    missing amounts give an answer, never an exception."""
+    if a is None or b is None or a[0] != b[0]:
         return False
-    hi, lo = max(a[1], b[1]), min(a[1], b[1])
-    if hi == 0:
-        return lo == 0
+    x, y = float(a[1]), float(b[1])
+    if x == y:
+        return True
+    if not (math.isfinite(x) and math.isfinite(y)) or x == 0 or y == 0 or (x < 0) != (y < 0):
+        return False  # an amount is never within rounding of zero or of the opposite sign
+    hi, lo = max(abs(x), abs(y)), min(abs(x), abs(y))
     r = lo / hi
     # 2% covers rounded conversions (16 oz = 453.6 g ~ 1 lb); data sizes are also sold in
     # binary multiples (1 TB ~ 1024 GB)

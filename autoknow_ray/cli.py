@@ -26,7 +26,8 @@ def cmd_synth(a) -> int:
 def cmd_import(a) -> int:
     from autoknow_ray.catalogue.importers import import_source
 
-    summary = import_source(a.source, a.path, a.out, blind=a.blind, holdout=a.holdout, seed=a.seed)
+    summary = import_source(a.source, a.path, a.out, blind=a.blind, holdout=a.holdout, seed=a.seed,
+                            branches=a.branches)
     print(json.dumps(summary, indent=2, default=str))
     print(f"catalogue written to {a.out}")
     return 0
@@ -186,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--blind", action="store_true", help="labels only in gold/, not in the catalogue")
     s.add_argument("--holdout", type=float, default=0.1)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--branches", metavar="PATH", default=None,
+                   help="oa-mine, ae-110k, wdc-pave: place each category under this nested-set "
+                        "taxonomy (the Google product taxonomy) and write its ancestors")
     s.set_defaults(func=cmd_import)
 
     s = sub.add_parser("split", help="hold out a seeded fraction of a JSON Lines file's rows")

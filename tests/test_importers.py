@@ -221,6 +221,103 @@ def test_oa_mine_synthetic(tmp_path):
     assert read(out / "gold", "spans").height == 5
 
 
+# ---- --branches: the categories placed under a nested-set taxonomy ------------------------
+NESTED = """# a small Google-style taxonomy
+ 1 | [ 1-14] | Health & Beauty
+   2 | [ 2-13] | Personal Care
+     3 | [ 3- 8] | Hair Care
+       4 | [ 4- 5] | Shampoo & Conditioner
+       5 | [ 6- 7] | Hair Dryers
+     6 | [ 9-12] | Oral Care
+       7 | [10-11] | Toothbrushes
+ 8 | [15-20] | Food, Beverages & Tobacco
+   9 | [16-19] | Beverages
+     10 | [17-18] | Coffee
+"""
+
+
+def write_branch_files(tmp_path: Path) -> tuple[Path, Path]:
+    nested = tmp_path / "nested.txt"
+    nested.write_text(NESTED)
+    titles = [("Pantene Pro-V Conditioner 12 oz", "Conditioner"),  # a part of a node's name
+              ("Oral-B Pro Toothbrush Soft", "Toothbrush"),         # a node's name (plural)
+              ("Folgers Classic Roast Coffee", "Coffee"),           # a node's name
+              ("Aqua Net Extra Hold Hair Spray", "Hair Spray"),     # token overlap: under Hair Care
+              ("Crocs Classic Clog", "Shoes"),                      # no match: stays a root
+              ("Dove Conditioner Daily Moisture", "Conditioner")]
+    f = tmp_path / "oa.jsonl"
+    f.write_text("".join(json.dumps({"input": t, "category": c,
+                                     "target_scores": {"Brand": {t.split()[0]: 1}}}) + "\n"
+                         for t, c in titles))
+    return nested, f
+
+
+def test_branches_place_categories(tmp_path):
+    nested, f = write_branch_files(tmp_path)
+    out = tmp_path / "out"
+    s = import_source("oa-mine", f, out, branches=nested)
+    check_schemas(out)
+    rows = sorted((r["type"], r["parent"]) for r in read(out, "taxonomy").to_dicts())
+    assert rows == sorted([
+        ("Conditioner", "Hair Care"),            # takes the place of "Shampoo & Conditioner"
+        ("Toothbrush", "Oral Care"),             # is "Toothbrushes"
+        ("Coffee", "Beverages"),                 # is "Coffee"
+        ("Hair Spray", "Hair Care"),             # under the node with "hair" (the shallowest)
+        ("Shoes", None),
+        ("Hair Care", "Personal Care"), ("Oral Care", "Personal Care"),
+        ("Personal Care", "Health & Beauty"), ("Health & Beauty", None),
+        ("Beverages", "Food, Beverages & Tobacco"), ("Food, Beverages & Tobacco", None),
+    ])
+    n = s["notes"]
+    assert n["unplaced_categories"] == ["Shoes"]
+    assert n["placements"]["Conditioner"]["path"] == \
+        "Health & Beauty > Personal Care > Hair Care > Conditioner"
+    assert n["placements"]["Conditioner"]["match"] == "part"
+    assert n["placements"]["Toothbrush"]["match"] == "name"
+    assert n["placements"]["Hair Spray"]["match"] == "overlap"
+    assert s["branches"] == str(nested.resolve()) and str(nested.resolve()) in s["files"]
+    # deterministic
+    before = (out / "taxonomy.parquet").read_bytes()
+    import_source("oa-mine", f, out, branches=nested)
+    assert (out / "taxonomy.parquet").read_bytes() == before
+    # without the option: the flat taxonomy, as before
+    import_source("oa-mine", f, out)
+    assert read(out, "taxonomy")["parent"].null_count() == read(out, "taxonomy").height
+
+
+def test_branches_errors(tmp_path):
+    nested, f = write_branch_files(tmp_path)
+    with pytest.raises(ValueError, match="--branches .*no such file"):
+        import_source("oa-mine", f, tmp_path / "o", branches=tmp_path / "missing.txt")
+    with pytest.raises(ValueError, match="--branches is for the tagging sets"):
+        import_source("google-taxonomy", nested, tmp_path / "o", branches=nested)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing\n")
+    with pytest.raises(ValueError, match="--branches: no `id"):
+        import_source("oa-mine", f, tmp_path / "o", branches=empty)
+    from autoknow_ray.cli import main
+    with pytest.raises(SystemExit):  # the option without its file
+        main(["import", "oa-mine", str(f), "--out", str(tmp_path / "o"), "--branches"])
+
+
+def test_branches_type_split_gold_parents(tmp_path):
+    from autoknow_ray.catalogue.type_split import type_key, type_split
+
+    nested, f = write_branch_files(tmp_path)
+    cat = tmp_path / "cat"
+    import_source("oa-mine", f, cat, branches=nested, holdout=0)
+    parent = {r["type"]: r["parent"] for r in read(cat, "taxonomy").to_dicts()}
+    s = type_split(cat, tmp_path / "split", types=0.4, products=0.0, seed=0, untyped=True)
+    held = s["heldout_types"]
+    assert held
+    gold = read(tmp_path / "split" / "heldout" / "gold", "hypernyms")
+    got = {(r["child"], r["parent"]) for r in gold.filter(pl.col("child_kind") == "type").to_dicts()}
+    want = {(t, p) for t, p in parent.items() if p is not None and type_key(t) in held}
+    assert got == want and got  # each held-out type's parent in the deep taxonomy
+    tax = read(tmp_path / "split" / "heldout", "taxonomy")
+    assert not set(tax["type"]) & {t for t, _ in got}
+
+
 # ---- WDC-PAVE --------------------------------------------------------------------------------
 def wdc_rec(oid, pt, extra, norm=False):
     ts = {"Product Type": pt, "Brand": {"Acme": {"pid": [0], "score": 1}}, "Pack Quantity":

@@ -60,6 +60,7 @@ class _Ctx:
     blind: bool
     holdout: float
     seed: int
+    branches: Path | None = None  # --branches: a nested-set taxonomy to place the categories under
     files: list[Path] = field(default_factory=list)
     counts: dict = field(default_factory=dict)
     notes: dict = field(default_factory=dict)
@@ -607,7 +608,8 @@ def _import_tagging(ctx: _Ctx, prefix: str) -> None:
         raise ValueError(f"{ctx.source}: no valid records in {', '.join(map(str, files))} "
                          f"(expected JSON lines with 'input', 'category', 'target_scores')")
     ctx.write("products", products, PRODUCTS)
-    ctx.write("taxonomy", [{"type": c, "parent": None} for c in sorted(categories)], TAXONOMY)
+    rows = _with_branches(ctx, [(c, None) for c in sorted(categories)])
+    ctx.write("taxonomy", [{"type": t, "parent": p} for t, p in rows], TAXONOMY)
     ctx.write("types", types, GOLD_TABLES["types"], gold=True)
     ctx.write("spans", spans, GOLD_TABLES["spans"], gold=True)
 
@@ -772,7 +774,7 @@ def _import_wdc(ctx: _Ctx) -> None:
         raise ValueError(f"wdc-pave: no valid offers in {', '.join(map(str, offers))} (expected "
                          f"JSON lines with 'id', 'category', 'input_title', 'target_scores')")
     # a type name may be both a category and a product type elsewhere: keep it a root only once
-    rows = sorted(tax, key=lambda t: (t[0], t[1] or ""))
+    rows = _with_branches(ctx, sorted(tax, key=lambda t: (t[0], t[1] or "")))
     ctx.write("products", products, PRODUCTS)
     ctx.write("taxonomy", [{"type": t, "parent": p} for t, p in rows], TAXONOMY)
     ctx.write("types", types, GOLD_TABLES["types"], gold=True)
@@ -852,9 +854,33 @@ def _import_off(ctx: _Ctx) -> None:
 _NESTED = re.compile(r"^\s*(\d+)\s*\|\s*\[\s*(\d+)\s*-\s*(\d+)\s*\]\s*\|\s*(.*?)\s*$")
 
 
-def _import_google(ctx: _Ctx) -> None:
-    file = _pick_one(ctx, ("taxonomy_nested_set.en-US.txt",), (".txt",), "nested-set taxonomy")
-    ctx.files = [file]
+@dataclass
+class _Nested:
+    """A nested-set taxonomy: `raw` node -> its name as written, `parent` node -> parent node (None
+    for a root), `names` node -> a unique type name (duplicates disambiguated as below), `order`
+    the nodes in file (pre-)order."""
+    raw: dict[str, str]
+    parent: dict[str, str | None]
+    names: dict[str, str]
+    order: list[str]
+
+    def depth(self, n: str) -> int:
+        d = 0
+        while self.parent[n] is not None:
+            n, d = self.parent[n], d + 1
+        return d
+
+    def ancestors(self, n: str) -> list[str]:
+        """The parent, its parent … up to the root."""
+        out = []
+        while self.parent[n] is not None:
+            n = self.parent[n]
+            out.append(n)
+        return out
+
+
+def _read_nested_set(ctx: _Ctx, file: Path, what: str = "google-taxonomy") -> _Nested:
+    """Parse `id | [left-right] | name` lines (comments `#` skipped, malformed lines logged)."""
     rows: list[tuple[int, int, str, str]] = []  # left, right, id, name
     ids: set[str] = set()
     for n, line in _iter_lines(ctx, file):
@@ -874,7 +900,7 @@ def _import_google(ctx: _Ctx) -> None:
         ids.add(nid)
         rows.append((left, right, nid, name))
     if not rows:
-        raise ValueError(f"google-taxonomy: no `id | [left-right] | name` lines in {file}")
+        raise ValueError(f"{what}: no `id | [left-right] | name` lines in {file}")
     rows.sort()
     parent: dict[str, str | None] = {}
     stack: list[tuple[int, str]] = []
@@ -895,8 +921,194 @@ def _import_google(ctx: _Ctx) -> None:
     # duplicate names become "Parent > Name", then the full path, then get the id appended
     names = _disambiguate(raw, lambda n: f"{raw[parent[n]]} > {raw[n]}" if parent[n] else raw[n],
                           path)
-    parents = {n: ([parent[n]] if parent[n] else []) for n in raw}
-    _taxonomy_with_holdout(ctx, names, parents)
+    return _Nested(raw=raw, parent=parent, names=names, order=[nid for _, _, nid, _ in rows])
+
+
+def _import_google(ctx: _Ctx) -> None:
+    file = _pick_one(ctx, ("taxonomy_nested_set.en-US.txt",), (".txt",), "nested-set taxonomy")
+    ctx.files = [file]
+    g = _read_nested_set(ctx, file)
+    parents = {n: ([g.parent[n]] if g.parent[n] else []) for n in g.raw}
+    _taxonomy_with_holdout(ctx, g.names, parents)
+
+
+# ---- --branches: a flat set's categories placed under a nested-set taxonomy (Google) ----------
+BRANCH_OVERLAP_FLOOR = 1 / 3  # least share of a category's tokens in a node phrase (step 4)
+_PART_SPLIT = re.compile(r"\s*[&,]\s*")
+
+
+def _branch_tokens(name: str) -> list[str]:
+    """Stemmed, case-folded tokens (autoknow_ray.text.stem_tokens) without the connective "and":
+    "&" is no token, so "Home And Garden" and "Home & Garden" compare equal."""
+    from autoknow_ray.text import stem_tokens
+
+    return [t for t in stem_tokens(name) if t != "and"]
+
+
+def _branch_key(name: str) -> str:
+    return " ".join(_branch_tokens(name))
+
+
+@dataclass
+class _BranchIndex:
+    g: _Nested
+    whole: dict[str, list[str]]       # key of a node's name -> nodes
+    part: dict[str, list[str]]        # key of one part of a node's name ("&" / "," split) -> nodes
+    phrases: dict[str, list[tuple[str, ...]]]  # node -> token tuples of its name and its parts
+    bag: dict[str, frozenset[str]]    # node -> tokens of its name and its ancestors' names
+    down: dict[str, frozenset[str]]   # node -> tokens of its name and its descendants' names
+    depth: dict[str, int]
+    pos: dict[str, int]               # file (pre-)order
+
+
+def _branch_index(g: _Nested) -> _BranchIndex:
+    whole: dict[str, list[str]] = {}
+    part: dict[str, list[str]] = {}
+    phrases: dict[str, list[tuple[str, ...]]] = {}
+    for n in g.order:
+        name = g.raw[n]
+        k = _branch_key(name)
+        if k:
+            whole.setdefault(k, []).append(n)
+        parts = [p for p in _PART_SPLIT.split(name) if p.strip()]
+        keys = [k] + ([_branch_key(p) for p in parts] if len(parts) > 1 else [])
+        for pk in dict.fromkeys(keys[1:]):
+            if pk and pk != k:
+                part.setdefault(pk, []).append(n)
+        phrases[n] = [tuple(x.split()) for x in dict.fromkeys(keys) if x]
+    own = {n: frozenset(t for p in phrases[n] for t in p) for n in g.order}
+    bag = {n: own[n].union(*(own[a] for a in g.ancestors(n))) for n in g.order}
+    down = {n: set(own[n]) for n in g.order}
+    for n in reversed(g.order):  # pre-order: every child comes after its parent
+        if g.parent[n] is not None:
+            down[g.parent[n]] |= down[n]
+    return _BranchIndex(g=g, whole=whole, part=part, phrases=phrases, bag=bag,
+                        down={n: frozenset(d) for n, d in down.items()},
+                        depth={n: g.depth(n) for n in g.order},
+                        pos={n: i for i, n in enumerate(g.order)})
+
+
+def _jaccard(a: frozenset, b: frozenset) -> float:
+    return len(a & b) / len(a | b) if a or b else 0.0
+
+
+def _place(idx: _BranchIndex, category: str) -> dict | None:
+    """Where one category goes: {match, node, parent (a node or None), score}, or None.
+
+    Compared on `_branch_key` (stemmed, case-folded tokens; "and" dropped). A node's phrases are
+    its name and, when "&" or "," split it, each part ("Shampoo & Conditioner" -> "Shampoo",
+    "Conditioner").
+    1. `name`: the category's key equals a node's name key: the category IS that node (it takes
+       the node's parent).
+    2. `part`: its key equals one part of a node's name: it takes that node's place too.
+    3. `general`: its tokens are a proper subset of a node phrase with the same last (head) word
+       ("Helmet" in "Cricket Helmets", "Bicycle Helmets" …): those nodes are kinds of it, and it
+       goes under the deepest ancestor that more than half of them share. When none is shared
+       by more than half (the nodes lie in different branches) it is ambiguous: no placement.
+    4. `overlap`: else the node with the highest share of the category's tokens in one of its
+       phrases (at least BRANCH_OVERLAP_FLOOR), then in its subtree's names (the branch has the
+       rest: "Safety Mask" -> Work Safety Protective Gear, which holds Protective Masks), then
+       the shallowest, then the highest Jaccard of the category's tokens with the phrase, then
+       with the tokens of the node and all its ancestors: the category goes under that node
+       (takes its place when all its tokens are in the phrase: then the node names an accessory
+       or part of it, not a kind).
+    Ties in steps 1, 2 and 4: the shallowest node (the most general reading of a bare name, not
+    a specialised duplicate deep in another branch), then the first in the file."""
+    key = _branch_key(category)
+    if not key:
+        return None
+    g = idx.g
+
+    def best(nodes):
+        return min(nodes, key=lambda n: (idx.depth[n], idx.pos[n]))
+
+    for match, table in (("name", idx.whole), ("part", idx.part)):
+        if key in table:
+            n = best(table[key])
+            return {"match": match, "node": n, "parent": g.parent[n], "score": 1.0}
+    ct = tuple(key.split())
+    cs = frozenset(ct)
+    kinds = [n for n in g.order
+             if any(p[-1] == ct[-1] and cs < frozenset(p) for p in idx.phrases[n])]
+    if kinds:
+        count: dict[str, int] = {}
+        for n in kinds:
+            for a in g.ancestors(n):
+                count[a] = count.get(a, 0) + 1
+        shared = [a for a, c in count.items() if 2 * c > len(kinds)]
+        if not shared:
+            return None
+        a = max(shared, key=lambda x: (idx.depth[x], -idx.pos[x]))
+        return {"match": "general", "node": a, "parent": a,
+                "score": round(count[a] / len(kinds), 4)}
+    ranked = []
+    for n in g.order:
+        cover = max(len(cs & frozenset(p)) for p in idx.phrases[n]) / len(cs)
+        if cover < BRANCH_OVERLAP_FLOOR or cover == 0:
+            continue
+        own = max(_jaccard(cs, frozenset(p)) for p in idx.phrases[n])
+        sub = len(cs & idx.down[n]) / len(cs)
+        ranked.append((-cover, -sub, idx.depth[n], -own, -_jaccard(cs, idx.bag[n]), idx.pos[n], n))
+    if not ranked:
+        return None
+    r = min(ranked)
+    n = r[-1]
+    inside = any(cs <= frozenset(p) for p in idx.phrases[n])
+    return {"match": "overlap", "node": n, "parent": g.parent[n] if inside else n,
+            "score": round(-r[0], 4)}
+
+
+def _descendants(rows, root: str) -> set[str]:
+    children: dict[str, set[str]] = {}
+    for t, p in rows:
+        if p is not None:
+            children.setdefault(p, set()).add(t)
+    seen, todo = set(), [root]
+    while todo:
+        for c in children.get(todo.pop(), ()):
+            if c not in seen:
+                seen.add(c)
+                todo.append(c)
+    return seen
+
+
+def _with_branches(ctx: _Ctx, rows: list[tuple[str, str | None]]) -> list[tuple[str, str | None]]:
+    """The taxonomy rows with every root type (a type whose only parent is null: the set's
+    categories) placed under the `--branches` taxonomy, and the ancestors written as rows (the
+    top one with parent null). Ancestors carry the names `autoknow import google-taxonomy` gives
+    them; a Google name equal to one of the set's types is that type (their rows merge). A root
+    with no match, or whose path would loop back through itself or one of its subtypes, stays a
+    root and is listed in notes["unplaced_categories"]."""
+    if ctx.branches is None:
+        return rows
+    g = _read_nested_set(ctx, ctx.branches, what="--branches")
+    ctx.files.append(ctx.branches)
+    idx = _branch_index(g)
+    has_parent = {t for t, p in rows if p is not None}
+    roots = sorted({t for t, p in rows if p is None and t not in has_parent})
+    out = {(t, p) for t, p in rows}
+    placements, unplaced = {}, []
+    for cat in roots:
+        pl_ = _place(idx, cat)
+        chain = [] if pl_ is None or pl_["parent"] is None else \
+            [pl_["parent"], *g.ancestors(pl_["parent"])]
+        names = [g.names[a] for a in chain]
+        if pl_ is not None and (cat in names or set(names) & _descendants(out, cat)):
+            pl_ = None  # the path would loop through the category itself or one of its subtypes
+        if pl_ is None:
+            unplaced.append(cat)
+            continue
+        if names:
+            out.discard((cat, None))
+            out.add((cat, names[0]))
+            for child, parent in zip(names, names[1:] + [None]):
+                out.add((child, parent))
+        placements[cat] = {"match": pl_["match"], "node": g.names[pl_["node"]],
+                           "score": pl_["score"], "path": " > ".join([*reversed(names), cat])}
+    ctx.notes["branches"] = str(ctx.branches)
+    ctx.notes["placements"] = placements
+    ctx.notes["unplaced_categories"] = unplaced
+    return sorted(out, key=lambda t: (t[0], t[1] or ""))
 
 
 # ---- entity matching (DeepMatcher / Ditto format) ---------------------------------------------
@@ -1028,10 +1240,33 @@ def _clear_outputs(out: Path) -> None:
     (out / SKIPPED_FILE).unlink(missing_ok=True)
 
 
+BRANCH_SOURCES = ("oa-mine", "ae-110k", "wdc-pave")
+NESTED_SET_FILE = "taxonomy_nested_set.en-US.txt"
+
+
+def _branches_file(src: str, branches: str | Path) -> Path:
+    if src not in BRANCH_SOURCES:
+        raise ValueError(f"--branches is for the tagging sets ({', '.join(BRANCH_SOURCES)}), "
+                         f"not {src}")
+    b = Path(branches).expanduser()
+    if b.is_dir() and (b / NESTED_SET_FILE).is_file():
+        b = b / NESTED_SET_FILE
+    if not b.is_file():
+        raise ValueError(f"--branches {b}: no such file (expected the Google product taxonomy "
+                         f"in nested-set form, `id | [left-right] | name` lines, e.g. "
+                         f"{NESTED_SET_FILE})")
+    return b.resolve()
+
+
 def import_source(source: str, path: str | Path, out: str | Path, *, blind: bool = False,
-                  holdout: float = 0.1, seed: int = 0) -> dict:
+                  holdout: float = 0.1, seed: int = 0, branches: str | Path | None = None) -> dict:
     """Import one public set (see SOURCES) from `path` (its folder or one file) into the catalogue
-    directory `out`. Returns a summary: counts per written table, skipped lines, notes."""
+    directory `out`. Returns a summary: counts per written table, skipped lines, notes.
+
+    `branches` (oa-mine, ae-110k, wdc-pave): a nested-set taxonomy file (the Google product
+    taxonomy, or a folder holding taxonomy_nested_set.en-US.txt) to place the set's categories
+    under; see `_place` for the matching. notes["placements"] gives each category's path,
+    notes["unplaced_categories"] the ones left roots."""
     src = str(source).strip().lower().replace("_", "-")
     if src not in _IMPORTERS:
         raise ValueError(f"unknown source {source!r}; expected one of: {', '.join(SOURCES)}")
@@ -1046,11 +1281,13 @@ def import_source(source: str, path: str | Path, out: str | Path, *, blind: bool
         raise ValueError(f"holdout must be a number in [0, 1], got {holdout!r}") from None
     if not 0.0 <= holdout <= 1.0:
         raise ValueError(f"holdout must be in [0, 1], got {holdout}")
+    if branches is not None:
+        branches = _branches_file(src, branches)
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder")
     ctx = _Ctx(source=src, path=p.resolve(), out=out, blind=bool(blind), holdout=holdout,
-               seed=int(seed))
+               seed=int(seed), branches=branches)
     out.mkdir(parents=True, exist_ok=True)
     _clear_outputs(out)
     try:
@@ -1069,6 +1306,7 @@ def import_source(source: str, path: str | Path, out: str | Path, *, blind: bool
         "blind": ctx.blind,
         "holdout": ctx.holdout,
         "seed": ctx.seed,
+        "branches": None if ctx.branches is None else str(ctx.branches),
         "counts": dict(ctx.counts),
         "skipped_lines": len(ctx.skipped),
         "notes": ctx.notes,

@@ -63,16 +63,37 @@ def eval_open_world(triples: pl.DataFrame, taxonomy: pl.DataFrame, gold: pl.Data
     """Types on a split where whole types were withheld from fit (`autoknow type-split`): the
     products of the fit types (`types.known.*`: accuracy, share typed) and of the withheld types
     (`types.unseen.*`): the share that got a new type (a type neither fit nor the run's taxonomy
-    knew), with the gold name, attached under the right node (the gold parents of its type in the
-    whole taxonomy, gold/hypernyms; no parent row: a root), forced into a known type (wrong by
-    construction), or left untyped."""
+    knew), with the gold name, forced into a known type (wrong by construction), or left untyped.
+
+    Where the new type was attached, against the gold parents of its type in the whole taxonomy
+    (gold/hypernyms; no parent row: a root), each a share of the withheld-type products:
+    `attached_right` (under a gold parent, or under a new type that is itself under one),
+    `attached_too_high` (under a proper ancestor of a gold parent; `attached_one_level_high`
+    the part one level above), `attached_wrong_branch` (anywhere else), `unattached` (a root
+    where gold has a parent) and `attached_under_leaf` (under a known type with no type below
+    it that is not a gold parent: a sibling taken for a parent)."""
     fit_keys = {norm_type(t) for t in fit_types["type"].to_list() if t}
     known = set(fit_keys)
     if taxonomy.height:
         known |= {norm_type(t) for t in taxonomy.filter(~pl.col("is_new"))["type"].to_list()}
     parents: dict[str, set[str]] = {}
-    for t, p in taxonomy.filter(pl.col("parent").is_not_null()).select("type", "parent").iter_rows():
+    known_parents: dict[str, set[str]] = {}
+    for t, p, new_t in taxonomy.filter(pl.col("parent").is_not_null()).select(
+            "type", "parent", "is_new").iter_rows():
         parents.setdefault(norm_type(t), set()).add(norm_type(p))
+        if not new_t:
+            known_parents.setdefault(norm_type(t), set()).add(norm_type(p))
+    has_child = {p for ps in known_parents.values() for p in ps}
+
+    def ancestors(t: str, edges: dict[str, set[str]]) -> set[str]:
+        out, todo = set(), list(edges.get(t, ()))
+        while todo:
+            a = todo.pop()
+            if a not in out:
+                out.add(a)
+                todo += edges.get(a, ())
+        return out
+
     gold_parents: dict[str, set[str]] = {}
     if hypernyms is not None:
         for c, p in hypernyms.filter((pl.col("child_kind") == "type") & (pl.col("depth") == 1)) \
@@ -80,7 +101,9 @@ def eval_open_world(triples: pl.DataFrame, taxonomy: pl.DataFrame, gold: pl.Data
             gold_parents.setdefault(norm_type(c), set()).add(norm_type(p))
     pred = _predicted_types(triples)
     n_known = known_right = known_typed = 0
-    n_unseen = new = named = attached = forced = untyped = 0
+    n_unseen = new = named = forced = untyped = 0
+    place = dict.fromkeys(("right", "too_high", "one_level_high", "wrong_branch", "unattached",
+                           "under_leaf"), 0)
     for pid, t in zip(gold["product_id"].to_list(), gold["type"].to_list()):
         g = norm_type(t)
         p = pred.get(pid)
@@ -99,7 +122,21 @@ def eval_open_world(triples: pl.DataFrame, taxonomy: pl.DataFrame, gold: pl.Data
             new += 1
             named += pk == g
             want, got = gold_parents.get(g, set()), parents.get(pk, set())
-            attached += bool(want & got) if want else not got
+            # a new type under a new type under a gold parent: right
+            reach = got | {a for x in got - known for a in ancestors(x, parents)}
+            above = {a for w in want for a in ancestors(w, known_parents)}
+            one_up = {a for w in want for a in known_parents.get(w, ())}
+            if (want & reach) if want else not got:
+                place["right"] += 1
+            elif not got:
+                place["unattached"] += 1
+            elif got & above:
+                place["too_high"] += 1
+                place["one_level_high"] += bool(got & one_up)
+            else:
+                place["wrong_branch"] += 1
+            place["under_leaf"] += any(x in known and x not in has_child and x not in want
+                                       for x in got)
 
     def share(x: int, n: int) -> float:
         return round(x / n, 4) if n else 0.0
@@ -112,7 +149,12 @@ def eval_open_world(triples: pl.DataFrame, taxonomy: pl.DataFrame, gold: pl.Data
         out.update({
             "types.unseen.new_type": share(new, n_unseen),
             "types.unseen.new_type_gold_name": share(named, n_unseen),
-            "types.unseen.attached_right": share(attached, n_unseen),
+            "types.unseen.attached_right": share(place["right"], n_unseen),
+            "types.unseen.attached_too_high": share(place["too_high"], n_unseen),
+            "types.unseen.attached_one_level_high": share(place["one_level_high"], n_unseen),
+            "types.unseen.attached_wrong_branch": share(place["wrong_branch"], n_unseen),
+            "types.unseen.unattached": share(place["unattached"], n_unseen),
+            "types.unseen.attached_under_leaf": share(place["under_leaf"], n_unseen),
             "types.unseen.forced_known": share(forced, n_unseen),
             "types.unseen.untyped": share(untyped, n_unseen),
         })

@@ -42,9 +42,15 @@ from autoknow_ray.modules.taxonomy.types import (
     type_key,
 )
 
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSION = 2
 MAX_NGRAM = 6
 MAX_OVERFETCH = 1024  # extra neighbours fetched to make up for excluded ones
+# the grids fit chooses the type-edge share of the loss and the placement's support floor on
+# (HypernymClassifier._choose_placement), and the values taken where it cannot choose
+TYPE_EDGE_SHARES = (0.2, 0.5)
+SUPPORT_FLOORS = (0.5, 0.4, 0.6, 0.3, 0.7)
+DEFAULT_TYPE_EDGE_SHARE = 0.2
+DEFAULT_SUPPORT_FLOOR = 0.5
 
 FEATURES = [
     # text: the child's name against the candidate's name and members
@@ -76,6 +82,7 @@ FEATURES = [
     "prod_sub_vote",  # … lying in the parent's subtree
     "child_name_product_cos",  # cosine(child name, its products' centroid): ~1 for a product
     "child_log_products",
+    "child_is_product",  # a product → type training edge (1), a type → parent edge or a new type (0)
     # behaviour
     "cp_share",  # share of the child's products' co-purchase neighbours typed with the parent
     "cp_sub_share",  # … lying in the parent's subtree
@@ -132,6 +139,7 @@ class _Child:
     loo_sub_cnt: int = 0
     loo_direct_of: tuple[int, ...] = ()  # types the child is a direct product of
     hit: bool = False  # a true parent was among the generated candidates (training)
+    is_product: bool = False  # a product → type edge (training), not a type to place
 
 
 class _Context:
@@ -373,6 +381,7 @@ class _Context:
         ch.loo_sub_vec = v
         ch.loo_sub_cnt = 1
         ch.loo_direct_of = (t,)
+        ch.is_product = True
         return ch
 
     def new_children(self, children: pl.DataFrame, rng: np.random.Generator) -> list[_Child]:
@@ -742,6 +751,7 @@ class _Context:
         X[:, F["log_subtree_products"]] = np.log1p(np.maximum(sub_cnt, 0))
         X[:, F["is_root"]] = [float(not self.parents[p]) for p in cl]
         X[:, F["child_log_products"]] = math.log1p(c.prod_cnt)
+        X[:, F["child_is_product"]] = float(c.is_product)
         # gaps to the child's best candidate
         for f in ("cos_name", "cos_children_mean", "tn_max", "tn_vote", "pn_vote", "cos_products", "prod_vote"):
             col = X[:, F[f]]
@@ -774,6 +784,9 @@ class HypernymClassifier:
         self.std: np.ndarray | None = None
         self.ctx: _Context | None = None
         self.train_stats: dict = {}
+        # the share of the taxonomy's type → parent edges whose parent has products of its own
+        # (smoothed; fit measures it): how often a product type is a parent in this catalogue
+        self.product_parent_share: float = 0.5
 
     # ---- context ----------------------------------------------------------------------------
     def set_context(self, taxonomy, products=None, behavior=None, copurchase=None, encoder=None,
@@ -804,6 +817,9 @@ class HypernymClassifier:
             children += [ctx.product_child(int(r)) for r in np.sort(rows)]
         if not children:
             raise ValueError("no edges to learn from: the taxonomy has no parent rows and no typed products")
+        edges = [(c, p) for c in range(ctx.T) for p in ctx.parents[c]]
+        with_products = sum(1 for _, p in edges if ctx.direct_cnt[p] > 0)
+        self.product_parent_share = (with_products + 1) / (len(edges) + 2)
         feats = ctx.featurize(children, force_positive=True)
         lists = []
         for ch, (cand, X) in zip(children, feats):
@@ -812,12 +828,14 @@ class HypernymClassifier:
             if len(neg) > cfg.negatives:
                 neg = np.sort(rng.choice(neg, cfg.negatives, replace=False))
             keep = np.concatenate([np.flatnonzero(y == 1), neg])
-            lists.append((X[keep], y[keep]))
-        allX = np.concatenate([x for x, _ in lists])
+            lists.append((X[keep], y[keep], ch.is_product))
+        allX = np.concatenate([x for x, _, _ in lists])
         self.mean = allX.mean(0)
         self.std = allX.std(0) + 1e-6
-        self.model = _MLP(len(FEATURES), cfg.hidden)
-        loss_hist = self._train(lists)
+        choice = self._choose_placement(children, feats, lists, rng)
+        self.cfg = cfg = cfg.model_copy(update={"type_edge_share": choice["type_edge_share"],
+                                                "placement_min_support": choice["placement_min_support"]})
+        self.model, loss_hist = self._train(lists, cfg.type_edge_share)
         self.train_stats = {
             "type_edges": n_type_edges,
             "product_edges": len(children) - n_type_edges,
@@ -825,40 +843,55 @@ class HypernymClassifier:
             "mean_candidates": float(np.mean([len(c) for c, _ in feats])),
             "candidate_recall": float(np.mean([ch.hit for ch in children])),
             "final_loss": loss_hist[-1] if loss_hist else None,
+            "product_parent_share": round(self.product_parent_share, 4),
+            "placement": choice,
         }
         return self
 
-    def _train(self, lists) -> list[float]:
+    def _train(self, lists, share: float, verbose: bool = True) -> tuple[_MLP, list[float]]:
+        """A fresh MLP trained on `lists` ([features, labels, is_product] per child)."""
         cfg = self.cfg
-        Lmax = max(len(y) for _, y in lists)
+        torch.manual_seed(cfg.seed)
+        model = _MLP(len(FEATURES), cfg.hidden)
+        Lmax = max(len(y) for _, y, _ in lists)
         N = len(lists)
+        # the type → parent edges carry `share` of the loss, the product → type edges the rest
+        # (these are many more, and teach a neighbouring task: a new type's parent is not the
+        # type its products resemble most, which is a sibling)
+        n_prod = sum(1 for *_, p in lists if p)
+        n_type = N - n_prod
+        share = share if n_prod and n_type else (0.0 if n_type == 0 else 1.0)
+        W = np.asarray([(1 - share) / n_prod if p else share / n_type for *_, p in lists], np.float32) * N
         X = np.zeros((N, Lmax, len(FEATURES)), np.float32)
         Y = np.zeros((N, Lmax), np.float32)
         M = np.zeros((N, Lmax), bool)
-        for i, (x, y) in enumerate(lists):
+        for i, (x, y, _) in enumerate(lists):
             X[i, : len(y)] = (x - self.mean) / self.std
             Y[i, : len(y)] = y
             M[i, : len(y)] = True
-        X, Y, M = torch.from_numpy(X), torch.from_numpy(Y), torch.from_numpy(M)
-        opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        X, Y, M, W = torch.from_numpy(X), torch.from_numpy(Y), torch.from_numpy(M), torch.from_numpy(W)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
         g = torch.Generator().manual_seed(cfg.seed)
         hist = []
-        self.model.train()
+        model.train()
         for _epoch in range(cfg.epochs):
             perm = torch.randperm(N, generator=g)
             tot = 0.0
             for s in range(0, N, cfg.batch_size):
                 b = perm[s : s + cfg.batch_size]
-                xb, yb, mb = X[b], Y[b], M[b]
-                logit = self.model(xb)
-                bce = torch.nn.functional.binary_cross_entropy_with_logits(logit[mb], yb[mb])
+                xb, yb, mb, wb = X[b], Y[b], M[b], W[b]
+                logit = model(xb)
+                wel = wb[:, None].expand_as(yb)[mb]
+                bce = (torch.nn.functional.binary_cross_entropy_with_logits(
+                    logit[mb], yb[mb], reduction="none") * wel).sum() / wel.sum()
                 loss = bce
                 if cfg.listwise_weight > 0:
                     lm = logit.masked_fill(~mb, -1e9)
                     lpos = lm.masked_fill(yb < 0.5, -1e9)
                     has_pos = (yb * mb).sum(1) > 0
-                    lw = (torch.logsumexp(lm, 1) - torch.logsumexp(lpos, 1))[has_pos].mean()
+                    lw_i = (torch.logsumexp(lm, 1) - torch.logsumexp(lpos, 1))[has_pos]
+                    lw = (lw_i * wb[has_pos]).sum() / wb[has_pos].sum().clamp_min(1e-9)
                     loss = loss + cfg.listwise_weight * lw
                 opt.zero_grad()
                 loss.backward()
@@ -866,15 +899,59 @@ class HypernymClassifier:
                 tot += float(loss.detach()) * len(b)
             sched.step()
             hist.append(tot / N)
-            progress.epoch_line("hypernym", _epoch + 1, cfg.epochs, {"loss": hist[-1]})
-        self.model.eval()
-        return hist
+            if verbose:
+                progress.epoch_line("hypernym", _epoch + 1, cfg.epochs, {"loss": hist[-1]})
+        model.eval()
+        return model, hist
+
+    def _choose_placement(self, children: list[_Child], feats, lists, rng) -> dict:
+        """The type-edge share of the loss and the support floor of `_decide_type`, chosen by
+        cross-validation over the taxonomy's own type → parent edges (leaves and inner nodes, at
+        every depth): each fold's types are left out of training and placed by a model trained on
+        the rest, and each pair on the grids is scored by where those types land (their parent:
+        1, an ancestor of it: 0.5, elsewhere: 0). Where the config sets a value, it is kept; too
+        few type edges for `calibration_folds` folds of two: the config's or the defaults."""
+        cfg, ctx = self.cfg, self.ctx
+        shares = [cfg.type_edge_share] if cfg.type_edge_share is not None else list(TYPE_EDGE_SHARES)
+        floors = [cfg.placement_min_support] if cfg.placement_min_support is not None else list(SUPPORT_FLOORS)
+        type_rows = [i for i, ch in enumerate(children) if not ch.is_product]
+        folds = cfg.calibration_folds
+        out = {"type_edge_share": shares[0] if len(shares) == 1 else DEFAULT_TYPE_EDGE_SHARE,
+               "placement_min_support": floors[0] if len(floors) == 1 else DEFAULT_SUPPORT_FLOOR,
+               "source": "config or default"}
+        if folds < 2 or len(type_rows) < 2 * folds or (len(shares) == 1 and len(floors) == 1):
+            return out
+        order = rng.permutation(len(type_rows))
+        fold_of = {type_rows[int(j)]: k % folds for k, j in enumerate(order)}
+        score = np.zeros((len(shares), len(floors)))
+        for si, share in enumerate(shares):
+            for f in range(folds):
+                train = [lst for i, lst in enumerate(lists) if fold_of.get(i, -1) != f]
+                held = [i for i in type_rows if fold_of[i] == f]
+                model, _ = self._train(train, share, verbose=False)
+                for i in held:
+                    cand, X = feats[i]
+                    if not len(cand):
+                        continue
+                    p = self.score(X, model)
+                    ch = children[i]
+                    for fi, floor in enumerate(floors):
+                        got = self._decide_type(ch, cand, p, X, floor)[0][1]
+                        t = ctx.tidx[got]
+                        score[si, fi] += 1.0 if t in ch.pos else (0.5 if any(t in ctx.anc[q] for q in ch.pos) else 0.0)
+        si, fi = np.unravel_index(int(np.argmax(score)), score.shape)  # ties: the first on the grids
+        n = sum(1 for _ in type_rows)
+        return {"type_edge_share": float(shares[si]), "placement_min_support": float(floors[fi]),
+                "source": f"{folds}-fold cross-validation over {n} type edges",
+                "score": round(float(score[si, fi]) / n, 4),
+                "grid": {f"{a}/{b}": round(float(score[i, j]) / n, 4)
+                         for i, a in enumerate(shares) for j, b in enumerate(floors)}}
 
     # ---- prediction -------------------------------------------------------------------------
-    def score(self, X: np.ndarray) -> np.ndarray:
+    def score(self, X: np.ndarray, model: _MLP | None = None) -> np.ndarray:
         with torch.inference_mode():
             x = torch.from_numpy(((X - self.mean) / self.std).astype(np.float32))
-            return torch.sigmoid(self.model(x)).numpy()
+            return torch.sigmoid((model or self.model)(x)).numpy()
 
     def predict(
         self,
@@ -886,18 +963,21 @@ class HypernymClassifier:
         encoder=None,
         cfg: HypernymConfig | None = None,
         type_stats: pl.DataFrame | None = None,
+        kind: str = "type",
     ) -> pl.DataFrame:
         """Ranked parents of each child: [type, parent, score, rank, accepted].
 
         `children`: a DataFrame with `type` (and optional `name`, `product_ids` list, `titles`
-        list), or a list of type names. Accepted parents: every candidate with probability ≥
-        multi_parent_threshold (always the best one), an ancestor dropped when one of its
-        descendants is accepted (prefer_specific). Rows: the accepted parents first (rank 1 is
-        the attachment), then the rest of the ranking, at least keep_top_k rows per child.
+        list), or a list of type names. `kind`: "type" (new or orphan types: `_decide_type`,
+        placed anywhere in the tree, inner nodes included) or "product" (a product's type:
+        `_decide_product`). Rows: the accepted parents first (rank 1 is the attachment), then the
+        rest of the ranking, at least keep_top_k rows per child.
         Pass taxonomy/products/… (and encoder) to predict against another taxonomy than the one
         fitted (required after `load`)."""
         if self.model is None:
             raise RuntimeError("fit() or load() first")
+        if kind not in ("type", "product"):
+            raise ValueError(f"kind must be 'type' or 'product', got {kind!r}")
         if cfg is not None:
             self.cfg = cfg
         cfg = self.cfg
@@ -915,28 +995,95 @@ class HypernymClassifier:
             return pl.DataFrame(schema=schema)
         rng = np.random.default_rng(cfg.seed)
         chs = ctx.new_children(children, rng)
+        if kind == "product":
+            for ch in chs:
+                ch.is_product = True
         feats = ctx.featurize(chs)
         sizes = [len(c) for c, _ in feats]
         allX = np.concatenate([X for _, X in feats]) if sum(sizes) else np.zeros((0, len(FEATURES)), np.float32)
         probs = self.score(allX) if len(allX) else np.zeros(0, np.float32)
         rows = []
         off = 0
-        for ch, (cand, _), L in zip(chs, feats, sizes):
+        for ch, (cand, X), L in zip(chs, feats, sizes):
             p = probs[off : off + L]
             off += L
             if L == 0:
                 continue
-            order = np.argsort(-p, kind="stable")
-            acc = [int(j) for j in order if p[j] >= cfg.multi_parent_threshold] or [int(order[0])]
-            if cfg.prefer_specific and len(acc) > 1:
-                acc_t = {int(cand[j]) for j in acc}
-                acc = [j for j in acc if not any(int(cand[j]) in ctx.anc[o] for o in acc_t)]
-            acc_set = set(acc)
-            ranked = acc + [int(j) for j in order if int(j) not in acc_set]
-            n_out = max(cfg.keep_top_k, len(acc))
-            for r, j in enumerate(ranked[:n_out]):
-                rows.append((ch.key, ctx.types[int(cand[j])], float(p[j]), r + 1, j in acc_set))
+            if kind == "product":
+                rows += self._decide_product(ch, cand, p)
+            else:
+                rows += self._decide_type(ch, cand, p, X)
         return pl.DataFrame(rows, schema=schema, orient="row")
+
+    def _decide_product(self, ch: _Child, cand: np.ndarray, p: np.ndarray) -> list[tuple]:
+        """A product's type: every candidate with probability ≥ multi_parent_threshold (always the
+        best one), an ancestor dropped where one of its descendants is accepted."""
+        cfg, ctx = self.cfg, self.ctx
+        order = np.argsort(-p, kind="stable")
+        acc = [int(j) for j in order if p[j] >= cfg.multi_parent_threshold] or [int(order[0])]
+        if cfg.prefer_specific and len(acc) > 1:
+            acc_t = {int(cand[j]) for j in acc}
+            acc = [j for j in acc if not any(int(cand[j]) in ctx.anc[o] for o in acc_t)]
+        acc_set = set(acc)
+        ranked = acc + [int(j) for j in order if int(j) not in acc_set]
+        n_out = max(cfg.keep_top_k, len(acc))
+        return [(ch.key, ctx.types[int(cand[j])], float(p[j]), r + 1, j in acc_set)
+                for r, j in enumerate(ranked[:n_out])]
+
+    def _decide_type(self, ch: _Child, cand: np.ndarray, p: np.ndarray, X: np.ndarray,
+                     floor: float | None = None) -> list[tuple]:
+        """Where a type goes in the whole tree, inner nodes included.
+
+        The candidates' scores become a distribution (softmax over their logits). A candidate that
+        is a product type with no types under it is more likely the child's sibling than its
+        parent: the share of its mass that the catalogue's own taxonomy does not support (fit's
+        `product_parent_share`: how many of its type → parent edges have a parent with products
+        of its own) moves to that candidate's parents, unless the child's name ends in the
+        candidate's head word ("Herbal Tea" under "Tea"). A node's support is the mass of its
+        subtree; the child goes under the deepest node whose support reaches
+        `placement_min_support`, else under the best-supported node, with that support as its
+        confidence. A second parent is accepted only where it reaches the same support on its
+        own, outside the first one's line."""
+        cfg, ctx = self.cfg, self.ctx
+        logit = np.log(np.clip(p, 1e-6, 1 - 1e-6)) - np.log(np.clip(1 - p, 1e-6, 1 - 1e-6))
+        q = np.exp(logit - logit.max())
+        q = q / q.sum()
+        keep = self.product_parent_share
+        mass: dict[int, float] = defaultdict(float)
+        head_in = X[:, F["parent_head_in_child"]]
+        for j, t in enumerate(cand.tolist()):
+            sibling_like = ctx.direct_cnt[t] > 0 and ctx.n_type_children[t] == 0 and head_in[j] < 0.5
+            ps = [a for a in ctx.parents[t] if a not in ch.excl_types]
+            if sibling_like and ps:
+                mass[t] += q[j] * keep
+                for a in ps:
+                    mass[a] += q[j] * (1 - keep) / len(ps)
+            else:
+                mass[t] += q[j]
+        support: dict[int, float] = defaultdict(float)
+        for t, m in mass.items():
+            support[t] += m
+            for a in ctx.anc[t]:
+                if a not in ch.excl_types:
+                    support[a] += m
+        nodes = sorted(support, key=lambda t: (-support[t], -int(ctx.depth[t]), t))
+        if floor is None:
+            floor = cfg.placement_min_support if cfg.placement_min_support is not None else DEFAULT_SUPPORT_FLOOR
+        passing = [t for t in nodes if support[t] >= floor]
+        # the deepest passing node (most specific), its support breaking ties
+        best = max(passing, key=lambda t: (int(ctx.depth[t]), support[t])) if passing else nodes[0]
+        acc = [best]
+        for t in sorted(passing, key=lambda t: -mass[t]):
+            line = ctx.anc[best] | ctx.desc[best] | {best}
+            if t not in line and all(t not in ctx.anc[a] and a not in ctx.anc[t] for a in acc) \
+                    and not any(t in ctx.desc[a] for a in acc) and mass[t] >= floor:
+                acc.append(t)
+        rest = sorted((t for t in mass if t not in acc), key=lambda t: (-mass[t], t))
+        n_out = max(cfg.keep_top_k, len(acc))
+        out = [(ch.key, ctx.types[t], float(support[t]), r + 1, True) for r, t in enumerate(acc)]
+        out += [(ch.key, ctx.types[t], float(mass[t]), len(acc) + r + 1, False)
+                for r, t in enumerate(rest[: n_out - len(acc)])]
+        return out
 
     # ---- artifact ---------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
@@ -957,6 +1104,7 @@ class HypernymClassifier:
             "hidden": self.cfg.hidden,
             "multi_parent_threshold": self.cfg.multi_parent_threshold,
             "keep_top_k": self.cfg.keep_top_k,
+            "product_parent_share": self.product_parent_share,
             "config": self.cfg.model_dump(),
             "train_stats": self.train_stats,
         }
@@ -978,4 +1126,5 @@ class HypernymClassifier:
         self.model.load_state_dict(load_file(str(path / "model.safetensors")))
         self.model.eval()
         self.train_stats = conf.get("train_stats", {})
+        self.product_parent_share = float(conf.get("product_parent_share", 0.5))
         return self

@@ -45,12 +45,15 @@ from autoknow_ray.modules.taxonomy.types import (
 ARTIFACT_VERSION = 2
 MAX_NGRAM = 6
 MAX_OVERFETCH = 1024  # extra neighbours fetched to make up for excluded ones
-# the grids fit chooses the type-edge share of the loss and the placement's support floor on
+# the grids fit chooses the type-edge share of the loss and the placement's ancestor credit on
 # (HypernymClassifier._choose_placement), and the values taken where it cannot choose
 TYPE_EDGE_SHARES = (0.2, 0.5)
-SUPPORT_FLOORS = (0.5, 0.4, 0.6, 0.3, 0.7)
+ANCESTOR_CREDITS = (0.0, 0.1, 0.25, 0.5)
 DEFAULT_TYPE_EDGE_SHARE = 0.2
-DEFAULT_SUPPORT_FLOOR = 0.5
+DEFAULT_ANCESTOR_CREDIT = 0.1
+# how cross-validation scores a placement: the true parent 1, one of its ancestors (too high: a
+# smaller mistake than a wrong branch, a mistake still) this, elsewhere 0
+CV_ANCESTOR_SCORE = 0.25
 
 FEATURES = [
     # text: the child's name against the candidate's name and members
@@ -834,7 +837,7 @@ class HypernymClassifier:
         self.std = allX.std(0) + 1e-6
         choice = self._choose_placement(children, feats, lists, rng)
         self.cfg = cfg = cfg.model_copy(update={"type_edge_share": choice["type_edge_share"],
-                                                "placement_min_support": choice["placement_min_support"]})
+                                                "ancestor_credit": choice["ancestor_credit"]})
         self.model, loss_hist = self._train(lists, cfg.type_edge_share)
         self.train_stats = {
             "type_edges": n_type_edges,
@@ -905,25 +908,26 @@ class HypernymClassifier:
         return model, hist
 
     def _choose_placement(self, children: list[_Child], feats, lists, rng) -> dict:
-        """The type-edge share of the loss and the support floor of `_decide_type`, chosen by
+        """The type-edge share of the loss and the ancestor credit of `_decide_type`, chosen by
         cross-validation over the taxonomy's own type → parent edges (leaves and inner nodes, at
         every depth): each fold's types are left out of training and placed by a model trained on
         the rest, and each pair on the grids is scored by where those types land (their parent:
-        1, an ancestor of it: 0.5, elsewhere: 0). Where the config sets a value, it is kept; too
-        few type edges for `calibration_folds` folds of two: the config's or the defaults."""
+        1, an ancestor of it: CV_ANCESTOR_SCORE, elsewhere: 0). Where the config sets a value, it
+        is kept; too few type edges for `calibration_folds` folds of two: the config's or the
+        defaults."""
         cfg, ctx = self.cfg, self.ctx
         shares = [cfg.type_edge_share] if cfg.type_edge_share is not None else list(TYPE_EDGE_SHARES)
-        floors = [cfg.placement_min_support] if cfg.placement_min_support is not None else list(SUPPORT_FLOORS)
+        credits = [cfg.ancestor_credit] if cfg.ancestor_credit is not None else list(ANCESTOR_CREDITS)
         type_rows = [i for i, ch in enumerate(children) if not ch.is_product]
         folds = cfg.calibration_folds
         out = {"type_edge_share": shares[0] if len(shares) == 1 else DEFAULT_TYPE_EDGE_SHARE,
-               "placement_min_support": floors[0] if len(floors) == 1 else DEFAULT_SUPPORT_FLOOR,
+               "ancestor_credit": credits[0] if len(credits) == 1 else DEFAULT_ANCESTOR_CREDIT,
                "source": "config or default"}
-        if folds < 2 or len(type_rows) < 2 * folds or (len(shares) == 1 and len(floors) == 1):
+        if folds < 2 or len(type_rows) < 2 * folds or (len(shares) == 1 and len(credits) == 1):
             return out
         order = rng.permutation(len(type_rows))
         fold_of = {type_rows[int(j)]: k % folds for k, j in enumerate(order)}
-        score = np.zeros((len(shares), len(floors)))
+        score = np.zeros((len(shares), len(credits)))
         for si, share in enumerate(shares):
             for f in range(folds):
                 train = [lst for i, lst in enumerate(lists) if fold_of.get(i, -1) != f]
@@ -935,17 +939,17 @@ class HypernymClassifier:
                         continue
                     p = self.score(X, model)
                     ch = children[i]
-                    for fi, floor in enumerate(floors):
-                        got = self._decide_type(ch, cand, p, X, floor)[0][1]
-                        t = ctx.tidx[got]
-                        score[si, fi] += 1.0 if t in ch.pos else (0.5 if any(t in ctx.anc[q] for q in ch.pos) else 0.0)
-        si, fi = np.unravel_index(int(np.argmax(score)), score.shape)  # ties: the first on the grids
-        n = sum(1 for _ in type_rows)
-        return {"type_edge_share": float(shares[si]), "placement_min_support": float(floors[fi]),
+                    for ci, credit in enumerate(credits):
+                        t = ctx.tidx[self._decide_type(ch, cand, p, X, credit)[0][1]]
+                        score[si, ci] += 1.0 if t in ch.pos else (
+                            CV_ANCESTOR_SCORE if any(t in ctx.anc[q] for q in ch.pos) else 0.0)
+        si, ci = np.unravel_index(int(np.argmax(score)), score.shape)  # ties: the first on the grids
+        n = len(type_rows)
+        return {"type_edge_share": float(shares[si]), "ancestor_credit": float(credits[ci]),
                 "source": f"{folds}-fold cross-validation over {n} type edges",
-                "score": round(float(score[si, fi]) / n, 4),
+                "score": round(float(score[si, ci]) / n, 4),
                 "grid": {f"{a}/{b}": round(float(score[i, j]) / n, 4)
-                         for i, a in enumerate(shares) for j, b in enumerate(floors)}}
+                         for i, a in enumerate(shares) for j, b in enumerate(credits)}}
 
     # ---- prediction -------------------------------------------------------------------------
     def score(self, X: np.ndarray, model: _MLP | None = None) -> np.ndarray:
@@ -1031,7 +1035,7 @@ class HypernymClassifier:
                 for r, j in enumerate(ranked[:n_out])]
 
     def _decide_type(self, ch: _Child, cand: np.ndarray, p: np.ndarray, X: np.ndarray,
-                     floor: float | None = None) -> list[tuple]:
+                     credit: float | None = None) -> list[tuple]:
         """Where a type goes in the whole tree, inner nodes included.
 
         The candidates' scores become a distribution (softmax over their logits). A candidate that
@@ -1039,12 +1043,14 @@ class HypernymClassifier:
         parent: the share of its mass that the catalogue's own taxonomy does not support (fit's
         `product_parent_share`: how many of its type → parent edges have a parent with products
         of its own) moves to that candidate's parents, unless the child's name ends in the
-        candidate's head word ("Herbal Tea" under "Tea"). A node's support is the mass of its
-        subtree; the child goes under the deepest node whose support reaches
-        `placement_min_support`, else under the best-supported node, with that support as its
-        confidence. A second parent is accepted only where it reaches the same support on its
-        own, outside the first one's line."""
+        candidate's head word ("Herbal Tea" under "Tea"). The parent is the node of highest
+        expected worth: its own mass plus `credit` times the mass below it (attaching one or more
+        levels too high is worth `credit` of the right attachment, a wrong branch nothing); its
+        confidence, the mass of its subtree. A second parent is accepted only where its own mass
+        reaches `second_parent_mass`, outside the first one's line."""
         cfg, ctx = self.cfg, self.ctx
+        if credit is None:
+            credit = cfg.ancestor_credit if cfg.ancestor_credit is not None else DEFAULT_ANCESTOR_CREDIT
         logit = np.log(np.clip(p, 1e-6, 1 - 1e-6)) - np.log(np.clip(1 - p, 1e-6, 1 - 1e-6))
         q = np.exp(logit - logit.max())
         q = q / q.sum()
@@ -1060,28 +1066,25 @@ class HypernymClassifier:
                     mass[a] += q[j] * (1 - keep) / len(ps)
             else:
                 mass[t] += q[j]
-        support: dict[int, float] = defaultdict(float)
+        below: dict[int, float] = defaultdict(float)
         for t, m in mass.items():
-            support[t] += m
             for a in ctx.anc[t]:
                 if a not in ch.excl_types:
-                    support[a] += m
-        nodes = sorted(support, key=lambda t: (-support[t], -int(ctx.depth[t]), t))
-        if floor is None:
-            floor = cfg.placement_min_support if cfg.placement_min_support is not None else DEFAULT_SUPPORT_FLOOR
-        passing = [t for t in nodes if support[t] >= floor]
-        # the deepest passing node (most specific), its support breaking ties
-        best = max(passing, key=lambda t: (int(ctx.depth[t]), support[t])) if passing else nodes[0]
+                    below[a] += m
+        worth = {t: mass.get(t, 0.0) + credit * below.get(t, 0.0) for t in set(mass) | set(below)}
+        # ties: the deeper node, then the index
+        best = max(worth, key=lambda t: (worth[t], int(ctx.depth[t]), -t))
         acc = [best]
-        for t in sorted(passing, key=lambda t: -mass[t]):
-            line = ctx.anc[best] | ctx.desc[best] | {best}
-            if t not in line and all(t not in ctx.anc[a] and a not in ctx.anc[t] for a in acc) \
-                    and not any(t in ctx.desc[a] for a in acc) and mass[t] >= floor:
+        for t in sorted(mass, key=lambda t: (-mass[t], t)):
+            if mass[t] < cfg.second_parent_mass:
+                break
+            if all(t != a and t not in ctx.anc[a] and a not in ctx.anc[t] for a in acc):
                 acc.append(t)
-        rest = sorted((t for t in mass if t not in acc), key=lambda t: (-mass[t], t))
+        support = {t: mass.get(t, 0.0) + below.get(t, 0.0) for t in acc}
+        rest = sorted((t for t in worth if t not in acc), key=lambda t: (-worth[t], t))
         n_out = max(cfg.keep_top_k, len(acc))
         out = [(ch.key, ctx.types[t], float(support[t]), r + 1, True) for r, t in enumerate(acc)]
-        out += [(ch.key, ctx.types[t], float(mass[t]), len(acc) + r + 1, False)
+        out += [(ch.key, ctx.types[t], float(worth[t]), len(acc) + r + 1, False)
                 for r, t in enumerate(rest[: n_out - len(acc)])]
         return out
 

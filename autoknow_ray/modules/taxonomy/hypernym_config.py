@@ -102,17 +102,19 @@ class HypernymConfig(BaseModel):
     weight_decay: float = Field(1e-4, ge=0)
     # the share of the training loss carried by the taxonomy's own type → parent edges (the
     # rest: product → type edges, many more, a neighbouring task that teaches what the products'
-    # neighbours say); new types are placed like types. null: fit chooses it, with the support
-    # floor below, by cross-validation over the taxonomy's own type edges (`calibration_folds`
-    # folds; hypernym.TYPE_EDGE_SHARES, SUPPORT_FLOORS)
+    # neighbours say); new types are placed like types. null: fit chooses it, with the ancestor
+    # credit below, by cross-validation over the taxonomy's own type edges (`calibration_folds`
+    # folds; hypernym.TYPE_EDGE_SHARES, ANCESTOR_CREDITS)
     type_edge_share: float | None = Field(None, gt=0, le=1)
     calibration_folds: int = Field(3, ge=0, description="0 or 1: no cross-validation")
     listwise_weight: float = Field(1.0, ge=0, description="weight of the softmax-over-candidates loss")
-    # output. A new type goes under the deepest node whose subtree holds this much of the
-    # classifier's mass (a candidate that looks like a sibling gives its mass to its parents:
-    # HypernymClassifier._decide_type); a product's type, every candidate scoring
-    # multi_parent_threshold
-    placement_min_support: float | None = Field(None, gt=0, le=1)
+    # output. A new type goes under the node of highest expected worth: its own share of the
+    # classifier's mass plus `ancestor_credit` times the mass below it (a candidate that looks
+    # like a sibling gives its mass to its parents: HypernymClassifier._decide_type); null: fit
+    # chooses it. A second parent needs `second_parent_mass` of its own. A product's type: every
+    # candidate scoring multi_parent_threshold
+    ancestor_credit: float | None = Field(None, ge=0, le=1)
+    second_parent_mass: float = Field(0.4, gt=0, le=1)
     multi_parent_threshold: float = Field(0.5, ge=0, le=1)
     keep_top_k: int = Field(3, ge=1)
     prefer_specific: bool = True

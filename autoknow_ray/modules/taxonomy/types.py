@@ -453,6 +453,9 @@ class ResolveTypes(Step):
             "n_spans": pa.array([len(x or ()) for x in all_spans], pa.int64()),
             "edits": pa.array(edits, pa.list_(TRIPLE)),
             "ranked": pa.array(ranked, RANKED),
+            # the title vector, passed on: the hypernym context reads the types decided here
+            # with their vectors (a blind catalogue has no catalogue types to read)
+            "embedding": batch.column("embedding"),
         })
 
     @staticmethod

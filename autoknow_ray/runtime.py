@@ -511,19 +511,151 @@ def shuffle_partitions(n_rows: int | None, rows_per_partition: int = 500_000) ->
     return max(1, min(200, -(-(n_rows or 0) // rows_per_partition)))
 
 
-def bounded_sample(ds: "ray.data.Dataset", cap: int, seed: int, n_rows: int | None = None):
-    """At most `cap` rows of `ds`, drawn uniformly with `seed`, as a polars DataFrame: the only
-    way a per-product table reaches the driver."""
+# The column a sample's partial results carry: each row's draw (a 64-bit hash of its key and the
+# seed); dropped before the sample is returned.
+_DRAW = "__bounded_sample_draw"
+_U64 = (1 << 64) - 1
+
+
+def _value_bytes(col) -> list[bytes]:
+    """Each value of the Arrow column `col` as bytes that tell its type class and its length, so
+    a concatenation of several columns' values is unambiguous (null, "", 0 and "0" all differ)."""
+    import pyarrow as pa
+
+    t = col.type
+    if pa.types.is_dictionary(t):
+        col, t = col.cast(t.value_type), t.value_type
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        tag, vals = b"s", col.cast(pa.large_binary()).to_pylist()
+    elif pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t):
+        tag, vals = b"b", col.cast(pa.large_binary()).to_pylist()
+    elif pa.types.is_integer(t) or pa.types.is_boolean(t):
+        tag, vals = b"i", [None if v is None else str(int(v)).encode() for v in col.to_pylist()]
+    else:  # floats, lists, structs, vectors: Python's repr of the value (exact for floats)
+        tag, vals = b"r", [None if v is None else repr(v).encode() for v in col.to_pylist()]
+    return [b"n" if v is None else tag + len(v).to_bytes(4, "little") + v for v in vals]
+
+
+def _key_columns(table, key) -> list[str]:
+    """The columns of `table` that `key` names: `key` itself (a column, or a list of columns);
+    all columns when `key` is None, or is the default "product_id" and the table has none."""
+    if key is None:
+        return [c for c in table.column_names if c != _DRAW]
+    cols = [key] if isinstance(key, str) else list(key)
+    missing = [c for c in cols if c not in table.column_names]
+    if missing and cols == ["product_id"]:
+        return [c for c in table.column_names if c != _DRAW]
+    if missing:
+        raise KeyError(f"bounded_sample: key column(s) {missing} not in {table.column_names}")
+    return cols
+
+
+def row_draws(table, key, seed: int) -> "np.ndarray":
+    """A pseudo-random uint64 per row of the Arrow `table`: blake2b of the seed and the row's
+    `key` (see `_key_columns`; several columns hash their values' concatenation). The same key
+    and seed give the same draw on every worker, in every process and run."""
+    import hashlib
+
+    import numpy as np
+    import pyarrow as pa
+
+    prefix = (int(seed) & _U64).to_bytes(8, "little")
+    blake2b = hashlib.blake2b
+    names = _key_columns(table, key)
+    if not names:  # a table without columns: nothing tells its rows apart
+        return np.zeros(table.num_rows, dtype=np.uint64)
+    col = table.column(names[0])
+    if len(names) == 1 and (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+        # one text column (an id): its bytes as they are, no length to tell columns apart
+        text, null = prefix + b"s", prefix + b"n"
+        digests = b"".join([blake2b(null if v is None else text + v, digest_size=8).digest()
+                            for v in col.cast(pa.large_binary()).to_pylist()])
+    else:
+        cols = [_value_bytes(table.column(c)) for c in names]
+        keys = cols[0] if len(cols) == 1 else [b"".join(parts) for parts in zip(*cols)]
+        digests = b"".join([blake2b(prefix + k, digest_size=8).digest() for k in keys])
+    return np.frombuffer(digests, dtype="<u8").astype(np.uint64)
+
+
+def _smallest(table, draws, cap: int, seed: int):
+    """The `cap` rows of `table` (without the draw column) with the smallest `draws`, sorted by
+    draw, with the draw column appended. Rows that share a draw (equal keys) are ordered by a
+    hash of their whole row, so the pick is the same whatever order they came in."""
+    import numpy as np
+    import pyarrow as pa
+
+    if len(draws) > cap:  # rows at or under the cap-th smallest draw (ties included)
+        kth = np.partition(draws, cap - 1)[cap - 1]
+        near = np.flatnonzero(draws <= kth)
+        table, draws = table.take(pa.array(near)), draws[near]
+    order = np.argsort(draws, kind="stable")
+    sorted_draws = draws[order]
+    tied = np.flatnonzero(sorted_draws[1:] == sorted_draws[:-1])
+    if tied.size:
+        rows = order[np.unique(np.concatenate([tied, tied + 1]))]
+        second = np.zeros(len(draws), dtype=np.uint64)
+        second[rows] = row_draws(table.take(pa.array(rows)), None, seed)
+        order = np.lexsort((second, draws))
+    order = order[:cap]
+    return table.take(pa.array(order)).append_column(_DRAW, pa.array(draws[order], pa.uint64()))
+
+
+def _sample_block(batch, cap: int, seed: int, key):
+    """A block's rows with the `cap` smallest draws (run in the workers)."""
+    return _smallest(batch, row_draws(batch, key, seed), cap, seed)
+
+
+def _merge_samples(cap: int, seed: int, *tables):
+    """The `cap` rows with the smallest draws of partial samples (each carries its draws)."""
+    import numpy as np
+    import pyarrow as pa
+
+    tables = [t for t in tables if t.num_rows]
+    if not tables:
+        return pa.table({})
+    table = pa.concat_tables(tables, promote_options="permissive")
+    draws = table.column(_DRAW).to_numpy().astype(np.uint64)
+    return _smallest(table.drop_columns([_DRAW]), draws, cap, seed)
+
+
+_MERGE = None
+
+
+def bounded_sample(ds: "ray.data.Dataset", cap: int, seed: int, n_rows: int | None = None,
+                   key: str | list[str] | tuple[str, ...] | None = "product_id"):
+    """A uniform sample without replacement of min(`cap`, rows) rows of `ds`, as a polars
+    DataFrame sorted by draw: the only way a per-product table reaches the driver.
+
+    Each row's draw is a 64-bit blake2b hash of its `key` and `seed` (`row_draws`); the sample
+    is the `cap` rows with the smallest draws, so it depends on the rows and the seed only, never
+    on the blocks, their order or the parallelism ("same inputs, same graph"). `key`: a column,
+    or a list of columns (their values hashed together); the default, "product_id", hashes the
+    whole row where the table has no product_id, as does None. Key a table with several rows per
+    product (texts, behaviour) by the columns that tell its rows apart: rows with equal keys
+    share a draw, so they are kept or dropped together (ties are broken by a hash of the row).
+
+    Each block keeps its `cap` smallest draws in its own task (a bottom-k in `map_batches`);
+    the driver merges those partial samples, so it holds at most
+    max(4 × cap, `DRIVER_COMBINE_ROWS`) rows: with more blocks than that allows, tasks merge the
+    partials first, in groups. `n_rows` is accepted for compatibility and not needed."""
+    import functools
+
     import polars as pl
 
+    global _MERGE
     if cap <= 0:
         return pl.DataFrame()
-    n = n_rows if n_rows is not None else ds.count()
-    if n > cap:
-        ds = ds.random_sample(min(1.0, 1.2 * cap / n), seed=seed)
-    parts = [pl.from_arrow(t) for t in ray.get(ds.limit(cap).to_arrow_refs())]
-    parts = [p for p in parts if p.height]
-    return pl.concat(parts, how="vertical_relaxed") if parts else pl.DataFrame()
+    keep = functools.partial(_sample_block, cap=cap, seed=seed, key=key)
+    refs = ds.map_batches(keep, batch_format="pyarrow", batch_size=None).to_arrow_refs()
+    group = max(4, DRIVER_COMBINE_ROWS // cap)  # partials merged at once (<= group × cap rows)
+    if len(refs) > group and _MERGE is None:
+        _MERGE = ray.remote(_merge_samples)
+    while len(refs) > group:
+        refs = [_MERGE.remote(cap, seed, *refs[i:i + group]) for i in range(0, len(refs), group)]
+    table = _merge_samples(cap, seed, *ray.get(refs))
+    if table.num_rows == 0:
+        return pl.DataFrame()
+    return pl.from_arrow(table.drop_columns([_DRAW]))
 
 
 def map_step_checkpointed(files: list[str], step, cfg: Config, out, resume=None,

@@ -30,6 +30,11 @@ TEXT_KINDS = ("review", "question", "answer")
 BEHAVIOR = pa.schema([("query", STR), ("product_id", STR), ("action", STR), ("count", pa.int64())])
 BEHAVIOR_ACTIONS = ("view", "click", "purchase")
 COPURCHASE = pa.schema([("src", STR), ("dst", STR), ("count", pa.int64())])
+# The columns that tell one row from another in the tables with several rows per product (the
+# key `runtime.bounded_sample` draws their rows by; products are keyed by product_id).
+TEXTS_KEY = ("product_id", "kind", "text")
+BEHAVIOR_KEY = ("query", "product_id", "action")
+COPURCHASE_KEY = ("src", "dst")
 
 CATALOGUE_TABLES: dict[str, pa.Schema] = {
     "products": PRODUCTS,

@@ -23,6 +23,7 @@ from autoknow_ray.modules.imputation.model import (
 from autoknow_ray.modules.imputation.texts import filled_values, value_key
 from autoknow_ray.nn.conditioned_tagger import ConditionedTrainSettings, train_conditioned_tagger
 from autoknow_ray.pipeline import RunContext
+from autoknow_ray.schema import TEXTS_KEY
 
 PRODUCT_FIELDS = ["product_id", "title", "description", "bullets", "attributes", "brand",
                   "product_type"]
@@ -55,7 +56,7 @@ def _sample_rows(ctx: RunContext, cfg: ImputationConfig) -> list[dict]:
         texts = runtime.read_parquet(texts_path, ["product_id", "kind", "text"]).map_batches(
             lambda b: b.filter(pc.is_in(b.column("product_id"), ids)), batch_format="pyarrow")
         cap = len(rows) * cfg.max_texts_per_product
-        sample = runtime.bounded_sample(texts, cap, ctx.cfg.seed)
+        sample = runtime.bounded_sample(texts, cap, ctx.cfg.seed, key=TEXTS_KEY)
         by_product: dict[str, list] = {}
         for pid, kind, text in (sample.iter_rows() if sample.height else []):
             by_product.setdefault(pid, []).append((kind, text))

@@ -37,6 +37,8 @@ from autoknow_ray.modules.related.model import (DualGNN, GNNSettings, degree_fea
 from autoknow_ray.modules.related.steps import TEXT_DIM, EmbedProducts, _vectors
 from autoknow_ray.pipeline import RunContext
 
+EDGE_KEY = ("src", "dst")  # an edge table's row key (`runtime.bounded_sample` draws by it)
+
 log = logging.getLogger(__name__)
 
 
@@ -77,7 +79,8 @@ def fit_related(ctx: RunContext, out: Path) -> dict:
         return {"skipped": "no co-purchase edges to learn from: the stage ranks by title similarity",
                 **stats}
     edges = runtime.bounded_sample(runtime.read_parquet(work / gb.COPURCHASE_EDGES),
-                                   rc.max_train_edges, cfg.seed, stats["copurchase_edges"])
+                                   rc.max_train_edges, cfg.seed, stats["copurchase_edges"],
+                                   key=EDGE_KEY)
     ids = _training_nodes(edges, rc.max_train_nodes)
     id_set = set(ids)
     edges = edges.filter(pl.col("src").is_in(ids) & pl.col("dst").is_in(ids))
@@ -120,7 +123,7 @@ def _similar_pairs(cfg, work: Path, stats: dict, id_set: set, index: dict, text:
         ds = runtime.read_parquet(work / gb.SIMILAR_EDGES, ["src", "dst", "weight"]).map_batches(
             _keep_ids(id_set, "src"), batch_format="pyarrow").map_batches(
             _keep_ids(id_set, "dst"), batch_format="pyarrow")
-        sim = runtime.bounded_sample(ds, rc.max_train_nodes * rc.fanout * 2, cfg.seed)
+        sim = runtime.bounded_sample(ds, rc.max_train_nodes * rc.fanout * 2, cfg.seed, key=EDGE_KEY)
         if sim.height:
             pairs.append((np.array([index[x] for x in sim["src"].to_list()]),
                           np.array([index[x] for x in sim["dst"].to_list()]),

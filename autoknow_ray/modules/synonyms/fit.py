@@ -30,7 +30,7 @@ def _sample_terms(ctx: RunContext) -> pl.DataFrame:
     """(title_key, kind, attribute, term) of a seeded product sample."""
     cfg = ctx.cfg.synonyms
     ds = runtime.read_parquet(ctx.table_path("ingest", "products"),
-                              ["title", "product_type", "attributes", "brand"])
+                              ["product_id", "title", "product_type", "attributes", "brand"])
     df = runtime.bounded_sample(ds, cfg.max_train_products, ctx.cfg.seed)
     if df.height == 0:
         return pl.DataFrame(schema={"title_key": pl.String, "kind": pl.String,

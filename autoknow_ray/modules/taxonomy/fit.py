@@ -22,6 +22,7 @@ from autoknow_ray.modules.taxonomy.hypernym import HypernymClassifier
 from autoknow_ray.modules.taxonomy.tagger_fit import fit_tagger
 from autoknow_ray.nn.encoder import TextEncoder
 from autoknow_ray.pipeline import RunContext
+from autoknow_ray.schema import BEHAVIOR_KEY, COPURCHASE_KEY
 
 
 def fit_taxonomy(ctx: RunContext, out: Path) -> dict:
@@ -138,12 +139,14 @@ def _behaviour_of(ctx: RunContext, context: pl.DataFrame, cap: int, seed: int):
         return None, None
     ids = set(context["product_id"].to_list())
     tables = {}
-    for name, cols in (("behavior", ("product_id",)), ("copurchase", ("src", "dst"))):
+    for name, cols, key in (("behavior", ("product_id",), BEHAVIOR_KEY),
+                            ("copurchase", ("src", "dst"), COPURCHASE_KEY)):
         path = ctx.table_path("ingest", name)
         if not path.exists() or count_rows(path) == 0:
             tables[name] = None
             continue
-        got = runtime.bounded_sample(sample.where_in(runtime.read_parquet(path), cols, ids), cap, seed)
+        got = runtime.bounded_sample(sample.where_in(runtime.read_parquet(path), cols, ids), cap, seed,
+                                     key=key)
         tables[name] = got if got.height else None
     return tables["behavior"], tables["copurchase"]
 

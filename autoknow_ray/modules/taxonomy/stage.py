@@ -43,7 +43,7 @@ from autoknow_ray.modules.taxonomy.types import (
 )
 from autoknow_ray.nn.encoder import EmbedTitles, TextEncoder
 from autoknow_ray.pipeline import RunContext, Stage
-from autoknow_ray.schema import GRAPH_TAXONOMY, PRODUCTS, TRIPLES
+from autoknow_ray.schema import BEHAVIOR_KEY, COPURCHASE_KEY, GRAPH_TAXONOMY, PRODUCTS, TRIPLES
 from autoknow_ray.steps import Chain
 
 JOIN_ROWS_PER_PARTITION = 200_000  # rows per hash partition when typed_products is joined
@@ -442,7 +442,7 @@ class TaxonomyStage(Stage):
             if ctx.has("ingest", "copurchase") and count_rows(ctx.table_path("ingest", "copurchase")):
                 cp = sample.where_in(runtime.read_parquet(ctx.table_path("ingest", "copurchase")),
                                ("src", "dst"), set(child_pids))
-                copurchase = runtime.bounded_sample(cp, cap, ctx.cfg.seed)
+                copurchase = runtime.bounded_sample(cp, cap, ctx.cfg.seed, key=COPURCHASE_KEY)
                 if copurchase.height:
                     linked |= set(copurchase["src"].to_list()) | set(copurchase["dst"].to_list())
             if ctx.has("ingest", "behavior") and count_rows(ctx.table_path("ingest", "behavior")):
@@ -451,7 +451,8 @@ class TaxonomyStage(Stage):
                                             ["query"], {"n": ("count", None)}, parts)
                 if queries.height:
                     qs = sorted(q for q in queries["query"].to_list() if q is not None)
-                    behavior = runtime.bounded_sample(sample.where_in(bh, "query", set(qs)), cap, ctx.cfg.seed)
+                    behavior = runtime.bounded_sample(sample.where_in(bh, "query", set(qs)), cap,
+                                                      ctx.cfg.seed, key=BEHAVIOR_KEY)
                     if behavior.height:
                         linked |= set(behavior["product_id"].drop_nulls().to_list())
             have = set(context["product_id"].to_list()) if context.height else set()

@@ -131,15 +131,6 @@ def test_head_word_ends_the_first_phrase_outside_brands():
     brand = [{"label": "Brand", "value": "Banana Boat", "start": 0, "end": 11, "score": 0.9}]
     assert head_word("Banana Boat", brand) is None
     assert head_word(None, []) is None
-    # a word the tagger read as another attribute's value is no head, and no type name either
-    title = "Acme Herbal Honey, 16 Count"
-    flavour = [{"label": "Flavor", "value": "Honey", "start": 12, "end": 17, "score": 0.9}]
-    assert head_word(title, []) == ("honei", "Honey")
-    assert head_word(title, flavour) is None
-    assert head_word("Acme Herbal Honey Tea, 16 Count", flavour) == ("tea", "Tea")
-    typed = [{"label": "type", "value": "Honey", "start": 12, "end": 17, "score": 0.9}]
-    assert head_word(title, typed) == ("honei", "Honey")  # a type span is no attribute
-    assert name_keys(title, [], {"honei"}) == ["honei"] and name_keys(title, flavour, {"honei"}) == []
 
 
 def test_refused_products_take_a_supported_head_word():

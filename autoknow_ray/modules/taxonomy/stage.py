@@ -423,14 +423,14 @@ class TaxonomyStage(Stage):
                       "product_id", set(pids)), len(set(pids)), ctx.cfg.seed)
         return dict(zip(got["product_id"].to_list(), got["embedding"].to_list())) if got.height else {}
 
-    def _hypernym_context(self, ctx, tm, children: pl.DataFrame, hcfg, parts: int):
+    def _hypernym_context(self, ctx, typed, children: pl.DataFrame, hcfg, parts: int):
         """What the hypernym classifier reads of the catalogue: a per-type capped sample of its
-        catalogue-typed products (ids, types, title vectors), every type's product count and
-        title-vector sum (aggregated by the workers), and the behaviour rows of the children's
-        sampled products with the typed products they lead to (capped)."""
-        if tm is None:
+        typed products (`typed`: product_id, product_type as this rebuild decided it, title
+        vector), every type's product count and title-vector sum (aggregated by the workers), and
+        the behaviour rows of the children's sampled products with the typed products they lead
+        to (capped). Products of new types are skipped by the classifier's context."""
+        if typed is None:
             return None, None, None, None
-        typed = tm.select_columns(["product_id", "product_type", "embedding"])
         context, _counts = sample.per_key_sample(typed, "product_type", "product_id", hcfg.context_per_type,
                                                  hcfg.context_max, ctx.cfg.seed, parts)
         stats = sample.vector_sums(typed, "product_type", "embedding", parts).rename({"product_type": "type"})
@@ -480,9 +480,12 @@ def _place_types(stage: TaxonomyStage, ctx, candidates: pl.DataFrame, orphans: l
     # like its own types
     if children.height and has_edges and (art / "hypernym" / "config.json").exists():
         hyp = HypernymClassifier.load(art / "hypernym")
-        tm = runtime.read_parquet(ctx.out / "_title_models") if tagged else None
+        # the types this rebuild decided (kept, corrected, added: a blind catalogue has no
+        # catalogue types) with their title vectors
+        typed = (runtime.read_parquet(ctx.out / "_decisions", ["product_id", "type", "embedding"])
+                 .rename_columns({"type": "product_type"}) if tagged else None)
         encoder = TextEncoder(ctx.cfg.taxonomy.tagger.encoder, device=ctx.cfg.device)
-        context, behavior, copurchase, stats = stage._hypernym_context(ctx, tm, children, hyp.cfg, parts)
+        context, behavior, copurchase, stats = stage._hypernym_context(ctx, typed, children, hyp.cfg, parts)
         ranked = hyp.predict(children, taxonomy=taxonomy, products=context, behavior=behavior,
                              copurchase=copurchase, encoder=encoder, type_stats=stats)
     return children.height, ranked

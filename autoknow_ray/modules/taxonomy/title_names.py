@@ -32,7 +32,6 @@ from typing import Iterable
 import pyarrow as pa
 
 from autoknow_ray.modules.taxonomy import type_names
-from autoknow_ray.modules.taxonomy.distant import TYPE_LABEL
 from autoknow_ray.steps import Step
 from autoknow_ray.text import type_key
 
@@ -103,20 +102,13 @@ def _is_brand(label: str | None) -> bool:
     return bool(label) and label.strip().lower() in ("brand", "brand name", "manufacturer")
 
 
-def _is_attribute(label: str | None) -> bool:
-    """A span the tagger labelled with an attribute (brand included), not with the type."""
-    return bool(label) and label.strip().lower() != TYPE_LABEL
-
-
 def name_keys(title: str | None, spans, vocab: dict[str, str] | frozenset) -> list[str]:
-    """The vocabulary keys written in `title` outside the spans the tagger labelled with an
-    attribute (a brand, a flavour, a scent: "Honey" in a flavour span "Honey Lemon" names no
-    type): longest first, then left to right, without overlapping words; returned in title
-    order."""
+    """The vocabulary keys written in `title` outside its brand spans: longest first, then left
+    to right, without overlapping words; returned in title order."""
     if not title or not vocab:
         return []
     brand = sorted((sp["start"], sp["end"]) for sp in spans or ()
-                   if _is_attribute(sp.get("label")) and sp.get("start") is not None)
+                   if _is_brand(sp.get("label")) and sp.get("start") is not None)
     segments, pos = [], 0
     for s, e in brand:
         if s > pos:
@@ -156,8 +148,7 @@ def head_word(title: str | None, spans, not_types: frozenset | set = frozenset()
     """(key, surface) of the last word of the title's first noun phrase, outside its brand spans:
     where an English product title writes its type ("Pleaser Men's Tempo 08 Platform Sneaker,
     Black" → "Sneaker"). None when that word has fewer than three letters, is a possessive,
-    follows a number (a unit), lies in a span the tagger labelled with another attribute (an
-    item form, a flavour), or is one of `not_types` (the fit catalogue's attribute values)."""
+    follows a number (a unit), or is one of `not_types` (the fit catalogue's attribute values)."""
     if not title:
         return None
     chars = list(title)
@@ -166,24 +157,19 @@ def head_word(title: str | None, spans, not_types: frozenset | set = frozenset()
             for i in range(max(0, sp["start"]), min(len(chars), sp["end"])):
                 chars[i] = " "
     masked = "".join(chars)
-    lead = len(masked) - len(masked.lstrip())
     first = _PHRASE_END.split(masked.strip(), maxsplit=1)[0]
-    tokens = [(m.group(), lead + m.start()) for m in re.finditer(r"\S+", first)]
+    tokens = first.split()
     upper = title.isupper()
-    w, before, at = None, None, None
+    w, before = None, None
     for j in range(len(tokens) - 1, -1, -1):
-        found = _WORD.findall(tokens[j][0])
+        found = _WORD.findall(tokens[j])
         if not found:
             continue
         cand = found[-1]
         if not upper and cand.isupper() and len(cand) <= 4:
             continue  # an acronym ends no noun phrase ("… Sunscreen Lotion SPF 100")
-        w, before, at = cand, tokens[j - 1][0] if j else None, tokens[j][1]
+        w, before = cand, tokens[j - 1] if j else None
         break
-    if w is not None and any(_is_attribute(sp.get("label")) and not _is_brand(sp.get("label"))
-                             and sp.get("start") is not None and sp["start"] <= at < sp["end"]
-                             for sp in spans or ()):
-        return None  # the tagger read it as another attribute's value
     if w is None or len(w) < 3 or w.lower().endswith(("'s", "’s")):
         return None
     if before is not None and any(ch.isdigit() for ch in before):

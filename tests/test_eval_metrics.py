@@ -69,24 +69,27 @@ def test_open_world_placement_in_a_deep_taxonomy():
              ("Oral Care", "Personal Care"), ("Cosmetics", "Personal Care"), ("Skin Care", "Cosmetics"),
              ("Hair Care", "Personal Care"), ("Conditioner", "Hair Care")]
     new = [("Teas", "Beverages"), ("Toothbrushes", "Personal Care"), ("Sunscreens", "Personal Care"),
-           ("Lotion", "Coffee"), ("Herbal teas", "Teas"), ("Brush Heads", None)]
+           ("Lotion", "Coffee"), ("Herbal teas", "Teas"), ("Brush Heads", None),
+           ("Floss", "Skin Care")]
     taxonomy = pl.DataFrame({"type": [t for t, _ in known + new], "parent": [p for _, p in known + new],
                              "is_new": [False] * len(known) + [True] * len(new),
                              "confidence": [None] * (len(known) + len(new))},
                             schema_overrides={"parent": pl.String, "confidence": pl.Float32})
     got = {"k1": "Coffee", "u1": "Teas", "u2": "Toothbrushes", "u3": "Sunscreens", "u4": "Lotion",
-           "u5": "Herbal teas", "u6": "Brush Heads"}
+           "u5": "Herbal teas", "u6": "Brush Heads", "u7": "Floss"}
     triples = pl.DataFrame([triple(p, t) for p, t in got.items()])
     gold = pl.DataFrame({"product_id": list(got), "type": ["Coffee", "Tea", "Toothbrush", "Sunscreen",
-                                                           "Sunscreen", "Tea", "Toothbrush"]})
+                                                           "Sunscreen", "Tea", "Toothbrush",
+                                                           "Toothbrush"]})
     hyp = pl.DataFrame({"child": ["Tea", "Toothbrush", "Sunscreen"], "child_kind": ["type"] * 3,
                         "parent": ["Beverages", "Oral Care", "Skin Care"], "depth": [1, 1, 1]})
     r = eval_open_world(triples, taxonomy, gold, pl.DataFrame({"type": ["Coffee", "Conditioner"]}), hyp)
-    assert r["types.unseen.products"] == 6 and r["types.unseen.new_type"] == 1.0
-    sixth = lambda n: round(n / 6, 4)  # noqa: E731
-    assert r["types.unseen.attached_right"] == sixth(2)  # Teas, and Herbal teas under Teas
-    assert r["types.unseen.attached_too_high"] == sixth(2)  # Toothbrushes, Sunscreens
-    assert r["types.unseen.attached_one_level_high"] == sixth(1)  # Toothbrushes only
-    assert r["types.unseen.attached_wrong_branch"] == sixth(1)  # Lotion under Coffee
-    assert r["types.unseen.attached_under_leaf"] == sixth(1)  # … a sibling leaf type
-    assert r["types.unseen.unattached"] == sixth(1)  # Brush Heads, a root
+    assert r["types.unseen.products"] == 7 and r["types.unseen.new_type"] == 1.0
+    seventh = lambda n: round(n / 7, 4)  # noqa: E731
+    assert r["types.unseen.attached_right"] == seventh(2)  # Teas, and Herbal teas under Teas
+    assert r["types.unseen.attached_too_high"] == seventh(2)  # Toothbrushes, Sunscreens
+    assert r["types.unseen.attached_one_level_high"] == seventh(1)  # Toothbrushes only
+    assert r["types.unseen.attached_wrong_branch"] == seventh(2)  # Lotion, Floss
+    # Lotion under Coffee, a product type; Floss under Skin Care, an empty inner node, is not
+    assert r["types.unseen.attached_under_leaf"] == seventh(1)
+    assert r["types.unseen.unattached"] == seventh(1)  # Brush Heads, a root

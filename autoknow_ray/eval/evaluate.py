@@ -71,7 +71,7 @@ def eval_open_world(triples: pl.DataFrame, taxonomy: pl.DataFrame, gold: pl.Data
     `attached_too_high` (under a proper ancestor of a gold parent; `attached_one_level_high`
     the part one level above), `attached_wrong_branch` (anywhere else), `unattached` (a root
     where gold has a parent) and `attached_under_leaf` (under a known type with no type below
-    it that is not a gold parent: a sibling taken for a parent)."""
+    it, with products of its own, that is not a gold parent: a sibling taken for a parent)."""
     fit_keys = {norm_type(t) for t in fit_types["type"].to_list() if t}
     known = set(fit_keys)
     if taxonomy.height:
@@ -84,6 +84,10 @@ def eval_open_world(triples: pl.DataFrame, taxonomy: pl.DataFrame, gold: pl.Data
         if not new_t:
             known_parents.setdefault(norm_type(t), set()).add(norm_type(p))
     has_child = {p for ps in known_parents.values() for p in ps}
+    # a product type: a known type with products of its own in the graph (an inner node left
+    # without children by the split is no product type)
+    with_products = {norm_type(o) for o in _live(triples).filter(pl.col("relation") == HAS_TYPE)
+                     .get_column("object").unique().to_list() if o is not None}
 
     def ancestors(t: str, edges: dict[str, set[str]]) -> set[str]:
         out, todo = set(), list(edges.get(t, ()))
@@ -135,8 +139,8 @@ def eval_open_world(triples: pl.DataFrame, taxonomy: pl.DataFrame, gold: pl.Data
                 place["one_level_high"] += bool(got & one_up)
             else:
                 place["wrong_branch"] += 1
-            place["under_leaf"] += any(x in known and x not in has_child and x not in want
-                                       for x in got)
+            place["under_leaf"] += any(x in known and x not in has_child and x in with_products
+                                       and x not in want for x in got)
 
     def share(x: int, n: int) -> float:
         return round(x / n, 4) if n else 0.0

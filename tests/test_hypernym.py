@@ -370,3 +370,40 @@ def test_knn_floors_chosen_on_known_against_withheld_types(tmp_path):
     assert own.knn_min_share == 0.9 and own.knn_min_similarity == f["knn_min_similarity"]
     none = resolved_floors(cfg, tmp_path / "absent")
     assert none.knn_min_similarity is not None and none.knn_min_share is not None
+
+
+def test_refused_products_near_a_new_types_products_take_it():
+    """The third pass: a product the kNN vote refused takes a new type where its nearest titles
+    are that new type's products; one nearest to a known type's titles, or to nothing, stays
+    untyped; a resolved product is left as it is."""
+    from autoknow_ray.index.knn_vote import TOO_FAR
+    from autoknow_ray.modules.taxonomy.types import TRIPLE, TYPE_COLUMNS, SpreadNewTypes
+
+    rng = np.random.default_rng(0)
+    e = np.eye(8, dtype=np.float32)
+
+    def near(i, n):
+        return e[i] + 0.05 * rng.normal(size=(n, 8)).astype(np.float32)
+
+    ref = pl.DataFrame({"type": ["Sneaker"] * 3, "embedding": near(0, 3).tolist()})
+    cfg = TypeResolutionConfig(knn_k=3, knn_min_similarity=0.8, knn_min_share=0.6)
+    step = SpreadNewTypes(cfg, {"Sneaker"}, ref, (["Coffee"] * 3, near(1, 3)))
+    step.setup(WorkerEnv())
+    vecs = np.concatenate([near(0, 1), near(1, 1), near(0, 1), e[2:3]])
+    batch = pa.table({
+        "product_id": ["p0", "p1", "p2", "p3"],
+        "type": [None, None, "Tea", None],
+        "type_status": [None, None, "kept", None],
+        "type_confidence": pa.array([None, None, 1.0, None], pa.float32()),
+        "type_evidence": [TOO_FAR, TOO_FAR, "catalogue", TOO_FAR],
+        "outcome": [TOO_FAR, TOO_FAR, "kept", TOO_FAR],
+        "edits": pa.array([[], [], [], []], pa.list_(TRIPLE)),
+        "embedding": pa.array(vecs.tolist(), pa.list_(pa.float32())),
+    })
+    out = step.process_batch(batch)
+    assert out.column("type").to_pylist() == ["Sneaker", None, "Tea", None]
+    assert out.column("outcome").to_pylist() == ["added", TOO_FAR, "kept", TOO_FAR]
+    assert out.column("type_evidence").to_pylist()[0].startswith("knn new type")
+    assert [t["object"] for t in out.column("edits").to_pylist()[0]] == ["Sneaker"]
+    assert out.column("edits").to_pylist()[1:] == [[], [], []]
+    assert set(TYPE_COLUMNS) <= set(out.column_names) and out.num_rows == 4

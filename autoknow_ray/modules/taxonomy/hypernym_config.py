@@ -68,6 +68,12 @@ class TypeResolutionConfig(BaseModel):
     # on what the driver ships to the workers and on the hypernym step's children, whatever the
     # catalogue's size)
     max_title_types: int = Field(2000, ge=0)
+    # a product the kNN vote refused and whose title names no type takes a new type where its
+    # nearest titles are of that new type's products (types.SpreadNewTypes; the same floors):
+    # this many of each new type's products, and in all, join the vote's reference
+    spread_new_types: bool = True
+    spread_per_type: int = Field(200, ge=1)
+    spread_max: int = Field(20_000, ge=1)
     # the public names fit adds to the catalogue's own: "auto" (Google's product taxonomy and
     # Open Food Facts' categories beside the project, as `tagger.type_names`), "none", or a file
     vocabulary: str = "auto"

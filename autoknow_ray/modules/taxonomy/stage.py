@@ -38,7 +38,7 @@ from autoknow_ray.modules.taxonomy.title_names import (
     EVIDENCE_PREFIX, TitleTypeNames, build_vocabulary, load_vocabulary_and_not_types,
 )
 from autoknow_ray.modules.taxonomy.types import (
-    CANDIDATES_SCHEMA, TYPE_COLUMNS, BestTypeSpan, ResolveTypes, TypeNames,
+    CANDIDATES_SCHEMA, TYPE_COLUMNS, BestTypeSpan, ResolveTypes, SpreadNewTypes, TypeNames,
     accept_candidates, ancestors_map, lower_case_taxonomy, orphan_types, taxonomy_maps, write_reference,
 )
 from autoknow_ray.nn.encoder import EmbedTitles, TextEncoder
@@ -110,6 +110,7 @@ class TaxonomyStage(Stage):
                 else [products_path]
             chunks = runtime.map_step_checkpointed(files, models, ctx.cfg, scratch, ctx.resume)
         counts: dict = {}
+        spread_counts: dict = {}
         if n:
             # the driver's encoder embeds type names only (a few thousand at most)
             encoder = TextEncoder(cfg.tagger.encoder, device=ctx.cfg.device)
@@ -123,10 +124,15 @@ class TaxonomyStage(Stage):
                                          name_support)
             decisions_dir = ctx.out / "_decisions"
             runtime.map_step(tm, resolve, ctx.cfg, n).write_parquet(str(decisions_dir))
+            known_reference = resolve.train_ref
+            spread_cfg = resolve.cfg  # the floors as resolved for this catalogue
             del resolve  # its reference index lives on in the workers only
             if name_accepted:
                 candidates = self._with_title_name_types(ctx, candidates, set(names.known.values()),
                                                          cfg.types, parts)
+            if cfg.types.spread_new_types and candidates.height:
+                spread_counts = self._spread_new_types(ctx, candidates, spread_cfg, known_reference,
+                                                       decisions_dir, n, parts)
             counts = self._write_products(ctx, products_path, decisions_dir, n, parts)
         else:
             candidates, typed_types, floors_report = pl.DataFrame(schema=CANDIDATES_SCHEMA), set(), None
@@ -156,7 +162,7 @@ class TaxonomyStage(Stage):
         ctx.write("new_types", candidates)
         ctx.write("hypernym_candidates", ranked)
         ctx.write("graph_taxonomy", graph_tax, GRAPH_TAXONOMY)
-        for d in ("_title_models", "_decisions", "_knn_reference"):
+        for d in ("_title_models", "_decisions", "_decisions_spread", "_knn_reference"):
             storage.rmtree(ctx.out / d)
         outcomes = counts.get("outcomes", {})
         unresolved = {k: v for k, v in outcomes.items() if k not in ("kept", "added", "corrected")}
@@ -174,6 +180,7 @@ class TaxonomyStage(Stage):
             "types_unresolved": sum(unresolved.values()),
             "types_unresolved_reasons": unresolved,
             "edits": counts.get("edits", 0),
+            "spread_new_types": spread_counts,
             "new_types": candidates.height,
             "hypernym_children": n_children,
             "hypernym_edges": graph_tax.filter(pl.col("parent").is_not_null()).height,
@@ -390,6 +397,25 @@ class TaxonomyStage(Stage):
             "typed_products": count_rows(ctx.out / "typed_products"),
             "edits": count_rows(ctx.out / "edits"),
         }
+
+    @staticmethod
+    def _spread_new_types(ctx, candidates: pl.DataFrame, types_cfg, known_reference, decisions_dir,
+                          n: int, parts: int) -> dict:
+        """The refused products near the products of a new type take it (`SpreadNewTypes`):
+        the new types' products (a capped sample per type, with their title vectors) join the
+        first vote's reference of known types; `_decisions` is rewritten in place."""
+        new = set(candidates["type"].to_list())
+        decisions = runtime.read_parquet(decisions_dir, ["product_id", "type", "embedding"])
+        ref, _counts = sample.per_key_sample(sample.where_in(decisions, "type", new), "type", "product_id",
+                                             types_cfg.spread_per_type, types_cfg.spread_max,
+                                             ctx.cfg.seed, parts)
+        if not ref.height:
+            return {"spread_reference": 0}
+        step = SpreadNewTypes(types_cfg, new, ref.select("type", "embedding"), known_reference)
+        out = ctx.out / "_decisions_spread"
+        runtime.map_step(runtime.read_parquet(decisions_dir), step, ctx.cfg, n).write_parquet(str(out))
+        storage.replace_dir(out, decisions_dir)
+        return {"spread_reference": int(ref.height)}
 
     # ---- hypernym context: bounded -------------------------------------------------------------
     def _children(self, ctx, candidates: pl.DataFrame, orphans: list[str], parts: int) -> pl.DataFrame:

@@ -536,3 +536,74 @@ def read_reference(path: str, cap: int | None) -> pl.DataFrame:
     if cap is not None:
         ref = ref.head(cap)
     return ref.drop(_DRAW)
+
+
+class SpreadNewTypes(Step):
+    """Third pass, over the resolved products: a product the kNN vote refused (its neighbours too
+    far, or no agreement) and whose title names no type takes a **new** type where its nearest
+    titles are those of products that got that new type from their own words, under the same
+    floors. Many titles never write their type ("Franco Sarto Women's Nolan, Black, 9.5 N US")
+    but sit among titles that do ("… Oxford, Tan, 8 US"); the first vote could not see them,
+    since new types have no reference titles until this rebuild finds them.
+
+    The vote searches the new types' products (a capped sample per type, `reference`) together
+    with the first vote's reference of known types (`known`): a product whose nearest titles are
+    of a known type keeps no type, as the first vote decided; only a new type's answer is taken.
+    Bounded: the reference is capped by the caller."""
+
+    name = "spread_new_types"
+    resources = "taxonomy"
+    columns = ()  # every column: the resolved rows pass through whole
+    model = True  # builds its index once per worker
+
+    def __init__(self, cfg: TypeResolutionConfig, new_types: set[str], reference: pl.DataFrame,
+                 known: tuple[list[str], np.ndarray] | None):
+        self.cfg = cfg
+        self.new_types = frozenset(new_types)
+        self.ref_types = reference["type"].to_list() if reference.height else []
+        self.ref_vecs = (as_matrix(reference["embedding"], np.float16) if reference.height
+                         else np.zeros((0, 0), np.float16))
+        self.known = known
+        self.index = None
+
+    def setup(self, env: WorkerEnv) -> None:
+        types = list(self.ref_types)
+        parts = [self.ref_vecs.astype(np.float32)] if len(types) else []
+        if self.known is not None and len(self.known[0]):
+            types += list(self.known[0])
+            parts.append(np.asarray(self.known[1], np.float32))
+        self.index = LabelIndex(np.concatenate(parts) if parts else np.zeros((0, 1), np.float32),
+                                types, seed=self.cfg.seed)
+
+    def process_batch(self, batch: pa.Table) -> pa.Table:
+        from autoknow_ray.index.knn_vote import NO_AGREEMENT, TOO_FAR
+
+        if self.index is None:
+            self.setup(WorkerEnv())
+        outcome = batch.column("outcome").to_pylist()
+        rows = [i for i, o in enumerate(outcome) if o in (TOO_FAR, NO_AGREEMENT)]
+        if not rows or not self.ref_types:
+            return batch
+        cfg = self.cfg
+        cols = {c: batch.column(c).to_pylist() for c in TYPE_COLUMNS}
+        edits = batch.column("edits").to_pylist()
+        pids = batch.column("product_id").to_pylist()
+        vecs = _vectors(batch.column("embedding"))
+        k = min(cfg.knn_k, len(self.index))
+        for i, (vote, near) in zip(rows, self.index.votes(vecs[rows], cfg.knn_k)):
+            v = decide(vote, near, cfg.knn_min_similarity, cfg.knn_min_share)
+            if v.label is None or v.label not in self.new_types:
+                continue
+            evidence = f"knn new type k={k} share={v.share:.2f} ({outcome[i]})"
+            cols["type"][i], cols["type_status"][i] = v.label, "added"
+            cols["type_confidence"][i], cols["type_evidence"][i] = float(v.share), evidence
+            outcome[i] = "added"
+            edits[i] = [_triple(pids[i], HAS_TYPE, v.label, v.share, "added", evidence),
+                        *(edits[i] or ())]
+        out = batch
+        for c in TYPE_COLUMNS:
+            kind = pa.float32() if c == "type_confidence" else pa.string()
+            out = out.set_column(out.column_names.index(c), c, pa.array(cols[c], kind))
+        out = out.set_column(out.column_names.index("outcome"), "outcome", pa.array(outcome, pa.string()))
+        return out.set_column(out.column_names.index("edits"), "edits",
+                              pa.array(edits, batch.schema.field("edits").type))

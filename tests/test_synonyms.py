@@ -90,16 +90,21 @@ def test_clusters_do_not_chain():
     assert len(out) == 3 and {c for _, c, _ in out} == {"a"}
 
 
+# the catalogue's known answers: each spelling pair is one value written two ways; every other
+# value (near misses among them: 16 lb, Model X2, 435952-B22) is a synonym of none of them
+SPELLINGS = [("Size", "16 oz", "1 lb"), ("Size", "32 oz", "2 lb"), ("Color", "Grey", "Gray"),
+             ("Brand", "Hewlett-Packard", "HP"), ("Part Number", "435952-B21", "435952B21"),
+             ("Part Number", "581284-S21", "581284S21"), ("Color", "Black", "Blk"),
+             ("Size", "1TB", "1000 GB"), ("Color", "Navy Blue", "navy blue")]
+OTHERS = ["16 lb", "12 oz", "Model X1", "Model X2", "Red", "Green", "White", "64 GB", "2TB",
+          "Dell", "Lenovo", "435952-B22", "8 oz", "Blue", "Brown"]
+
+
 def _catalogue(path):
     """Duplicate listings (same title, two spellings of a value) teach the classifier; behaviour
     links spellings through shared queries; near misses (16 oz / 16 lb, X1 / X2) must stay apart."""
     rows, behavior = [], []
-    spell = [("Size", "16 oz", "1 lb"), ("Size", "32 oz", "2 lb"), ("Color", "Grey", "Gray"),
-             ("Brand", "Hewlett-Packard", "HP"), ("Part Number", "435952-B21", "435952B21"),
-             ("Part Number", "581284-S21", "581284S21"), ("Color", "Black", "Blk"),
-             ("Size", "1TB", "1000 GB"), ("Color", "Navy Blue", "navy blue")]
-    others = ["16 lb", "12 oz", "Model X1", "Model X2", "Red", "Green", "White", "64 GB", "2TB",
-              "Dell", "Lenovo", "435952-B22", "8 oz", "Blue", "Brown"]
+    spell, others = SPELLINGS, OTHERS
     n = 0
     for i, (attr, a, b) in enumerate(spell):
         for rep in range(3):
@@ -170,6 +175,12 @@ def test_rebuild_merges_spellings_and_keeps_near_misses_apart(fitted):
     assert not same("Size", "16 oz", "16 lb")
     assert not same("Part Number", "Model X1", "Model X2")
     assert not same("Part Number", "435952-B21", "435952-B22")
+    # the catalogue's known answers: 8 of the 9 spelling pairs are merged (observed: all but
+    # Grey/Gray), and no other value joins any cluster. Merging nothing fails the first,
+    # merging near strings (16 oz / 16 lb, Model X1 / X2) the second.
+    assert sum(same(attr, a, b) for attr, a, b in SPELLINGS) >= 8
+    merged_terms = set(syn["term"].to_list()) | set(syn["canonical"].to_list())
+    assert not merged_terms & set(OTHERS)
     # every merged term points at a canonical that is itself a term, never at another merged term
     assert not set(syn["canonical"].to_list()) & set(syn["term"].to_list())
 
@@ -200,10 +211,35 @@ def test_eval_scores_pairs_and_graph(fitted):
 
     root, _, _ = fitted
     r = score(root / "run", root / "cat" / "gold")
-    for key in ("classifier", "edit_distance", "cosine"):
-        assert 0.0 <= r[f"synonyms.value.{key}.auc_pr"] <= 1.0
     assert r["synonyms.value.gold_pairs_in_vocabulary"] == 5
-    assert r["synonyms.value.graph.tp"] >= 1 and r["synonyms.value.graph.fp"] == 0
+    # the graph merges at least 4 of the 5 gold pairs (observed: 4, Gray/Grey is missed) and no
+    # wrong one; a module that merges nothing gives tp 0, one that merges everything fp > 0
+    assert r["synonyms.value.graph.tp"] >= 4 and r["synonyms.value.graph.fp"] == 0
+    assert r["synonyms.type.graph.tp"] == 1  # Widgets -> Widget
+    # The eval's gold judges only the 5 positives (no gold negative is a candidate pair), so its
+    # AUC-PRs are 1.0 for any scorer. Judge every candidate pair of catalogue values instead, by
+    # the catalogue's known answers: the 9 spelling pairs are positive, every other pair (16 oz /
+    # 16 lb, Model X1 / X2, 435952-B21 / -B22, ...) negative; edit similarity (rapidfuzz) on
+    # the same pairs is the baseline. Random or constant classifier scores rank the positives
+    # at about their share of the pairs (9 of 64), far under the floor.
+    from rapidfuzz import fuzz
+
+    from autoknow_ray.eval.synonyms import average_precision
+    from autoknow_ray.pipeline import read_parquet_any, table_file
+
+    pairs = read_parquet_any(table_file(root / "run" / "synonyms", "pairs")).filter(pl.col("kind") == "value")
+    known = {t for _, a, b in SPELLINGS for t in (a, b)} | set(OTHERS)
+    positive = {frozenset((a, b)) for _, a, b in SPELLINGS}
+    judged = [(int(frozenset((x, y)) in positive), s, fuzz.ratio(x, y) / 100)
+              for x, y, s in pairs.select("term_a", "term_b", "score").iter_rows()
+              if x in known and y in known]
+    y = np.array([j[0] for j in judged])
+    clf = average_precision(y, np.array([j[1] for j in judged], np.float64), len(positive))
+    edit = average_precision(y, np.array([j[2] for j in judged], np.float64), len(positive))
+    # observed over 64 judged pairs (9 positive): classifier 0.934, edit similarity 0.454;
+    # random scores average 0.19 (best of 20 seeds 0.39), constant ones 0.18
+    assert len(judged) >= 40 and y.sum() == len(positive)  # every spelling pair is a candidate
+    assert clf >= 0.8 and clf >= edit + 0.25
 
 
 def test_duplicate_titles_become_contexts_only_when_listed_more_than_once():

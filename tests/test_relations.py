@@ -222,12 +222,22 @@ def test_fit_then_rebuild_on_types_never_seen(tmp_path, ray_session):
     table = state.attribute_applicability(ctx)
     assert table is not None and table.height == attrs.height
     r = evaluate(run, tmp_path / "split" / "heldout" / "gold")
-    assert r["relations.unseen.types"] >= 1 and "relations.unseen.f1" in r
+    # the held-out types' gold: 3 types never in fit, 30 judged (type, attribute) pairs of which
+    # 8 apply. Observed: recall 7/8, precision 7/15, F1 0.61, AUC-PR 0.92. A module whose
+    # scores are random or constant ranks at about the positives' share (0.27); one that says
+    # nothing applies has recall 0; one that says everything applies has F1 2p/(1+p) = 0.42.
+    assert (r["relations.unseen.types"], r["relations.unseen.pairs"],
+            r["relations.unseen.positive_pairs"]) == (3, 30, 8)
+    share = r["relations.unseen.positive_pairs"] / r["relations.unseen.pairs"]
+    assert r["relations.unseen.recall"] >= 0.75
+    assert r["relations.unseen.f1"] >= 2 * share / (1 + share) + 0.1
+    # the synthetic attributes are shared by type families: new types recover most of them
+    assert r["relations.unseen.auc_pr"] > 0.75 > 2 * share
+    # no floor against the frequency baseline: on this catalogue it is ahead (unseen F1 0.94,
+    # AUC-PR 1.0), as its text patterns are the synthetic values themselves
     run_frequency(tmp_path / "split" / "fit", tmp_path / "split" / "heldout", tmp_path / "base")
     b = evaluate(tmp_path / "base", tmp_path / "split" / "heldout" / "gold")
     assert "relations.unseen.f1" in b
-    # the synthetic attributes are shared by type families: new types recover most of them
-    assert r["relations.unseen.auc_pr"] > 0.6
 
 
 def test_a_catalogue_without_attributes_fits_no_model_and_rebuilds_with_an_empty_table(tmp_path, ray_session):

@@ -229,5 +229,10 @@ def test_fit_and_rebuild_impute_without_overwriting(tmp_path, ray_session):
     over = mine.join(kept, on=["subject", "relation"], how="inner")
     assert over["evidence"].str.starts_with("conflicts with catalogue").all()
     res = score(run, held / "gold")
-    assert res["imputation.predicted"] > 0 and 0.0 < res["imputation.precision"] <= 1.0
-    assert res["imputation.held_out"] > 0 and "imputation.recall" in res
+    # the held-out values are known (gold/held_out_values: 189, 139 of them written in a title or
+    # description). Observed: 206 added, 181 right (precision 0.88), recall 0.68, 0.81 of those
+    # in the text. Floors with margin: an empty module adds none (recall 0), one that tags
+    # random spans or writes values for the wrong attribute is right for almost none.
+    assert res["imputation.held_out"] == 189 and res["imputation.held_out_in_text"] == 139
+    assert res["imputation.predicted"] >= 120 and res["imputation.precision"] >= 0.75
+    assert res["imputation.recall"] >= 0.5 and res["imputation.recall_in_text"] >= 0.65

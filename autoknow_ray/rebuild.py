@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -141,6 +142,9 @@ def fit(catalogue: str | Path, out: str | Path, *, config: Config | str | Path |
         json.dumps({k: manifest[k] for k in ("catalogue", "modules", "created_at")}, sort_keys=True,
                    default=str).encode()).hexdigest()[:20]
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+    # the ingested copy of the training catalogue was fit's scratch: a models folder holds
+    # models only (a models URI would otherwise copy a catalogue to every node)
+    shutil.rmtree(out / "_work", ignore_errors=True)
     return manifest
 
 

@@ -45,6 +45,7 @@ def test_fit_writes_safetensors_artifacts_only(fitted):
     files = [p.name for p in models.rglob("*") if p.is_file()]
     assert "model.safetensors" in files
     assert not [f for f in files if f.endswith((".pt", ".pth", ".bin", ".pkl", ".pickle"))]
+    assert not (models / "_work").exists()  # fit's ingested copy of the catalogue is gone
 
 
 def test_rebuild_with_models_then_eval(fitted, capsys):

@@ -377,7 +377,7 @@ def test_refused_products_near_a_new_types_products_take_it():
     are that new type's products; one nearest to a known type's titles, or to nothing, stays
     untyped; a resolved product is left as it is."""
     from autoknow_ray.index.knn_vote import TOO_FAR
-    from autoknow_ray.modules.taxonomy.types import TRIPLE, TYPE_COLUMNS, SpreadNewTypes
+    from autoknow_ray.modules.taxonomy.types import SPREAD, TRIPLE, TYPE_COLUMNS, SpreadNewTypes
 
     rng = np.random.default_rng(0)
     e = np.eye(8, dtype=np.float32)
@@ -402,7 +402,7 @@ def test_refused_products_near_a_new_types_products_take_it():
     })
     out = step.process_batch(batch)
     assert out.column("type").to_pylist() == ["Sneaker", None, "Tea", None]
-    assert out.column("outcome").to_pylist() == ["added", TOO_FAR, "kept", TOO_FAR]
+    assert out.column("outcome").to_pylist() == [SPREAD, TOO_FAR, "kept", TOO_FAR]
     assert out.column("type_evidence").to_pylist()[0].startswith("knn new type")
     assert [t["object"] for t in out.column("edits").to_pylist()[0]] == ["Sneaker"]
     assert out.column("edits").to_pylist()[1:] == [[], [], []]

@@ -1121,7 +1121,8 @@ class HypernymClassifier:
         path = Path(path)
         conf = json.loads((path / "config.json").read_text())
         if conf.get("features") != FEATURES:
-            raise ValueError(f"{path}: the artifact's features differ from this code's FEATURES")
+            raise ValueError(f"{path}: the hypernym artifact was written by another version of "
+                             f"this code (its features differ); fit the models again with `autoknow fit`")
         self = cls(HypernymConfig(**conf["config"]))
         self.mean = np.asarray(conf["mean"], np.float32)
         self.std = np.asarray(conf["std"], np.float32)

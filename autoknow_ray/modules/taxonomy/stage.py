@@ -38,7 +38,7 @@ from autoknow_ray.modules.taxonomy.title_names import (
     EVIDENCE_PREFIX, TitleTypeNames, build_vocabulary, load_vocabulary_and_not_types,
 )
 from autoknow_ray.modules.taxonomy.types import (
-    CANDIDATES_SCHEMA, TYPE_COLUMNS, BestTypeSpan, ResolveTypes, SpreadNewTypes, TypeNames,
+    CANDIDATES_SCHEMA, SPREAD, TYPE_COLUMNS, BestTypeSpan, ResolveTypes, SpreadNewTypes, TypeNames,
     accept_candidates, ancestors_map, lower_case_taxonomy, orphan_types, taxonomy_maps, write_reference,
 )
 from autoknow_ray.nn.encoder import EmbedTitles, TextEncoder
@@ -165,7 +165,7 @@ class TaxonomyStage(Stage):
         for d in ("_title_models", "_decisions", "_decisions_spread", "_knn_reference"):
             storage.rmtree(ctx.out / d)
         outcomes = counts.get("outcomes", {})
-        unresolved = {k: v for k, v in outcomes.items() if k not in ("kept", "added", "corrected")}
+        unresolved = {k: v for k, v in outcomes.items() if k not in ("kept", "added", "corrected", SPREAD)}
         return {
             "rows_in": n,
             "rows_out": counts.get("typed_products", 0),
@@ -177,6 +177,7 @@ class TaxonomyStage(Stage):
             "types_kept": outcomes.get("kept", 0),
             "types_added": outcomes.get("added", 0),
             "types_corrected": outcomes.get("corrected", 0),
+            "types_spread": outcomes.get(SPREAD, 0),  # new types taken from nearby titles
             "types_unresolved": sum(unresolved.values()),
             "types_unresolved_reasons": unresolved,
             "edits": counts.get("edits", 0),

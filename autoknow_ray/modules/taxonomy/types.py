@@ -28,7 +28,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from autoknow_ray.index.knn_vote import LabelIndex, decide
+from autoknow_ray.index.knn_vote import NO_AGREEMENT, TOO_FAR, LabelIndex, decide
 from autoknow_ray.index.vectors import as_matrix
 from autoknow_ray.modules.taxonomy.hypernym_config import (
     KNN_MIN_SHARE, KNN_MIN_SIMILARITY, TypeResolutionConfig)
@@ -538,6 +538,9 @@ def read_reference(path: str, cap: int | None) -> pl.DataFrame:
     return ref.drop(_DRAW)
 
 
+SPREAD = "spread"  # the outcome of a product that took a new type from SpreadNewTypes
+
+
 class SpreadNewTypes(Step):
     """Third pass, over the resolved products: a product the kNN vote refused (its neighbours too
     far, or no agreement) and whose title names no type takes a **new** type where its nearest
@@ -576,8 +579,6 @@ class SpreadNewTypes(Step):
                                 types, seed=self.cfg.seed)
 
     def process_batch(self, batch: pa.Table) -> pa.Table:
-        from autoknow_ray.index.knn_vote import NO_AGREEMENT, TOO_FAR
-
         if self.index is None:
             self.setup(WorkerEnv())
         outcome = batch.column("outcome").to_pylist()
@@ -597,7 +598,7 @@ class SpreadNewTypes(Step):
             evidence = f"knn new type k={k} share={v.share:.2f} ({outcome[i]})"
             cols["type"][i], cols["type_status"][i] = v.label, "added"
             cols["type_confidence"][i], cols["type_evidence"][i] = float(v.share), evidence
-            outcome[i] = "added"
+            outcome[i] = SPREAD  # counted apart from the first vote's answers in the manifest
             edits[i] = [_triple(pids[i], HAS_TYPE, v.label, v.share, "added", evidence),
                         *(edits[i] or ())]
         out = batch

@@ -211,6 +211,12 @@ def test_fit_and_rebuild_impute_without_overwriting(tmp_path, ray_session):
     assert (art / "tagger" / "model.safetensors").exists() and (art / "type_vectors.safetensors").exists()
     assert not list(art.rglob("*.bin")) and not list(art.rglob("*.pkl"))
     assert json.loads((art / "tagger" / "config.json").read_text())["context_dim"] == 384
+    # fit calibrates its threshold for the 0.95 precision target on its validation windows
+    cal = json.loads((art / "calibration.json").read_text())
+    assert cal["target"] == 0.95 and cal["positives"] > 0
+    assert (cal["threshold"] is None) == bool(cal["abstain_reason"])
+    if cal["threshold"] is not None:
+        assert cal["precision_lower"] >= 0.95 and cal["threshold"] >= 0.5
     assert main(["rebuild", "--catalogue", str(held), "--out", str(run), "--models", str(models),
                  "--config", str(cfg)]) == 0
     manifest = json.loads((run / "imputation" / "manifest.json").read_text())
@@ -225,6 +231,7 @@ def test_fit_and_rebuild_impute_without_overwriting(tmp_path, ray_session):
     assert mine["evidence"].str.contains(r"\[\d+:\d+\]").all()
     # never an `added` value for a (product, attribute) the catalogue already fills, except
     # the conflicts flagged for cleaning
+    kept_facts = triples.filter(pl.col("status") == "kept").height
     kept = triples.filter(pl.col("status") == "kept").select("subject", "relation").unique()
     over = mine.join(kept, on=["subject", "relation"], how="inner")
     assert over["evidence"].str.starts_with("conflicts with catalogue").all()
@@ -236,3 +243,16 @@ def test_fit_and_rebuild_impute_without_overwriting(tmp_path, ray_session):
     assert res["imputation.held_out"] == 189 and res["imputation.held_out_in_text"] == 139
     assert res["imputation.predicted"] >= 120 and res["imputation.precision"] >= 0.75
     assert res["imputation.recall"] >= 0.5 and res["imputation.recall_in_text"] >= 0.65
+    # the same models where fit found no threshold reaching its target: under `auto` the
+    # module writes nothing, and its manifest says why
+    cal.update(threshold=None, abstain_reason="no threshold reaches precision 0.95 (test)")
+    (art / "calibration.json").write_text(json.dumps(cal))
+    cfg.write_text(FIT_CONFIG.replace("min_confidence: 0.5", "min_confidence: auto"))
+    run2 = tmp_path / "run2"
+    assert main(["rebuild", "--catalogue", str(held), "--out", str(run2), "--models", str(models),
+                 "--config", str(cfg)]) == 0
+    m2 = json.loads((run2 / "imputation" / "manifest.json").read_text())
+    assert m2["facts_added"] == 0 and "(test)" in m2["abstained"]
+    t2 = read_parquet_any(table_file(run2 / "graph", "triples"))
+    assert t2.filter(pl.col("module") == "imputation").height == 0
+    assert t2.filter(pl.col("status") == "kept").height == kept_facts

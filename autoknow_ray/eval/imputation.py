@@ -48,10 +48,17 @@ def _blind(gold: Path) -> bool:
 
 
 def _shipped_threshold(run: Path) -> float | None:
+    """The threshold the stage used (its manifest; fit's calibrated one under `auto`), else a
+    number in the run's config; None where the module abstained or never ran."""
+    m = run / "imputation" / "manifest.json"
+    if m.exists():
+        t = json.loads(m.read_text()).get("min_confidence")
+        return float(t) if isinstance(t, (int, float)) else None
     p = run / "config.resolved.json"
     if not p.exists():
         return None
-    return json.loads(p.read_text()).get("imputation", {}).get("min_confidence")
+    t = json.loads(p.read_text()).get("imputation", {}).get("min_confidence")
+    return float(t) if isinstance(t, (int, float)) else None
 
 
 def score(run: Path, gold: Path) -> dict:

@@ -129,6 +129,9 @@ def _stage_entry(run: Path, name: str) -> dict | None:
     }
     if m.get("quarantine_reasons"):
         entry["quarantine_reasons"] = m["quarantine_reasons"]
+    if m.get("abstained"):  # a module that judged itself unsafe here wrote nothing (of a kind)
+        a = m["abstained"]
+        entry["abstained"] = a if isinstance(a, dict) else {"all": a}
     # the module-1 figures earlier reports carried at the top level
     entry.update({k: m[k] for k in m if k.startswith(("types_", "new_", "tagger_", "hypernym_"))
                   and _scalar(m[k])})

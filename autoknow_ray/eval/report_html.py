@@ -160,9 +160,10 @@ def _stages(report: dict) -> str:
     rows = []
     for s in stages:
         res = s.get("resources")
-        rows.append({**s, "resources": json.dumps(res, default=str) if res else ""})
+        rows.append({**s, "resources": json.dumps(res, default=str) if res else "",
+                     "abstained": ", ".join(sorted(s.get("abstained") or {}))})
     return (chart + table(rows, ["stage", "rows_in", "rows_out", "rows_quarantined", "seconds",
-                                 "rows_per_s", "resources", "finished_at"])
+                                 "rows_per_s", "abstained", "resources", "finished_at"])
             + f"<p class='muted'>cluster: {esc(report.get('cluster'))}</p>")
 
 
@@ -175,6 +176,9 @@ def _stage_detail(s: dict) -> str:
     if s.get("balanced") is not None:
         balance = ("<p class='ok'>rows in = rows out + rows quarantined</p>" if s["balanced"]
                    else "<p class='bad'>rows in ≠ rows out + rows quarantined</p>")
+    for kind, why in sorted((s.get("abstained") or {}).items()):
+        what = "nothing" if kind == "all" else f"no {esc(kind)} edit"
+        balance += f"<p class='bad'>Abstained: wrote {what}. {esc(why)}</p>"
     return (balance
             + table([{"figure": k, "value": v} for k, v in figures.items()], ["figure", "value"])
             + ("<h3>Tables</h3>" + table(trows, tcols) if trows else ""))

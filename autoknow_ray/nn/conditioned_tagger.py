@@ -457,12 +457,17 @@ def train_conditioned_tagger(
         "train_examples_per_s": seen / max(1e-9, sum(h["seconds"] for h in history)),
     }
     if val:
-        metrics.update({f"val_{k}": v for k, v in _validate(tagger, val, ctx_all, texts, s.eval_batch_size).items()
-                        if k in ("precision", "recall", "f1")})
+        final = _validate(tagger, val, ctx_all, texts, s.eval_batch_size)
+        metrics.update({f"val_{k}": v for k, v in final.items() if k in ("precision", "recall", "f1")})
+        # every predicted validation span's score and whether it is a labelled span: what a
+        # caller calibrates its confidence threshold on
+        metrics["val_spans"] = {"scores": final["span_scores"], "correct": final["span_correct"],
+                                "n_gold": final["n_gold"]}
     metrics["train_seconds"] = time.perf_counter() - t0
     if out_dir is not None:
         tagger.save(out_dir, extra={"training": {"settings": asdict(s),
-                                                 **{k: v for k, v in metrics.items() if k != "history"}},
+                                                 **{k: v for k, v in metrics.items()
+                                                    if k not in ("history", "val_spans")}},
                                     **(artifact_extra or {})})
     return tagger, metrics
 
@@ -471,14 +476,24 @@ def _validate(tagger: ConditionedTagger, val, ctx_all, texts, batch_size: int) -
     """Span P/R/F1 on validation windows (each decoded as a whole text)."""
     wins = [w for w, _, _ in val]
     preds = []
+    scored_by: dict[int, list] = {}
     tagger.model.eval()
     for idx in length_buckets([len(w.input_ids) for w in wins], batch_size):
         batch = [wins[j] for j in idx]
         ctx = ctx_all[[w.text_index for w in batch]] if tagger.context_dim else None
         for j, w, lp in zip(idx, batch, tagger._word_logprobs(batch, ctx)):
             whole = Window(w.input_ids, w.word_first, w.word_chars, w.shapes, first=True, last=True)
-            preds.append((int(j), [(lab, a, b) for lab, a, b, _ in
-                                   tagger._decode(lp, whole, texts[w.text_index])]))
+            spans = tagger._decode(lp, whole, texts[w.text_index])
+            preds.append((int(j), [(lab, a, b) for lab, a, b, _ in spans]))
+            scored_by[int(j)] = spans
     tagger.model.train()
     pred_by = dict(preds)
-    return span_prf([sp for _, _, sp in val], [pred_by[i] for i in range(len(val))])
+    gold = [sp for _, _, sp in val]
+    out = span_prf(gold, [pred_by[i] for i in range(len(val))])
+    out["span_scores"], out["span_correct"] = [], []
+    for i, g in enumerate(gold):
+        gs = {(lab, a, b) for lab, a, b in g}
+        for lab, a, b, score in scored_by[i]:
+            out["span_scores"].append(float(score))
+            out["span_correct"].append((lab, a, b) in gs)
+    return out

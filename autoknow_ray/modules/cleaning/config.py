@@ -68,6 +68,14 @@ class CleaningConfig(BaseModel):
     threshold: float | Literal["auto"] = "auto"
     type_threshold: float | Literal["auto"] = "auto"  # the same, for product-type claims
     expected_error_rate: float = Field(0.05, gt=0, lt=0.5)
+    # `auto` ships the lowest threshold whose precision (one-sided 95% lower bound, at
+    # `expected_error_rate` misassigned claims) reaches this on the held-out pairs; where none
+    # does, the module removes nothing of that kind (values, types) and says so. None: the
+    # older weighted-F1 rule below
+    precision_target: float | None = Field(0.95, gt=0, lt=1)
+    # a rebuild whose flagged share of claims is over this multiple of what fit expects at the
+    # expected error rate judges a catalogue unlike the fit's: it writes no edit and says so
+    shift_factor: float | None = Field(3.0, gt=1)
     min_threshold: float = Field(0.5, ge=0, le=1)  # `auto` never goes below this
     # `auto` takes the highest threshold whose weighted F1 is within this of the best: of
     # thresholds that do about as well on the held-out pairs, the one that removes least

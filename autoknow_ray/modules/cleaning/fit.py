@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from autoknow_ray import progress, runtime
+from autoknow_ray.calibration import threshold_for_precision
 from autoknow_ray.eval.metrics import average_precision
 from autoknow_ray.modules.cleaning.config import CleaningConfig
 from autoknow_ray.modules.cleaning.model import (TEXT_FEATURES, CrossEncoder, PairTokens, collate,
@@ -86,11 +87,26 @@ TYPE_KINDS = ("type", "type_positive")
 
 
 def _threshold(setting, scores: np.ndarray, labels: np.ndarray, cfg: CleaningConfig,
-               fallback: float | None = None) -> tuple[float, dict]:
-    """A configured number, or `auto`: chosen on these held-out pairs (the fallback, else the
-    floor, when they hold one class only)."""
+               fallback: float | None = None) -> tuple[float | None, dict]:
+    """A configured number, or `auto`: chosen on these held-out pairs. With a `precision_target`
+    the lowest threshold whose precision lower bound, at `expected_error_rate` misassigned
+    claims, reaches it, or None (the module abstains on this kind of claim) where none does;
+    without one, the weighted-F1 rule (the fallback, else the floor, when the pairs hold one
+    class only)."""
     if setting != "auto":
         return float(setting), {}
+    if cfg.precision_target is not None:
+        c = threshold_for_precision(scores, labels, cfg.precision_target,
+                                    base_rate=cfg.expected_error_rate, floor=cfg.min_threshold)
+        stats = {"calibration": c.as_dict()}
+        if not c.abstains:
+            flagged_ok = float((scores[labels == 0] >= c.threshold).mean()) if (labels == 0).any() else 0.0
+            e = cfg.expected_error_rate
+            # the share of a catalogue's claims this threshold flags when its errors are at the
+            # expected rate: the figure a rebuild compares its own flagged share with
+            stats.update(val_false_removal_rate=round(flagged_ok, 5),
+                         expected_flagged_share=round(e * (c.recall or 0.0) + (1 - e) * flagged_ok, 5))
+        return c.threshold, stats
     if fallback is not None and (labels.sum() == 0 or labels.sum() == len(labels)):
         return fallback, {}
     return choose_threshold(scores, labels, cfg.expected_error_rate, cfg.min_threshold,
@@ -184,11 +200,17 @@ def train_cross_encoder(pairs: list[Pair], cfg: CleaningConfig, out: Path, seed:
     type_threshold, type_stats = _threshold(cfg.type_threshold, scores[is_type], labels[is_type],
                                             cfg, fallback=threshold)
     val_stats.update({f"type_{k}": v for k, v in type_stats.items()})
+    abstain = {kind: st["calibration"]["abstain_reason"]
+               for kind, st in (("values", val_stats), ("types", type_stats))
+               if st.get("calibration", {}).get("abstain_reason")}
+    if abstain:
+        val_stats["abstains"] = abstain
     auc = round(average_precision(labels.tolist(), scores.tolist()), 4)
     per_kind = {}
     for kind in sorted({p.kind for p in val}):
         sel = np.array([p.kind == kind for p in val])
         t = type_threshold if kind in TYPE_KINDS else threshold
+        t = math.inf if t is None else t
         per_kind[kind] = round(float(((scores[sel] >= t) == (labels[sel] == 1)).mean()), 4)
     meta = {"max_length": cfg.max_length, "max_value_chars": cfg.max_value_chars,
             "max_text_chars": cfg.max_text_chars, "feature_text_chars": cfg.feature_text_chars,

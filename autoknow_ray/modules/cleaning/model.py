@@ -8,6 +8,7 @@ call are sorted by length so model batches carry little padding.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import re
@@ -153,12 +154,14 @@ class MisassignmentScorer:
 
     @property
     def threshold(self) -> float:
-        return float(self.meta["threshold"])
+        """The removal threshold for values; infinite (nothing removed) where fit found none
+        that reaches the precision target."""
+        return _or_inf(self.meta["threshold"])
 
     @property
     def type_threshold(self) -> float:
         """The threshold for type claims (models fitted before it had one use `threshold`)."""
-        return float(self.meta.get("type_threshold", self.meta["threshold"]))
+        return _or_inf(self.meta.get("type_threshold", self.meta["threshold"]))
 
     @property
     def uses_features(self) -> bool:
@@ -202,3 +205,7 @@ def load_model(model_dir: Path) -> CrossEncoder:
                          len(meta.get("text_features") or ()))
     model.load_head_state(load_file(str(model_dir / WEIGHTS)))
     return model
+
+
+def _or_inf(t) -> float:
+    return math.inf if t is None else float(t)

@@ -15,8 +15,8 @@ import pyarrow.compute as pc
 
 from autoknow_ray import runtime
 from autoknow_ray.graph import state
-from autoknow_ray.modules.cleaning.steps import ScoreTriples
-from autoknow_ray.pipeline import RunContext, Stage
+from autoknow_ray.modules.cleaning.steps import TYPE_RELATION, ScoreTriples
+from autoknow_ray.pipeline import RunContext, Stage, ensure_shards
 from autoknow_ray.schema import TRIPLES
 
 PRODUCT_COLUMNS = ["product_id", "title", "description", "type", "product_type", "attributes", "brand"]
@@ -76,15 +76,20 @@ class CleaningStage(Stage):
         runtime.map_step(products, step, ctx.cfg, n).write_parquet(str(ctx.out / "scores"))
         seconds = time.perf_counter() - t0
         scores = runtime.read_parquet(ctx.out / "scores")
-        scores.map_batches(_edits_only, batch_format="pyarrow").write_parquet(str(ctx.out / "edits"))
         by = runtime.aggregate(scores.map_batches(_status_kind, batch_format="pyarrow"),
                                ["status", "kind"], {"n": ("count", None)})
         counts = {f"{s}.{k}": int(c) for s, k, c in by.select("status", "kind", "n").iter_rows()} \
             if by.height else {}
+        guard = shift_guard(counts, meta, cfg, (cfg.threshold == "auto", cfg.type_threshold == "auto"))
+        held = [kind for kind, g in guard.items() if g["held_back"]]
+        scores.map_batches(_edits_only, fn_kwargs={"hold_types": "types" in held,
+                                                   "hold_values": "values" in held},
+                           batch_format="pyarrow").write_parquet(str(ctx.out / "edits"))
+        ensure_shards(ctx.out / "edits", TRIPLES)  # no edit anywhere: Ray writes no file
         scored = sum(v for k, v in counts.items() if not k.startswith(("corrected.", "unscored.")))
         removed = sum(v for k, v in counts.items() if k.startswith("removed."))
         corrected = sum(v for k, v in counts.items() if k.startswith("corrected."))
-        return {
+        out = {
             "rows_in": n,
             "rows_out": removed + corrected,
             "rows_quarantined": 0,
@@ -97,15 +102,57 @@ class CleaningStage(Stage):
             "by_status": counts,
             "threshold": cfg.threshold,
             "type_threshold": cfg.type_threshold,
-            # the numbers used: the config's, or those `fit` chose (`auto`)
+            # the numbers used: the config's, or those `fit` chose (`auto`; None = fit found no
+            # threshold reaching the precision target, so nothing of that kind is removed)
             "thresholds_used": {"value": step_thresholds[0], "type": step_thresholds[1]},
+            "shift_guard": guard,
         }
+        abstains = {k: v for k, v in (meta.get("abstains") or {}).items()
+                    if (k == "values" and cfg.threshold == "auto")
+                    or (k == "types" and cfg.type_threshold == "auto")}
+        abstains.update({k: g["reason"] for k, g in guard.items() if g["held_back"]})
+        if abstains:
+            out["abstained"] = abstains
+        return out
 
 
-def _edits_only(batch: pa.Table) -> pa.Table:
-    """The `removed` and `corrected` rows, as graph edits (TRIPLES)."""
-    keep = pc.is_in(batch.column("status"), pa.array(["removed", "corrected"]))
-    return batch.filter(pc.fill_null(keep, False)).select([f.name for f in TRIPLES]).cast(TRIPLES)
+TYPE_KINDS = ("catalogue_type", "upstream_type", "upstream_type_correction")
+
+
+def shift_guard(counts: dict, meta: dict, cfg, auto: tuple[bool, bool]) -> dict:
+    """Per kind of claim (values, types): the share this rebuild flagged against the share fit
+    expects at its expected error rate. Over `shift_factor` times that (and at least 5 claims),
+    the catalogue is unlike the ones the model was validated on: its edits of that kind are held
+    back. Only for thresholds fit chose (`auto`)."""
+    out = {}
+    for kind, is_auto, prefix in (("values", auto[0], ""), ("types", auto[1], "type_")):
+        kinds = TYPE_KINDS if kind == "types" else ("catalogue_value", "upstream_value")
+        flagged = sum(counts.get(f"removed.{k}", 0) for k in kinds)
+        judged = flagged + sum(counts.get(f"kept.{k}", 0) for k in kinds)
+        expected = meta.get(f"{prefix}expected_flagged_share")
+        g = {"judged": judged, "flagged": flagged,
+             "flagged_share": round(flagged / judged, 5) if judged else 0.0,
+             "expected_share": expected, "held_back": False}
+        if (is_auto and expected is not None and cfg.shift_factor is not None and flagged >= 5
+                and flagged > cfg.shift_factor * expected * judged):
+            g["held_back"] = True
+            g["reason"] = (f"catalogue unlike the fit's: {flagged} of {judged} {kind} flagged "
+                           f"({g['flagged_share']:.3f}), over {cfg.shift_factor:g} x the "
+                           f"{expected:.4f} fit expects; no {kind} edit written")
+        out[kind] = g
+    return out
+
+
+def _edits_only(batch: pa.Table, hold_types: bool = False, hold_values: bool = False) -> pa.Table:
+    """The `removed` and `corrected` rows, as graph edits (TRIPLES), less the kinds of claim the
+    shift guard holds back."""
+    keep = pc.fill_null(pc.is_in(batch.column("status"), pa.array(["removed", "corrected"])), False)
+    is_type = pc.fill_null(pc.equal(batch.column("relation"), TYPE_RELATION), False)
+    if hold_types:
+        keep = pc.and_(keep, pc.invert(is_type))
+    if hold_values:
+        keep = pc.and_(keep, is_type)
+    return batch.filter(keep).select([f.name for f in TRIPLES]).cast(TRIPLES)
 
 
 def _status_kind(batch: pa.Table) -> pa.Table:

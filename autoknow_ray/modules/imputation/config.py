@@ -69,7 +69,12 @@ class ImputationConfig(BaseModel):
         default_factory=lambda: ["title", "description", "bullets", "texts"])
     max_text_chars: int = Field(20_000, ge=100)  # longer texts are cut (and counted)
     max_texts_per_product: int = Field(20, ge=1)  # customer texts read per product
-    min_confidence: float = Field(0.9, ge=0.0, le=1.0)  # the shipped threshold for `added` facts
+    # the threshold for `added` facts: a number, or `auto` = the one fit calibrated on its
+    # validation windows (the lowest span score whose precision lower bound reaches
+    # `precision_target`); where fit found none, the module writes nothing and says why. Models
+    # fitted before calibration existed use 0.9
+    min_confidence: float | Literal["auto"] = "auto"
+    precision_target: float = Field(0.95, gt=0, lt=1)
     # a value that disagrees with one already in the graph is added beside it (both stay, for
     # module 4 to judge) only at this confidence; below it is counted, not written
     emit_conflicts: bool = True

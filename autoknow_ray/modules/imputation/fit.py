@@ -6,6 +6,7 @@ known values (the labelled terms of the embedding clusters) are counted over the
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -15,11 +16,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from autoknow_ray import runtime
+from autoknow_ray.calibration import PrecisionChoice, threshold_for_precision
 from autoknow_ray.graph import state
 from autoknow_ray.modules.imputation.config import ImputationConfig
 from autoknow_ray.modules.imputation.distant import build_examples
 from autoknow_ray.modules.imputation.model import (
-    KNOWN_VALUES, TAGGER, save_type_vectors)
+    CALIBRATION, KNOWN_VALUES, TAGGER, save_type_vectors)
 from autoknow_ray.modules.imputation.texts import filled_values, value_key
 from autoknow_ray.nn.conditioned_tagger import ConditionedTrainSettings, train_conditioned_tagger
 from autoknow_ray.pipeline import RunContext
@@ -79,6 +81,23 @@ def known_values(rows: list[dict], cap: int) -> pl.DataFrame:
     return agg.sort(["n", "type", "attribute", "term"], descending=[True, False, False, False]).head(cap)
 
 
+def calibrate(val_spans: dict | None, target: float) -> dict:
+    """The span score from which the tagger's values reach `target` precision on the held-out
+    windows (a value counts as right where it is the span the catalogue's own value marks), or
+    the reason there is none. A span the catalogue does not fill counts as wrong, so the
+    estimate errs low."""
+    if not val_spans or not val_spans["scores"]:
+        return PrecisionChoice(target=target, threshold=None,
+                               abstain_reason="no validation windows to calibrate on").as_dict()
+    c = threshold_for_precision(val_spans["scores"], val_spans["correct"], target, floor=0.5)
+    out = c.as_dict()
+    if not c.abstains and val_spans.get("n_gold"):
+        out["recall_of_labelled_spans"] = round(
+            sum(1 for s, ok in zip(val_spans["scores"], val_spans["correct"])
+                if ok and s >= c.threshold) / val_spans["n_gold"], 4)
+    return out
+
+
 def fit_imputation(ctx: RunContext, out: Path) -> dict:
     from autoknow_ray.nn.encoder import TextEncoder
 
@@ -108,11 +127,14 @@ def fit_imputation(ctx: RunContext, out: Path) -> dict:
         max_windows=cfg.tagger.max_train_windows,
         empty_keep_fraction=cfg.tagger.empty_keep_fraction,
         artifact_extra={"task": "imputation-tagger", "distant_supervision": stats})
+    calibration = calibrate(metrics.pop("val_spans", None), cfg.precision_target)
+    (out / CALIBRATION).write_text(json.dumps(calibration, indent=2))
     known = known_values(rows, cfg.clusters.known_values_max)
     if known.height:
         known.write_parquet(out / KNOWN_VALUES)
     metrics.pop("history", None)
     return {"products_sampled": len(rows), "labels": labels,
             "conditioned_on_type": cfg.tagger.condition_on_type, "types": len(names),
-            "known_values": known.height, "distant_supervision": stats, **metrics,
+            "known_values": known.height, "distant_supervision": stats, "calibration": calibration,
+            **metrics,
             "seconds": round(time.perf_counter() - t0, 2)}

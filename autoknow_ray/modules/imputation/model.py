@@ -20,6 +20,22 @@ TAGGER = "tagger"
 TYPE_VECTORS = "type_vectors.safetensors"
 TYPE_NAMES = "type_names.json"
 KNOWN_VALUES = "known_values.parquet"
+CALIBRATION = "calibration.json"  # the threshold fit chose for its precision target, or why none
+UNCALIBRATED_THRESHOLD = 0.9  # models fitted before calibration existed
+
+
+def shipped_threshold(model_dir: Path, setting) -> tuple[float | None, str | None]:
+    """(threshold, why none): a configured number as is; `auto` = fit's calibrated threshold,
+    None with the reason where fit found none reaching its precision target."""
+    if setting != "auto":
+        return float(setting), None
+    p = Path(model_dir) / CALIBRATION
+    if not p.exists():
+        return UNCALIBRATED_THRESHOLD, None
+    c = json.loads(p.read_text())
+    if c.get("threshold") is None:
+        return None, c.get("abstain_reason") or "fit found no threshold reaching its precision target"
+    return float(c["threshold"]), None
 
 
 def save_type_vectors(out: Path, names: list[str], vectors: np.ndarray) -> None:

@@ -20,7 +20,7 @@ import ray
 from autoknow_ray import runtime
 from autoknow_ray.graph import state
 from autoknow_ray.modules.imputation.clusters import build_cluster_map
-from autoknow_ray.modules.imputation.model import TAGGER, load_known_values
+from autoknow_ray.modules.imputation.model import TAGGER, load_known_values, shipped_threshold
 from autoknow_ray.modules.imputation.steps import (
     INPUT_COUNTS, PRODUCT_COLUMNS, DecideValues, TagProducts, TermRows, written)
 from autoknow_ray.modules.imputation.texts import SEP
@@ -120,10 +120,16 @@ class ImputationStage(Stage):
         if model_dir is None or not (model_dir / TAGGER / "config.json").exists():
             return {"rows_in": n, "rows_out": 0, "rows_quarantined": 0,
                     "skipped": f"no imputation model in {model_dir} (fit found nothing to learn)"}
+        min_confidence, abstain = shipped_threshold(model_dir, cfg.min_confidence)
+        if min_confidence is None:
+            # nothing is written: an empty edits table says so to the stages after
+            ctx.write("edits", TRIPLES.empty_table(), TRIPLES)
+            return {"rows_in": n, "rows_out": 0, "rows_quarantined": 0, "facts_added": 0,
+                    "abstained": abstain, "min_confidence": None}
         products = products_with_context(ctx, n)
         tag = TagProducts(model_dir, cfg.fields, cfg.max_text_chars, cfg.max_texts_per_product,
                           cfg.infer_batch_size, cfg.clusters.min_span_score
-                          if cfg.clusters.enabled else cfg.min_confidence, cfg.tagger.encoder)
+                          if cfg.clusters.enabled else min_confidence, cfg.tagger.encoder)
         t0 = time.perf_counter()
         runtime.map_step(products, tag, ctx.cfg, n).write_parquet(str(ctx.out / "candidates"))
         tag_seconds = time.perf_counter() - t0
@@ -134,9 +140,9 @@ class ImputationStage(Stage):
 
         cluster_map, cluster_stats = {}, {"enabled": cfg.clusters.enabled}
         if cfg.clusters.enabled and rows_out:
-            cluster_map, stats = self._clusters(ctx, cands, model_dir)
+            cluster_map, stats = self._clusters(ctx, cands, model_dir, min_confidence)
             cluster_stats.update(stats)
-        decide = DecideValues(cfg.min_confidence, cfg.clusters.min_span_score, cluster_map,
+        decide = DecideValues(min_confidence, cfg.clusters.min_span_score, cluster_map,
                               applicable_attributes(ctx), cfg.emit_conflicts,
                               cfg.conflict_min_confidence)
         decisions = runtime.map_step(cands, decide, ctx.cfg, n, repartition=False)
@@ -166,17 +172,18 @@ class ImputationStage(Stage):
             "facts_added": sum(added_per_relation.values()),
             "facts_added_per_relation": dict(added_per_relation.most_common()),
             "clusters": cluster_stats,
-            "min_confidence": cfg.min_confidence,
+            "min_confidence": min_confidence,
+            "min_confidence_setting": cfg.min_confidence,
             "conditioned_on_type": self._conditioned(model_dir),
         }
 
-    def _clusters(self, ctx: RunContext, cands, model_dir):
+    def _clusters(self, ctx: RunContext, cands, model_dir, min_confidence: float):
         import polars as pl
 
         from autoknow_ray.nn.encoder import TextEncoder
 
         cfg = ctx.cfg.imputation
-        rows = runtime.map_step(cands, TermRows(cfg.min_confidence), ctx.cfg, repartition=False)
+        rows = runtime.map_step(cands, TermRows(min_confidence), ctx.cfg, repartition=False)
         terms = runtime.aggregate(rows, ["type", "term", "attribute"], {"n": ("count", None)})
         known = load_known_values(model_dir)
         parts = [p.select("type", "term", "attribute", pl.col("n").cast(pl.Int64))

@@ -24,8 +24,11 @@ class SynonymsConfig(BaseModel):
     # title listed 2..max_products_per_title times
     colisted: bool = True
     max_products_per_title: int = Field(8, ge=2)
-    # decision: None = the threshold `fit` chose on its validation pairs
+    # decision: None = the threshold `fit` chose on its validation pairs: the lowest whose
+    # precision lower bound reaches `precision_target` (None: the older best-F1 rule); where
+    # fit found none, the module merges nothing and says so
     threshold: float | None = None
+    precision_target: float | None = Field(0.95, gt=0, lt=1)
     # clusters: a member must itself score >= threshold against the cluster's canonical (no
     # chaining a ~ b ~ c into a ~ c), and a cluster holds at most this many terms
     max_cluster_size: int = Field(50, ge=2)

@@ -3,8 +3,10 @@
 Labels come from what the catalogue holds (gold/ is never read), see `distant.py`: co-listed
 terms and general rewrites are positives, near neighbours and hard rewrites are negatives. The
 training set is a seeded sample of products (cap `max_train_products`) and of terms (cap
-`max_train_terms`); pairs are split into train / validation by term with the seed, and the
-shipped threshold is the one with the best F1 on the validation pairs.
+`max_train_terms`); pairs are split into train / validation by term with the seed. The shipped
+scorer is the classifier, or the embedding cosine where that ranks the validation pairs better;
+the shipped threshold is the lowest whose precision lower bound on the validation pairs reaches
+`precision_target` (None, and the module merges nothing, where none does).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import polars as pl
 import torch
 
 from autoknow_ray import runtime
+from autoknow_ray.calibration import threshold_for_precision
 from autoknow_ray.eval.metrics import prf
 from autoknow_ray.modules.synonyms import distant
 from autoknow_ray.modules.synonyms.candidates import knn_pairs
@@ -127,6 +130,12 @@ def best_threshold(y: np.ndarray, s: np.ndarray) -> tuple[float, dict]:
     return best
 
 
+def _prf_at(y: np.ndarray, s: np.ndarray, threshold: float | None) -> dict:
+    """Precision, recall and F1 of the validation pairs at a threshold (None: nothing accepted)."""
+    p = s >= threshold if threshold is not None else np.zeros(len(s), bool)
+    return prf(int((p & (y == 1)).sum()), int((p & (y == 0)).sum()), int((~p & (y == 1)).sum()))
+
+
 def train_classifier(x: np.ndarray, y: np.ndarray, cfg, seed: int) -> PairClassifier:
     torch.manual_seed(seed)
     model = PairClassifier(x.shape[1], cfg.hidden)
@@ -169,15 +178,30 @@ def fit_synonyms(ctx: RunContext, out: Path) -> dict:
     val = ~train
     model = train_classifier(x[train], y[train], cfg, ctx.cfg.seed)
     sv = model.score(x[val])
-    threshold, val_prf = best_threshold(y[val], sv)
+    cos_val = pairs["cosine"].to_numpy()[val].astype(np.float64)
+    ap_model, ap_cos = _average_precision(y[val], sv), _average_precision(y[val], cos_val)
+    # the classifier ships only where it ranks the held-out pairs at least as well as the
+    # embedding cosine it is given as a feature; else the cosine alone is the scorer
+    scorer = "classifier" if ap_model >= ap_cos else "cosine"
+    shipped_scores = sv if scorer == "classifier" else cos_val
+    calibration = None
+    if cfg.precision_target is not None:
+        c = threshold_for_precision(shipped_scores, y[val], cfg.precision_target)
+        calibration = c.as_dict()
+        threshold = c.threshold
+        val_prf = _prf_at(y[val], shipped_scores, threshold)
+    else:
+        threshold, val_prf = best_threshold(y[val], shipped_scores)
     meta = {"hidden": cfg.hidden, "threshold": threshold, "encoder": cfg.encoder,
-            "seed": ctx.cfg.seed}
+            "seed": ctx.cfg.seed, "scorer": scorer, "calibration": calibration}
     save(model, out, meta)
     pairs.write_parquet(out / "training_pairs.parquet")
     origins = dict(pairs.group_by(["origin", "label"]).len()
                    .select(pl.format("{}.{}", "origin", "label"), "len").iter_rows())
     return {"pairs": pairs.height, "positives": int(y.sum()), "origins": origins,
-            "features": len(FEATURES), "threshold": round(threshold, 4),
-            "val_auc_pr": round(_average_precision(y[val], sv), 4),
+            "features": len(FEATURES),
+            "threshold": None if threshold is None else round(threshold, 4), "scorer": scorer,
+            "calibration": calibration, "val_auc_pr": round(ap_model, 4),
+            "val_auc_pr_cosine": round(ap_cos, 4),
             "val_precision": val_prf["precision"], "val_recall": val_prf["recall"],
             "val_f1": val_prf["f1"], "seconds": round(time.perf_counter() - t0, 2)}

@@ -116,7 +116,12 @@ class SynonymsStage(Stage):
             return self._write_nothing(ctx, counts, f"no trained classifier in {model_dir}: "
                                                    "run `autoknow fit` with the synonyms module")
         classifier, meta = pair_model.load(model_dir)
+        if cfg.threshold is None and meta.get("threshold") is None:
+            reason = ((meta.get("calibration") or {}).get("abstain_reason")
+                      or "fit found no threshold reaching its precision target")
+            return {**self._write_nothing(ctx, counts, reason), "abstained": reason}
         threshold = cfg.threshold if cfg.threshold is not None else float(meta["threshold"])
+        self._cosine_scorer = meta.get("scorer") == "cosine"
         vocab, vectors = self._embed(ctx, vocab)
         pairs = self._candidates(ctx, occ, vocab, vectors)
         scored = self._score(ctx, pairs, model_dir)
@@ -129,6 +134,7 @@ class SynonymsStage(Stage):
             .alias("attribute")), GRAPH_SYNONYMS)
         n_edits = self._edits(ctx, occ, merged, n_occ)
         return {**counts, "occurrences": n_occ, "threshold": round(threshold, 4),
+                "scorer": meta.get("scorer", "classifier"),
                 "candidate_pairs": scored.height,
                 "candidates_by_source": dict(scored.group_by("source").len().rows()),
                 "accepted_pairs": int(scored["accepted"].sum()) if scored.height else 0,
@@ -264,6 +270,8 @@ class SynonymsStage(Stage):
 
             def score_pairs(pairs, kind=kind, attr=attr):
                 cos = [float(vectors[pos[(kind, attr, a)]] @ vectors[pos[(kind, attr, b)]]) for a, b in pairs]
+                if self._cosine_scorer:
+                    return cos
                 x = feature_matrix([a for a, _ in pairs], [b for _, b in pairs], cos)
                 return classifier.score(x).tolist()
 

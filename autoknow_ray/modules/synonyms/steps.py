@@ -110,7 +110,8 @@ class ScorePairs(Step):
         from autoknow_ray.modules.synonyms.model import load
 
         torch.set_num_threads(max(1, env.cpu_threads))
-        self.model, _ = load(self.model_dir)
+        self.model, meta = load(self.model_dir)
+        self.cosine_scorer = meta.get("scorer") == "cosine"
 
     def process_batch(self, batch: pa.Table) -> pa.Table:
         from autoknow_ray.modules.synonyms.features import edit_similarity, feature_matrix
@@ -118,8 +119,9 @@ class ScorePairs(Step):
         a, b = batch.column("term_a").to_pylist(), batch.column("term_b").to_pylist()
         cos = batch.column("cosine").to_numpy(zero_copy_only=False)
         x = feature_matrix(a, b, cos)
+        score = cos if self.cosine_scorer else self.model.score(x)
         return (batch.append_column("edit_sim", pa.array(edit_similarity(a, b), pa.float32()))
-                .append_column("score", pa.array(self.model.score(x), pa.float32())))
+                .append_column("score", pa.array(score, pa.float32())))
 
 
 class CanonicalizeTerms(Step):

@@ -40,6 +40,14 @@ class RelatedConfig(BaseModel):
     augment_prob: float = Field(0.2, ge=0, le=1)  # target swapped for a product similar to it
     augment_weight: float = Field(0.5, ge=0)
     in_batch_negatives: bool = False  # also the batch's other targets (popularity-sampled) as negatives
+    # share of each batch's negatives drawn by popularity (in-degree ** popular_negatives_power)
+    # rather than uniformly: popular non-edges, so the model does not learn popularity alone
+    popular_negatives: float = Field(0.5, ge=0, le=1)
+    popular_negatives_power: float = Field(0.75, ge=0)
+    # cold-start training: each epoch this share of the products loses its co-purchase edges in
+    # message passing (and its degree features), so the hidden edges from them are predicted from
+    # metadata and similar products alone, as for a new listing
+    cold_start_fraction: float = Field(0.15, ge=0, lt=1)
     # ---- validation inside fit: a share of the co-purchase events (not of the edges: a pair
     # bought again is what the future holds) is taken out of training and scored as hit rate @10
     validation_fraction: float = Field(0.1, ge=0, lt=1)

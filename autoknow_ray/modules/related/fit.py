@@ -156,7 +156,11 @@ def train(settings: GNNSettings, rc: RelatedConfig, text: np.ndarray, types: np.
     text_t, types_t = torch.from_numpy(text), torch.from_numpy(types)
     out_w = np.bincount(src, weights=count, minlength=n)
     in_w = np.bincount(dst, weights=count, minlength=n)
-    degree = torch.from_numpy(degree_features(out_w, in_w))
+    degree_all = degree_features(out_w, in_w)
+    neg_p = None
+    if rc.popular_negatives > 0:
+        pop = np.bincount(dst, weights=count, minlength=n) ** rc.popular_negatives_power
+        neg_p = pop / pop.sum() if pop.sum() > 0 else None
     sim_nb = torch.from_numpy(padded_neighbours(n, sim[0], sim[1], sim[2], settings.fanout))
     has_sim = (sim_nb[:, 0] >= 0).numpy()
     asym_w = 0.0 if settings.symmetric else rc.asymmetry_weight
@@ -168,6 +172,9 @@ def train(settings: GNNSettings, rc: RelatedConfig, text: np.ndarray, types: np.
         perm = rng.permutation(len(src))
         n_sup = max(1, int(len(src) * rc.supervision_fraction))
         sup, msg = perm[:n_sup], perm[n_sup:]
+        cold = rng.random(n) < rc.cold_start_fraction
+        msg = msg[~cold[src[msg]] & ~cold[dst[msg]]]
+        degree = torch.from_numpy(np.where(cold[:, None], 0.0, degree_all).astype(np.float32))
         out_nb = torch.from_numpy(padded_neighbours(n, src[msg], dst[msg], count[msg], settings.fanout, rng))
         in_nb = torch.from_numpy(padded_neighbours(n, dst[msg], src[msg], count[msg], settings.fanout, rng))
         losses = []
@@ -181,7 +188,7 @@ def train(settings: GNNSettings, rc: RelatedConfig, text: np.ndarray, types: np.
                 cand = sim_nb[torch.from_numpy(b[swap]), torch.from_numpy(col)].numpy()
                 first = sim_nb[torch.from_numpy(b[swap]), 0].numpy()
                 aug_b[swap] = np.where(cand >= 0, cand, first)
-            negs = rng.integers(0, n, rc.negatives)
+            negs = _negatives(rng, n, rc.negatives, rc.popular_negatives, neg_p)
             nodes, inv = np.unique(np.concatenate([a, b, aug_b, negs]), return_inverse=True)
             na, nb_, naug, nneg = np.split(inv, np.cumsum([len(a), len(b), len(aug_b)]))
             nodes_t = torch.from_numpy(nodes)
@@ -226,6 +233,12 @@ def train(settings: GNNSettings, rc: RelatedConfig, text: np.ndarray, types: np.
         history["best_epoch"] = best[2]
     history["train_seconds"] = round(time.perf_counter() - start, 1)
     return model.eval(), history
+
+
+def _negatives(rng: np.random.Generator, n: int, m: int, popular: float, p) -> np.ndarray:
+    """`m` negative products: a `popular` share drawn by `p` (popularity), the rest uniformly."""
+    k = int(round(m * popular)) if p is not None else 0
+    return np.concatenate([rng.choice(n, k, p=p), rng.integers(0, n, m - k)]) if k else rng.integers(0, n, m)
 
 
 def split_events(count: np.ndarray, fraction: float, rng: np.random.Generator):

@@ -367,3 +367,60 @@ def test_known_complements_beat_popularity_for_new_listings_and_keep_direction(t
     assert cold_model >= cold_pop + 0.3
     assert forward >= backward + 0.3
     assert hits >= hits_pop + 0.05
+
+
+def test_validation_picks_the_count_prior_per_bucket_of_behaviour():
+    """A source with one co-purchase event whose count points away from its held-out pair wants
+    the model alone; a source with nine wants the counts: each bucket gets its own weight."""
+    from autoknow_ray.modules.related.fit import Validation
+
+    n = 6
+    S = np.eye(n, 3, dtype=np.float32)
+    T = np.zeros((n, 3), np.float32)
+    T[5, :2] = 1.0  # the model puts 5 first for 0 and for 1
+    T[4, :2] = 0.5
+    train = (np.array([0, 1]), np.array([2, 3]), np.array([9.0, 1.0]))
+    val = Validation(n, np.array([0, 1]), np.array([2, 5]), train, 10, np.random.default_rng(0))
+    assert val.events.tolist() == [9.0, 1.0]
+    pick = val.best_weight_by_bucket(S, T, [0.0, 100.0], [0, 1, 3], min_pairs=1, k=1)
+    assert pick["weights"][1] == 0.0 and pick["weights"][2] > 0  # 1-2 events: model; 3+: counts
+    assert pick["hr"] == 1.0 and max(pick["table"].values()) == 0.5  # one weight for all gets half
+    assert pick["buckets"]["1-2"]["pairs"] == 1 and pick["buckets"]["3+"]["hr@1"] == 1.0
+    assert pick["buckets"]["0-0"]["pairs"] == 0
+    # too few pairs in a bucket: the weight picked on all pairs
+    few = val.best_weight_by_bucket(S, T, [0.0, 100.0], [0, 1, 3], min_pairs=2, k=1)
+    assert few["weights"][1] == few["weights"][2] == few["overall"]
+
+
+def test_prior_weight_of_a_products_bucket_and_of_an_old_model():
+    from autoknow_ray.modules.related.model import prior_weights_of
+
+    new = {"prior_weight": 0.5, "prior_buckets": [0, 1, 3, 10], "prior_bucket_weights": [0.0, 0.1, 1.0, 4.0]}
+    assert prior_weights_of(new, np.array([0, 1, 2, 3, 9, 10, 500])).tolist() == [0.0, 0.1, 0.1, 1.0, 1.0, 4.0, 4.0]
+    assert prior_weights_of({"prior_weight": 0.5}, np.array([0, 50])).tolist() == [0.5, 0.5]
+
+
+def test_recommend_uses_the_weight_of_the_products_bucket(tmp_path):
+    """p1 has 51 co-purchase events: with buckets [0, 100) it takes the first weight (counts weigh
+    in, p7 first), with [0, 10) the second (0: the model's order)."""
+    from autoknow_ray.modules.related.steps import Recommend, _fixed
+
+    ids = [f"p{i}" for i in range(8)]
+    vec = np.zeros((8, 4), np.float32)
+    vec[:, 0] = np.linspace(1, 0, 8)
+    (tmp_path / "emb").mkdir()
+    pq.write_table(pa.table({"product_id": ids, "source": _fixed(vec), "target": _fixed(vec)}),
+                   tmp_path / "emb" / "part.parquet")
+    (tmp_path / "nb").mkdir()
+    pq.write_table(pa.table({
+        "product_id": ["p1", "p7"], "kind": ["out", "in"], "neighbours": [["p7", "p2"], ["p1"]],
+        "weights": [[50.0, 1.0], [50.0]], "weight_sum": [51.0, 50.0]}), tmp_path / "nb" / "part.parquet")
+    emb = pq.read_table(tmp_path / "emb" / "part.parquet").select(["product_id", "source"])
+    lists = {}
+    for buckets in ([0, 100], [0, 10]):
+        rec = Recommend(tmp_path / "emb", 3, 1000, 8, 0, tmp_path / "nb", 0.0, 4, buckets, [1.0, 0.0])
+        rec.setup(WorkerEnv())
+        out = pl.from_arrow(rec.process_batch(emb))
+        lists[buckets[1]] = out.filter(pl.col("product_id") == "p1").sort("rank")["related_id"].to_list()
+    assert lists[100][0] == "p7"
+    assert lists[10] == ["p0", "p2", "p3"]

@@ -4,7 +4,7 @@ Defaults fit a 2-core laptop on a 50k-product catalogue in minutes; a GPU cluste
 """
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class RelatedConfig(BaseModel):
@@ -55,7 +55,20 @@ class RelatedConfig(BaseModel):
     # co-purchase count prior: score(A, B) = source(A) . target(B) + w * log1p(count A-B, both
     # directions); w picked on the validation pairs from these multiples of the scores' spread
     prior_weights: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 100.0])
+    # the weight is picked per bucket of the source product's co-purchase events in the training
+    # graph (lower bounds: 0, 1-2, 3-9, 10+ by default): counts for the head, the model for the
+    # tail; a bucket with fewer than `prior_bucket_min_pairs` validation pairs takes the weight
+    # picked on all pairs
+    prior_buckets: list[int] = Field(default_factory=lambda: [0, 1, 3, 10])
+    prior_bucket_min_pairs: int = Field(30, ge=1)
     prior_candidates: int = Field(20, ge=0)  # co-purchase neighbours per product re-ranked
+
+    @field_validator("prior_buckets")
+    @classmethod
+    def _buckets_start_at_zero(cls, v: list[int]) -> list[int]:
+        if not v or v[0] != 0 or any(b >= c for b, c in zip(v, v[1:])):
+            raise ValueError(f"prior_buckets must rise strictly from 0 (lower bounds of co-purchase events): {v}")
+        return v
     # ---- recommendations
     top_k: int = Field(20, ge=1)
     ivf_min_size: int = Field(200_000, ge=1)  # exact search below, IVF above

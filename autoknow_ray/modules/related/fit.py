@@ -32,7 +32,7 @@ from autoknow_ray import progress, runtime
 from autoknow_ray.graph.state import typed_products
 from autoknow_ray.modules.related import graph_build as gb
 from autoknow_ray.modules.related.config import RelatedConfig
-from autoknow_ray.modules.related.model import (DualGNN, GNNSettings, degree_features,
+from autoknow_ray.modules.related.model import (DualGNN, GNNSettings, bucket_of, degree_features,
                                                 padded_neighbours, save)
 from autoknow_ray.modules.related.steps import TEXT_DIM, EmbedProducts, _vectors
 from autoknow_ray.pipeline import RunContext
@@ -288,6 +288,10 @@ class Validation:
         m.sum_duplicates()
         m.data = np.log1p(m.data)
         self.prior = m
+        # each source's co-purchase events in the training graph (the count prior's bucket) and
+        # each product's training count as the product bought with another (popularity)
+        self.events = (np.bincount(a, weights=c, minlength=n) + np.bincount(b, weights=c, minlength=n))[self.src]
+        self.popularity = np.bincount(b, weights=c, minlength=n)
 
     def ranks(self, S: np.ndarray, T: np.ndarray, w: float) -> np.ndarray:
         out = np.empty(len(self.src), np.int64)
@@ -305,6 +309,41 @@ class Validation:
     def spread(self, S: np.ndarray, T: np.ndarray) -> float:
         a = self.src[:self.chunk]
         return float((S[a] @ T.T).std()) or 1.0
+
+    def popularity_ranks(self) -> np.ndarray:
+        """Rank of each held-out B in the list of the products most bought with another (the
+        source excluded): the popularity baseline on the same pairs."""
+        pop = self.popularity
+        srt = np.sort(pop)
+        above = len(pop) - np.searchsorted(srt, pop[self.dst], side="right")
+        return above - (pop[self.src] > pop[self.dst]) + 1
+
+    def best_weight_by_bucket(self, S, T, multiples, buckets, min_pairs: int, k: int = 10) -> dict:
+        """The count prior's weight per bucket of the source's training co-purchase events, each
+        picked on that bucket's pairs (a bucket with fewer than `min_pairs` pairs takes the weight
+        picked on all pairs). Returns the weights (absolute), the overall pick, the blended HR@k
+        and the figures per multiple and per bucket."""
+        spread = self.spread(S, T)
+        hits = {float(m): self.ranks(S, T, m * spread) <= k for m in multiples}
+        table = {m: float(h.mean()) for m, h in hits.items()}
+        overall = max(table, key=lambda x: (table[x], -x))
+        which = bucket_of(self.events, buckets)
+        pop = self.popularity_ranks() <= k
+        chosen = np.zeros(len(self.src), bool)
+        weights, report = [], {}
+        for i, lo in enumerate(buckets):
+            mask = which == i
+            per = {m: float(h[mask].mean()) for m, h in hits.items()} if mask.any() else {}
+            m = max(per, key=lambda x: (per[x], -x)) if mask.sum() >= min_pairs else overall
+            weights.append(m * spread)
+            chosen[mask] = hits[m][mask]
+            label = f"{lo}-{buckets[i + 1] - 1}" if i + 1 < len(buckets) else f"{lo}+"
+            report[label] = {"pairs": int(mask.sum()), "prior_multiple": m,
+                             **({f"hr@{k}": round(per[m], 4), f"hr@{k}_model_alone": round(per[0.0], 4),
+                                 f"hr@{k}_popularity": round(float(pop[mask].mean()), 4)}
+                                if mask.any() else {})}
+        return {"weights": weights, "overall": overall * spread, "hr": float(chosen.mean()),
+                "table": table, "buckets": report}
 
     def best_weight(self, S, T, multiples, k: int = 10) -> tuple[float, float, dict]:
         """(weight, HR@k, HR@k per multiple of the scores' spread)."""
@@ -338,13 +377,32 @@ def fit_and_validate(settings: GNNSettings, rc: RelatedConfig, text: np.ndarray,
 
     model, hist = train(settings, rc, text, types, train_edges, sim, seed, on_epoch)
     S, T = all_embeddings(model, text, types, train_edges, sim_nb)
-    w, hr, table = val.best_weight(S, T, multiples)
+    pick = val.best_weight_by_bucket(S, T, multiples, rc.prior_buckets, rc.prior_bucket_min_pairs)
     prior_only = float((val.ranks(S, T, 1e4 * val.spread(S, T)) <= 10).mean())
-    model.settings.prior_weight = float(w)
-    return model, {**hist, "validation_pairs": int(len(val.src)), "prior_weight": round(float(w), 4),
-                   "validation_hr@10": round(hr, 4),
-                   "validation_hr@10_by_prior_multiple": {str(k): round(v, 4) for k, v in table.items()},
-                   "validation_hr@10_counts_first": round(prior_only, 4)}
+    model.settings.prior_weight = float(pick["overall"])
+    model.settings.prior_buckets = list(rc.prior_buckets)
+    model.settings.prior_bucket_weights = [float(w) for w in pick["weights"]]
+    return model, {**hist, "validation_pairs": int(len(val.src)),
+                   "prior_weight": round(float(pick["overall"]), 4),
+                   "prior_bucket_weights": [round(w, 4) for w in pick["weights"]],
+                   "validation_hr@10": round(pick["hr"], 4),
+                   "validation_hr@10_by_prior_multiple": {str(k): round(v, 4) for k, v in pick["table"].items()},
+                   "validation_hr@10_by_bucket": pick["buckets"],
+                   "validation_hr@10_counts_first": round(prior_only, 4),
+                   "validation_hr@10_popularity": round(float((val.popularity_ranks() <= 10).mean()), 4),
+                   "validation_hr@10_cold_start": round(cold_start_hits(model, text, types, train_edges,
+                                                                        sim_nb, val), 4)}
+
+
+def cold_start_hits(model: DualGNN, text, types, edges: tuple, sim_nb, val: Validation, k: int = 10) -> float:
+    """HR@k of the model alone on the validation pairs once every validation source has lost its
+    co-purchase edges (as a new listing has none): what the metadata and similar products give."""
+    src, dst, count = edges[:3]
+    gone = np.zeros(len(text), bool)
+    gone[val.src] = True
+    keep = ~gone[src] & ~gone[dst]
+    S, T = all_embeddings(model, text, types, (src[keep], dst[keep], count[keep]), sim_nb)
+    return float((val.ranks(S, T, 0.0) <= k).mean())
 
 
 def _two_hop(nodes: torch.Tensor, out_nb, in_nb, sim_nb) -> torch.Tensor:

@@ -41,6 +41,10 @@ class GNNSettings:
     text_max_length: int = 32
     fanout: int = 10
     prior_weight: float = 0.0  # weight of log1p(co-purchase count) added to the score (fit picks it)
+    # per bucket of the source's co-purchase events (lower bounds, from 0): the weight of its
+    # bucket replaces `prior_weight`; absent in models saved before the buckets
+    prior_buckets: list[int] | None = None
+    prior_bucket_weights: list[float] | None = None
 
 
 def type_bucket(types: list[str | None], buckets: int) -> np.ndarray:
@@ -51,6 +55,20 @@ def type_bucket(types: list[str | None], buckets: int) -> np.ndarray:
     out = (h % np.uint64(max(buckets - 1, 1))).astype(np.int64) + 1
     out[s.is_null().to_numpy()] = 0
     return out
+
+
+def bucket_of(events: np.ndarray, buckets) -> np.ndarray:
+    """Index of the bucket (lower bounds, rising from 0) that each co-purchase event count is in."""
+    return np.clip(np.searchsorted(np.asarray(buckets), np.asarray(events), side="right") - 1, 0, None)
+
+
+def prior_weights_of(settings: dict, events: np.ndarray) -> np.ndarray:
+    """The count prior's weight for products with these co-purchase events: their bucket's weight
+    where the model has buckets, else its one `prior_weight` (models saved before the buckets)."""
+    buckets, weights = settings.get("prior_buckets"), settings.get("prior_bucket_weights")
+    if buckets and weights and len(buckets) == len(weights):
+        return np.asarray(weights, np.float64)[bucket_of(events, buckets)]
+    return np.full(len(events), float(settings.get("prior_weight", 0.0) or 0.0))
 
 
 def id_hash(ids) -> np.ndarray:

@@ -29,8 +29,9 @@ def _text_as_embeddings(batch: pa.Table) -> pa.Table:
 
 
 def _model_config(model_dir) -> dict:
-    """The saved model settings: `prior_weight` (the co-purchase count prior's weight that fit
-    picked on its validation pairs) and `symmetric`."""
+    """The saved model settings: the co-purchase count prior's weights that fit picked on its
+    validation pairs (`prior_bucket_weights` per bucket of a product's co-purchase events,
+    `prior_buckets`; models saved before the buckets have `prior_weight` alone) and `symmetric`."""
     import json
 
     from autoknow_ray.modules.related.model import CONFIG
@@ -76,7 +77,8 @@ class RelatedStage(Stage):
         settings = _model_config(model_dir) if trained else {}
         prior = float(settings.get("prior_weight", 0.0))
         recommend = Recommend(out / EMBEDDINGS, rc.top_k, rc.ivf_min_size, rc.nprobe, cfg.seed,
-                              out / gb.NEIGHBOURS, prior, rc.prior_candidates)
+                              out / gb.NEIGHBOURS, prior, rc.prior_candidates,
+                              settings.get("prior_buckets"), settings.get("prior_bucket_weights"))
         runtime.map_step(runtime.read_parquet(out / EMBEDDINGS, ["product_id", "source"]), recommend,
                          cfg, n).write_parquet(str(out / "graph_related"))
         counts["quarantine_reasons"] = gb.quarantine_reasons(out / gb.QUARANTINE_TABLE)
@@ -92,5 +94,7 @@ class RelatedStage(Stage):
             "model": ("symmetric-gnn" if settings.get("symmetric") else "dual-gnn") if trained
             else "title-similarity (no trained weights)",
             "prior_weight": prior,
+            "prior_buckets": settings.get("prior_buckets"),
+            "prior_bucket_weights": settings.get("prior_bucket_weights"),
             **counts,
         }

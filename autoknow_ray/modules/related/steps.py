@@ -230,6 +230,7 @@ class NodeTables:
                 idx[r[ok], rank[ok]] = flat[ok]
                 wt[r[ok], rank[ok]] = per[ok]
         self.degree = degree_features(out_w, in_w)
+        self.events = out_w + in_w  # co-purchase events out and in (the count prior's bucket)
 
     def index_of(self, ids: list) -> np.ndarray:
         """Row of each id (-1 where unknown)."""
@@ -302,9 +303,11 @@ class Recommend(Step):
     """Top-k related products of a batch: FAISS inner product of each source embedding against
     every target embedding (GPU index where FAISS has one; IVF past `ivf_min_size`).
 
-    With a `prior_weight` (picked by `fit` on its validation pairs) the FAISS candidates and the
+    With a count prior (picked by `fit` on its validation pairs) the FAISS candidates and the
     product's co-purchase neighbours (up to `prior_candidates` each way) are re-ranked by
-    source(A) . target(B) + prior_weight * log1p(co-purchases of A and B, both directions)."""
+    source(A) . target(B) + w(A) * log1p(co-purchases of A and B, both directions), where w(A) is
+    the weight of A's bucket of co-purchase events (`prior_buckets`, `prior_bucket_weights`), or
+    the one `prior_weight` of a model saved before the buckets."""
 
     name = "related_recommend"
     resources = "related"
@@ -313,16 +316,20 @@ class Recommend(Step):
 
     def __init__(self, embeddings_path: Path, k: int, ivf_min_size: int, nprobe: int, seed: int,
                  neighbours_path: Path | None = None, prior_weight: float = 0.0,
-                 prior_candidates: int = 0):
+                 prior_candidates: int = 0, prior_buckets: list[int] | None = None,
+                 prior_bucket_weights: list[float] | None = None):
         self.path, self.k = str(embeddings_path), k
         self.ivf_min_size, self.nprobe, self.seed = ivf_min_size, nprobe, seed
         self.neighbours_path = str(neighbours_path) if neighbours_path else None
-        self.prior_weight, self.prior_candidates = float(prior_weight), int(prior_candidates)
+        self.prior = {"prior_weight": float(prior_weight), "prior_buckets": prior_buckets,
+                      "prior_bucket_weights": prior_bucket_weights}
+        self.prior_candidates = int(prior_candidates)
         self.index = self.ids = self.tables = None
 
     @property
     def uses_prior(self) -> bool:
-        return bool(self.prior_weight > 0 and self.prior_candidates and self.neighbours_path)
+        weights = self.prior["prior_bucket_weights"] or [self.prior["prior_weight"]]
+        return bool(max(weights) > 0 and self.prior_candidates and self.neighbours_path)
 
     def setup(self, env: WorkerEnv) -> None:
         from autoknow_ray.index.faiss_index import VectorIndex
@@ -361,6 +368,8 @@ class Recommend(Step):
     def _rerank(self, batch: pa.Table, q: np.ndarray, ids: np.ndarray):
         """Candidates = FAISS hits + co-purchase neighbours out and in; each scored by the model
         plus the count prior; duplicates and missing slots sink to the end (-1 ids)."""
+        from autoknow_ray.modules.related.model import prior_weights_of
+
         me = self.tables.index_of(batch.column("product_id").to_pylist())
         n = len(me)
         out_i, out_w = self.tables.out_prior
@@ -373,7 +382,8 @@ class Recommend(Step):
         count = ((cand[:, :, None] == oi[:, None, :]) * ow[:, None, :]).sum(2) \
             + ((cand[:, :, None] == ii[:, None, :]) * iw[:, None, :]).sum(2)
         model = np.einsum("nd,ncd->nc", q, self.targets[np.clip(cand, 0, None)])
-        score = model + self.prior_weight * np.log1p(count)
+        events = np.where(me >= 0, self.tables.events[rows], 0.0)
+        score = model + prior_weights_of(self.prior, events)[:, None] * np.log1p(count)
         srt = np.sort(cand, 1)
         dup = np.zeros_like(cand, bool)
         order = np.argsort(cand, 1, kind="stable")

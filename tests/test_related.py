@@ -15,7 +15,7 @@ from autoknow_ray.eval.related import score
 from autoknow_ray.modules.related.config import RelatedConfig
 from autoknow_ray.modules.related.fit import train
 from autoknow_ray.modules.related.model import GNNSettings, padded_neighbours
-from autoknow_ray.modules.related.steps import CheckEdges
+from autoknow_ray.modules.related.steps import CheckEdges, mark_complete
 from autoknow_ray.pipeline import read_parquet_any, table_file
 from autoknow_ray.rebuild import rebuild
 from autoknow_ray.steps import WorkerEnv
@@ -126,6 +126,14 @@ def test_stage_end_to_end_with_bad_edges_and_cold_start(tmp_path, ray_session):
     two = edges.filter(pl.col("two_way"))
     assert two.height % 2 == 0 and two.height > 0
     assert edges.filter(~pl.col("two_way")).height > 0
+    # every table a step's setup() loads was written whole and marked so before that step ran
+    from autoknow_ray.modules.related.steps import COMPLETE
+    from autoknow_ray.pipeline import count_rows
+
+    for table in ("nodes", "neighbours", "embeddings"):
+        marker = __import__("json").loads((run / "related" / table / COMPLETE).read_text())
+        assert marker["rows"] == count_rows(run / "related" / table) > 0
+    assert count_rows(run / "related" / "embeddings") == n
     related = read_parquet_any(table_file(run / "graph", "related"))
     assert set(related["product_id"].unique()) == {f"p{i}" for i in range(n)}  # cold start too
     assert related.filter(pl.col("product_id") == pl.col("related_id")).height == 0
@@ -183,11 +191,13 @@ def test_worker_steps_embed_and_recommend_without_ray(tmp_path):
     (tmp_path / "nodes").mkdir()
     pq.write_table(pa.table({"product_id": ids, "h0": _fixed(rng.normal(size=(n, 8)))}),
                    tmp_path / "nodes" / "part.parquet")
+    mark_complete(tmp_path / "nodes")
     (tmp_path / "nb").mkdir()
     pq.write_table(pa.table({
         "product_id": ["p0", "p1", "p2", "p0"], "kind": ["out", "in", "in", "similar"],
         "neighbours": [["p1", "p2", "ghost"], ["p0"], ["p0"], ["p3"]],
         "weight_sum": [3.0, 1.0, 2.0, 1.0]}), tmp_path / "nb" / "part.parquet")
+    mark_complete(tmp_path / "nb")
     embed = DualEmbed(tmp_path / "model", tmp_path / "nodes", tmp_path / "nb", 3)
     embed.setup(WorkerEnv())
     assert embed.tables.out_nb[0].tolist() == [1, 2, -1]  # an unknown neighbour is dropped
@@ -206,6 +216,7 @@ def test_worker_steps_embed_and_recommend_without_ray(tmp_path):
     embed.hop1 = per_batch
     (tmp_path / "emb").mkdir()
     pq.write_table(emb, tmp_path / "emb" / "part.parquet")
+    mark_complete(tmp_path / "emb")
     rec = Recommend(tmp_path / "emb", 4, 1000, 8, 0)
     rec.setup(WorkerEnv())
     out = pl.from_arrow(rec.process_batch(emb.select(["product_id", "source"])))
@@ -253,10 +264,12 @@ def test_recommend_reranks_with_the_count_prior(tmp_path):
     (tmp_path / "emb").mkdir()
     pq.write_table(pa.table({"product_id": ids, "source": _fixed(vec), "target": _fixed(vec)}),
                    tmp_path / "emb" / "part.parquet")
+    mark_complete(tmp_path / "emb")
     (tmp_path / "nb").mkdir()
     pq.write_table(pa.table({
         "product_id": ["p1", "p7"], "kind": ["out", "in"], "neighbours": [["p7", "p2"], ["p1"]],
         "weights": [[50.0, 1.0], [50.0]], "weight_sum": [51.0, 50.0]}), tmp_path / "nb" / "part.parquet")
+    mark_complete(tmp_path / "nb")
     emb = pq.read_table(tmp_path / "emb" / "part.parquet").select(["product_id", "source"])
     plain = Recommend(tmp_path / "emb", 3, 1000, 8, 0, tmp_path / "nb", 0.0, 4)
     plain.setup(WorkerEnv())
@@ -411,10 +424,12 @@ def test_recommend_uses_the_weight_of_the_products_bucket(tmp_path):
     (tmp_path / "emb").mkdir()
     pq.write_table(pa.table({"product_id": ids, "source": _fixed(vec), "target": _fixed(vec)}),
                    tmp_path / "emb" / "part.parquet")
+    mark_complete(tmp_path / "emb")
     (tmp_path / "nb").mkdir()
     pq.write_table(pa.table({
         "product_id": ["p1", "p7"], "kind": ["out", "in"], "neighbours": [["p7", "p2"], ["p1"]],
         "weights": [[50.0, 1.0], [50.0]], "weight_sum": [51.0, 50.0]}), tmp_path / "nb" / "part.parquet")
+    mark_complete(tmp_path / "nb")
     emb = pq.read_table(tmp_path / "emb" / "part.parquet").select(["product_id", "source"])
     lists = {}
     for buckets in ([0, 100], [0, 10]):
@@ -424,3 +439,22 @@ def test_recommend_uses_the_weight_of_the_products_bucket(tmp_path):
         lists[buckets[1]] = out.filter(pl.col("product_id") == "p1").sort("rank")["related_id"].to_list()
     assert lists[100][0] == "p7"
     assert lists[10] == ["p0", "p2", "p3"]
+
+
+def test_setup_refuses_a_table_still_being_written(tmp_path):
+    """A step whose setup() loads another step's table fails at once, saying so, when the table is
+    not marked complete or holds other rows than the marker records."""
+    from autoknow_ray.modules.related.steps import COMPLETE, Recommend, _fixed
+
+    emb = tmp_path / "emb"
+    emb.mkdir()
+    vec = np.eye(3, 4, dtype=np.float32)
+    pq.write_table(pa.table({"product_id": ["a", "b", "c"], "source": _fixed(vec), "target": _fixed(vec)}),
+                   emb / "part-0.parquet")
+    with pytest.raises(RuntimeError, match="not marked complete"):
+        Recommend(emb, 2, 1000, 8, 0).setup(WorkerEnv())
+    assert mark_complete(emb) == 3
+    Recommend(emb, 2, 1000, 8, 0).setup(WorkerEnv())
+    (emb / COMPLETE).write_text('{"rows": 5}')  # a writer that had two rows more to go
+    with pytest.raises(RuntimeError, match="3 rows read, 5 written"):
+        Recommend(emb, 2, 1000, 8, 0).setup(WorkerEnv())

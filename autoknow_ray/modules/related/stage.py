@@ -3,7 +3,10 @@
 Read the catalogue's co-purchases and behaviour -> check and aggregate them into directed and
 similarity edge lists -> embed every product's metadata -> cap each node's neighbours -> source
 and target embeddings in the workers -> each product's top-k targets -> `graph_related/`.
-The model's weights come from `fit`; the embeddings are derived again for the catalogue given,
+Each table a later step loads in its setup() (`nodes/`, `neighbours/`, `embeddings/`) is written
+in full and marked complete (`steps.mark_complete`) before that step is built, and the step's
+setup() refuses a table without the marker or with fewer rows than it records, so no actor reads
+what an earlier operator is still writing. The model's weights come from `fit`; the embeddings are derived again for the catalogue given,
 since the graph is the catalogue's own. Products without any edge (cold start) get both
 embeddings from their metadata through the same layers. Without trained weights (a catalogue
 with no co-purchases to learn from) source and target are the title embedding itself.
@@ -16,7 +19,7 @@ from autoknow_ray import runtime
 from autoknow_ray.graph.state import count_rows, n_products, typed_products
 from autoknow_ray.modules.related import graph_build as gb
 from autoknow_ray.modules.related.model import WEIGHTS
-from autoknow_ray.modules.related.steps import DualEmbed, EmbedProducts, Recommend
+from autoknow_ray.modules.related.steps import DualEmbed, EmbedProducts, Recommend, mark_complete
 from autoknow_ray.pipeline import RunContext, Stage
 
 NODES = "nodes"
@@ -62,10 +65,12 @@ class RelatedStage(Stage):
                              model_dir if trained else None)
         runtime.map_step(typed_products(ctx, ["product_id", "title"]), step, cfg, n) \
             .write_parquet(str(out / NODES))
+        mark_complete(out / NODES)
         counts["text_edges"] = 0
         if counts["coview_edges"] == 0 or rc.text_knn_always:
             counts["text_edges"] = gb.text_edges(cfg, out / NODES, out, n)
         counts.update(gb.neighbour_table(cfg, out))
+        mark_complete(out / gb.NEIGHBOURS)
 
         if trained:
             embed = DualEmbed(model_dir, out / NODES, out / gb.NEIGHBOURS, rc.fanout)
@@ -74,6 +79,7 @@ class RelatedStage(Stage):
             emb = runtime.read_parquet(out / NODES, ["product_id", "text"]).map_batches(
                 _text_as_embeddings, batch_format="pyarrow")
         emb.write_parquet(str(out / EMBEDDINGS))
+        mark_complete(out / EMBEDDINGS)
         settings = _model_config(model_dir) if trained else {}
         prior = float(settings.get("prior_weight", 0.0))
         recommend = Recommend(out / EMBEDDINGS, rc.top_k, rc.ivf_min_size, rc.nprobe, cfg.seed,

@@ -19,6 +19,38 @@ from autoknow_ray.index.vectors import as_matrix
 from autoknow_ray.steps import Step, WorkerEnv
 
 TEXT_DIM = 384
+COMPLETE = "_COMPLETE.json"  # a table folder's marker: fully written, with its row count
+
+
+def mark_complete(path: Path) -> int:
+    """Marks a table folder as fully written, with its rows: the stage writes the marker once the
+    write that fills the folder has returned, before it builds the step that reads the folder in
+    its setup(). An empty dataset leaves no folder behind (Ray writes no file), so one is made."""
+    import json
+
+    from autoknow_ray.pipeline import count_rows
+
+    path = storage.path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    n = count_rows(path)
+    (path / COMPLETE).write_text(json.dumps({"rows": n}))
+    return n
+
+
+def require_complete(path: Path, rows_read: int) -> None:
+    """A setup() that loads a table another step writes reads it whole or not at all: without the
+    marker the writer has not finished (a step of the same execution still writing it), and a row
+    count other than the marker's is a partial read."""
+    import json
+
+    path = storage.path(path)
+    marker = path / COMPLETE
+    if not marker.exists():
+        raise RuntimeError(f"{path}: not marked complete (no {COMPLETE}): the step reading it started "
+                           "before the table was fully written; write it and mark_complete() it first")
+    written = json.loads(marker.read_text())["rows"]
+    if rows_read != written:
+        raise RuntimeError(f"{path}: {rows_read} rows read, {written} written")
 
 
 def _read(path: Path, columns: list[str]) -> pa.Table:
@@ -150,6 +182,7 @@ class TextNeighbours(Step):
         from autoknow_ray.index.faiss_index import VectorIndex
 
         t = _read(storage.path(self.nodes_path), ["product_id", "text"])
+        require_complete(self.nodes_path, t.num_rows)
         self.ids = t.column("product_id").combine_chunks() if t.num_rows else pa.array([], pa.string())
         self.index = VectorIndex("ip", ivf_min_size=self.ivf_min_size, nprobe=self.nprobe,
                                  seed=self.seed).build(_vectors(t.column("text"), TEXT_DIM))
@@ -189,6 +222,7 @@ class NodeTables:
 
         cols = ["product_id", "h0"] if with_h0 else ["product_id"]
         t = _read(nodes_path, cols)
+        require_complete(nodes_path, t.num_rows)
         self.ids = t.column("product_id").combine_chunks() if t.num_rows else pa.array([], pa.string())
         h = id_hash(self.ids.to_pylist())
         self.order = np.argsort(h, kind="stable")
@@ -199,6 +233,7 @@ class NodeTables:
             dim = col.type.list_size
             self.h0 = _vectors(col, dim)
         nb = _read_neighbours(neighbours_path)
+        require_complete(neighbours_path, nb.num_rows)
         self.out_nb = np.full((n, fanout), -1, np.int64)
         self.in_nb = np.full((n, fanout), -1, np.int64)
         self.sim_nb = np.full((n, fanout), -1, np.int64)
@@ -335,6 +370,7 @@ class Recommend(Step):
         from autoknow_ray.index.faiss_index import VectorIndex
 
         t = _read(storage.path(self.path), ["product_id", "target"])
+        require_complete(self.path, t.num_rows)
         self.ids = t.column("product_id").combine_chunks() if t.num_rows else pa.array([], pa.string())
         dim = t.schema.field("target").type.list_size if t.num_rows else 1
         targets = _vectors(t.column("target"), dim)

@@ -62,6 +62,9 @@ class CleaningConfig(BaseModel):
     batch_size: int = Field(16, ge=1)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     val_fraction: float = Field(0.15, ge=0.05, lt=0.5)  # products held out to set the threshold
+    # every claim of the held-out products is judged in validation (with as many planted
+    # misassignments), up to this many pairs: inference only, a few seconds per thousand on CPU
+    max_validation_pairs: int = Field(10_000, ge=2)
     cpu_threads: int | None = Field(2, ge=1)
     # the removal threshold: a number, or `auto` = the one `fit` chose on its held-out pairs,
     # re-weighted to `expected_error_rate` misassigned values (the base rate the graph will see)

@@ -72,6 +72,14 @@ class CleaningStage(Stage):
             meta["threshold"] if cfg.threshold == "auto" else float(cfg.threshold),
             meta.get("type_threshold", meta["threshold"]) if cfg.type_threshold == "auto"
             else float(cfg.type_threshold))
+        fit_abstains = meta.get("abstains") or {}
+        if step_thresholds[0] is None and step_thresholds[1] is None:
+            # fit found no threshold reaching the target for either kind: nothing can be
+            # removed, so nothing is scored
+            ctx.write("edits", TRIPLES.empty_table(), TRIPLES)
+            return {"rows_in": n, "rows_out": 0, "rows_quarantined": 0, "triples_scored": 0,
+                    "removed": 0, "corrected": 0, "thresholds_used": {"value": None, "type": None},
+                    "abstained": fit_abstains or {"all": "fit found no threshold"}}
         t0 = time.perf_counter()
         runtime.map_step(products, step, ctx.cfg, n).write_parquet(str(ctx.out / "scores"))
         seconds = time.perf_counter() - t0
@@ -107,7 +115,7 @@ class CleaningStage(Stage):
             "thresholds_used": {"value": step_thresholds[0], "type": step_thresholds[1]},
             "shift_guard": guard,
         }
-        abstains = {k: v for k, v in (meta.get("abstains") or {}).items()
+        abstains = {k: v for k, v in fit_abstains.items()
                     if (k == "values" and cfg.threshold == "auto")
                     or (k == "types" and cfg.type_threshold == "auto")}
         abstains.update({k: g["reason"] for k, g in guard.items() if g["held_back"]})

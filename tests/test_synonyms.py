@@ -149,10 +149,11 @@ def fitted(ray_session, tmp_path_factory):
     cfg = Config.model_validate({
         "stages": ["ingest", "synonyms", "graph"],
         "ray": {"num_cpus": 2, "object_store_memory_mb": 400},
-        # 27 validation positives cannot show the default 0.95 (27 of 27 right has a lower bound
-        # of 0.909): this catalogue is fitted for 0.85
+        # the threshold is calibrated on co-listed and neighbour pairs: this catalogue has 10
+        # positive ones, and 10 of 10 right bound precision at 0.79, so it cannot show the
+        # default 0.95 (it abstains at that target); it is fitted for 0.75
         "synonyms": {"max_train_terms": 200, "epochs": 40, "knn_k": 5, "max_term_chars": 200,
-                     "precision_target": 0.85}})
+                     "precision_target": 0.75}})
     manifest = fit(root / "cat", root / "models", config=cfg)
     rebuild(root / "cat", root / "run", models=root / "models", config=cfg)
     return root, n, manifest
@@ -165,7 +166,7 @@ def test_fit_writes_a_trained_classifier(fitted):
     meta = json.loads((root / "models" / "synonyms" / "config.json").read_text())
     assert 0.0 < meta["threshold"] < 1.0 and meta["features"] == list(FEATURES)
     cal = meta["calibration"]
-    assert cal["target"] == 0.85 and cal["precision_lower"] >= 0.85 and cal["threshold"] == pytest.approx(meta["threshold"], abs=1e-4)
+    assert cal["target"] == 0.75 and cal["precision_lower"] >= 0.75 and cal["threshold"] == pytest.approx(meta["threshold"], abs=1e-4)
     # the shipped scorer ranks the validation pairs at least as well as the cosine alone
     assert meta["scorer"] in ("classifier", "cosine")
     assert stats["val_auc_pr"] >= stats["val_auc_pr_cosine"] or meta["scorer"] == "cosine"

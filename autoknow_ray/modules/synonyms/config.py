@@ -29,6 +29,7 @@ class SynonymsConfig(BaseModel):
     # fit found none, the module merges nothing and says so
     threshold: float | None = None
     precision_target: float | None = Field(0.95, gt=0, lt=1)
+    calibration_folds: int = Field(5, ge=2)  # out-of-fold scores for the threshold
     # clusters: a member must itself score >= threshold against the cluster's canonical (no
     # chaining a ~ b ~ c into a ~ c), and a cluster holds at most this many terms
     max_cluster_size: int = Field(50, ge=2)
@@ -39,7 +40,7 @@ class SynonymsConfig(BaseModel):
     max_train_products: int = Field(20_000, ge=1)  # seeded product sample for co-listed pairs
     max_train_terms: int = Field(3_000, ge=1)  # seeded term sample for rewrites and neighbours
     train_knn_k: int = Field(3, ge=1)
-    val_fraction: float = Field(0.2, gt=0, lt=1)  # held out by term, for the threshold
+    val_fraction: float = Field(0.2, gt=0, lt=1)  # held out by term (precision_target null only)
     hidden: int = Field(32, ge=1)
     epochs: int = Field(60, ge=1)
     lr: float = 3e-3

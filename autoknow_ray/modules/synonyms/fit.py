@@ -3,10 +3,11 @@
 Labels come from what the catalogue holds (gold/ is never read), see `distant.py`: co-listed
 terms and general rewrites are positives, near neighbours and hard rewrites are negatives. The
 training set is a seeded sample of products (cap `max_train_products`) and of terms (cap
-`max_train_terms`); pairs are split into train / validation by term with the seed. The shipped
-scorer is the classifier, or the embedding cosine where that ranks the validation pairs better;
-the shipped threshold is the lowest whose precision lower bound on the validation pairs reaches
-`precision_target` (None, and the module merges nothing, where none does).
+`max_train_terms`). Every pair is scored out of fold (`calibration_folds`); on the pairs that
+look like the stage's candidates (co-listed terms and embedding neighbours) the shipped scorer is
+the classifier, or the embedding cosine where that ranks them better, and the shipped threshold
+the one of most recall whose precision lower bound reaches `precision_target` (None, and the
+module merges nothing, where none does). The classifier shipped is trained on every pair.
 """
 from __future__ import annotations
 
@@ -130,6 +131,27 @@ def best_threshold(y: np.ndarray, s: np.ndarray) -> tuple[float, dict]:
     return best
 
 
+CANDIDATE_LIKE = ("colisted", "neighbour")  # pair origins like the stage's candidates
+
+
+def _out_of_fold(x: np.ndarray, y: np.ndarray, cfg, seed: int) -> np.ndarray:
+    """Each pair's score from a classifier trained on the other `calibration_folds` folds (the
+    features are pairwise string and embedding measures, no term identity, so pairs are
+    assigned to folds at random)."""
+    folds = np.random.default_rng(seed + 7).integers(0, cfg.calibration_folds, len(y))
+    out = np.zeros(len(y), dtype=np.float64)
+    for f in range(cfg.calibration_folds):
+        test = folds == f
+        rest = ~test
+        if not test.any():
+            continue
+        if y[rest].min() == y[rest].max():  # one class left to learn from: no ranking
+            out[test] = float(y[rest][0])
+            continue
+        out[test] = train_classifier(x[rest], y[rest], cfg, seed + f).score(x[test])
+    return out
+
+
 def _prf_at(y: np.ndarray, s: np.ndarray, threshold: float | None) -> dict:
     """Precision, recall and F1 of the validation pairs at a threshold (None: nothing accepted)."""
     p = s >= threshold if threshold is not None else np.zeros(len(s), bool)
@@ -174,24 +196,37 @@ def fit_synonyms(ctx: RunContext, out: Path) -> dict:
     if y.min() == y.max():
         return {"skipped": "the catalogue gives only one class of training pairs"}
     x = feature_matrix(pairs["term_a"].to_list(), pairs["term_b"].to_list(), pairs["cosine"].to_numpy())
-    train = (pairs["split"] == "train").to_numpy()
-    val = ~train
-    model = train_classifier(x[train], y[train], cfg, ctx.cfg.seed)
-    sv = model.score(x[val])
-    cos_val = pairs["cosine"].to_numpy()[val].astype(np.float64)
-    ap_model, ap_cos = _average_precision(y[val], sv), _average_precision(y[val], cos_val)
-    # the classifier ships only where it ranks the held-out pairs at least as well as the
-    # embedding cosine it is given as a feature; else the cosine alone is the scorer
+    if cfg.precision_target is None:  # the older rule: best F1 on the pairs held out by term
+        train = (pairs["split"] == "train").to_numpy()
+        val = ~train
+        model = train_classifier(x[train], y[train], cfg, ctx.cfg.seed)
+        scored, scored_y = model.score(x[val]), y[val]
+        cos_scored = pairs["cosine"].to_numpy()[val].astype(np.float64)
+        like_stage = np.ones(int(val.sum()), bool)
+    else:
+        # every pair scored out of fold (a classifier trained on the other folds), so the
+        # threshold is calibrated on all the pairs that look like what the stage will judge:
+        # co-listed terms and embedding neighbours of the catalogue's own terms. Rewrites
+        # (initialisms, case, plurals made up from one term) are easy and teach the classifier,
+        # but a threshold that is precise on them merges distinct brands that merely look alike
+        scored, scored_y = _out_of_fold(x, y, cfg, ctx.cfg.seed), y
+        cos_scored = pairs["cosine"].to_numpy().astype(np.float64)
+        like_stage = pairs["origin"].is_in(list(CANDIDATE_LIKE)).to_numpy()
+        model = train_classifier(x, y, cfg, ctx.cfg.seed)
+    sv, cos_val, yv = scored[like_stage], cos_scored[like_stage], scored_y[like_stage]
+    ap_model, ap_cos = _average_precision(yv, sv), _average_precision(yv, cos_val)
+    # the classifier ships only where it ranks these pairs at least as well as the embedding
+    # cosine it is given as a feature; else the cosine alone is the scorer
     scorer = "classifier" if ap_model >= ap_cos else "cosine"
     shipped_scores = sv if scorer == "classifier" else cos_val
     calibration = None
     if cfg.precision_target is not None:
-        c = threshold_for_precision(shipped_scores, y[val], cfg.precision_target)
-        calibration = c.as_dict()
+        c = threshold_for_precision(shipped_scores, yv, cfg.precision_target)
+        calibration = {**c.as_dict(), "pairs": "co-listed and neighbour pairs, scored out of fold"}
         threshold = c.threshold
-        val_prf = _prf_at(y[val], shipped_scores, threshold)
+        val_prf = _prf_at(yv, shipped_scores, threshold)
     else:
-        threshold, val_prf = best_threshold(y[val], shipped_scores)
+        threshold, val_prf = best_threshold(yv, shipped_scores)
     meta = {"hidden": cfg.hidden, "threshold": threshold, "encoder": cfg.encoder,
             "seed": ctx.cfg.seed, "scorer": scorer, "calibration": calibration}
     save(model, out, meta)

@@ -93,12 +93,12 @@ class TaxonomyStageConfig(Strict):
 class Config(Strict):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # modules 3-5 (imputation, cleaning, synonyms) change or remove catalogue facts: they run when
-    # a config names them (configs/full.yaml) until their measured quality stands (README
-    # "Status"; cleaning meets its aim on OA-Mine and WDC-PAVE but removes 3% of the correct
-    # values of a catalogue whose attributes are not written in its titles, docs/cleaning.md)
+    # every stage: modules 3-5 (imputation, cleaning, synonyms) act only where fit showed, on the
+    # catalogue it trained from, that they reach their precision target, and abstain otherwise
+    # (docs/safety.md); synonyms list merges without rewriting the catalogue's values unless asked
     stages: list[str] = Field(default_factory=lambda: [
-        "ingest", "taxonomy", "relations", "related", "graph", "report"])
+        "ingest", "taxonomy", "relations", "imputation", "cleaning", "synonyms", "related",
+        "graph", "report"])
     ray: RayConfig = Field(default_factory=RayConfig)
     resources: dict[str, StageResources] = Field(
         default_factory=lambda: {"default": StageResources()}

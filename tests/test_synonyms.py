@@ -153,7 +153,7 @@ def fitted(ray_session, tmp_path_factory):
         # positive ones, and 10 of 10 right bound precision at 0.79, so it cannot show the
         # default 0.95 (it abstains at that target); it is fitted for 0.75
         "synonyms": {"max_train_terms": 200, "epochs": 40, "knn_k": 5, "max_term_chars": 200,
-                     "precision_target": 0.75}})
+                     "precision_target": 0.75, "rewrite_values": True}})
     manifest = fit(root / "cat", root / "models", config=cfg)
     rebuild(root / "cat", root / "run", models=root / "models", config=cfg)
     return root, n, manifest
@@ -294,3 +294,24 @@ def test_a_classifier_without_a_threshold_merges_nothing(fitted, tmp_path):
     assert "(test)" in manifest["abstained"] and manifest["edits"] == 0
     triples = read_parquet_any(table_file(tmp_path / "run" / "graph", "triples"))
     assert triples.filter(pl.col("module") == "synonyms").height == 0
+
+
+def test_by_default_synonyms_are_listed_and_values_stay_as_written(fitted, tmp_path):
+    """rewrite_values is off by default: graph/synonyms holds the merges (the same as the
+    rewriting run's), and no triple of the graph is removed or corrected by the module."""
+    from autoknow_ray.config import Config
+    from autoknow_ray.pipeline import read_parquet_any, table_file
+    from autoknow_ray.rebuild import rebuild
+
+    root, _, _ = fitted
+    cfg = Config.model_validate({"stages": ["ingest", "synonyms", "graph"],
+                                 "ray": {"num_cpus": 2, "object_store_memory_mb": 400},
+                                 "synonyms": {"knn_k": 5, "max_term_chars": 200}})
+    rebuild(root / "cat", tmp_path / "run", models=root / "models", config=cfg)
+    syn = pl.read_parquet(tmp_path / "run" / "graph" / "synonyms.parquet")
+    rewriting = pl.read_parquet(root / "run" / "graph" / "synonyms.parquet")
+    assert syn.height > 0 and syn.sort("term").equals(rewriting.sort("term"))
+    triples = read_parquet_any(table_file(tmp_path / "run" / "graph", "triples"))
+    assert triples.filter(pl.col("module") == "synonyms").height == 0
+    manifest = json.loads((tmp_path / "run" / "synonyms" / "manifest.json").read_text())
+    assert manifest["edits"] == 0 and manifest["values_rewritten"] is False

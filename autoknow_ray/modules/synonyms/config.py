@@ -30,6 +30,13 @@ class SynonymsConfig(BaseModel):
     threshold: float | None = None
     precision_target: float | None = Field(0.95, gt=0, lt=1)
     calibration_folds: int = Field(5, ge=2)  # out-of-fold scores for the threshold
+    # fit's neighbour pairs (its negatives) are drawn at or above this embedding cosine, so the
+    # classifier has never seen a negative below it: the stage merges no pair under it, whatever
+    # it scores (behaviour candidates of unrelated terms score anything there)
+    min_pair_cosine: float = Field(0.3, ge=-1, le=1)
+    # False: synonyms go to graph/synonyms and the catalogue's values stay as written; True: each
+    # merged value in the triples is also rewritten to its canonical (`removed` + `corrected`)
+    rewrite_values: bool = False
     # clusters: a member must itself score >= threshold against the cluster's canonical (no
     # chaining a ~ b ~ c into a ~ c), and a cluster holds at most this many terms
     max_cluster_size: int = Field(50, ge=2)

@@ -81,7 +81,7 @@ def training_pairs(rows: pl.DataFrame, encoder, cfg, seed: int) -> pl.DataFrame:
         for v in distant.negative_rewrites(t, rng):
             pairs.append((kind, attr, t, v, 0, "hard_rewrite"))
     vecs = encoder.encode(terms)
-    near = knn_pairs(vocab, vecs, cfg.train_knn_k, 0.3, cfg.ivf_min_size, seed)
+    near = knn_pairs(vocab, vecs, cfg.train_knn_k, cfg.min_pair_cosine, cfg.ivf_min_size, seed)
     for kind, attr, a, b in near.select("kind", "attribute", "term_a", "term_b").iter_rows():
         if (kind, attr, a, b) in colisted:
             continue

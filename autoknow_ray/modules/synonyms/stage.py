@@ -125,19 +125,26 @@ class SynonymsStage(Stage):
         vocab, vectors = self._embed(ctx, vocab)
         pairs = self._candidates(ctx, occ, vocab, vectors)
         scored = self._score(ctx, pairs, model_dir)
-        scored = scored.with_columns((pl.col("score") >= threshold).alias("accepted"))
+        in_domain = pl.col("cosine") >= cfg.min_pair_cosine
+        below = int(scored.filter((pl.col("score") >= threshold) & ~in_domain).height) if scored.height else 0
+        scored = scored.with_columns(((pl.col("score") >= threshold) & in_domain).alias("accepted"))
         ctx.write("pairs", scored)
         self._rescore_members = cfg.rescore_members
         merged = self._clusters(scored, vocab, vectors, classifier, threshold, cfg.max_cluster_size)
         ctx.write("graph_synonyms", merged.with_columns(
             pl.when(pl.col("kind") == "type").then(None).otherwise(pl.col("attribute"))
             .alias("attribute")), GRAPH_SYNONYMS)
-        n_edits = self._edits(ctx, occ, merged, n_occ)
+        if cfg.rewrite_values:
+            n_edits = self._edits(ctx, occ, merged, n_occ)
+        else:
+            ctx.write("edits", TRIPLES.empty_table(), TRIPLES)
+            n_edits = 0
         return {**counts, "occurrences": n_occ, "threshold": round(threshold, 4),
                 "scorer": meta.get("scorer", "classifier"),
                 "candidate_pairs": scored.height,
                 "candidates_by_source": dict(scored.group_by("source").len().rows()),
                 "accepted_pairs": int(scored["accepted"].sum()) if scored.height else 0,
+                "rejected_below_min_cosine": below, "values_rewritten": cfg.rewrite_values,
                 "clusters": merged.select("kind", "attribute", "canonical").unique().height,
                 "merged_terms": merged.height, "edits": n_edits}
 

@@ -81,6 +81,10 @@ def _with_null(batch: pa.Table, *columns: tuple[str, pa.DataType]) -> pa.Table:
 
 
 def _as_retracted(batch: pa.Table) -> pa.Table:
+    """The batch's `removed` edits as retracted occurrences. It filters itself, so a block with
+    no removal still yields the occurrence columns (a filtered-out empty block would reach the
+    group-by without them: Ray Data does not call a UDF on an empty block)."""
+    batch = batch.filter(pc.equal(batch.column("status"), "removed"))
     n = batch.num_rows
     return pa.table({"product_id": batch.column("subject"), "kind": pa.nulls(n, pa.string()),
                      "attribute": pa.nulls(n, pa.string()), "relation": batch.column("relation"),
@@ -156,8 +160,7 @@ class SynonymsStage(Stage):
         upstream = state.upstream_edits(ctx, before=MODULE)
         if upstream is not None:
             occ = occ.union(runtime.map_step(upstream, EditedTerms(), ctx.cfg))
-            removed = upstream.filter(expr="status == 'removed'").map_batches(
-                _as_retracted, batch_format="pyarrow")
+            removed = upstream.map_batches(_as_retracted, batch_format="pyarrow")
             # a fact an earlier module retracted is not brought back under its canonical name
             occ = (occ.map_batches(_with_null, fn_args=(("retracted", pa.bool_()),), batch_format="pyarrow")
                    .union(removed).groupby("product_id")

@@ -253,14 +253,15 @@ def test_validation_ranks_with_and_without_the_count_prior():
     assert hr == 0.5 and set(table) == {0.0, 100.0}
 
 
-def test_recommend_reranks_with_the_count_prior(tmp_path):
-    """A co-purchase neighbour outside the FAISS hits enters the list once the prior weighs in;
-    no product twice, never the product itself."""
-    from autoknow_ray.modules.related.steps import Recommend, _fixed
+def _prior_tables(tmp_path):
+    """Eight products' embeddings (the model ranks p0 > p1 > ... for every source) and two
+    co-purchase neighbour rows (p1 -> p7 bought 50 times and p2 once; p7 bought after p1), both
+    marked complete; returns the source batch a Recommend step takes."""
+    from autoknow_ray.modules.related.steps import _fixed
 
     ids = [f"p{i}" for i in range(8)]
     vec = np.zeros((8, 4), np.float32)
-    vec[:, 0] = np.linspace(1, 0, 8)  # every source ranks targets p0 > p1 > ... by the model
+    vec[:, 0] = np.linspace(1, 0, 8)
     (tmp_path / "emb").mkdir()
     pq.write_table(pa.table({"product_id": ids, "source": _fixed(vec), "target": _fixed(vec)}),
                    tmp_path / "emb" / "part.parquet")
@@ -271,6 +272,15 @@ def test_recommend_reranks_with_the_count_prior(tmp_path):
         "weights": [[50.0, 1.0], [50.0]], "weight_sum": [51.0, 50.0]}), tmp_path / "nb" / "part.parquet")
     mark_complete(tmp_path / "nb")
     emb = pq.read_table(tmp_path / "emb" / "part.parquet").select(["product_id", "source"])
+    return emb
+
+
+def test_recommend_reranks_with_the_count_prior(tmp_path):
+    """A co-purchase neighbour outside the FAISS hits enters the list once the prior weighs in;
+    no product twice, never the product itself."""
+    from autoknow_ray.modules.related.steps import Recommend, _fixed
+
+    emb = _prior_tables(tmp_path)  # every source ranks targets p0 > p1 > ... by the model
     plain = Recommend(tmp_path / "emb", 3, 1000, 8, 0, tmp_path / "nb", 0.0, 4)
     plain.setup(WorkerEnv())
     top = pl.from_arrow(plain.process_batch(emb))
@@ -418,19 +428,7 @@ def test_recommend_uses_the_weight_of_the_products_bucket(tmp_path):
     in, p7 first), with [0, 10) the second (0: the model's order)."""
     from autoknow_ray.modules.related.steps import Recommend, _fixed
 
-    ids = [f"p{i}" for i in range(8)]
-    vec = np.zeros((8, 4), np.float32)
-    vec[:, 0] = np.linspace(1, 0, 8)
-    (tmp_path / "emb").mkdir()
-    pq.write_table(pa.table({"product_id": ids, "source": _fixed(vec), "target": _fixed(vec)}),
-                   tmp_path / "emb" / "part.parquet")
-    mark_complete(tmp_path / "emb")
-    (tmp_path / "nb").mkdir()
-    pq.write_table(pa.table({
-        "product_id": ["p1", "p7"], "kind": ["out", "in"], "neighbours": [["p7", "p2"], ["p1"]],
-        "weights": [[50.0, 1.0], [50.0]], "weight_sum": [51.0, 50.0]}), tmp_path / "nb" / "part.parquet")
-    mark_complete(tmp_path / "nb")
-    emb = pq.read_table(tmp_path / "emb" / "part.parquet").select(["product_id", "source"])
+    emb = _prior_tables(tmp_path)
     lists = {}
     for buckets in ([0, 100], [0, 10]):
         rec = Recommend(tmp_path / "emb", 3, 1000, 8, 0, tmp_path / "nb", 0.0, 4, buckets, [1.0, 0.0])

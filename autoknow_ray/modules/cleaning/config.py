@@ -61,9 +61,20 @@ class CleaningConfig(BaseModel):
     head_lr: float = Field(3e-3, gt=0)
     batch_size: int = Field(16, ge=1)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    # cross-fitted calibration: the sampled products are split into this many folds; a model
+    # trained on the other folds scores every claim of each fold's products, and the thresholds
+    # are calibrated on the pooled out-of-fold scores (every product counts, not a held-out
+    # share). The shipped model is trained on all products. 1: one held-out split
+    # (`val_fraction`) instead. Each fold costs one more training (docs/cleaning.md)
+    calibration_folds: int = Field(2, ge=1, le=10)
+    # training pairs of each fold model (None: `max_train_pairs`, the shipped model's recipe);
+    # fewer make the fit faster and the fold models weaker, so the calibration more conservative
+    calibration_fold_pairs: int | None = Field(None, ge=2)
     val_fraction: float = Field(0.15, ge=0.05, lt=0.5)  # products held out to set the threshold
+    # when `calibration_folds` is 1
     # every claim of the held-out products is judged in validation (with as many planted
-    # misassignments), up to this many pairs: inference only, a few seconds per thousand on CPU
+    # misassignments), up to this many pairs per fold (or held-out split): inference only, a few
+    # seconds per thousand on CPU
     max_validation_pairs: int = Field(10_000, ge=2)
     cpu_threads: int | None = Field(2, ge=1)
     # the removal threshold: a number, or `auto` = the one `fit` chose on its held-out pairs,

@@ -1,15 +1,20 @@
 """`autoknow fit` for module 4: train the cleaning cross-encoder on a sample of the catalogue.
 
 The training set is a seeded, capped sample of the ingested products (`bounded_sample`); pairs
-are made from it as the article says (training_data.py). A tenth or so of the products is held
-out to choose the removal threshold, re-weighted to the error rate the graph is expected to have.
+are made from it as the article says (training_data.py). The removal thresholds are calibrated
+out of fold (`calibration_folds`): the products are split into folds, a model trained on the
+other folds scores every claim of each fold's products, and the pooled scores of all folds set the
+thresholds; the shipped model is trained on every sampled product. With one fold, a share of the
+products is held out instead and the shipped model trains on the rest.
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import math
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,24 +40,105 @@ def fit_cleaning(ctx: RunContext, out: Path) -> dict:
     cfg: CleaningConfig = ctx.cfg.cleaning
     ds = ray.data.read_parquet(str(ctx.table_path("ingest", "products"))).select_columns(PRODUCT_COLUMNS)
     sample = runtime.bounded_sample(ds, cfg.max_train_products, ctx.cfg.seed)
+    return fit_on_products(sample, cfg, out, ctx.cfg.seed, ctx.cfg.device)
+
+
+def fit_on_products(sample: pl.DataFrame, cfg: CleaningConfig, out: Path, seed: int,
+                    device: str = "auto") -> dict:
+    """Train and calibrate on a sample of products (PRODUCT_COLUMNS); writes the artifact."""
     if sample.height == 0:
         return {"skipped": "no products to learn from"}
-    seed = ctx.cfg.seed
+    if cfg.calibration_folds >= 2:
+        return cross_fit(sample, cfg, out, seed, device)
     held_s = pl.Series([_held_out(p, seed, cfg.val_fraction) for p in sample["product_id"].to_list()],
                        dtype=pl.Boolean)
     train_products, val_products = sample.filter(~held_s), sample.filter(held_s)
     pairs, stats = make_pairs(train_products, cfg, seed)
-    if not any(p.label == 0 for p in pairs) or not any(p.label == 1 for p in pairs):
+    if not _both_labels(pairs):
         return {"skipped": "no valid attribute values or types to learn from", **stats}
-    # validation judges what the stage will judge: every claim of the held-out products (not
-    # only values of recurring attributes, which training is made of) against as many planted
-    # misassignments; a precision target at a few per cent of errors needs the many correct
-    # claims to bound the false-removal rate
+    val_pairs, val_stats = validation_pairs(val_products, cfg, seed + 1)
+    return {"pairs": stats, "validation_pairs": val_stats,
+            **train_cross_encoder(pairs, cfg, out, seed, device, val_pairs=val_pairs)}
+
+
+def validation_pairs(products: pl.DataFrame, cfg: CleaningConfig, seed: int) -> tuple[list[Pair], dict]:
+    """Validation judges what the stage will judge: every claim of these products (not only
+    values of recurring attributes, which training is made of) against as many planted
+    misassignments; a precision target at a few per cent of errors needs the many correct
+    claims to bound the false-removal rate."""
+    if products.height == 0:
+        return [], {}
     val_cfg = cfg.model_copy(update={"max_train_pairs": cfg.max_validation_pairs,
                                      "min_attribute_products": 1, "min_value_products": 1})
-    val_pairs, val_stats = make_pairs(val_products, val_cfg, seed + 1) if val_products.height else ([], {})
-    return {"pairs": stats, "validation_pairs": val_stats,
-            **train_cross_encoder(pairs, cfg, out, seed, ctx.cfg.device, val_pairs=val_pairs)}
+    return make_pairs(products, val_cfg, seed)
+
+
+def _both_labels(pairs: list[Pair]) -> bool:
+    return any(p.label == 0 for p in pairs) and any(p.label == 1 for p in pairs)
+
+
+def fold_of(pid: str, seed: int, folds: int) -> int:
+    """The calibration fold of a product: a seeded hash of its id, so the same products fall in
+    the same fold on every fit."""
+    h = hashlib.sha1(f"{seed}:fold:{pid}".encode()).digest()
+    return int.from_bytes(h[:4], "big") % folds
+
+
+def cross_fit(sample: pl.DataFrame, cfg: CleaningConfig, out: Path, seed: int,
+              device: str = "auto") -> dict:
+    """Out-of-fold calibration: per fold, a model trained on the other folds' products scores
+    every claim of the fold's products (made as `validation_pairs` makes them); the thresholds
+    are calibrated on the scores of all folds pooled, so every sampled product's claims count.
+    The shipped model is trained on all products with the shipped recipe: the fold models saw
+    fewer products (and at most `calibration_fold_pairs` pairs), so the calibration errs on the
+    side of removing less."""
+    t0 = time.perf_counter()
+    k = cfg.calibration_folds
+    fold = pl.Series([fold_of(p, seed, k) for p in sample["product_id"].to_list()], dtype=pl.Int64)
+    fold_cfg = cfg.model_copy(update={"max_train_pairs": cfg.calibration_fold_pairs or cfg.max_train_pairs})
+    pooled: list[Pair] = []
+    pooled_scores: list[np.ndarray] = []
+    per_fold = []
+    for f in range(k):
+        t_f = time.perf_counter()
+        train_p, held_p = sample.filter(fold != f), sample.filter(fold == f)
+        pairs, _ = make_pairs(train_p, fold_cfg, seed + 100 + f)
+        val, _ = validation_pairs(held_p, cfg, seed + 1 + f)
+        row = {"fold": f, "products": held_p.height, "train_products": train_p.height,
+               "train_pairs": len(pairs), "claims": sum(p.label == 0 for p in val),
+               "planted": sum(p.label == 1 for p in val)}
+        if not _both_labels(pairs) or not val:
+            per_fold.append({**row, "skipped": "no pairs to train or score"})
+            continue
+        trained = _train(pairs, fold_cfg, seed + 100 + f, device, task=f"cleaning fold {f + 1}/{k}")
+        scores = _score(trained, val, cfg.text_features)
+        del trained
+        gc.collect()
+        labels = np.array([p.label for p in val])
+        is_type = np.array([p.kind in TYPE_KINDS for p in val], dtype=bool)
+        for kind, sel in (("values", ~is_type), ("types", is_type)):
+            if len(set(labels[sel].tolist())) == 2:
+                row[f"{kind}_auc_pr"] = round(average_precision(labels[sel].tolist(),
+                                                                scores[sel].tolist()), 4)
+        row["seconds"] = round(time.perf_counter() - t_f, 1)
+        per_fold.append(row)
+        pooled += val
+        pooled_scores.append(scores)
+    pairs, stats = make_pairs(sample, cfg, seed)
+    if not _both_labels(pairs):
+        return {"skipped": "no valid attribute values or types to learn from", **stats}
+    trained = _train(pairs, cfg, seed, device)
+    scores = np.concatenate(pooled_scores) if pooled_scores else np.zeros(0, dtype=np.float32)
+    calibration = _calibrate(scores, pooled, cfg)
+    calibration["calibrated_on"] = {
+        "folds": k, "products": sum(r["products"] for r in per_fold if "skipped" not in r),
+        **{kind: {"claims": int(sum(p.label == 0 and (p.kind in TYPE_KINDS) == is_t for p in pooled)),
+                  "planted": int(sum(p.label == 1 and (p.kind in TYPE_KINDS) == is_t for p in pooled))}
+           for kind, is_t in (("values", False), ("types", True))}}
+    calibration["calibration_folds"] = per_fold
+    meta = _meta(cfg, trained, len(pairs), len(pooled), calibration)
+    save_model(trained.model.cpu(), trained.tokenizer, out, meta)
+    return {"pairs": stats, **meta, "train_seconds": round(time.perf_counter() - t0, 1)}
 
 
 def _held_out(pid: str, seed: int, fraction: float) -> bool:
@@ -151,29 +237,29 @@ def _length_batches(rows: list[tuple], batch_size: int, rng: random.Random) -> l
     return batches
 
 
-def train_cross_encoder(pairs: list[Pair], cfg: CleaningConfig, out: Path, seed: int,
-                        device: str = "auto", val_pairs: list[Pair] | None = None) -> dict:
-    """Trains on `pairs`; the threshold is chosen on `val_pairs` where they hold both classes,
-    else on the pairs of products held out from `pairs` by id."""
-    t0 = time.perf_counter()
+@dataclass
+class _Trained:
+    model: CrossEncoder
+    tokenizer: object
+    tokens: PairTokens
+    device: object
+    train_pairs: int
+    history: list
+
+
+def _train(pairs: list[Pair], cfg: CleaningConfig, seed: int, device: str = "auto",
+           task: str = "cleaning") -> _Trained:
+    """A cross-encoder trained on `pairs` with the config's recipe."""
     torch.manual_seed(seed)
     set_cpu_threads(cfg.cpu_threads)
     dev = pick_device(device)
     enc_path = resolve_encoder(cfg.encoder)
     tokenizer = load_tokenizer(enc_path)
     tokens = PairTokens(tokenizer, cfg.max_length)
-    if val_pairs and {p.label for p in val_pairs} == {0, 1}:
-        val, train = list(val_pairs), list(pairs)
-    else:
-        val = [p for p in pairs if _held_out(p.product_id, seed, cfg.val_fraction)]
-        train = [p for p in pairs if not _held_out(p.product_id, seed, cfg.val_fraction)]
-    if not val or not train:
-        val, train = pairs[: max(1, len(pairs) // 7)], pairs[max(1, len(pairs) // 7):]
-    train_rows, val_rows = _tokenise(train, tokens), _tokenise(val, tokens)
+    train_rows = _tokenise(pairs, tokens)
     use_f = cfg.text_features
-    f_train = [text_features(p.value, p.title, p.feature_text) for p in train] if use_f else None
-    f_val = [text_features(p.value, p.title, p.feature_text) for p in val] if use_f else None
-    y_train = torch.tensor([p.label for p in train], dtype=torch.float32)
+    f_train = [text_features(p.value, p.title, p.feature_text) for p in pairs] if use_f else None
+    y_train = torch.tensor([p.label for p in pairs], dtype=torch.float32)
     model = CrossEncoder(enc_path, len(TEXT_FEATURES) if use_f else 0).to(dev)
     trainable = freeze_lower_layers(model, cfg.train_layers)
     opt = torch.optim.AdamW([
@@ -202,15 +288,28 @@ def train_cross_encoder(pairs: list[Pair], cfg: CleaningConfig, out: Path, seed:
             sched.step()
             total += loss.item() * len(idx)
         history.append(round(total / len(train_rows), 4))
-        progress.epoch_line("cleaning", epoch + 1, cfg.epochs, {"loss": history[-1]})
+        progress.epoch_line(task, epoch + 1, cfg.epochs, {"loss": history[-1]})
     model.eval()
-    scores = np.zeros(len(val_rows), dtype=np.float32)
+    return _Trained(model, tokenizer, tokens, dev, len(pairs), history)
+
+
+def _score(trained: _Trained, pairs: list[Pair], use_features: bool) -> np.ndarray:
+    """P(misassigned) of each pair under the trained model."""
+    rows = _tokenise(pairs, trained.tokens) if pairs else []
+    feats = [text_features(p.value, p.title, p.feature_text) for p in pairs] if use_features else None
+    scores = np.zeros(len(rows), dtype=np.float32)
+    pad = trained.tokenizer.pad_token_id
     with torch.inference_mode():
-        for i in range(0, len(val_rows), 64):
-            batch = collate(val_rows[i : i + 64], tokenizer.pad_token_id, dev,
-                            f_val[i : i + 64] if use_f else None)
-            scores[i : i + 64] = torch.sigmoid(model(**batch)).cpu().numpy()
-    labels = np.array([p.label for p in val])
+        for i in range(0, len(rows), 64):
+            batch = collate(rows[i : i + 64], pad, trained.device,
+                            feats[i : i + 64] if use_features else None)
+            scores[i : i + 64] = torch.sigmoid(trained.model(**batch)).cpu().numpy()
+    return scores
+
+
+def _calibrate(scores: np.ndarray, val: list[Pair], cfg: CleaningConfig) -> dict:
+    """The value and type thresholds chosen on the validation pairs' scores, with the figures."""
+    labels = np.array([p.label for p in val], dtype=int)
     # values and types get a threshold each: the two claims differ in how hard and how common
     # their errors are, and a type wrongly removed takes the product out of its type
     is_type = np.array([p.kind in TYPE_KINDS for p in val], dtype=bool)
@@ -223,18 +322,42 @@ def train_cross_encoder(pairs: list[Pair], cfg: CleaningConfig, out: Path, seed:
                if st.get("calibration", {}).get("abstain_reason")}
     if abstain:
         val_stats["abstains"] = abstain
-    auc = round(average_precision(labels.tolist(), scores.tolist()), 4)
+    auc = round(average_precision(labels.tolist(), scores.tolist()), 4) if len(val) else None
     per_kind = {}
     for kind in sorted({p.kind for p in val}):
         sel = np.array([p.kind == kind for p in val])
         t = type_threshold if kind in TYPE_KINDS else threshold
         t = math.inf if t is None else t
         per_kind[kind] = round(float(((scores[sel] >= t) == (labels[sel] == 1)).mean()), 4)
-    meta = {"max_length": cfg.max_length, "max_value_chars": cfg.max_value_chars,
+    return {"threshold": threshold, "type_threshold": type_threshold, "val_auc_pr": auc,
+            "val_accuracy_by_kind": per_kind, **val_stats}
+
+
+def _meta(cfg: CleaningConfig, trained: _Trained, train_pairs: int, val_pairs: int,
+          calibration: dict) -> dict:
+    return {"max_length": cfg.max_length, "max_value_chars": cfg.max_value_chars,
             "max_text_chars": cfg.max_text_chars, "feature_text_chars": cfg.feature_text_chars,
-            "threshold": threshold, "type_threshold": type_threshold, "encoder": cfg.encoder,
-            "text_features": list(TEXT_FEATURES) if use_f else [],
-            "train_pairs": len(train), "val_pairs": len(val), "val_auc_pr": round(auc, 4),
-            "val_accuracy_by_kind": per_kind, "loss_by_epoch": history, **val_stats}
-    save_model(model.cpu(), tokenizer, out, meta)
+            "threshold": calibration.pop("threshold"),
+            "type_threshold": calibration.pop("type_threshold"), "encoder": cfg.encoder,
+            "text_features": list(TEXT_FEATURES) if cfg.text_features else [],
+            "train_pairs": train_pairs, "val_pairs": val_pairs, **calibration,
+            "loss_by_epoch": trained.history}
+
+
+def train_cross_encoder(pairs: list[Pair], cfg: CleaningConfig, out: Path, seed: int,
+                        device: str = "auto", val_pairs: list[Pair] | None = None) -> dict:
+    """Trains on `pairs`; the threshold is chosen on `val_pairs` where they hold both classes,
+    else on the pairs of products held out from `pairs` by id."""
+    t0 = time.perf_counter()
+    if val_pairs and {p.label for p in val_pairs} == {0, 1}:
+        val, train = list(val_pairs), list(pairs)
+    else:
+        val = [p for p in pairs if _held_out(p.product_id, seed, cfg.val_fraction)]
+        train = [p for p in pairs if not _held_out(p.product_id, seed, cfg.val_fraction)]
+    if not val or not train:
+        val, train = pairs[: max(1, len(pairs) // 7)], pairs[max(1, len(pairs) // 7):]
+    trained = _train(train, cfg, seed, device)
+    calibration = _calibrate(_score(trained, val, cfg.text_features), val, cfg)
+    meta = _meta(cfg, trained, len(train), len(val), calibration)
+    save_model(trained.model.cpu(), trained.tokenizer, out, meta)
     return {**meta, "train_seconds": round(time.perf_counter() - t0, 1)}

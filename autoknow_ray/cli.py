@@ -78,8 +78,10 @@ def cmd_rebuild(a) -> int:
     r = rebuild(a.catalogue, a.out, models=a.models, config=a.config, address=a.address, force=a.force)
     for s in r["stages"]:
         state = "skipped (up to date)" if s["skipped"] else f"{s['seconds']:.1f}s"
+        dropped = sum((s.get("rows_dropped") or {}).values())
         print(f"  {s['stage']:<10} in={s['rows_in']} out={s['rows_out']} "
-              f"quarantined={s.get('rows_quarantined') or 0}  {state}")
+              f"quarantined={s.get('rows_quarantined') or 0}"
+              + (f" dropped={dropped}" if dropped else "") + f"  {state}")
     print(f"graph:  {r['graph']}")
     print(f"report: {r['report']}")
     return 0

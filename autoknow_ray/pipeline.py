@@ -120,17 +120,49 @@ def source_fingerprint() -> str:
     return h.hexdigest()[:20]
 
 
+class BalanceError(RuntimeError):
+    """Rows went missing (or appeared) between a stage's input and its outputs."""
+
+
+def check_balance(what: str, rows_in: int, rows_out: int, rows_quarantined: int = 0,
+                  dropped: dict[str, int] | None = None, error: type[BalanceError] = BalanceError) -> None:
+    """rows in = rows out + rows quarantined + rows dropped (each reason counted), or `error`
+    naming `what` and every figure."""
+    n_dropped = sum((dropped or {}).values())
+    gap = rows_in - rows_out - rows_quarantined - n_dropped
+    if gap:
+        named = (" and " + ", ".join(f"{n} dropped ({why})" for why, n in dropped.items())
+                 if n_dropped else "")
+        raise error(f"{what}: {rows_in} rows read but {rows_out} written and {rows_quarantined} "
+                    f"quarantined{named} ({gap:+d} unaccounted)")
+
+
+def stage_balance(name: str, counts: dict) -> None:
+    """A balanced stage's own figures: rows_in = rows_out + rows_quarantined + the sum of
+    `rows_dropped` (reason -> rows), all in the stage's `units`."""
+    check_balance(f"stage {name!r}", int(counts.get("rows_in") or 0), int(counts.get("rows_out") or 0),
+                  int(counts.get("rows_quarantined") or 0), counts.get("rows_dropped"))
+
+
 class Stage:
     """One step of the rebuild. Subclasses set `name`, `config_sections`, `needs` and `run`.
 
     `run(ctx)` writes its outputs with `ctx.write` (or into `ctx.out`) and returns counts:
-    rows_in, rows_out, rows_quarantined, plus anything worth reporting.
+    rows_in, rows_out, rows_quarantined (only where the stage has a quarantine), rows_dropped
+    (reason -> input rows that left no output row and no quarantine row), plus anything worth
+    reporting. `units` says what a row of each figure is (the stage may return its own);
+    `per_product`: one output row per input product; `balanced`: rows_in = rows_out +
+    rows_quarantined + rows_dropped holds in those units, and `run_stages` checks it
+    (`BalanceError` names the stage otherwise).
     """
 
     name: str = ""
     config_sections: tuple[str, ...] = ()
     needs: tuple[str, ...] = ()  # upstream stages whose outputs this stage reads
     uses_models: bool = False
+    units: dict[str, str] | None = None  # rows_in / rows_out / rows_quarantined -> what a row is
+    per_product: bool = False
+    balanced: bool = False
 
     def run(self, ctx: RunContext) -> dict:
         raise NotImplementedError
@@ -196,6 +228,13 @@ def run_stages(stages: list[Stage], ctx: RunContext, *, force: bool = False) -> 
             counts = stage.run(ctx)
         seconds = time.perf_counter() - t0
         ctx.out = ctx.resume = None
+        if stage.units is not None:
+            counts.setdefault("units", stage.units)
+        if stage.per_product:
+            counts.setdefault("per_product", True)
+        if stage.balanced:
+            stage_balance(stage.name, counts)
+            counts["balance_checked"] = True
         rows = counts.get("rows_in") or counts.get("rows_out") or 0
         skipped = counts.get("skipped")
         progress.stage_finished(stage.name, seconds, rows, skipped if isinstance(skipped, str) else None)

@@ -255,6 +255,9 @@ def test_partition_functions_without_ray():
     assert sorted(kept["title"].to_list()) == ["early", "good"]
     dup = out.filter(pl.col("title") == "late")["_reason"][0]
     assert dup == "duplicate product_id (first seen in a.jsonl row 5)"
+    # the duplicate keeps its own content, not just its id
+    raw = json.loads(out.filter(pl.col("title") == "late")["_raw"][0])
+    assert raw["product_id"] == "p1" and raw["title"] == "late"
     joined = pa.table({"src": ["p1", "zz"], "dst": ["p2", "p1"], "count": [1, 1],
                        "_source": ["c.csv"] * 2, "_row": [1, 2], "_reason": [None, None],
                        "_raw": pa.array([None, None], pa.large_string()),

@@ -52,8 +52,21 @@ def test_report_figures(run):
     assert cleaning["figures"]["flagged"] == 2
     assert cleaning["quarantine_reasons"] == {"empty description": 1}
     assert cleaning["tables"]["edits"] == 5  # a folder of two shards, counted from the footers
-    assert set(r["graph_tables"]) == {"triples", "taxonomy", "attributes", "synonyms", "related"}
+    assert set(r["graph_tables"]) == {"triples", "taxonomy", "attributes", "synonyms", "related",
+                                      "dropped"}
     assert r["graph_tables"]["related"]["rows"] == 2
+    # the graph's rows: 120 catalogue facts and 5 edits in, 124 triples out, and the removal
+    # that marked its fact removed counted as such
+    graph = next(s for s in r["stages"] if s["stage"] == "graph")
+    assert (graph["rows_in"], graph["rows_out"], graph["balanced"]) == (125, 124, True)
+    assert {k: v for k, v in graph["rows_dropped"].items() if v} == {
+        "removal applied (marks the fact it retracts removed)": 1}
+    assert graph["units"]["rows_out"] == "triples" and graph["rows_quarantined"] is None
+    assert r["graph_tables"]["dropped"]["rows"] == 1
+    # a stage that checks no balance (the stand-in module) gets no balance line
+    assert cleaning["balanced"] is None
+    page = (run / "report.html").read_text()
+    assert "rows in = rows out + rows quarantined + rows dropped (125 = 124 + 0 + 1)" in page
 
 
 def test_samples_carry_titles_and_evidence(run):

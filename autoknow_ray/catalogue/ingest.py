@@ -26,7 +26,8 @@ import pyarrow.parquet as pq
 from autoknow_ray import runtime, storage
 from autoknow_ray.catalogue.reader import find_table_files, read_table, validated_schema
 from autoknow_ray.catalogue.validate import UNIQUE_KEYS
-from autoknow_ray.pipeline import RunContext, Stage, count_rows, ensure_shards
+from autoknow_ray.pipeline import BalanceError, RunContext, Stage, count_rows, ensure_shards
+from autoknow_ray.pipeline import check_balance as pipeline_check_balance
 from autoknow_ray.schema import CATALOGUE_TABLES, QUARANTINE, conform
 
 REQUIRED_TABLES = ("products",)
@@ -37,19 +38,21 @@ UNKNOWN_PRODUCT = "unknown product_id"
 CYCLE = "taxonomy cycle"
 
 
-class IngestBalanceError(RuntimeError):
+class IngestBalanceError(BalanceError):
     """Rows went missing (or appeared) between reading a table and writing it out."""
 
 
 def check_balance(table: str, rows_in: int, rows_out: int, rows_quarantined: int) -> None:
-    if rows_in != rows_out + rows_quarantined:
-        raise IngestBalanceError(
-            f"ingest of table {table!r}: {rows_in} rows read but {rows_out} written and "
-            f"{rows_quarantined} quarantined ({rows_in - rows_out - rows_quarantined:+d} unaccounted)"
-        )
+    pipeline_check_balance(f"ingest of table {table!r}", rows_in, rows_out, rows_quarantined,
+                           error=IngestBalanceError)
 
 
 # ---- per-partition work (runs in the workers) ------------------------------------------------
+def row_as_json(columns: list[str], table: str) -> pl.Expr:
+    """Each row's catalogue columns as one JSON object (what a quarantined row keeps of itself)."""
+    return pl.struct([c for c in CATALOGUE_TABLES[table].names if c in columns]).struct.json_encode()
+
+
 def first_occurrence(batch: pa.Table, table: str, key: str) -> pa.Table:
     """One hash partition, holding every row of each of its keys: the first good row of a key by
     (`_source`, `_row`) stays good, later ones get a "duplicate" reason naming the first."""
@@ -62,7 +65,7 @@ def first_occurrence(batch: pa.Table, table: str, key: str) -> pa.Table:
     dups = good.filter(~keep).join(first, on=key, how="left").with_columns(
         (pl.lit(f"duplicate {key} (first seen in ") + pl.col("_first_source") + pl.lit(" row ")
          + pl.col("_first_row").cast(pl.String) + pl.lit(")")).alias("_reason"),
-        pl.col(key).alias("_raw"),
+        row_as_json(good.columns, table).alias("_raw"),
     ).drop("_first_source", "_first_row")
     out = pl.concat([good.filter(keep), dups, bad], how="diagonal_relaxed")
     return conform(out.to_arrow(), validated_schema(table))
@@ -246,6 +249,10 @@ def _ingest_table(ctx: RunContext, table: str, ds, staging: Path) -> dict:
 class IngestStage(Stage):
     name = "ingest"
     config_sections = ("ingest",)
+    # every table's rows, summed; each table balances on its own (`tables`), checked in run()
+    units = {"rows_in": "catalogue rows (every table)", "rows_out": "catalogue rows kept",
+             "rows_quarantined": "catalogue rows quarantined"}
+    balanced = True
 
     def extra_fingerprint(self, ctx: RunContext) -> dict:
         files = {}

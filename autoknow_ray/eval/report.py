@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from autoknow_ray import storage
 from autoknow_ray.graph.export import scan_batches, table_dataset
-from autoknow_ray.pipeline import RunContext, Stage, read_manifest, table_file
+from autoknow_ray.pipeline import RunContext, Stage, count_rows, read_manifest, table_file
 from autoknow_ray.schema import GRAPH_TABLES
 
 # How much of the per-product tables the page shows: bounded, whatever the catalogue's size.
@@ -36,7 +36,8 @@ MAX_TAXONOMY_ROWS = 1_000_000  # a taxonomy is per type; a larger one is not dra
 EDIT_STATUSES = ("added", "corrected", "removed")
 STANDARD_KEYS = ("stage", "fingerprint", "complete", "seconds", "rows_per_s", "finished_at",
                  "rows_in", "rows_out", "rows_quarantined", "resources", "tables",
-                 "quarantine_reasons")  # shown in their own tables
+                 "quarantine_reasons", "units", "rows_dropped", "per_product",
+                 "balance_checked")  # shown in their own tables
 
 # Figures published for the same tasks (README "Results"; papers/autoknow-article.txt). Not the
 # same test sets: shown for orientation beside ours, never as a pass mark.
@@ -112,16 +113,24 @@ def _stage_entry(run: Path, name: str) -> dict | None:
     m = read_manifest(run / name)
     if not m:
         return None
-    rows_in, rows_out, rows_q = m.get("rows_in"), m.get("rows_out"), m.get("rows_quarantined") or 0
+    rows_in, rows_out, rows_q = m.get("rows_in"), m.get("rows_out"), m.get("rows_quarantined")
+    dropped = m.get("rows_dropped") or {}
+    # a stage that checks its balance says so (ingest always did); the others' figures are in
+    # units that do not add up (products in, pairs out) and get no balance line
+    checked = bool(m.get("balance_checked")) or name == "ingest"
     entry = {
         "stage": name,
         "rows_in": rows_in,
         "rows_out": rows_out,
-        "rows_quarantined": rows_q,
+        "rows_quarantined": rows_q,  # None: the stage has no quarantine
+        "rows_dropped": dropped,
+        "units": m.get("units"),
+        "per_product": bool(m.get("per_product")),
         "seconds": m.get("seconds"),
         "rows_per_s": m.get("rows_per_s"),
         "resources": m.get("resources"),
-        "balanced": (rows_in or 0) == (rows_out or 0) + rows_q if name == "ingest" else None,
+        "balanced": ((rows_in or 0) == (rows_out or 0) + (rows_q or 0) + sum(dropped.values())
+                     if checked else None),
         "finished_at": m.get("finished_at"),
         "figures": _flatten({k: v for k, v in m.items() if k not in STANDARD_KEYS}),
         "tables": m["tables"] if name == "ingest" and "tables" in m else
@@ -363,6 +372,8 @@ def rerender(run: str | Path) -> bool:
 class ReportStage(Stage):
     name = "report"
     needs = ("ingest", "graph")
+    units = {"rows_in": "stages of the run", "rows_out": "stages in the report"}
+    balanced = True
 
     def fingerprint(self, ctx: RunContext) -> str:
         return f"always-{time.time_ns()}"  # cheap, and it must describe this run
@@ -370,7 +381,8 @@ class ReportStage(Stage):
     def run(self, ctx: RunContext) -> dict:
         meta = {"run_dir": str(ctx.run_dir), "catalogue": str(ctx.catalogue),
                 "models": str(ctx.models) if ctx.models else None, "cluster": ctx.cluster}
-        report = write_report(ctx.run_dir, [s for s in ctx.cfg.stages if s != "report"], meta)
+        names = [s for s in ctx.cfg.stages if s != "report"]
+        report = write_report(ctx.run_dir, names, meta)
         q = ctx.table_path("ingest", "quarantine")
         published = table_file(ctx.run_dir, "quarantine")
         if published.is_dir():
@@ -381,4 +393,7 @@ class ReportStage(Stage):
             storage.copytree(q, ctx.run_dir / "quarantine")
         elif q.exists():
             storage.copy_file(q, ctx.run_dir / "quarantine.parquet")
-        return {"rows_in": len(report["stages"]), "rows_out": len(report["stages"]), "rows_quarantined": 0}
+        shown = {e["stage"] for e in report["stages"]}
+        return {"rows_in": len(names), "rows_out": len(report["stages"]),
+                "rows_dropped": {"stage without a manifest": sum(n not in shown for n in names)},
+                "quarantine_rows_published": count_rows(table_file(ctx.run_dir, "quarantine"))}

@@ -160,11 +160,32 @@ def _stages(report: dict) -> str:
     rows = []
     for s in stages:
         res = s.get("resources")
+        dropped = s.get("rows_dropped") or {}
         rows.append({**s, "resources": json.dumps(res, default=str) if res else "",
+                     "rows_dropped": sum(dropped.values()) if dropped else None,
+                     "units": _units(s), "balance": _balance_mark(s),
                      "abstained": ", ".join(sorted(s.get("abstained") or {}))})
-    return (chart + table(rows, ["stage", "rows_in", "rows_out", "rows_quarantined", "seconds",
-                                 "rows_per_s", "abstained", "resources", "finished_at"])
+    return (chart + table(rows, ["stage", "rows_in", "rows_out", "rows_quarantined", "rows_dropped",
+                                 "balance", "units", "seconds", "rows_per_s", "abstained",
+                                 "resources", "finished_at"])
+            + "<p class='muted'>balance: rows in = rows out + rows quarantined + rows dropped "
+            "(each drop with its reason on the stage's section), checked by the stage; a stage "
+            "whose rows in and out are in different units has none.</p>"
             + f"<p class='muted'>cluster: {esc(report.get('cluster'))}</p>")
+
+
+def _units(s: dict) -> str:
+    u = s.get("units") or {}
+    if not u:
+        return ""
+    text = f"{u.get('rows_in', '?')} → {u.get('rows_out', '?')}"
+    if u.get("rows_quarantined"):
+        text += f"; quarantined: {u['rows_quarantined']}"
+    return text + ("; one out per product" if s.get("per_product") else "")
+
+
+def _balance_mark(s: dict) -> str:
+    return {True: "✓", False: "✗ unbalanced"}.get(s.get("balanced"), "")
 
 
 def _stage_detail(s: dict) -> str:
@@ -172,10 +193,18 @@ def _stage_detail(s: dict) -> str:
     tables = s.get("tables") or {}
     trows = [{"table": k, **(v if isinstance(v, dict) else {"rows": v})} for k, v in tables.items()]
     tcols = ["table"] + sorted({k for r in trows for k in r if k != "table"})
-    balance = ""
+    balance = f"<p>Rows: {esc(_units(s))}</p>" if s.get("units") else ""
+    dropped = s.get("rows_dropped") or {}
+    terms = "rows out + rows quarantined" + (" + rows dropped" if dropped else "")
     if s.get("balanced") is not None:
-        balance = ("<p class='ok'>rows in = rows out + rows quarantined</p>" if s["balanced"]
-                   else "<p class='bad'>rows in ≠ rows out + rows quarantined</p>")
+        figures_line = (f" ({esc(s.get('rows_in') or 0)} = {esc(s.get('rows_out') or 0)} + "
+                        f"{esc(s.get('rows_quarantined') or 0)}"
+                        + (f" + {esc(sum(dropped.values()))}" if dropped else "") + ")")
+        balance += (f"<p class='ok'>rows in = {terms}{figures_line}</p>" if s["balanced"]
+                    else f"<p class='bad'>rows in ≠ {terms}{figures_line}</p>")
+    if dropped:
+        balance += "<h3>Rows dropped, by reason</h3>" + table(
+            [{"reason": k, "rows": v} for k, v in dropped.items()], ["reason", "rows"])
     for kind, why in sorted((s.get("abstained") or {}).items()):
         what = "nothing" if kind == "all" else f"no {esc(kind)} edit"
         balance += f"<p class='bad'>Abstained: wrote {what}. {esc(why)}</p>"

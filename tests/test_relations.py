@@ -268,3 +268,89 @@ def test_a_catalogue_without_attributes_fits_no_model_and_rebuilds_with_an_empty
     (other / "manifest.json").write_text(json.dumps({"modules": {}}))
     with pytest.raises(FileNotFoundError, match="no relations models"):
         rebuild(cat, tmp_path / "run2", models=other, config=cfg_file)
+
+
+# ---- the rebuilt catalogue's own evidence for types fit never labelled ---------------------
+def test_title_attributes_are_the_distinct_attributes_of_a_titles_triples_with_best_confidence():
+    from autoknow_ray.modules.taxonomy.types import TRIPLE, with_title_attributes
+
+    def t(rel, conf):
+        return {"subject": "p", "relation": rel, "object": "x", "confidence": conf,
+                "module": "taxonomy", "status": "added", "evidence": "title[0:1]"}
+
+    batch = pa.table({"product_id": ["p", "q"], "edits": pa.array(
+        [[t("has_type", 0.9), t("Flavor", 0.6), t("Flavor", 0.8), t("Brand", 0.99)], None],
+        pa.list_(TRIPLE))})
+    out = with_title_attributes(batch).column("title_attributes").to_pylist()
+    assert [(x["name"], round(x["confidence"], 2)) for x in out[0]] == [("Brand", 0.99), ("Flavor", 0.8)]
+    assert out[1] == []
+
+
+def test_provider_counts_count_module_1s_title_attributes_when_asked():
+    rows = [{"product_id": "a", "type": "Tea", "title": "Green tea"},
+            {"product_id": "b", "type": "Tea", "title": "Mint tea"}]
+    table = products_table(rows).append_column("title_attributes", pa.array(
+        [[{"name": "Flavor", "confidence": 0.9}, {"name": "Unknown", "confidence": 1.0}],
+         [{"name": "Flavor", "confidence": 0.6}]],
+        pa.list_(pa.struct([("name", pa.string()), ("confidence", pa.float32())]))))
+    on = CountProviderMentions(VOCAB, 4, 5000, title_attributes=True)
+    assert "title_attributes" in on.columns and "title_attributes" not in CountProviderMentions.columns
+    _, hits = wide_counts(pl.from_arrow(on.process_batch(table)), VOCAB.attributes)
+    h = hits.filter((pl.col("type") == "Tea") & (pl.col("attribute") == "Flavor")).row(0, named=True)
+    assert h["tagged"] == 2 and h["tagged_score"] == 1500  # thousandths of 0.9 + 0.6
+    assert hits.filter(pl.col("attribute") == "Unknown").height == 0  # outside the vocabulary
+    off = CountProviderMentions(VOCAB, 4, 5000)  # the column is read only when asked for
+    _, hits = wide_counts(pl.from_arrow(off.process_batch(products_table(rows))), VOCAB.attributes)
+    assert hits["tagged"].sum() == 0
+
+
+def test_poisson_tail_matches_its_closed_form():
+    from autoknow_ray.modules.relations.evidence import poisson_tail
+
+    lam = np.array([0.1, 1.0, 3.0, 3.0])
+    k = np.array([1, 1, 0, 2])
+    want = [1 - np.exp(-0.1), 1 - np.exp(-1.0), 1.0, 1 - np.exp(-3.0) * (1 + 3.0)]
+    assert np.allclose(poisson_tail(k, lam), want, atol=1e-9)
+
+
+def _evidence_frame(rows):
+    return pl.DataFrame(rows, schema={"type": pl.String, "attribute": pl.String, "products": pl.Int64,
+                                      "filled": pl.Int64, "tagged": pl.Int64, "tagged_score": pl.Float64},
+                        orient="row")
+
+
+def test_a_new_types_title_tags_decide_where_they_stand_above_the_taggers_noise():
+    from autoknow_ray.modules.relations.evidence import noise_from_fit, noise_from_known, title_evidence
+
+    attrs = ["Brand", "Flavor", "Color", "Size", "Scent"]
+    rows = []
+    # a known type: Brand and Flavor apply (fit); 200 products, one stray Color tag, one Size tag
+    for a, k in zip(attrs, [190, 150, 1, 1, 0]):
+        rows.append(("Coffee", a, 200, 0, k, 0.9 * k))
+    # a new type with 60 products: Brand and Scent written in many titles, Color once (noise),
+    # Flavor never, Size filled in the catalogue itself on two products
+    for a, k, filled in zip(attrs, [55, 0, 1, 0, 20], [0, 0, 0, 2, 0]):
+        rows.append(("Detergent", a, 60, filled, k, 0.9 * k))
+    # a new type whose titles module 1 read nothing in: left to the model
+    for a in attrs:
+        rows.append(("Mystery", a, 40, 0, 0, 0.0))
+    df = _evidence_frame(rows)
+    noise = noise_from_known(df, {"Coffee"}, {"Coffee": {"Brand", "Flavor"}}, set(attrs))
+    # 2 stray tags (0.9 each, 1.8) over 600 (product, attribute) pairs that do not apply, add-one smoothed
+    assert noise.source == "known types here" and noise.pairs == 600
+    assert noise.rate == pytest.approx((1.8 + 1) / 602)
+    out, report = title_evidence(df, ["Detergent", "Mystery"], set(attrs), noise, min_fill_products=1)
+    got = {(t, a): (d, y) for t, a, d, y in out.select("type", "attribute", "decided",
+                                                         "evidence_applies").iter_rows()}
+    assert got[("Detergent", "Brand")] == (True, True) and got[("Detergent", "Scent")] == (True, True)
+    assert got[("Detergent", "Color")] == (True, False)  # one tag in 60: the tagger's noise
+    assert got[("Detergent", "Flavor")] == (True, False)
+    assert got[("Detergent", "Size")] == (True, True)  # filled in the catalogue: the fit label's rule
+    assert not any(got[("Mystery", a)][0] for a in attrs)
+    assert report["types"] == 1 and report["pairs_tagged_applicable"] == 2
+    # without a known type here, the rate the tagger's validation in fit implies
+    fit_noise = noise_from_fit({"val_precision": 0.8, "n_spans": 500, "n_examples": 100,
+                                "labels": ["type", *attrs]})
+    assert fit_noise.rate == pytest.approx(0.2 * 5 / 5)
+    assert noise_from_known(df, set(), {}, set(attrs)).rate is None
+    assert noise_from_fit(None).rate is None

@@ -48,3 +48,7 @@ class RelationsConfig(BaseModel):
     max_train_pairs: int = Field(300_000, ge=1)  # (type, attribute) pairs, seeded sample beyond
     # applicable = applicability >= threshold; None: the threshold of best out-of-fold F1 in fit
     threshold: float | None = Field(None, gt=0, lt=1)
+    # a type fit never labelled is decided by what the catalogue being rebuilt shows of it, where
+    # it shows anything: attributes its products fill, and those module 1 reads in its titles
+    # above the tagger's noise (`evidence.py`); false: the model alone
+    catalogue_evidence: bool = True

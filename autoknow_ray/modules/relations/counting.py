@@ -17,6 +17,7 @@ from autoknow_ray.modules.relations.features import (
 from autoknow_ray.pipeline import RunContext
 
 PRODUCT_COLUMNS = ["product_id", "title", "description", "bullets", "attributes"]
+TITLE_COLUMN = "title_attributes"
 
 
 def sample_vocabulary(ctx: RunContext, cfg: RelationsConfig) -> Vocabulary:
@@ -55,6 +56,20 @@ def _customer_rows(ctx: RunContext):
     return (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]), n
 
 
+def _has_title_attributes(ctx: RunContext) -> bool:
+    """Whether this run's typed products carry module 1's `title_attributes` (a schema read)."""
+    import pyarrow.parquet as pq
+
+    from autoknow_ray import storage
+
+    stage, name = state.TYPED_PRODUCTS
+    path = storage.path(ctx.table_path(stage, name))
+    if stage not in ctx.cfg.stages or not path.exists():
+        return False
+    files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
+    return bool(files) and TITLE_COLUMN in pq.read_schema(str(files[0])).names
+
+
 def count_mentions(ctx: RunContext, vocab: Vocabulary, cfg: RelationsConfig) -> pl.DataFrame:
     """Summed sparse counts (type, attribute, source, hits) over every product and the customer
     texts of a bounded sample of typed products (`customer_products`) of the catalogue in `ctx`.
@@ -65,8 +80,10 @@ def count_mentions(ctx: RunContext, vocab: Vocabulary, cfg: RelationsConfig) -> 
     n_products = state.n_products(ctx)
     parts = []
     if n_products:
-        typed = state.typed_products(ctx, PRODUCT_COLUMNS)
-        step = CountProviderMentions(vocab, cfg.max_value_tokens, cfg.max_text_chars)
+        # module 1's title attributes, where the taxonomy stage wrote them
+        tagged = _has_title_attributes(ctx)
+        typed = state.typed_products(ctx, PRODUCT_COLUMNS + ([TITLE_COLUMN] if tagged else []))
+        step = CountProviderMentions(vocab, cfg.max_value_tokens, cfg.max_text_chars, tagged)
         counts = runtime.map_step(typed, step, ctx.cfg, n_products)
         parts.append(runtime.aggregate(counts, ["type", "attribute", "source"],
                                        {"hits": ("sum", "hits")}))

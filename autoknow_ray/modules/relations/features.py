@@ -27,6 +27,12 @@ TOKEN = re.compile(r"\w+")
 TOTAL = ""  # attribute of the per-type total rows (attribute names are never empty)
 # sources of the sparse counts: per (type, attribute) hits, and per type totals (attribute TOTAL)
 VALUE, NAME, FILLED, TEXT, QUERY = "value", "name", "filled", "text", "query"
+# module 1 read a value of the attribute in the product's title (typed_products'
+# `title_attributes`): evidence at rebuild, like `filled` never a feature (fit has no tagger output)
+TAGGED = "tagged"
+# the same, each product weighed by the best confidence of its span, in thousandths (sums stay
+# integers): a count that low-confidence tags add little to
+TAGGED_SCORE = "tagged_score"
 SHAPE = "shape"  # a value template (numbers abstracted) of the attribute occurs
 PRODUCTS, EMPTY, UNMATCHED = "products", "empty", "unmatched"
 COUNTS = pa.schema([("type", pa.string()), ("attribute", pa.string()), ("source", pa.string()),
@@ -210,9 +216,12 @@ class CountProviderMentions(Step):
     resources = "relations"
     columns = ("type", "title", "description", "bullets", "attributes")
 
-    def __init__(self, vocab: Vocabulary, max_value_tokens: int, max_chars: int):
+    def __init__(self, vocab: Vocabulary, max_value_tokens: int, max_chars: int,
+                 title_attributes: bool = False):
         self.vocab, self.max_value_tokens, self.max_chars = vocab, max_value_tokens, max_chars
         self.matcher: Matcher | None = None
+        # module 1's `title_attributes`, read where the taxonomy stage wrote them
+        self.columns = (*self.columns, "title_attributes") if title_attributes else self.columns
 
     def setup(self, env) -> None:
         self.matcher = Matcher(self.vocab, self.max_value_tokens)
@@ -224,8 +233,8 @@ class CountProviderMentions(Step):
         index = {a: i for i, a in enumerate(attrs)}
         acc: dict[tuple[str, str, str], int] = defaultdict(int)
         cols = {c: batch.column(c).to_pylist() if c in batch.column_names else [None] * batch.num_rows
-                for c in self.columns}
-        for t, title, desc, bullets, filled in zip(*(cols[c] for c in self.columns)):
+                for c in (*CountProviderMentions.columns, "title_attributes")}
+        for t, title, desc, bullets, filled, tagged in zip(*cols.values()):
             t = t or ""
             acc[(t, TOTAL, PRODUCTS)] += 1
             parts = [title or "", desc or "", *[b for b in (bullets or []) if b]]
@@ -243,6 +252,10 @@ class CountProviderMentions(Step):
             for a in {p.get("name") for p in (filled or []) if p and p.get("value")}:
                 if a in index:
                     acc[(t, a, FILLED)] += 1
+            for p in tagged or ():
+                if p and p.get("name") in index:
+                    acc[(t, p["name"], TAGGED)] += 1
+                    acc[(t, p["name"], TAGGED_SCORE)] += round(1000 * float(p.get("confidence") or 0))
         return _counts_table(acc)
 
 
@@ -311,7 +324,7 @@ def wide_counts(long: pl.DataFrame, attributes: list[str]) -> tuple[pl.DataFrame
     hits = (hits.pivot(on="source", index=["type", "attribute"], values="hits",
                        aggregate_function="sum") if hits.height
             else pl.DataFrame(schema={"type": pl.String, "attribute": pl.String}))
-    for c in (VALUE, NAME, SHAPE, FILLED, TEXT, QUERY):
+    for c in (VALUE, NAME, SHAPE, FILLED, TAGGED, TAGGED_SCORE, TEXT, QUERY):
         if c not in hits.columns:
             hits = hits.with_columns(pl.lit(0, pl.Int64).alias(c))
     return totals, hits.fill_null(0)
@@ -320,7 +333,8 @@ def wide_counts(long: pl.DataFrame, attributes: list[str]) -> tuple[pl.DataFrame
 def text_features(totals: pl.DataFrame, hits: pl.DataFrame, types: list[str],
                   attributes: list[str]) -> pl.DataFrame:
     """One row per (type, attribute) of `types` x `attributes` with TEXT_FEATURES, plus the raw
-    counts (`products`, `filled`, `text_hits`, `texts`) the labels and the report use."""
+    counts (`products`, `filled`, `tagged`, `tagged_score`, `text_hits`, `texts`) the labels, the evidence of
+    the catalogue being rebuilt and the report use."""
     grid = (pl.DataFrame({"type": types}, schema={"type": pl.String})
             .join(pl.DataFrame({"attribute": attributes}, schema={"attribute": pl.String}),
                   how="cross").with_row_index("_row"))
@@ -328,7 +342,8 @@ def text_features(totals: pl.DataFrame, hits: pl.DataFrame, types: list[str],
                       pl.col(QUERY).alias("queries"))
     h = hits.select("type", "attribute", pl.col(VALUE).alias("value_hits"),
                     pl.col(NAME).alias("name_hits"), pl.col(SHAPE).alias("shape_hits"),
-                    pl.col(FILLED).alias("filled"),
+                    pl.col(FILLED).alias("filled"), pl.col(TAGGED).alias("tagged"),
+                    (pl.col(TAGGED_SCORE) / 1000.0).alias("tagged_score"),
                     pl.col(TEXT).alias("text_hits"), pl.col(QUERY).alias("query_hits"))
     df = (grid.join(t, on="type", how="left").join(h, on=["type", "attribute"], how="left")
           .fill_null(0))

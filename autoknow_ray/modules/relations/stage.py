@@ -17,6 +17,7 @@ import polars as pl
 
 from autoknow_ray.graph import state
 from autoknow_ray.index.vectors import as_matrix
+from autoknow_ray.modules.relations import evidence
 from autoknow_ray.modules.relations.config import RelationsConfig
 from autoknow_ray.modules.relations.counting import count_mentions, sample_vocabulary
 from autoknow_ray.modules.relations.features import (
@@ -81,8 +82,12 @@ def with_fit_labels(applicability: np.ndarray, types: list[str], known: Known) -
 
 def score_pairs(models: RelationsModels, totals: pl.DataFrame, hits: pl.DataFrame,
                 types: list[str], without: list[str], attrs: list[str], taxonomy: pl.DataFrame,
-                cfg: RelationsConfig, device: str = "auto"):
-    """The graph_attributes rows of `types` x `attrs`, the feature matrix and the text features."""
+                cfg: RelationsConfig, device: str = "auto", tagger: dict | None = None,
+                report: dict | None = None):
+    """The graph_attributes rows of `types` x `attrs`, the feature matrix and the text features.
+
+    `tagger`: module 1's tagger figures from fit (its labels and validation precision), for the
+    evidence of module 1's title attributes; `report` receives what that evidence decided."""
     df = text_features(totals, hits, types, attrs)
     known = models.known(attrs)
     type_emb = embed_names(cfg.encoder, types, device)
@@ -99,13 +104,53 @@ def score_pairs(models: RelationsModels, totals: pl.DataFrame, hits: pl.DataFram
     applicability = np.where(no_text, inherited, applicability).astype(np.float32)
     applicability = with_fit_labels(applicability, types, known)
     threshold = cfg.threshold if cfg.threshold is not None else models.threshold
+    applicable = applicability >= threshold
+    # a type fit never labelled: what this catalogue shows of it decides where it shows anything
+    if cfg.catalogue_evidence:
+        applicability, applicable, evidence_report = with_catalogue_evidence(
+            df, applicability, applicable, types, known, models, attrs, cfg, tagger)
+        if report is not None:
+            report.update(evidence_report)
     out = ranked(pl.DataFrame({
         "type": df["type"], "attribute": df["attribute"],
-        "applicability": applicability,
-        "applicable": applicability >= threshold,
+        "applicability": applicability.astype(np.float32),
+        "applicable": applicable,
         "importance": importance.astype(np.float32),
     }))
     return out, x, df
+
+
+def with_catalogue_evidence(df: pl.DataFrame, applicability: np.ndarray, applicable: np.ndarray,
+                            types: list[str], known: Known, models: RelationsModels,
+                            attrs: list[str], cfg: RelationsConfig, tagger: dict | None):
+    """`evidence.title_evidence` over the types fit never labelled (row order of `df`)."""
+    known_types = set(known.types)
+    new_types = [t for t in types if t not in known_types]
+    tagged_any = set(df.filter(pl.col("tagged") > 0)["attribute"].unique().to_list())
+    labels = [x for x in (tagger or {}).get("labels", []) if x != "type"]
+    readable = (set(labels) & set(attrs)) if labels else tagged_any
+    if not tagged_any:
+        readable = set()  # module 1 wrote no title attribute in this catalogue
+    applies = {t: set(a) for t, a in zip(models.types, models.applies)}
+    noise = evidence.noise_from_known(df, known_types, applies, readable)
+    if noise.rate is None:
+        noise = evidence.noise_from_fit(tagger) if readable else evidence.NoiseRate(
+            None, "no title attribute from module 1 in this catalogue")
+    rows, report = evidence.title_evidence(df, new_types, readable, noise, cfg.min_fill_products)
+    decided = rows.filter(pl.col("decided"))
+    if decided.height == 0:
+        return applicability, applicable, {"catalogue_evidence": report}
+    idx = (df.select("type", "attribute").with_row_index("_row")
+           .join(decided.select("type", "attribute", "evidence_applies", "evidence_score"),
+                 on=["type", "attribute"], how="inner"))
+    at = idx["_row"].to_numpy()
+    applicability = applicability.copy()
+    applicable = applicable.copy()
+    # the decision is the evidence's; the score, for ranking, the mean of the evidence's and the
+    # model's (the tail probability saturates at 1 for every well-attested attribute)
+    applicability[at] = 0.5 * (idx["evidence_score"].to_numpy() + applicability[at])
+    applicable[at] = idx["evidence_applies"].to_numpy()
+    return applicability, applicable, {"catalogue_evidence": report}
 
 
 class RelationsStage(Stage):
@@ -161,12 +206,14 @@ class RelationsStage(Stage):
             return {**counts, "rows_out": 0, "applicable_pairs": 0,
                     "note": "no typed product and no taxonomy type" if not types
                     else "no attribute vocabulary"}
+        fitted = (read_manifest(ctx.models).get("modules") or {}).get("taxonomy") or {}
+        evidence_report: dict = {}
         out, x, df = score_pairs(models, totals, hits, types, without, attrs, taxonomy, cfg,
-                                 ctx.cfg.device)
+                                 ctx.cfg.device, tagger=fitted.get("tagger"), report=evidence_report)
         ctx.write("graph_attributes", out.select(GRAPH_ATTRIBUTES.names), GRAPH_ATTRIBUTES)
         ctx.write("features", pl.concat([df.select("type", "attribute", "products", "texts"),
                                          pl.DataFrame(x, schema=list(FEATURES), orient="row")],
                                         how="horizontal"))
         return {**counts, "rows_out": out.height,
                 "applicable_pairs": int(out["applicable"].sum()),
-                "types_inherited_from_neighbours": len(without)}
+                "types_inherited_from_neighbours": len(without), **evidence_report}

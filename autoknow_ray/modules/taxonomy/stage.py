@@ -38,8 +38,9 @@ from autoknow_ray.modules.taxonomy.title_names import (
     EVIDENCE_PREFIX, TitleTypeNames, build_vocabulary, load_vocabulary_and_not_types,
 )
 from autoknow_ray.modules.taxonomy.types import (
-    CANDIDATES_SCHEMA, SPREAD, TYPE_COLUMNS, BestTypeSpan, ResolveTypes, SpreadNewTypes, TypeNames,
-    accept_candidates, ancestors_map, lower_case_taxonomy, orphan_types, taxonomy_maps, write_reference,
+    CANDIDATES_SCHEMA, SPREAD, TITLE_ATTRIBUTES, TYPE_COLUMNS, BestTypeSpan, ResolveTypes,
+    SpreadNewTypes, TypeNames, accept_candidates, ancestors_map, lower_case_taxonomy,
+    orphan_types, taxonomy_maps, with_title_attributes, write_reference,
 )
 from autoknow_ray.nn.encoder import EmbedTitles, TextEncoder
 from autoknow_ray.pipeline import RunContext, Stage
@@ -383,7 +384,8 @@ class TaxonomyStage(Stage):
         decisions.map_batches(_explode("ranked", PRODUCT_TYPE_CANDIDATES), batch_format="pyarrow"
                               ).write_parquet(str(ctx.out / "product_type_candidates"))
         products = runtime.read_parquet(products_path)
-        typed = products.join(decisions.select_columns(["product_id", *TYPE_COLUMNS]),
+        typed = products.join(decisions.map_batches(with_title_attributes, batch_format="pyarrow")
+                              .select_columns(["product_id", *TYPE_COLUMNS, "title_attributes"]),
                               join_type="left_outer", on=("product_id",),
                               num_partitions=max(1, math.ceil(n / JOIN_ROWS_PER_PARTITION)))
         schema = _typed_schema()
@@ -566,7 +568,8 @@ def resolved_floors(types_cfg, art: Path):
 
 def _typed_schema() -> pa.Schema:
     return pa.schema([*PRODUCTS, ("type", pa.string()), ("type_status", pa.string()),
-                      ("type_confidence", pa.float32()), ("type_evidence", pa.string())])
+                      ("type_confidence", pa.float32()), ("type_evidence", pa.string()),
+                      ("title_attributes", TITLE_ATTRIBUTES)])
 
 
 def _conform(batch: pa.Table, schema: pa.Schema) -> pa.Table:

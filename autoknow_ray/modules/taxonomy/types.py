@@ -43,6 +43,24 @@ TYPE_COLUMNS = ("type", "type_status", "type_confidence", "type_evidence")
 TRIPLE = pa.struct(list(TRIPLES))
 RANKED = pa.list_(pa.struct([("type", pa.string()), ("score", pa.float32()), ("rank", pa.int32())]))
 RANKED_TOP = 5  # kNN alternatives kept per product
+# the attributes module 1 read in a product's title, each with its best span confidence: module 2
+# counts them per type (typed_products column `title_attributes`)
+TITLE_ATTRIBUTES = pa.list_(pa.struct([("name", pa.string()), ("confidence", pa.float32())]))
+
+
+def with_title_attributes(batch: pa.Table) -> pa.Table:
+    """Decisions -> the same rows plus `title_attributes`: the distinct attribute names of the
+    product's title triples (every edit but `has_type`), with the best confidence of each."""
+    rows = []
+    for edits in batch.column("edits").to_pylist():
+        best: dict[str, float] = {}
+        for e in edits or ():
+            name = e.get("relation")
+            if name and name != HAS_TYPE:
+                conf = float(e.get("confidence") or 0.0)
+                best[name] = max(best.get(name, 0.0), conf)
+        rows.append([{"name": k, "confidence": v} for k, v in sorted(best.items())])
+    return batch.append_column("title_attributes", pa.array(rows, TITLE_ATTRIBUTES))
 CANDIDATES_SCHEMA = {
     "type": pl.String,
     "support": pl.Int64,

@@ -105,6 +105,10 @@ def test_decide_never_overwrites_and_flags_conflicts():
     added = d.filter(pl.col("decision").is_in(["added", "added_cluster"]))
     assert set(added["subject"]) == {"p1", "p4"}
     assert "description[9:14]" in got[("p4", "Flavor", "Peach")]["evidence"]
+    # no candidate vanishes: the Lemon that Peach beat is a decision row too
+    assert got[("p4", "Flavor", "Lemon")]["decision"] == "lost_to_better_candidate"
+    assert got[("p4", "Flavor", "Lemon")]["status"] is None
+    assert d.height == sum(len(r["cands"]) for r in batch.to_pylist())
 
 
 def test_cluster_label_goes_to_an_unsure_span():
@@ -221,6 +225,10 @@ def test_fit_and_rebuild_impute_without_overwriting(tmp_path, ray_session):
                  "--config", str(cfg)]) == 0
     manifest = json.loads((run / "imputation" / "manifest.json").read_text())
     assert manifest["rows_in"] == manifest["rows_out"] == 150
+    # every candidate value is decided once, the ones not written with their reason
+    assert manifest["balance_checked"] and manifest["per_product"]
+    assert sum(manifest["decisions"].values()) == manifest["input"]["candidate_values"] > 0
+    assert manifest["decisions"].get("lost_to_better_candidate", 0) > 0
     assert manifest["input"]["texts_html_stripped"] >= 1 and manifest["input"]["texts_capped"] >= 1
     assert manifest["input"]["texts_empty"] >= 1 and manifest["tokens_per_s"] > 0
     from autoknow_ray.pipeline import read_parquet_any, table_file
@@ -253,6 +261,7 @@ def test_fit_and_rebuild_impute_without_overwriting(tmp_path, ray_session):
                  "--config", str(cfg)]) == 0
     m2 = json.loads((run2 / "imputation" / "manifest.json").read_text())
     assert m2["facts_added"] == 0 and "(test)" in m2["abstained"]
+    assert m2["rows_out"] == 0 and m2["rows_dropped"] == {"abstained": 150}
     t2 = read_parquet_any(table_file(run2 / "graph", "triples"))
     assert t2.filter(pl.col("module") == "imputation").height == 0
     assert t2.filter(pl.col("status") == "kept").height == kept_facts

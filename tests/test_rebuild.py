@@ -249,3 +249,82 @@ def test_edit_partition_matches_apply_edits_in_any_row_order():
     assert status == {("has_type", "tea"): "removed", ("has_type", "coffee"): "removed",
                       ("Flavor", "Mint"): "kept", ("Size", "12 oz"): "added"}
     assert one.filter(pl.col("relation") == "Size")["evidence"].to_list() == ["tie-a"]
+
+
+def _hostile_catalogue(blind, d):
+    """The blind catalogue with rows a real one has: an id listed twice (the second listing
+    different), an empty and a blank title, a product stating one fact twice, texts and
+    behaviour about products the catalogue lacks, an empty text."""
+    (d / "products").mkdir(parents=True)
+    products = pl.read_parquet(blind / "products.parquet")
+    products.write_parquet(d / "products" / "part-0.parquet")
+    first = products["product_id"][0]
+    hostile = [
+        {"product_id": first, "title": "Second listing under a taken id", "brand": "Dupe Co",
+         "attributes": [{"name": "Flavor", "value": "Cherry"}]},
+        {"product_id": "empty-title", "title": ""},
+        {"product_id": "blank-title", "title": "   "},
+        {"product_id": "twice", "title": "Acme Mint Tea 20 Count", "brand": "Acme",
+         "attributes": [{"name": "Flavor", "value": "Mint"}, {"name": "Flavor", "value": "Mint"}]},
+    ]
+    # after part-0 by (file, row): the first listing of the taken id stays the kept one
+    (d / "products" / "part-1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in hostile))
+    shutil.copy(blind / "taxonomy.parquet", d / "taxonomy.parquet")
+    (d / "texts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"product_id": first, "kind": "review", "text": "tastes right"},
+        {"product_id": first, "kind": "review", "text": ""},
+        {"product_id": "ghost", "kind": "review", "text": "about nothing we sell"}]))
+    (d / "behavior.csv").write_text(f"query,product_id,action,count\ntea,{first},view,2\n"
+                                    "tea,ghost,click,1\ntea,phantom,view,4\n")
+    return d, first
+
+
+def test_a_hostile_catalogue_balances_at_every_stage(fitted, tmp_path):
+    """Rebuilt with module 1 (and the stages around it): each stage that checks its balance
+    holds it, the counts name every drop, and the duplicate listing keeps its content in the
+    quarantine."""
+    cat, first = _hostile_catalogue(fitted / "blind", tmp_path / "cat")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text((REPO / "configs" / "test.yaml").read_text().replace(
+        "stages: [ingest, taxonomy, graph, report]", "stages: [ingest, taxonomy, imputation, graph, report]"))
+    run = tmp_path / "run"
+    assert main(["rebuild", "--catalogue", str(cat), "--out", str(run),
+                 "--models", str(fitted / "models"), "--config", str(cfg)]) == 0
+    m = {s: json.loads((run / s / "manifest.json").read_text())
+         for s in ("ingest", "taxonomy", "imputation", "graph", "report")}
+    products = m["ingest"]["tables"]["products"]
+    # 150 + 4 rows: the duplicate and both empty titles quarantined, 151 products kept
+    assert (products["rows_in"], products["rows_out"], products["rows_quarantined"]) == (154, 151, 3)
+    assert m["ingest"]["tables"]["texts"]["unknown_product"] == 1
+    assert m["ingest"]["tables"]["behavior"]["unknown_product"] == 2
+    for name, manifest in m.items():
+        assert manifest["units"]["rows_in"] and manifest["units"]["rows_out"], name
+        assert manifest["balance_checked"], name
+        dropped = sum((manifest.get("rows_dropped") or {}).values())
+        assert manifest["rows_in"] == (manifest["rows_out"] + (manifest.get("rows_quarantined") or 0)
+                                       + dropped), name
+    # per product: one typed product per product; imputation had no model and says so per product
+    assert m["taxonomy"]["per_product"] and m["taxonomy"]["rows_in"] == m["taxonomy"]["rows_out"] == 151
+    assert "rows_quarantined" not in m["taxonomy"]  # it has no quarantine to count
+    assert m["imputation"]["rows_out"] == 0 and m["imputation"]["rows_dropped"] == {
+        "no imputation model": 151}
+    # the graph: catalogue facts as stated (the repeated Mint too) and module 1's edits in
+    graph = m["graph"]
+    assert graph["rows_dropped"]["duplicate catalogue fact (one kept)"] == 1
+    assert graph["rows_in"] == graph["catalogue_facts_stated"] + sum(graph["edits"].values())
+    dropped = read_parquet_any(table_file(run / "graph", "dropped"))
+    assert dropped.filter(pl.col("reason").str.starts_with("duplicate catalogue fact"))[
+        "subject"].to_list() == ["twice"]
+    # the duplicate listing: its reason and its whole row, not its id alone
+    q = read_parquet_any(table_file(run, "quarantine"))
+    dup = q.filter(pl.col("reason").str.starts_with("duplicate product_id"))
+    assert dup.height == 1 and dup["product_id"][0] == first
+    raw = json.loads(dup["raw"][0])
+    assert raw["title"] == "Second listing under a taken id" and raw["brand"] == "Dupe Co"
+    assert raw["attributes"] == [{"name": "Flavor", "value": "Cherry"}]
+    # the report page shows every stage's balance and units
+    report = json.loads((run / "report.json").read_text())
+    assert all(s["balanced"] for s in report["stages"]), report["stages"]
+    page = (run / "report.html").read_text()
+    assert "products → typed products; one out per product" in page
+    assert "duplicate catalogue fact (one kept)" in page

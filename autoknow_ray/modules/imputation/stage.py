@@ -24,7 +24,7 @@ from autoknow_ray.modules.imputation.model import TAGGER, load_known_values, shi
 from autoknow_ray.modules.imputation.steps import (
     INPUT_COUNTS, PRODUCT_COLUMNS, DecideValues, TagProducts, TermRows, written)
 from autoknow_ray.modules.imputation.texts import SEP
-from autoknow_ray.pipeline import RunContext, Stage
+from autoknow_ray.pipeline import RunContext, Stage, check_balance
 from autoknow_ray.schema import HAS_TYPE, TRIPLES
 
 MODULE = "imputation"
@@ -108,6 +108,10 @@ class ImputationStage(Stage):
     config_sections = (MODULE, "resources")
     needs = ("ingest", "taxonomy", "relations")
     uses_models = True
+    # candidates/: one row per product (its value candidates as a list, maybe empty)
+    units = {"rows_in": "products", "rows_out": "products tagged (candidates rows)"}
+    per_product = True
+    balanced = True
 
     def fingerprint(self, ctx: RunContext) -> str:
         self.needs = tuple(s for s in ("ingest", "taxonomy", "relations") if s in ctx.cfg.stages)
@@ -118,13 +122,13 @@ class ImputationStage(Stage):
         n = state.n_products(ctx)
         model_dir = None if ctx.models is None else ctx.models / MODULE
         if model_dir is None or not (model_dir / TAGGER / "config.json").exists():
-            return {"rows_in": n, "rows_out": 0, "rows_quarantined": 0,
+            return {"rows_in": n, "rows_out": 0, "rows_dropped": {"no imputation model": n},
                     "skipped": f"no imputation model in {model_dir} (fit found nothing to learn)"}
         min_confidence, abstain = shipped_threshold(model_dir, cfg.min_confidence)
         if min_confidence is None:
             # nothing is written: an empty edits table says so to the stages after
             ctx.write("edits", TRIPLES.empty_table(), TRIPLES)
-            return {"rows_in": n, "rows_out": 0, "rows_quarantined": 0, "facts_added": 0,
+            return {"rows_in": n, "rows_out": 0, "rows_dropped": {"abstained": n}, "facts_added": 0,
                     "abstained": abstain, "min_confidence": None}
         products = products_with_context(ctx, n)
         tag = TagProducts(model_dir, cfg.fields, cfg.max_text_chars, cfg.max_texts_per_product,
@@ -161,10 +165,12 @@ class ImputationStage(Stage):
                 if written(d):
                     added_per_relation[rel] += int(k)
         tokens = input_counts.get("tokens", 0)
+        # every candidate value leaves one decision row, written or not, each with its reason
+        check_balance("imputation candidate values", input_counts.get("candidate_values", 0),
+                      sum(decisions_count.values()))
         return {
             "rows_in": n,
             "rows_out": rows_out,
-            "rows_quarantined": 0,
             "input": input_counts,
             "tag_seconds": round(tag_seconds, 2),
             "tokens_per_s": round(tokens / tag_seconds, 1) if tag_seconds > 0 else None,

@@ -7,6 +7,9 @@ TermRows      (task)   candidates and filled values as (type, term, attribute) r
                        per-term aggregate the embedding clusters are built from.
 DecideValues  (task)   per product and attribute, the best candidate: `added` where the graph has
                        no value, a conflict where it has another one, nothing where it agrees.
+                       Every candidate leaves one decision row, the ones not written included
+                       (below threshold, not applicable, known, conflict not written, lost to a
+                       better candidate of the same attribute).
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ PRODUCT_COLUMNS = ("product_id", "type", "title", "description", "bullets", "att
 CANDIDATE = pa.struct([("attribute", pa.string()), ("value", pa.string()), ("score", pa.float32()),
                        ("field", pa.string()), ("start", pa.int32()), ("end", pa.int32())])
 INPUT_COUNTS = ("texts_seen", "texts_empty", "texts_html_stripped", "texts_capped",
-                "customer_texts_over_cap", "tokens")
+                "customer_texts_over_cap", "tokens", "spans_below_min_score", "candidate_values")
 CANDIDATES = pa.schema([("product_id", pa.string()), ("type", pa.string()),
                         ("filled", pa.list_(pa.string())), ("cands", pa.list_(CANDIDATE)),
                         *[(c, pa.int64()) for c in INPUT_COUNTS]])
@@ -78,6 +81,10 @@ class TagProducts(Step):
                 if score >= self.min_span_score:
                     cands[owner].append({"attribute": label, "value": text[s:e], "score": score,
                                          "field": field, "start": s, "end": e})
+                else:
+                    counts[owner]["spans_below_min_score"] += 1
+        for owner, c in enumerate(cands):
+            counts[owner]["candidate_values"] = len(c)
         filled = [[f"{a}{SEP}{value_key(v)}" for a, v in filled_values(r)] for r in rows]
         cols = {
             "product_id": [r.get("product_id") for r in rows],
@@ -171,7 +178,12 @@ class DecideValues(Step):
                     emit(pid, attr, c["value"], conf, how, "not_applicable", None)
                     continue
                 if attr not in best or conf > best[attr][1]:
+                    if attr in best:  # the earlier best loses to this one
+                        lost = best[attr]
+                        emit(pid, attr, lost[0], lost[1], lost[2], LOST, None)
                     best[attr] = (c["value"], conf, how, key)
+                else:
+                    emit(pid, attr, c["value"], conf, how, LOST, None)
             for attr, (value, conf, how, key) in best.items():
                 if attr not in have:
                     emit(pid, attr, value, conf, how, "added_cluster" if " cluster " in how else "added")
@@ -182,6 +194,9 @@ class DecideValues(Step):
                 else:
                     emit(pid, attr, value, conf, how, "conflict_not_written", None)
         return pa.Table.from_pydict(out, schema=DECISIONS)
+
+
+LOST = "lost_to_better_candidate"  # another candidate of the product's attribute scored higher
 
 
 def written(decision: str) -> bool:

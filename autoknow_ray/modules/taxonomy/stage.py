@@ -75,6 +75,10 @@ class TaxonomyStage(Stage):
     config_sections = ("taxonomy", "resources")
     needs = ("ingest",)
     uses_models = True
+    # typed_products: every product once, with its type columns (null where none was decided)
+    units = {"rows_in": "products", "rows_out": "typed products"}
+    per_product = True
+    balanced = True
 
     def run(self, ctx: RunContext) -> dict:
         cfg = ctx.cfg.taxonomy
@@ -170,7 +174,8 @@ class TaxonomyStage(Stage):
         return {
             "rows_in": n,
             "rows_out": counts.get("typed_products", 0),
-            "rows_quarantined": 0,
+            # a product the decision pass did not return is still a typed product, untyped
+            "products_without_decision": n - counts.get("decisions", 0),
             "resources": plan.as_dict(),
             "title_chunks": chunks["chunks"],
             "title_chunks_resumed": chunks["skipped"],
@@ -398,6 +403,7 @@ class TaxonomyStage(Stage):
             if outcomes.height else {},
             "spans": int(outcomes["spans"].sum()) if outcomes.height else 0,
             "typed_products": count_rows(ctx.out / "typed_products"),
+            "decisions": count_rows(decisions_dir),
             "edits": count_rows(ctx.out / "edits"),
         }
 

@@ -121,6 +121,11 @@ def test_stage_end_to_end_with_bad_edges_and_cold_start(tmp_path, ray_session):
     reasons = sorted(r for r in q["reason"].to_list() if r.startswith("unknown"))
     assert reasons == ["unknown product_id (dst)", "unknown product_id (src)"]
     assert manifest["rows_quarantined"] == 0
+    # products in, related pairs out: not one unit, so no balance; every product is embedded
+    # (checked by the stage) and, in a catalogue of 120, finds related products
+    assert manifest["units"]["rows_out"].startswith("related pairs") and not manifest.get("balanced")
+    assert manifest["products_embedded"] == manifest["rows_in"] == manifest["products_with_related"]
+    assert manifest["products_without_related"] == 0
     edges = read_parquet_any(run / "related" / "edges_copurchase")
     assert edges.filter(pl.col("src") == pl.col("dst")).height == 0
     two = edges.filter(pl.col("two_way"))

@@ -14,13 +14,14 @@ with no co-purchases to learn from) source and target are the title embedding it
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from autoknow_ray import runtime
 from autoknow_ray.graph.state import count_rows, n_products, typed_products
 from autoknow_ray.modules.related import graph_build as gb
 from autoknow_ray.modules.related.model import WEIGHTS
 from autoknow_ray.modules.related.steps import DualEmbed, EmbedProducts, Recommend, mark_complete
-from autoknow_ray.pipeline import RunContext, Stage
+from autoknow_ray.pipeline import RunContext, Stage, check_balance
 
 NODES = "nodes"
 EMBEDDINGS = "embeddings"
@@ -29,6 +30,11 @@ EMBEDDINGS = "embeddings"
 def _text_as_embeddings(batch: pa.Table) -> pa.Table:
     text = batch.column("text")
     return pa.table({"product_id": batch.column("product_id"), "source": text, "target": text})
+
+
+def _first_ranks(batch: pa.Table) -> pa.Table:
+    """One row per product that has related rows: its rank-1 row (ranks start at 1)."""
+    return batch.filter(pc.equal(batch.column("rank"), 1))
 
 
 def _model_config(model_dir) -> dict:
@@ -47,6 +53,10 @@ class RelatedStage(Stage):
     config_sections = ("related", "resources")
     needs = ("ingest", "taxonomy")
     uses_models = True
+    # not one row per product: up to top_k related rows each; the quarantine holds the
+    # behaviour and co-purchase rows the edge checks rejected
+    units = {"rows_in": "products", "rows_out": "related pairs (product, related product)",
+             "rows_quarantined": "behaviour and co-purchase rows"}
 
     def fingerprint(self, ctx: RunContext) -> str:
         self.needs = tuple(s for s in ("ingest", "taxonomy") if s in ctx.cfg.stages)
@@ -90,13 +100,22 @@ class RelatedStage(Stage):
         counts["quarantine_reasons"] = gb.quarantine_reasons(out / gb.QUARANTINE_TABLE)
         n_rows = count_rows(out / "graph_related")
         n_bad = count_rows(out / gb.QUARANTINE_TABLE)
+        # every product gets its two embeddings (its metadata where it has no edge)
+        n_embedded = count_rows(out / EMBEDDINGS)
+        check_balance("related: products embedded", n, n_embedded)
+        with_related = (runtime.read_parquet(out / "graph_related", ["rank"]).map_batches(
+            _first_ranks, batch_format="pyarrow").count() if n_rows else 0)
         if n_bad == 0:
             gb.write_shards(None, out / gb.QUARANTINE_TABLE, gb.QUARANTINE)
         return {
             "rows_in": n,
             "rows_out": n_rows,
             "rows_quarantined": n_bad,
-            "products_embedded": count_rows(out / EMBEDDINGS),
+            "products_embedded": n_embedded,
+            "products_with_related": with_related,
+            # a product whose search found no other product (a catalogue of one, or every
+            # neighbour filtered out)
+            "products_without_related": n - with_related,
             "model": ("symmetric-gnn" if settings.get("symmetric") else "dual-gnn") if trained
             else "title-similarity (no trained weights)",
             "prior_weight": prior,

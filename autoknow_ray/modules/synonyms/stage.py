@@ -110,6 +110,9 @@ class SynonymsStage(Stage):
     config_sections = ("synonyms", "resources")
     needs = ("ingest", "taxonomy", "relations", "imputation", "cleaning")
     uses_models = True
+    units = {"rows_in": "distinct terms (kind, attribute, term) in the graph's values and types",
+             "rows_out": "vocabulary terms"}
+    balanced = True
 
     def run(self, ctx: RunContext) -> dict:
         cfg = ctx.cfg.synonyms
@@ -175,6 +178,8 @@ class SynonymsStage(Stage):
         if vocab.height == 0:
             vocab = pl.DataFrame(schema={"kind": pl.String, "attribute": pl.String,
                                          "term": pl.String, "n": pl.Int64})
+        n_terms = vocab.height
+        no_term = vocab.filter(pl.col("term").is_null()).height
         too_long = vocab.filter(pl.col("term").str.len_chars() > cfg.max_term_chars)
         vocab = (vocab.filter(pl.col("term").str.len_chars() <= cfg.max_term_chars)
                  .sort(["n", "kind", "attribute", "term"], descending=[True, False, False, False]))
@@ -183,10 +188,11 @@ class SynonymsStage(Stage):
                   .head(cfg.max_terms))
         ctx.write("vocabulary", capped)
         over = vocab.height - capped.height
-        counts = {"rows_in": capped.height + too_long.height + over, "rows_out": capped.height,
-                  "rows_quarantined": too_long.height + over,
-                  "quarantine_reasons": {"term_too_long": too_long.height,
-                                         "over_vocabulary_cap": over},
+        # rows: distinct (kind, attribute, term) of the occurrences; the balance is checked by
+        # run_stages (Stage.balanced)
+        counts = {"rows_in": n_terms, "rows_out": capped.height,
+                  "rows_dropped": {"term_too_long": too_long.height, "over_vocabulary_cap": over,
+                                   "no_term": no_term},
                   "terms_by_kind": dict(capped.group_by("kind").len().rows())}
         return capped.sort(["kind", "attribute", "term"]), counts
 

@@ -346,7 +346,7 @@ def test_out_of_fold_calibration_pools_every_product(known_fit):
     assert [f["fold"] for f in folds] == [0, 1] and not [f for f in folds if "skipped" in f]
     assert sum(f["claims"] for f in folds) == 360 + 120
     assert all(0 < f["products"] < 120 and f["train_products"] == 120 - f["products"]
-               for f in folds)
+               and 0 < f["train_pairs"] <= KNOWN_CFG["max_train_pairs"] for f in folds)
     assert all(f["values_auc_pr"] > 0.9 for f in folds)
     held = sum(_held_out(p, 0, CleaningConfig().val_fraction) for p in products["product_id"])
     assert 4 * held < 480  # the single split's claims (a type and three values per product)

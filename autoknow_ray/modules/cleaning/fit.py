@@ -90,12 +90,13 @@ def cross_fit(sample: pl.DataFrame, cfg: CleaningConfig, out: Path, seed: int,
     every claim of the fold's products (made as `validation_pairs` makes them); the thresholds
     are calibrated on the scores of all folds pooled, so every sampled product's claims count.
     The shipped model is trained on all products with the shipped recipe: the fold models saw
-    fewer products (and at most `calibration_fold_pairs` pairs), so the calibration errs on the
-    side of removing less."""
+    fewer products (and at most `calibration_fold_pairs` pairs), so the calibration is meant to
+    err on the side of removing less (docs/cleaning.md has what OA-Mine showed)."""
     t0 = time.perf_counter()
     k = cfg.calibration_folds
     fold = pl.Series([fold_of(p, seed, k) for p in sample["product_id"].to_list()], dtype=pl.Int64)
-    fold_cfg = cfg.model_copy(update={"max_train_pairs": cfg.calibration_fold_pairs or cfg.max_train_pairs})
+    fold_cfg = cfg.model_copy(update={"max_train_pairs": min(
+        cfg.calibration_fold_pairs or cfg.max_train_pairs, cfg.max_train_pairs)})
     pooled: list[Pair] = []
     pooled_scores: list[np.ndarray] = []
     per_fold = []

@@ -334,23 +334,45 @@ def test_a_new_types_title_tags_decide_where_they_stand_above_the_taggers_noise(
     # a new type whose titles module 1 read nothing in: left to the model
     for a in attrs:
         rows.append(("Mystery", a, 40, 0, 0, 0.0))
+    # a new type of three products: Brand on all three; the others' absence shows nothing
+    for a, k in zip(attrs, [3, 0, 0, 0, 0]):
+        rows.append(("Tiny", a, 3, 0, k, 0.9 * k))
     df = _evidence_frame(rows)
     noise = noise_from_known(df, {"Coffee"}, {"Coffee": {"Brand", "Flavor"}}, set(attrs))
     # 2 stray tags (0.9 each, 1.8) over 600 (product, attribute) pairs that do not apply, add-one smoothed
     assert noise.source == "known types here" and noise.pairs == 600
     assert noise.rate == pytest.approx((1.8 + 1) / 602)
-    out, report = title_evidence(df, ["Detergent", "Mystery"], set(attrs), noise, min_fill_products=1)
+    # the rate it reads attributes that apply: the median of Brand's 0.855 and Flavor's 0.675
+    assert noise.applies_rate == pytest.approx(0.765)
+    out, report = title_evidence(df, ["Detergent", "Mystery", "Tiny"], set(attrs), noise,
+                                 min_fill_products=1)
     got = {(t, a): (d, y) for t, a, d, y in out.select("type", "attribute", "decided",
                                                          "evidence_applies").iter_rows()}
     assert got[("Detergent", "Brand")] == (True, True) and got[("Detergent", "Scent")] == (True, True)
     assert got[("Detergent", "Color")] == (True, False)  # one tag in 60: the tagger's noise
-    assert got[("Detergent", "Flavor")] == (True, False)
+    assert got[("Detergent", "Flavor")] == (True, False)  # 0 of 60, where ~46 would apply
     assert got[("Detergent", "Size")] == (True, True)  # filled in the catalogue: the fit label's rule
     assert not any(got[("Mystery", a)][0] for a in attrs)
-    assert report["types"] == 1 and report["pairs_tagged_applicable"] == 2
+    assert got[("Tiny", "Brand")] == (True, True)
+    assert not any(got[("Tiny", a)][0] for a in attrs[1:])  # 0 of 3 rejects neither way
+    assert report["types"] == 2 and report["pairs_tagged_applicable"] == 3
+    assert report["pairs_tagged_too_few"] == 2  # Detergent's Color and Flavor
     # without a known type here, the rate the tagger's validation in fit implies
     fit_noise = noise_from_fit({"val_precision": 0.8, "n_spans": 500, "n_examples": 100,
                                 "labels": ["type", *attrs]})
     assert fit_noise.rate == pytest.approx(0.2 * 5 / 5)
     assert noise_from_known(df, set(), {}, set(attrs)).rate is None
     assert noise_from_fit(None).rate is None
+
+
+def test_importance_takes_the_share_of_titles_that_write_the_attribute_where_module_1_read_them():
+    from autoknow_ray.modules.relations.stage import with_title_share
+
+    df = _evidence_frame([("Tea", "Flavor", 10, 0, 8, 8.0), ("Tea", "Color", 10, 0, 0, 0.0),
+                          ("Tea", "Size", 10, 0, 5, 5.0),  # the tagger does not read Size
+                          ("Mug", "Flavor", 4, 0, 0, 0.0), ("Mug", "Color", 4, 0, 0, 0.0)])
+    model = np.array([0.2, 0.6, 0.3, 0.5, 0.5])
+    out = with_title_share(df, model, {"Flavor", "Color"})
+    # Tea: the mean of the model's and the title share; Size and Mug (no tag at all): the model's
+    assert np.allclose(out, [0.5, 0.3, 0.3, 0.5, 0.5])
+    assert np.allclose(with_title_share(df, model, set()), model)

@@ -12,7 +12,11 @@ rebuilt catalogue often shows more directly which attributes a new type has:
   the one-sided Poisson tail P(X >= k) at rate `noise × products` is below `alpha / m`
   (Bonferroni over the m attributes the tagger can read, tested per type). k is the products
   tagged, each weighed by its span's confidence (`tagged_score`, rounded): a tag the tagger
-  doubts counts for less.
+  doubts counts for less;
+- **not tagged enough**: an attribute the titles did not show is decided "does not apply" only
+  where the opposite test rejects too: P(X <= k) at the rate the tagger reads attributes that
+  do apply (the median over the known types' applicable pairs here) below the same `alpha / m`.
+  A type of a few products shows little either way: there the model decides.
 
 The noise rate is measured in the same rebuild wherever it can be: over the types labelled in fit
 that have products here, the share of (product, attribute) pairs tagged with an attribute fit says
@@ -53,6 +57,9 @@ class NoiseRate:
     rate: float | None
     source: str  # "known types here", "tagger validation in fit" or why there is none
     pairs: int = 0  # (product, attribute) pairs the rate was measured on
+    # the rate at which the tagger reads an attribute that applies (the median over the known
+    # types' applicable pairs here); None: an attribute it did not show is left to the model
+    applies_rate: float | None = None
 
 
 def noise_from_known(df: pl.DataFrame, known_types: set[str], known_applies: dict[str, set[str]],
@@ -69,7 +76,10 @@ def noise_from_known(df: pl.DataFrame, known_types: set[str], known_applies: dic
     if n == 0:
         return NoiseRate(None, "no pair of a known type that fit says does not apply")
     tagged = float(neg["tagged_score"].sum() or 0.0)
-    return NoiseRate((tagged + 1) / (n + 2), "known types here", n)
+    pos = part.join(neg.select("type", "attribute"), on=["type", "attribute"], how="anti")
+    applies_rate = (float((pos["tagged_score"] / pos["products"]).median())
+                    if pos.height else None)
+    return NoiseRate((tagged + 1) / (n + 2), "known types here", n, applies_rate)
 
 
 def noise_from_fit(tagger: dict | None) -> NoiseRate:
@@ -98,6 +108,7 @@ def title_evidence(df: pl.DataFrame, new_types: list[str], readable: set[str], n
     rows = df.filter(pl.col("type").is_in(list(new_types)) & (pl.col("products") > 0)).select(
         "type", "attribute", "products", "filled", "tagged", "tagged_score")
     report = {"noise_rate": None if noise.rate is None else round(noise.rate, 6),
+              "applies_rate": None if noise.applies_rate is None else round(noise.applies_rate, 6),
               "noise_source": noise.source, "noise_pairs": noise.pairs, "alpha": alpha,
               "readable_attributes": len(readable)}
     if rows.height == 0:
@@ -110,6 +121,7 @@ def title_evidence(df: pl.DataFrame, new_types: list[str], readable: set[str], n
     # a type whose titles module 1 read at all (one tag of any attribute)
     read = rows.group_by("type").agg((pl.col("tagged") > 0).any().alias("_read"))
     type_read = rows.join(read, on="type", how="left")["_read"].fill_null(False).to_numpy()
+    rejected = np.zeros(rows.height, dtype=bool)
     if noise.rate is not None:
         p = poisson_tail(tagged, products * noise.rate)
         m = rows.with_columns(pl.lit(is_readable).alias("_r")).group_by("type").agg(
@@ -117,7 +129,10 @@ def title_evidence(df: pl.DataFrame, new_types: list[str], readable: set[str], n
         tests = np.clip(rows.join(m, on="type", how="left")["_m"].to_numpy().astype(np.float64),
                         1, None)
         shown = p < alpha / tests
-        by_tags = is_readable & type_read
+        if noise.applies_rate is not None:  # P(X <= k) = 1 - P(X >= k + 1)
+            below = 1.0 - poisson_tail(tagged + 1, products * noise.applies_rate)
+            rejected = ~shown & (below < alpha / tests)
+        by_tags = is_readable & type_read & (shown | rejected)
     else:
         p = np.ones(rows.height)
         shown = np.zeros(rows.height, dtype=bool)
@@ -132,6 +147,7 @@ def title_evidence(df: pl.DataFrame, new_types: list[str], readable: set[str], n
         "pairs_decided": int(decided.sum()),
         "pairs_filled": int(filled.sum()),
         "pairs_tagged_applicable": int((by_tags & shown & ~filled).sum()),
-        "pairs_tagged_not_shown": int((by_tags & ~shown & ~filled & (tagged > 0)).sum()),
+        "pairs_tagged_too_few": int((by_tags & rejected & ~filled).sum()),
+        "pairs_left_to_model": int((~decided).sum()),
     })
     return out, report

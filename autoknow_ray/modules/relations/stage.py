@@ -107,8 +107,10 @@ def score_pairs(models: RelationsModels, totals: pl.DataFrame, hits: pl.DataFram
     applicable = applicability >= threshold
     # a type fit never labelled: what this catalogue shows of it decides where it shows anything
     if cfg.catalogue_evidence:
+        readable = readable_attributes(df, attrs, tagger)
         applicability, applicable, evidence_report = with_catalogue_evidence(
-            df, applicability, applicable, types, known, models, attrs, cfg, tagger)
+            df, applicability, applicable, types, known, models, readable, cfg, tagger)
+        importance = with_title_share(df, importance, readable)
         if report is not None:
             report.update(evidence_report)
     out = ranked(pl.DataFrame({
@@ -120,17 +122,37 @@ def score_pairs(models: RelationsModels, totals: pl.DataFrame, hits: pl.DataFram
     return out, x, df
 
 
+def readable_attributes(df: pl.DataFrame, attrs: list[str], tagger: dict | None) -> set[str]:
+    """The attributes module 1's tagger reads (its labels in fit; without them, those it tagged
+    here); none where it wrote no title attribute in this catalogue."""
+    tagged_any = set(df.filter(pl.col("tagged") > 0)["attribute"].unique().to_list())
+    if not tagged_any:
+        return set()
+    labels = [x for x in (tagger or {}).get("labels", []) if x != "type"]
+    return (set(labels) & set(attrs)) if labels else tagged_any
+
+
+def with_title_share(df: pl.DataFrame, importance: np.ndarray, readable: set[str]) -> np.ndarray:
+    """Importance, where module 1 read the type's titles and the tagger reads the attribute: the
+    mean of the model's importance and the share of the type's products whose title writes it
+    (confidence-weighted), the rebuild's own view of how often sellers state it (the figures:
+    docs/relations.md)."""
+    if not readable:
+        return importance
+    read = df.group_by("type").agg((pl.col("tagged") > 0).any().alias("_read"))
+    x = df.select("type", "attribute", "products", "tagged_score").join(read, on="type", how="left")
+    use = (x["_read"].fill_null(False) & x["attribute"].is_in(list(readable))
+           & (x["products"] > 0)).to_numpy()
+    share = (x["tagged_score"] / x["products"].cast(pl.Float64).clip(1, None)).to_numpy()
+    return np.where(use, 0.5 * (importance + np.clip(share, 0.0, 1.0)), importance)
+
+
 def with_catalogue_evidence(df: pl.DataFrame, applicability: np.ndarray, applicable: np.ndarray,
                             types: list[str], known: Known, models: RelationsModels,
-                            attrs: list[str], cfg: RelationsConfig, tagger: dict | None):
+                            readable: set[str], cfg: RelationsConfig, tagger: dict | None):
     """`evidence.title_evidence` over the types fit never labelled (row order of `df`)."""
     known_types = set(known.types)
     new_types = [t for t in types if t not in known_types]
-    tagged_any = set(df.filter(pl.col("tagged") > 0)["attribute"].unique().to_list())
-    labels = [x for x in (tagger or {}).get("labels", []) if x != "type"]
-    readable = (set(labels) & set(attrs)) if labels else tagged_any
-    if not tagged_any:
-        readable = set()  # module 1 wrote no title attribute in this catalogue
     applies = {t: set(a) for t, a in zip(models.types, models.applies)}
     noise = evidence.noise_from_known(df, known_types, applies, readable)
     if noise.rate is None:

@@ -218,6 +218,16 @@ def test_fit_then_rebuild_on_types_never_seen(tmp_path, ray_session):
     assert manifest["customer_rows_not_counted"] == 0
     attrs = pl.read_parquet(run / "graph" / "attributes.parquet")
     assert attrs.columns == GRAPH_ATTRIBUTES.names and attrs["applicable"].sum() > 0
+    # counts: products in, one row per (type, attribute) out; every held-out product is typed
+    # (its catalogue type) and summed into its type's rows; no quarantine, no stage balance
+    typed = held.filter(pl.col("product_type").is_not_null() & (pl.col("product_type") != ""))
+    assert manifest["units"]["rows_in"] == "products" and "rows_quarantined" not in manifest
+    assert manifest["rows_out"] == attrs.height == manifest["types"] * manifest["attributes"]
+    assert manifest["types_with_products"] == typed["product_type"].n_unique()
+    assert manifest["products_in_rows"] == typed.height
+    assert sum(manifest["rows_dropped"].values()) == manifest["untyped_products"] \
+        == held.height - typed.height
+    assert "balance_checked" not in manifest and "per_product" not in manifest
     ctx = RunContext(run_dir=run, catalogue=tmp_path / "split" / "heldout", cfg=load_config(cfg_file))
     table = state.attribute_applicability(ctx)
     assert table is not None and table.height == attrs.height
@@ -260,6 +270,9 @@ def test_a_catalogue_without_attributes_fits_no_model_and_rebuilds_with_an_empty
     rebuild(cat, run, models=tmp_path / "models", config=cfg_file)
     manifest = json.loads((run / "relations" / "manifest.json").read_text())
     assert "structured attribute" in manifest["skipped"] and manifest["rows_in"] == 30
+    # every product is counted, as dropped for want of a model; no quarantine figure
+    assert manifest["rows_dropped"] == {"no relations model": 30} and manifest["rows_out"] == 0
+    assert "rows_quarantined" not in manifest and manifest["units"]["rows_in"] == "products"
     attrs = pl.read_parquet(run / "graph" / "attributes.parquet")
     assert attrs.height == 0 and attrs.columns == GRAPH_ATTRIBUTES.names
     # a models folder whose fit never ran relations is still an error, not an empty table

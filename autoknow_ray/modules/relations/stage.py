@@ -26,7 +26,7 @@ from autoknow_ray.modules.relations.features import (
 )
 from autoknow_ray.modules.relations.fit import APPLICABILITY, IMPORTANCE, KNOWN, VOCABULARY
 from autoknow_ray.modules.relations.model import load_scorer, predict
-from autoknow_ray.pipeline import RunContext, Stage, read_manifest
+from autoknow_ray.pipeline import RunContext, Stage, check_balance, read_manifest
 from autoknow_ray.schema import GRAPH_ATTRIBUTES
 
 
@@ -180,6 +180,13 @@ class RelationsStage(Stage):
     config_sections = ("relations", "resources")
     needs = ("ingest", "taxonomy")
     uses_models = True
+    # not one row per product: a type's products are summed into its rows. The balance that
+    # holds is in products (rows_in = products_in_rows + rows_dropped: the untyped ones, or
+    # every product where nothing is scored), checked in `run`; rows_out = types x attributes,
+    # checked too. No quarantine.
+    units = {"rows_in": "products",
+             "rows_out": "(type, attribute) rows: every type with products or in the taxonomy "
+                         "x every attribute of the vocabulary"}
 
     def run(self, ctx: RunContext) -> dict:
         cfg: RelationsConfig = ctx.cfg.relations
@@ -191,7 +198,9 @@ class RelationsStage(Stage):
             # fit ran and found nothing to learn (a catalogue without structured attributes, as
             # Instacart's): an empty table with the reason, not an error that stops the job
             ctx.write("graph_attributes", GRAPH_ATTRIBUTES.empty_table(), GRAPH_ATTRIBUTES)
-            return {"rows_in": state.n_products(ctx), "rows_out": 0, "rows_quarantined": 0,
+            n = state.n_products(ctx)
+            return {"rows_in": n, "rows_out": 0, "products_in_rows": 0,
+                    "rows_dropped": {"no relations model": n} if n else {},
                     "applicable_pairs": 0, "skipped": f"no relations model: fit said {skipped!r}"}
         models = RelationsModels(folder)
         here = sample_vocabulary(ctx, cfg)
@@ -206,15 +215,17 @@ class RelationsStage(Stage):
         without = sorted(tax_types - set(with_products))
         types = with_products + without
         n_products = state.n_products(ctx)
+        untyped = int(totals.filter(pl.col("type") == "")[PRODUCTS].sum() or 0)
+        typed = int(totals.filter(pl.col("type").is_in(with_products))[PRODUCTS].sum() or 0)
         counts = {
-            "rows_in": n_products, "rows_quarantined": 0,
+            "rows_in": n_products,
             "types": len(types), "types_with_products": len(with_products),
             "types_without_products": len(without),
             "types_new": len(set(types) - set(models.types)),
             "attributes": len(attrs),
             "attributes_new_in_catalogue": len(set(attrs) - set(models.vocabulary.attributes)),
             "attributes_single_product": sum(1 for a in here.attributes if here.products.get(a) == 1),
-            "untyped_products": int(totals.filter(pl.col("type") == "")[PRODUCTS].sum() or 0),
+            "untyped_products": untyped,
             "products_empty_text": int(totals[EMPTY].sum() or 0),
             "texts": int(totals[TEXT].sum() or 0), "queries": int(totals[QUERY].sum() or 0),
             "texts_empty": int(totals[f"{TEXT}_{EMPTY}"].sum() or 0),
@@ -223,19 +234,29 @@ class RelationsStage(Stage):
         counts["customer_rows_not_counted"] = int(  # product unknown, untyped or not sampled
             totals.select(pl.col(f"{TEXT}_{UNMATCHED}") + pl.col(f"{QUERY}_{UNMATCHED}")).sum().item()
             if totals.height else 0)
+        # every product is counted once, under its type or as untyped ("")
+        dropped = {"untyped product": untyped} if untyped else {}
         if not types or not attrs:
+            if typed:  # typed products, but no attribute to write a row of
+                dropped["no attribute vocabulary"] = typed
+            check_balance("relations: products", n_products, 0, dropped=dropped)
             ctx.write("graph_attributes", GRAPH_ATTRIBUTES.empty_table(), GRAPH_ATTRIBUTES)
-            return {**counts, "rows_out": 0, "applicable_pairs": 0,
+            return {**counts, "rows_out": 0, "products_in_rows": 0, "rows_dropped": dropped,
+                    "applicable_pairs": 0,
                     "note": "no typed product and no taxonomy type" if not types
                     else "no attribute vocabulary"}
+        # products in = products of the types written + the ones dropped
+        check_balance("relations: products", n_products, typed, dropped=dropped)
         fitted = (read_manifest(ctx.models).get("modules") or {}).get("taxonomy") or {}
         evidence_report: dict = {}
         out, x, df = score_pairs(models, totals, hits, types, without, attrs, taxonomy, cfg,
                                  ctx.cfg.device, tagger=fitted.get("tagger"), report=evidence_report)
+        check_balance("relations: (type, attribute) rows", len(types) * len(attrs), out.height)
         ctx.write("graph_attributes", out.select(GRAPH_ATTRIBUTES.names), GRAPH_ATTRIBUTES)
         ctx.write("features", pl.concat([df.select("type", "attribute", "products", "texts"),
                                          pl.DataFrame(x, schema=list(FEATURES), orient="row")],
                                         how="horizontal"))
-        return {**counts, "rows_out": out.height,
+        return {**counts, "rows_out": out.height, "products_in_rows": typed,
+                "rows_dropped": dropped,
                 "applicable_pairs": int(out["applicable"].sum()),
                 "types_inherited_from_neighbours": len(without), **evidence_report}

@@ -201,6 +201,9 @@ def test_fit_and_stage_with_upstream_edits(catalogue, tmp_path, ray_session):
     auto = run_stages([CleaningStage()], run)[0]
     assert set(auto["abstained"]) == {"values", "types"} and auto["removed"] == 0
     assert read_parquet_any(run.table_path("cleaning", "edits")).height == 0
+    # every claim is counted, dropped as abstained (the scored run below judges the same claims)
+    assert auto["rows_out"] == 0 and auto["rows_dropped"] == {"abstained": auto["rows_in"]}
+    assert auto["balance_checked"] and "rows_quarantined" not in auto and auto["rows_in"] > 100
     # thresholds a user sets are used as given: every claim is scored and judged
     run = RunContext(run_dir=tmp_path / "run", catalogue=tmp_path / "cat", models=tmp_path / "models",
                      cfg=cfg.model_copy(update={"cleaning": cfg.cleaning.model_copy(
@@ -210,8 +213,19 @@ def test_fit_and_stage_with_upstream_edits(catalogue, tmp_path, ray_session):
     # ingest quarantined the product without a title and the one with a 1 MB description
     kept = set(read_parquet_any(run.table_path("ingest", "products"))["product_id"].to_list())
     assert len(kept) == 38
-    assert counts["rows_in"] == len(kept) and counts["triples_per_s"] > 0
+    assert counts["products"] == len(kept) and counts["triples_per_s"] > 0
     scores = read_parquet_any(run.table_path("cleaning", "scores"))
+    # counts: scores rows in, edits out, each scores row without an edit dropped with its reason
+    edits = read_parquet_any(run.table_path("cleaning", "edits"))
+    assert counts["balance_checked"] and "rows_quarantined" not in counts
+    assert (counts["rows_in"], counts["rows_out"]) == (scores.height, edits.height)
+    assert scores.filter(pl.col("status") != "corrected").height == auto["rows_in"]
+    unscored = scores["score"].is_null()
+    assert counts["rows_dropped"] == {k: v for k, v in {
+        "kept (scored under the threshold)": scores.filter(~unscored & (pl.col("status") == "kept")).height,
+        "not scored (empty value)": int(unscored.sum()),
+        "already removed upstream": scores.filter(pl.col("status") == "upstream_removed").height,
+    }.items() if v}
     n_claims = sum(1 + len({(a["name"], a["value"]) for a in p["attributes"] or []})
                    for p in products if p["product_id"] in kept)
     # every catalogue claim is judged or reported (brand may repeat an attribute value)
@@ -222,7 +236,6 @@ def test_fit_and_stage_with_upstream_edits(catalogue, tmp_path, ray_session):
     # already have dropped it)
     empty = scores.filter(pl.col("object").fill_null("").str.strip_chars() == "")
     assert empty.filter(pl.col("score").is_not_null()).height == 0
-    edits = read_parquet_any(run.table_path("cleaning", "edits"))
     assert pq.read_schema(next(run.table_path("cleaning", "edits").glob("*.parquet"))).equals(
         TRIPLES, check_metadata=False)
     assert set(edits["status"].to_list()) <= {"removed", "corrected"}
@@ -382,6 +395,43 @@ def test_auto_threshold_prefers_the_highest_of_near_equal_ones():
     high, _ = choose_threshold(scores, labels, 0.05, 0.5, tolerance=0.2)
     assert high > low  # a little recall traded for fewer removals
     assert choose_threshold(scores, np.zeros(8), 0.05, 0.5)[0] == 0.5
+
+
+def test_edits_held_back_by_the_shift_guard_are_counted_as_dropped():
+    """The stage's balance where the guard holds a kind back: scores rows = edits written +
+    rows dropped, the held kind's removals and corrections under their own reason."""
+    import pyarrow as pa
+
+    from autoknow_ray.modules.cleaning.stage import _edits_only, _status_kind, dropped_rows
+    from autoknow_ray.pipeline import check_balance
+    from autoknow_ray.schema import CLEANING_SCORES
+
+    def row(rel, obj, origin, score, status):
+        return {"subject": "p", "relation": rel, "object": obj, "origin": origin, "score": score,
+                "module": "cleaning", "status": status, "confidence": None, "evidence": None}
+
+    scores = pa.Table.from_pylist([
+        row("has_type", "Tea", "catalogue", 0.9, "removed"),
+        row("has_type", "Mug", "taxonomy:corrected", 0.95, "removed"),
+        row("has_type", "Tea", "catalogue", 0.9, "corrected"),
+        row("Flavor", "Mint", "catalogue", 0.8, "removed"),
+        row("Flavor", "Lemon", "imputation:added", 0.1, "kept"),
+        row("Flavor", "Lemon", "imputation:added", 0.1, "corrected"),
+        row("Size", "", "catalogue", None, "kept"),
+        row("Color", "Red", "catalogue", 0.2, "upstream_removed"),
+        row("Brand", "Yogi", "catalogue", 0.3, "kept"),
+    ], schema=CLEANING_SCORES)
+    kinds = pl.from_arrow(_status_kind(scores))
+    counts = {f"{s}.{k}": n for s, k, n in kinds.group_by("status", "kind").len().iter_rows()}
+    for held, written in (([], 5), (["types"], 2), (["values"], 3), (["types", "values"], 0)):
+        edits = _edits_only(scores, "types" in held, "values" in held)
+        dropped = dropped_rows(counts, held)
+        assert edits.num_rows == written
+        check_balance("cleaning", scores.num_rows, edits.num_rows, dropped=dropped)
+        assert dropped["kept (scored under the threshold)"] == 2
+        assert dropped["not scored (empty value)"] == dropped["already removed upstream"] == 1
+    assert dropped["held back by the shift guard (types)"] == 3
+    assert dropped["held back by the shift guard (values)"] == 2
 
 
 def test_shift_guard_holds_back_a_kind_flagged_far_above_fits_expectation():

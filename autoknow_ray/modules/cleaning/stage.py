@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 
 from autoknow_ray import runtime
 from autoknow_ray.graph import state
-from autoknow_ray.modules.cleaning.steps import TYPE_RELATION, ScoreTriples
+from autoknow_ray.modules.cleaning.steps import TYPE_RELATION, ScoreTriples, _col, product_claims
 from autoknow_ray.pipeline import RunContext, Stage, ensure_shards
 from autoknow_ray.schema import TRIPLES
 
@@ -45,6 +45,15 @@ class CleaningStage(Stage):
     config_sections = ("cleaning", "resources")
     needs = ("ingest", "taxonomy", "relations", "imputation")
     uses_models = True
+    # rows in: the scores rows, one per claim of a product (catalogue fact or live upstream
+    # edit; see steps.product_claims) plus one per correction it proposes; rows out: the edits
+    # written. Every scores row without an edit is in rows_dropped with its reason (kept, not
+    # scored, already removed upstream, held back by the shift guard, abstained). Not per
+    # product (a product has several claims); no quarantine.
+    units = {"rows_in": "claims (one per catalogue fact or live upstream edit of a product) "
+                        "and corrections proposed: scores rows",
+             "rows_out": "edits written (removed, corrected)"}
+    balanced = True
 
     def fingerprint(self, ctx: RunContext) -> str:
         self.needs = tuple(s for s in ("ingest", "taxonomy", "relations", "imputation")
@@ -77,7 +86,10 @@ class CleaningStage(Stage):
             # fit found no threshold reaching the target for either kind: nothing can be
             # removed, so nothing is scored
             ctx.write("edits", TRIPLES.empty_table(), TRIPLES)
-            return {"rows_in": n, "rows_out": 0, "rows_quarantined": 0, "triples_scored": 0,
+            claims = n_claims(products, cfg.judge_types) if n else 0
+            return {"rows_in": claims, "rows_out": 0,
+                    "rows_dropped": {"abstained": claims} if claims else {},
+                    "products": n, "triples_scored": 0,
                     "removed": 0, "corrected": 0, "thresholds_used": {"value": None, "type": None},
                     "abstained": fit_abstains or {"all": "fit found no threshold"}}
         t0 = time.perf_counter()
@@ -98,9 +110,11 @@ class CleaningStage(Stage):
         removed = sum(v for k, v in counts.items() if k.startswith("removed."))
         corrected = sum(v for k, v in counts.items() if k.startswith("corrected."))
         out = {
-            "rows_in": n,
-            "rows_out": removed + corrected,
-            "rows_quarantined": 0,
+            # the balance (run_stages checks it): scores rows = edits written + rows_dropped
+            "rows_in": state.count_rows(ctx.out / "scores"),
+            "rows_out": state.count_rows(ctx.out / "edits"),
+            "rows_dropped": dropped_rows(counts, held),
+            "products": n,
             "triples_scored": scored,
             "triples_per_s": round(scored / seconds, 1) if seconds > 0 else None,
             "scoring_seconds": round(seconds, 2),
@@ -125,6 +139,42 @@ class CleaningStage(Stage):
 
 
 TYPE_KINDS = ("catalogue_type", "upstream_type", "upstream_type_correction")
+VALUE_KINDS = ("catalogue_value", "upstream_value")
+
+
+def dropped_rows(counts: dict, held: list[str]) -> dict:
+    """Reason -> scores rows that wrote no edit, from the `status.kind` counts: a claim kept
+    (scored under its threshold), one not scored (empty value), a catalogue fact a module before
+    already removed, and the removals and corrections of a kind the shift guard held back."""
+    def total(status, kinds=None):
+        return sum(v for k, v in counts.items() if k.startswith(f"{status}.")
+                   and (kinds is None or k.split(".", 1)[1] in kinds))
+
+    out = {"kept (scored under the threshold)": total("kept"),
+           "not scored (empty value)": total("unscored"),
+           "already removed upstream": total("upstream_removed")}
+    for kind in held:
+        kinds = TYPE_KINDS if kind == "types" else VALUE_KINDS
+        out[f"held back by the shift guard ({kind})"] = total("removed", kinds) + total("corrected", kinds)
+    return {k: v for k, v in out.items() if v}
+
+
+def _claim_counts(batch: pa.Table, judge_types: bool = True) -> pa.Table:
+    """Per product, the claims the scoring step would judge (one scores row each)."""
+    cols = [_col(batch, c) for c in ("product_type", "attributes", "brand", "up_relation",
+                                     "up_object", "up_status", "up_module")]
+    n = []
+    for row in zip(*cols):
+        claims, _ = product_claims(*row)
+        n.append(sum(1 for c in claims if judge_types or c[0] != TYPE_RELATION))
+    return pa.table({"claims": pa.array(n, pa.int64())})
+
+
+def n_claims(products, judge_types: bool) -> int:
+    """The claims of the products (with their upstream edits joined on), unscored: what an
+    abstaining stage leaves unjudged."""
+    return int(products.map_batches(_claim_counts, fn_kwargs={"judge_types": judge_types},
+                                    batch_format="pyarrow").sum("claims") or 0)
 
 
 def shift_guard(counts: dict, meta: dict, cfg, auto: tuple[bool, bool]) -> dict:

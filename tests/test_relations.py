@@ -382,10 +382,11 @@ def test_importance_takes_the_share_of_titles_that_write_the_attribute_where_mod
     from autoknow_ray.modules.relations.stage import with_title_share
 
     df = _evidence_frame([("Tea", "Flavor", 10, 0, 8, 8.0), ("Tea", "Color", 10, 0, 0, 0.0),
-                          ("Tea", "Size", 10, 0, 5, 5.0),  # the tagger does not read Size
+                          ("Tea", "Size", 10, 0, 0, 0.0),  # the tagger does not read Size
                           ("Mug", "Flavor", 4, 0, 0, 0.0), ("Mug", "Color", 4, 0, 0, 0.0)])
     model = np.array([0.2, 0.6, 0.3, 0.5, 0.5])
     out = with_title_share(df, model, {"Flavor", "Color"})
-    # Tea: the mean of the model's and the title share; Size and Mug (no tag at all): the model's
-    assert np.allclose(out, [0.5, 0.3, 0.3, 0.5, 0.5])
+    # Tea: the mean of the model's and the title share (Size: the tagger does not read it, and
+    # its count here is not module 1's); Mug (no tag at all): the model's
+    assert np.allclose(out, [0.5, 0.3, 0.15, 0.5, 0.5])
     assert np.allclose(with_title_share(df, model, set()), model)

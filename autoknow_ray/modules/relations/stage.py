@@ -133,16 +133,15 @@ def readable_attributes(df: pl.DataFrame, attrs: list[str], tagger: dict | None)
 
 
 def with_title_share(df: pl.DataFrame, importance: np.ndarray, readable: set[str]) -> np.ndarray:
-    """Importance, where module 1 read the type's titles and the tagger reads the attribute: the
-    mean of the model's importance and the share of the type's products whose title writes it
-    (confidence-weighted), the rebuild's own view of how often sellers state it (the figures:
-    docs/relations.md)."""
+    """Importance, for a type whose titles module 1 read: the mean of the model's importance and
+    the share of the type's products whose title module 1 found the attribute in
+    (confidence-weighted; 0 for an attribute its tagger does not read), the rebuild's own view
+    of how often sellers state it (the figures: docs/relations.md)."""
     if not readable:
         return importance
     read = df.group_by("type").agg((pl.col("tagged") > 0).any().alias("_read"))
     x = df.select("type", "attribute", "products", "tagged_score").join(read, on="type", how="left")
-    use = (x["_read"].fill_null(False) & x["attribute"].is_in(list(readable))
-           & (x["products"] > 0)).to_numpy()
+    use = (x["_read"].fill_null(False) & (x["products"] > 0)).to_numpy()
     share = (x["tagged_score"] / x["products"].cast(pl.Float64).clip(1, None)).to_numpy()
     return np.where(use, 0.5 * (importance + np.clip(share, 0.0, 1.0)), importance)
 

@@ -161,7 +161,8 @@ def test_fit_and_stage_with_upstream_edits(catalogue, tmp_path, ray_session):
     cfg = Config.model_validate({
         "stages": ["ingest", "taxonomy", "imputation", "cleaning", "graph"],
         "resources": {"cleaning": {"actors": 1, "cpus_per_actor": 1, "batch_size": 32}},
-        "cleaning": {"max_train_pairs": 96, "epochs": 1, "max_length": 48, "train_layers": 1},
+        "cleaning": {"max_train_pairs": 96, "epochs": 1, "max_length": 48, "train_layers": 1,
+                     "judge_types": True},
     })
     ctx = RunContext(run_dir=tmp_path / "fit", catalogue=catalogue / "cat", cfg=cfg)
     run_stages([IngestStage()], ctx)

@@ -87,6 +87,16 @@ def count_rows(path: Path) -> int:
     return sum(pq.ParquetFile(str(f)).metadata.num_rows for f in files)
 
 
+def column_names(path: Path) -> set[str]:
+    """Column names of a Parquet file or folder of shards, from the footers alone (the union
+    over shards; empty when absent)."""
+    path = storage.path(path)
+    if not path.exists():
+        return set()
+    files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
+    return {n for f in files for n in pq.read_schema(str(f)).names}
+
+
 def ensure_shards(folder: Path, schema: pa.Schema) -> None:
     """A shard folder that readers can open: Ray writes no file for an empty dataset, so an
     empty one gets one empty shard with the table's schema."""

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 
 from autoknow_ray import storage
 from autoknow_ray.index.vectors import as_matrix
+from autoknow_ray.pipeline import column_names
 from autoknow_ray.steps import Step, WorkerEnv
 
 TEXT_DIM = 384
@@ -203,11 +204,7 @@ class TextNeighbours(Step):
 def _read_neighbours(path: Path) -> pa.Table:
     cols = ["product_id", "kind", "neighbours", "weight_sum"]
     path = storage.path(path)
-    files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
-    names = set()
-    for f in files:
-        names |= set(pq.read_schema(str(f)).names)
-    return _read(path, cols + (["weights"] if "weights" in names else []))
+    return _read(path, cols + (["weights"] if "weights" in column_names(path) else []))
 
 
 class NodeTables:

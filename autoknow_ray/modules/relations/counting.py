@@ -14,7 +14,7 @@ from autoknow_ray.modules.relations.config import RelationsConfig
 from autoknow_ray.modules.relations.features import (
     TEXT, QUERY, CountCustomerMentions, CountProviderMentions, Vocabulary, build_vocabulary,
 )
-from autoknow_ray.pipeline import RunContext
+from autoknow_ray.pipeline import RunContext, column_names
 
 PRODUCT_COLUMNS = ["product_id", "title", "description", "bullets", "attributes"]
 TITLE_COLUMN = "title_attributes"
@@ -58,16 +58,8 @@ def _customer_rows(ctx: RunContext):
 
 def _has_title_attributes(ctx: RunContext) -> bool:
     """Whether this run's typed products carry module 1's `title_attributes` (a schema read)."""
-    import pyarrow.parquet as pq
-
-    from autoknow_ray import storage
-
     stage, name = state.TYPED_PRODUCTS
-    path = storage.path(ctx.table_path(stage, name))
-    if stage not in ctx.cfg.stages or not path.exists():
-        return False
-    files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
-    return bool(files) and TITLE_COLUMN in pq.read_schema(str(files[0])).names
+    return stage in ctx.cfg.stages and TITLE_COLUMN in column_names(ctx.table_path(stage, name))
 
 
 def count_mentions(ctx: RunContext, vocab: Vocabulary, cfg: RelationsConfig) -> pl.DataFrame:

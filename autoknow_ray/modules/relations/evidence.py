@@ -70,8 +70,9 @@ def noise_from_known(df: pl.DataFrame, known_types: set[str], known_applies: dic
                      & pl.col("attribute").is_in(list(readable)))
     if part.height == 0:
         return NoiseRate(None, "no type labelled in fit has products here")
-    neg = part.filter(~pl.struct("type", "attribute").map_elements(
-        lambda r: r["attribute"] in known_applies.get(r["type"], ()), return_dtype=pl.Boolean))
+    applies = pl.DataFrame([(t, a) for t, attrs in known_applies.items() for a in attrs],
+                           schema={"type": pl.String, "attribute": pl.String}, orient="row")
+    neg = part.join(applies, on=["type", "attribute"], how="anti")
     n = int(neg["products"].sum() or 0)
     if n == 0:
         return NoiseRate(None, "no pair of a known type that fit says does not apply")

@@ -75,7 +75,8 @@ def cmd_fit(a) -> int:
 def cmd_rebuild(a) -> int:
     from autoknow_ray.rebuild import rebuild
 
-    r = rebuild(a.catalogue, a.out, models=a.models, config=a.config, address=a.address, force=a.force)
+    r = rebuild(a.catalogue, a.out, models=a.models, config=a.config, address=a.address, force=a.force,
+                previous=a.previous)
     for s in r["stages"]:
         state = "skipped (up to date)" if s["skipped"] else f"{s['seconds']:.1f}s"
         dropped = sum((s.get("rows_dropped") or {}).values())
@@ -249,6 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             s.add_argument("--models", default=None, help="models from `autoknow fit` (default: fit here)")
             s.add_argument("--force", action="store_true", help="re-run stages that are up to date")
+            s.add_argument("--previous", default=None, metavar="RUN",
+                           help="an earlier run (read only): reuse its per-product model outputs "
+                                "for products whose inputs and models are unchanged (same graph "
+                                "as a full rebuild; docs/incremental.md)")
         s.set_defaults(func=func)
 
     s = sub.add_parser("eval", help="score a run against gold labels")

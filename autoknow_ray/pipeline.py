@@ -41,6 +41,13 @@ class RunContext:
     # where the running stage keeps per-chunk outputs and completion markers that outlive a kill
     # (kept while the stage's fingerprint stays the same; removed when the stage completes)
     resume: Path | None = None
+    # `rebuild --previous`: an earlier run whose committed stages' caches of per-product model
+    # outputs this run may reuse (read only; autoknow_ray/incremental.py)
+    previous: Path | None = None
+
+    def previous_stage(self, stage: str) -> Path | None:
+        """The previous run's folder of `stage`, or None without a previous run."""
+        return None if self.previous is None else storage.path(self.previous) / stage
 
     def stage_dir(self, stage: str) -> Path:
         return self.run_dir / stage

@@ -150,14 +150,25 @@ def fit(catalogue: str | Path, out: str | Path, *, config: Config | str | Path |
 
 def rebuild(catalogue: str | Path, out: str | Path, *, models: str | Path | None = None,
             config: Config | str | Path | None = None, address: str | None = None,
-            force: bool = False) -> dict:
+            force: bool = False, previous: str | Path | None = None) -> dict:
     """The full job. Without `models`, fits on this catalogue first (into RUN/models). The
     catalogue, `out` and `models` may be object-store URIs (autoknow_ray.storage); models are
-    read from a copy on each node's disk, and a fit (no `models`) writes to a local folder."""
+    read from a copy on each node's disk, and a fit (no `models`) writes to a local folder.
+
+    `previous`: an earlier run (read only) whose cached per-product model outputs are reused
+    for every product whose inputs and model are unchanged (docs/incremental.md); the graph is
+    the one a full rebuild gives."""
     cfg = _as_config(config)
     catalogue, out = storage.path(catalogue), storage.path(out)
     if not catalogue.is_dir():
         raise FileNotFoundError(f"catalogue directory not found: {catalogue}")
+    if previous is not None:
+        previous = storage.path(previous)
+        if not previous.is_dir():
+            raise FileNotFoundError(f"--previous: run directory not found: {previous}")
+        if _same_place(previous, out):
+            raise ValueError("--previous and --out are the same run: an incremental rebuild "
+                             "writes a new run and only reads the previous one")
     needs_models = bool(modules_with_models(cfg))
     if models is None and needs_models:  # fit writes its models locally
         storage.require_local(out / "models", "models")
@@ -178,7 +189,8 @@ def rebuild(catalogue: str | Path, out: str | Path, *, models: str | Path | None
     # models in an object store: read from a copy on each node's disk
     local_models = runtime.use_models(storage.path(models) if models else None)
     ctx = RunContext(run_dir=out, catalogue=catalogue, cfg=cfg,
-                     models=Path(local_models) if local_models else None, cluster=cluster)
+                     models=Path(local_models) if local_models else None, cluster=cluster,
+                     previous=previous)
     (out / "config.resolved.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
     results = run_stages(build_stages(cfg), ctx, force=force)
     return {
@@ -188,3 +200,9 @@ def rebuild(catalogue: str | Path, out: str | Path, *, models: str | Path | None
         "stages": [{k: r.get(k) for k in ("stage", "skipped", "seconds", "rows_in", "rows_out",
                                            "rows_quarantined", "rows_dropped")} for r in results],
     }
+
+
+def _same_place(a, b) -> bool:
+    if storage.is_remote(a) or storage.is_remote(b):
+        return str(a).rstrip("/") == str(b).rstrip("/")
+    return Path(a).resolve() == Path(b).resolve()

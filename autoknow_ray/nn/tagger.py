@@ -33,6 +33,7 @@ from autoknow_ray.nn.encoder import (
     autocast,
     inference_bf16,
     length_buckets,
+    same_length_batches,
     load_encoder,
     load_tokenizer,
     pick_device,
@@ -551,10 +552,13 @@ class SpanTagger:
         was_training = self.model.training
         self.model.eval()
         try:
-            for idx in length_buckets([len(clean[i]) for i in todo], batch_size):
+            # one token length per batch (no padding): a title's spans and scores are the same
+            # in any batch, so an incremental rebuild may reuse them (docs/incremental.md)
+            all_encs = encode_texts(self.tokenizer, [clean[i] for i in todo], self.max_length)
+            self.add_gazetteer(all_encs, [clean[i] for i in todo])
+            for idx in same_length_batches([len(e.input_ids) for e in all_encs], batch_size):
                 rows = [todo[j] for j in idx]
-                encs = encode_texts(self.tokenizer, [clean[i] for i in rows], self.max_length)
-                self.add_gazetteer(encs, [clean[i] for i in rows])
+                encs = [all_encs[j] for j in idx]
                 keep = [(r, e) for r, e in zip(rows, encs) if e.word_first]
                 if not keep:
                     continue

@@ -29,7 +29,9 @@ import pyarrow.compute as pc
 from autoknow_ray import runtime, storage
 from autoknow_ray.graph.state import count_rows
 from autoknow_ray.index.vectors import as_matrix
+from autoknow_ray.incremental import run_cached
 from autoknow_ray.modules.taxonomy import knn_floors, sample
+from autoknow_ray.modules.taxonomy.cache import title_models_step, title_precision
 from autoknow_ray.modules.taxonomy.fit import load_type_reference
 from autoknow_ray.modules.taxonomy.hypernym_config import KNN_MIN_SHARE, KNN_MIN_SIMILARITY
 from autoknow_ray.modules.taxonomy.hypernym import HypernymClassifier
@@ -45,7 +47,6 @@ from autoknow_ray.modules.taxonomy.types import (
 from autoknow_ray.nn.encoder import EmbedTitles, TextEncoder
 from autoknow_ray.pipeline import RunContext, Stage
 from autoknow_ray.schema import BEHAVIOR_KEY, COPURCHASE_KEY, GRAPH_TAXONOMY, PRODUCTS, TRIPLES
-from autoknow_ray.steps import Chain
 
 JOIN_ROWS_PER_PARTITION = 200_000  # rows per hash partition when typed_products is joined
 
@@ -100,20 +101,28 @@ class TaxonomyStage(Stage):
         # the type names a title may write: the fit's vocabulary and this taxonomy's own names
         fitted, not_types = load_vocabulary_and_not_types(art)  # one read of the file
         vocab = {**build_vocabulary(tax_types, (), ()), **fitted} if cfg.types.title_names else {}
-        models = Chain("title_models", [
-            TagTitles(str(tagger_dir) if (tagger_dir / "config.json").exists() else None,
-                      min_score=cfg.tagger.min_score),
-            BestTypeSpan(set(names.known), cfg.types.min_span_score),
-            TitleTypeNames(vocab, not_types if cfg.types.title_heads else ()),
-            EmbedTitles(cfg.tagger.encoder),
-        ])
-        chunks = {"chunks": 0, "skipped": 0}
+        # the title models (tagger, then encoder) as a cached step: `rebuild --previous RUN`
+        # reuses RUN's spans and vectors of every product whose title is unchanged
+        # (autoknow_ray/incremental.py, docs/incremental.md)
+        previous = ctx.previous_stage(self.name)
+        bf16 = title_precision(plan.device, previous)
+        tagger = str(tagger_dir) if (tagger_dir / "config.json").exists() else None
+        models = title_models_step(
+            TagTitles(tagger, min_score=cfg.tagger.min_score, bf16=bf16),
+            [BestTypeSpan(set(names.known), cfg.types.min_span_score),
+             TitleTypeNames(vocab, not_types if cfg.types.title_heads else ())],
+            EmbedTitles(cfg.tagger.encoder, bf16=bf16),
+            tagger_dir=tagger_dir if tagger else None, encoder=cfg.tagger.encoder,
+            min_score=cfg.tagger.min_score, bf16=bf16, device=plan.device)
+        chunks, cache = {"chunks": 0, "skipped": 0}, {}
         if n:
             # committed chunk by chunk into ctx.resume: a job killed late in tagging resumes
             # after the last finished chunk
             files = sorted(products_path.rglob("*.parquet")) if products_path.is_dir() \
                 else [products_path]
-            chunks = runtime.map_step_checkpointed(files, models, ctx.cfg, scratch, ctx.resume)
+            cache = run_cached(models, files, ctx.cfg, scratch, ctx.out, ctx.resume, previous)
+            cache.update(bf16=bf16, device=plan.device)
+            chunks = {"chunks": cache["chunks"], "skipped": cache["chunks_resumed"]}
         counts: dict = {}
         spread_counts: dict = {}
         if n:
@@ -177,6 +186,9 @@ class TaxonomyStage(Stage):
             # a product the decision pass did not return is still a typed product, untyped
             "products_without_decision": n - counts.get("decisions", 0),
             "resources": plan.as_dict(),
+            # per-product model outputs reused from --previous, recomputed, added, removed
+            **{f"products_{k}": cache.get(k, 0) for k in ("reused", "recomputed", "added", "removed")},
+            "cache": {"title_models": cache} if cache else {},
             "title_chunks": chunks["chunks"],
             "title_chunks_resumed": chunks["skipped"],
             "tagger_spans": counts.get("spans", 0),

@@ -1,0 +1,59 @@
+"""The taxonomy stage's cached step: the title models (tagger spans and title vector per product).
+
+The models read the title only, so the cache key is the title with the step's fingerprint: the
+tagger's artifact files, the encoder's files, the tagger's span floor, the precision and device
+the models run at, and the source of the code that computes spans and vectors. What follows the
+models in the same worker (the best type span, the type names a title writes) depends on this
+catalogue's taxonomy and the fit's vocabulary, so it runs again on cached rows (cheap).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from autoknow_ray.incremental import CachedStep, DropColumns, file_digest, source_digest
+from autoknow_ray.pipeline import read_manifest
+from autoknow_ray.steps import Chain, Step
+
+STEP = "title_models"
+CODE = ["autoknow_ray.incremental", "autoknow_ray.modules.taxonomy.infer", "autoknow_ray.nn.encoder",
+        "autoknow_ray.nn.gazetteer", "autoknow_ray.nn.tagger"]
+
+
+def title_precision(device: str, previous_stage: Path | None) -> bool:
+    """bf16 or fp32 for the title models, decided once on the driver for every actor (so one
+    rebuild's vectors are all of one precision, and the cache can name it): on GPU bf16; on CPU
+    the previous run's choice on the same device where there is one (so a timing probe that
+    tips the other way on a loaded night does not throw the cache away), else the probe."""
+    from autoknow_ray.nn.encoder import cpu_bf16_pays
+
+    if device == "cuda":
+        return True
+    before = ((read_manifest(previous_stage) if previous_stage else {}).get("cache") or {}).get(STEP) or {}
+    if before.get("device") == device and isinstance(before.get("bf16"), bool):
+        return before["bf16"]
+    return bool(cpu_bf16_pays())
+
+
+def title_models_step(tagger: Step, after: list[Step], embed: Step, *, tagger_dir: Path | None,
+                      encoder: str | None, min_score: float, bf16: bool, device: str) -> CachedStep:
+    """The stage's title-model chain (`tagger`, then `after`, then `embed`, in one actor) as a
+    cached step: `spans` and `embedding` are cached; `after` runs again on cached rows."""
+    from autoknow_ray.nn.encoder import resolve_encoder
+
+    encoder_dir = Path(resolve_encoder(encoder))
+    return CachedStep(
+        name=STEP,
+        fresh=Chain(STEP, [tagger, *after, embed]),
+        reuse=Chain(f"{STEP}_cached", [*after, DropColumns(("title",))]) if after
+        else DropColumns(("title",)),
+        inputs=("title",),
+        outputs=("spans", "embedding"),
+        fingerprint={
+            "tagger": file_digest([tagger_dir]) if tagger_dir else None,
+            "encoder": file_digest([encoder_dir]),
+            "min_score": float(min_score),
+            "bf16": bool(bf16),
+            "device": device,
+            "code": source_digest(CODE),
+        },
+    )

@@ -72,6 +72,9 @@ class TypeResolutionConfig(BaseModel):
     # nearest titles are of that new type's products (types.SpreadNewTypes; the same floors):
     # this many of each new type's products, and in all, join the vote's reference
     spread_new_types: bool = True
+    # … after new types closer to each other than any two known types of this catalogue are
+    # merged into one, named by the member with the most support (modules/taxonomy/type_groups.py)
+    group_new_types: bool = True
     spread_per_type: int = Field(200, ge=1)
     spread_max: int = Field(20_000, ge=1)
     # the public names fit adds to the catalogue's own: "auto" (Google's product taxonomy and

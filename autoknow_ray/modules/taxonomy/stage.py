@@ -39,6 +39,7 @@ from autoknow_ray.modules.taxonomy.infer import TagTitles
 from autoknow_ray.modules.taxonomy.title_names import (
     EVIDENCE_PREFIX, TitleTypeNames, build_vocabulary, load_vocabulary_and_not_types,
 )
+from autoknow_ray.modules.taxonomy.type_groups import TypeGroups, group_new_types, merge_candidates
 from autoknow_ray.modules.taxonomy.types import (
     CANDIDATES_SCHEMA, SPREAD, TITLE_ATTRIBUTES, TYPE_COLUMNS, BestTypeSpan, ResolveTypes,
     SpreadNewTypes, TypeNames, accept_candidates, ancestors_map, lower_case_taxonomy,
@@ -145,8 +146,11 @@ class TaxonomyStage(Stage):
                 candidates = self._with_title_name_types(ctx, candidates, set(names.known.values()),
                                                          cfg.types, parts)
             if cfg.types.spread_new_types and candidates.height:
-                spread_counts = self._spread_new_types(ctx, candidates, spread_cfg, known_reference,
-                                                       decisions_dir, n, parts)
+                spread_counts, groups = self._spread_new_types(
+                    ctx, candidates, spread_cfg, known_reference, decisions_dir, n, parts,
+                    {type_key(t) for t in parents})
+                if groups.rename:  # variants of one new type are one row, their names kept
+                    candidates = merge_candidates(candidates, groups, cfg.types.max_examples)
             counts = self._write_products(ctx, products_path, decisions_dir, n, parts)
         else:
             candidates, typed_types, floors_report = pl.DataFrame(schema=CANDIDATES_SCHEMA), set(), None
@@ -421,22 +425,39 @@ class TaxonomyStage(Stage):
 
     @staticmethod
     def _spread_new_types(ctx, candidates: pl.DataFrame, types_cfg, known_reference, decisions_dir,
-                          n: int, parts: int) -> dict:
+                          n: int, parts: int, reserved: set[str]) -> tuple[dict, TypeGroups]:
         """The refused products near the products of a new type take it (`SpreadNewTypes`):
         the new types' products (a capped sample per type, with their title vectors) join the
-        first vote's reference of known types; `_decisions` is rewritten in place."""
+        first vote's reference of known types; `_decisions` is rewritten in place. Before the
+        vote, new types closer to each other than any two known types are one type
+        (`type_groups`): the same pass renames their products to the group's name."""
         new = set(candidates["type"].to_list())
         decisions = runtime.read_parquet(decisions_dir, ["product_id", "type", "embedding"])
         ref, _counts = sample.per_key_sample(sample.where_in(decisions, "type", new), "type", "product_id",
                                              types_cfg.spread_per_type, types_cfg.spread_max,
                                              ctx.cfg.seed, parts)
         if not ref.height:
-            return {"spread_reference": 0}
-        step = SpreadNewTypes(types_cfg, new, ref.select("type", "embedding"), known_reference)
+            return {"spread_reference": 0}, TypeGroups()
+        groups = TypeGroups()
+        if types_cfg.group_new_types:
+            known_types, known_vecs = _capped_known(known_reference, new, types_cfg.spread_per_type,
+                                                    ctx.cfg.seed)
+            support = dict(candidates.select("type", "support").iter_rows())
+            ids = set(ref["product_id"].to_list())  # the sample's titles name the groups
+            got = runtime.bounded_sample(sample.where_in(runtime.read_parquet(
+                ctx.table_path("ingest", "products"), ["product_id", "title"]), "product_id", ids),
+                len(ids), ctx.cfg.seed)
+            title_of = dict(zip(got["product_id"].to_list(), got["title"].to_list())) if got.height else {}
+            groups = group_new_types(ref["type"].to_list(), as_matrix(ref["embedding"]), known_types,
+                                     known_vecs, support, types_cfg.knn_k, ctx.cfg.seed,
+                                     titles=[title_of.get(p) for p in ref["product_id"].to_list()],
+                                     reserved=reserved)
+        step = SpreadNewTypes(types_cfg, new, ref.select("type", "embedding"), known_reference,
+                              rename=groups.rename)
         out = ctx.out / "_decisions_spread"
         runtime.map_step(runtime.read_parquet(decisions_dir), step, ctx.cfg, n).write_parquet(str(out))
         storage.replace_dir(out, decisions_dir)
-        return {"spread_reference": int(ref.height)}
+        return {"spread_reference": int(ref.height), "groups": groups.report()}, groups
 
     # ---- hypernym context: bounded -------------------------------------------------------------
     def _children(self, ctx, candidates: pl.DataFrame, orphans: list[str], parts: int) -> pl.DataFrame:
@@ -513,6 +534,25 @@ class TaxonomyStage(Stage):
         if context.height:
             context = context.sort("product_id")
         return context, behavior, copurchase, stats
+
+
+def _capped_known(known_reference, exclude: set[str], per_type: int, seed: int
+                  ) -> tuple[list[str], np.ndarray | None]:
+    """At most `per_type` reference titles of each known type (a seeded draw), for the flows
+    that calibrate which new types are one (`type_groups`)."""
+    if known_reference is None or not len(known_reference[0]):
+        return [], None
+    types = list(known_reference[0])
+    rng = np.random.default_rng(seed)
+    by_type: dict[str, list[int]] = {}
+    for i, t in enumerate(types):
+        if t is not None and t not in exclude:
+            by_type.setdefault(t, []).append(i)
+    keep = sorted(i for rows in by_type.values()
+                  for i in (rows if len(rows) <= per_type else rng.choice(rows, per_type, replace=False)))
+    if not keep:
+        return [], None
+    return [types[i] for i in keep], np.asarray(known_reference[1], np.float32)[keep]
 
 
 def _place_types(stage: TaxonomyStage, ctx, candidates: pl.DataFrame, orphans: list[str],

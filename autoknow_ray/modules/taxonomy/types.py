@@ -61,13 +61,6 @@ def with_title_attributes(batch: pa.Table) -> pa.Table:
                 best[name] = max(best.get(name, 0.0), conf)
         rows.append([{"name": k, "confidence": v} for k, v in sorted(best.items())])
     return batch.append_column("title_attributes", pa.array(rows, TITLE_ATTRIBUTES))
-CANDIDATES_SCHEMA = {
-    "type": pl.String,
-    "support": pl.Int64,
-    "n_products": pl.Int64,
-    "example_product_ids": pl.List(pl.String),
-    "mean_score": pl.Float32,
-}
 
 # ---- taxonomy structure ----------------------------------------------------------------------
 def taxonomy_maps(taxonomy: pl.DataFrame) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
@@ -570,7 +563,10 @@ class SpreadNewTypes(Step):
     The vote searches the new types' products (a capped sample per type, `reference`) together
     with the first vote's reference of known types (`known`): a product whose nearest titles are
     of a known type keeps no type, as the first vote decided; only a new type's answer is taken.
-    Bounded: the reference is capped by the caller."""
+    Bounded: the reference is capped by the caller.
+
+    `rename` (a new type's name -> its group's, `type_groups`): the products of a grouped new
+    type take the group's name in the same pass, and the vote counts a group as one type."""
 
     name = "spread_new_types"
     resources = "taxonomy"
@@ -578,10 +574,12 @@ class SpreadNewTypes(Step):
     model = True  # builds its index once per worker
 
     def __init__(self, cfg: TypeResolutionConfig, new_types: set[str], reference: pl.DataFrame,
-                 known: tuple[list[str], np.ndarray] | None):
+                 known: tuple[list[str], np.ndarray] | None, rename: dict[str, str] | None = None):
         self.cfg = cfg
-        self.new_types = frozenset(new_types)
-        self.ref_types = reference["type"].to_list() if reference.height else []
+        self.rename = dict(rename or {})
+        self.new_types = frozenset(self.rename.get(t, t) for t in new_types)
+        self.ref_types = [self.rename.get(t, t) for t in reference["type"].to_list()] \
+            if reference.height else []
         self.ref_vecs = (as_matrix(reference["embedding"], np.float16) if reference.height
                          else np.zeros((0, 0), np.float16))
         self.known = known
@@ -600,13 +598,24 @@ class SpreadNewTypes(Step):
         if self.index is None:
             self.setup(WorkerEnv())
         outcome = batch.column("outcome").to_pylist()
-        rows = [i for i, o in enumerate(outcome) if o in (TOO_FAR, NO_AGREEMENT)]
-        if not rows or not self.ref_types:
+        rows = [i for i, o in enumerate(outcome) if o in (TOO_FAR, NO_AGREEMENT)] if self.ref_types else []
+        types = batch.column("type").to_pylist()
+        grouped = [i for i, t in enumerate(types) if t in self.rename]
+        if not rows and not grouped:
             return batch
         cfg = self.cfg
         cols = {c: batch.column(c).to_pylist() for c in TYPE_COLUMNS}
         edits = batch.column("edits").to_pylist()
         pids = batch.column("product_id").to_pylist()
+        for i in grouped:  # a variant's products take its group's name
+            old = cols["type"][i]
+            group = self.rename[old]
+            note = f"; grouped under '{group}' as its variant '{old}'"
+            cols["type"][i] = group
+            cols["type_evidence"][i] = (cols["type_evidence"][i] or "") + note
+            edits[i] = [dict(e, object=group, evidence=(e.get("evidence") or "") + note)
+                        if e.get("relation") == HAS_TYPE and e.get("object") == old else e
+                        for e in (edits[i] or ())]
         vecs = _vectors(batch.column("embedding"))
         k = min(cfg.knn_k, len(self.index))
         for i, (vote, near) in zip(rows, self.index.votes(vecs[rows], cfg.knn_k)):

@@ -1,0 +1,149 @@
+"""New types that are variants of one type are grouped at the catalogue's own granularity
+(`modules/taxonomy/type_groups.py`), and the spread pass renames their products."""
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from autoknow_ray.modules.taxonomy.type_groups import (
+    DEFAULT_THRESHOLD, group_new_types, merge_candidates, neighbour_counts)
+
+
+def _cloud(rng, centre, n, spread=0.12):
+    return centre + spread * rng.normal(size=(n, len(centre))).astype(np.float32)
+
+
+def _catalogue(seed=0):
+    """Known types Coffee / Tea / Soap, each its own direction; new types: Shoes, Sneaker, Oxford
+    and Boot drawn around one direction (variants of one type: the names split its titles at
+    random), Sunscreen around another."""
+    rng = np.random.default_rng(seed)
+    dim = 24
+    axes = np.eye(dim, dtype=np.float32)
+    known_labels, known_vecs = [], []
+    for i, t in enumerate(["Coffee", "Tea", "Soap"]):
+        known_labels += [t] * 40
+        known_vecs.append(_cloud(rng, axes[i], 40))
+    shoe_names = ["Shoes"] * 20 + ["Sneaker"] * 8 + ["Oxford"] * 6 + ["Boot"] * 3
+    new_labels = shoe_names + ["Sunscreen"] * 15
+    new_vecs = np.concatenate([_cloud(rng, axes[5], len(shoe_names)), _cloud(rng, axes[6], 15)])
+    support = {"Shoes": 20, "Sneaker": 8, "Oxford": 6, "Boot": 3, "Sunscreen": 15}
+    return new_labels, new_vecs, known_labels, np.concatenate(known_vecs), support
+
+
+def test_variants_of_one_new_type_become_one_named_by_its_support():
+    new_labels, new_vecs, known_labels, known_vecs, support = _catalogue()
+    g = group_new_types(new_labels, new_vecs, known_labels, known_vecs, support, k=10)
+    assert g.source == "known types" and g.known_types == 3
+    # distinct known types send each other no neighbour slots here: the floor of one in k holds
+    assert g.threshold == 0.1
+    assert g.rename == {"Sneaker": "Shoes", "Oxford": "Shoes", "Boot": "Shoes"}
+    assert "Sunscreen" not in g.rename and "Sunscreen" not in g.rename.values()
+    assert g.variants() == {"Shoes": ["Boot", "Oxford", "Sneaker"]}
+
+
+def test_distinct_new_types_stay_apart_as_distinct_known_types_do():
+    """Two new types as far apart as the known ones are never merged, whatever their names."""
+    rng = np.random.default_rng(1)
+    axes = np.eye(24, dtype=np.float32)
+    known_labels = ["A"] * 30 + ["B"] * 30
+    known_vecs = np.concatenate([_cloud(rng, axes[0], 30), _cloud(rng, axes[1], 30)])
+    new_labels = ["Tea"] * 12 + ["Teapot"] * 12 + ["Kettle"] * 12
+    new_vecs = np.concatenate([_cloud(rng, axes[i], 12) for i in (3, 4, 5)])
+    g = group_new_types(new_labels, new_vecs, known_labels, known_vecs,
+                        {"Tea": 12, "Teapot": 12, "Kettle": 12}, k=8)
+    assert g.rename == {}
+
+
+def test_without_known_types_only_a_majority_of_slots_merges():
+    new_labels, new_vecs, _kl, _kv, support = _catalogue()
+    g = group_new_types(new_labels, new_vecs, [], None, support, k=10)
+    assert g.source == "default" and g.threshold == DEFAULT_THRESHOLD
+    # the shoe names share one cloud: after the largest ones merge, the rest follow
+    assert g.rename.get("Sneaker") == "Shoes" and "Sunscreen" not in g.rename
+
+
+def test_neighbour_counts_skip_the_item_itself():
+    vecs = np.array([[1, 0], [1, 0.01], [0, 1], [0.01, 1]], np.float32)
+    names, c = neighbour_counts(["a", "a", "b", "b"], vecs, k=1)
+    assert names == ["a", "b"] and c.tolist() == [[2, 0], [0, 2]]
+
+
+def test_merged_candidates_sum_support_and_keep_variant_names():
+    new_labels, new_vecs, known_labels, known_vecs, support = _catalogue()
+    g = group_new_types(new_labels, new_vecs, known_labels, known_vecs, support, k=10)
+    cands = pl.DataFrame({
+        "type": list(support), "support": list(support.values()),
+        "n_products": [v + 1 for v in support.values()],
+        "example_product_ids": [[f"{t}-{i}" for i in range(3)] for t in support],
+        "mean_score": pl.Series([None] * len(support), dtype=pl.Float32),
+    })
+    out = merge_candidates(cands, g, max_examples=4)
+    assert out["type"].to_list() == ["Shoes", "Sunscreen"]
+    shoes = out.row(0, named=True)
+    assert shoes["support"] == 37 and shoes["n_products"] == 41
+    assert sorted(shoes["variants"]) == ["Boot", "Oxford", "Sneaker"]
+    assert len(shoes["example_product_ids"]) == 4 and shoes["mean_score"] is None
+    assert out.row(1, named=True)["variants"] == []
+
+
+def test_spread_pass_renames_a_variants_products_and_their_triples():
+    from autoknow_ray.index.knn_vote import TOO_FAR
+    from autoknow_ray.modules.taxonomy.hypernym_config import TypeResolutionConfig
+    from autoknow_ray.modules.taxonomy.types import TRIPLE, SpreadNewTypes
+    from autoknow_ray.schema import HAS_TYPE
+    from autoknow_ray.steps import WorkerEnv
+
+    rng = np.random.default_rng(0)
+    e = np.eye(8, dtype=np.float32)
+
+    def near(i, n):
+        return e[i] + 0.05 * rng.normal(size=(n, 8)).astype(np.float32)
+
+    # the refused product's neighbours are split between two names of one group: one type
+    ref = pl.DataFrame({"type": ["Shoes", "Sneaker", "Oxford"], "embedding": near(0, 3).tolist()})
+    cfg = TypeResolutionConfig(knn_k=3, knn_min_similarity=0.8, knn_min_share=0.9)
+    rename = {"Sneaker": "Shoes", "Oxford": "Shoes"}
+    triple = {"subject": "p1", "relation": HAS_TYPE, "object": "Sneaker", "confidence": 0.5,
+              "module": "taxonomy", "status": "added", "evidence": "title names 'sneaker'"}
+    batch = pa.table({
+        "product_id": ["p0", "p1"],
+        "type": [None, "Sneaker"],
+        "type_status": [None, "added"],
+        "type_confidence": pa.array([None, 0.5], pa.float32()),
+        "type_evidence": [TOO_FAR, "title names 'sneaker'"],
+        "outcome": [TOO_FAR, "added"],
+        "edits": pa.array([[], [triple]], pa.list_(TRIPLE)),
+        "embedding": pa.array(near(0, 2).tolist(), pa.list_(pa.float32())),
+    })
+    for groups, want in ((rename, ["Shoes", "Shoes"]), ({}, [None, "Sneaker"])):
+        step = SpreadNewTypes(cfg, {"Shoes", "Sneaker", "Oxford"}, ref, None, rename=groups)
+        step.setup(WorkerEnv())
+        out = step.process_batch(batch)
+        assert out.column("type").to_pylist() == want
+    edits = out.column("edits").to_pylist()
+    assert edits[1][0]["object"] == "Sneaker"  # without groups: untouched
+    step = SpreadNewTypes(cfg, {"Shoes", "Sneaker", "Oxford"}, ref, None, rename=rename)
+    out = step.process_batch(batch)
+    moved = out.column("edits").to_pylist()[1][0]
+    assert moved["object"] == "Shoes" and "variant 'Sneaker'" in moved["evidence"]
+    assert "grouped under 'Shoes'" in out.column("type_evidence").to_pylist()[1]
+
+
+def test_a_group_takes_the_name_most_of_its_titles_write():
+    from autoknow_ray.modules.taxonomy.type_groups import group_name
+
+    titles = ["Reusable Face Mask, Cotton Fabric", "Disposable Face Masks 50 Pcs",
+              "Dust Mask for Woodworking", "Kids Face Mask Reusable", "Bandana Cover, Fabric"]
+    members = {"Fabric", "Reusable", "Dust Masks", "Safety Mask"}
+    support = {"Fabric": 18, "Reusable": 7, "Dust Masks": 4, "Safety Mask": 1}
+    # the members' head word is written by four of five titles; the best-supported member by two
+    assert group_name(members, titles, support) == "Masks"
+    # a head word that is a known type's name is no candidate
+    assert group_name(members, titles, support, reserved={"mask"}) in {"Fabric", "Reusable"}
+    # a longer member name ending in the best word wins where most titles write it
+    titles2 = ["Tide Laundry Detergent Pods", "Gain Laundry Detergent, Fresh",
+               "Detergent Sheets", "Persil Laundry Detergent Liquid"]
+    assert group_name({"Detergents", "Laundry Detergent", "Fresh"}, titles2,
+                      {"Detergents": 9, "Laundry Detergent": 3, "Fresh": 2}) == "Laundry Detergent"
+    # without titles: the member most products took
+    assert group_name(members, [], support) == "Fabric"

@@ -48,6 +48,7 @@ from autoknow_ray.modules.taxonomy.types import (
 from autoknow_ray.nn.encoder import EmbedTitles, TextEncoder
 from autoknow_ray.pipeline import RunContext, Stage
 from autoknow_ray.schema import BEHAVIOR_KEY, COPURCHASE_KEY, GRAPH_TAXONOMY, PRODUCTS, TRIPLES
+from autoknow_ray.text import type_key
 
 JOIN_ROWS_PER_PARTITION = 200_000  # rows per hash partition when typed_products is joined
 

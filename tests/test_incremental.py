@@ -83,14 +83,21 @@ def _graph(run) -> dict[str, pl.DataFrame]:
     return out
 
 
-def test_incremental_rebuild_gives_the_full_rebuilds_graph(world):
+@pytest.fixture(scope="module")
+def rebuilt(world):
+    """A in full; B incrementally from A's run; B in full from scratch (same models)."""
     root, edited_ids = world
-    manifest_a = _rebuild(root, "a", "run_a")
-    assert manifest_a["products_recomputed"] == N and manifest_a["products_reused"] == 0
+    manifests = {"a": _rebuild(root, "a", "run_a")}
     before = _tree_digest(root / "run_a")
+    manifests["inc"] = _rebuild(root, "b", "run_b_inc", "run_a")
+    manifests["full"] = _rebuild(root, "b", "run_b_full")
+    return root, edited_ids, manifests, before
 
-    inc = _rebuild(root, "b", "run_b_inc", "run_a")
-    full = _rebuild(root, "b", "run_b_full")
+
+def test_incremental_rebuild_gives_the_full_rebuilds_graph(rebuilt):
+    root, edited_ids, m, before = rebuilt
+    inc, full = m["inc"], m["full"]
+    assert m["a"]["products_recomputed"] == N and m["a"]["products_reused"] == 0
 
     # the previous run is only read
     assert _tree_digest(root / "run_a") == before
@@ -122,6 +129,33 @@ def test_incremental_rebuild_gives_the_full_rebuilds_graph(world):
     old = cache_a.filter(pl.col("product_id").is_in(edited_ids)).sort("product_id")
     new = cache_full.filter(pl.col("product_id").is_in(edited_ids)).sort("product_id")
     assert not old["spans"].equals(new["spans"]) and not old["embedding"].equals(new["embedding"])
+
+
+def test_a_killed_incremental_run_leaves_its_previous_run_intact_and_resumes(rebuilt, monkeypatch):
+    """Killed in the taxonomy stage after its cache was written (into the stage's tmp folder):
+    the previous run's files are as they were, nothing of the stage is committed, and the re-run
+    finishes with the full rebuild's graph."""
+    from autoknow_ray.modules.taxonomy.stage import TaxonomyStage
+
+    root, _, _, before = rebuilt
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(TaxonomyStage, "_write_products", staticmethod(killed))
+        with pytest.raises(KeyboardInterrupt):
+            _rebuild(root, "b", "run_k", "run_a")
+    assert _tree_digest(root / "run_a") == before
+    assert (root / "run_k" / "ingest" / "manifest.json").exists()
+    assert not (root / "run_k" / "taxonomy").exists()
+    assert (root / "run_k" / ".taxonomy.tmp" / "cache" / "title_models").is_dir()
+    resumed = _rebuild(root, "b", "run_k", "run_a")
+    assert resumed["products_reused"] == N - REMOVED - EDITED
+    assert _tree_digest(root / "run_a") == before
+    g_k, g_full = _graph(root / "run_k"), _graph(root / "run_b_full")
+    for name in g_full:
+        assert (g_k[name] is None and g_full[name] is None) or g_k[name].equals(g_full[name]), name
 
 
 def test_an_incremental_run_never_writes_into_its_previous_run(world, capsys):

@@ -147,3 +147,44 @@ def test_a_group_takes_the_name_most_of_its_titles_write():
                       {"Detergents": 9, "Laundry Detergent": 3, "Fresh": 2}) == "Laundry Detergent"
     # without titles: the member most products took
     assert group_name(members, [], support) == "Fabric"
+
+
+def test_spread_floors_answer_a_loose_new_type_and_spare_known_titles():
+    """The spread vote's floors come from the rebuild's own new types: a new type whose titles
+    are loosely alike (short, varied titles) is answered at a similarity the first vote's floors
+    would refuse, while known-type titles with their own type withheld are not taken by it."""
+    from autoknow_ray.modules.taxonomy.knn_floors import choose_spread_floors
+
+    rng = np.random.default_rng(3)
+    dim = 32
+    axes = np.eye(dim, dtype=np.float32)
+    known_labels = ["Coffee"] * 60 + ["Tea"] * 60 + ["Soap"] * 60
+    known_vecs = np.concatenate([_cloud(rng, axes[i], 60, spread=0.08) for i in range(3)])
+    new_labels = ["Shoes"] * 80 + ["Vitamin"] * 80
+    new_vecs = np.concatenate([_cloud(rng, axes[5], 80, spread=0.3), _cloud(rng, axes[6], 80, spread=0.3)])
+    f = choose_spread_floors(new_labels, new_vecs, known_labels, known_vecs, k=10, seed=0)
+    assert "skipped" not in f and f["new_types"] == 2 and f["known_types"] == 3
+    assert f["new_answered_right"] > 0.8 and f["known_taken"] <= 0.1 and f["new_forced"] <= 0.1
+    assert f["new_answered_right"] - f["new_forced"] - f["known_taken"] > 0.7
+    # the loose new types' titles sit at cosines a 0.6 floor refuses: the choice is below it
+    x = new_vecs[:80] / np.linalg.norm(new_vecs[:80], axis=1, keepdims=True)
+    s = x @ x.T
+    np.fill_diagonal(s, -1)
+    assert np.median(s.max(axis=1)) < 0.6 and f["knn_min_similarity"] < np.median(s.max(axis=1))
+    assert "skipped" in choose_spread_floors(["A"], new_vecs[:1], known_labels, known_vecs)
+
+
+def test_spread_floors_refuse_where_new_and_known_titles_mix():
+    """A new type drawn from the same cloud as a known type: answering it would take the known
+    type's refused titles as often as it answers its own, so the floors answer little."""
+    from autoknow_ray.modules.taxonomy.knn_floors import choose_spread_floors
+
+    rng = np.random.default_rng(4)
+    axes = np.eye(32, dtype=np.float32)
+    known_labels = ["Coffee"] * 60 + ["Tea"] * 60
+    known_vecs = np.concatenate([_cloud(rng, axes[0], 60, spread=0.1), _cloud(rng, axes[1], 60, spread=0.1)])
+    new_labels = ["Espresso"] * 60
+    new_vecs = _cloud(rng, axes[0], 60, spread=0.1)  # Coffee's own cloud
+    f = choose_spread_floors(new_labels, new_vecs, known_labels, known_vecs, k=10, seed=0)
+    # whatever the floors, what the vote gains it takes from the known type: little net worth
+    assert f["new_answered_right"] - f["new_forced"] - f["known_taken"] < 0.3

@@ -75,6 +75,9 @@ class TypeResolutionConfig(BaseModel):
     # … after new types closer to each other than any two known types of this catalogue are
     # merged into one, named by the member with the most support (modules/taxonomy/type_groups.py)
     group_new_types: bool = True
+    # the spread vote's floors chosen in the rebuild on its own new types (right - forced -
+    # taken: knn_floors.choose_spread_floors); off: the first vote's floors
+    spread_floors: bool = True
     spread_per_type: int = Field(200, ge=1)
     spread_max: int = Field(20_000, ge=1)
     # the public names fit adds to the catalogue's own: "auto" (Google's product taxonomy and

@@ -166,3 +166,76 @@ def load(model_dir: Path) -> dict | None:
         return None
     d = json.loads(p.read_text())
     return d if "knn_min_similarity" in d else None
+
+
+def choose_spread_floors(new_labels: list[str], new_vectors: np.ndarray, known_labels: list[str],
+                         known_vectors: np.ndarray | None, k: int = 10, max_rows: int = 4000,
+                         seed: int = 0) -> dict:
+    """The floors of the spread vote (`types.SpreadNewTypes`), chosen in the rebuild on its own
+    new types. That vote answers only with a new type, so its errors differ from the first
+    vote's: a refused product of a known type that takes a new type, and a product of a type no
+    new type stands for that takes another's. Every sampled title votes among the others (the
+    new types' sampled products, as grouped, and a capped sample of fit's reference):
+
+    - a new type's title, its type present: it should be answered, with its own type (`right`);
+    - a new type's title, its whole type withheld: an answer is a wrong new type (`forced`);
+    - a known type's title, its whole type withheld (what a refused product of a known type
+      looks like: nothing of its own type near): an answer is a known product taken (`taken`).
+
+    The pair of floors on fit's grid maximising right - forced - taken (each a mean over types,
+    types alike; ties: the middle one) is the choice. Without a new type of two sampled titles:
+    {"skipped": reason}."""
+    labels_all = list(new_labels) + list(known_labels)
+    counts: dict[str, int] = {}
+    for t in new_labels:
+        counts[t] = counts.get(t, 0) + 1
+    if not any(c >= 2 for c in counts.values()):
+        return {"skipped": "no new type with 2 sampled titles: the first vote's floors"}
+    vecs = [np.asarray(new_vectors, np.float32)]
+    if known_vectors is not None and len(known_labels):
+        vecs.append(np.asarray(known_vectors, np.float32))
+    vectors = np.concatenate(vecs)
+    rng = np.random.default_rng(seed)
+    rows = np.arange(len(labels_all))
+    if len(rows) > max_rows:
+        rows = np.sort(rng.choice(rows, size=max_rows, replace=False))
+    uniq = sorted(set(labels_all[i] for i in rows))
+    lab_id = {t: i for i, t in enumerate(uniq)}
+    labels = np.array([lab_id[labels_all[i]] for i in rows])
+    is_new_row = rows < len(new_labels)
+    new_ids = np.array(sorted({labels[i] for i in np.flatnonzero(is_new_row)}))
+    label_is_new = np.zeros(len(uniq), dtype=bool)
+    label_is_new[new_ids] = True
+    v = normalize(vectors[rows])
+    sims = v @ v.T
+    np.fill_diagonal(sims, -np.inf)
+    pb, ps, pn = _votes(sims, labels, k)
+    sims[labels[:, None] == labels[None, :]] = -np.inf  # the title's whole type withheld
+    wb, ws, wn = _votes(sims, labels, k)
+    per_type = np.bincount(labels, minlength=len(uniq))
+
+    def weights(mask: np.ndarray) -> np.ndarray:
+        w = np.where(mask, 1.0 / np.maximum(per_type[labels], 1), 0.0)
+        return w / w.sum() if w.sum() > 0 else w
+
+    w_right = weights(is_new_row & (per_type[labels] >= 2))
+    w_forced = weights(is_new_row)
+    w_taken = weights(~is_new_row)
+    right_base = (pb == labels) & label_is_new[pb]
+    new_answer_withheld = label_is_new[wb]
+    scored = []
+    for ms in SIMILARITY_GRID:
+        for mh in SHARE_GRID:
+            present = (pn >= ms) & (ps >= mh - 1e-9)
+            withheld = (wn >= ms) & (ws >= mh - 1e-9) & new_answer_withheld
+            right = float(w_right @ (present & right_base))
+            forced = float(w_forced @ withheld)
+            taken = float(w_taken @ withheld)
+            scored.append((round(right - forced - taken, 4), ms, mh,
+                           {"knn_min_similarity": float(ms), "knn_min_share": float(mh),
+                            "new_answered_right": round(right, 4), "new_forced": round(forced, 4),
+                            "known_taken": round(taken, 4)}))
+    out = dict(_best(scored))
+    out.update({"rows": int(len(rows)), "new_types": int(len(new_ids)),
+                "known_types": int(len(uniq) - len(new_ids)), "k": k})
+    return out

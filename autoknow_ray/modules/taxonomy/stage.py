@@ -440,9 +440,9 @@ class TaxonomyStage(Stage):
         if not ref.height:
             return {"spread_reference": 0}, TypeGroups()
         groups = TypeGroups()
+        known_types, known_vecs = _capped_known(known_reference, new, types_cfg.spread_per_type,
+                                                ctx.cfg.seed)
         if types_cfg.group_new_types:
-            known_types, known_vecs = _capped_known(known_reference, new, types_cfg.spread_per_type,
-                                                    ctx.cfg.seed)
             support = dict(candidates.select("type", "support").iter_rows())
             ids = set(ref["product_id"].to_list())  # the sample's titles name the groups
             got = runtime.bounded_sample(sample.where_in(runtime.read_parquet(
@@ -453,12 +453,19 @@ class TaxonomyStage(Stage):
                                      known_vecs, support, types_cfg.knn_k, ctx.cfg.seed,
                                      titles=[title_of.get(p) for p in ref["product_id"].to_list()],
                                      reserved=reserved)
-        step = SpreadNewTypes(types_cfg, new, ref.select("type", "embedding"), known_reference,
+        floors: dict = {"skipped": "taxonomy.types.spread_floors is off: the first vote's floors"}
+        if types_cfg.spread_floors:  # the spread vote's own floors, from this rebuild's new types
+            floors = knn_floors.choose_spread_floors(
+                [groups.rename.get(t, t) for t in ref["type"].to_list()], as_matrix(ref["embedding"]),
+                known_types, known_vecs, types_cfg.knn_k, seed=ctx.cfg.seed)
+        spread_cfg = types_cfg if "skipped" in floors else types_cfg.model_copy(update={
+            "knn_min_similarity": floors["knn_min_similarity"], "knn_min_share": floors["knn_min_share"]})
+        step = SpreadNewTypes(spread_cfg, new, ref.select("type", "embedding"), known_reference,
                               rename=groups.rename)
         out = ctx.out / "_decisions_spread"
         runtime.map_step(runtime.read_parquet(decisions_dir), step, ctx.cfg, n).write_parquet(str(out))
         storage.replace_dir(out, decisions_dir)
-        return {"spread_reference": int(ref.height), "groups": groups.report()}, groups
+        return {"spread_reference": int(ref.height), "groups": groups.report(), "floors": floors}, groups
 
     # ---- hypernym context: bounded -------------------------------------------------------------
     def _children(self, ctx, candidates: pl.DataFrame, orphans: list[str], parts: int) -> pl.DataFrame:

@@ -52,6 +52,8 @@ def test_open_world_figures_from_the_graph_files():
     assert r["types.unseen.new_type"] == 0.6 and r["types.unseen.new_type_gold_name"] == 0.4
     assert r["types.unseen.attached_right"] == 0.4
     assert r["types.unseen.forced_known"] == 0.2 and r["types.unseen.untyped"] == 0.2
+    # Ground Coffee's new-typed product has one name, Ink's one, Stapler's one: nothing split
+    assert r["types.unseen.names_per_type"] == 1.0 and r["types.unseen.variants_merged"] == 1.0
 
 
 def test_open_world_placement_in_a_deep_taxonomy():
@@ -93,3 +95,7 @@ def test_open_world_placement_in_a_deep_taxonomy():
     # Lotion under Coffee, a product type; Floss under Skin Care, an empty inner node, is not
     assert r["types.unseen.attached_under_leaf"] == seventh(1)
     assert r["types.unseen.unattached"] == seventh(1)  # Brush Heads, a root
+    # Tea got two names (Teas, Herbal teas), Toothbrush three, Sunscreen two: 7 / 3 names per
+    # withheld type; under each one's most common name: 1 + 1 + 1 of 7 products
+    assert r["types.unseen.names_per_type"] == round(7 / 3, 4)
+    assert r["types.unseen.variants_merged"] == seventh(3)

@@ -71,7 +71,12 @@ def eval_open_world(triples: pl.DataFrame, taxonomy: pl.DataFrame, gold: pl.Data
     `attached_too_high` (under a proper ancestor of a gold parent; `attached_one_level_high`
     the part one level above), `attached_wrong_branch` (anywhere else), `unattached` (a root
     where gold has a parent) and `attached_under_leaf` (under a known type with no type below
-    it, with products of its own, that is not a gold parent: a sibling taken for a parent)."""
+    it, with products of its own, that is not a gold parent: a sibling taken for a parent).
+
+    Variant names merged: per withheld type, the new-type names its products were given
+    (`names_per_type`, the mean over withheld types that got any; 1.0 when each is one name), and
+    the share of its new-typed products under its most common one (`variants_merged`, over all
+    withheld-type products given a new type; 1.0 when no withheld type is split)."""
     fit_keys = {norm_type(t) for t in fit_types["type"].to_list() if t}
     known = set(fit_keys)
     if taxonomy.height:
@@ -108,6 +113,7 @@ def eval_open_world(triples: pl.DataFrame, taxonomy: pl.DataFrame, gold: pl.Data
     n_unseen = new = named = forced = untyped = 0
     place = dict.fromkeys(("right", "too_high", "one_level_high", "wrong_branch", "unattached",
                            "under_leaf"), 0)
+    new_names: dict[str, dict[str, int]] = {}  # withheld gold type -> new name -> products
     for pid, t in zip(gold["product_id"].to_list(), gold["type"].to_list()):
         g = norm_type(t)
         p = pred.get(pid)
@@ -125,6 +131,8 @@ def eval_open_world(triples: pl.DataFrame, taxonomy: pl.DataFrame, gold: pl.Data
         else:
             new += 1
             named += pk == g
+            per = new_names.setdefault(g, {})
+            per[pk] = per.get(pk, 0) + 1
             want, got = gold_parents.get(g, set()), parents.get(pk, set())
             # a new type under a new type under a gold parent: right
             reach = got | {a for x in got - known for a in ancestors(x, parents)}
@@ -162,6 +170,11 @@ def eval_open_world(triples: pl.DataFrame, taxonomy: pl.DataFrame, gold: pl.Data
             "types.unseen.forced_known": share(forced, n_unseen),
             "types.unseen.untyped": share(untyped, n_unseen),
         })
+        if new_names:
+            out["types.unseen.names_per_type"] = round(
+                sum(len(v) for v in new_names.values()) / len(new_names), 4)
+            out["types.unseen.variants_merged"] = share(
+                sum(max(v.values()) for v in new_names.values()), new)
     return out
 
 

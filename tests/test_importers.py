@@ -318,6 +318,21 @@ def test_branches_type_split_gold_parents(tmp_path):
     assert not set(tax["type"]) & {t for t, _ in got}
 
 
+
+def test_instacart_type_split_untyped_keeps_gold_hypernyms(tmp_path):
+    """Instacart's gold hypernyms hold product rows, in their own column order; the untyped
+    split adds the held-out types' parents to them (it failed on the column order before)."""
+    from autoknow_ray.catalogue.type_split import type_split
+
+    cat = tmp_path / "cat"
+    import_source("instacart", write_instacart(tmp_path / "ic"), cat, holdout=0.0)
+    s = type_split(cat, tmp_path / "split", types=0.5, products=0.0, seed=0, untyped=True)
+    assert s["heldout_types"]
+    gold = read(tmp_path / "split" / "heldout" / "gold", "hypernyms")
+    assert "type" in set(gold["child_kind"].to_list())
+    types = gold.filter(pl.col("child_kind") == "type")
+    assert types.height and types["parent"].null_count() == 0
+
 # ---- WDC-PAVE --------------------------------------------------------------------------------
 def wdc_rec(oid, pt, extra, norm=False):
     ts = {"Product Type": pt, "Brand": {"Acme": {"pid": [0], "score": 1}}, "Pack Quantity":

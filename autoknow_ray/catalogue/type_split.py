@@ -111,7 +111,7 @@ def type_split(catalogue: str | Path, out: str | Path, *, types: float = 0.3,
             if "product_id" in df.columns:
                 df = df.filter(pl.col("product_id").is_in(ids.implode()))
             if name == "hypernyms" and untyped and part == "heldout":
-                df = pl.concat([df, _held_parents(taxonomy, held)], how="vertical_relaxed")
+                df = pl.concat([df, _held_parents(taxonomy, held)], how="diagonal_relaxed")
             _write(df, d / "gold" / f"{name}.parquet", schema)
             counts[part][f"gold/{name}"] = df.height
         if untyped and part == "heldout" and _read(catalogue / "gold", "hypernyms") is None:

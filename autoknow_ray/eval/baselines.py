@@ -23,8 +23,8 @@ import polars as pl
 
 from autoknow_ray.eval.evaluate import evaluate
 from autoknow_ray.graph.assemble import KEY, catalogue_triples
-from autoknow_ray.modules.taxonomy.distant import NULL_VALUES, resolve_overlaps, type_variants
-from autoknow_ray.modules.taxonomy.types import orphan_types, taxonomy_maps
+from autoknow_ray.spans import NULL_VALUES, resolve_overlaps, type_variants
+from autoknow_ray.taxonomy_tree import orphan_types, taxonomy_maps
 from autoknow_ray.pipeline import read_parquet_any, table_file, write_table
 from autoknow_ray.schema import GRAPH_TAXONOMY, HAS_TYPE, PRODUCTS, TRIPLES, conform
 

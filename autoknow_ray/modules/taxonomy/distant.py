@@ -17,10 +17,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import polars as pl
 
-TYPE_LABEL = "type"
-NULL_VALUES = frozenset({"", "n/a", "na", "none", "null", "nan", "-", "--", "unknown", "other"})
+from autoknow_ray.spans import NULL_VALUES, Span, resolve_overlaps, type_variants  # noqa: F401
 
-Span = tuple[str, int, int]
+TYPE_LABEL = "type"
 
 
 @dataclass
@@ -38,36 +37,6 @@ def _pattern(value: str) -> re.Pattern | None:
     left = r"(?<!\w)" if re.match(r"\w", value) else ""
     right = r"(?!\w)" if re.search(r"\w$", value) else ""
     return re.compile(left + body + right, re.IGNORECASE)
-
-
-def type_variants(product_type: str) -> list[str]:
-    """The type and simple singular / plural forms of its last word (English rules of thumb)."""
-    t = " ".join(product_type.replace("_", " ").split())
-    if not t:
-        return []
-    head, _, last = t.rpartition(" ")
-    pre = head + " " if head else ""
-    low = last.lower()
-    forms = [last]
-    if len(low) > 3 and low.endswith("ies"):
-        forms.append(last[:-3] + "y")
-    elif low.endswith(("ches", "shes", "sses", "xes", "zes")):
-        forms.append(last[:-2])
-    elif low.endswith("s") and not low.endswith("ss") and len(low) > 3:
-        forms.append(last[:-1])
-    elif low.endswith("y") and len(low) > 2 and low[-2] not in "aeiou":
-        forms.append(last[:-1] + "ies")
-    elif low.endswith(("ch", "sh", "ss", "x", "z")):
-        forms.append(last + "es")
-    elif re.search(r"[a-z]$", low):
-        forms.append(last + "s")
-    out, seen = [], set()
-    for f in forms:
-        v = pre + f
-        if v.lower() not in seen:
-            seen.add(v.lower())
-            out.append(v)
-    return out
 
 
 class _Matcher:
@@ -103,22 +72,6 @@ def _candidates(title: str, product_type, attributes, matcher: _Matcher):
         for s, e in matcher.find(title, value):
             cands.append((name.strip(), s, e, pri))
     return cands
-
-
-def resolve_overlaps(cands, allowed: set[str] | None = None) -> list[Span]:
-    """Longest first (then leftmost, then the type before attributes); drop what overlaps."""
-    taken: list[tuple[int, int]] = []
-    out: list[Span] = []
-    seen = set()
-    for lab, s, e, _ in sorted(cands, key=lambda c: (-(c[2] - c[1]), c[1], c[3])):
-        if allowed is not None and lab not in allowed:
-            continue
-        if (s, e) in seen or any(s < te and e > ts for ts, te in taken):
-            continue
-        taken.append((s, e))
-        seen.add((s, e))
-        out.append((lab, s, e))
-    return sorted(out, key=lambda x: x[1])
 
 
 def build_examples(

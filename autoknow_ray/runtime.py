@@ -460,7 +460,11 @@ def aggregate(ds: "ray.data.Dataset", by: list[str], aggs: dict[str, tuple[str, 
 
         if batch.num_rows == 0:
             return pa.table({})
-        return pl.from_arrow(batch).group_by(by).agg(_partial_exprs(aggs)).to_arrow()
+        # float sums in float64: a float32 sum's last bits follow the order of the blocks, and
+        # an incremental rebuild (autoknow_ray/incremental.py) holds its rows in other blocks
+        # than a full one
+        frame = pl.from_arrow(batch).with_columns(pl.col(pl.Float32).cast(pl.Float64))
+        return frame.group_by(by).agg(_partial_exprs(aggs)).to_arrow()
 
     # only the key and input columns travel to the tasks (and through polars): a per-product
     # table's other columns (vectors, descriptions) are neither read nor converted

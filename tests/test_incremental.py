@@ -158,6 +158,42 @@ def test_a_killed_incremental_run_leaves_its_previous_run_intact_and_resumes(reb
         assert (g_k[name] is None and g_full[name] is None) or g_k[name].equals(g_full[name]), name
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_a_titles_model_outputs_do_not_depend_on_its_batch(world, bf16):
+    """What makes reuse exact: the tagger and the encoder batch titles of one token length
+    (no padding), so a title's spans, scores and vector are the same bits alone as among
+    others. With padded batches of similar character length they were not. Measured as the
+    actors run on a 2-core plan: one torch thread (with two, the fp32 vectors differed in the
+    last bits between batch sizes: docs/incremental.md)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _same_alone_and_together(world[0], bf16)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _same_alone_and_together(root, bf16: bool):
+    import numpy as np
+
+    from autoknow_ray.nn.encoder import TextEncoder
+    from autoknow_ray.nn.tagger import SpanTagger
+
+    titles = pl.read_parquet(root / "a" / "products.parquet")["title"].to_list()[:150]
+    picked = list(range(0, len(titles), 7))
+    encoder = TextEncoder("default", device="cpu", bf16=bf16)
+    together = encoder.encode(titles)
+    alone = np.stack([encoder.encode([titles[i]])[0] for i in picked])
+    assert np.array_equal(together[picked], alone)
+    tagger = SpanTagger.load(root / "models" / "taxonomy" / "tagger", device="cpu", bf16=bf16,
+                             cpu_threads=1)
+    together = tagger.predict(titles)
+    assert [tagger.predict([titles[i]])[0] for i in picked] == [together[i] for i in picked]
+    assert sum(len(together[i]) for i in picked) > 0
+
+
 def test_an_incremental_run_never_writes_into_its_previous_run(world, capsys):
     root, _ = world
     (root / "run_x").mkdir(exist_ok=True)
@@ -166,3 +202,21 @@ def test_an_incremental_run_never_writes_into_its_previous_run(world, capsys):
                  "--previous", str(root / "run_x")]) == 2
     assert "same run" in capsys.readouterr().err
     assert not any((root / "run_x").iterdir())
+
+
+def test_the_incremental_bench_changes_the_catalogue_as_it_says(tmp_path):
+    """`autoknow bench --incremental`'s night: B has A's products less the removed ones, the
+    added ones, and the edited titles (changed), every other title as it was."""
+    from autoknow_ray.bench.incremental import changed_catalogues
+
+    got = changed_catalogues(tmp_path, 200, seed=0)
+    c = got["counts"]
+    assert (c["edited"], c["added"], c["removed"]) == (4, 2, 2)
+    a = pl.read_parquet(got["a"] / "products.parquet")
+    b = pl.read_parquet(got["b"] / "products.parquet")
+    assert a.height == 200 and b.height == 200
+    ids_a, ids_b = set(a["product_id"]), set(b["product_id"])
+    assert len(ids_a - ids_b) == 2 and len(ids_b - ids_a) == 2
+    both = a.join(b, on="product_id", suffix="_b")
+    assert both.filter(pl.col("title") != pl.col("title_b")).height == 4
+    assert (got["b"] / "taxonomy.parquet").exists() and not (got["b"] / "gold").exists()

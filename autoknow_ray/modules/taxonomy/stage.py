@@ -129,7 +129,9 @@ class TaxonomyStage(Stage):
         spread_counts: dict = {}
         if n:
             # the driver's encoder embeds type names only (a few thousand at most)
-            encoder = TextEncoder(cfg.tagger.encoder, device=ctx.cfg.device)
+            # fp32: a timing probe choosing bf16 differently in another process would change
+            # the names' vectors, and the rebuild would not be the same twice (incremental.md)
+            encoder = TextEncoder(cfg.tagger.encoder, device=ctx.cfg.device, bf16=False)
             tm = runtime.read_parquet(scratch)
             candidates, accepted = self._candidates(tm, names, tax_types, cfg.types, ctx.cfg.seed, parts)
             name_support, name_accepted = self._title_name_support(
@@ -579,7 +581,7 @@ def _place_types(stage: TaxonomyStage, ctx, candidates: pl.DataFrame, orphans: l
         # catalogue types) with their title vectors
         typed = (runtime.read_parquet(ctx.out / "_decisions", ["product_id", "type", "embedding"])
                  .rename_columns({"type": "product_type"}) if tagged else None)
-        encoder = TextEncoder(ctx.cfg.taxonomy.tagger.encoder, device=ctx.cfg.device)
+        encoder = TextEncoder(ctx.cfg.taxonomy.tagger.encoder, device=ctx.cfg.device, bf16=False)
         context, behavior, copurchase, stats = stage._hypernym_context(ctx, typed, children, hyp.cfg, parts)
         ranked = hyp.predict(children, taxonomy=taxonomy, products=context, behavior=behavior,
                              copurchase=copurchase, encoder=encoder, type_stats=stats)

@@ -4,15 +4,19 @@ The training set is a seeded, capped sample of the ingested products (`bounded_s
 are made from it as the article says (training_data.py). The removal thresholds are calibrated
 out of fold (`calibration_folds`): the products are split into folds, a model trained on the
 other folds scores every claim of each fold's products, and the pooled scores of all folds set the
-thresholds; the shipped model is trained on every sampled product. With one fold, a share of the
-products is held out instead and the shipped model trains on the rest.
+thresholds. The fold models are what ships (`folds/<k>/`): a rebuild judges each claim with the
+fold model of its product, so the thresholds are calibrated on the scores of exactly the models
+that judge. With one fold, a share of the products is held out instead and the shipped model
+trains on the rest.
 """
 from __future__ import annotations
 
 import gc
 import hashlib
+import json
 import math
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +29,9 @@ from autoknow_ray import progress, runtime
 from autoknow_ray.calibration import threshold_for_precision
 from autoknow_ray.eval.metrics import average_precision
 from autoknow_ray.modules.cleaning.config import CleaningConfig
-from autoknow_ray.modules.cleaning.model import (TEXT_FEATURES, CrossEncoder, PairTokens, collate,
-                                                 save_model, text_features)
+from autoknow_ray.modules.cleaning.model import (CONFIG, FOLDS, TEXT_FEATURES, WEIGHTS, CrossEncoder,
+                                                 PairTokens, collate, fold_of, save_model,
+                                                 text_features)
 from autoknow_ray.modules.cleaning.training_data import Pair, make_pairs
 from autoknow_ray.nn.encoder import load_tokenizer, pick_device, resolve_encoder, set_cpu_threads
 from autoknow_ray.pipeline import RunContext
@@ -77,29 +82,28 @@ def _both_labels(pairs: list[Pair]) -> bool:
     return any(p.label == 0 for p in pairs) and any(p.label == 1 for p in pairs)
 
 
-def fold_of(pid: str, seed: int, folds: int) -> int:
-    """The calibration fold of a product: a seeded hash of its id, so the same products fall in
-    the same fold on every fit."""
-    h = hashlib.sha1(f"{seed}:fold:{pid}".encode()).digest()
-    return int.from_bytes(h[:4], "big") % folds
-
-
 def cross_fit(sample: pl.DataFrame, cfg: CleaningConfig, out: Path, seed: int,
               device: str = "auto") -> dict:
     """Out-of-fold calibration: per fold, a model trained on the other folds' products scores
     every claim of the fold's products (made as `validation_pairs` makes them); the thresholds
     are calibrated on the scores of all folds pooled, so every sampled product's claims count.
-    The shipped model is trained on all products with the shipped recipe: the fold models saw
-    fewer products (and at most `calibration_fold_pairs` pairs), so the calibration is meant to
-    err on the side of removing less (docs/cleaning.md has what OA-Mine showed)."""
+    The fold models are saved (`out/folds/<k>/`) and are the models a rebuild judges with (each
+    product by the fold model of `fold_of` its id): no model the calibration did not score ships.
+    A model trained on every product instead was measured to remove correct claims the fold
+    models kept (docs/cleaning.md)."""
     t0 = time.perf_counter()
     k = cfg.calibration_folds
     fold = pl.Series([fold_of(p, seed, k) for p in sample["product_id"].to_list()], dtype=pl.Int64)
     fold_cfg = cfg.model_copy(update={"max_train_pairs": min(
         cfg.calibration_fold_pairs or cfg.max_train_pairs, cfg.max_train_pairs)})
+    pairs, stats = make_pairs(sample, cfg, seed)
+    if not _both_labels(pairs):
+        return {"skipped": "no valid attribute values or types to learn from", **stats}
+    _clear_artifact(out)
     pooled: list[Pair] = []
     pooled_scores: list[np.ndarray] = []
     per_fold = []
+    trained = None
     for f in range(k):
         t_f = time.perf_counter()
         train_p, held_p = sample.filter(fold != f), sample.filter(fold == f)
@@ -109,37 +113,51 @@ def cross_fit(sample: pl.DataFrame, cfg: CleaningConfig, out: Path, seed: int,
                "train_pairs": len(pairs), "claims": sum(p.label == 0 for p in val),
                "planted": sum(p.label == 1 for p in val)}
         if not _both_labels(pairs) or not val:
-            per_fold.append({**row, "skipped": "no pairs to train or score"})
-            continue
+            # every fold model ships (a rebuild judges this fold's products with it): a fold
+            # that cannot be trained or scored leaves no calibrated model for them
+            return {"skipped": f"fold {f}: no pairs to train or score", "pairs": stats,
+                    "calibration_folds": [*per_fold, row]}
         trained = _train(pairs, fold_cfg, seed + 100 + f, device, task=f"cleaning fold {f + 1}/{k}")
         scores = _score(trained, val, cfg.text_features)
-        del trained
-        gc.collect()
+        save_model(trained.model.cpu(), trained.tokenizer, out / FOLDS / str(f), None)
         labels = np.array([p.label for p in val])
         is_type = np.array([p.kind in TYPE_KINDS for p in val], dtype=bool)
         for kind, sel in (("values", ~is_type), ("types", is_type)):
             if len(set(labels[sel].tolist())) == 2:
                 row[f"{kind}_auc_pr"] = round(average_precision(labels[sel].tolist(),
                                                                 scores[sel].tolist()), 4)
+        row["loss_by_epoch"] = trained.history
         row["seconds"] = round(time.perf_counter() - t_f, 1)
         per_fold.append(row)
         pooled += val
         pooled_scores.append(scores)
-    pairs, stats = make_pairs(sample, cfg, seed)
-    if not _both_labels(pairs):
-        return {"skipped": "no valid attribute values or types to learn from", **stats}
-    trained = _train(pairs, cfg, seed, device)
-    scores = np.concatenate(pooled_scores) if pooled_scores else np.zeros(0, dtype=np.float32)
+        if f < k - 1:
+            del trained
+            gc.collect()
+    scores = np.concatenate(pooled_scores)
     calibration = _calibrate(scores, pooled, cfg)
     calibration["calibrated_on"] = {
-        "folds": k, "products": sum(r["products"] for r in per_fold if "skipped" not in r),
+        "folds": k, "products": sum(r["products"] for r in per_fold),
         **{kind: {"claims": int(sum(p.label == 0 and (p.kind in TYPE_KINDS) == is_t for p in pooled)),
                   "planted": int(sum(p.label == 1 and (p.kind in TYPE_KINDS) == is_t for p in pooled))}
            for kind, is_t in (("values", False), ("types", True))}}
     calibration["calibration_folds"] = per_fold
-    meta = _meta(cfg, trained, len(pairs), len(pooled), calibration)
-    save_model(trained.model.cpu(), trained.tokenizer, out, meta)
+    # the shipped models are the fold models; `fold_seed` assigns a product to its fold
+    calibration.update(fold_models=k, fold_seed=seed)
+    meta = _meta(cfg, trained, sum(r["train_pairs"] for r in per_fold), len(pooled), calibration)
+    meta["loss_by_epoch"] = [r["loss_by_epoch"] for r in per_fold]
+    (out / CONFIG).write_text(json.dumps(meta, indent=2))
     return {"pairs": stats, **meta, "train_seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _clear_artifact(out: Path) -> None:
+    """Remove what an earlier fit wrote into this module's folder (its single model or fold
+    models), so a rebuild cannot load a model this fit did not calibrate."""
+    for name in ("encoder", FOLDS):
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
+    for name in (WEIGHTS, CONFIG):
+        (out / name).unlink(missing_ok=True)
 
 
 def _held_out(pid: str, seed: int, fraction: float) -> bool:
@@ -360,5 +378,6 @@ def train_cross_encoder(pairs: list[Pair], cfg: CleaningConfig, out: Path, seed:
     trained = _train(train, cfg, seed, device)
     calibration = _calibrate(_score(trained, val, cfg.text_features), val, cfg)
     meta = _meta(cfg, trained, len(train), len(val), calibration)
+    _clear_artifact(out)
     save_model(trained.model.cpu(), trained.tokenizer, out, meta)
     return {**meta, "train_seconds": round(time.perf_counter() - t0, 1)}

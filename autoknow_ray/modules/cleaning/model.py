@@ -7,11 +7,11 @@ call are sorted by length so model batches carry little padding.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-from pathlib import Path
-
 import re
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,6 +24,16 @@ from autoknow_ray.text import fold
 TYPE_RELATION = "has_type"
 WEIGHTS = "head.safetensors"
 CONFIG = "config.json"
+FOLDS = "folds"  # MODELS/cleaning/folds/<k>/: the fold models of the cross-fitted calibration
+FOLD_RULES = ("own_fold", "all_agree")
+
+
+def fold_of(pid: str, seed: int, folds: int) -> int:
+    """The calibration fold of a product: a seeded hash of its id, so the same products fall in
+    the same fold on every fit, and a rebuild judges a product fit sampled with the fold model
+    that never saw it."""
+    h = hashlib.sha1(f"{seed}:fold:{pid}".encode()).digest()
+    return int.from_bytes(h[:4], "big") % folds
 
 
 def claim_text(relation: str, value: str, product_type: str | None, max_value_chars: int) -> str:
@@ -140,17 +150,43 @@ def collate(rows: list[tuple], pad_id: int, device, features=None) -> dict:
 
 
 class MisassignmentScorer:
-    """A fitted cross-encoder loaded from its artifact folder, for inference."""
+    """A fitted cleaning model loaded from its artifact folder, for inference.
 
-    def __init__(self, model_dir: str | Path, device: str = "auto", bf16=None, batch_size: int = 64):
+    A cross-fitted fit (`calibration_folds` >= 2) ships its fold models (`folds/<k>/`), the
+    models whose out-of-fold scores the thresholds were calibrated on; `rule` says how they
+    judge a claim:
+    - `own_fold`: the fold model of the claim's product (`fold_of` its id with fit's seed) alone.
+      Each claim gets the score of one fold model that never saw the product, which is exactly
+      the score distribution the thresholds were calibrated on (and, for a product fit sampled,
+      its own out-of-fold score);
+    - `all_agree`: the lowest score of the fold models: a claim is removed only when every fold
+      model flags it, so its removals are a subset of `own_fold`'s.
+    An older artifact (one model in `encoder/` and `head.safetensors`) scores with that model."""
+
+    def __init__(self, model_dir: str | Path, device: str = "auto", bf16=None, batch_size: int = 64,
+                 rule: str = "own_fold"):
         model_dir = Path(model_dir)
         self.meta = json.loads((model_dir / CONFIG).read_text())
         self.device = pick_device(device)
         self.bf16 = inference_bf16(bf16, self.device)
         self.batch_size = batch_size
-        self.tokenizer = load_tokenizer(str(model_dir / "encoder"))
-        self.model = load_model(model_dir).to(self.device).eval()
+        if rule not in FOLD_RULES:
+            raise ValueError(f"cleaning: unknown fold rule {rule!r}; known: {FOLD_RULES}")
+        self.rule = rule
+        k = int(self.meta.get("fold_models") or 0)
+        dirs = [model_dir / FOLDS / str(f) for f in range(k)] if k else [model_dir]
+        self.fold_seed = int(self.meta.get("fold_seed", 0))
+        self.tokenizer = load_tokenizer(str(dirs[0] / "encoder"))
+        self.models = [load_model(d, self.meta).to(self.device).eval() for d in dirs]
         self.tokens = PairTokens(self.tokenizer, int(self.meta["max_length"]))
+
+    @property
+    def n_models(self) -> int:
+        return len(self.models)
+
+    def fold(self, product_id: str) -> int:
+        """The fold model that judges this product under `own_fold` (0 for a single model)."""
+        return fold_of(str(product_id), self.fold_seed, self.n_models) if self.n_models > 1 else 0
 
     @property
     def threshold(self) -> float:
@@ -169,38 +205,65 @@ class MisassignmentScorer:
 
     @torch.inference_mode()
     def score(self, claims: list[str], texts: list[str], text_of: list[int],
-              features: list[list[float]] | None = None) -> np.ndarray:
+              features: list[list[float]] | None = None,
+              text_fold: list[int] | None = None) -> np.ndarray:
         """P(misassigned) per claim; `texts` are the distinct product texts of the call;
-        `features` (per claim, `text_features`) when the model was fitted with them."""
+        `features` (per claim, `text_features`) when the model was fitted with them;
+        `text_fold` (per text, `fold`) picks the fold model under `own_fold`."""
         out = np.zeros(len(claims), dtype=np.float32)
         if not claims:
             return out
         if self.uses_features and features is None:
             raise ValueError("this cleaning model needs the claims' text features")
         rows = self.tokens.pairs(claims, self.tokens.ids(texts), text_of)
-        for idx in length_buckets([len(r[0]) for r in rows], self.batch_size):
+        if self.n_models == 1:
+            return self._run(self.models[0], rows, features, np.arange(len(rows)), out)
+        if self.rule == "own_fold":
+            if text_fold is None:
+                raise ValueError("cleaning: own_fold scoring needs each product's fold")
+            of = np.array([text_fold[t] for t in text_of])
+            for f, model in enumerate(self.models):
+                self._run(model, rows, features, np.flatnonzero(of == f), out)
+            return out
+        out[:] = np.inf
+        for model in self.models:
+            out = np.minimum(out, self._run(model, rows, features, np.arange(len(rows)),
+                                            np.zeros(len(rows), dtype=np.float32)))
+        return out
+
+    def _run(self, model, rows, features, which: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Score rows `which` with `model` into `out` (length-bucketed batches)."""
+        if len(which) == 0:
+            return out
+        for idx in length_buckets([len(rows[i][0]) for i in which], self.batch_size):
+            idx = which[np.asarray(idx)]
             feats = [features[i] for i in idx] if self.uses_features else None
             enc = collate([rows[i] for i in idx], self.tokenizer.pad_token_id, self.device, feats)
             with autocast(self.device, self.bf16):
-                logits = self.model(**enc)
+                logits = model(**enc)
             out[idx] = torch.sigmoid(logits.float()).cpu().numpy()
         return out
 
 
-def save_model(model: CrossEncoder, tokenizer, out: Path, meta: dict) -> None:
+def save_model(model: CrossEncoder, tokenizer, out: Path, meta: dict | None) -> None:
+    """The encoder (safetensors + tokenizer), the heads, and `meta` as config.json (None: a fold
+    model, whose folder holds weights only)."""
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
     model.encoder.save_pretrained(out / "encoder", safe_serialization=True)
     tokenizer.save_pretrained(out / "encoder")
     save_file({k: v.contiguous() for k, v in model.head_state().items()}, str(out / WEIGHTS))
-    (out / CONFIG).write_text(json.dumps(meta, indent=2))
+    if meta is not None:
+        (out / CONFIG).write_text(json.dumps(meta, indent=2))
 
 
-def load_model(model_dir: Path) -> CrossEncoder:
+def load_model(model_dir: Path, meta: dict | None = None) -> CrossEncoder:
+    """The cross-encoder saved in `model_dir` (`encoder/`, `head.safetensors`); `meta` is the
+    artifact's config (read from `model_dir` when not given: a fold model's folder has none)."""
     from safetensors.torch import load_file
 
-    meta = json.loads((model_dir / CONFIG).read_text())
+    meta = meta if meta is not None else json.loads((model_dir / CONFIG).read_text())
     model = CrossEncoder(resolve_encoder(str(model_dir / "encoder")),
                          len(meta.get("text_features") or ()))
     model.load_head_state(load_file(str(model_dir / WEIGHTS)))

@@ -75,7 +75,8 @@ class CleaningStage(Stage):
                                      on=("product_id",))
         step = ScoreTriples(model_dir, None if cfg.threshold == "auto" else float(cfg.threshold),
                             cfg.judge_types, cfg.correct_from_upstream, cfg.bf16, ctx.cfg.device,
-                            None if cfg.type_threshold == "auto" else float(cfg.type_threshold))
+                            None if cfg.type_threshold == "auto" else float(cfg.type_threshold),
+                            cfg.fold_rule)
         meta = json.loads((model_dir / "config.json").read_text())
         step_thresholds = (
             meta["threshold"] if cfg.threshold == "auto" else float(cfg.threshold),
@@ -179,9 +180,15 @@ def n_claims(products, judge_types: bool) -> int:
 
 def shift_guard(counts: dict, meta: dict, cfg, auto: tuple[bool, bool]) -> dict:
     """Per kind of claim (values, types): the share this rebuild flagged against the share fit
-    expects at its expected error rate. Over `shift_factor` times that (and at least 5 claims),
-    the catalogue is unlike the ones the model was validated on: its edits of that kind are held
-    back. Only for thresholds fit chose (`auto`)."""
+    expects at its expected error rate, and the precision fit's calibration gives at the error
+    rate this rebuild shows. A kind's edits are held back (only for thresholds fit chose, `auto`)
+    where
+    - it flags over `shift_factor` times the expected share (and at least 5 claims): the
+      catalogue is unlike the ones the model was validated on;
+    - or the error rate its flagged share implies is so low that fit's precision bound, recomputed
+      at that rate, is under `precision_target`: fit showed the target at `expected_error_rate`
+      misassigned claims, but in a catalogue with far fewer errors the same false-removal rate
+      makes most of what is flagged a false alarm (`precision_at_rate`)."""
     out = {}
     for kind, is_auto, prefix in (("values", auto[0], ""), ("types", auto[1], "type_")):
         kinds = TYPE_KINDS if kind == "types" else ("catalogue_value", "upstream_value")
@@ -191,14 +198,45 @@ def shift_guard(counts: dict, meta: dict, cfg, auto: tuple[bool, bool]) -> dict:
         g = {"judged": judged, "flagged": flagged,
              "flagged_share": round(flagged / judged, 5) if judged else 0.0,
              "expected_share": expected, "held_back": False}
-        if (is_auto and expected is not None and cfg.shift_factor is not None and flagged >= 5
+        at_rate = precision_at_rate(flagged, judged, meta, prefix)
+        if at_rate is not None:
+            g.update(at_rate)
+        if not is_auto:
+            out[kind] = g
+            continue
+        if (expected is not None and cfg.shift_factor is not None and flagged >= 5
                 and flagged > cfg.shift_factor * expected * judged):
             g["held_back"] = True
             g["reason"] = (f"catalogue unlike the fit's: {flagged} of {judged} {kind} flagged "
                            f"({g['flagged_share']:.3f}), over {cfg.shift_factor:g} x the "
                            f"{expected:.4f} fit expects; no {kind} edit written")
+        elif (at_rate is not None and cfg.precision_target is not None
+              and at_rate["precision_lower_at_rate"] < cfg.precision_target):
+            g["held_back"] = True
+            g["reason"] = (f"too few errors for the removals to be trusted: {flagged} of {judged} "
+                           f"{kind} flagged implies {at_rate['implied_error_rate']:.4f} misassigned, "
+                           f"where fit's calibration bounds precision at "
+                           f"{at_rate['precision_lower_at_rate']:.3f} (< {cfg.precision_target:g}); "
+                           f"no {kind} edit written")
         out[kind] = g
     return out
+
+
+def precision_at_rate(flagged: int, judged: int, meta: dict, prefix: str) -> dict | None:
+    """The error rate a rebuild's flagged share implies (flagged = e·TPR + (1 − e)·FPR, with
+    fit's out-of-fold TPR and FPR at the threshold), and fit's precision lower bound at that rate
+    (the lower bound of the TPR and the upper bound of the FPR, as fit's rule computes it at
+    `expected_error_rate`). None where nothing was flagged or fit recorded no calibration."""
+    from autoknow_ray.calibration import _at_base, wilson
+
+    c = meta.get(f"{prefix}calibration") or {}
+    fpr = meta.get(f"{prefix}val_false_removal_rate")
+    tpr, n1, n0 = c.get("recall"), c.get("positives"), c.get("negatives")
+    if not flagged or not judged or fpr is None or not tpr or not n1 or not n0 or tpr <= fpr:
+        return None
+    rate = min(1.0, max(0.0, (flagged / judged - fpr) / (tpr - fpr)))
+    lower = _at_base(wilson(round(tpr * n1), n1)[0], wilson(round(fpr * n0), n0)[1], rate)
+    return {"implied_error_rate": round(rate, 5), "precision_lower_at_rate": round(lower, 4)}
 
 
 def _edits_only(batch: pa.Table, hold_types: bool = False, hold_values: bool = False) -> pa.Table:

@@ -121,7 +121,7 @@ class ScoreTriples(Step):
 
     def __init__(self, model_dir: str | Path, threshold: float | None, judge_types: bool,
                  correct_from_upstream: bool, bf16, device: str = "auto",
-                 type_threshold: float | None = None):
+                 type_threshold: float | None = None, fold_rule: str = "own_fold"):
         self.model_dir = str(model_dir)
         self.threshold_override = threshold
         self.type_threshold_override = type_threshold
@@ -129,6 +129,7 @@ class ScoreTriples(Step):
         self.correct = correct_from_upstream
         self.bf16 = bf16
         self.device = device
+        self.fold_rule = fold_rule
         self.scorer = None
 
     def setup(self, env: WorkerEnv) -> None:
@@ -138,7 +139,7 @@ class ScoreTriples(Step):
         set_cpu_threads(env.cpu_threads)
         device = "cpu" if env.device == "cpu" else self.device
         self.scorer = MisassignmentScorer(self.model_dir, device=device, bf16=self.bf16,
-                                          batch_size=env.batch_size)
+                                          batch_size=env.batch_size, rule=self.fold_rule)
 
     @property
     def threshold(self) -> float:
@@ -179,7 +180,9 @@ class ScoreTriples(Step):
                 else:
                     judged.append(None)
             per_product.append((pid, cl, judged, retracted))
-        scores = self.scorer.score(claims, texts, text_of, feats if use_f else None)
+        # under `own_fold` each product is judged by the fold model that fit calibrated for it
+        text_fold = [self.scorer.fold(pid) for pid in cols["product_id"]]
+        scores = self.scorer.score(claims, texts, text_of, feats if use_f else None, text_fold)
         rows = []
         for pid, cl, judged, retracted in per_product:
             s = [None if j is None else float(scores[j]) for j in judged]

@@ -188,3 +188,48 @@ def test_spread_floors_refuse_where_new_and_known_titles_mix():
     f = choose_spread_floors(new_labels, new_vecs, known_labels, known_vecs, k=10, seed=0)
     # whatever the floors, what the vote gains it takes from the known type: little net worth
     assert f["new_answered_right"] - f["new_forced"] - f["known_taken"] < 0.3
+
+
+def test_second_vote_among_this_catalogues_own_typed_titles():
+    """A refused product far from fit's reference of its known type, but among this catalogue's
+    own products of that type, takes it under the first vote's floors; one near nothing stays
+    refused; a new type's answer still goes through the spread floors."""
+    from autoknow_ray.index.knn_vote import TOO_FAR
+    from autoknow_ray.modules.taxonomy.hypernym_config import TypeResolutionConfig
+    from autoknow_ray.modules.taxonomy.types import SECOND_VOTE, SPREAD, TRIPLE, SpreadNewTypes
+    from autoknow_ray.steps import WorkerEnv
+
+    rng = np.random.default_rng(0)
+    e = np.eye(8, dtype=np.float32)
+
+    def near(i, n):
+        return e[i] + 0.05 * rng.normal(size=(n, 8)).astype(np.float32)
+
+    ref = pl.DataFrame({"type": ["Shoes"] * 3, "embedding": near(0, 3).tolist()})
+    fit_reference = (["Coffee"] * 3, near(1, 3))  # fit's coffee titles: direction 1
+    own = pl.DataFrame({"type": ["Coffee"] * 3, "embedding": near(2, 3).tolist()})  # this catalogue's
+    cfg = TypeResolutionConfig(knn_k=3, knn_min_similarity=0.8, knn_min_share=0.6)
+    batch = pa.table({
+        "product_id": ["p0", "p1", "p2"],
+        "type": [None, None, None],
+        "type_status": [None, None, None],
+        "type_confidence": pa.array([None, None, None], pa.float32()),
+        "type_evidence": [TOO_FAR] * 3,
+        "outcome": [TOO_FAR] * 3,
+        "edits": pa.array([[], [], []], pa.list_(TRIPLE)),
+        "embedding": pa.array(np.concatenate([near(2, 1), near(0, 1), e[5:6]]).tolist(),
+                              pa.list_(pa.float32())),
+    })
+    without = SpreadNewTypes(cfg, {"Shoes"}, ref, fit_reference)
+    without.setup(WorkerEnv())
+    assert without.process_batch(batch).column("type").to_pylist() == [None, "Shoes", None]
+    step = SpreadNewTypes(cfg, {"Shoes"}, ref, fit_reference, own_known=own, known_floors=(0.8, 0.6))
+    step.setup(WorkerEnv())
+    out = step.process_batch(batch)
+    assert out.column("type").to_pylist() == ["Coffee", "Shoes", None]
+    assert out.column("outcome").to_pylist() == [SECOND_VOTE, SPREAD, TOO_FAR]
+    assert "this catalogue's titles" in out.column("type_evidence").to_pylist()[0]
+    # the first vote's floors hold for a known answer: stricter ones refuse it
+    strict = SpreadNewTypes(cfg, {"Shoes"}, ref, fit_reference, own_known=own, known_floors=(0.999, 0.6))
+    strict.setup(WorkerEnv())
+    assert strict.process_batch(batch).column("type").to_pylist()[0] is None

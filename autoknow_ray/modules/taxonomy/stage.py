@@ -41,7 +41,7 @@ from autoknow_ray.modules.taxonomy.title_names import (
 )
 from autoknow_ray.modules.taxonomy.type_groups import TypeGroups, group_new_types, merge_candidates
 from autoknow_ray.modules.taxonomy.types import (
-    CANDIDATES_SCHEMA, SPREAD, TITLE_ATTRIBUTES, TYPE_COLUMNS, BestTypeSpan, ResolveTypes,
+    CANDIDATES_SCHEMA, SECOND_VOTE, SPREAD, TITLE_ATTRIBUTES, TYPE_COLUMNS, BestTypeSpan, ResolveTypes,
     SpreadNewTypes, TypeNames, accept_candidates, ancestors_map, lower_case_taxonomy,
     orphan_types, taxonomy_maps, with_title_attributes, write_reference,
 )
@@ -186,7 +186,8 @@ class TaxonomyStage(Stage):
         for d in ("_title_models", "_decisions", "_decisions_spread", "_knn_reference"):
             storage.rmtree(ctx.out / d)
         outcomes = counts.get("outcomes", {})
-        unresolved = {k: v for k, v in outcomes.items() if k not in ("kept", "added", "corrected", SPREAD)}
+        unresolved = {k: v for k, v in outcomes.items()
+                      if k not in ("kept", "added", "corrected", SPREAD, SECOND_VOTE)}
         return {
             "rows_in": n,
             "rows_out": counts.get("typed_products", 0),
@@ -203,6 +204,8 @@ class TaxonomyStage(Stage):
             "types_added": outcomes.get("added", 0),
             "types_corrected": outcomes.get("corrected", 0),
             "types_spread": outcomes.get(SPREAD, 0),  # new types taken from nearby titles
+            # known types taken in the spread pass among this catalogue's own typed titles
+            "types_second_vote": outcomes.get(SECOND_VOTE, 0),
             "types_unresolved": sum(unresolved.values()),
             "types_unresolved_reasons": unresolved,
             "edits": counts.get("edits", 0),
@@ -462,12 +465,28 @@ class TaxonomyStage(Stage):
                 known_types, known_vecs, types_cfg.knn_k, seed=ctx.cfg.seed)
         spread_cfg = types_cfg if "skipped" in floors else types_cfg.model_copy(update={
             "knn_min_similarity": floors["knn_min_similarity"], "knn_min_share": floors["knn_min_share"]})
+        own = None
+        if types_cfg.spread_own_known:  # this catalogue's products of known types, capped per type
+            new_values = pa.array(sorted(new), pa.string())
+
+            def known_typed(batch: pa.Table) -> pa.Table:
+                t = batch.column("type")
+                return batch.filter(pc.and_(pc.is_valid(t), pc.invert(
+                    pc.fill_null(pc.is_in(t, value_set=new_values), False))))
+
+            own, _c = sample.per_key_sample(
+                decisions.map_batches(known_typed, batch_format="pyarrow"), "type", "product_id",
+                types_cfg.spread_per_type, types_cfg.spread_max, ctx.cfg.seed, parts)
         step = SpreadNewTypes(spread_cfg, new, ref.select("type", "embedding"), known_reference,
-                              rename=groups.rename)
+                              rename=groups.rename,
+                              own_known=own.select("type", "embedding")
+                              if own is not None and own.height else None,
+                              known_floors=(types_cfg.knn_min_similarity, types_cfg.knn_min_share))
         out = ctx.out / "_decisions_spread"
         runtime.map_step(runtime.read_parquet(decisions_dir), step, ctx.cfg, n).write_parquet(str(out))
         storage.replace_dir(out, decisions_dir)
-        return {"spread_reference": int(ref.height), "groups": groups.report(), "floors": floors}, groups
+        return {"spread_reference": int(ref.height), "groups": groups.report(), "floors": floors,
+                "own_known_reference": int(own.height) if own is not None else 0}, groups
 
     # ---- hypernym context: bounded -------------------------------------------------------------
     def _children(self, ctx, candidates: pl.DataFrame, orphans: list[str], parts: int) -> pl.DataFrame:
@@ -581,7 +600,7 @@ def _place_types(stage: TaxonomyStage, ctx, candidates: pl.DataFrame, orphans: l
         # catalogue types) with their title vectors
         typed = (runtime.read_parquet(ctx.out / "_decisions", ["product_id", "type", "embedding"])
                  .rename_columns({"type": "product_type"}) if tagged else None)
-        encoder = TextEncoder(ctx.cfg.taxonomy.tagger.encoder, device=ctx.cfg.device, bf16=False)
+        encoder = TextEncoder(ctx.cfg.taxonomy.tagger.encoder, device=ctx.cfg.device)
         context, behavior, copurchase, stats = stage._hypernym_context(ctx, typed, children, hyp.cfg, parts)
         ranked = hyp.predict(children, taxonomy=taxonomy, products=context, behavior=behavior,
                              copurchase=copurchase, encoder=encoder, type_stats=stats)

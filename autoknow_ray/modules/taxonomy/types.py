@@ -503,6 +503,7 @@ def read_reference(path: str, cap: int | None) -> pl.DataFrame:
 
 
 SPREAD = "spread"  # the outcome of a product that took a new type from SpreadNewTypes
+SECOND_VOTE = "second_vote"  # … or a known type, voted again among this catalogue's own typed titles
 
 
 class SpreadNewTypes(Step):
@@ -527,8 +528,16 @@ class SpreadNewTypes(Step):
     model = True  # builds its index once per worker
 
     def __init__(self, cfg: TypeResolutionConfig, new_types: set[str], reference: pl.DataFrame,
-                 known: tuple[list[str], np.ndarray] | None, rename: dict[str, str] | None = None):
+                 known: tuple[list[str], np.ndarray] | None, rename: dict[str, str] | None = None,
+                 own_known: pl.DataFrame | None = None, known_floors: tuple[float, float] | None = None):
         self.cfg = cfg
+        # this catalogue's own products of known types (a capped sample): with them in the
+        # reference, a refused product of a known type may find its type among titles like its
+        # own; a known answer must pass the first vote's floors (`known_floors`)
+        self.own_types = own_known["type"].to_list() if own_known is not None and own_known.height else []
+        self.own_vecs = (as_matrix(own_known["embedding"], np.float16) if self.own_types
+                         else np.zeros((0, 0), np.float16))
+        self.known_floors = known_floors
         self.rename = dict(rename or {})
         self.new_types = frozenset(self.rename.get(t, t) for t in new_types)
         self.ref_types = [self.rename.get(t, t) for t in reference["type"].to_list()] \
@@ -541,6 +550,9 @@ class SpreadNewTypes(Step):
     def setup(self, env: WorkerEnv) -> None:
         types = list(self.ref_types)
         parts = [self.ref_vecs.astype(np.float32)] if len(types) else []
+        if self.own_types:
+            types += list(self.own_types)
+            parts.append(self.own_vecs.astype(np.float32))
         if self.known is not None and len(self.known[0]):
             types += list(self.known[0])
             parts.append(np.asarray(self.known[1], np.float32))
@@ -573,12 +585,19 @@ class SpreadNewTypes(Step):
         k = min(cfg.knn_k, len(self.index))
         for i, (vote, near) in zip(rows, self.index.votes(vecs[rows], cfg.knn_k)):
             v = decide(vote, near, cfg.knn_min_similarity, cfg.knn_min_share)
-            if v.label is None or v.label not in self.new_types:
+            if v.label is not None and v.label in self.new_types:
+                evidence, result = f"knn new type k={k} share={v.share:.2f} ({outcome[i]})", SPREAD
+            elif self.own_types and self.known_floors is not None:
+                v = decide(vote, near, *self.known_floors)
+                if v.label is None or v.label in self.new_types:
+                    continue
+                evidence = f"knn k={k} share={v.share:.2f}, this catalogue's titles ({outcome[i]})"
+                result = SECOND_VOTE
+            else:
                 continue
-            evidence = f"knn new type k={k} share={v.share:.2f} ({outcome[i]})"
             cols["type"][i], cols["type_status"][i] = v.label, "added"
             cols["type_confidence"][i], cols["type_evidence"][i] = float(v.share), evidence
-            outcome[i] = SPREAD  # counted apart from the first vote's answers in the manifest
+            outcome[i] = result  # counted apart from the first vote's answers in the manifest
             edits[i] = [_triple(pids[i], HAS_TYPE, v.label, v.share, "added", evidence),
                         *(edits[i] or ())]
         out = batch

@@ -194,6 +194,26 @@ def _same_alone_and_together(root, bf16: bool):
     assert sum(len(together[i]) for i in picked) > 0
 
 
+def test_a_changed_model_setting_recomputes_every_product(rebuilt, tmp_path):
+    """Another span floor for the tagger changes the title models' fingerprint: the previous
+    cache is not used (the manifest says why), every product goes through the models, and the
+    products added and removed since the previous run are still counted."""
+    import yaml
+
+    root = rebuilt[0]
+    cfg = yaml.safe_load((REPO / "configs" / "test.yaml").read_text())
+    cfg["taxonomy"]["tagger"]["min_score"] = 0.3
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["rebuild", "--catalogue", str(root / "b"), "--out", str(tmp_path / "run"),
+                 "--models", str(root / "models"), "--config", str(tmp_path / "cfg.yaml"),
+                 "--previous", str(root / "run_a")]) == 0
+    m = json.loads((tmp_path / "run" / "taxonomy" / "manifest.json").read_text())
+    cache = m["cache"]["title_models"]
+    assert "changed" in cache["previous_not_used"]
+    assert m["products_reused"] == 0 and m["products_recomputed"] == N - REMOVED + ADDED
+    assert m["products_added"] == ADDED and m["products_removed"] == REMOVED
+
+
 def test_an_incremental_run_never_writes_into_its_previous_run(world, capsys):
     root, _ = world
     (root / "run_x").mkdir(exist_ok=True)

@@ -233,3 +233,48 @@ def test_second_vote_among_this_catalogues_own_typed_titles():
     strict = SpreadNewTypes(cfg, {"Shoes"}, ref, fit_reference, own_known=own, known_floors=(0.999, 0.6))
     strict.setup(WorkerEnv())
     assert strict.process_batch(batch).column("type").to_pylist()[0] is None
+
+
+def test_second_vote_floors_answer_loose_known_titles_and_spare_new_types():
+    """The second vote's floors come from this catalogue's typed titles, each voting as a refused
+    product would (its own type's titles at or above the refusing floor removed): this
+    catalogue's known-type titles, loosely alike, are answered with their type at a similarity
+    below the first vote's floor, while new types' titles are not pulled into a known type."""
+    from autoknow_ray.modules.taxonomy.knn_floors import choose_second_vote_floors
+
+    rng = np.random.default_rng(5)
+    axes = np.eye(32, dtype=np.float32)
+    own_labels = ["Coffee"] * 60 + ["Soap"] * 60
+    own_vecs = np.concatenate([_cloud(rng, axes[0], 60, spread=0.3), _cloud(rng, axes[1], 60, spread=0.3)])
+    fit_labels = ["Coffee"] * 40 + ["Soap"] * 40
+    fit_vecs = np.concatenate([_cloud(rng, axes[0], 40, spread=0.1), _cloud(rng, axes[1], 40, spread=0.1)])
+    new_labels = ["Shoes"] * 60 + ["Vitamin"] * 60
+    new_vecs = np.concatenate([_cloud(rng, axes[5], 60, spread=0.3), _cloud(rng, axes[6], 60, spread=0.3)])
+    f = choose_second_vote_floors(own_labels, own_vecs, new_labels, new_vecs, fit_labels, fit_vecs,
+                                  (0.6, 0.6), k=10, seed=0)
+    assert "skipped" not in f and f["known_types"] == 2 and f["new_types"] == 2
+    assert f["known_answered_right"] > 0.8
+    assert f["new_forced_known"] <= 0.05 and f["known_answered_wrong"] <= 0.05
+    assert f["knn_min_similarity"] < 0.6  # below the floor that refused them
+    assert f["known_answered_right"] - f["known_answered_wrong"] - f["new_forced_known"] > 0.75
+    # without a new type of two titles there is nothing to weigh the known answers against
+    assert "skipped" in choose_second_vote_floors(own_labels, own_vecs, ["Shoes"], new_vecs[:1],
+                                                  fit_labels, fit_vecs, (0.6, 0.6))
+
+
+def test_second_vote_floors_refuse_where_a_new_type_sits_in_a_known_types_cloud():
+    """A new type drawn from a known type's own cloud: whatever the second vote answers there it
+    pulls the new type's refused titles into the known type about as often, so the choice's net
+    worth (right - wrong - forced) is small, where separate clouds give most of it."""
+    from autoknow_ray.modules.taxonomy.knn_floors import choose_second_vote_floors
+
+    rng = np.random.default_rng(6)
+    axes = np.eye(32, dtype=np.float32)
+    own_labels = ["Coffee"] * 60
+    own_vecs = _cloud(rng, axes[0], 60, spread=0.3)
+    new_labels = ["Espresso"] * 60
+    new_vecs = _cloud(rng, axes[0], 60, spread=0.3)  # Coffee's own cloud
+    f = choose_second_vote_floors(own_labels, own_vecs, new_labels, new_vecs, ["Coffee"] * 40,
+                                  _cloud(rng, axes[0], 40, spread=0.1), (0.6, 0.6), k=10, seed=0)
+    assert f["known_answered_right"] - f["known_answered_wrong"] - f["new_forced_known"] < 0.3
+    assert f["new_forced_known"] > 0.5  # the simulation sees the pull

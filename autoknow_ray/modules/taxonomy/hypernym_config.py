@@ -79,9 +79,11 @@ class TypeResolutionConfig(BaseModel):
     # taken: knn_floors.choose_spread_floors); off: the first vote's floors
     spread_floors: bool = True
     # … where this catalogue's own products of known types (a capped sample per type) join the
-    # reference: a refused product nearest them takes their known type under the first vote's
-    # floors (outcome `second_vote`)
+    # reference: a refused product nearest them takes their known type (outcome `second_vote`)
     spread_own_known: bool = True
+    # … under floors chosen in the rebuild on its own typed titles, each voting as a refused
+    # product would (knn_floors.choose_second_vote_floors); off: the first vote's floors
+    second_vote_floors: bool = True
     spread_per_type: int = Field(200, ge=1)
     spread_max: int = Field(20_000, ge=1)
     # the public names fit adds to the catalogue's own: "auto" (Google's product taxonomy and

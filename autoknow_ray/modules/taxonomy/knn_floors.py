@@ -76,19 +76,11 @@ def choose_floors(types: list[str], vectors: np.ndarray, k: int = 10, max_rows: 
     counts = {t: types.count(t) for t in uniq}
     if sum(c >= 2 for c in counts.values()) < 3:
         return {"skipped": "fewer than 3 types with 2 reference titles: floors not chosen"}
-    rng = np.random.default_rng(seed)
-    rows = np.arange(len(types))
-    if len(rows) > max_rows:
-        rows = np.sort(rng.choice(rows, size=max_rows, replace=False))
+    rows = _draw_rows(len(types), max_rows, seed)
     lab_id = {t: i for i, t in enumerate(uniq)}
     labels = np.array([lab_id[types[i]] for i in rows])
-    v = normalize(np.asarray(vectors, np.float32)[rows])
-    sims = v @ v.T
-    np.fill_diagonal(sims, -np.inf)
-    kb, ks, kn = _votes(sims, labels, k)
+    (kb, ks, kn), (_, us, un) = _present_and_withheld(np.asarray(vectors, np.float32)[rows], labels, k)
     known_right = kb == labels
-    sims[labels[:, None] == labels[None, :]] = -np.inf  # the title's whole type withheld
-    _, us, un = _votes(sims, labels, k)
     # each type weighs alike: a mean over types of per-type means. A title whose type has no
     # other reference title can never be answered right: it counts among the withheld-type votes
     # only (a long-tailed catalogue, most of its types one or two titles, would otherwise pull
@@ -168,6 +160,33 @@ def load(model_dir: Path) -> dict | None:
     return d if "knn_min_similarity" in d else None
 
 
+def _draw_rows(n: int, max_rows: int, seed: int) -> np.ndarray:
+    """At most `max_rows` of `n` row numbers, a seeded uniform draw, in order."""
+    rows = np.arange(n)
+    if n > max_rows:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, size=max_rows, replace=False))
+    return rows
+
+
+def _type_weights(labels: np.ndarray, n_labels: int, mask: np.ndarray) -> np.ndarray:
+    """Per-row weights of the rows in `mask`: each type alike (a mean over types of per-type
+    means), summing to 1 (all zero where no row is in `mask`)."""
+    per_type = np.bincount(labels, minlength=n_labels)
+    w = np.where(mask, 1.0 / np.maximum(per_type[labels], 1), 0.0)
+    return w / w.sum() if w.sum() > 0 else w
+
+
+def _present_and_withheld(vectors: np.ndarray, labels: np.ndarray, k: int):
+    """Every row's vote among the others twice: its type present, and its whole type withheld
+    (`_votes` of each)."""
+    v = normalize(np.asarray(vectors, np.float32))
+    sims = v @ v.T
+    np.fill_diagonal(sims, -np.inf)
+    present = _votes(sims, labels, k)
+    sims[labels[:, None] == labels[None, :]] = -np.inf  # the title's whole type withheld
+    return present, _votes(sims, labels, k)
+
+
 def choose_spread_floors(new_labels: list[str], new_vectors: np.ndarray, known_labels: list[str],
                          known_vectors: np.ndarray | None, k: int = 10, max_rows: int = 4000,
                          seed: int = 0) -> dict:
@@ -195,10 +214,7 @@ def choose_spread_floors(new_labels: list[str], new_vectors: np.ndarray, known_l
     if known_vectors is not None and len(known_labels):
         vecs.append(np.asarray(known_vectors, np.float32))
     vectors = np.concatenate(vecs)
-    rng = np.random.default_rng(seed)
-    rows = np.arange(len(labels_all))
-    if len(rows) > max_rows:
-        rows = np.sort(rng.choice(rows, size=max_rows, replace=False))
+    rows = _draw_rows(len(labels_all), max_rows, seed)
     uniq = sorted(set(labels_all[i] for i in rows))
     lab_id = {t: i for i, t in enumerate(uniq)}
     labels = np.array([lab_id[labels_all[i]] for i in rows])
@@ -206,21 +222,11 @@ def choose_spread_floors(new_labels: list[str], new_vectors: np.ndarray, known_l
     new_ids = np.array(sorted({labels[i] for i in np.flatnonzero(is_new_row)}))
     label_is_new = np.zeros(len(uniq), dtype=bool)
     label_is_new[new_ids] = True
-    v = normalize(vectors[rows])
-    sims = v @ v.T
-    np.fill_diagonal(sims, -np.inf)
-    pb, ps, pn = _votes(sims, labels, k)
-    sims[labels[:, None] == labels[None, :]] = -np.inf  # the title's whole type withheld
-    wb, ws, wn = _votes(sims, labels, k)
+    (pb, ps, pn), (wb, ws, wn) = _present_and_withheld(vectors[rows], labels, k)
     per_type = np.bincount(labels, minlength=len(uniq))
-
-    def weights(mask: np.ndarray) -> np.ndarray:
-        w = np.where(mask, 1.0 / np.maximum(per_type[labels], 1), 0.0)
-        return w / w.sum() if w.sum() > 0 else w
-
-    w_right = weights(is_new_row & (per_type[labels] >= 2))
-    w_forced = weights(is_new_row)
-    w_taken = weights(~is_new_row)
+    w_right = _type_weights(labels, len(uniq), is_new_row & (per_type[labels] >= 2))
+    w_forced = _type_weights(labels, len(uniq), is_new_row)
+    w_taken = _type_weights(labels, len(uniq), ~is_new_row)
     right_base = (pb == labels) & label_is_new[pb]
     new_answer_withheld = label_is_new[wb]
     scored = []
@@ -238,4 +244,81 @@ def choose_spread_floors(new_labels: list[str], new_vectors: np.ndarray, known_l
     out = dict(_best(scored))
     out.update({"rows": int(len(rows)), "new_types": int(len(new_ids)),
                 "known_types": int(len(uniq) - len(new_ids)), "k": k})
+    return out
+
+
+def choose_second_vote_floors(own_labels: list[str], own_vectors: np.ndarray | None,
+                              new_labels: list[str], new_vectors: np.ndarray | None,
+                              known_labels: list[str], known_vectors: np.ndarray | None,
+                              refused_below: tuple[float, float], k: int = 10,
+                              max_rows: int = 4000, seed: int = 0) -> dict:
+    """The floors of the second vote (`types.SpreadNewTypes` with this catalogue's own typed
+    titles): a product both votes refused takes a **known** type where its nearest titles, this
+    catalogue's own among them, are of that type. Chosen in the rebuild, on the index that vote
+    searches: this catalogue's titles of known types (`own_*`, typed by the first vote), the new
+    types' titles as grouped (`new_*`) and fit's reference (`known_*`, searched, never voting).
+
+    A product reaches the second vote refused: no title of its type was near enough for the
+    vote that refused it. So each sampled title of this catalogue votes as such a product would,
+    among the others with its own type's titles at or above the floor that refused it removed
+    (`refused_below`: the first vote's similarity floor for a known-typed title, the spread
+    vote's for a new type's):
+
+    - a known-typed title answered with its own type: `right`; with another known type: `wrong`;
+    - a new type's title answered with a known type: `forced` (a product of a type the taxonomy
+      lacks pulled into a known one). An answer with a new type is the spread vote's, not this
+      one's.
+
+    The pair of floors on fit's grid maximising right - wrong - forced (right and wrong means
+    over known types, forced over new types, types alike; ties: the middle one) is the choice.
+    Types of one sampled title do not vote: one title says nothing of where its type's titles
+    sit (a new type of one product is as often a known product named by a word of its title).
+    Without a known type and a new type of two sampled titles each: {"skipped": reason}."""
+    own_labels, new_labels = list(own_labels), list(new_labels)
+    known_labels = list(known_labels) if known_vectors is not None else []
+
+    def two_titles(labels: list[str]) -> bool:
+        return len(labels) > len(set(labels))
+
+    if own_vectors is None or new_vectors is None or not (two_titles(own_labels) and two_titles(new_labels)):
+        return {"skipped": "no known type and new type of two sampled titles each: the first vote's floors"}
+    parts = [np.asarray(own_vectors, np.float32), np.asarray(new_vectors, np.float32)]
+    if known_labels:
+        parts.append(np.asarray(known_vectors, np.float32))
+    labels_all = own_labels + new_labels + known_labels
+    uniq = sorted(set(labels_all))
+    lab_id = {t: i for i, t in enumerate(uniq)}
+    labels = np.array([lab_id[t] for t in labels_all])
+    new_set = set(new_labels)
+    label_is_known = np.array([t not in new_set for t in uniq])
+    vectors = normalize(np.concatenate(parts))
+    n_own = len(own_labels)
+    voters = _draw_rows(n_own + len(new_labels), max_rows, seed)
+    vl = labels[voters]
+    sims = vectors[voters] @ vectors.T
+    sims[np.arange(len(voters)), voters] = -np.inf
+    cut = np.where(voters < n_own, refused_below[0], refused_below[1])[:, None]
+    sims[(vl[:, None] == labels[None, :]) & (sims >= cut)] = -np.inf  # what refused it removed
+    best, share, nearest = _votes(sims, labels, k)
+    per_type = np.bincount(vl, minlength=len(uniq))
+    is_own = voters < n_own
+    w_known = _type_weights(vl, len(uniq), is_own & (per_type[vl] >= 2))
+    w_new = _type_weights(vl, len(uniq), ~is_own & (per_type[vl] >= 2))
+    own_right = best == vl
+    known_answer = label_is_known[best]
+    scored = []
+    for ms in SIMILARITY_GRID:
+        for mh in SHARE_GRID:
+            answered = (nearest >= ms) & (share >= mh - 1e-9)
+            right = float(w_known @ (answered & own_right))
+            wrong = float(w_known @ (answered & ~own_right & known_answer))
+            forced = float(w_new @ (answered & known_answer))
+            scored.append((round(right - wrong - forced, 4), ms, mh,
+                           {"knn_min_similarity": float(ms), "knn_min_share": float(mh),
+                            "known_answered_right": round(right, 4), "known_answered_wrong": round(wrong, 4),
+                            "new_forced_known": round(forced, 4)}))
+    out = dict(_best(scored))
+    out.update({"rows": int(len(voters)), "known_types": int(len(set(own_labels))),
+                "new_types": int(len(new_set)), "k": k,
+                "refused_below": [float(refused_below[0]), float(refused_below[1])]})
     return out

@@ -477,15 +477,29 @@ class TaxonomyStage(Stage):
             own, _c = sample.per_key_sample(
                 decisions.map_batches(known_typed, batch_format="pyarrow"), "type", "product_id",
                 types_cfg.spread_per_type, types_cfg.spread_max, ctx.cfg.seed, parts)
+        known_floors = (types_cfg.knn_min_similarity, types_cfg.knn_min_share)
+        second: dict = {"skipped": "taxonomy.types.second_vote_floors is off: the first vote's floors"}
+        if own is not None and own.height and types_cfg.second_vote_floors:
+            # the second vote's own floors, from this catalogue's typed titles voting as refused
+            # products would (knn_floors.choose_second_vote_floors)
+            second = knn_floors.choose_second_vote_floors(
+                own["type"].to_list(), as_matrix(own["embedding"]),
+                [groups.rename.get(t, t) for t in ref["type"].to_list()], as_matrix(ref["embedding"]),
+                known_types, known_vecs,
+                (types_cfg.knn_min_similarity, spread_cfg.knn_min_similarity),
+                types_cfg.knn_k, seed=ctx.cfg.seed)
+            if "skipped" not in second:
+                known_floors = (second["knn_min_similarity"], second["knn_min_share"])
         step = SpreadNewTypes(spread_cfg, new, ref.select("type", "embedding"), known_reference,
                               rename=groups.rename,
                               own_known=own.select("type", "embedding")
                               if own is not None and own.height else None,
-                              known_floors=(types_cfg.knn_min_similarity, types_cfg.knn_min_share))
+                              known_floors=known_floors)
         out = ctx.out / "_decisions_spread"
         runtime.map_step(runtime.read_parquet(decisions_dir), step, ctx.cfg, n).write_parquet(str(out))
         storage.replace_dir(out, decisions_dir)
         return {"spread_reference": int(ref.height), "groups": groups.report(), "floors": floors,
+                "second_vote_floors": second,
                 "own_known_reference": int(own.height) if own is not None else 0}, groups
 
     # ---- hypernym context: bounded -------------------------------------------------------------

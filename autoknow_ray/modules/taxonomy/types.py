@@ -533,7 +533,7 @@ class SpreadNewTypes(Step):
         self.cfg = cfg
         # this catalogue's own products of known types (a capped sample): with them in the
         # reference, a refused product of a known type may find its type among titles like its
-        # own; a known answer must pass the first vote's floors (`known_floors`)
+        # own; a known answer must pass `known_floors` (the second vote's, chosen in the rebuild)
         self.own_types = own_known["type"].to_list() if own_known is not None and own_known.height else []
         self.own_vecs = (as_matrix(own_known["embedding"], np.float16) if self.own_types
                          else np.zeros((0, 0), np.float16))

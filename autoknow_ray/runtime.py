@@ -11,6 +11,7 @@ import math
 import os
 import re
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import ray
 
@@ -455,21 +456,7 @@ def aggregate(ds: "ray.data.Dataset", by: list[str], aggs: dict[str, tuple[str, 
             raise ValueError(f"aggregate {out!r}: unknown function {fn!r}; known {sorted(_AGGS)}")
     if not all(fn in _COMBINABLE for fn, _ in aggs.values()):
         return _ray_groupby(ds, by, {o: (fn, c) for o, (fn, c) in aggs.items()}, num_partitions)
-    def partial(batch):
-        import pyarrow as pa
-
-        if batch.num_rows == 0:
-            return pa.table({})
-        # float sums in float64: a float32 sum's last bits follow the order of the blocks, and
-        # an incremental rebuild (autoknow_ray/incremental.py) holds its rows in other blocks
-        # than a full one
-        frame = pl.from_arrow(batch).with_columns(pl.col(pl.Float32).cast(pl.Float64))
-        return frame.group_by(by).agg(_partial_exprs(aggs)).to_arrow()
-
-    # only the key and input columns travel to the tasks (and through polars): a per-product
-    # table's other columns (vectors, descriptions) are neither read nor converted
-    needed = list(dict.fromkeys([*by, *(c for _fn, c in aggs.values() if c)]))
-    parts_ds = ds.select_columns(needed).map_batches(partial, batch_format="pyarrow").materialize()
+    parts_ds = _partials(ds, by, aggs)
     if parts_ds.count() <= (DRIVER_COMBINE_ROWS if driver_rows is None else driver_rows):
         parts = [pl.from_arrow(t) for t in ray.get(parts_ds.to_arrow_refs())]
         parts = [p for p in parts if p.height]
@@ -477,6 +464,36 @@ def aggregate(ds: "ray.data.Dataset", by: list[str], aggs: dict[str, tuple[str, 
             return pl.DataFrame()
         merged = pl.concat(parts, how="vertical_relaxed").group_by(by).agg(_combine_exprs(aggs))
         return _finish_means(merged, aggs)
+    merged = _ray_groupby(parts_ds, by, _combine_aggs(aggs), num_partitions)
+    return _finish_means(merged, aggs) if merged.height else merged
+
+
+def _partial_block(batch, by, aggs):
+    """One block's rows aggregated per key (a partial: one row per key per block)."""
+    import polars as pl
+    import pyarrow as pa
+
+    if batch.num_rows == 0:
+        return pa.table({})
+    # float sums in float64: a float32 sum's last bits follow the order of the blocks, and
+    # an incremental rebuild (autoknow_ray/incremental.py) holds its rows in other blocks
+    # than a full one
+    frame = pl.from_arrow(batch).with_columns(pl.col(pl.Float32).cast(pl.Float64))
+    return frame.group_by(by).agg(_partial_exprs(aggs)).to_arrow()
+
+
+def _partials(ds, by, aggs):
+    """Each block of `ds` aggregated per key in its own task, materialised."""
+    # only the key and input columns travel to the tasks (and through polars): a per-product
+    # table's other columns (vectors, descriptions) are neither read nor converted
+    needed = list(dict.fromkeys([*by, *(c for _fn, c in aggs.values() if c)]))
+    return ds.select_columns(needed).map_batches(
+        _partial_block, fn_kwargs={"by": list(by), "aggs": dict(aggs)},
+        batch_format="pyarrow").materialize()
+
+
+def _combine_aggs(aggs):
+    """The aggregations that combine partials (`_partial_exprs`' columns) in a Ray groupby."""
     combine = {}
     for out, (fn, _col) in aggs.items():
         if fn == "mean":
@@ -484,8 +501,7 @@ def aggregate(ds: "ray.data.Dataset", by: list[str], aggs: dict[str, tuple[str, 
             combine[f"{out}__n"] = ("sum", f"{out}__n")
         else:
             combine[out] = ("sum" if fn == "count" else fn, out)
-    merged = _ray_groupby(parts_ds, by, combine, num_partitions)
-    return _finish_means(merged, aggs) if merged.height else merged
+    return combine
 
 
 def _ray_groupby(ds, by, aggs, num_partitions):
@@ -513,6 +529,154 @@ def _ray_groupby(ds, by, aggs, num_partitions):
 def shuffle_partitions(n_rows: int | None, rows_per_partition: int = 500_000) -> int:
     """Partitions for a groupby over `n_rows` rows: one per `rows_per_partition`, at least 1."""
     return max(1, min(200, -(-(n_rows or 0) // rows_per_partition)))
+
+
+# ---- keyed aggregation capped in the workers --------------------------------------------------
+class TopKeys(NamedTuple):
+    """`top_keys`' answer: the kept keys and what was left out, counted."""
+
+    rows: "pl.DataFrame"  # the kept keys with their aggregates, in rank order
+    keys: int  # distinct keys of the whole table (before `drop` and the caps)
+    dropped: dict  # reason -> keys removed by `drop`
+    left_out: int  # keys past the caps: keys - sum(dropped) - kept
+
+    @property
+    def truncated(self) -> bool:
+        return self.left_out > 0
+
+
+def _rank(frame, by, order_by):
+    """`frame` in rank order: `order_by`'s columns, then the key columns ascending (nulls last
+    everywhere), so equal figures are ordered by key, never by the order rows arrived in."""
+    cols = [c for c, _ in order_by] + [c for c in by if c not in {c for c, _ in order_by}]
+    desc = [d == "desc" for _, d in order_by] + [False] * (len(cols) - len(order_by))
+    return frame.sort(cols, descending=desc, nulls_last=True, maintain_order=True)
+
+
+def _cap_frame(frame, spec: dict):
+    """The complete per-key rows of `frame` after `drop` and the caps, and their counts
+    ({"keys", "dropped", "kept"}). Every key of `frame` is final (all its rows aggregated)."""
+    import polars as pl
+
+    counts = {"keys": frame.height, "dropped": {r: 0 for r in spec["drop"]}}
+    for reason, expr in spec["drop"].items():
+        if frame.height:
+            mask = frame.select(expr.fill_null(False).alias("_m"))["_m"]
+            counts["dropped"][reason] = int(mask.sum())
+            frame = frame.filter(~mask)
+    frame = _rank(frame, spec["by"], spec["order_by"])
+    if spec["per_group"] is not None and frame.height:
+        cols, k = spec["per_group"]
+        frame = frame.filter(pl.int_range(pl.len()).over(list(cols)) < k)
+    frame = frame.head(spec["cap"])
+    counts["kept"] = frame.height
+    return frame, counts
+
+
+def _cap_block(spec: dict, table):
+    """A block of complete per-key aggregates (a Ray groupby's output) capped in its task."""
+    import polars as pl
+
+    if table.num_rows == 0:
+        return table, {"keys": 0, "dropped": {r: 0 for r in spec["drop"]}, "kept": 0}
+    frame = _finish_means(pl.from_arrow(table), spec["aggs"])
+    frame, counts = _cap_frame(frame, spec)
+    return frame.to_arrow(), counts
+
+
+def _merge_capped(spec: dict, *parts):
+    """Capped blocks merged and capped again; their counts added up. The keys of the blocks
+    are disjoint (each key's aggregate is complete in one block), so the counts add."""
+    import polars as pl
+
+    frames = [pl.from_arrow(t) for t, _c in parts if t.num_rows]
+    dropped = {r: sum(c["dropped"][r] for _t, c in parts) for r in spec["drop"]}
+    keys = sum(c["keys"] for _t, c in parts)
+    if not frames:
+        return parts[0][0].slice(0, 0) if parts else None, {"keys": keys, "dropped": dropped,
+                                                             "kept": 0}
+    frame, _ = _cap_frame(pl.concat(frames, how="vertical_relaxed"), {**spec, "drop": {}})
+    return frame.to_arrow(), {"keys": keys, "dropped": dropped, "kept": frame.height}
+
+
+_CAP_BLOCK = None
+_MERGE_CAPPED = None
+
+
+def top_keys(ds: "ray.data.Dataset", by: list[str], aggs: dict[str, tuple[str, str | None]],
+             cap: int, order_by: list[tuple[str, str]], per_group: tuple[list[str], int] | None = None,
+             drop: dict | None = None, num_partitions: int | None = None,
+             driver_rows: int | None = None, merge_group: int | None = None) -> TopKeys:
+    """`aggregate`, capped in the workers: the `cap` keys that rank first by `order_by`
+    ([(column, "desc" | "asc")], ties broken by the `by` columns ascending, nulls last), at most
+    `per_group[1]` of them per value of the `per_group[0]` columns (a subset of `by`), after
+    leaving out the keys any `drop` expression (reason -> polars expression over the aggregated
+    row) holds for. Returns `TopKeys`: the rows in rank order, the number of distinct keys, the
+    keys dropped per reason, and the keys the caps left out. Exact wherever the caps are not
+    reached; where they are, the result depends on the table only, never on its blocks, their
+    order or the parallelism.
+
+    What reaches the driver is bounded whatever the table's size:
+    - partials (one row per key per block, as `aggregate` makes them) up to `driver_rows`
+      (default: `DRIVER_COMBINE_ROWS`, the config's `ray.driver_combine_rows`) are combined and
+      capped on the driver: a small table costs no shuffle;
+    - above it, a Ray Data groupby over the partials hash-partitions them by key, so each key's
+      aggregate is complete in exactly one output row (no block holds a partial sum). Each
+      output block is capped in its own task; the capped blocks are merged and capped again in
+      tasks, `merge_group` at a time (default max(4, `DRIVER_COMBINE_ROWS` // cap)), until at
+      most `merge_group` remain, and the driver merges those: it holds at most
+      `merge_group` × `cap` rows.
+    Capping complete rows is exact: a key in the global answer is in the answer of every
+    subset that holds it (per group and overall, fewer rows can only rank above it), so no
+    merge loses it. A top-N of per-block partial sums would not be: a key's sum is spread over
+    blocks, and its parts can each miss their block's top while the whole ranks first."""
+    import polars as pl
+
+    global _CAP_BLOCK, _MERGE_CAPPED
+    for out, (fn, _col) in aggs.items():
+        if fn not in _COMBINABLE:
+            raise ValueError(f"top_keys {out!r}: {fn!r} has no partial form; known "
+                             f"{sorted(_COMBINABLE)}")
+    if cap < 0:
+        raise ValueError(f"top_keys: cap {cap} < 0")
+    if per_group is not None and not set(per_group[0]) <= set(by):
+        raise ValueError(f"top_keys: per_group columns {per_group[0]} not all in {by}")
+    spec = {"by": list(by), "aggs": dict(aggs), "order_by": [(c, d) for c, d in order_by],
+            "cap": int(cap), "drop": dict(drop or {}),
+            "per_group": None if per_group is None else (list(per_group[0]), int(per_group[1]))}
+    for c, d in spec["order_by"]:
+        if d not in ("asc", "desc"):
+            raise ValueError(f"top_keys: order of {c!r} is {d!r}, not 'asc' or 'desc'")
+    parts_ds = _partials(ds, by, aggs)
+    n_parts = parts_ds.count()
+    if n_parts == 0:
+        return TopKeys(pl.DataFrame(), 0, {r: 0 for r in spec["drop"]}, 0)
+    if n_parts <= (DRIVER_COMBINE_ROWS if driver_rows is None else driver_rows):
+        parts = [pl.from_arrow(t) for t in ray.get(parts_ds.to_arrow_refs())]
+        merged = pl.concat([p for p in parts if p.height], how="vertical_relaxed")
+        merged = _finish_means(merged.group_by(by).agg(_combine_exprs(aggs)), aggs)
+        rows, counts = _cap_frame(merged, spec)
+        return TopKeys(rows, counts["keys"], counts["dropped"],
+                       counts["keys"] - sum(counts["dropped"].values()) - rows.height)
+    import ray.data.aggregate as A
+
+    fns = []
+    for out, (fn, col) in _combine_aggs(aggs).items():
+        fns.append(getattr(A, _AGGS[fn])(col, alias_name=out))
+    parts_n = num_partitions or max(int(ray.cluster_resources().get("CPU", 1)),
+                                    shuffle_partitions(n_parts))
+    grouped = parts_ds.groupby(by if len(by) > 1 else by[0], num_partitions=parts_n).aggregate(*fns)
+    if _CAP_BLOCK is None:
+        _CAP_BLOCK = ray.remote(_cap_block)
+        _MERGE_CAPPED = ray.remote(_merge_capped)
+    refs = [_CAP_BLOCK.remote(spec, ref) for ref in grouped.to_arrow_refs()]
+    group = max(2, merge_group or max(4, DRIVER_COMBINE_ROWS // max(1, cap)))
+    while len(refs) > group:
+        refs = [_MERGE_CAPPED.remote(spec, *refs[i:i + group]) for i in range(0, len(refs), group)]
+    table, counts = _merge_capped(spec, *ray.get(refs))
+    rows = pl.from_arrow(table) if table is not None and table.num_rows else pl.DataFrame()
+    return TopKeys(rows, counts["keys"], counts["dropped"],
+                   counts["keys"] - sum(counts["dropped"].values()) - rows.height)
 
 
 # The column a sample's partial results carry: each row's draw (a 64-bit hash of its key and the

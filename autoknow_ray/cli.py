@@ -47,6 +47,14 @@ def cmd_holdout_values(a) -> int:
     return 0
 
 
+def cmd_holdout_behaviour(a) -> int:
+    from autoknow_ray.catalogue.holdout_behaviour import holdout_behaviour
+
+    print(json.dumps(holdout_behaviour(a.catalogue, a.out, fraction=a.fraction, products=a.products,
+                                       seed=a.seed, min_pairs=a.min_pairs), indent=2))
+    return 0
+
+
 def cmd_plant(a) -> int:
     from autoknow_ray.catalogue.plant import plant
 
@@ -224,6 +232,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fraction", type=float, default=0.3)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_holdout_values)
+    s = sub.add_parser("holdout-behaviour", help="copy a catalogue with a share of its bought "
+                                                 "products made new listings (every behaviour row "
+                                                 "withheld) and what they were bought with in "
+                                                 "gold/copurchase")
+    s.add_argument("--catalogue", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--fraction", type=float, default=None,
+                   help="share of the products with co-purchases to withhold")
+    s.add_argument("--products", type=int, default=None, help="… or this many of them")
+    s.add_argument("--min-pairs", type=int, default=1,
+                   help="only products the source of this many co-purchase rows are drawn")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_holdout_behaviour)
     s = sub.add_parser("plant", help="copy a catalogue with planted wrong values/types (+ gold/)")
     s.add_argument("--catalogue", required=True)
     s.add_argument("--out", required=True)
@@ -269,9 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("baseline", help="write a simple method's run, to score beside a real one")
     s.add_argument("method", choices=("dictionary", "centroid", "relations-frequency",
                                       "cleaning-frequency", "cleaning-embedding",
-                                      "copurchase", "text-knn", "gnn-symmetric"),
+                                      "copurchase", "popularity", "type-copurchase", "text-knn",
+                                      "gnn-symmetric"),
                    help="cleaning-*: the cleaning rules (eval/baselines_cleaning.py); copurchase, "
-                        "text-knn, gnn-symmetric: related products (eval/baselines_related.py)")
+                        "popularity, type-copurchase, text-knn, gnn-symmetric: related products "
+                        "(eval/baselines_related.py)")
     s.add_argument("--catalogue", required=True, help="the catalogue to extract from / place")
     s.add_argument("--out", required=True)
     s.add_argument("--train", default=None, help="training catalogue (required for dictionary)")

@@ -177,6 +177,8 @@ def test_score_and_copurchase_baseline(tmp_path):
     res = score(tmp_path / "run", gold)
     assert res["related.hr@5"] == pytest.approx(2 / 3, abs=1e-3)
     assert res["related.mrr@5"] == pytest.approx((1 + 0.5) / 3, abs=1e-3)
+    # sources a (both pairs hit) and d (no list): one of two shows something it was bought with
+    assert res["related.sources"] == 2 and res["related.source_hit@5"] == pytest.approx(0.5)
     # one-way pairs: a->b (b ranks a at 2, a ranks b at 1: a win), a->c (c has no list: a win)
     assert res["related.asymmetry.forward_above_reverse"] == 1.0
 

@@ -3,6 +3,11 @@
 
 - `copurchase`: item-item co-purchase counts — a product's top k are the products most often
   bought with it in the catalogue (count A -> B plus B -> A);
+- `popularity`: one list for every product, the products most often bought with another (the
+  product itself left out of its own list);
+- `type-copurchase`: the products most often bought with products of the product's type (its
+  catalogue `product_type`; A -> B counts summed over every A of the type; itself left out), the
+  popularity list for a product without a type — what counting knows of a new listing;
 - `text-knn`: the nearest titles by the packaged MiniLM embedding (cosine);
 - `gnn-symmetric`: the same GNN and training with one embedding per product (source = target),
   without the asymmetry term — what the dual embeddings are measured against.
@@ -21,7 +26,7 @@ from autoknow_ray.eval.baselines import read_catalogue_table
 from autoknow_ray.pipeline import write_table
 from autoknow_ray.schema import GRAPH_RELATED, GRAPH_TAXONOMY, TRIPLES
 
-METHODS = ("copurchase", "text-knn", "gnn-symmetric")
+METHODS = ("copurchase", "popularity", "type-copurchase", "text-knn", "gnn-symmetric")
 
 
 def _write_run(out: Path, related: pl.DataFrame) -> dict:
@@ -44,6 +49,57 @@ def copurchase_counts(copurchase: pl.DataFrame, top_k: int) -> pl.DataFrame:
     return ranked.filter(pl.col("rank") <= top_k).select(
         product_id="src", related_id="dst", rank=pl.col("rank").cast(pl.Int32),
         score=pl.col("count").cast(pl.Float32))
+
+
+def _ranked_lists(ids: pl.DataFrame, lists: pl.DataFrame, top_k: int) -> pl.DataFrame:
+    """Each product of `ids` (product_id, key) takes the list of its key in `lists` (key, dst,
+    count; at most top_k + 1 per key), itself left out, ranked by count then id, top k."""
+    joined = ids.join(lists, on="key", how="inner").filter(pl.col("product_id") != pl.col("dst"))
+    ranked = joined.sort(["product_id", "count", "dst"], descending=[False, True, False]).with_columns(
+        rank=pl.int_range(1, pl.len() + 1).over("product_id"))
+    return ranked.filter(pl.col("rank") <= top_k).select(
+        "product_id", related_id="dst", rank=pl.col("rank").cast(pl.Int32),
+        score=pl.col("count").cast(pl.Float32))
+
+
+def _top_per_key(pairs: pl.DataFrame, top_k: int) -> pl.DataFrame:
+    """(key, dst, count) summed per (key, dst), the top_k + 1 by count (ties by id) per key."""
+    summed = pairs.group_by("key", "dst").agg(pl.col("count").sum())
+    return summed.sort(["key", "count", "dst"], descending=[False, True, False]).with_columns(
+        r=pl.int_range(1, pl.len() + 1).over("key")).filter(pl.col("r") <= top_k + 1).drop("r")
+
+
+def popularity_lists(products: pl.DataFrame, copurchase: pl.DataFrame, top_k: int) -> pl.DataFrame:
+    if copurchase.height == 0 or products.height == 0:
+        return pl.from_arrow(GRAPH_RELATED.empty_table())
+    cp = copurchase.filter(pl.col("src") != pl.col("dst"))
+    pairs = cp.select(key=pl.lit(0), dst="dst", count=pl.col("count").cast(pl.Float64))
+    ids = products.select("product_id", key=pl.lit(0))
+    return _ranked_lists(ids, _top_per_key(pairs, top_k), top_k)
+
+
+def type_copurchase_lists(products: pl.DataFrame, copurchase: pl.DataFrame, top_k: int) -> pl.DataFrame:
+    if copurchase.height == 0 or products.height == 0:
+        return pl.from_arrow(GRAPH_RELATED.empty_table())
+    types = products.select("product_id", "product_type")
+    cp = copurchase.filter(pl.col("src") != pl.col("dst")).join(
+        types, left_on="src", right_on="product_id", how="inner").filter(pl.col("product_type").is_not_null())
+    pairs = cp.select(key="product_type", dst="dst", count=pl.col("count").cast(pl.Float64))
+    typed = _ranked_lists(types.filter(pl.col("product_type").is_not_null()).select(
+        "product_id", key="product_type"), _top_per_key(pairs, top_k), top_k)
+    # a product without a type, or of a type nothing was bought with: the popularity list
+    rest = products.filter(~pl.col("product_id").is_in(typed["product_id"].unique().implode()))
+    return pl.concat([typed, popularity_lists(rest, copurchase, top_k)]).sort("product_id", "rank")
+
+
+def run_popularity(catalogue: str | Path, out: str | Path, top_k: int = 20) -> dict:
+    return _write_run(Path(out), popularity_lists(read_catalogue_table(catalogue, "products"),
+                                                  read_catalogue_table(catalogue, "copurchase"), top_k))
+
+
+def run_type_copurchase(catalogue: str | Path, out: str | Path, top_k: int = 20) -> dict:
+    return _write_run(Path(out), type_copurchase_lists(read_catalogue_table(catalogue, "products"),
+                                                       read_catalogue_table(catalogue, "copurchase"), top_k))
 
 
 def run_copurchase(catalogue: str | Path, out: str | Path, top_k: int = 20) -> dict:
@@ -92,6 +148,10 @@ def run_baseline(method: str, catalogue: str | Path, out: str | Path, *, encoder
                  config: str | Path | None = None) -> dict:
     if method == "copurchase":
         return run_copurchase(catalogue, out)
+    if method == "popularity":
+        return run_popularity(catalogue, out)
+    if method == "type-copurchase":
+        return run_type_copurchase(catalogue, out)
     if method == "text-knn":
         return run_text_knn(catalogue, out, encoder=encoder)
     if method == "gnn-symmetric":

@@ -3,6 +3,8 @@
 Read from RUN/graph/related (a file or a folder of shards) alone, as a user of the graph would:
 - hit rate @k: the share of held-out pairs A -> B whose B is in A's top k;
 - MRR @k: the mean of 1/rank of B in A's list (0 beyond k);
+- source hit @k: the share of source products with at least one of their held-out B in their
+  top k (a shopper's view: did the list show anything they bought);
 - asymmetry: for one-way held-out pairs (A -> B held out, B -> A not), how often B ranks for A
   above A for B (a product missing from a list ranks below every listed one; pairs where
   neither appears are left out and counted apart).
@@ -40,6 +42,9 @@ def score(run: Path, gold: Path) -> dict:
         within = rank.fill_null(10**9) <= k
         out[f"related.hr@{k}"] = round(float(within.mean()), 4)
         out[f"related.mrr@{k}"] = round(float((within.cast(pl.Float64) / rank.fill_null(1).cast(pl.Float64)).mean()), 4)
+        per_source = hits.with_columns(_hit=within).group_by("src").agg(pl.col("_hit").any())
+        out[f"related.source_hit@{k}"] = round(float(per_source["_hit"].mean()), 4)
+    out["related.sources"] = int(held["src"].n_unique())
     reverse = held.select(src="dst", dst="src").with_columns(pl.lit(True).alias("_rev"))
     one_way = held.join(reverse, on=["src", "dst"], how="left").filter(pl.col("_rev").is_null())
     fwd = one_way.join(ranked, left_on=["src", "dst"], right_on=["product_id", "related_id"], how="left") \

@@ -463,3 +463,49 @@ def test_setup_refuses_a_table_still_being_written(tmp_path):
     (emb / COMPLETE).write_text('{"rows": 5}')  # a writer that had two rows more to go
     with pytest.raises(RuntimeError, match="3 rows read, 5 written"):
         Recommend(emb, 2, 1000, 8, 0).setup(WorkerEnv())
+
+
+def test_validation_picks_a_popularity_term_where_the_model_knows_nothing():
+    """Every held-out pair goes to the most bought product (5), which the model stripped of the
+    sources' edges ranks below others: bucket 0 (picked on sources stripped of their edges)
+    takes a popularity weight, and the blend beats the model alone there; where the model is
+    right already (bucket 3+) weight 0 stays, as it is a candidate and ties go to the smaller."""
+    from autoknow_ray.modules.related.fit import Validation
+
+    n = 6
+    S = np.eye(n, 3, dtype=np.float32)
+    T = np.zeros((n, 3), np.float32)
+    T[5, 0] = 1.0  # the warm model puts 5 first for 0
+    T[4, :] = 0.5
+    train = (np.array([0, 1, 2, 3, 0]), np.array([4, 5, 5, 5, 2]), np.array([2.0, 1.0, 4.0, 4.0, 7.0]))
+    val = Validation(n, np.array([0, 1]), np.array([5, 5]), train, 10, np.random.default_rng(0))
+    assert val.events.tolist() == [9.0, 1.0] and val.popularity.argmax() == 5
+    cold_S, cold_T = S.copy(), T.copy()
+    cold_T[5] = 0.0  # stripped of its edges, the model no longer ranks 5 first for anyone
+    cold_T[3] = 1.0
+    assert (val.ranks(cold_S, cold_T, 0.0) > 1).all()
+    pick = val.best_popularity_by_bucket(S, T, [0.0, 0.0, 0.0], [0.0, 1.0, 100.0], [0, 1, 3],
+                                         min_pairs=1, cold=(cold_S, cold_T), k=1)
+    zero = pick["buckets"]["0-0"]
+    assert zero["popularity_multiple"] > 0 and zero["hr@1"] == 1.0 and zero["hr@1_model_alone"] == 0.0
+    assert pick["weights"][0] > 0
+    assert pick["buckets"]["3+"]["popularity_multiple"] == 0.0 and pick["weights"][2] == 0.0
+
+
+def test_recommend_lists_the_most_bought_for_a_product_without_behaviour(tmp_path):
+    """p3 has no co-purchase event; p7 is the most bought product (50 events in), ranked last by
+    the model. With a popularity weight on bucket 0 p3's list starts with p7; p1 (51 events:
+    bucket 1, weight 0) keeps the model's order; without the term p3's list is the model's."""
+    from autoknow_ray.modules.related.steps import Recommend
+
+    emb = _prior_tables(tmp_path)
+    lists = {}
+    for pop in (None, [100.0, 0.0]):
+        rec = Recommend(tmp_path / "emb", 3, 1000, 8, 0, tmp_path / "nb", 0.0, 4, [0, 1], [0.0, 0.0], pop)
+        rec.setup(WorkerEnv())
+        out = pl.from_arrow(rec.process_batch(emb))
+        lists[pop is None] = {p: out.filter(pl.col("product_id") == p).sort("rank")["related_id"].to_list()
+                              for p in ("p3", "p1")}
+    assert lists[True]["p3"] == ["p0", "p1", "p2"]
+    assert lists[False]["p3"] == ["p7", "p0", "p1"]
+    assert lists[False]["p1"] == lists[True]["p1"] == ["p0", "p2", "p3"]

@@ -62,6 +62,10 @@ class RelatedConfig(BaseModel):
     prior_buckets: list[int] = Field(default_factory=lambda: [0, 1, 3, 10])
     prior_bucket_min_pairs: int = Field(30, ge=1)
     prior_candidates: int = Field(20, ge=0)  # co-purchase neighbours per product re-ranked
+    # a popularity term beside the count prior: weight per bucket of log1p(B's co-purchase
+    # events as the product bought), picked by fit (bucket 0, no events, on validation sources
+    # stripped of their edges, as new listings are); 0 wherever it does not pay on validation
+    popularity_term: bool = True
 
     @field_validator("prior_buckets")
     @classmethod

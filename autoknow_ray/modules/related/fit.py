@@ -292,14 +292,23 @@ class Validation:
         # each product's training count as the product bought with another (popularity)
         self.events = (np.bincount(a, weights=c, minlength=n) + np.bincount(b, weights=c, minlength=n))[self.src]
         self.popularity = np.bincount(b, weights=c, minlength=n)
+        self.log_popularity = np.log1p(self.popularity).astype(np.float32)
 
-    def ranks(self, S: np.ndarray, T: np.ndarray, w: float) -> np.ndarray:
+    def ranks(self, S: np.ndarray, T: np.ndarray, w, wp=0.0) -> np.ndarray:
+        """Rank of each held-out B for its A. `w`: the count prior's weight, `wp` the popularity
+        term's (log1p of B's training events as the product bought), each one number or one per
+        pair."""
+        w = np.broadcast_to(np.asarray(w, np.float32), len(self.src))
+        wp = np.broadcast_to(np.asarray(wp, np.float32), len(self.src))
         out = np.empty(len(self.src), np.int64)
         for lo in range(0, len(self.src), self.chunk):
             a, b = self.src[lo:lo + self.chunk], self.dst[lo:lo + self.chunk]
             sc = S[a] @ T.T
-            if w:
-                sc += np.float32(w) * self.prior[a].toarray().astype(np.float32)
+            cw, cp = w[lo:lo + len(a)], wp[lo:lo + len(a)]
+            if cw.any():
+                sc += cw[:, None] * self.prior[a].toarray().astype(np.float32)
+            if cp.any():
+                sc += cp[:, None] * self.log_popularity[None, :]
             r = np.arange(len(a))
             sc[r, a] = -np.inf
             true = sc[r, b]
@@ -345,6 +354,44 @@ class Validation:
         return {"weights": weights, "overall": overall * spread, "hr": float(chosen.mean()),
                 "table": table, "buckets": report}
 
+    def best_popularity_by_bucket(self, S, T, prior_weights: list[float], multiples, buckets,
+                                  min_pairs: int, cold: tuple | None = None, k: int = 10) -> dict:
+        """The popularity term's weight per bucket of the source's training co-purchase events,
+        with each bucket's count prior weight (`prior_weights`) in place, picked on that bucket's
+        pairs (fewer than `min_pairs`: the weight picked on all pairs). Bucket 0 (no events: a
+        new listing) is picked on `cold` = (S, T) of the model with every validation source
+        stripped of its edges, over all pairs, the count prior off (such a product has no
+        count): what a product with no behaviour gets. Weight 0 is always a candidate, so the
+        pick is never below the model with its count prior on these pairs."""
+        spread = self.spread(S, T)
+        which = bucket_of(self.events, buckets)
+        w_pair = np.asarray(prior_weights, np.float64)[which]
+        hits = {float(m): self.ranks(S, T, w_pair, m * spread) <= k for m in multiples}
+        table = {m: float(h.mean()) for m, h in hits.items()}
+        overall = max(table, key=lambda x: (table[x], -x))
+        weights, report = [], {}
+        for i, lo in enumerate(buckets):
+            label = f"{lo}-{buckets[i + 1] - 1}" if i + 1 < len(buckets) else f"{lo}+"
+            if i == 0 and cold is not None:
+                cs = self.spread(*cold)
+                per = {float(m): float((self.ranks(*cold, 0.0, m * cs) <= k).mean()) for m in multiples}
+                m = max(per, key=lambda x: (per[x], -x))
+                weights.append(m * cs)
+                report[label] = {"pairs": int(len(self.src)), "on": "validation sources stripped of their edges",
+                                 "popularity_multiple": m, f"hr@{k}": round(per[m], 4),
+                                 f"hr@{k}_model_alone": round(per[0.0], 4)}
+                continue
+            mask = which == i
+            per = {m: float(h[mask].mean()) for m, h in hits.items()} if mask.any() else {}
+            m = max(per, key=lambda x: (per[x], -x)) if mask.sum() >= min_pairs else overall
+            weights.append(m * spread)
+            report[label] = {"pairs": int(mask.sum()), "popularity_multiple": m,
+                             **({f"hr@{k}": round(per[m], 4), f"hr@{k}_without": round(per[0.0], 4)}
+                                if mask.any() else {})}
+        wp_pair = np.asarray(weights, np.float64)[which]
+        hr = float((self.ranks(S, T, w_pair, wp_pair) <= k).mean())
+        return {"weights": weights, "hr": hr, "table": table, "buckets": report}
+
     def best_weight(self, S, T, multiples, k: int = 10) -> tuple[float, float, dict]:
         """(weight, HR@k, HR@k per multiple of the scores' spread)."""
         spread = self.spread(S, T)
@@ -382,6 +429,13 @@ def fit_and_validate(settings: GNNSettings, rc: RelatedConfig, text: np.ndarray,
     model.settings.prior_weight = float(pick["overall"])
     model.settings.prior_buckets = list(rc.prior_buckets)
     model.settings.prior_bucket_weights = [float(w) for w in pick["weights"]]
+    cold = cold_start_embeddings(model, text, types, train_edges, sim_nb, val)
+    popularity: dict = {}
+    if rc.popularity_term:
+        popularity = val.best_popularity_by_bucket(S, T, pick["weights"], multiples, rc.prior_buckets,
+                                                   rc.prior_bucket_min_pairs, cold=cold)
+        model.settings.popularity_bucket_weights = [float(w) for w in popularity["weights"]]
+    cold_model = float((val.ranks(*cold, 0.0) <= 10).mean())
     return model, {**hist, "validation_pairs": int(len(val.src)),
                    "prior_weight": round(float(pick["overall"]), 4),
                    "prior_bucket_weights": [round(w, 4) for w in pick["weights"]],
@@ -390,19 +444,24 @@ def fit_and_validate(settings: GNNSettings, rc: RelatedConfig, text: np.ndarray,
                    "validation_hr@10_by_bucket": pick["buckets"],
                    "validation_hr@10_counts_first": round(prior_only, 4),
                    "validation_hr@10_popularity": round(float((val.popularity_ranks() <= 10).mean()), 4),
-                   "validation_hr@10_cold_start": round(cold_start_hits(model, text, types, train_edges,
-                                                                        sim_nb, val), 4)}
+                   "validation_hr@10_cold_start": round(cold_model, 4),
+                   **({"popularity_bucket_weights": [round(w, 4) for w in popularity["weights"]],
+                       "validation_hr@10_with_popularity": round(popularity["hr"], 4),
+                       "validation_hr@10_by_popularity_multiple": {
+                           str(k): round(v, 4) for k, v in popularity["table"].items()},
+                       "validation_popularity_by_bucket": popularity["buckets"]} if popularity else {})}
 
 
-def cold_start_hits(model: DualGNN, text, types, edges: tuple, sim_nb, val: Validation, k: int = 10) -> float:
-    """HR@k of the model alone on the validation pairs once every validation source has lost its
+def cold_start_embeddings(model: DualGNN, text, types, edges: tuple, sim_nb,
+                          val: Validation) -> tuple[np.ndarray, np.ndarray]:
+    """Every product's (source, target) embeddings once every validation source has lost its
     co-purchase edges (as a new listing has none): what the metadata and similar products give."""
     src, dst, count = edges[:3]
     gone = np.zeros(len(text), bool)
     gone[val.src] = True
     keep = ~gone[src] & ~gone[dst]
-    S, T = all_embeddings(model, text, types, (src[keep], dst[keep], count[keep]), sim_nb)
-    return float((val.ranks(S, T, 0.0) <= k).mean())
+    return all_embeddings(model, text, types, (src[keep], dst[keep], count[keep]), sim_nb)
+
 
 
 def _two_hop(nodes: torch.Tensor, out_nb, in_nb, sim_nb) -> torch.Tensor:

@@ -45,6 +45,10 @@ class GNNSettings:
     # bucket replaces `prior_weight`; absent in models saved before the buckets
     prior_buckets: list[int] | None = None
     prior_bucket_weights: list[float] | None = None
+    # per bucket (the same buckets): the weight of log1p(B's co-purchase events as the product
+    # bought) added to the score — popularity, for the products counts know little or nothing
+    # of (fit picks it; bucket 0 on products stripped of their edges, as new listings are)
+    popularity_bucket_weights: list[float] | None = None
 
 
 def type_bucket(types: list[str | None], buckets: int) -> np.ndarray:
@@ -69,6 +73,15 @@ def prior_weights_of(settings: dict, events: np.ndarray) -> np.ndarray:
     if buckets and weights and len(buckets) == len(weights):
         return np.asarray(weights, np.float64)[bucket_of(events, buckets)]
     return np.full(len(events), float(settings.get("prior_weight", 0.0) or 0.0))
+
+
+def popularity_weights_of(settings: dict, events: np.ndarray) -> np.ndarray:
+    """The popularity term's weight for products with these co-purchase events (their bucket's;
+    0 for a model without the term)."""
+    buckets, weights = settings.get("prior_buckets"), settings.get("popularity_bucket_weights")
+    if buckets and weights and len(buckets) == len(weights):
+        return np.asarray(weights, np.float64)[bucket_of(events, buckets)]
+    return np.zeros(len(events))
 
 
 def id_hash(ids) -> np.ndarray:

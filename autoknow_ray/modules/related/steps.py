@@ -263,6 +263,7 @@ class NodeTables:
                 wt[r[ok], rank[ok]] = per[ok]
         self.degree = degree_features(out_w, in_w)
         self.events = out_w + in_w  # co-purchase events out and in (the count prior's bucket)
+        self.bought = in_w  # co-purchase events as the product bought (the popularity term)
 
     def index_of(self, ids: list) -> np.ndarray:
         """Row of each id (-1 where unknown)."""
@@ -339,7 +340,10 @@ class Recommend(Step):
     product's co-purchase neighbours (up to `prior_candidates` each way) are re-ranked by
     source(A) . target(B) + w(A) * log1p(co-purchases of A and B, both directions), where w(A) is
     the weight of A's bucket of co-purchase events (`prior_buckets`, `prior_bucket_weights`), or
-    the one `prior_weight` of a model saved before the buckets."""
+    the one `prior_weight` of a model saved before the buckets. With a popularity term
+    (`popularity_bucket_weights`, picked by fit per bucket) the most bought products join the
+    candidates and each candidate B adds wp(A) * log1p(B's co-purchase events as the product
+    bought): where A has no behaviour its list leans on what sells."""
 
     name = "related_recommend"
     resources = "related"
@@ -349,19 +353,25 @@ class Recommend(Step):
     def __init__(self, embeddings_path: Path, k: int, ivf_min_size: int, nprobe: int, seed: int,
                  neighbours_path: Path | None = None, prior_weight: float = 0.0,
                  prior_candidates: int = 0, prior_buckets: list[int] | None = None,
-                 prior_bucket_weights: list[float] | None = None):
+                 prior_bucket_weights: list[float] | None = None,
+                 popularity_bucket_weights: list[float] | None = None):
         self.path, self.k = str(embeddings_path), k
         self.ivf_min_size, self.nprobe, self.seed = ivf_min_size, nprobe, seed
         self.neighbours_path = str(neighbours_path) if neighbours_path else None
         self.prior = {"prior_weight": float(prior_weight), "prior_buckets": prior_buckets,
-                      "prior_bucket_weights": prior_bucket_weights}
+                      "prior_bucket_weights": prior_bucket_weights,
+                      "popularity_bucket_weights": popularity_bucket_weights}
         self.prior_candidates = int(prior_candidates)
         self.index = self.ids = self.tables = None
 
     @property
+    def uses_popularity(self) -> bool:
+        return bool(self.neighbours_path and max(self.prior["popularity_bucket_weights"] or [0.0]) > 0)
+
+    @property
     def uses_prior(self) -> bool:
         weights = self.prior["prior_bucket_weights"] or [self.prior["prior_weight"]]
-        return bool(max(weights) > 0 and self.prior_candidates and self.neighbours_path)
+        return bool(max(weights) > 0 and self.prior_candidates and self.neighbours_path) or self.uses_popularity
 
     def setup(self, env: WorkerEnv) -> None:
         from autoknow_ray.index.faiss_index import VectorIndex
@@ -378,6 +388,9 @@ class Recommend(Step):
             # the node table is indexed like the embeddings, so its rows are the FAISS ids
             self.tables = NodeTables(storage.path(self.path), storage.path(self.neighbours_path), 1, with_h0=False,
                                      prior_width=self.prior_candidates)
+            # the most bought products (ties by row), candidates of every list with a popularity term
+            self.popular = (np.argsort(-self.tables.bought, kind="stable")[:self.k + 1]
+                            if self.uses_popularity else np.zeros(0, np.int64))
 
     def process_batch(self, batch: pa.Table) -> pa.Table:
         q = _vectors(batch.column("source"), batch.schema.field("source").type.list_size)
@@ -401,7 +414,7 @@ class Recommend(Step):
     def _rerank(self, batch: pa.Table, q: np.ndarray, ids: np.ndarray):
         """Candidates = FAISS hits + co-purchase neighbours out and in; each scored by the model
         plus the count prior; duplicates and missing slots sink to the end (-1 ids)."""
-        from autoknow_ray.modules.related.model import prior_weights_of
+        from autoknow_ray.modules.related.model import popularity_weights_of, prior_weights_of
 
         me = self.tables.index_of(batch.column("product_id").to_pylist())
         n = len(me)
@@ -411,12 +424,15 @@ class Recommend(Step):
         known = (me >= 0)[:, None]
         oi, ow = np.where(known, out_i[rows], -1), np.where(known, out_w[rows], 0.0)
         ii, iw = np.where(known, in_i[rows], -1), np.where(known, in_w[rows], 0.0)
-        cand = np.concatenate([ids, oi, ii], 1)
+        cand = np.concatenate([ids, oi, ii, np.broadcast_to(self.popular, (n, len(self.popular)))], 1)
         count = ((cand[:, :, None] == oi[:, None, :]) * ow[:, None, :]).sum(2) \
             + ((cand[:, :, None] == ii[:, None, :]) * iw[:, None, :]).sum(2)
         model = np.einsum("nd,ncd->nc", q, self.targets[np.clip(cand, 0, None)])
         events = np.where(me >= 0, self.tables.events[rows], 0.0)
         score = model + prior_weights_of(self.prior, events)[:, None] * np.log1p(count)
+        if self.uses_popularity:
+            score += popularity_weights_of(self.prior, events)[:, None] * np.log1p(
+                self.tables.bought[np.clip(cand, 0, None)])
         srt = np.sort(cand, 1)
         dup = np.zeros_like(cand, bool)
         order = np.argsort(cand, 1, kind="stable")

@@ -307,7 +307,9 @@ class _Context:
             both.filter(pl.col("a") != pl.col("b"))
             .group_by("a", "b").agg(pl.col("count").sum())
             .join(typed, on="b", how="inner")
-            .sort(["a", "count"], descending=[False, True])
+            # ties in count broken by the neighbour's id: group_by gives its rows in no fixed
+            # order, so a product with more than 100 neighbours kept another 100 from run to run
+            .sort(["a", "count", "b"], descending=[False, True, False])
             .group_by("a", maintain_order=True)
             .agg(pl.col("row").head(100), pl.col("count").head(100))
         )
@@ -325,7 +327,10 @@ class _Context:
         ).filter(pl.col("query").is_not_null() & pl.col("product_id").is_not_null())
         g = (
             b.group_by("query", "product_id").agg(pl.col("count").sum())
-            .sort(["query", "count"], descending=[False, True])
+            # ties in count broken by the product's id (as for co-purchases): a query with more
+            # than `behavior_max_query_products` products kept another set, in another order,
+            # from run to run, and the `query_share` features with it
+            .sort(["query", "count", "product_id"], descending=[False, True, False])
             .group_by("query", maintain_order=True)
             .agg(pl.col("product_id").head(self.cfg.behavior_max_query_products), pl.col("count").head(self.cfg.behavior_max_query_products))
         )

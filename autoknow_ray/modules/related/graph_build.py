@@ -160,7 +160,9 @@ def coview_edges(cfg: Config, behavior: Path, products: Path, out: Path) -> dict
     cap, least = rc.coview_max_per_query, rc.coview_min_products
 
     def pairs_of_query(batch: pa.Table) -> pa.Table:
-        top = pl.from_arrow(batch).sort("n", descending=True).head(cap)
+        # ties in views broken by product id: a query with more than `cap` products kept another
+        # `cap` from run to run (the rows of a group arrive in no fixed order)
+        top = pl.from_arrow(batch).sort(["n", "product_id"], descending=[True, False]).head(cap)
         if top.height < least:
             return pa.table({"src": pa.array([], pa.string()), "dst": pa.array([], pa.string()),
                              "w": pa.array([], pa.float64())})

@@ -623,9 +623,8 @@ def top_keys(ds: "ray.data.Dataset", by: list[str], aggs: dict[str, tuple[str, s
     - above it, a Ray Data groupby over the partials hash-partitions them by key, so each key's
       aggregate is complete in exactly one output row (no block holds a partial sum). Each
       output block is capped in its own task; the capped blocks are merged and capped again in
-      tasks, `merge_group` at a time (default max(4, `DRIVER_COMBINE_ROWS` // cap)), until at
-      most `merge_group` remain, and the driver merges those: it holds at most
-      `merge_group` × `cap` rows.
+      tasks, `merge_group` at a time (default max(4, `DRIVER_COMBINE_ROWS` // cap)), until one
+      remains: the driver receives at most `cap` rows and the counts.
     Capping complete rows is exact: a key in the global answer is in the answer of every
     subset that holds it (per group and overall, fewer rows can only rank above it), so no
     merge loses it. A top-N of per-block partial sums would not be: a key's sum is spread over
@@ -671,9 +670,9 @@ def top_keys(ds: "ray.data.Dataset", by: list[str], aggs: dict[str, tuple[str, s
         _MERGE_CAPPED = ray.remote(_merge_capped)
     refs = [_CAP_BLOCK.remote(spec, ref) for ref in grouped.to_arrow_refs()]
     group = max(2, merge_group or max(4, DRIVER_COMBINE_ROWS // max(1, cap)))
-    while len(refs) > group:
+    while len(refs) > 1:
         refs = [_MERGE_CAPPED.remote(spec, *refs[i:i + group]) for i in range(0, len(refs), group)]
-    table, counts = _merge_capped(spec, *ray.get(refs))
+    table, counts = ray.get(refs[0]) if refs else _merge_capped(spec)
     rows = pl.from_arrow(table) if table is not None and table.num_rows else pl.DataFrame()
     return TopKeys(rows, counts["keys"], counts["dropped"],
                    counts["keys"] - sum(counts["dropped"].values()) - rows.height)

@@ -231,6 +231,10 @@ def test_fit_and_rebuild_impute_without_overwriting(tmp_path, ray_session):
     assert manifest["decisions"].get("lost_to_better_candidate", 0) > 0
     assert manifest["input"]["texts_html_stripped"] >= 1 and manifest["input"]["texts_capped"] >= 1
     assert manifest["input"]["texts_empty"] >= 1 and manifest["tokens_per_s"] > 0
+    # the (type, term, attribute) table is under its cap: nothing left out, and counted so
+    clusters = manifest["clusters"]
+    assert clusters["term_rows"] == clusters["term_rows_kept"] > 0
+    assert manifest["truncated"] == {"cluster_term_rows": 0}
     from autoknow_ray.pipeline import read_parquet_any, table_file
 
     triples = read_parquet_any(table_file(run / "graph", "triples"))
@@ -251,6 +255,17 @@ def test_fit_and_rebuild_impute_without_overwriting(tmp_path, ray_session):
     assert res["imputation.held_out"] == 189 and res["imputation.held_out_in_text"] == 139
     assert res["imputation.predicted"] >= 120 and res["imputation.precision"] >= 0.75
     assert res["imputation.recall"] >= 0.5 and res["imputation.recall_in_text"] >= 0.65
+    # the same run with the table capped below its size: the workers keep the most frequent
+    # rows and the manifest counts the rest
+    cfg.write_text(FIT_CONFIG.replace("clusters: {n_clusters: 16, min_support: 2}",
+                                      "clusters: {n_clusters: 16, min_support: 2, max_term_rows: 5}"))
+    run3 = tmp_path / "run3"
+    assert main(["rebuild", "--catalogue", str(held), "--out", str(run3), "--models", str(models),
+                 "--config", str(cfg)]) == 0
+    m3 = json.loads((run3 / "imputation" / "manifest.json").read_text())
+    assert m3["clusters"]["term_rows"] == clusters["term_rows"]
+    assert m3["clusters"]["term_rows_kept"] == 5
+    assert m3["truncated"] == {"cluster_term_rows": clusters["term_rows"] - 5}
     # the same models where fit found no threshold reaching its target: under `auto` the
     # module writes nothing, and its manifest says why
     cal.update(threshold=None, abstain_reason="no threshold reaches precision 0.95 (test)")

@@ -316,3 +316,39 @@ def test_by_default_synonyms_are_listed_and_values_stay_as_written(fitted, tmp_p
     assert triples.filter(pl.col("module") == "synonyms").height == 0
     manifest = json.loads((tmp_path / "run" / "synonyms" / "manifest.json").read_text())
     assert manifest["edits"] == 0 and manifest["values_rewritten"] is False
+
+
+def test_vocabulary_and_term_contexts_are_capped_in_the_workers_and_counted(fitted, tmp_path):
+    """Under small caps the vocabulary is the full run's vocabulary ranked by count (ties by
+    key), at most `max_terms_per_attribute` per attribute and `max_terms` in all, and the
+    manifest counts what the caps left out; the (term, context) rows stop at their cap."""
+    from autoknow_ray.config import Config
+    from autoknow_ray.rebuild import rebuild
+
+    root, _, _ = fitted
+    full_manifest = json.loads((root / "run" / "synonyms" / "manifest.json").read_text())
+    full = pl.read_parquet(root / "run" / "synonyms" / "vocabulary.parquet")
+    assert full_manifest["truncated"]["vocabulary"] == 0  # the default caps are not reached
+    tc = full_manifest["term_contexts"]
+    assert tc["kept"] > 0 and tc["left_out"] == tc["keys"] - tc["kept"]
+    assert full_manifest["truncated"]["term_contexts"] == tc["left_out"]
+    per_attribute, cap, contexts = 3, 12, 4
+    cfg = Config.model_validate({"stages": ["ingest", "synonyms", "graph"],
+                                 "ray": {"num_cpus": 2, "object_store_memory_mb": 400},
+                                 "synonyms": {"knn_k": 5, "max_term_chars": 200,
+                                              "max_terms_per_attribute": per_attribute,
+                                              "max_terms": cap, "max_term_contexts": contexts}})
+    rebuild(root / "cat", tmp_path / "run", models=root / "models", config=cfg)
+    manifest = json.loads((tmp_path / "run" / "synonyms" / "manifest.json").read_text())
+    vocab = pl.read_parquet(tmp_path / "run" / "synonyms" / "vocabulary.parquet")
+    want = (full.sort(["n", "kind", "attribute", "term"], descending=[True, False, False, False])
+            .with_columns(pl.int_range(pl.len()).over(["kind", "attribute"]).alias("_r"))
+            .filter(pl.col("_r") < per_attribute).drop("_r").head(cap))
+    assert vocab.sort(["kind", "attribute", "term"]).equals(want.sort(["kind", "attribute", "term"]))
+    assert manifest["truncated"]["vocabulary"] == full.height - vocab.height > 0
+    assert manifest["rows_dropped"]["over_vocabulary_cap"] == full.height - vocab.height
+    assert manifest["rows_in"] == full_manifest["rows_in"]
+    assert manifest["rows_in"] == manifest["rows_out"] + sum(manifest["rows_dropped"].values())
+    tc = manifest["term_contexts"]
+    assert tc["kept"] == contexts and tc["cap_reached"]
+    assert manifest["truncated"]["term_contexts"] == tc["left_out"] == tc["keys"] - contexts > 0

@@ -7,7 +7,8 @@ The `max_terms` most frequent terms are embedded with the packaged MiniLM and cl
 FAISS k-means (GPU when FAISS sees one). For each (cluster, type), the labelled occurrences vote
 for an attribute; where the winner holds at least `purity` of `min_support` or more votes, every
 unlabelled term of that type in the cluster takes it, with the winner's share as confidence.
-Runs on the driver: its input is bounded by the number of distinct terms, never by products.
+Runs on the driver: its input is capped in the workers (`max_term_rows`, `runtime.top_keys`),
+never by products.
 """
 from __future__ import annotations
 

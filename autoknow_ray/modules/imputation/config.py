@@ -55,6 +55,9 @@ class ClusterConfig(BaseModel):
     min_support: int = Field(5, ge=1)  # labelled occurrences behind that share
     min_span_score: float = Field(0.3, ge=0.0, le=1.0)  # uncertain spans below are ignored
     max_terms: int = Field(50_000, ge=1)  # the most frequent terms are embedded and clustered
+    # (type, term, attribute) rows that reach the driver, the most frequent first (ties by key):
+    # capped in the workers; the rows left out are counted (`truncated.cluster_term_rows`)
+    max_term_rows: int = Field(200_000, ge=1)
     niter: int = Field(20, ge=1)
     known_values_max: int = Field(50_000, ge=0)  # training values kept in the model as labelled terms
 

@@ -4,7 +4,8 @@
            earlier modules added (joined per product by Ray Data)
   tag      TagProducts in an actor pool: the type-conditioned tagger over every text, in windows
            -> RUN/imputation/candidates/ (one row per product)
-  cluster  per-term aggregate -> MiniLM + FAISS k-means on the driver (bounded by terms)
+  cluster  per-term aggregate, capped in the workers (`clusters.max_term_rows`) -> MiniLM +
+           FAISS k-means on the driver (bounded by that cap)
   decide   DecideValues as tasks -> RUN/imputation/decisions/; the written ones -> edits/
   count    per decision and relation (Ray Data groupby)
 """
@@ -178,6 +179,8 @@ class ImputationStage(Stage):
             "facts_added": sum(added_per_relation.values()),
             "facts_added_per_relation": dict(added_per_relation.most_common()),
             "clusters": cluster_stats,
+            # keyed tables cut by their caps: rows left out
+            "truncated": {"cluster_term_rows": cluster_stats.get("term_rows_left_out", 0)},
             "min_confidence": min_confidence,
             "min_confidence_setting": cfg.min_confidence,
             "conditioned_on_type": self._conditioned(model_dir),
@@ -190,15 +193,21 @@ class ImputationStage(Stage):
 
         cfg = ctx.cfg.imputation
         rows = runtime.map_step(cands, TermRows(min_confidence), ctx.cfg, repartition=False)
-        terms = runtime.aggregate(rows, ["type", "term", "attribute"], {"n": ("count", None)})
+        # capped in the workers: the most frequent (type, term, attribute) rows, ties by key
+        top = runtime.top_keys(rows, ["type", "term", "attribute"], {"n": ("count", None)},
+                               cap=cfg.clusters.max_term_rows, order_by=[("n", "desc")])
+        terms = top.rows
+        term_rows = {"term_rows": top.keys, "term_rows_kept": terms.height,
+                     "term_rows_left_out": top.left_out}
         known = load_known_values(model_dir)
         parts = [p.select("type", "term", "attribute", pl.col("n").cast(pl.Int64))
                  for p in (terms, known) if p.height]
         if not parts:
-            return {}, {"terms": 0}
+            return {}, {"terms": 0, **term_rows}
         table = pl.concat(parts, how="vertical_relaxed").with_columns(pl.col("type").fill_null(""))
         encoder = TextEncoder(cfg.tagger.encoder, device=ctx.cfg.device)
-        return build_cluster_map(table, encoder, cfg.clusters, ctx.cfg.seed)
+        mapping, stats = build_cluster_map(table, encoder, cfg.clusters, ctx.cfg.seed)
+        return mapping, {**stats, **term_rows}
 
     @staticmethod
     def _conditioned(model_dir) -> bool:

@@ -18,6 +18,10 @@ class SynonymsConfig(BaseModel):
     ivf_min_size: int = Field(50_000, ge=1)
     # candidates: terms whose products share a query or a co-purchase (behaviour)
     max_terms_per_context: int = Field(30, ge=2)
+    # (term, context) rows kept in all, the most frequent first (ties by key), after each
+    # context's `max_terms_per_context`: capped in the workers, so the driver holds at most this
+    # many; the rows left out are counted in the manifest (`truncated.term_contexts`)
+    max_term_contexts: int = Field(500_000, ge=1)
     min_shared_contexts: int = Field(1, ge=1)
     max_behaviour_pairs: int = Field(1_000_000, ge=0)
     # candidates from duplicate listings: the values of one attribute under one normalised

@@ -2,7 +2,8 @@
 attribute.
 
     occurrences  typed products (+ earlier modules' value edits) -> (product, term) rows   [workers]
-    vocabulary   count per (kind, attribute, term); capped per attribute and in total  [aggregate]
+    vocabulary   count per (kind, attribute, term); capped per attribute and in total
+                 in the workers                                                  [top_keys]
     embeddings   MiniLM per vocabulary term                                         [actor pool]
     candidates   FAISS kNN per (kind, attribute) + terms sharing queries / baskets / a
                  title listed more than once                                   [per term]
@@ -34,6 +35,7 @@ from autoknow_ray.modules.synonyms.steps import (
 from autoknow_ray.pipeline import RunContext, Stage
 from autoknow_ray.schema import GRAPH_SYNONYMS, HAS_TYPE, TRIPLES, conform
 
+VOCAB_KEY = ["kind", "attribute", "term"]
 TERM_CONTEXT = pa.schema([("kind", pa.string()), ("attribute", pa.string()), ("term", pa.string()),
                           ("context", pa.string())])
 
@@ -98,6 +100,12 @@ def _drop_retracted(group: pa.Table) -> pa.Table:
     return conform(live.drop("retracted").to_arrow(), OCCURRENCE)
 
 
+def _in_vocabulary(batch: pa.Table, vocab: pa.Table) -> pa.Table:
+    """The batch's occurrences of vocabulary terms."""
+    return conform(pl.from_arrow(batch).join(pl.from_arrow(vocab), on=VOCAB_KEY, how="semi")
+                   .to_arrow(), batch.schema)
+
+
 def _terms_in_contexts(group: pa.Table) -> pa.Table:
     df = pl.from_arrow(group)
     terms = df.filter(pl.col("term").is_not_null()).select("kind", "attribute", "term").unique()
@@ -136,6 +144,9 @@ class SynonymsStage(Stage):
         below = int(scored.filter((pl.col("score") >= threshold) & ~in_domain).height) if scored.height else 0
         scored = scored.with_columns(((pl.col("score") >= threshold) & in_domain).alias("accepted"))
         ctx.write("pairs", scored)
+        counts = {**counts, "term_contexts": self._context_counts,
+                  "truncated": {**counts["truncated"],
+                                "term_contexts": self._context_counts["left_out"]}}
         self._rescore_members = cfg.rescore_members
         merged = self._clusters(scored, vocab, vectors, classifier, threshold, cfg.max_cluster_size)
         ctx.write("graph_synonyms", merged.with_columns(
@@ -173,28 +184,28 @@ class SynonymsStage(Stage):
         return runtime.read_parquet(path), state.count_rows(path)
 
     def _vocabulary(self, ctx: RunContext, occ) -> tuple[pl.DataFrame, dict]:
+        """Terms by product count, capped per (kind, attribute) and in total in the workers
+        (`runtime.top_keys`): the driver holds the capped vocabulary, or at most
+        `ray.driver_combine_rows` partial counts, never the whole term table."""
         cfg = ctx.cfg.synonyms
-        vocab = runtime.aggregate(occ, ["kind", "attribute", "term"], {"n": ("count", None)})
-        if vocab.height == 0:
-            vocab = pl.DataFrame(schema={"kind": pl.String, "attribute": pl.String,
-                                         "term": pl.String, "n": pl.Int64})
-        n_terms = vocab.height
-        no_term = vocab.filter(pl.col("term").is_null()).height
-        too_long = vocab.filter(pl.col("term").str.len_chars() > cfg.max_term_chars)
-        vocab = (vocab.filter(pl.col("term").str.len_chars() <= cfg.max_term_chars)
-                 .sort(["n", "kind", "attribute", "term"], descending=[True, False, False, False]))
-        capped = (vocab.with_columns(pl.int_range(pl.len()).over(["kind", "attribute"]).alias("_r"))
-                  .filter(pl.col("_r") < cfg.max_terms_per_attribute).drop("_r")
-                  .head(cfg.max_terms))
+        top = runtime.top_keys(
+            occ, VOCAB_KEY, {"n": ("count", None)}, cap=cfg.max_terms, order_by=[("n", "desc")],
+            per_group=(["kind", "attribute"], cfg.max_terms_per_attribute),
+            drop={"no_term": pl.col("term").is_null(),
+                  "term_too_long": pl.col("term").str.len_chars() > cfg.max_term_chars})
+        capped = top.rows if top.rows.height else pl.DataFrame(
+            schema={"kind": pl.String, "attribute": pl.String, "term": pl.String, "n": pl.Int64})
+        capped = capped.select(*VOCAB_KEY, pl.col("n").cast(pl.Int64))
         ctx.write("vocabulary", capped)
-        over = vocab.height - capped.height
         # rows: distinct (kind, attribute, term) of the occurrences; the balance is checked by
         # run_stages (Stage.balanced)
-        counts = {"rows_in": n_terms, "rows_out": capped.height,
-                  "rows_dropped": {"term_too_long": too_long.height, "over_vocabulary_cap": over,
-                                   "no_term": no_term},
+        counts = {"rows_in": top.keys, "rows_out": capped.height,
+                  "rows_dropped": {"term_too_long": top.dropped["term_too_long"],
+                                   "over_vocabulary_cap": top.left_out,
+                                   "no_term": top.dropped["no_term"]},
+                  "truncated": {"vocabulary": top.left_out},
                   "terms_by_kind": dict(capped.group_by("kind").len().rows())}
-        return capped.sort(["kind", "attribute", "term"]), counts
+        return capped.sort(VOCAB_KEY), counts
 
     def _write_nothing(self, ctx: RunContext, counts: dict, reason: str) -> dict:
         ctx.write("graph_synonyms", GRAPH_SYNONYMS.empty_table(), GRAPH_SYNONYMS)
@@ -214,7 +225,12 @@ class SynonymsStage(Stage):
         vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-6)
         return out.drop("embedding"), vectors
 
-    def _term_contexts(self, ctx: RunContext, occ) -> pl.DataFrame:
+    def _term_contexts(self, ctx: RunContext, occ, vocab: pl.DataFrame) -> runtime.TopKeys | None:
+        """(kind, attribute, term, context, n): products showing a vocabulary term under a
+        context. Capped in the workers (`runtime.top_keys`): each context keeps its
+        `max_terms_per_context` most frequent terms, and `max_term_contexts` rows are kept in
+        all, the most frequent first, ties by key. None where the catalogue has no context."""
+        cfg = ctx.cfg.synonyms
         parts = []
         if state.count_rows(ctx.table_path("ingest", "behavior")):
             b = runtime.read_parquet(ctx.table_path("ingest", "behavior"), ["query", "product_id"])
@@ -232,24 +248,30 @@ class SynonymsStage(Stage):
             parts.append(t.map_batches(_title_keys, batch_format="pyarrow").groupby("title_key")
                          .map_groups(_duplicate_titles, fn_args=(ctx.cfg.synonyms.max_products_per_title,),
                                      batch_format="pyarrow"))
-        if not parts:
-            return pl.DataFrame()
+        if not parts or vocab.height == 0:
+            return None
+        # only vocabulary terms take part (and take a context's places)
         terms = occ.select_columns(["product_id", "kind", "attribute", "term"]).map_batches(
-            _with_null, fn_args=(("context", pa.string()),), batch_format="pyarrow")
+            _in_vocabulary, fn_args=(vocab.select(VOCAB_KEY).to_arrow(),), batch_format="pyarrow"
+        ).map_batches(_with_null, fn_args=(("context", pa.string()),), batch_format="pyarrow")
         contexts = parts
         # per product: every term of it under every context it was seen in (a group-by, which
         # streams through the sort shuffle, instead of a hash join that needs its own actors)
         joined = terms.union(*contexts).groupby("product_id").map_groups(
             _terms_in_contexts, batch_format="pyarrow")
-        return runtime.aggregate(joined, ["kind", "attribute", "term", "context"], {"n": ("count", None)})
+        return runtime.top_keys(joined, [*VOCAB_KEY, "context"], {"n": ("count", None)},
+                                cap=cfg.max_term_contexts, order_by=[("n", "desc")],
+                                per_group=(["kind", "attribute", "context"],
+                                           cfg.max_terms_per_context))
 
     def _candidates(self, ctx: RunContext, occ, vocab: pl.DataFrame, vectors: np.ndarray) -> pl.DataFrame:
         cfg = ctx.cfg.synonyms
         knn = knn_pairs(vocab, vectors, cfg.knn_k, cfg.knn_min_cosine, cfg.ivf_min_size, ctx.cfg.seed)
-        tc = self._term_contexts(ctx, occ)
-        if tc.height:
-            tc = tc.join(vocab.select("kind", "attribute", "term"), on=["kind", "attribute", "term"],
-                         how="semi")
+        top = self._term_contexts(ctx, occ, vocab)
+        tc = top.rows if top is not None else pl.DataFrame()
+        self._context_counts = {"keys": top.keys if top is not None else 0, "kept": tc.height,
+                                "left_out": top.left_out if top is not None else 0,
+                                "cap_reached": tc.height >= cfg.max_term_contexts}
         beh = behaviour_pairs(tc, cfg.max_terms_per_context, cfg.min_shared_contexts,
                               cfg.max_behaviour_pairs) if tc.height else behaviour_pairs(
             pl.DataFrame(), 1, 1, 0)

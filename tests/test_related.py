@@ -484,12 +484,12 @@ def test_validation_picks_a_popularity_term_where_the_model_knows_nothing():
     cold_T[5] = 0.0  # stripped of its edges, the model no longer ranks 5 first for anyone
     cold_T[3] = 1.0
     assert (val.ranks(cold_S, cold_T, 0.0) > 1).all()
-    pick = val.best_popularity_by_bucket(S, T, [0.0, 0.0, 0.0], [0.0, 1.0, 100.0], [0, 1, 3],
-                                         min_pairs=1, cold=(cold_S, cold_T), k=1)
+    pick = val.best_terms_by_bucket(S, T, [0.0, 0.0, 0.0], [0.0, 1.0, 100.0], [0, 1, 3],
+                                    min_pairs=1, cold=(cold_S, cold_T), neighbours=False, k=1)
     zero = pick["buckets"]["0-0"]
     assert zero["popularity_multiple"] > 0 and zero["hr@1"] == 1.0 and zero["hr@1_model_alone"] == 0.0
-    assert pick["weights"][0] > 0
-    assert pick["buckets"]["3+"]["popularity_multiple"] == 0.0 and pick["weights"][2] == 0.0
+    assert pick["popularity_weights"][0] > 0 and pick["neighbour_weights"] == [0.0, 0.0, 0.0]
+    assert pick["buckets"]["3+"]["popularity_multiple"] == 0.0 and pick["popularity_weights"][2] == 0.0
 
 
 def test_recommend_lists_the_most_bought_for_a_product_without_behaviour(tmp_path):
@@ -509,3 +509,52 @@ def test_recommend_lists_the_most_bought_for_a_product_without_behaviour(tmp_pat
     assert lists[True]["p3"] == ["p0", "p1", "p2"]
     assert lists[False]["p3"] == ["p7", "p0", "p1"]
     assert lists[False]["p1"] == lists[True]["p1"] == ["p0", "p2", "p3"]
+
+
+def test_neighbour_term_says_what_products_like_a_new_one_were_bought_with():
+    """Products 0 and 1 are alike (similar products); 1 was bought with 4 three times, 5 (the most
+    bought product) was bought with others. The held-out pair 0 -> 4: 0 has no event of its
+    own, the model and popularity put 4 low, what 0's similar product was bought with puts it
+    first: bucket 0 takes the neighbour term, and 4 ranks first."""
+    from autoknow_ray.modules.related.fit import Validation
+
+    n = 7
+    S = np.eye(n, 3, dtype=np.float32)
+    T = np.zeros((n, 3), np.float32)
+    T[6, 0] = 1.0  # the model puts 6 first for 0
+    train = (np.array([1, 2, 3, 2]), np.array([4, 5, 5, 6]), np.array([3.0, 5.0, 5.0, 1.0]))
+    val = Validation(n, np.array([0]), np.array([4]), train, 10, np.random.default_rng(0))
+    similar = np.full((n, 2), -1)
+    similar[0] = [1, -1]
+    val.set_similar(similar)
+    nc = val.neighbour_counts(np.array([0]))
+    assert nc.shape == (1, n) and nc[0, 4] == pytest.approx(np.log1p(3.0)) and nc[0, 5] == 0.0
+    assert val.ranks(S, T, 0.0).tolist() == [2] and val.ranks(S, T, 0.0, 0.0, 10.0).tolist() == [1]
+    pick = val.best_terms_by_bucket(S, T, [0.0, 0.0], [0.0, 1.0, 100.0], [0, 1], min_pairs=1,
+                                    cold=(S, T), k=1)
+    zero = pick["buckets"]["0-0"]
+    assert zero["neighbour_multiple"] > 0 and zero["hr@1"] == 1.0 and zero["hr@1_model_alone"] == 0.0
+    assert zero["hr@1_popularity"] == 0.0  # 5 is the most bought: popularity answers it
+
+
+def test_recommend_lists_what_similar_products_were_bought_with(tmp_path):
+    """p3 has no co-purchase event but is similar to p1, bought with p7 50 times: with a
+    neighbour weight on bucket 0 p3's list starts with p7 (the model ranks p7 last); without it
+    p3's list is the model's."""
+    from autoknow_ray.modules.related.steps import Recommend
+
+    emb = _prior_tables(tmp_path)
+    nb = pq.read_table(tmp_path / "nb" / "part.parquet")
+    pq.write_table(pa.concat_tables([nb, pa.table({
+        "product_id": ["p3"], "kind": ["similar"], "neighbours": [["p1"]], "weights": [[0.9]],
+        "weight_sum": [0.9]}).cast(nb.schema)]), tmp_path / "nb" / "part.parquet")
+    mark_complete(tmp_path / "nb")
+    lists = {}
+    for nbw in (None, [100.0, 0.0]):
+        rec = Recommend(tmp_path / "emb", 3, 1000, 8, 0, tmp_path / "nb", 0.0, 4, [0, 1], [0.0, 0.0],
+                        None, nbw, fanout=2)
+        rec.setup(WorkerEnv())
+        out = pl.from_arrow(rec.process_batch(emb))
+        lists[nbw is None] = out.filter(pl.col("product_id") == "p3").sort("rank")["related_id"].to_list()
+    assert lists[True] == ["p0", "p1", "p2"]
+    assert lists[False][0] == "p7"

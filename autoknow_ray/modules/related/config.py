@@ -66,6 +66,9 @@ class RelatedConfig(BaseModel):
     # events as the product bought), picked by fit (bucket 0, no events, on validation sources
     # stripped of their edges, as new listings are); 0 wherever it does not pay on validation
     popularity_term: bool = True
+    # … and a neighbour term: log1p(mean co-purchase events of B with A's similar products),
+    # what products like A were bought with, weighted per bucket by fit in the same way
+    neighbour_term: bool = True
 
     @field_validator("prior_buckets")
     @classmethod

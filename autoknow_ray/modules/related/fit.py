@@ -286,29 +286,52 @@ class Validation:
         a, b, c = train_edges[:3]
         m = sp.coo_matrix((np.r_[c, c].astype(np.float64), (np.r_[a, b], np.r_[b, a])), shape=(n, n)).tocsr()
         m.sum_duplicates()
+        self.counts = m.copy()  # co-purchase events of each pair, both directions
         m.data = np.log1p(m.data)
         self.prior = m
+        self.similar = None  # [n, fanout] similar products (`set_similar`): the neighbour term
         # each source's co-purchase events in the training graph (the count prior's bucket) and
         # each product's training count as the product bought with another (popularity)
         self.events = (np.bincount(a, weights=c, minlength=n) + np.bincount(b, weights=c, minlength=n))[self.src]
         self.popularity = np.bincount(b, weights=c, minlength=n)
         self.log_popularity = np.log1p(self.popularity).astype(np.float32)
 
-    def ranks(self, S: np.ndarray, T: np.ndarray, w, wp=0.0) -> np.ndarray:
+    def set_similar(self, similar: np.ndarray) -> None:
+        """[n, fanout] similar products of each product (-1: none), as the GNN's similarity
+        edges hold them: the neighbour term's source."""
+        self.similar = np.asarray(similar)
+
+    def neighbour_counts(self, a: np.ndarray) -> np.ndarray:
+        """[len(a), n]: log1p of the mean co-purchase events of each product with A's similar
+        products (`set_similar`; A's own events not among them): what the products like A were
+        bought with — something to say of a product never bought."""
+        import scipy.sparse as sp
+
+        nb = self.similar[a]
+        ok = nb >= 0
+        k = np.maximum(ok.sum(1), 1)
+        rows = np.repeat(np.arange(len(a)), ok.sum(1))
+        agg = sp.csr_matrix(((1.0 / k)[rows], (rows, np.arange(len(rows)))), shape=(len(a), len(rows)))
+        return np.log1p((agg @ self.counts[nb[ok]]).toarray()).astype(np.float32)
+
+    def ranks(self, S: np.ndarray, T: np.ndarray, w, wp=0.0, wn=0.0) -> np.ndarray:
         """Rank of each held-out B for its A. `w`: the count prior's weight, `wp` the popularity
-        term's (log1p of B's training events as the product bought), each one number or one per
-        pair."""
+        term's (log1p of B's training events as the product bought), `wn` the neighbour term's
+        (`neighbour_counts`), each one number or one per pair."""
         w = np.broadcast_to(np.asarray(w, np.float32), len(self.src))
         wp = np.broadcast_to(np.asarray(wp, np.float32), len(self.src))
+        wn = np.broadcast_to(np.asarray(wn, np.float32), len(self.src))
         out = np.empty(len(self.src), np.int64)
         for lo in range(0, len(self.src), self.chunk):
             a, b = self.src[lo:lo + self.chunk], self.dst[lo:lo + self.chunk]
             sc = S[a] @ T.T
-            cw, cp = w[lo:lo + len(a)], wp[lo:lo + len(a)]
+            cw, cp, cn = w[lo:lo + len(a)], wp[lo:lo + len(a)], wn[lo:lo + len(a)]
             if cw.any():
                 sc += cw[:, None] * self.prior[a].toarray().astype(np.float32)
             if cp.any():
                 sc += cp[:, None] * self.log_popularity[None, :]
+            if cn.any() and self.similar is not None:
+                sc += cn[:, None] * self.neighbour_counts(a)
             r = np.arange(len(a))
             sc[r, a] = -np.inf
             true = sc[r, b]
@@ -354,43 +377,65 @@ class Validation:
         return {"weights": weights, "overall": overall * spread, "hr": float(chosen.mean()),
                 "table": table, "buckets": report}
 
-    def best_popularity_by_bucket(self, S, T, prior_weights: list[float], multiples, buckets,
-                                  min_pairs: int, cold: tuple | None = None, k: int = 10) -> dict:
-        """The popularity term's weight per bucket of the source's training co-purchase events,
-        with each bucket's count prior weight (`prior_weights`) in place, picked on that bucket's
-        pairs (fewer than `min_pairs`: the weight picked on all pairs). Bucket 0 (no events: a
-        new listing) is picked on `cold` = (S, T) of the model with every validation source
-        stripped of its edges, over all pairs, the count prior off (such a product has no
-        count): what a product with no behaviour gets. Weight 0 is always a candidate, so the
-        pick is never below the model with its count prior on these pairs."""
+    def best_terms_by_bucket(self, S, T, prior_weights: list[float], multiples, buckets,
+                             min_pairs: int, cold: tuple | None = None, neighbours: bool = True,
+                             popularity: bool = True, k: int = 10) -> dict:
+        """Per bucket of the source's training co-purchase events, with each bucket's count prior
+        weight (`prior_weights`) in place: the weight of the neighbour term (what A's similar
+        products were bought with, `neighbour_counts`), then the popularity term's with it (log1p
+        of B's training events as the product bought), each picked on that bucket's pairs (fewer
+        than `min_pairs`: the multiple picked on all pairs). Bucket 0 (no events: a new listing)
+        is picked on `cold` = (S, T) of the model with every validation source stripped of its
+        edges, over all pairs, the count prior off (such a product has no count). 0 is always a
+        candidate, so each pick is never below what it had without the term on these pairs."""
         spread = self.spread(S, T)
         which = bucket_of(self.events, buckets)
         w_pair = np.asarray(prior_weights, np.float64)[which]
-        hits = {float(m): self.ranks(S, T, w_pair, m * spread) <= k for m in multiples}
-        table = {m: float(h.mean()) for m, h in hits.items()}
-        overall = max(table, key=lambda x: (table[x], -x))
-        weights, report = [], {}
+        n_mult = [float(m) for m in multiples] if neighbours and self.similar is not None else [0.0]
+        p_mult = [float(m) for m in multiples] if popularity else [0.0]
+
+        def pick(hits: dict, mask: np.ndarray | None, fallback: float | None) -> tuple[float, dict]:
+            if mask is not None and not mask.any():
+                return fallback, {}
+            per = {m: float(h.mean() if mask is None else h[mask].mean()) for m, h in hits.items()}
+            if mask is not None and mask.sum() < min_pairs:
+                return fallback, per
+            return max(per, key=lambda x: (per[x], -x)), per
+
+        # warm buckets: the neighbour multiple first (popularity off), then popularity with it
+        n_hits = {m: self.ranks(S, T, w_pair, 0.0, m * spread) <= k for m in n_mult}
+        n_all, _ = pick(n_hits, None, None)
+        n_pick = [pick(n_hits, which == i, n_all)[0] for i in range(len(buckets))]
+        wn_pair = np.asarray(n_pick, np.float64)[which] * spread
+        p_hits = {m: self.ranks(S, T, w_pair, m * spread, wn_pair) <= k for m in p_mult}
+        p_all, _ = pick(p_hits, None, None)
+        n_weights, p_weights, report = [], [], {}
         for i, lo in enumerate(buckets):
             label = f"{lo}-{buckets[i + 1] - 1}" if i + 1 < len(buckets) else f"{lo}+"
             if i == 0 and cold is not None:
                 cs = self.spread(*cold)
-                per = {float(m): float((self.ranks(*cold, 0.0, m * cs) <= k).mean()) for m in multiples}
-                m = max(per, key=lambda x: (per[x], -x))
-                weights.append(m * cs)
+                cn = {m: self.ranks(*cold, 0.0, 0.0, m * cs) <= k for m in n_mult}
+                mn, per_n = pick(cn, None, None)
+                cp = {m: self.ranks(*cold, 0.0, m * cs, mn * cs) <= k for m in p_mult}
+                mp, per_p = pick(cp, None, None)
+                n_weights.append(mn * cs)
+                p_weights.append(mp * cs)
                 report[label] = {"pairs": int(len(self.src)), "on": "validation sources stripped of their edges",
-                                 "popularity_multiple": m, f"hr@{k}": round(per[m], 4),
-                                 f"hr@{k}_model_alone": round(per[0.0], 4)}
+                                 "neighbour_multiple": mn, "popularity_multiple": mp,
+                                 f"hr@{k}": round(per_p[mp], 4), f"hr@{k}_model_alone": round(per_n[0.0], 4),
+                                 f"hr@{k}_model_and_neighbours": round(per_n[mn], 4),
+                                 f"hr@{k}_popularity": round(float((self.popularity_ranks() <= k).mean()), 4)}
                 continue
             mask = which == i
-            per = {m: float(h[mask].mean()) for m, h in hits.items()} if mask.any() else {}
-            m = max(per, key=lambda x: (per[x], -x)) if mask.sum() >= min_pairs else overall
-            weights.append(m * spread)
-            report[label] = {"pairs": int(mask.sum()), "popularity_multiple": m,
-                             **({f"hr@{k}": round(per[m], 4), f"hr@{k}_without": round(per[0.0], 4)}
+            mp, per = pick(p_hits, mask, p_all)
+            n_weights.append(n_pick[i] * spread)
+            p_weights.append(mp * spread)
+            report[label] = {"pairs": int(mask.sum()), "neighbour_multiple": n_pick[i], "popularity_multiple": mp,
+                             **({f"hr@{k}": round(per[mp], 4),
+                                 f"hr@{k}_without_either": round(float(n_hits[0.0][mask].mean()), 4)}
                                 if mask.any() else {})}
-        wp_pair = np.asarray(weights, np.float64)[which]
-        hr = float((self.ranks(S, T, w_pair, wp_pair) <= k).mean())
-        return {"weights": weights, "hr": hr, "table": table, "buckets": report}
+        hr = float((self.ranks(S, T, w_pair, np.asarray(p_weights)[which], np.asarray(n_weights)[which]) <= k).mean())
+        return {"neighbour_weights": n_weights, "popularity_weights": p_weights, "hr": hr, "buckets": report}
 
     def best_weight(self, S, T, multiples, k: int = 10) -> tuple[float, float, dict]:
         """(weight, HR@k, HR@k per multiple of the scores' spread)."""
@@ -430,11 +475,14 @@ def fit_and_validate(settings: GNNSettings, rc: RelatedConfig, text: np.ndarray,
     model.settings.prior_buckets = list(rc.prior_buckets)
     model.settings.prior_bucket_weights = [float(w) for w in pick["weights"]]
     cold = cold_start_embeddings(model, text, types, train_edges, sim_nb, val)
-    popularity: dict = {}
-    if rc.popularity_term:
-        popularity = val.best_popularity_by_bucket(S, T, pick["weights"], multiples, rc.prior_buckets,
-                                                   rc.prior_bucket_min_pairs, cold=cold)
-        model.settings.popularity_bucket_weights = [float(w) for w in popularity["weights"]]
+    terms: dict = {}
+    if rc.popularity_term or rc.neighbour_term:
+        val.set_similar(sim_nb.numpy())
+        terms = val.best_terms_by_bucket(S, T, pick["weights"], multiples, rc.prior_buckets,
+                                         rc.prior_bucket_min_pairs, cold=cold,
+                                         neighbours=rc.neighbour_term, popularity=rc.popularity_term)
+        model.settings.popularity_bucket_weights = [float(w) for w in terms["popularity_weights"]]
+        model.settings.neighbour_bucket_weights = [float(w) for w in terms["neighbour_weights"]]
     cold_model = float((val.ranks(*cold, 0.0) <= 10).mean())
     return model, {**hist, "validation_pairs": int(len(val.src)),
                    "prior_weight": round(float(pick["overall"]), 4),
@@ -445,11 +493,10 @@ def fit_and_validate(settings: GNNSettings, rc: RelatedConfig, text: np.ndarray,
                    "validation_hr@10_counts_first": round(prior_only, 4),
                    "validation_hr@10_popularity": round(float((val.popularity_ranks() <= 10).mean()), 4),
                    "validation_hr@10_cold_start": round(cold_model, 4),
-                   **({"popularity_bucket_weights": [round(w, 4) for w in popularity["weights"]],
-                       "validation_hr@10_with_popularity": round(popularity["hr"], 4),
-                       "validation_hr@10_by_popularity_multiple": {
-                           str(k): round(v, 4) for k, v in popularity["table"].items()},
-                       "validation_popularity_by_bucket": popularity["buckets"]} if popularity else {})}
+                   **({"popularity_bucket_weights": [round(w, 4) for w in terms["popularity_weights"]],
+                       "neighbour_bucket_weights": [round(w, 4) for w in terms["neighbour_weights"]],
+                       "validation_hr@10_with_terms": round(terms["hr"], 4),
+                       "validation_terms_by_bucket": terms["buckets"]} if terms else {})}
 
 
 def cold_start_embeddings(model: DualGNN, text, types, edges: tuple, sim_nb,

@@ -49,6 +49,8 @@ class GNNSettings:
     # bought) added to the score — popularity, for the products counts know little or nothing
     # of (fit picks it; bucket 0 on products stripped of their edges, as new listings are)
     popularity_bucket_weights: list[float] | None = None
+    # … and of log1p(mean co-purchase events of B with A's similar products), the same buckets
+    neighbour_bucket_weights: list[float] | None = None
 
 
 def type_bucket(types: list[str | None], buckets: int) -> np.ndarray:
@@ -75,10 +77,10 @@ def prior_weights_of(settings: dict, events: np.ndarray) -> np.ndarray:
     return np.full(len(events), float(settings.get("prior_weight", 0.0) or 0.0))
 
 
-def popularity_weights_of(settings: dict, events: np.ndarray) -> np.ndarray:
-    """The popularity term's weight for products with these co-purchase events (their bucket's;
-    0 for a model without the term)."""
-    buckets, weights = settings.get("prior_buckets"), settings.get("popularity_bucket_weights")
+def popularity_weights_of(settings: dict, events: np.ndarray, key: str = "popularity_bucket_weights") -> np.ndarray:
+    """A term's weight (`key`: the popularity term's, or `neighbour_bucket_weights`) for
+    products with these co-purchase events (their bucket's; 0 for a model without the term)."""
+    buckets, weights = settings.get("prior_buckets"), settings.get(key)
     if buckets and weights and len(buckets) == len(weights):
         return np.asarray(weights, np.float64)[bucket_of(events, buckets)]
     return np.zeros(len(events))

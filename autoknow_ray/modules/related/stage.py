@@ -95,7 +95,8 @@ class RelatedStage(Stage):
         recommend = Recommend(out / EMBEDDINGS, rc.top_k, rc.ivf_min_size, rc.nprobe, cfg.seed,
                               out / gb.NEIGHBOURS, prior, rc.prior_candidates,
                               settings.get("prior_buckets"), settings.get("prior_bucket_weights"),
-                              settings.get("popularity_bucket_weights"))
+                              settings.get("popularity_bucket_weights"),
+                              settings.get("neighbour_bucket_weights"), rc.fanout)
         runtime.map_step(runtime.read_parquet(out / EMBEDDINGS, ["product_id", "source"]), recommend,
                          cfg, n).write_parquet(str(out / "graph_related"))
         counts["quarantine_reasons"] = gb.quarantine_reasons(out / gb.QUARANTINE_TABLE)
@@ -123,5 +124,6 @@ class RelatedStage(Stage):
             "prior_buckets": settings.get("prior_buckets"),
             "prior_bucket_weights": settings.get("prior_bucket_weights"),
             "popularity_bucket_weights": settings.get("popularity_bucket_weights"),
+            "neighbour_bucket_weights": settings.get("neighbour_bucket_weights"),
             **counts,
         }

@@ -343,7 +343,11 @@ class Recommend(Step):
     the one `prior_weight` of a model saved before the buckets. With a popularity term
     (`popularity_bucket_weights`, picked by fit per bucket) the most bought products join the
     candidates and each candidate B adds wp(A) * log1p(B's co-purchase events as the product
-    bought): where A has no behaviour its list leans on what sells."""
+    bought): where A has no behaviour its list leans on what sells. With a neighbour term
+    (`neighbour_bucket_weights`) the co-purchase neighbours of A's similar products (up to
+    `fanout` of them, `prior_candidates` each way) join the candidates, and each candidate B adds
+    wn(A) * log1p(mean co-purchases of B with A's similar products): what products like A were
+    bought with."""
 
     name = "related_recommend"
     resources = "related"
@@ -354,24 +358,33 @@ class Recommend(Step):
                  neighbours_path: Path | None = None, prior_weight: float = 0.0,
                  prior_candidates: int = 0, prior_buckets: list[int] | None = None,
                  prior_bucket_weights: list[float] | None = None,
-                 popularity_bucket_weights: list[float] | None = None):
+                 popularity_bucket_weights: list[float] | None = None,
+                 neighbour_bucket_weights: list[float] | None = None, fanout: int = 10):
         self.path, self.k = str(embeddings_path), k
         self.ivf_min_size, self.nprobe, self.seed = ivf_min_size, nprobe, seed
         self.neighbours_path = str(neighbours_path) if neighbours_path else None
         self.prior = {"prior_weight": float(prior_weight), "prior_buckets": prior_buckets,
                       "prior_bucket_weights": prior_bucket_weights,
-                      "popularity_bucket_weights": popularity_bucket_weights}
+                      "popularity_bucket_weights": popularity_bucket_weights,
+                      "neighbour_bucket_weights": neighbour_bucket_weights}
+        self.fanout = int(fanout)
         self.prior_candidates = int(prior_candidates)
         self.index = self.ids = self.tables = None
 
     @property
     def uses_popularity(self) -> bool:
-        return bool(self.neighbours_path and max(self.prior["popularity_bucket_weights"] or [0.0]) > 0)
+        return bool(self.neighbours_path and max(self.prior.get("popularity_bucket_weights") or [0.0]) > 0)
+
+    @property
+    def uses_neighbours(self) -> bool:
+        return bool(self.neighbours_path and self.prior_candidates
+                    and max(self.prior.get("neighbour_bucket_weights") or [0.0]) > 0)
 
     @property
     def uses_prior(self) -> bool:
         weights = self.prior["prior_bucket_weights"] or [self.prior["prior_weight"]]
-        return bool(max(weights) > 0 and self.prior_candidates and self.neighbours_path) or self.uses_popularity
+        return (bool(max(weights) > 0 and self.prior_candidates and self.neighbours_path)
+                or self.uses_popularity or self.uses_neighbours)
 
     def setup(self, env: WorkerEnv) -> None:
         from autoknow_ray.index.faiss_index import VectorIndex
@@ -386,7 +399,8 @@ class Recommend(Step):
         if self.uses_prior:
             self.targets = targets
             # the node table is indexed like the embeddings, so its rows are the FAISS ids
-            self.tables = NodeTables(storage.path(self.path), storage.path(self.neighbours_path), 1, with_h0=False,
+            self.tables = NodeTables(storage.path(self.path), storage.path(self.neighbours_path),
+                                     getattr(self, "fanout", 1) if self.uses_neighbours else 1, with_h0=False,
                                      prior_width=self.prior_candidates)
             # the most bought products (ties by row), candidates of every list with a popularity term
             self.popular = (np.argsort(-self.tables.bought, kind="stable")[:self.k + 1]
@@ -424,7 +438,16 @@ class Recommend(Step):
         known = (me >= 0)[:, None]
         oi, ow = np.where(known, out_i[rows], -1), np.where(known, out_w[rows], 0.0)
         ii, iw = np.where(known, in_i[rows], -1), np.where(known, in_w[rows], 0.0)
-        cand = np.concatenate([ids, oi, ii, np.broadcast_to(self.popular, (n, len(self.popular)))], 1)
+        extra = [np.broadcast_to(self.popular, (n, len(self.popular)))]
+        if self.uses_neighbours:  # what A's similar products were bought with, both ways
+            sims = np.where(known, self.tables.sim_nb[rows], -1)
+            has = (sims >= 0)[:, :, None]
+            at = np.clip(sims, 0, None)
+            nb_i = np.concatenate([np.where(has, out_i[at], -1), np.where(has, in_i[at], -1)], 2).reshape(n, -1)
+            nb_w = np.concatenate([np.where(has, out_w[at], 0.0), np.where(has, in_w[at], 0.0)], 2).reshape(n, -1)
+            n_sim = np.maximum((sims >= 0).sum(1), 1)
+            extra.append(nb_i)
+        cand = np.concatenate([ids, oi, ii, *extra], 1)
         count = ((cand[:, :, None] == oi[:, None, :]) * ow[:, None, :]).sum(2) \
             + ((cand[:, :, None] == ii[:, None, :]) * iw[:, None, :]).sum(2)
         model = np.einsum("nd,ncd->nc", q, self.targets[np.clip(cand, 0, None)])
@@ -433,6 +456,12 @@ class Recommend(Step):
         if self.uses_popularity:
             score += popularity_weights_of(self.prior, events)[:, None] * np.log1p(
                 self.tables.bought[np.clip(cand, 0, None)])
+        if self.uses_neighbours:
+            wn = popularity_weights_of(self.prior, events, "neighbour_bucket_weights")
+            for lo in range(0, n, 64):  # (rows, candidates, neighbours' lists): bounded in chunks
+                c, i, w = cand[lo:lo + 64], nb_i[lo:lo + 64], nb_w[lo:lo + 64]
+                mean = ((c[:, :, None] == i[:, None, :]) * w[:, None, :]).sum(2) / n_sim[lo:lo + 64, None]
+                score[lo:lo + 64] += wn[lo:lo + 64, None] * np.log1p(mean)
         srt = np.sort(cand, 1)
         dup = np.zeros_like(cand, bool)
         order = np.argsort(cand, 1, kind="stable")

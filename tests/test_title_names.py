@@ -182,3 +182,68 @@ def test_new_names_need_support_and_are_capped(ray_session):
     capped = TaxonomyStage._title_name_support(tm, names, vocab, {}, cfg.model_copy(
         update={"max_title_types": 2}), True, 1)[1]
     assert capped == {"sunscreen": "sunscreen", "sneaker": "sneaker"}  # the best supported, lower-cased
+
+
+def test_attribute_free_keys_skip_words_inside_attribute_spans():
+    from autoknow_ray.modules.taxonomy.title_names import attribute_free_keys
+
+    title = "Hanes Reusable Face Mask, White / Cream"
+    spans = [{"label": "Color", "value": "White / Cream", "start": 26, "end": 39, "score": 0.9},
+             {"label": "type", "value": "Face Mask", "start": 15, "end": 24, "score": 0.9}]
+    keys = name_keys(title, [], frozenset(type_key(x) for x in ("mask", "cream", "face mask")))
+    assert set(keys) == {type_key("face mask"), type_key("cream")}
+    assert attribute_free_keys(title, spans, keys) == [type_key("face mask")]  # type spans hide none
+    assert attribute_free_keys(title, [], keys) == keys
+    assert attribute_free_keys(title, spans, []) == []
+
+
+def test_a_known_vote_gives_way_to_a_new_name_its_types_titles_never_write():
+    """Titles of lures sit nearest fishing rods (fit's only fishing type): the vote answers
+    Fishing Rod with confidence. A title naming the accepted new type "Lure", which no fit
+    title of fishing rods writes, takes Lure; not where the word is inside an attribute span,
+    where the rods' titles write it too, where the title also names the voted type, or where
+    the voted type has fewer reference titles than the vote's k."""
+    ref = pl.DataFrame({"product_id": [f"r{i}" for i in range(4)], "ref_type": ["Fishing Rod"] * 4,
+                        "from_catalogue": [True] * 4,
+                        "embedding": [[1.0, 0.0, 0.0], [0.99, 0.1, 0.0], [0.98, 0.0, 0.1], [0.97, 0.1, 0.1]]})
+    lure, rod = type_key("lure"), type_key("fishing rod")
+    names = TypeNames(["Fishing Rod", "Tea"], {lure: "Lure"})
+    cfg = TypeResolutionConfig(knn_k=3, knn_min_similarity=0.5, knn_min_share=0.5)
+    written = {"Fishing Rod": frozenset({rod, type_key("reel")})}
+
+    def run(keys, free, written=written, cfg=cfg):
+        step = ResolveTypes(cfg, names, {}, {}, ref, None, add_attributes=False, min_attribute_score=0.5,
+                            name_support={lure: 9}, names_written=written)
+        step.setup(WorkerEnv())
+        batch = _batch(["t"] * len(keys), keys, [[1.0, 0.05, 0.05]] * len(keys))
+        batch = batch.append_column("free_name_keys", pa.array(free, pa.list_(pa.string())))
+        return step.process_batch(batch).to_pydict()
+
+    out = run([[lure], [lure], [rod, lure], []], [[lure], [], [rod, lure], []])
+    assert out["type"] == ["Lure", "Fishing Rod", "Fishing Rod", "Fishing Rod"]
+    assert out["type_evidence"][0].startswith(f"title names '{lure}' (no fit title of 'Fishing Rod' writes it")
+    assert out["type_status"][0] == "added" and out["type_confidence"][0] == cfg.title_name_confidence
+    # the rods' own titles write "lure": no conflict
+    assert run([[lure]], [[lure]], {"Fishing Rod": frozenset({lure})})["type"] == ["Fishing Rod"]
+    # a type without enough reference titles is not in the table: no conflict
+    assert run([[lure]], [[lure]], {})["type"] == ["Fishing Rod"]
+    # switched off
+    off = cfg.model_copy(update={"new_name_overrides_vote": False})
+    assert run([[lure]], [[lure]], cfg=off)["type"] == ["Fishing Rod"]
+
+
+def test_names_written_by_each_known_type_in_fits_reference(tmp_path):
+    import json
+
+    from autoknow_ray.modules.taxonomy.stage import names_written_by_type
+
+    titles = ["Ugly Stik Fishing Rod", "Spinning Fishing Rod and Reel Combo", "Telescopic Rod",
+              "Green Tea Bags", "Earl Grey Tea"]
+    (tmp_path / "type_reference.json").write_text(json.dumps(
+        {"types": ["Fishing Rod"] * 3 + ["Tea"] * 2, "titles": titles}))
+    vocab = {type_key(x): x for x in ("Fishing Rod", "Reel", "Tea", "Lure", "Bags")}
+    names = TypeNames(["Fishing Rod", "Tea"])
+    got = names_written_by_type(tmp_path, vocab, names, 3)
+    assert got == {"Fishing Rod": frozenset({type_key("Fishing Rod"), type_key("Reel")})}  # Tea: 2 titles
+    assert set(names_written_by_type(tmp_path, vocab, names, 2)["Tea"]) == {type_key("Tea"), type_key("Bags")}
+    assert names_written_by_type(tmp_path / "none", vocab, names, 1) == {}

@@ -169,6 +169,16 @@ def save_type_reference(sample_rows: pl.DataFrame, out: Path) -> dict:
     return {"rows": rows.height, "types": rows["product_type"].n_unique()}
 
 
+def load_type_reference_titles(model_dir: Path) -> list[tuple[str, str]]:
+    """(type, title) of every reference row ([] for a model folder without a reference)."""
+    p = Path(model_dir) / REFERENCE_META
+    if not p.exists():
+        return []
+    meta = json.loads(p.read_text())
+    return [(t, x) for t, x in zip(meta.get("types", []), meta.get("titles", []))
+            if isinstance(t, str) and isinstance(x, str)]
+
+
 def load_type_reference(model_dir: Path) -> tuple[list[str], np.ndarray] | None:
     from safetensors.numpy import load_file
 

@@ -84,6 +84,10 @@ class TypeResolutionConfig(BaseModel):
     # … under floors chosen in the rebuild on its own typed titles, each voting as a refused
     # product would (knn_floors.choose_second_vote_floors); off: the first vote's floors
     second_vote_floors: bool = True
+    # a kNN answer of a known type gives way to an accepted new type the title names where no
+    # title of that type in fit's reference (at least knn_k of them) writes that name
+    # (types.ResolveTypes._new_name_conflict)
+    new_name_overrides_vote: bool = True
     spread_per_type: int = Field(200, ge=1)
     spread_max: int = Field(20_000, ge=1)
     # the public names fit adds to the catalogue's own: "auto" (Google's product taxonomy and

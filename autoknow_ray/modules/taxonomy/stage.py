@@ -32,12 +32,12 @@ from autoknow_ray.index.vectors import as_matrix
 from autoknow_ray.incremental import run_cached
 from autoknow_ray.modules.taxonomy import knn_floors, sample
 from autoknow_ray.modules.taxonomy.cache import title_models_step, title_precision
-from autoknow_ray.modules.taxonomy.fit import load_type_reference
+from autoknow_ray.modules.taxonomy.fit import load_type_reference, load_type_reference_titles
 from autoknow_ray.modules.taxonomy.hypernym_config import KNN_MIN_SHARE, KNN_MIN_SIMILARITY
 from autoknow_ray.modules.taxonomy.hypernym import HypernymClassifier
 from autoknow_ray.modules.taxonomy.infer import TagTitles
 from autoknow_ray.modules.taxonomy.title_names import (
-    EVIDENCE_PREFIX, TitleTypeNames, build_vocabulary, load_vocabulary_and_not_types,
+    EVIDENCE_PREFIX, TitleTypeNames, build_vocabulary, load_vocabulary_and_not_types, name_keys,
 )
 from autoknow_ray.modules.taxonomy.type_groups import TypeGroups, group_new_types, merge_candidates
 from autoknow_ray.modules.taxonomy.types import (
@@ -139,7 +139,7 @@ class TaxonomyStage(Stage):
             names = TypeNames(list(parents), {**name_accepted, **accepted})
             typed_types = set(self._type_counts(tm, parts)["product_type"].to_list())
             resolve, floors_report = self._resolve_step(ctx, tm, names, parents, art, encoder, typed_types,
-                                         name_support)
+                                         name_support, vocab)
             decisions_dir = ctx.out / "_decisions"
             runtime.map_step(tm, resolve, ctx.cfg, n).write_parquet(str(decisions_dir))
             known_reference = resolve.train_ref
@@ -343,7 +343,7 @@ class TaxonomyStage(Stage):
 
     def _resolve_step(self, ctx, tm, names: TypeNames, parents, art, encoder,
                       typed_types: set[str], name_support: dict[str, int] | None = None,
-                      ) -> tuple[ResolveTypes, dict]:
+                      vocab: dict[str, str] | None = None) -> tuple[ResolveTypes, dict]:
         cfg = ctx.cfg.taxonomy
 
         def first_pass(batch: pa.Table) -> pa.Table:
@@ -369,7 +369,8 @@ class TaxonomyStage(Stage):
         step = ResolveTypes(resolved_floors(cfg.types, art), names, ancestors_map(parents), vectors,
                             reference, load_type_reference(art), cfg.add_title_attributes,
                             cfg.min_attribute_score, name_support,
-                            reference_cap=cfg.types.knn_catalogue_sample)
+                            reference_cap=cfg.types.knn_catalogue_sample,
+                            names_written=names_written_by_type(art, vocab or {}, names, cfg.types.knn_k))
         return step, self._floors_for_catalogue(ctx, step, names, art)
 
     @staticmethod
@@ -577,6 +578,22 @@ class TaxonomyStage(Stage):
         if context.height:
             context = context.sort("product_id")
         return context, behavior, copurchase, stats
+
+
+def names_written_by_type(art: Path, vocab: dict[str, str], names: TypeNames,
+                          min_titles: int) -> dict[str, frozenset[str]]:
+    """Per known type with at least `min_titles` titles in fit's kNN reference (a capped per-type
+    sample, saved with the models): the vocabulary's name keys those titles write. Bounded by the
+    reference; read on the driver."""
+    titles = load_type_reference_titles(art)
+    if not titles or not vocab:
+        return {}
+    keys = frozenset(vocab)
+    by_type: dict[str, list[str]] = {}
+    for t, title in titles:
+        by_type.setdefault(names.canonical(t) or t, []).append(title)
+    return {t: frozenset(k for title in ts for k in name_keys(title, None, keys))
+            for t, ts in by_type.items() if len(ts) >= min_titles}
 
 
 def _capped_known(known_reference, exclude: set[str], per_type: int, seed: int

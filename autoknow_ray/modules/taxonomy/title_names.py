@@ -180,9 +180,20 @@ def head_word(title: str | None, spans, not_types: frozenset | set = frozenset()
     return k, w[0].upper() + w[1:] if w.islower() else w
 
 
+def attribute_free_keys(title: str | None, spans, keys: list[str]) -> list[str]:
+    """Those of `keys` (a title's `name_keys`) written outside every attribute span the tagger
+    found in it (its type spans excepted): a colour or a flavour ("… Face Mask, White / Cream")
+    is no type."""
+    if not keys:
+        return []
+    masked = [dict(sp, label="brand") for sp in spans or () if sp.get("label") != "type"]
+    return name_keys(title, masked, frozenset(keys))
+
+
 class TitleTypeNames(Step):
     """Appends `name_keys` (list of strings: the vocabulary's type names written in each title,
-    outside its brand spans) and `head_key` / `head_value` (the last word of its first noun
+    outside its brand spans), `free_name_keys` (those outside every attribute span,
+    `attribute_free_keys`) and `head_key` / `head_value` (the last word of its first noun
     phrase, `head_word`), after `TagTitles`, in the same actor."""
 
     name = "title_type_names"
@@ -197,8 +208,10 @@ class TitleTypeNames(Step):
         titles = batch.column("title").to_pylist()
         spans = batch.column("spans").to_pylist()
         keys = [name_keys(t, s, self.vocab) for t, s in zip(titles, spans)]
+        free = [attribute_free_keys(t, s, k) for t, s, k in zip(titles, spans, keys)]
         heads = [head_word(t, s, self.not_types) for t, s in zip(titles, spans)]
         return (batch.append_column("name_keys", pa.array(keys, pa.list_(pa.string())))
+                .append_column("free_name_keys", pa.array(free, pa.list_(pa.string())))
                 .append_column("head_key", pa.array([h[0] if h else None for h in heads], pa.string()))
                 .append_column("head_value", pa.array([h[1] if h else None for h in heads], pa.string())))
 

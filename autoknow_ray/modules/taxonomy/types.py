@@ -256,14 +256,15 @@ class ResolveTypes(Step):
     name = "resolve_types"
     resources = "taxonomy"
     columns = ("product_id", "product_type", "span_value", "span_score", "spans", "name_keys",
-               "head_key", "embedding")
+               "free_name_keys", "head_key", "embedding")
     model = True  # builds its indexes once per worker
 
     def __init__(self, cfg: TypeResolutionConfig, names: TypeNames, ancestors: dict[str, set[str]],
                  name_vectors: dict[str, np.ndarray], catalogue_reference: pl.DataFrame | str | Path,
                  training_reference: tuple[list[str], np.ndarray] | None,
                  add_attributes: bool, min_attribute_score: float,
-                 name_support: dict[str, int] | None = None, reference_cap: int | None = None):
+                 name_support: dict[str, int] | None = None, reference_cap: int | None = None,
+                 names_written: dict[str, frozenset[str]] | None = None):
         floors = {k: v for k, v in (("knn_min_similarity", KNN_MIN_SIMILARITY),
                                     ("knn_min_share", KNN_MIN_SHARE)) if getattr(cfg, k) is None}
         self.cfg = cfg.model_copy(update=floors) if floors else cfg
@@ -289,6 +290,10 @@ class ResolveTypes(Step):
         self.min_attribute_score = float(min_attribute_score)
         # per name key: products without a catalogue or tagger type whose title writes it
         self.name_support = dict(name_support or {})
+        # per known type with at least knn_k titles in fit's reference: the name keys its
+        # reference titles write (`names_written_by_type`); a kNN answer of that type for a
+        # title naming an accepted new type none of them wrote gives way to the new type
+        self.names_written = {t: frozenset(k) for t, k in (names_written or {}).items()}
         self.correct_index = self.fallback_index = None
 
     def _keep_reference(self, ref: pl.DataFrame) -> None:
@@ -341,6 +346,9 @@ class ResolveTypes(Step):
         heads = (batch.column("head_key").to_pylist() if "head_key" in batch.column_names
                  else [None] * batch.num_rows)
         vecs = _vectors(batch.column("embedding")) if batch.num_rows else np.zeros((0, 1), np.float32)
+        free_keys = (batch.column("free_name_keys").to_pylist() if "free_name_keys" in batch.column_names
+                     else [None] * batch.num_rows)
+        all_spans = batch.column("spans").to_pylist()
         n = len(pids)
         out = {c: [None] * n for c in TYPE_COLUMNS}
         outcome: list[str | None] = [None] * n
@@ -401,11 +409,17 @@ class ResolveTypes(Step):
                     out["type_evidence"][i] = v.reason
                     outcome[i] = v.reason
                     continue
-                self._set(out, outcome, i, v.label, v.share, "added", f"knn k={k} share={v.share:.2f}")
                 ranked[i] = [{"type": t, "score": s, "rank": r + 1}
                              for r, (t, s) in enumerate(v.ranked[:RANKED_TOP])]
+                conflict = (self._new_name_conflict(free_keys[i], title_keys[i], v.label)
+                            if cfg.title_names else None)
+                if conflict is not None:
+                    self._set(out, outcome, i, conflict[1], cfg.title_name_confidence, "added",
+                              f"{EVIDENCE_PREFIX}{conflict[0]!r} (no fit title of {v.label!r} writes it; "
+                              f"knn k={k} share={v.share:.2f})")
+                    continue
+                self._set(out, outcome, i, v.label, v.share, "added", f"knn k={k} share={v.share:.2f}")
 
-        all_spans = batch.column("spans").to_pylist()
         edits = [self._edits(pids[i], olds[i], out, i, spans) for i, spans in enumerate(all_spans)]
         return pa.table({
             "product_id": batch.column("product_id"),
@@ -421,6 +435,24 @@ class ResolveTypes(Step):
             # with their vectors (a blind catalogue has no catalogue types to read)
             "embedding": batch.column("embedding"),
         })
+
+    def _new_name_conflict(self, free, keys, voted: str) -> tuple[str, str] | None:
+        """(key, new type) where the title names an accepted new type that no fit reference
+        title of the voted known type writes (that type has at least `knn_k` of them), outside
+        the tagger's attribute spans (`free`: a colour or a flavour is no type: "… Face Mask,
+        White / Cream"): the title says what it is, and it is not what the type's titles say ("…
+        Fishing Lure …" among fishing rods). None otherwise."""
+        written = self.names_written.get(voted)
+        if written is None or not keys or not self.cfg.new_name_overrides_vote:
+            return None
+        names = self.names
+        if any(names.key_type(k) == voted for k in keys):  # the title names the voted type too
+            return None
+        free = set(free or ())
+        hit = pick([k for k in keys if k not in written and k in free], names.key_type, self.name_support)
+        if hit is None or hit[1] in names.known.values() or type_key(hit[1]) not in names.accepted:
+            return None
+        return hit
 
     @staticmethod
     def _set(out, outcome, i, t, conf, status, evidence) -> None:

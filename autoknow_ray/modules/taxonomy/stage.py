@@ -631,7 +631,10 @@ def _place_types(stage: TaxonomyStage, ctx, candidates: pl.DataFrame, orphans: l
         # catalogue types) with their title vectors
         typed = (runtime.read_parquet(ctx.out / "_decisions", ["product_id", "type", "embedding"])
                  .rename_columns({"type": "product_type"}) if tagged else None)
-        encoder = TextEncoder(ctx.cfg.taxonomy.tagger.encoder, device=ctx.cfg.device)
+        # fp32, as the driver's type-name encoder: with `auto`, a timing probe in this task's
+        # process picks bf16 or fp32, and the names' vectors, so the placements, would follow it
+        # (docs/incremental.md, "Same inputs, same graph")
+        encoder = TextEncoder(ctx.cfg.taxonomy.tagger.encoder, device=ctx.cfg.device, bf16=False)
         context, behavior, copurchase, stats = stage._hypernym_context(ctx, typed, children, hyp.cfg, parts)
         ranked = hyp.predict(children, taxonomy=taxonomy, products=context, behavior=behavior,
                              copurchase=copurchase, encoder=encoder, type_stats=stats)

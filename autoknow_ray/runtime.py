@@ -355,6 +355,15 @@ def _run_step_task(batch, step_ref: list, env):
     return step.process_batch(as_table(batch))
 
 
+def hosts_model(step) -> bool:
+    """Whether `step` runs in an actor pool (one setup() per actor). The flag is the class's
+    `model` (a Chain sets its own): a step that keeps its loaded model in an attribute of the
+    same name (`self.model = None` in `__init__`) would otherwise turn the flag off and run as
+    tasks, its setup() (models, node tables) again for every batch."""
+    flag = step.model
+    return flag if isinstance(flag, bool) else bool(getattr(type(step), "model", False))
+
+
 def map_step(ds: "ray.data.Dataset", step, cfg: Config, n_rows: int | None = None,
              repartition: bool = True) -> "ray.data.Dataset":
     """Run `step` (autoknow_ray.steps.Step) over `ds`: an actor pool for model steps, tasks for
@@ -369,7 +378,7 @@ def map_step(ds: "ray.data.Dataset", step, cfg: Config, n_rows: int | None = Non
         ds = ds.repartition(target_num_rows_per_block=per_call)
     ref = [ray.put(step)]
     env = _worker_env(plan)
-    if step.model or plan.num_gpus:
+    if hosts_model(step) or plan.num_gpus:
         return ds.map_batches(_actor_class(step), fn_constructor_kwargs={"step_ref": ref, "env": env},
                               batch_format="pyarrow", **actor_pool_kwargs(plan, per_call))
     return ds.map_batches(_run_step_task, fn_kwargs={"step_ref": ref, "env": env},

@@ -558,3 +558,80 @@ def test_recommend_lists_what_similar_products_were_bought_with(tmp_path):
         lists[nbw is None] = out.filter(pl.col("product_id") == "p3").sort("rank")["related_id"].to_list()
     assert lists[True] == ["p0", "p1", "p2"]
     assert lists[False][0] == "p7"
+
+
+def test_neighbour_lists_of_a_block_equal_those_built_node_by_node():
+    """`top_neighbours` ranks a whole block at once; it must give each node what ranking its
+    own edges alone gives: an edge listed twice counts once at its larger weight, the strongest
+    first, ties by neighbour id, at most `fanout`, and the sum over distinct neighbours."""
+    from autoknow_ray.modules.related.graph_build import NEIGHBOURS_SCHEMA, top_neighbours
+
+    rng = np.random.default_rng(0)
+    n = 3000
+    src = [f"p{i}" for i in rng.integers(0, 150, n)]
+    dst = [f"p{i}" for i in rng.integers(0, 400, n)]
+    count = rng.integers(1, 6, n)  # few values: many ties, broken by id
+    t = pa.table({"src": src, "dst": dst, "count": pa.array(count, pa.int64())})
+    got = top_neighbours(t, "out", "src", "dst", "count", 7)
+    assert got.schema == NEIGHBOURS_SCHEMA
+    got = {r["product_id"]: r for r in got.to_pylist()}
+    df = pl.from_arrow(t)
+    assert len(got) == df["src"].n_unique()
+    for (node,), rows in df.group_by(["src"]):
+        best = rows.group_by("dst").agg(pl.col("count").max()).sort(["count", "dst"], descending=[True, False])
+        r = got[node]
+        assert r["kind"] == "out"
+        assert r["neighbours"] == best["dst"].head(7).to_list()
+        assert r["weights"] == [float(w) for w in best["count"].head(7)]
+        assert r["weight_sum"] == float(best["count"].sum())
+
+
+def test_related_steps_run_in_actor_pools(tmp_path):
+    """The steps that load a model or every node's tables run in actor pools (one setup() per
+    actor): a step keeping its loaded model in `self.model` turned the flag off, and the stage
+    ran them as tasks, loading the model and tables again for every batch."""
+    from autoknow_ray.modules.related.steps import (CheckEdges, DualEmbed, EmbedProducts, Recommend,
+                                                    TextNeighbours)
+    from autoknow_ray.runtime import hosts_model
+
+    steps = [CheckEdges(tmp_path, "src", "dst", "count"), EmbedProducts("default", 32, 16, tmp_path),
+             EmbedProducts("default", 32, 16, None), TextNeighbours(tmp_path, 5, 100, 4, 0),
+             DualEmbed(tmp_path, tmp_path, tmp_path, 3), Recommend(tmp_path, 5, 100, 4, 0)]
+    assert [hosts_model(s) for s in steps] == [True] * len(steps)
+    plain = CheckEdges(tmp_path, "src", "dst", "count")
+    plain.model = None  # an attribute of that name set by a step does not turn the pool off
+    assert hosts_model(plain)
+
+
+def test_text_neighbours_do_not_depend_on_shard_order_or_batches(tmp_path):
+    """Title neighbours are the same whatever order the node shards were written in and however
+    the products are batched: ties (identical titles) go to the smaller product id, and scores
+    are each pair's own inner product, not FAISS's batch-dependent last bits."""
+    from autoknow_ray.modules.related.steps import TEXT_DIM, TextNeighbours, _fixed
+
+    rng = np.random.default_rng(0)
+    n = 300
+    vecs = rng.standard_normal((n, TEXT_DIM)).astype(np.float32)
+    vecs[100:150] = vecs[50:100]  # identical titles: exact ties
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    ids = np.array([f"p{i:04d}" for i in range(n)])
+
+    def write(folder, order):
+        folder.mkdir()
+        for j, part in enumerate(np.array_split(order, 3)):
+            pq.write_table(pa.table({"product_id": ids[part], "text": _fixed(vecs[part])}), folder / f"{j}.parquet")
+        mark_complete(folder)
+
+    results = []
+    for name, order, size in (("a", np.arange(n), 64), ("b", rng.permutation(n), 77)):
+        write(tmp_path / name, order)
+        step = TextNeighbours(tmp_path / name, 5, 10_000, 8, 0)
+        step.setup(WorkerEnv())
+        batch = pa.table({"product_id": ids[order], "text": _fixed(vecs[order])})
+        out = pa.concat_tables([step.process_batch(batch.slice(i, size)) for i in range(0, n, size)])
+        results.append(pl.from_arrow(out).sort(["src", "dst"]))
+    assert results[0].equals(results[1])
+    # p0050's twin p0100 is its nearest; p0100's nearest is p0050 (itself left out)
+    first = results[0].sort(["src", "weight"], descending=[False, True]).group_by("src", maintain_order=True).first()
+    nearest = dict(zip(first["src"].to_list(), first["dst"].to_list()))
+    assert nearest["p0050"] == "p0100" and nearest["p0100"] == "p0050"

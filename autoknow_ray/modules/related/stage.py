@@ -63,24 +63,38 @@ class RelatedStage(Stage):
         return super().fingerprint(ctx)
 
     def run(self, ctx: RunContext) -> dict:
+        import time
+
         cfg, rc, out = ctx.cfg, ctx.cfg.related, ctx.out
+        seconds, t0 = {}, [time.perf_counter()]
+
+        def lap(what: str) -> None:  # wall seconds of each pass, for the manifest
+            now = time.perf_counter()
+            seconds[what] = round(now - t0[0], 2)
+            t0[0] = now
+
         n = n_products(ctx)
         model_dir = (ctx.models / "related") if ctx.models else None
         trained = model_dir is not None and (model_dir / WEIGHTS).exists()
         products = ctx.table_path("ingest", "products")
         counts = gb.copurchase_edges(cfg, ctx.table_path("ingest", "copurchase"), products, out)
+        lap("copurchase_edges")
         counts.update(gb.coview_edges(cfg, ctx.table_path("ingest", "behavior"), products, out))
+        lap("coview_edges")
 
         step = EmbedProducts(rc.encoder, rc.text_max_length, rc.type_buckets,
                              model_dir if trained else None)
         runtime.map_step(typed_products(ctx, ["product_id", "title"]), step, cfg, n) \
             .write_parquet(str(out / NODES))
         mark_complete(out / NODES)
+        lap("embed_products")
         counts["text_edges"] = 0
         if counts["coview_edges"] == 0 or rc.text_knn_always:
             counts["text_edges"] = gb.text_edges(cfg, out / NODES, out, n)
+        lap("text_edges")
         counts.update(gb.neighbour_table(cfg, out))
         mark_complete(out / gb.NEIGHBOURS)
+        lap("neighbour_table")
 
         if trained:
             embed = DualEmbed(model_dir, out / NODES, out / gb.NEIGHBOURS, rc.fanout)
@@ -90,6 +104,7 @@ class RelatedStage(Stage):
                 _text_as_embeddings, batch_format="pyarrow")
         emb.write_parquet(str(out / EMBEDDINGS))
         mark_complete(out / EMBEDDINGS)
+        lap("dual_embed")
         settings = _model_config(model_dir) if trained else {}
         prior = float(settings.get("prior_weight", 0.0))
         recommend = Recommend(out / EMBEDDINGS, rc.top_k, rc.ivf_min_size, rc.nprobe, cfg.seed,
@@ -99,6 +114,7 @@ class RelatedStage(Stage):
                               settings.get("neighbour_bucket_weights"), rc.fanout)
         runtime.map_step(runtime.read_parquet(out / EMBEDDINGS, ["product_id", "source"]), recommend,
                          cfg, n).write_parquet(str(out / "graph_related"))
+        lap("recommend")
         counts["quarantine_reasons"] = gb.quarantine_reasons(out / gb.QUARANTINE_TABLE)
         n_rows = count_rows(out / "graph_related")
         n_bad = count_rows(out / gb.QUARANTINE_TABLE)
@@ -109,6 +125,7 @@ class RelatedStage(Stage):
             _first_ranks, batch_format="pyarrow").count() if n_rows else 0)
         if n_bad == 0:
             gb.write_shards(None, out / gb.QUARANTINE_TABLE, gb.QUARANTINE)
+        lap("counts")
         return {
             "rows_in": n,
             "rows_out": n_rows,
@@ -126,4 +143,5 @@ class RelatedStage(Stage):
             "popularity_bucket_weights": settings.get("popularity_bucket_weights"),
             "neighbour_bucket_weights": settings.get("neighbour_bucket_weights"),
             **counts,
+            "step_seconds": seconds,
         }

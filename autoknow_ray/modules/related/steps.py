@@ -134,7 +134,8 @@ class EmbedProducts(Step):
         self.encoder_name, self.max_length = encoder, max_length
         self.type_buckets = type_buckets
         self.model_dir = str(model_dir) if model_dir else None
-        self.encoder = self.model = None
+        # the loaded GNN is `gnn`: `model` is the Step's flag (an actor pool, one setup per actor)
+        self.encoder = self.gnn = None
 
     def setup(self, env: WorkerEnv) -> None:
         import torch
@@ -146,8 +147,8 @@ class EmbedProducts(Step):
         self.encoder = TextEncoder(self.encoder_name, device=env.device, max_length=self.max_length,
                                    batch_size=max(env.batch_size, 64))
         if self.model_dir:
-            self.model = load(Path(self.model_dir), "cpu")
-            self.type_buckets = self.model.settings.type_buckets
+            self.gnn = load(Path(self.model_dir), "cpu")
+            self.type_buckets = self.gnn.settings.type_buckets
         self.torch = torch
 
     def process_batch(self, batch: pa.Table) -> pa.Table:
@@ -158,9 +159,9 @@ class EmbedProducts(Step):
         types = type_bucket(batch.column("type").to_pylist(), self.type_buckets)
         cols = {"product_id": batch.column("product_id"), "text": _fixed(text),
                 "type_bucket": pa.array(types, pa.int32())}
-        if self.model is not None:
+        if self.gnn is not None:
             with self.torch.inference_mode():
-                h0 = self.model.metadata(self.torch.from_numpy(text), self.torch.from_numpy(types))
+                h0 = self.gnn.metadata(self.torch.from_numpy(text), self.torch.from_numpy(types))
             cols["h0"] = _fixed(h0.numpy())
         return pa.table(cols)
 
@@ -184,13 +185,38 @@ class TextNeighbours(Step):
 
         t = _read(storage.path(self.nodes_path), ["product_id", "text"])
         require_complete(self.nodes_path, t.num_rows)
+        # rows in product id order, not the order the shards were written in: index ids, and
+        # so ties, are the same from run to run
+        t = t.sort_by("product_id") if t.num_rows else t
         self.ids = t.column("product_id").combine_chunks() if t.num_rows else pa.array([], pa.string())
         self.index = VectorIndex("ip", ivf_min_size=self.ivf_min_size, nprobe=self.nprobe,
                                  seed=self.seed).build(_vectors(t.column("text"), TEXT_DIM))
 
+    # candidates searched past k + 1: an exact index's scores (a matrix product over the batch)
+    # move in their last bits with the batch they are computed in, so the nearest are re-scored
+    # one pair at a time and cut again
+    MARGIN = 5
+
+    def _pair_scores(self, q: np.ndarray, ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """Each candidate's inner product with its query alone, from the vectors the index
+        holds (no second copy); an index that cannot give them back (IVF, whose list scans
+        already score pair by pair) keeps its own scores."""
+        try:
+            rows = self.index.index.reconstruct_batch(np.clip(ids, 0, None).reshape(-1))
+        except RuntimeError:
+            return scores
+        return np.einsum("nd,nkd->nk", q, rows.reshape(*ids.shape, -1))
+
     def process_batch(self, batch: pa.Table) -> pa.Table:
         q = _vectors(batch.column("text"), TEXT_DIM)
-        scores, ids = self.index.search(q, self.k + 1)
+        scores, ids = self.index.search(q, self.k + 1 + self.MARGIN)
+        # the best first, ties by product id (the index's row order); missing slots last
+        if ids.size and self.index.ntotal:
+            scores = self._pair_scores(q, ids, scores)
+        scores = np.where(ids >= 0, scores, -np.inf)
+        order = np.lexsort((np.where(ids >= 0, ids, np.iinfo(np.int64).max), -scores))[:, :self.k + 1] \
+            if ids.size else np.zeros((len(ids), 0), np.int64)
+        ids, scores = np.take_along_axis(ids, order, 1), np.take_along_axis(scores, order, 1)
         src = np.repeat(np.arange(batch.num_rows), ids.shape[1])
         ids, scores = ids.reshape(-1), scores.reshape(-1)
         dst_ids = self.ids.take(pa.array(np.clip(ids, 0, None)))
@@ -293,7 +319,7 @@ class DualEmbed(Step):
     def __init__(self, model_dir: Path, nodes_path: Path, neighbours_path: Path, fanout: int):
         self.model_dir, self.nodes_path = str(model_dir), str(nodes_path)
         self.neighbours_path, self.fanout = str(neighbours_path), fanout
-        self.model = self.tables = None
+        self.gnn = self.tables = None  # not `model`: the Step's flag
 
     def setup(self, env: WorkerEnv) -> None:
         import torch
@@ -304,7 +330,7 @@ class DualEmbed(Step):
         set_cpu_threads(env.cpu_threads)
         self.torch = torch
         self.device = env.device
-        self.model = load(Path(self.model_dir), env.device)
+        self.gnn = load(Path(self.model_dir), env.device)
         self.tables = NodeTables(storage.path(self.nodes_path), storage.path(self.neighbours_path), self.fanout)
         t = self.tables
         self.t = {k: torch.from_numpy(getattr(t, k)).to(env.device)
@@ -312,7 +338,7 @@ class DualEmbed(Step):
         self.hop1 = None
         if self.t["h0"].shape[0] <= HOP1_ONCE_MAX_NODES:
             with torch.inference_mode():
-                self.hop1 = self.model.hop1_all(self.t["h0"], self.t["degree"], self.t["out_nb"],
+                self.hop1 = self.gnn.hop1_all(self.t["h0"], self.t["degree"], self.t["out_nb"],
                                                 self.t["in_nb"], self.t["sim_nb"])
 
     def process_batch(self, batch: pa.Table) -> pa.Table:
@@ -323,10 +349,10 @@ class DualEmbed(Step):
         nodes = torch.from_numpy(idx).to(self.device)
         with torch.inference_mode():
             if self.hop1 is not None:
-                s, t = self.model.forward_from_hop1(nodes, *self.hop1, self.t["out_nb"],
+                s, t = self.gnn.forward_from_hop1(nodes, *self.hop1, self.t["out_nb"],
                                                     self.t["in_nb"], self.t["sim_nb"])
             else:
-                s, t = self.model(nodes, self.t["h0"], self.t["degree"], self.t["out_nb"],
+                s, t = self.gnn(nodes, self.t["h0"], self.t["degree"], self.t["out_nb"],
                                   self.t["in_nb"], self.t["sim_nb"])
         return pa.table({"product_id": batch.column("product_id"), "source": _fixed(s.float().cpu().numpy()),
                          "target": _fixed(t.float().cpu().numpy())})

@@ -47,6 +47,7 @@ def _catalogue(path, seed=0):
     for p in phones + cases:  # the best-sellers go with everything, more often than any case
         for b in best:
             rows.append((p, b, 6))
+    rows.append(("phone-00", None, 1))  # malformed: no product bought; kept for ingest to quarantine
     cp = pl.DataFrame(rows, schema={"src": pl.String, "dst": pl.String, "count": pl.Int64}, orient="row")
     behaviour = pl.DataFrame({"query": ["phone"] * 30 + ["case"] * 30, "product_id": phones + cases,
                               "action": ["view"] * 60, "count": [1] * 60})  # queries: phones, cases
@@ -67,8 +68,9 @@ def test_new_listings_lose_every_behaviour_row_and_their_purchases_become_gold(t
     assert len(withheld) == 8 == s["withheld_products"]
     kept = read_parquet_any(tmp_path / "new" / "copurchase.parquet")
     assert not kept.filter(pl.col("src").is_in(withheld) | pl.col("dst").is_in(withheld)).height
-    assert kept.height + s["copurchase_rows_removed"] == cp.height
-    assert kept.height == cp.filter(~(pl.col("src").is_in(withheld) | pl.col("dst").is_in(withheld))).height
+    assert kept.height + s["copurchase_rows_removed"] == cp.height  # no row lost
+    assert kept.filter(pl.col("dst").is_null()).height == 1
+    assert kept.height == cp.filter(~(pl.col("src").is_in(withheld) | pl.col("dst").is_in(withheld)).fill_null(False)).height
     bh = read_parquet_any(tmp_path / "new" / "behavior.parquet")
     assert not bh.filter(pl.col("product_id").is_in(withheld)).height and bh.height == 60 - s["behavior_rows_removed"]
     gold = read_parquet_any(tmp_path / "new" / "gold" / "copurchase.parquet")

@@ -13,6 +13,9 @@ gold tables are copied as they are; `NEW/gold/holdout_behaviour.json` records th
 
 The draw is a seeded choice over the eligible products sorted by id, so the same catalogue,
 share and seed give the same new listings.
+
+An evaluation tool (one process, polars), like the baselines: meant for evaluation catalogues,
+not for a 100M-product rebuild.
 """
 from __future__ import annotations
 
@@ -77,7 +80,9 @@ def holdout_behaviour(catalogue: str | Path, out: str | Path, *, fraction: float
     chosen = sorted(eligible[i] for i in rng.choice(len(eligible), size=k, replace=False))
     withheld = pl.Series("id", chosen).implode()
 
-    touches = pl.col("src").is_in(withheld) | pl.col("dst").is_in(withheld)
+    # a row with a missing end touches no withheld product: it stays, for ingest to quarantine
+    # (a null comparison would drop it from both halves)
+    touches = (pl.col("src").is_in(withheld) | pl.col("dst").is_in(withheld)).fill_null(False)
     kept_cp = copurchase.filter(~touches)
     removed_cp = copurchase.filter(touches)
     gold_parts = [removed_cp.filter(pl.col("src").is_in(withheld) & (pl.col("src") != pl.col("dst")))]
@@ -90,7 +95,7 @@ def holdout_behaviour(catalogue: str | Path, out: str | Path, *, fraction: float
     behaviour = _read(catalogue, "behavior")
     removed_bh = 0
     if behaviour is not None:
-        keep = ~pl.col("product_id").is_in(withheld)
+        keep = ~pl.col("product_id").is_in(withheld).fill_null(False)
         removed_bh = behaviour.filter(~keep).height
         behaviour = behaviour.filter(keep)
 

@@ -77,8 +77,8 @@ def prior_weights_of(settings: dict, events: np.ndarray) -> np.ndarray:
     return np.full(len(events), float(settings.get("prior_weight", 0.0) or 0.0))
 
 
-def popularity_weights_of(settings: dict, events: np.ndarray, key: str = "popularity_bucket_weights") -> np.ndarray:
-    """A term's weight (`key`: the popularity term's, or `neighbour_bucket_weights`) for
+def term_weights_of(settings: dict, events: np.ndarray, key: str) -> np.ndarray:
+    """A score term's weight (`key`: `popularity_bucket_weights` or `neighbour_bucket_weights`) for
     products with these co-purchase events (their bucket's; 0 for a model without the term)."""
     buckets, weights = settings.get("prior_buckets"), settings.get(key)
     if buckets and weights and len(buckets) == len(weights):

@@ -454,7 +454,7 @@ class Recommend(Step):
     def _rerank(self, batch: pa.Table, q: np.ndarray, ids: np.ndarray):
         """Candidates = FAISS hits + co-purchase neighbours out and in; each scored by the model
         plus the count prior; duplicates and missing slots sink to the end (-1 ids)."""
-        from autoknow_ray.modules.related.model import popularity_weights_of, prior_weights_of
+        from autoknow_ray.modules.related.model import term_weights_of, prior_weights_of
 
         me = self.tables.index_of(batch.column("product_id").to_pylist())
         n = len(me)
@@ -480,10 +480,10 @@ class Recommend(Step):
         events = np.where(me >= 0, self.tables.events[rows], 0.0)
         score = model + prior_weights_of(self.prior, events)[:, None] * np.log1p(count)
         if self.uses_popularity:
-            score += popularity_weights_of(self.prior, events)[:, None] * np.log1p(
+            score += term_weights_of(self.prior, events, "popularity_bucket_weights")[:, None] * np.log1p(
                 self.tables.bought[np.clip(cand, 0, None)])
         if self.uses_neighbours:
-            wn = popularity_weights_of(self.prior, events, "neighbour_bucket_weights")
+            wn = term_weights_of(self.prior, events, "neighbour_bucket_weights")
             for lo in range(0, n, 64):  # (rows, candidates, neighbours' lists): bounded in chunks
                 c, i, w = cand[lo:lo + 64], nb_i[lo:lo + 64], nb_w[lo:lo + 64]
                 mean = ((c[:, :, None] == i[:, None, :]) * w[:, None, :]).sum(2) / n_sim[lo:lo + 64, None]

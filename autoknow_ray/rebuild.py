@@ -127,10 +127,17 @@ def fit(catalogue: str | Path, out: str | Path, *, config: Config | str | Path |
     # in flow order, so a later module may read an earlier one's artifacts in `out`
     modules = [m for m in STAGE_ORDER if m in (modules or trainable)]
     results = {}
-    for m in modules:
-        t0 = time.perf_counter()
-        results[m] = _load(MODULES[m][1])(ctx, out / m)
-        results[m]["seconds"] = round(time.perf_counter() - t0, 2)
+    # the CPU precision every rebuild with these models infers at on this kind of CPU; fit's own
+    # inference (calibration, embeddings) runs at it too
+    precision = runtime.fit_precision(cfg, out)
+    runtime.set_run_precision(precision["cpu_bf16"])
+    try:
+        for m in modules:
+            t0 = time.perf_counter()
+            results[m] = _load(MODULES[m][1])(ctx, out / m)
+            results[m]["seconds"] = round(time.perf_counter() - t0, 2)
+    finally:
+        runtime.set_run_precision(None)
     manifest = {
         "inputs": fit_inputs(catalogue, cfg, modules),
         "catalogue": str(catalogue.resolve()),
@@ -192,7 +199,13 @@ def rebuild(catalogue: str | Path, out: str | Path, *, models: str | Path | None
                      models=Path(local_models) if local_models else None, cluster=cluster,
                      previous=previous)
     (out / "config.resolved.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
-    results = run_stages(build_stages(cfg), ctx, force=force)
+    # one bf16 / fp32 decision for every model this run infers with on CPU (RUN/precision.json)
+    precision = runtime.run_precision(cfg, out, previous, local_models) if needs_models else {}
+    runtime.set_run_precision(precision.get("cpu_bf16"))
+    try:
+        results = run_stages(build_stages(cfg), ctx, force=force)
+    finally:
+        runtime.set_run_precision(None)
     return {
         "run_dir": str(out),
         "graph": str(out / "graph"),

@@ -130,19 +130,21 @@ def run_task(fn, *args, cfg: Config, num_cpus: float = 1, **kwargs):
     if _TASK is None:
         _TASK = ray.remote(max_retries=0)(_in_task)
     return ray.get(_TASK.options(num_cpus=num_cpus).remote(fn, args, kwargs, cfg,
-                                                           tuple(_REMOTE_ARTIFACTS)))
+                                                           tuple(_REMOTE_ARTIFACTS), RUN_CPU_BF16))
 
 
 _TASK = None
 
 
-def _in_task(fn, args, kwargs, cfg: Config, artifacts: tuple = ()):
+def _in_task(fn, args, kwargs, cfg: Config, artifacts: tuple = (), cpu_bf16: bool | None = None):
     import ray.data
 
-    global DRIVER_COMBINE_ROWS
+    global DRIVER_COMBINE_ROWS, RUN_CPU_BF16
     DRIVER_COMBINE_ROWS = cfg.ray.driver_combine_rows
+    RUN_CPU_BF16 = cpu_bf16  # the steps this task starts get it too
     configure_data_context(ray.data.DataContext.get_current())
     _local_artifacts(artifacts)  # as before a step's setup()
+    _worker_precision(cpu_bf16)
     return fn(*args, **kwargs)
 
 
@@ -299,12 +301,128 @@ def use_models(models):
     return local
 
 
+# The run's bf16 / fp32 decision for `auto` inference on CPU (`run_precision`), handed to every
+# step's worker with its WorkerEnv and to `run_task`'s tasks; None outside a rebuild.
+RUN_CPU_BF16: bool | None = None
+PRECISION_FILE = "precision.json"
+
+
+def cpu_kind() -> str:
+    """This machine's CPU model and whether it has bf16 units: where the precision fit chose
+    holds for a rebuild (`run_precision`)."""
+    from autoknow_ray.nn.encoder import cpu_has_bf16
+
+    name = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f
+                         if line.startswith("model name")), "")
+    except OSError:
+        pass
+    import platform
+
+    return f"{name or platform.processor() or platform.machine()} | bf16 units: {cpu_has_bf16()}"
+
+
+def fit_precision(cfg: Config, models) -> dict:
+    """The CPU precision fit decides for its models on this CPU (one probe on the driver),
+    written to MODELS/precision.json: every rebuild with these models on the same kind of CPU
+    infers at it (`run_precision`), so two rebuilds of one catalogue agree whatever a probe
+    would say on the night."""
+    import json
+
+    from autoknow_ray.nn.encoder import cpu_bf16_pays
+
+    out = {"cpu": cpu_kind(), "cpu_bf16": False if cfg.device == "cuda" else bool(cpu_bf16_pays())}
+    (models / PRECISION_FILE).write_text(json.dumps(out, indent=2))
+    return out
+
+
+def run_precision(cfg: Config, run_dir, previous=None, models=None) -> dict:
+    """One bf16 / fp32 decision for the models every stage of this run infers with on CPU
+    (settings left at `auto`), made once on the driver: without it each worker process timed
+    bf16 against fp32 for itself, and on a loaded machine the probe tipped either way, so two
+    rebuilds of one catalogue scored some rows in bf16 and others in fp32 (docs/incremental.md).
+    In order: the decision this run already recorded (a resumed run keeps its precision), the
+    previous run's (`--previous`: its cached outputs stay reusable), the models' (fit's probe,
+    where this is the same kind of CPU: `fit_precision`), else a probe here
+    (`nn.encoder.cpu_bf16_pays`). GPU workers use bf16 under `auto` whatever this says.
+    Recorded in RUN/precision.json; returns what it wrote."""
+    import json
+
+    from autoknow_ray import storage
+
+    def recorded(folder) -> dict:
+        p = storage.path(folder) / PRECISION_FILE
+        try:
+            got = json.loads(p.read_text()) if p.exists() else {}
+        except (OSError, ValueError):
+            return {}
+        return got if isinstance(got.get("cpu_bf16"), bool) else {}
+
+    mine = recorded(run_dir)
+    if mine:
+        return {**mine, "decided_by": "this run, recorded before a resume"}
+    before = recorded(previous) if previous is not None else {}
+    if not before and previous is not None:
+        # a run from before this file: its title models' cached precision
+        cache = ((read_json(storage.path(previous) / "taxonomy" / "manifest.json") or {})
+                 .get("cache") or {}).get("title_models") or {}
+        if cache.get("device") == "cpu" and isinstance(cache.get("bf16"), bool):
+            before = {"cpu_bf16": cache["bf16"]}
+    fitted = recorded(models) if models is not None else {}
+    if before:
+        out = {"cpu_bf16": before["cpu_bf16"], "decided_by": "previous run"}
+    elif fitted and fitted.get("cpu") == cpu_kind():
+        out = {"cpu_bf16": fitted["cpu_bf16"], "decided_by": "the models' fit, on this kind of CPU"}
+    elif cfg.device == "cuda":
+        out = {"cpu_bf16": False, "decided_by": "device cuda: no model runs on CPU"}
+    else:
+        from autoknow_ray.nn.encoder import cpu_bf16_pays, cpu_has_bf16
+
+        out = {"cpu_bf16": bool(cpu_bf16_pays()),
+               "decided_by": "probe on the driver" if cpu_has_bf16() else "no bf16 units"}
+    (storage.path(run_dir) / PRECISION_FILE).write_text(json.dumps(out, indent=2))
+    return out
+
+
+def read_json(path) -> dict | None:
+    import json
+
+    try:
+        return json.loads(path.read_text()) if path.exists() else None
+    except (OSError, ValueError):
+        return None
+
+
+def set_run_precision(cpu_bf16: bool | None) -> None:
+    """The run's decision (`run_precision`) for this driver and the workers of its steps; None
+    clears it."""
+    global RUN_CPU_BF16
+    RUN_CPU_BF16 = cpu_bf16
+    _worker_precision(cpu_bf16)
+
+
 def _worker_env(plan: ActorPlan) -> "WorkerEnv":
     from autoknow_ray.steps import WorkerEnv
 
     threads = max(1, int(plan.num_cpus)) if plan.device == "cpu" else 1
     return WorkerEnv(device=plan.device, cpu_threads=threads, batch_size=plan.batch_size,
-                     artifacts=tuple(_REMOTE_ARTIFACTS))
+                     artifacts=tuple(_REMOTE_ARTIFACTS), cpu_bf16=RUN_CPU_BF16)
+
+
+def _worker_precision(cpu_bf16: bool | None) -> None:
+    """The run's CPU precision in this worker process (an environment variable that
+    `nn.encoder.inference_bf16` reads; set or cleared for every step, since Ray reuses worker
+    processes across steps and runs). Does not import torch."""
+    import os
+
+    from autoknow_ray.steps import RUN_CPU_BF16_ENV
+
+    if cpu_bf16 is None:
+        os.environ.pop(RUN_CPU_BF16_ENV, None)
+    else:
+        os.environ[RUN_CPU_BF16_ENV] = "1" if cpu_bf16 else "0"
 
 
 def _local_artifacts(artifacts) -> None:
@@ -319,8 +437,10 @@ def _local_artifacts(artifacts) -> None:
 
 
 def _setup(step, env) -> None:
-    """A step's setup() on this worker, after its node has the artifacts it reads."""
+    """A step's setup() on this worker, after its node has the artifacts it reads and with the
+    run's CPU precision."""
     _local_artifacts(env.artifacts)
+    _worker_precision(getattr(env, "cpu_bf16", None))
     step.setup(env)
 
 

@@ -23,6 +23,10 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+# The environment variable that carries the run's CPU inference precision into a worker process
+# ("1" bf16, "0" fp32; `runtime._worker_precision`, read by `nn.encoder.inference_bf16`).
+RUN_CPU_BF16_ENV = "AUTOKNOW_RUN_CPU_BF16"
+
 
 @dataclass(frozen=True)
 class WorkerEnv:
@@ -34,6 +38,9 @@ class WorkerEnv:
     # (object-store URI, local folder) pairs: artifacts the runtime copies onto this worker's
     # node before setup(), so a step's local artifact paths hold on every node
     artifacts: tuple[tuple[str, str], ...] = ()
+    # the run's one bf16 / fp32 decision for `auto` inference on CPU (`runtime.run_precision`);
+    # None: the worker decides for itself
+    cpu_bf16: bool | None = None
 
 
 class Step:

@@ -7,9 +7,10 @@ are set low here so that they bind on a few hundred products, as the defaults do
 catalogue: a cap that keeps rows in arrival order, or breaks ties by it, gives another graph
 from one rebuild to the next and fails this test. Modules 3-5 act only where fit showed their precision,
 which a few hundred products and a short fit cannot show: here they are given fixed thresholds,
-so that they act and their decisions are compared too. Their models run in fp32 (`bf16: false`):
-with `auto`, each actor on a CPU with bf16 units picks its precision by a timing probe, which a
-loaded machine tips either way (docs/incremental.md)."""
+so that they act and their decisions are compared too. Their models are left at `bf16: auto`:
+each rebuild decides its CPU precision once on the driver (RUN/precision.json), where each
+worker used to time bf16 against fp32 for itself and a loaded machine tipped the probe either
+way (docs/incremental.md)."""
 from __future__ import annotations
 
 import random
@@ -46,9 +47,9 @@ def _config():
         "relations": {"epochs": 50, "folds": 2},
         "imputation": {"min_confidence": 0.5,
                        "tagger": {"epochs": 1, "max_train_products": 100, "max_train_windows": 200,
-                                  "patience": 0, "max_length": 48, "bf16": False},
+                                  "patience": 0, "max_length": 48},
                        "clusters": {"n_clusters": 16, "min_support": 2}},
-        "cleaning": {"threshold": 0.5, "type_threshold": 0.5, "shift_factor": None, "bf16": False, "max_train_pairs": 96, "epochs": 1, "max_length": 48,
+        "cleaning": {"threshold": 0.5, "type_threshold": 0.5, "shift_factor": None, "max_train_pairs": 96, "epochs": 1, "max_length": 48,
                      "train_layers": 1},
         "synonyms": {"threshold": 0.5, "rewrite_values": True, "max_train_terms": 200, "epochs": 20,
                      "calibration_folds": 2},

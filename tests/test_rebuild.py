@@ -68,6 +68,10 @@ def test_rebuild_with_models_then_eval(fitted, capsys):
     assert attrs.height > 0 and set(attrs["module"].to_list()) == {"taxonomy"}
     report = json.loads((run / "report.json").read_text())
     assert [s["stage"] for s in report["stages"]] == ["ingest", "taxonomy", "graph"]
+    # one CPU precision for the run: fit's, on this machine
+    precision = json.loads((run / "precision.json").read_text())
+    assert precision == {"cpu_bf16": json.loads((fitted / "models" / "precision.json").read_text())["cpu_bf16"],
+                         "decided_by": "the models' fit, on this kind of CPU"}
     assert report["stages"][1]["rows_in"] == 150
     floors = json.loads((run / "taxonomy" / "manifest.json").read_text())["knn_floors"]
     assert floors["source"] == "fit" and floors["untyped_sample"] < 50  # too few to estimate from

@@ -212,3 +212,92 @@ def test_knn_reference_is_written_by_the_workers_and_read_in_setup(ray_session, 
     by_frame.setup(WorkerEnv())
     assert by_path.ref_ids == by_frame.ref_ids and np.array_equal(by_path.ref_vecs, by_frame.ref_vecs)
     assert by_path.ref_types == by_frame.ref_types
+
+
+class PrecisionSeen(Step):
+    """Reports the CPU inference precision `auto` resolves to in the worker that runs it."""
+
+    name = "precision_seen"
+    columns = ("product_id",)
+
+    def __init__(self, model: bool):
+        self.model = model
+        self.bf16 = None
+
+    def setup(self, env: WorkerEnv) -> None:
+        import torch
+
+        from autoknow_ray.nn.encoder import inference_bf16
+
+        self.bf16 = inference_bf16("auto", torch.device("cpu"))
+
+    def process_batch(self, batch: pa.Table) -> pa.Table:
+        return pa.table({"product_id": batch.column("product_id"),
+                         "bf16": pa.array([self.bf16] * batch.num_rows, pa.bool_()),
+                         "pid": pa.array([os.getpid()] * batch.num_rows, pa.int64())})
+
+
+def test_every_worker_infers_at_the_runs_one_precision(ray_session):
+    """The run's bf16 / fp32 decision reaches every actor and task of a step (a timing probe
+    per process used to tip either way on a loaded machine); cleared, a worker decides alone."""
+    import torch
+
+    from autoknow_ray.nn.encoder import inference_bf16, run_cpu_bf16
+
+    cfg = Config.model_validate({"resources": {"default": {"actors": 2, "batch_size": 8}}})
+    try:
+        for decided in (True, False, True):
+            runtime.set_run_precision(decided)
+            assert inference_bf16("auto", torch.device("cpu")) is decided  # the driver
+            for model in (True, False):
+                seen = _collect(runtime.map_step(_ds(40), PrecisionSeen(model), cfg, 40))
+                assert seen.height == 40
+                assert seen["bf16"].to_list() == [decided] * 40, (decided, model)
+            # an explicit setting still wins over the run's decision
+            assert inference_bf16(not decided, torch.device("cpu")) is (not decided)
+    finally:
+        runtime.set_run_precision(None)
+    assert run_cpu_bf16() is None and runtime.RUN_CPU_BF16 is None
+
+
+def test_the_run_precision_is_decided_once_and_kept_on_resume_and_by_the_next_run(tmp_path, monkeypatch):
+    import json
+
+    from autoknow_ray.nn import encoder
+
+    probe = {"pays": True}
+    monkeypatch.setattr(encoder, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(encoder, "cpu_bf16_pays", lambda: probe["pays"])
+    cfg = Config()
+    first = tmp_path / "first"
+    first.mkdir()
+    got = runtime.run_precision(cfg, first)
+    assert got == {"cpu_bf16": True, "decided_by": "probe on the driver"}
+    assert json.loads((first / runtime.PRECISION_FILE).read_text())["cpu_bf16"] is True
+    probe["pays"] = False  # the probe now tips the other way (a loaded machine)
+    assert runtime.run_precision(cfg, first)["cpu_bf16"] is True  # the run, resumed
+    nightly = tmp_path / "nightly"
+    nightly.mkdir()
+    got = runtime.run_precision(cfg, nightly, previous=first)
+    assert got == {"cpu_bf16": True, "decided_by": "previous run"}  # its caches stay reusable
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    assert runtime.run_precision(cfg, fresh)["cpu_bf16"] is False
+    # fit records its probe with its models: every rebuild with them on this kind of CPU
+    # infers at it, whatever the probe says on the night; on another kind of CPU it probes
+    models = tmp_path / "models"
+    models.mkdir()
+    probe["pays"] = True
+    assert runtime.fit_precision(cfg, models)["cpu_bf16"] is True
+    probe["pays"] = False
+    for night in ("mon", "tue"):
+        (tmp_path / night).mkdir()
+        got = runtime.run_precision(cfg, tmp_path / night, models=models)
+        assert got == {"cpu_bf16": True, "decided_by": "the models' fit, on this kind of CPU"}
+    monkeypatch.setattr(runtime, "cpu_kind", lambda: "another CPU")
+    (tmp_path / "wed").mkdir()
+    assert runtime.run_precision(cfg, tmp_path / "wed", models=models)["cpu_bf16"] is False
+    monkeypatch.setattr(encoder, "cpu_has_bf16", lambda: False)
+    other = tmp_path / "other"
+    other.mkdir()
+    assert runtime.run_precision(cfg, other)["decided_by"] == "no bf16 units"

@@ -111,13 +111,30 @@ def cpu_bf16_pays(rounds: int = 2) -> bool:
     return bf16 < 0.9 * fp32
 
 
+def run_cpu_bf16() -> bool | None:
+    """The run's one bf16 / fp32 decision for models on CPU, where this process was given one
+    (`autoknow_ray.runtime.run_precision`: the driver decides once per rebuild and every worker
+    gets it with its step, through `steps.RUN_CPU_BF16_ENV`), else None."""
+    from autoknow_ray.steps import RUN_CPU_BF16_ENV
+
+    v = os.environ.get(RUN_CPU_BF16_ENV)
+    return None if v is None else v == "1"
+
+
 def inference_bf16(bf16: bool | str | None, device: torch.device) -> bool:
     """bf16 autocast for inference: `auto`/None = on GPU, and on a CPU with native bf16 units
-    where a one-off probe finds it faster than fp32 (`cpu_bf16_pays`; spans and embeddings agree
-    with fp32 to ~0.99 F1 / 1.0 cosine, measured by `autoknow bench`). Training never uses this:
-    it stays fp32 on CPU."""
+    where bf16 is faster than fp32 (spans and embeddings agree with fp32 to ~0.99 F1 / 1.0
+    cosine, measured by `autoknow bench`). On CPU that is the run's one decision where a rebuild
+    made it (`run_cpu_bf16`: every worker of the run alike, so the graph does not depend on
+    which process scored a row), else a probe in this process (`cpu_bf16_pays`). Training never
+    uses this: it stays fp32 on CPU."""
     if bf16 is None or bf16 == "auto":
-        return device.type == "cuda" or (device.type == "cpu" and cpu_bf16_pays())
+        if device.type == "cuda":
+            return True
+        if device.type != "cpu":
+            return False
+        decided = run_cpu_bf16()
+        return cpu_bf16_pays() if decided is None else decided
     return bool(bf16)
 
 

@@ -24,10 +24,13 @@ def title_precision(device: str, previous_stage: Path | None) -> bool:
     rebuild's vectors are all of one precision, and the cache can name it): on GPU bf16; on CPU
     the previous run's choice on the same device where there is one (so a timing probe that
     tips the other way on a loaded night does not throw the cache away), else the probe."""
+    from autoknow_ray import runtime
     from autoknow_ray.nn.encoder import cpu_bf16_pays
 
     if device == "cuda":
         return True
+    if runtime.RUN_CPU_BF16 is not None:  # the run's one decision (`runtime.run_precision`)
+        return runtime.RUN_CPU_BF16
     before = ((read_manifest(previous_stage) if previous_stage else {}).get("cache") or {}).get(STEP) or {}
     if before.get("device") == device and isinstance(before.get("bf16"), bool):
         return before["bf16"]

@@ -50,13 +50,22 @@ def upstream_edits(ctx: RunContext, before: str):
     flow, as one Ray Dataset (None when there are none)."""
     import ray.data
 
+    paths = _upstream_edit_paths(ctx, before)
+    if not paths:
+        return None
+    return ray.data.read_parquet([str(p) for p in paths])
+
+
+def _upstream_edit_paths(ctx: RunContext, before: str) -> list[Path]:
     from autoknow_ray.graph.assemble import MODULE_STAGES
 
     stages = [s for s in MODULE_STAGES[: MODULE_STAGES.index(before)] if s in ctx.cfg.stages]
-    paths = [str(ctx.table_path(s, "edits")) for s in stages if _has_rows(ctx.table_path(s, "edits"))]
-    if not paths:
-        return None
-    return ray.data.read_parquet(paths)
+    return [ctx.table_path(s, "edits") for s in stages if _has_rows(ctx.table_path(s, "edits"))]
+
+
+def upstream_edit_rows(ctx: RunContext, before: str) -> int:
+    """Rows of `upstream_edits(ctx, before)`, from the Parquet metadata (nothing is read)."""
+    return sum(count_rows(p) for p in _upstream_edit_paths(ctx, before))
 
 
 def current_taxonomy(ctx: RunContext):

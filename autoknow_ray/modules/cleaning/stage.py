@@ -37,7 +37,9 @@ def upstream_per_product(ctx: RunContext):
         return None
     edits = edits.select_columns(["subject", "relation", "object", "status", "module"]).map_batches(
         lambda b: b.filter(pc.is_valid(b.column("subject"))), batch_format="pyarrow")
-    return edits.groupby("subject").map_groups(_collect_edits, batch_format="pyarrow")
+    # a small input is grouped in one task (runtime.map_groups), a larger one by the shuffle
+    return runtime.map_groups(edits, "subject", _collect_edits,
+                              n_rows=state.upstream_edit_rows(ctx, before="cleaning"))
 
 
 class CleaningStage(Stage):
@@ -71,8 +73,10 @@ class CleaningStage(Stage):
         upstream = upstream_per_product(ctx)
         if upstream is not None:
             parts = max(1, min(32, n // 5000 + 1))
-            products = products.join(upstream, join_type="left_outer", num_partitions=parts,
-                                     on=("product_id",))
+            # one row per product with an edit: at most the upstream edits' rows
+            products = runtime.join(products, upstream, ("product_id",), "left_outer", parts,
+                                    left_rows=n,
+                                    right_rows=state.upstream_edit_rows(ctx, before="cleaning"))
         step = ScoreTriples(model_dir, None if cfg.threshold == "auto" else float(cfg.threshold),
                             cfg.judge_types, cfg.correct_from_upstream, cfg.bf16, ctx.cfg.device,
                             None if cfg.type_threshold == "auto" else float(cfg.type_threshold),

@@ -77,18 +77,23 @@ def products_with_context(ctx: RunContext, n: int):
     ds = state.typed_products(ctx, ["product_id", "title", "description", "bullets",
                                     "attributes", "brand"])
     texts_path = ctx.table_path("ingest", "texts")
-    if "texts" in cfg.fields and state.count_rows(texts_path) > 0:
+    n_texts = state.count_rows(texts_path)
+    if "texts" in cfg.fields and n_texts > 0:
         texts = ray.data.read_parquet(str(texts_path)).select_columns(["product_id", "kind", "text"])
         cap = cfg.max_texts_per_product
-        per_product = texts.groupby("product_id").map_groups(
-            lambda g: _customer_texts(g, cap), batch_format="pyarrow")
-        ds = ds.join(per_product, join_type="left_outer", num_partitions=_partitions(n),
-                     on=("product_id",))
+        # small inputs are grouped and joined in one task (runtime.map_groups / runtime.join);
+        # larger ones take the shuffles as before
+        per_product = runtime.map_groups(texts, "product_id", lambda g: _customer_texts(g, cap),
+                                         n_rows=n_texts)
+        ds = runtime.join(ds, per_product, ("product_id",), "left_outer", _partitions(n),
+                          left_rows=n, right_rows=n_texts)
     upstream = state.upstream_edits(ctx, before=MODULE)
     if upstream is not None:
+        n_up = state.upstream_edit_rows(ctx, before=MODULE)
         items = upstream.map_batches(_upstream_items, batch_format="pyarrow")
-        lists = items.groupby("product_id").map_groups(_upstream_lists, batch_format="pyarrow")
-        ds = ds.join(lists, join_type="left_outer", num_partitions=_partitions(n), on=("product_id",))
+        lists = runtime.map_groups(items, "product_id", _upstream_lists, n_rows=n_up)
+        ds = runtime.join(ds, lists, ("product_id",), "left_outer", _partitions(n), left_rows=n,
+                          right_rows=n_up)
     return ds.map_batches(_fill_missing, batch_format="pyarrow")
 
 
@@ -139,8 +144,8 @@ class ImputationStage(Stage):
         runtime.map_step(products, tag, ctx.cfg, n).write_parquet(str(ctx.out / "candidates"))
         tag_seconds = time.perf_counter() - t0
         cands = runtime.read_parquet(ctx.out / "candidates")
-        sums = cands.sum(list(INPUT_COUNTS)) if n else {}
-        input_counts = {k: int(sums.get(f"sum({k})") or 0) for k in INPUT_COUNTS} if sums else {}
+        sums = runtime.column_sums(cands, list(INPUT_COUNTS)) if n else {}
+        input_counts = {k: int(sums.get(k) or 0) for k in INPUT_COUNTS} if sums else {}
         rows_out = state.count_rows(ctx.out / "candidates")
 
         cluster_map, cluster_stats = {}, {"enabled": cfg.clusters.enabled}

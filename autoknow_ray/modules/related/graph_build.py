@@ -129,11 +129,10 @@ def copurchase_edges(cfg: Config, copurchase: Path, products: Path, out: Path) -
         two = pa.table({"src": b, "dst": a, "count": r, "two_way": both}).filter(pc.greater(r, 0))
         return pa.concat_tables([one, two])
 
-    import ray.data.aggregate as A
-
     good = checked.map_batches(_accepted, batch_format="pyarrow")
-    pairs = good.map_batches(canonical, batch_format="pyarrow").groupby(["a", "b"], num_partitions=_partitions(cfg, n_in)).aggregate(
-        A.Sum("fwd", alias_name="fwd"), A.Sum("bwd", alias_name="bwd"))
+    # a small input is summed in one task, a larger one by Ray's groupby (runtime.groupby_sum)
+    pairs = runtime.groupby_sum(good.map_batches(canonical, batch_format="pyarrow"), ["a", "b"],
+                                {"fwd": "fwd", "bwd": "bwd"}, _partitions(cfg, n_in), n_rows=n_in)
     n_edges = write_shards(pairs.map_batches(directed, batch_format="pyarrow"), out / COPURCHASE_EDGES,
                      COPURCHASE_SCHEMA)
     return {"copurchase_rows_in": n_in, "copurchase_quarantined": n_bad, "copurchase_edges": n_edges,
@@ -153,10 +152,11 @@ def coview_edges(cfg: Config, behavior: Path, products: Path, out: Path) -> dict
                                      ["query", "product_id", "count"]),
                     batch_format="pyarrow").write_parquet(str(qdir))
     n_bad = count_rows(qdir) - before
-    import ray.data.aggregate as A
-
     good = checked.map_batches(_accepted, batch_format="pyarrow")
-    per_query = good.groupby(["query", "product_id"], num_partitions=_partitions(cfg, n_in)).aggregate(A.Sum("count", alias_name="n"))
+    # small inputs are summed and grouped in one task each (runtime.groupby_sum, map_groups),
+    # larger ones by Ray's shuffles as before
+    per_query = runtime.groupby_sum(good, ["query", "product_id"], {"n": "count"},
+                                    _partitions(cfg, n_in), n_rows=n_in)
     cap, least = rc.coview_max_per_query, rc.coview_min_products
 
     def pairs_of_query(batch: pa.Table) -> pa.Table:
@@ -177,10 +177,10 @@ def coview_edges(cfg: Config, behavior: Path, products: Path, out: Path) -> dict
                          "weight": batch.column("weight").cast(pa.float32()),
                          "kind": pa.array(["coview"] * batch.num_rows, pa.string())})
 
-    edges = (per_query.groupby("query", num_partitions=_partitions(cfg, n_in))
-             .map_groups(pairs_of_query, batch_format="pyarrow")
-             .groupby(["src", "dst"], num_partitions=_partitions(cfg, n_in * cap)).aggregate(A.Sum("w", alias_name="weight"))
-             .map_batches(as_similar, batch_format="pyarrow"))
+    pairs = runtime.map_groups(per_query, "query", pairs_of_query, n_rows=n_in,
+                               num_partitions=_partitions(cfg, n_in))
+    edges = runtime.groupby_sum(pairs, ["src", "dst"], {"weight": "w"}, _partitions(cfg, n_in * cap),
+                                n_rows=n_in * cap).map_batches(as_similar, batch_format="pyarrow")
     n_edges = write_shards(edges, out / SIMILAR_EDGES, SIMILAR_SCHEMA)
     return {"behavior_rows_in": n_in, "behavior_quarantined": n_bad, "coview_edges": n_edges}
 
@@ -242,7 +242,8 @@ def neighbour_table(cfg: Config, out: Path) -> dict:
             counts[kind] = 0
             continue
         ds = runtime.read_parquet(out / table, [key, other, weight])
-        rows = ds.repartition(_partitions(cfg, n_edges), keys=[key]).map_batches(
+        # every node's edges in one block: hash-partitioned, or a small table as one block
+        rows = runtime.keyed_blocks(ds, [key], _partitions(cfg, n_edges), n_rows=n_edges).map_batches(
             top_neighbours, fn_kwargs={"kind": kind, "key": key, "other": other, "weight": weight,
                                        "fanout": fanout},
             batch_size=None, batch_format="pyarrow")

@@ -176,9 +176,12 @@ class SynonymsStage(Stage):
             occ = occ.union(runtime.map_step(upstream, EditedTerms(), ctx.cfg))
             removed = upstream.map_batches(_as_retracted, batch_format="pyarrow")
             # a fact an earlier module retracted is not brought back under its canonical name
-            occ = (occ.map_batches(_with_null, fn_args=(("retracted", pa.bool_()),), batch_format="pyarrow")
-                   .union(removed).groupby("product_id")
-                   .map_groups(_drop_retracted, batch_format="pyarrow"))
+            occ = occ.map_batches(_with_null, fn_args=(("retracted", pa.bool_()),),
+                                  batch_format="pyarrow").union(removed)
+            # rows per product are unknown before the explode: a small catalogue's are counted
+            # and, when few, grouped in one task (runtime.map_groups); else the shuffle
+            occ = runtime.map_groups(occ, "product_id", _drop_retracted,
+                                     rows_hint=n + state.upstream_edit_rows(ctx, before=MODULE))
         path = ctx.out / "occurrences"
         occ.write_parquet(str(path))
         return runtime.read_parquet(path), state.count_rows(path)
@@ -232,11 +235,15 @@ class SynonymsStage(Stage):
         all, the most frequent first, ties by key. None where the catalogue has no context."""
         cfg = ctx.cfg.synonyms
         parts = []
+        # an upper bound on the rows grouped below (terms and context rows), from Parquet metadata
+        n_rows = state.count_rows(ctx.out / "occurrences")
         if state.count_rows(ctx.table_path("ingest", "behavior")):
+            n_rows += state.count_rows(ctx.table_path("ingest", "behavior"))
             b = runtime.read_parquet(ctx.table_path("ingest", "behavior"), ["query", "product_id"])
             parts.append(b.map_batches(_as_contexts, fn_args=("q:", "query", "product_id"),
                                        batch_format="pyarrow"))
         if state.count_rows(ctx.table_path("ingest", "copurchase")):
+            n_rows += 2 * state.count_rows(ctx.table_path("ingest", "copurchase"))
             c = runtime.read_parquet(ctx.table_path("ingest", "copurchase"), ["src", "dst"])
             # one basket context per product: itself and what was bought with it
             parts.append(c.map_batches(_as_contexts, fn_args=("p:", "src", "dst"), batch_format="pyarrow"))
@@ -244,10 +251,13 @@ class SynonymsStage(Stage):
         if ctx.cfg.synonyms.colisted:
             # the same item listed twice (one normalised title): its values of one attribute
             # name the same thing, or disagree; either way a pair worth scoring
+            n_titles = state.count_rows(ctx.table_path("ingest", "products"))
+            n_rows += n_titles
             t = runtime.read_parquet(ctx.table_path("ingest", "products"), ["product_id", "title"])
-            parts.append(t.map_batches(_title_keys, batch_format="pyarrow").groupby("title_key")
-                         .map_groups(_duplicate_titles, fn_args=(ctx.cfg.synonyms.max_products_per_title,),
-                                     batch_format="pyarrow"))
+            parts.append(runtime.map_groups(t.map_batches(_title_keys, batch_format="pyarrow"),
+                                            "title_key", _duplicate_titles,
+                                            fn_args=(ctx.cfg.synonyms.max_products_per_title,),
+                                            n_rows=n_titles))
         if not parts or vocab.height == 0:
             return None
         # only vocabulary terms take part (and take a context's places)
@@ -257,8 +267,8 @@ class SynonymsStage(Stage):
         contexts = parts
         # per product: every term of it under every context it was seen in (a group-by, which
         # streams through the sort shuffle, instead of a hash join that needs its own actors)
-        joined = terms.union(*contexts).groupby("product_id").map_groups(
-            _terms_in_contexts, batch_format="pyarrow")
+        joined = runtime.map_groups(terms.union(*contexts), "product_id", _terms_in_contexts,
+                                    n_rows=n_rows)
         return runtime.top_keys(joined, [*VOCAB_KEY, "context"], {"n": ("count", None)},
                                 cap=cfg.max_term_contexts, order_by=[("n", "desc")],
                                 per_group=(["kind", "attribute", "context"],

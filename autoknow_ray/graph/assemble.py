@@ -235,9 +235,11 @@ class GraphStage(Stage):
         dropped: dict[str, int] = {}
         if n_rows:
             ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-            ds = ds.repartition(
-                runtime.hash_partitions(n_rows, PARTITION_MAX_ROWS, PARTITION_MIN_ROWS),
-                keys=["subject"])
+            # every subject's rows in one block: hash-partitioned, or a small graph as one
+            # block without a shuffle (runtime.keyed_blocks)
+            ds = runtime.keyed_blocks(
+                ds, ["subject"], runtime.hash_partitions(n_rows, PARTITION_MAX_ROWS,
+                                                         PARTITION_MIN_ROWS), n_rows=n_rows)
             # batch_size=None: each partition whole, as GroupedData.map_groups relies on
             ds.map_batches(edit_partition_counted, batch_format="pyarrow",
                            batch_size=None).write_parquet(str(scratch))

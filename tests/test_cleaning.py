@@ -540,3 +540,41 @@ def test_guard_holds_back_a_kind_whose_flagged_share_implies_too_few_errors():
     assert not shift_guard({"removed.upstream_type": 1, "kept.upstream_type": 304}, meta, cfg,
                            (True, False))["types"]["held_back"]
     assert not shift_guard({"kept.upstream_type": 305}, meta, cfg, (True, True))["types"]["held_back"]
+
+
+def test_a_claims_score_does_not_depend_on_the_other_claims_of_its_batch(known_fit):
+    """The scorer batches only pairs of one token length (no padding), so a claim's score is
+    bit-identical whatever else the batch holds and in whatever order the products arrive:
+    rows in another order, or another split into blocks, give the same removals and the same
+    confidences (which an incremental rebuild that reuses scores needs too)."""
+    import random
+
+    import pyarrow as pa
+
+    from autoknow_ray.modules.cleaning.steps import ScoreTriples
+    from autoknow_ray.steps import WorkerEnv
+
+    _, _, model_dir = known_fit
+    products, _ = known_catalogue(40, seed=1, plant_every=5)
+    step = ScoreTriples(model_dir, None, True, False, False, "cpu")
+    step.setup(WorkerEnv(cpu_threads=2, batch_size=64))
+
+    def scores(rows: list[dict], blocks: int) -> dict:
+        out = {}
+        for b in range(blocks):
+            part = rows[b::blocks]
+            got = pl.from_arrow(step.process_batch(pa.Table.from_pylist(part)))
+            for s, r, o, score in got.select("subject", "relation", "object", "score").iter_rows():
+                out[(s, r, o)] = score
+        return out
+
+    rows = products.to_dicts()
+    whole = scores(rows, 1)
+    assert len(whole) == 40 * 4
+    shuffled = rows[:]
+    random.Random(7).shuffle(shuffled)
+    for blocks in (1, 3, 40):
+        other = scores(shuffled, blocks)
+        assert other.keys() == whole.keys()
+        differ = [k for k in whole if other[k] != whole[k]]
+        assert not differ, (blocks, len(differ), differ[:3])

@@ -280,3 +280,31 @@ def test_fit_and_rebuild_impute_without_overwriting(tmp_path, ray_session):
     t2 = read_parquet_any(table_file(run2 / "graph", "triples"))
     assert t2.filter(pl.col("module") == "imputation").height == 0
     assert t2.filter(pl.col("status") == "kept").height == kept_facts
+
+
+def test_the_conditioned_taggers_spans_do_not_depend_on_the_other_texts_of_a_call():
+    """Windows of one token length a batch (nothing padded): a text's spans and scores are
+    bit-identical tagged alone, with others, or in another order."""
+    import random
+
+    import torch
+
+    from autoknow_ray.nn.conditioned_tagger import ConditionedTagger, ConditionedTrainSettings
+
+    torch.manual_seed(0)
+    s = ConditionedTrainSettings(max_length=24, stride=8)
+    tagger = ConditionedTagger.from_encoder(s, ["Brand", "Flavor", "Size"], torch.device("cpu"), False)
+    tagger.model.eval()
+    rng = random.Random(3)
+    words = "organic green tea bags lemon ginger 20 count brand new family size pack of six".split()
+    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 40))) for _ in range(30)]
+    ctx = np.random.default_rng(0).standard_normal((len(texts), tagger.context_dim)).astype(np.float32)
+    together, _ = tagger.predict(texts, ctx, batch_size=16)
+    assert sum(len(p) for p in together) > 0  # an untrained head still tags: something to compare
+    alone = [tagger.predict([t], ctx[i:i + 1], batch_size=16)[0][0] for i, t in enumerate(texts)]
+    order = list(range(len(texts)))
+    rng.shuffle(order)
+    shuffled, _ = tagger.predict([texts[i] for i in order], ctx[order], batch_size=16)
+    for i in range(len(texts)):
+        assert alone[i] == together[i], i
+        assert shuffled[order.index(i)] == together[i], i

@@ -39,6 +39,7 @@ from autoknow_ray.nn.encoder import (
     load_tokenizer,
     pick_device,
     resolve_encoder,
+    same_length_batches,
     set_cpu_threads,
 )
 from autoknow_ray.nn.tagger import (
@@ -142,6 +143,15 @@ class ConditionedTaggerModel(nn.Module):
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
 
+    def _per_text(self, layer: nn.Module, context: torch.Tensor) -> torch.Tensor:
+        """`layer` over the batch's context vectors; at inference one text at a time: a matrix
+        product over as many rows as the batch has texts takes another CPU kernel (and another
+        summation order) for one text than for several, so a window's tags would depend on how
+        many others shared its batch. Training runs it batched."""
+        if self.training or context.shape[0] == 1:
+            return layer(context)
+        return torch.cat([layer(context[i:i + 1]) for i in range(context.shape[0])])
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 shapes: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         if not self.context_dim:
@@ -149,13 +159,13 @@ class ConditionedTaggerModel(nn.Module):
             feats = [hidden]
         else:
             words = self.encoder.get_input_embeddings()(input_ids)
-            prefix = self.context_prefix(context).to(words.dtype)[:, None, :]
+            prefix = self._per_text(self.context_prefix, context).to(words.dtype)[:, None, :]
             embeds = torch.cat([words[:, :1], prefix, words[:, 1:]], dim=1)
             mask = torch.cat([attention_mask[:, :1], torch.ones_like(attention_mask[:, :1]),
                               attention_mask[:, 1:]], dim=1)
             out = self.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
             hidden = torch.cat([out[:, :1], out[:, 2:]], dim=1)  # the context slot has no tag
-            ctx = self.context_proj(context).to(hidden.dtype)
+            ctx = self._per_text(self.context_proj, context).to(hidden.dtype)
             feats = [hidden, ctx[:, None, :].expand(-1, hidden.shape[1], -1)]
         if self.shape_emb is not None:
             feats.insert(1, self.shape_emb(shapes).to(hidden.dtype))
@@ -312,7 +322,10 @@ class ConditionedTagger:
         was_training = self.model.training
         self.model.eval()
         try:
-            for idx in length_buckets([len(w.input_ids) for w in wins], batch_size):
+            # windows of one token length a batch: nothing padded, so a window's spans and
+            # scores do not depend on the other texts of the call (batch-invariant, as module 1's
+            # tagger; an incremental rebuild may then reuse them)
+            for idx in same_length_batches([len(w.input_ids) for w in wins], batch_size):
                 batch = [wins[j] for j in idx]
                 ctx = (np.stack([contexts[w.text_index] for w in batch])
                        if self.context_dim else None)
@@ -478,7 +491,7 @@ def _validate(tagger: ConditionedTagger, val, ctx_all, texts, batch_size: int) -
     preds = []
     scored_by: dict[int, list] = {}
     tagger.model.eval()
-    for idx in length_buckets([len(w.input_ids) for w in wins], batch_size):
+    for idx in same_length_batches([len(w.input_ids) for w in wins], batch_size):  # as predict()
         batch = [wins[j] for j in idx]
         ctx = ctx_all[[w.text_index for w in batch]] if tagger.context_dim else None
         for j, w, lp in zip(idx, batch, tagger._word_logprobs(batch, ctx)):

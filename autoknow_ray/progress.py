@@ -1,7 +1,8 @@
 """What a person sees while a long step runs: stage lines, a line per training epoch, bars.
 
 One switch for all of it: `AUTOKNOW_PROGRESS=0` in the environment (the CLI's `--quiet` sets it,
-so Ray workers and Ray Data's own bars see it too). Everything goes to stderr, so stdout stays
+so Ray workers see it too). Ray Data's own operator bars are off either way (`AUTOKNOW_RAY_BARS=1`
+brings them back; `runtime.configure_data_context`). Everything goes to stderr, so stdout stays
 the command's result. On a terminal a bar redraws in place (tqdm); anywhere else (CI logs, files)
 it prints a plain line at most every `LINE_INTERVAL_S` seconds, and one at the end, so a log
 never fills with carriage-return frames.

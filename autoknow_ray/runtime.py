@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import re
+import time
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
@@ -143,27 +144,41 @@ def _in_task(fn, args, kwargs, cfg: Config, artifacts: tuple = (), cpu_bf16: boo
     DRIVER_COMBINE_ROWS = cfg.ray.driver_combine_rows
     RUN_CPU_BF16 = cpu_bf16  # the steps this task starts get it too
     configure_data_context(ray.data.DataContext.get_current())
+    if os.environ.get(RAY_BARS_ENV, "0") != "1":
+        _quiet_ray_data_logs()  # its INFO lines would reach the driver's console
     _local_artifacts(artifacts)  # as before a step's setup()
     _worker_precision(cpu_bf16)
     return fn(*args, **kwargs)
 
 
+# Ray Data's own operator bars ("Running Dataset …", "Parquet dataset sampling") are off: a
+# run shows its own progress (stage, chunk and epoch lines, `autoknow_ray.progress`).
+# AUTOKNOW_RAY_BARS=1 brings Ray Data's bars back, for looking inside a stage.
+RAY_BARS_ENV = "AUTOKNOW_RAY_BARS"
+_RAY_DATA_LOGGERS = ("ray.data", "ray.data._internal.execution.streaming_executor",
+                     "ray.data._internal.progress.logging_progress", "ray.data.dataset",
+                     "ray.data._internal.datasource.parquet_datasource")
+
+
 def quiet_ray_data() -> None:
-    """Progress bars on a terminal; no per-tick INFO logs (Ray Data logs each tick at INFO when
-    stdout is not a terminal). AUTOKNOW_PROGRESS=0 turns the bars off; -v brings the logs back."""
+    """No Ray Data operator bars (unless AUTOKNOW_RAY_BARS=1) and no per-tick INFO logs (Ray
+    Data logs each tick at INFO when stdout is not a terminal); -v brings the logs back."""
     import ray.data  # configures Ray Data's loggers: adjust them after
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = os.environ.get("AUTOKNOW_PROGRESS", "1") != "0"
-    configure_data_context(ctx)
+    configure_data_context(ray.data.DataContext.get_current())
     if not logging.getLogger("autoknow_ray").isEnabledFor(logging.INFO):
-        for name in ("ray.data", "ray.data._internal.execution.streaming_executor",
-                     "ray.data._internal.progress.logging_progress", "ray.data.dataset"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+        _quiet_ray_data_logs()
+
+
+def _quiet_ray_data_logs() -> None:
+    for name in _RAY_DATA_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def configure_data_context(ctx) -> None:
-    """The house's Ray Data settings, one place for every run and for the test session."""
+    """The house's Ray Data settings, one place for every run, the tasks that run Ray Data
+    themselves (`run_task`) and the test session."""
+    ctx.enable_progress_bars = os.environ.get(RAY_BARS_ENV, "0") == "1"
     reserve_no_cpus_for_shuffles(ctx)
     parquet_reads_without_listing_tasks(ctx)
 
@@ -1057,18 +1072,26 @@ def map_step_checkpointed(files: list[str], step, cfg: Config, out, resume=None,
     resume = storage.path(resume)
     resume.mkdir(parents=True, exist_ok=True)
     skipped = 0
+    total, done, t0 = sum(rows), 0, time.perf_counter()
     for c, members in enumerate(chunks):
         name = f"chunk-{c:05d}"
         marker, target = resume / f"{name}.done", resume / name
         chunk_files = [files[i] for i in members]
+        n = sum(rows[i] for i in members)
         if marker.exists() and json.loads(marker.read_text()).get("files") == chunk_files:
             skipped += 1
+            done += n
             continue
         if target.exists():
             storage.rmtree(target)  # a chunk that was being written when the job died
-        n = sum(rows[i] for i in members)
         map_step(read_parquet(chunk_files), step, cfg, n).write_parquet(str(target))
         marker.write_text(json.dumps({"files": chunk_files, "rows": n}))
+        done += n
+        if len(chunks) > 1:  # the run's own progress inside a long pass (Ray Data's bars are off)
+            from autoknow_ray import progress
+
+            progress.line(f"  {step.name}: chunk {c + 1}/{len(chunks)}, {done:,}/{total:,} rows "
+                          f"({100 * done / max(total, 1):.0f}%), {time.perf_counter() - t0:.0f} s")
     for c in range(len(chunks)):
         for f in sorted((resume / f"chunk-{c:05d}").glob("*.parquet")):
             storage.link_or_copy(f, out / f"chunk-{c:05d}-{f.name}")

@@ -240,3 +240,23 @@ def test_quiet_flag_silences_the_synth_bar(tmp_path, monkeypatch, capsys):
     assert "synth:" not in capsys.readouterr().err
     # in a log, the model-loading bars of the Hugging Face libraries are off as well
     assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+
+
+def test_ray_datas_own_bars_are_off_unless_asked_for(monkeypatch):
+    """A run shows its own progress lines; Ray Data's operator bars ("Running Dataset …",
+    "Parquet dataset sampling") only with AUTOKNOW_RAY_BARS=1."""
+    import ray.data
+
+    from autoknow_ray import runtime
+
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.enable_progress_bars
+    try:
+        monkeypatch.delenv(runtime.RAY_BARS_ENV, raising=False)
+        runtime.configure_data_context(ctx)
+        assert ctx.enable_progress_bars is False
+        monkeypatch.setenv(runtime.RAY_BARS_ENV, "1")
+        runtime.configure_data_context(ctx)
+        assert ctx.enable_progress_bars is True
+    finally:
+        ctx.enable_progress_bars = before

@@ -69,11 +69,14 @@ def test_stage_fingerprint_covers_the_source(monkeypatch, tmp_path):
     assert IngestStage().fingerprint(ctx) != before
 
 
-def test_a_stage_killed_late_resumes_after_its_finished_chunks(ray_session, tmp_path):
+def test_a_stage_killed_late_resumes_after_its_finished_chunks(ray_session, tmp_path, monkeypatch,
+                                                               capsys):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from autoknow_ray import runtime
+    from autoknow_ray import progress, runtime
+
+    monkeypatch.setenv(progress.ENV, "1")
     from autoknow_ray.steps import Step
 
     class Tag(Step):
@@ -105,6 +108,8 @@ def test_a_stage_killed_late_resumes_after_its_finished_chunks(ray_session, tmp_
     assert sorted(p.name for p in resume.glob("*.done")) == ["chunk-00000.done", "chunk-00001.done"]
     stats = runtime.map_step_checkpointed(files, Tag(), Config(), out, resume, chunk_rows=100)
     assert (stats["chunks"], stats["skipped"], stats["rows"]) == (3, 2, 300)
+    # the run's own progress line for the chunk it ran, counting the resumed ones
+    assert "  tag: chunk 3/3, 300/300 rows (100%)" in capsys.readouterr().err
     got = pq.read_table(out).column("product_id").to_pylist()
     assert sorted(got) == sorted(f"p{i}-{j}" for i in range(6) for j in range(50))  # no row twice
 

@@ -179,6 +179,9 @@ def configure_data_context(ctx) -> None:
     """The house's Ray Data settings, one place for every run, the tasks that run Ray Data
     themselves (`run_task`) and the test session."""
     ctx.enable_progress_bars = os.environ.get(RAY_BARS_ENV, "0") == "1"
+    # off on purpose: no "Progress bars disabled. To enable, set …" warning either
+    logging.getLogger("ray.data._internal.progress").setLevel(
+        logging.WARNING if ctx.enable_progress_bars else logging.ERROR)
     reserve_no_cpus_for_shuffles(ctx)
     parquet_reads_without_listing_tasks(ctx)
 

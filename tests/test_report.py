@@ -245,6 +245,8 @@ def test_quiet_flag_silences_the_synth_bar(tmp_path, monkeypatch, capsys):
 def test_ray_datas_own_bars_are_off_unless_asked_for(monkeypatch):
     """A run shows its own progress lines; Ray Data's operator bars ("Running Dataset …",
     "Parquet dataset sampling") only with AUTOKNOW_RAY_BARS=1."""
+    import logging
+
     import ray.data
 
     from autoknow_ray import runtime
@@ -255,6 +257,8 @@ def test_ray_datas_own_bars_are_off_unless_asked_for(monkeypatch):
         monkeypatch.delenv(runtime.RAY_BARS_ENV, raising=False)
         runtime.configure_data_context(ctx)
         assert ctx.enable_progress_bars is False
+        # and no warning that they are off
+        assert not logging.getLogger("ray.data._internal.progress").isEnabledFor(logging.WARNING)
         monkeypatch.setenv(runtime.RAY_BARS_ENV, "1")
         runtime.configure_data_context(ctx)
         assert ctx.enable_progress_bars is True

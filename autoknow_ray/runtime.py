@@ -160,6 +160,22 @@ _RAY_DATA_LOGGERS = ("ray.data", "ray.data._internal.execution.streaming_executo
                      "ray.data._internal.datasource.parquet_datasource")
 
 
+class _NoFalseHangWarning(logging.Filter):
+    """Drops Ray Data's "the cluster currently does not have any available CPUs … will hang"
+    warning: it fires whenever every CPU is busy at the moment a dataset starts (a `run_task`
+    task running Ray Data holds one, the stage's other work the rest), and the job waits its
+    turn rather than hanging; a run that truly cannot schedule still fails on its own."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "does not have any available CPUs" not in record.getMessage()
+
+
+def _filter_false_hang_warning() -> None:
+    logger = logging.getLogger("ray.data.dataset")
+    if not any(isinstance(f, _NoFalseHangWarning) for f in logger.filters):
+        logger.addFilter(_NoFalseHangWarning())
+
+
 def quiet_ray_data() -> None:
     """No Ray Data operator bars (unless AUTOKNOW_RAY_BARS=1) and no per-tick INFO logs (Ray
     Data logs each tick at INFO when stdout is not a terminal); -v brings the logs back."""
@@ -182,6 +198,7 @@ def configure_data_context(ctx) -> None:
     # off on purpose: no "Progress bars disabled. To enable, set …" warning either
     logging.getLogger("ray.data._internal.progress").setLevel(
         logging.WARNING if ctx.enable_progress_bars else logging.ERROR)
+    _filter_false_hang_warning()
     reserve_no_cpus_for_shuffles(ctx)
     parquet_reads_without_listing_tasks(ctx)
 

@@ -257,8 +257,15 @@ def test_ray_datas_own_bars_are_off_unless_asked_for(monkeypatch):
         monkeypatch.delenv(runtime.RAY_BARS_ENV, raising=False)
         runtime.configure_data_context(ctx)
         assert ctx.enable_progress_bars is False
-        # and no warning that they are off
+        # and no warning that they are off, nor the false "will hang" one of a busy moment
         assert not logging.getLogger("ray.data._internal.progress").isEnabledFor(logging.WARNING)
+        dataset_log = logging.getLogger("ray.data.dataset")
+        busy = dataset_log.makeRecord("ray.data.dataset", logging.WARNING, __file__, 1,
+                                      "Warning: The Ray cluster currently does not have any "
+                                      "available CPUs. The Dataset job will hang", None, None)
+        other = dataset_log.makeRecord("ray.data.dataset", logging.WARNING, __file__, 1,
+                                       "another warning", None, None)
+        assert not dataset_log.filter(busy) and dataset_log.filter(other)
         monkeypatch.setenv(runtime.RAY_BARS_ENV, "1")
         runtime.configure_data_context(ctx)
         assert ctx.enable_progress_bars is True

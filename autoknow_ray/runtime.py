@@ -340,6 +340,9 @@ def use_models(models):
 # step's worker with its WorkerEnv and to `run_task`'s tasks; None outside a rebuild.
 RUN_CPU_BF16: bool | None = None
 PRECISION_FILE = "precision.json"
+# the one probe of a fit or a rebuild (`nn.encoder.cpu_bf16_pays`) may take longer than a
+# worker's used to: more alternating rounds, less at the mercy of a load burst (~1 s)
+PROBE_ROUNDS = 8
 
 
 def cpu_kind() -> str:
@@ -368,7 +371,8 @@ def fit_precision(cfg: Config, models) -> dict:
 
     from autoknow_ray.nn.encoder import cpu_bf16_pays
 
-    out = {"cpu": cpu_kind(), "cpu_bf16": False if cfg.device == "cuda" else bool(cpu_bf16_pays())}
+    out = {"cpu": cpu_kind(),
+           "cpu_bf16": False if cfg.device == "cuda" else bool(cpu_bf16_pays(rounds=PROBE_ROUNDS))}
     (models / PRECISION_FILE).write_text(json.dumps(out, indent=2))
     return out
 
@@ -415,7 +419,7 @@ def run_precision(cfg: Config, run_dir, previous=None, models=None) -> dict:
     else:
         from autoknow_ray.nn.encoder import cpu_bf16_pays, cpu_has_bf16
 
-        out = {"cpu_bf16": bool(cpu_bf16_pays()),
+        out = {"cpu_bf16": bool(cpu_bf16_pays(rounds=PROBE_ROUNDS)),
                "decided_by": "probe on the driver" if cpu_has_bf16() else "no bf16 units"}
     (storage.path(run_dir) / PRECISION_FILE).write_text(json.dumps(out, indent=2))
     return out

@@ -267,7 +267,7 @@ def test_the_run_precision_is_decided_once_and_kept_on_resume_and_by_the_next_ru
 
     probe = {"pays": True}
     monkeypatch.setattr(encoder, "cpu_has_bf16", lambda: True)
-    monkeypatch.setattr(encoder, "cpu_bf16_pays", lambda: probe["pays"])
+    monkeypatch.setattr(encoder, "cpu_bf16_pays", lambda rounds=2: probe["pays"])
     cfg = Config()
     first = tmp_path / "first"
     first.mkdir()

@@ -346,20 +346,10 @@ PROBE_ROUNDS = 8
 
 
 def cpu_kind() -> str:
-    """This machine's CPU model and whether it has bf16 units: where the precision fit chose
-    holds for a rebuild (`run_precision`)."""
-    from autoknow_ray.nn.encoder import cpu_has_bf16
+    """This machine's kind of CPU (`nn.encoder.cpu_kind`): where fit's precision holds."""
+    from autoknow_ray.nn.encoder import cpu_kind as kind
 
-    name = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f
-                         if line.startswith("model name")), "")
-    except OSError:
-        pass
-    import platform
-
-    return f"{name or platform.processor() or platform.machine()} | bf16 units: {cpu_has_bf16()}"
+    return kind()
 
 
 def fit_precision(cfg: Config, models) -> dict:
@@ -405,8 +395,10 @@ def run_precision(cfg: Config, run_dir, previous=None, models=None) -> dict:
     before = recorded(previous) if previous is not None else {}
     if not before and previous is not None:
         # a run from before this file: its title models' cached precision
-        cache = ((read_json(storage.path(previous) / "taxonomy" / "manifest.json") or {})
-                 .get("cache") or {}).get("title_models") or {}
+        from autoknow_ray.pipeline import read_manifest
+
+        cache = ((read_manifest(storage.path(previous) / "taxonomy").get("cache") or {})
+                 .get("title_models") or {})
         if cache.get("device") == "cpu" and isinstance(cache.get("bf16"), bool):
             before = {"cpu_bf16": cache["bf16"]}
     fitted = recorded(models) if models is not None else {}
@@ -423,15 +415,6 @@ def run_precision(cfg: Config, run_dir, previous=None, models=None) -> dict:
                "decided_by": "probe on the driver" if cpu_has_bf16() else "no bf16 units"}
     (storage.path(run_dir) / PRECISION_FILE).write_text(json.dumps(out, indent=2))
     return out
-
-
-def read_json(path) -> dict | None:
-    import json
-
-    try:
-        return json.loads(path.read_text()) if path.exists() else None
-    except (OSError, ValueError):
-        return None
 
 
 def set_run_precision(cpu_bf16: bool | None) -> None:

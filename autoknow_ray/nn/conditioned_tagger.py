@@ -37,6 +37,7 @@ from autoknow_ray.nn.encoder import (
     length_buckets,
     load_encoder,
     load_tokenizer,
+    per_row,
     pick_device,
     resolve_encoder,
     same_length_batches,
@@ -143,15 +144,6 @@ class ConditionedTaggerModel(nn.Module):
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
 
-    def _per_text(self, layer: nn.Module, context: torch.Tensor) -> torch.Tensor:
-        """`layer` over the batch's context vectors; at inference one text at a time: a matrix
-        product over as many rows as the batch has texts takes another CPU kernel (and another
-        summation order) for one text than for several, so a window's tags would depend on how
-        many others shared its batch. Training runs it batched."""
-        if self.training or context.shape[0] == 1:
-            return layer(context)
-        return torch.cat([layer(context[i:i + 1]) for i in range(context.shape[0])])
-
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 shapes: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         if not self.context_dim:
@@ -159,13 +151,13 @@ class ConditionedTaggerModel(nn.Module):
             feats = [hidden]
         else:
             words = self.encoder.get_input_embeddings()(input_ids)
-            prefix = self._per_text(self.context_prefix, context).to(words.dtype)[:, None, :]
+            prefix = per_row(self.context_prefix, context).to(words.dtype)[:, None, :]
             embeds = torch.cat([words[:, :1], prefix, words[:, 1:]], dim=1)
             mask = torch.cat([attention_mask[:, :1], torch.ones_like(attention_mask[:, :1]),
                               attention_mask[:, 1:]], dim=1)
             out = self.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
             hidden = torch.cat([out[:, :1], out[:, 2:]], dim=1)  # the context slot has no tag
-            ctx = self._per_text(self.context_proj, context).to(hidden.dtype)
+            ctx = per_row(self.context_proj, context).to(hidden.dtype)
             feats = [hidden, ctx[:, None, :].expand(-1, hidden.shape[1], -1)]
         if self.shape_emb is not None:
             feats.insert(1, self.shape_emb(shapes).to(hidden.dtype))

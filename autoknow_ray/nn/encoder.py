@@ -64,15 +64,29 @@ def pick_device(prefer: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def cpu_flags() -> set[str]:
+def _cpuinfo(field: str) -> str:
+    """The first `field` line of /proc/cpuinfo ("" where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                if line.startswith(field):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return set()
+    return ""
+
+
+def cpu_flags() -> set[str]:
+    return set(_cpuinfo("flags").split())
+
+
+def cpu_kind() -> str:
+    """This machine's CPU model and whether it has bf16 units: where a precision chosen by a
+    probe on it holds (`autoknow_ray.runtime.run_precision`)."""
+    import platform
+
+    name = _cpuinfo("model name") or platform.processor() or platform.machine()
+    return f"{name} | bf16 units: {cpu_has_bf16()}"
 
 
 def cpu_has_bf16() -> bool:
@@ -147,6 +161,16 @@ def autocast(device: torch.device, bf16: bool):
     if bf16:
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return nullcontext()
+
+
+def per_row(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`layer` over the rows of `x`; at inference one row at a time. A matrix product over B rows
+    takes another CPU kernel (and summation order) for B = 1 than for B > 1, so a row's output
+    would depend on how many others shared its batch; the layers this is for (heads over one
+    vector per claim or text) are small. Training runs them batched."""
+    if layer.training or x.shape[0] == 1:
+        return layer(x)
+    return torch.cat([layer(x[i:i + 1]) for i in range(x.shape[0])])
 
 
 def set_cpu_threads(n: int | None) -> None:

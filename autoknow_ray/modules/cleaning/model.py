@@ -18,7 +18,8 @@ import torch
 from rapidfuzz import fuzz
 
 from autoknow_ray.nn.encoder import (autocast, inference_bf16, load_encoder, load_tokenizer,
-                                     mean_pool, pick_device, resolve_encoder, same_length_batches)
+                                     mean_pool, per_row, pick_device, resolve_encoder,
+                                     same_length_batches)
 from autoknow_ray.text import fold
 
 TYPE_RELATION = "has_type"
@@ -88,19 +89,10 @@ class CrossEncoder(torch.nn.Module):
     def forward(self, input_ids, attention_mask, token_type_ids, features=None):
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
                               token_type_ids=token_type_ids).last_hidden_state
-        logit = self._per_claim(self.head, mean_pool(hidden, attention_mask)).squeeze(-1)
+        logit = per_row(self.head, mean_pool(hidden, attention_mask)).squeeze(-1)
         if self.features is not None:
-            logit = logit + self._per_claim(self.features, features.to(logit.dtype)).squeeze(-1)
+            logit = logit + per_row(self.features, features.to(logit.dtype)).squeeze(-1)
         return logit
-
-    def _per_claim(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """`layer` over one row per claim; at inference one claim at a time: a matrix product
-        over as many rows as the batch has claims takes another CPU kernel (and summation
-        order) for one row than for several, so a claim's score would depend on how many
-        others shared its batch. Training runs it batched."""
-        if self.training or x.shape[0] == 1:
-            return layer(x)
-        return torch.cat([layer(x[i:i + 1]) for i in range(x.shape[0])])
 
     def head_state(self) -> dict:
         out = {k: v for k, v in self.head.state_dict().items()}

@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from autoknow_ray.incremental import CachedStep, DropColumns, file_digest, source_digest
-from autoknow_ray.pipeline import read_manifest
 from autoknow_ray.steps import Chain, Step
 
 STEP = "title_models"
@@ -19,21 +18,19 @@ CODE = ["autoknow_ray.incremental", "autoknow_ray.modules.taxonomy.infer", "auto
         "autoknow_ray.nn.gazetteer", "autoknow_ray.nn.tagger"]
 
 
-def title_precision(device: str, previous_stage: Path | None) -> bool:
-    """bf16 or fp32 for the title models, decided once on the driver for every actor (so one
-    rebuild's vectors are all of one precision, and the cache can name it): on GPU bf16; on CPU
-    the previous run's choice on the same device where there is one (so a timing probe that
-    tips the other way on a loaded night does not throw the cache away), else the probe."""
+def title_precision(device: str, previous_stage: Path | None = None) -> bool:
+    """bf16 or fp32 for the title models, one answer for every actor (so one rebuild's vectors
+    are all of one precision, and the cache can name it): on GPU bf16; on CPU the run's one
+    decision (`runtime.run_precision`: a resumed run's, the previous run's, the models', or one
+    probe), else, outside a rebuild, a probe here. `previous_stage` is read by run_precision
+    (kept for callers)."""
     from autoknow_ray import runtime
     from autoknow_ray.nn.encoder import cpu_bf16_pays
 
     if device == "cuda":
         return True
-    if runtime.RUN_CPU_BF16 is not None:  # the run's one decision (`runtime.run_precision`)
+    if runtime.RUN_CPU_BF16 is not None:
         return runtime.RUN_CPU_BF16
-    before = ((read_manifest(previous_stage) if previous_stage else {}).get("cache") or {}).get(STEP) or {}
-    if before.get("device") == device and isinstance(before.get("bf16"), bool):
-        return before["bf16"]
     return bool(cpu_bf16_pays())
 
 

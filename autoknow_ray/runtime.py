@@ -1294,3 +1294,39 @@ def keyed_blocks(ds: "ray.data.Dataset", keys: list[str], num_partitions: int,
     if small_input(ds, n_rows) is None:
         return ds.repartition(num_partitions, keys=list(keys))
     return ds.repartition(1)
+
+
+# rows a key partition of `map_key_blocks` holds at most, and at least (fewer, larger partitions
+# where the input is small: each costs a task)
+KEY_BLOCK_MAX_ROWS = 1_000_000
+KEY_BLOCK_MIN_ROWS = 100_000
+
+
+def _sorted_key_block(batch, fn, keys: list[str], fn_args: tuple):
+    """One key partition: its rows sorted by the keys (ascending, nulls last; stable), as the
+    shuffle's reduce sorts them for `map_groups`, then `fn` once over all of them."""
+    return fn(batch.sort_by([(k, "ascending") for k in keys]), *fn_args)
+
+
+def map_key_blocks(ds: "ray.data.Dataset", keys, fn, *, fn_args: tuple = (),
+                   n_rows: int | None = None, rows_hint: int | None = None) -> "ray.data.Dataset":
+    """`fn(block, *fn_args)` once per key partition: every key's rows in one block, sorted by the
+    keys. What `map_groups` gives where `fn` is written over many groups at once (a polars
+    group_by, a join on the key) instead of called once per group: a Python call per group costs
+    about a millisecond (20,000 products' occurrences grouped one product a call: 21 s in one
+    process), a vectorised pass over the block a few. `fn` must give for a block what the
+    per-group function gives for its groups, concatenated in key order. Small inputs (see
+    `small_input`) are one block without a shuffle; larger ones are hash-partitioned on the keys
+    (at most `KEY_BLOCK_MAX_ROWS` rows a partition, at least one per CPU)."""
+    keys = [keys] if isinstance(keys, str) else list(keys)
+    small = small_input(ds, n_rows, rows_hint)
+    if small is not None:
+        blocks = small.repartition(1)
+    else:
+        n = n_rows if n_rows is not None else (rows_hint or 0)
+        blocks = ds.repartition(hash_partitions(n, KEY_BLOCK_MAX_ROWS, KEY_BLOCK_MIN_ROWS),
+                                keys=keys)
+    # batch_size=None: each partition whole, as map_groups relies on
+    return blocks.map_batches(_sorted_key_block, fn_kwargs={"fn": fn, "keys": keys,
+                                                            "fn_args": tuple(fn_args)},
+                              batch_size=None, batch_format="pyarrow")

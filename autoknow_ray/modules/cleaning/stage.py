@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 
+import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -23,12 +24,18 @@ PRODUCT_COLUMNS = ["product_id", "title", "description", "type", "product_type",
 UPSTREAM_LISTS = ("up_relation", "up_object", "up_status", "up_module")
 
 
-def _collect_edits(group: pa.Table) -> pa.Table:
-    """All upstream edits of one product as one row of lists."""
-    return pa.table({
-        "product_id": [group.column("subject")[0].as_py()],
-        **{f"up_{c}": [group.column(c).to_pylist()] for c in ("relation", "object", "status", "module")},
-    })
+UPSTREAM_EDIT_LISTS = pa.schema([("product_id", pa.string()),
+                                 *[(f"up_{c}", pa.list_(pa.string()))
+                                   for c in ("relation", "object", "status", "module")]])
+
+
+def _collect_edits(block: pa.Table) -> pa.Table:
+    """Per product of a key partition (sorted by subject: `runtime.map_key_blocks`): all its
+    upstream edits as one row of lists, in their order."""
+    df = pl.from_arrow(block.select(["subject", "relation", "object", "status", "module"]))
+    out = df.group_by("subject", maintain_order=True).agg(
+        *[pl.col(c).cast(pl.String).alias(f"up_{c}") for c in ("relation", "object", "status", "module")])
+    return out.rename({"subject": "product_id"}).to_arrow().cast(UPSTREAM_EDIT_LISTS)
 
 
 def upstream_per_product(ctx: RunContext):
@@ -37,9 +44,9 @@ def upstream_per_product(ctx: RunContext):
         return None
     edits = edits.select_columns(["subject", "relation", "object", "status", "module"]).map_batches(
         lambda b: b.filter(pc.is_valid(b.column("subject"))), batch_format="pyarrow")
-    # a small input is grouped in one task (runtime.map_groups), a larger one by the shuffle
-    return runtime.map_groups(edits, "subject", _collect_edits,
-                              n_rows=state.upstream_edit_rows(ctx, before="cleaning"))
+    # a small input is grouped in one task, a larger one by a keyed shuffle (map_key_blocks)
+    return runtime.map_key_blocks(edits, "subject", _collect_edits,
+                                  n_rows=state.upstream_edit_rows(ctx, before="cleaning"))
 
 
 class CleaningStage(Stage):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 
+import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
@@ -35,13 +36,21 @@ def _partitions(n: int) -> int:
     return max(1, min(64, n // 20_000 + 1))
 
 
-def _customer_texts(group: pa.Table, cap: int) -> pa.Table:
-    """One product's texts as lists (the first `cap`, and how many were left out)."""
-    kinds = group.column("kind").to_pylist()
-    texts = group.column("text").to_pylist()
-    return pa.table({"product_id": [group.column("product_id")[0].as_py()],
-                     "customer_kinds": [kinds[:cap]], "customer_texts": [texts[:cap]],
-                     "customer_texts_dropped": [max(0, len(texts) - cap)]})
+CUSTOMER_LISTS = pa.schema([("product_id", pa.string()), ("customer_kinds", pa.list_(pa.string())),
+                            ("customer_texts", pa.list_(pa.string())),
+                            ("customer_texts_dropped", pa.int64())])
+UPSTREAM_LISTS = pa.schema([("product_id", pa.string()), ("upstream", pa.list_(pa.string()))])
+
+
+def _customer_texts(block: pa.Table, cap: int) -> pa.Table:
+    """Per product of a key partition (sorted by product: `runtime.map_key_blocks`): its texts
+    as lists (the first `cap`, in their order, and how many were left out)."""
+    df = pl.from_arrow(block.select(["product_id", "kind", "text"]))
+    out = df.group_by("product_id", maintain_order=True).agg(
+        pl.col("kind").head(cap).alias("customer_kinds"),
+        pl.col("text").head(cap).alias("customer_texts"),
+        (pl.len().cast(pl.Int64) - cap).clip(lower_bound=0).alias("customer_texts_dropped"))
+    return out.to_arrow().cast(CUSTOMER_LISTS)
 
 
 def _upstream_items(batch: pa.Table) -> pa.Table:
@@ -53,9 +62,11 @@ def _upstream_items(batch: pa.Table) -> pa.Table:
     return pa.table({"product_id": b.column("subject").cast(pa.string()), "item": items})
 
 
-def _upstream_lists(group: pa.Table) -> pa.Table:
-    return pa.table({"product_id": [group.column("product_id")[0].as_py()],
-                     "upstream": [group.column("item").to_pylist()]})
+def _upstream_lists(block: pa.Table) -> pa.Table:
+    """Per product of a key partition: the values earlier modules added, as one list."""
+    df = pl.from_arrow(block.select(["product_id", "item"]))
+    return df.group_by("product_id", maintain_order=True).agg(
+        pl.col("item").alias("upstream")).to_arrow().cast(UPSTREAM_LISTS)
 
 
 def _fill_missing(batch: pa.Table) -> pa.Table:
@@ -81,17 +92,17 @@ def products_with_context(ctx: RunContext, n: int):
     if "texts" in cfg.fields and n_texts > 0:
         texts = ray.data.read_parquet(str(texts_path)).select_columns(["product_id", "kind", "text"])
         cap = cfg.max_texts_per_product
-        # small inputs are grouped and joined in one task (runtime.map_groups / runtime.join);
+        # small inputs are grouped and joined in one task (runtime.map_key_blocks / join);
         # larger ones take the shuffles as before
-        per_product = runtime.map_groups(texts, "product_id", lambda g: _customer_texts(g, cap),
-                                         n_rows=n_texts)
+        per_product = runtime.map_key_blocks(texts, "product_id", _customer_texts, fn_args=(cap,),
+                                             n_rows=n_texts)
         ds = runtime.join(ds, per_product, ("product_id",), "left_outer", _partitions(n),
                           left_rows=n, right_rows=n_texts)
     upstream = state.upstream_edits(ctx, before=MODULE)
     if upstream is not None:
         n_up = state.upstream_edit_rows(ctx, before=MODULE)
         items = upstream.map_batches(_upstream_items, batch_format="pyarrow")
-        lists = runtime.map_groups(items, "product_id", _upstream_lists, n_rows=n_up)
+        lists = runtime.map_key_blocks(items, "product_id", _upstream_lists, n_rows=n_up)
         ds = runtime.join(ds, lists, ("product_id",), "left_outer", _partitions(n), left_rows=n,
                           right_rows=n_up)
     return ds.map_batches(_fill_missing, batch_format="pyarrow")

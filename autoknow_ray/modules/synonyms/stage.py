@@ -64,16 +64,18 @@ def _title_keys(batch: pa.Table) -> pa.Table:
                                            pa.string())})
 
 
-def _duplicate_titles(group: pa.Table, max_products: int) -> pa.Table:
-    """One title's products as context rows when it is listed more than once (and at most
-    `max_products` times: more is a generic title, not one item listed twice)."""
-    key = group.column("title_key")[0].as_py()
-    if not key or not 2 <= group.num_rows <= max_products:
-        group = group.slice(0, 0)
-    n = group.num_rows
-    return pa.table({"product_id": group.column("product_id"), "kind": pa.nulls(n, pa.string()),
-                     "attribute": pa.nulls(n, pa.string()), "term": pa.nulls(n, pa.string()),
-                     "context": pa.array([f"t:{key}"] * n, pa.string())})
+def _duplicate_titles(block: pa.Table, max_products: int) -> pa.Table:
+    """Per title key (a key partition, sorted by key: `runtime.map_key_blocks`): its products as
+    context rows when the title is listed more than once (and at most `max_products` times: more
+    is a generic title, not one item listed twice)."""
+    df = pl.from_arrow(block).with_columns(pl.len().over("title_key").alias("_n"))
+    df = df.filter(pl.col("title_key").is_not_null() & (pl.col("title_key") != "")
+                   & (pl.col("_n") >= 2) & (pl.col("_n") <= max_products))
+    n = df.height
+    return pa.table({"product_id": df["product_id"].to_arrow().cast(pa.string()),
+                     "kind": pa.nulls(n, pa.string()), "attribute": pa.nulls(n, pa.string()),
+                     "term": pa.nulls(n, pa.string()),
+                     "context": ("t:" + df["title_key"]).to_arrow().cast(pa.string())})
 
 
 def _with_null(batch: pa.Table, *columns: tuple[str, pa.DataType]) -> pa.Table:
@@ -93,11 +95,25 @@ def _as_retracted(batch: pa.Table) -> pa.Table:
                      "term": batch.column("object"), "retracted": pa.array([True] * n, pa.bool_())})
 
 
-def _drop_retracted(group: pa.Table) -> pa.Table:
-    df = pl.from_arrow(group)
-    gone = df.filter(pl.col("retracted").fill_null(False)).select("relation", "term")
-    live = df.filter(~pl.col("retracted").fill_null(False)).join(gone, on=["relation", "term"], how="anti")
-    return conform(live.drop("retracted").to_arrow(), OCCURRENCE)
+# a product id where it is null, for joins on the product (nulls match no row in a join; one
+# null-id group must still see its own rows, as map_groups gives it)
+_NULL_ID = "\x00null"
+
+
+def _product_key(df: pl.DataFrame) -> pl.DataFrame:
+    return df.with_columns(pl.col("product_id").fill_null(_NULL_ID).alias("_pid"))
+
+
+def _drop_retracted(block: pa.Table) -> pa.Table:
+    """A key partition of occurrences and retracted facts (every product's rows in it): each
+    product's live occurrences less those of a (relation, term) an earlier module retracted from
+    that product."""
+    df = _product_key(pl.from_arrow(block))
+    gone_rows = pl.col("retracted").fill_null(False)
+    gone = df.filter(gone_rows).select("_pid", "relation", "term").unique()
+    live = df.filter(~gone_rows).join(gone, on=["_pid", "relation", "term"], how="anti",
+                                      maintain_order="left")
+    return conform(live.drop("retracted", "_pid").to_arrow(), OCCURRENCE)
 
 
 def _in_vocabulary(batch: pa.Table, vocab: pa.Table) -> pa.Table:
@@ -106,11 +122,16 @@ def _in_vocabulary(batch: pa.Table, vocab: pa.Table) -> pa.Table:
                    .to_arrow(), batch.schema)
 
 
-def _terms_in_contexts(group: pa.Table) -> pa.Table:
-    df = pl.from_arrow(group)
-    terms = df.filter(pl.col("term").is_not_null()).select("kind", "attribute", "term").unique()
-    contexts = df.filter(pl.col("context").is_not_null()).select("context").unique()
-    return conform(terms.join(contexts, how="cross").to_arrow(), TERM_CONTEXT)
+def _terms_in_contexts(block: pa.Table) -> pa.Table:
+    """A key partition of term rows and context rows (every product's rows in it): each
+    product's distinct terms under each of its distinct contexts."""
+    df = _product_key(pl.from_arrow(block))
+    terms = df.filter(pl.col("term").is_not_null()).select(
+        "_pid", "kind", "attribute", "term").unique(maintain_order=True)
+    contexts = df.filter(pl.col("context").is_not_null()).select(
+        "_pid", "context").unique(maintain_order=True)
+    out = terms.join(contexts, on="_pid", how="inner", maintain_order="left_right")
+    return conform(out.drop("_pid").to_arrow(), TERM_CONTEXT)
 
 
 class SynonymsStage(Stage):
@@ -180,8 +201,8 @@ class SynonymsStage(Stage):
                                   batch_format="pyarrow").union(removed)
             # rows per product are unknown before the explode: a small catalogue's are counted
             # and, when few, grouped in one task (runtime.map_groups); else the shuffle
-            occ = runtime.map_groups(occ, "product_id", _drop_retracted,
-                                     rows_hint=n + state.upstream_edit_rows(ctx, before=MODULE))
+            occ = runtime.map_key_blocks(occ, "product_id", _drop_retracted,
+                                         rows_hint=n + state.upstream_edit_rows(ctx, before=MODULE))
         path = ctx.out / "occurrences"
         occ.write_parquet(str(path))
         return runtime.read_parquet(path), state.count_rows(path)
@@ -254,10 +275,10 @@ class SynonymsStage(Stage):
             n_titles = state.count_rows(ctx.table_path("ingest", "products"))
             n_rows += n_titles
             t = runtime.read_parquet(ctx.table_path("ingest", "products"), ["product_id", "title"])
-            parts.append(runtime.map_groups(t.map_batches(_title_keys, batch_format="pyarrow"),
-                                            "title_key", _duplicate_titles,
-                                            fn_args=(ctx.cfg.synonyms.max_products_per_title,),
-                                            n_rows=n_titles))
+            parts.append(runtime.map_key_blocks(t.map_batches(_title_keys, batch_format="pyarrow"),
+                                                "title_key", _duplicate_titles,
+                                                fn_args=(ctx.cfg.synonyms.max_products_per_title,),
+                                                n_rows=n_titles))
         if not parts or vocab.height == 0:
             return None
         # only vocabulary terms take part (and take a context's places)
@@ -265,10 +286,10 @@ class SynonymsStage(Stage):
             _in_vocabulary, fn_args=(vocab.select(VOCAB_KEY).to_arrow(),), batch_format="pyarrow"
         ).map_batches(_with_null, fn_args=(("context", pa.string()),), batch_format="pyarrow")
         contexts = parts
-        # per product: every term of it under every context it was seen in (a group-by, which
-        # streams through the sort shuffle, instead of a hash join that needs its own actors)
-        joined = runtime.map_groups(terms.union(*contexts), "product_id", _terms_in_contexts,
-                                    n_rows=n_rows)
+        # per product: every term of it under every context it was seen in (one polars join per
+        # key partition: `map_key_blocks`, not a Python call per product)
+        joined = runtime.map_key_blocks(terms.union(*contexts), "product_id", _terms_in_contexts,
+                                        n_rows=n_rows)
         return runtime.top_keys(joined, [*VOCAB_KEY, "context"], {"n": ("count", None)},
                                 cap=cfg.max_term_contexts, order_by=[("n", "desc")],
                                 per_group=(["kind", "attribute", "context"],

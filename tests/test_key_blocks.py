@@ -162,3 +162,34 @@ def test_map_key_blocks_keeps_every_key_whole_small_and_shuffled(ray_session, mo
         assert got.height == 8 and got["k"].n_unique() == 8
         assert dict(zip(got["k"].to_list(), got["n"].to_list()))["k1"] == sum(
             1 for i in range(300) if i % 17 and i % 7 == 1)
+
+
+def test_related_coview_pairs_per_partition_equal_per_query():
+    import numpy as np
+
+    from autoknow_ray.modules.related.graph_build import coview_pairs
+
+    def reference(batch, cap, least):  # the per-query function coview_pairs replaces
+        top = pl.from_arrow(batch).sort(["n", "product_id"], descending=[True, False]).head(cap)
+        if top.height < least:
+            return pa.table({"src": pa.array([], pa.string()), "dst": pa.array([], pa.string()),
+                             "w": pa.array([], pa.float64())})
+        ids = top["product_id"].to_numpy()
+        i, j = np.meshgrid(np.arange(len(ids)), np.arange(len(ids)), indexing="ij")
+        m = i != j
+        return pa.table({"src": pa.array(ids[i[m]], pa.string()),
+                         "dst": pa.array(ids[j[m]], pa.string()),
+                         "w": pa.array(np.ones(int(m.sum())))})
+
+    rng = random.Random(3)
+    rows = {}
+    for _ in range(300):  # (query, product) unique, as the per-query sums give them
+        q, p = rng.choice([None, "q1", "q2", "q3", "q4", "q5"]), f"p{rng.randrange(30):02d}"
+        rows[(q, p)] = rng.choice([1, 1, 2, 3])  # ties in views
+    table = pa.Table.from_pylist([{"query": q, "product_id": p, "n": n}
+                                  for (q, p), n in rows.items()])
+    for cap, least in ((4, 2), (50, 2), (6, 7)):
+        want = _per_group(table, reference, ["query"], cap, least)
+        got = _sorted_key_block(table, coview_pairs, ["query"], (cap, least))
+        assert _rows(got) == _rows(want)
+    assert _sorted_key_block(table, coview_pairs, ["query"], (4, 2)).num_rows == 6 * 4 * 3

@@ -139,6 +139,22 @@ def copurchase_edges(cfg: Config, copurchase: Path, products: Path, out: Path) -
             "quarantine_reasons": quarantine_reasons(out / QUARANTINE_TABLE)}
 
 
+def coview_pairs(block: pa.Table, cap: int, least: int) -> pa.Table:
+    """Per query of a key partition (`runtime.map_key_blocks`; rows: query, product_id, n views):
+    its `cap` most viewed products, ties in views broken by product id (the rows of a query
+    arrive in no fixed order), and every ordered pair of them, weight 1, where the query kept at
+    least `least`."""
+    top = (pl.from_arrow(block.select(["query", "product_id", "n"]))
+           .sort(["query", "n", "product_id"], descending=[False, True, False], nulls_last=True)
+           .group_by("query", maintain_order=True).head(cap)
+           .filter(pl.len().over("query") >= least))
+    pairs = top.join(top, on="query", how="inner", suffix="_b", maintain_order="left_right",
+                     nulls_equal=True).filter(pl.col("product_id") != pl.col("product_id_b"))
+    return pa.table({"src": pairs["product_id"].to_arrow().cast(pa.string()),
+                     "dst": pairs["product_id_b"].to_arrow().cast(pa.string()),
+                     "w": pa.array(np.ones(pairs.height))})
+
+
 def coview_edges(cfg: Config, behavior: Path, products: Path, out: Path) -> dict:
     """Products seen under the same query, linked both ways (weight: queries they share)."""
     rc = cfg.related
@@ -159,26 +175,14 @@ def coview_edges(cfg: Config, behavior: Path, products: Path, out: Path) -> dict
                                     _partitions(cfg, n_in), n_rows=n_in)
     cap, least = rc.coview_max_per_query, rc.coview_min_products
 
-    def pairs_of_query(batch: pa.Table) -> pa.Table:
-        # ties in views broken by product id: a query with more than `cap` products kept another
-        # `cap` from run to run (the rows of a group arrive in no fixed order)
-        top = pl.from_arrow(batch).sort(["n", "product_id"], descending=[True, False]).head(cap)
-        if top.height < least:
-            return pa.table({"src": pa.array([], pa.string()), "dst": pa.array([], pa.string()),
-                             "w": pa.array([], pa.float64())})
-        ids = top["product_id"].to_numpy()
-        i, j = np.meshgrid(np.arange(len(ids)), np.arange(len(ids)), indexing="ij")
-        m = i != j
-        return pa.table({"src": pa.array(ids[i[m]], pa.string()), "dst": pa.array(ids[j[m]], pa.string()),
-                         "w": pa.array(np.ones(int(m.sum())))})
-
     def as_similar(batch: pa.Table) -> pa.Table:
         return pa.table({"src": batch.column("src"), "dst": batch.column("dst"),
                          "weight": batch.column("weight").cast(pa.float32()),
                          "kind": pa.array(["coview"] * batch.num_rows, pa.string())})
 
-    pairs = runtime.map_groups(per_query, "query", pairs_of_query, n_rows=n_in,
-                               num_partitions=_partitions(cfg, n_in))
+    # every query's rows in one partition, its pairs in one polars pass (not a call per query)
+    pairs = runtime.map_key_blocks(per_query, "query", coview_pairs, fn_args=(cap, least),
+                                   n_rows=n_in)
     edges = runtime.groupby_sum(pairs, ["src", "dst"], {"weight": "w"}, _partitions(cfg, n_in * cap),
                                 n_rows=n_in * cap).map_batches(as_similar, batch_format="pyarrow")
     n_edges = write_shards(edges, out / SIMILAR_EDGES, SIMILAR_SCHEMA)

@@ -207,8 +207,11 @@ def test_worker_steps_embed_and_recommend_without_ray(tmp_path):
     mark_complete(tmp_path / "nb")
     embed = DualEmbed(tmp_path / "model", tmp_path / "nodes", tmp_path / "nb", 3)
     embed.setup(WorkerEnv())
-    assert embed.tables.out_nb[0].tolist() == [1, 2, -1]  # an unknown neighbour is dropped
-    assert embed.tables.in_nb[1].tolist() == [0, -1, -1]
+    # rows in product id order (p0, p1, p10, p11, p2, …), whatever order the shards hold
+    row = {p: int(i) for p, i in zip(ids, embed.tables.index_of(ids))}
+    assert row["p2"] == 4 and row["p10"] == 2
+    assert embed.tables.out_nb[row["p0"]].tolist() == [row["p1"], row["p2"], -1]  # an unknown neighbour is dropped
+    assert embed.tables.in_nb[row["p1"]].tolist() == [row["p0"], -1, -1]
     emb = embed.process_batch(pa.table({"product_id": ids}))
     # hop 1 computed once for every node gives what each batch's own neighbourhood gives
     assert embed.hop1 is not None
@@ -635,3 +638,66 @@ def test_text_neighbours_do_not_depend_on_shard_order_or_batches(tmp_path):
     first = results[0].sort(["src", "weight"], descending=[False, True]).group_by("src", maintain_order=True).first()
     nearest = dict(zip(first["src"].to_list(), first["dst"].to_list()))
     assert nearest["p0050"] == "p0100" and nearest["p0100"] == "p0050"
+
+
+def test_an_incremental_rebuild_reuses_title_vectors_and_gives_the_full_rebuilds_lists(tmp_path, ray_session):
+    """`rebuild --previous`: the related stage's per-product title vectors and h0 are reused for
+    every product whose title and type are unchanged, recomputed for the rest, and the related
+    lists are those of a full rebuild of the same catalogue with the same model."""
+    import json
+
+    from autoknow_ray.rebuild import fit
+
+    n, edited, removed, added = 120, [10, 11, 50], 4, 3
+    base = _products(n + added)
+    edges = _one_way_copurchase(n)
+
+    def write(folder, products):
+        folder.mkdir()
+        pq.write_table(products, folder / "products.parquet")
+        pq.write_table(pa.table({"type": ["phone", "phone case", "laptop", "laptop bag"],
+                                 "parent": [None] * 4},
+                                schema=pa.schema([("type", pa.string()), ("parent", pa.string())])),
+                       folder / "taxonomy.parquet")
+        pq.write_table(edges, folder / "copurchase.parquet")
+
+    a = base.slice(0, n)
+    titles = a.column("title").to_pylist()
+    for i in edited:  # another product's title: its vector changes
+        titles[i] = f"Brand9 laptop bag model {1000 + i}"
+    b = pa.concat_tables([a.set_column(1, "title", pa.array(titles)).slice(removed),
+                          base.slice(n, added)])
+    write(tmp_path / "a", a)
+    write(tmp_path / "b", b)
+    cfg = _config()
+    fit(tmp_path / "a", tmp_path / "models", config=cfg)
+    for out, cat, previous in (("run_a", "a", None), ("run_inc", "b", "run_a"), ("run_full", "b", None)):
+        rebuild(tmp_path / cat, tmp_path / out, models=tmp_path / "models", config=cfg,
+                previous=tmp_path / previous if previous else None)
+
+    def manifest(run):
+        return json.loads((tmp_path / run / "related" / "manifest.json").read_text())
+
+    inc, full = manifest("run_inc"), manifest("run_full")
+    assert manifest("run_a")["model"] == "dual-gnn"
+    assert inc["products_reused"] == n - removed - len(edited)
+    assert inc["products_recomputed"] == len(edited) + added
+    assert inc["products_added"] == added and inc["products_removed"] == removed
+    assert full["products_reused"] == 0 and full["products_recomputed"] == n - removed + added
+    cols = ["product_id", "cache_key", "text", "type_bucket", "h0"]
+    cache = {r: read_parquet_any(tmp_path / r / "related" / "cache" / "related_embed", cols)
+             .sort("product_id") for r in ("run_a", "run_inc", "run_full")}
+    assert cache["run_inc"].equals(cache["run_full"])
+    # the edits mattered: an edited product's vector is not the one cached in A
+    ids = [f"p{i}" for i in edited]
+    old = cache["run_a"].filter(pl.col("product_id").is_in(ids))
+    new = cache["run_full"].filter(pl.col("product_id").is_in(ids))
+    assert not old["text"].equals(new["text"]) and not old["h0"].equals(new["h0"])
+
+    def lists(run):
+        t = read_parquet_any(table_file(tmp_path / run / "graph", "related"))
+        return t.sort(["product_id", "rank"])
+
+    got, want = lists("run_inc"), lists("run_full")
+    assert want.height == (n - removed + added) * 5
+    assert got.equals(want)

@@ -110,6 +110,20 @@ def run_incremental_bench(out: str | Path, *, quick: bool = False, n: int | None
     full_cache = json.loads((runs / "full_b" / "taxonomy" / "manifest.json").read_text()
                             ).get("cache", {}).get("title_models", {})
     products = cache.get("products") or 0
+    # every cached step of every stage: its seconds (step, join, cache write) and reuse counts
+    steps = {}
+    for stage in cfg.stages:
+        mi, mf = (runs / r_ / stage / "manifest.json" for r_ in ("incremental_b", "full_b"))
+        if not mi.exists():
+            continue
+        ci = json.loads(mi.read_text()).get("cache") or {}
+        cf = (json.loads(mf.read_text()).get("cache") or {}) if mf.exists() else {}
+        for step, c in ci.items():
+            steps[f"{stage}.{step}"] = {
+                "seconds": {"incremental_b": c.get("seconds"),
+                            "full_b": (cf.get(step) or {}).get("seconds")},
+                "reused": c.get("reused"), "recomputed": c.get("recomputed"),
+                "products": c.get("products")}
     result = {
         "products": cats["counts"],
         "models": model_info,
@@ -125,7 +139,8 @@ def run_incremental_bench(out: str | Path, *, quick: bool = False, n: int | None
                                  "full_b": full_cache.get("seconds")},
         "reused": {k: cache.get(k) for k in ("reused", "recomputed", "added", "changed", "removed")},
         "share_reused": round(cache.get("reused", 0) / products, 4) if products else None,
-        "cached_steps": ["taxonomy.title_models"],
+        "cached_steps": list(steps) or ["taxonomy.title_models"],
+        "cached_step_detail": steps,
         "graphs_identical": bool(identical),
         "tables_identical": same,
         "graph_rows": {k: v.height for k, v in g_full.items()},
@@ -159,6 +174,10 @@ def _markdown(r: dict) -> str:
         f"write): {r['title_models_seconds']['incremental_b']} s against "
         f"{r['title_models_seconds']['full_b']} s. Per-product title-model work reused: "
         f"{r['share_reused']} ({r['reused']}). Graphs identical: {r['graphs_identical']} (per table: {r['tables_identical']}).",
+        "",
+        *[f"- `{name}`: {d['seconds']['incremental_b']} s incremental against "
+          f"{d['seconds']['full_b']} s full; {d['reused']} of {d['products']} products reused."
+          for name, d in (r.get("cached_step_detail") or {}).items()],
         "",
     ]
     return "\n".join(lines)

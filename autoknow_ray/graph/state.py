@@ -41,6 +41,17 @@ def typed_products(ctx: RunContext, columns: list[str] | None = None):
     return ds.select_columns(list(dict.fromkeys([*columns, "type"]))) if columns else ds
 
 
+def typed_products_files(ctx: RunContext) -> list[Path] | None:
+    """The Parquet files of module 1's typed products (every product with `title` and `type`),
+    for a step that runs over them file by file (a cached step, `incremental.run_cached`); None
+    where the taxonomy stage did not run and `typed_products` derives the type instead."""
+    stage, name = TYPED_PRODUCTS
+    path = ctx.table_path(stage, name)
+    if stage not in ctx.cfg.stages or not _has_rows(path):
+        return None
+    return sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
+
+
 def n_products(ctx: RunContext) -> int:
     return count_rows(ctx.table_path("ingest", "products"))
 

@@ -111,9 +111,16 @@ class DualGNN(nn.Module):
             self.l1_tgt = nn.Linear(3 * d + N_DEGREE, d)
             self.l2_tgt = nn.Linear(3 * d, d)
 
-    def metadata(self, text: torch.Tensor, types: torch.Tensor) -> torch.Tensor:
-        """Layer 0: the product's own metadata, its source and target embedding alike."""
-        return torch.tanh(self.inp(torch.cat([text, self.type_emb(types)], -1)))
+    def metadata(self, text: torch.Tensor, types: torch.Tensor, per_row: bool = False) -> torch.Tensor:
+        """Layer 0: the product's own metadata, its source and target embedding alike.
+        `per_row`: at inference, one row at a time (`nn.encoder.per_row`): a row's h0 then does
+        not depend on the other rows of its batch."""
+        x = torch.cat([text, self.type_emb(types)], -1)
+        if per_row:
+            from autoknow_ray.nn.encoder import per_row as rows
+
+            return torch.tanh(rows(self.inp, x))
+        return torch.tanh(self.inp(x))
 
     def forward(self, nodes: torch.Tensor, h0: torch.Tensor, degree: torch.Tensor,
                 out_nb: torch.Tensor, in_nb: torch.Tensor, sim_nb: torch.Tensor):

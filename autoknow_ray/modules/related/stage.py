@@ -13,15 +13,19 @@ with no co-purchases to learn from) source and target are the title embedding it
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from autoknow_ray import runtime
-from autoknow_ray.graph.state import count_rows, n_products, typed_products
+from autoknow_ray.graph.state import count_rows, n_products, typed_products_files
+from autoknow_ray.incremental import CachedStep, DropColumns, file_digest, run_cached, source_digest
 from autoknow_ray.modules.related import graph_build as gb
 from autoknow_ray.modules.related.model import WEIGHTS
 from autoknow_ray.modules.related.steps import DualEmbed, EmbedProducts, Recommend, mark_complete
 from autoknow_ray.pipeline import RunContext, Stage, check_balance
+from autoknow_ray.steps import Chain, Step
 
 NODES = "nodes"
 EMBEDDINGS = "embeddings"
@@ -35,6 +39,53 @@ def _text_as_embeddings(batch: pa.Table) -> pa.Table:
 def _first_ranks(batch: pa.Table) -> pa.Table:
     """One row per product that has related rows: its rank-1 row (ranks start at 1)."""
     return batch.filter(pc.equal(batch.column("rank"), 1))
+
+
+EMBED_STEP = "related_embed"
+# the modules whose source computes the cached title vectors and h0
+EMBED_CODE = ("autoknow_ray.modules.related.steps", "autoknow_ray.modules.related.model",
+              "autoknow_ray.nn.encoder")
+
+
+class CatalogueType(Step):
+    """`type` = the catalogue's own `product_type` (no module 1 in the run)."""
+
+    name = "catalogue_type"
+    resources = "related"
+    columns = ("product_id", "title", "product_type")
+
+    def process_batch(self, batch: pa.Table) -> pa.Table:
+        return batch.append_column("type", batch.column("product_type"))
+
+
+def products_files(ctx: RunContext) -> list[Path]:
+    path = ctx.table_path("ingest", "products")
+    if not path.exists():
+        return []
+    return sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
+
+
+def embed_step(step: EmbedProducts, model_dir, rc, ctx: RunContext,
+               from_catalogue: bool = False) -> CachedStep:
+    """`EmbedProducts` as a cached step: its outputs (title vector, type bucket, h0) depend on
+    the product's title and type, the encoder, the trained model's weights, the settings it
+    reads, the run's precision and the code. `from_catalogue`: the products are the ingested
+    ones, typed by their own `product_type`."""
+    from autoknow_ray.modules.taxonomy.cache import title_precision
+    from autoknow_ray.nn.encoder import resolve_encoder
+
+    device = runtime.plan_actors(ctx.cfg, "related", n_products(ctx)).device
+    type_col = "product_type" if from_catalogue else "type"
+    fresh = Chain(EMBED_STEP, [CatalogueType(), step]) if from_catalogue else step
+    return CachedStep(
+        name=EMBED_STEP, fresh=fresh, reuse=DropColumns(("title", type_col)),
+        inputs=("title", type_col),
+        outputs=("text", "type_bucket", "h0") if model_dir else ("text", "type_bucket"),
+        fingerprint={"encoder": file_digest([Path(resolve_encoder(rc.encoder))]),
+                     "model": file_digest([Path(model_dir)]) if model_dir else None,
+                     "text_max_length": rc.text_max_length, "type_buckets": rc.type_buckets,
+                     "bf16": bool(title_precision(device)), "device": device,
+                     "code": source_digest(list(EMBED_CODE))})
 
 
 def _model_config(model_dir) -> dict:
@@ -84,8 +135,17 @@ class RelatedStage(Stage):
 
         step = EmbedProducts(rc.encoder, rc.text_max_length, rc.type_buckets,
                              model_dir if trained else None)
-        runtime.map_step(typed_products(ctx, ["product_id", "title"]), step, cfg, n) \
-            .write_parquet(str(out / NODES))
+        # a cached step: `rebuild --previous RUN` reuses RUN's title vectors and h0 of every
+        # product whose title and type are unchanged (autoknow_ray/incremental.py); the type is
+        # module 1's where it ran, else the catalogue's own
+        files, from_catalogue = typed_products_files(ctx), False
+        if files is None:
+            files, from_catalogue = products_files(ctx), True
+        cache: dict = {}
+        if files:
+            cache = run_cached(embed_step(step, model_dir if trained else None, rc, ctx, from_catalogue),
+                               files, cfg, out / NODES, out, ctx.resume,
+                               ctx.previous_stage(self.name))
         mark_complete(out / NODES)
         lap("embed_products")
         counts["text_edges"] = 0
@@ -142,6 +202,9 @@ class RelatedStage(Stage):
             "prior_bucket_weights": settings.get("prior_bucket_weights"),
             "popularity_bucket_weights": settings.get("popularity_bucket_weights"),
             "neighbour_bucket_weights": settings.get("neighbour_bucket_weights"),
+            # per-product title vectors and h0 reused from --previous, recomputed, added, removed
+            **{f"products_{k}": cache.get(k, 0) for k in ("reused", "recomputed", "added", "removed")},
+            "cache": {EMBED_STEP: cache} if cache else {},
             **counts,
             "step_seconds": seconds,
         }

@@ -154,15 +154,22 @@ class EmbedProducts(Step):
     def process_batch(self, batch: pa.Table) -> pa.Table:
         from autoknow_ray.modules.related.model import type_bucket
 
+        from autoknow_ray.incremental import KEY
+
         titles = [t or "" for t in batch.column("title").to_pylist()]
-        text = self.encoder.encode(titles)
+        text = self.encoder.encode(titles)  # batch-invariant: same-length batches
         types = type_bucket(batch.column("type").to_pylist(), self.type_buckets)
         cols = {"product_id": batch.column("product_id"), "text": _fixed(text),
                 "type_bucket": pa.array(types, pa.int32())}
         if self.gnn is not None:
             with self.torch.inference_mode():
-                h0 = self.gnn.metadata(self.torch.from_numpy(text), self.torch.from_numpy(types))
+                # one row at a time: a product's h0 is the same whatever else is in its batch,
+                # so a cached h0 (`rebuild --previous`) is the one a full rebuild computes
+                h0 = self.gnn.metadata(self.torch.from_numpy(text), self.torch.from_numpy(types),
+                                       per_row=True)
             cols["h0"] = _fixed(h0.numpy())
+        if KEY in batch.column_names:  # a cached step's key passes through
+            cols[KEY] = batch.column(KEY)
         return pa.table(cols)
 
 
@@ -246,6 +253,10 @@ class NodeTables:
         cols = ["product_id", "h0"] if with_h0 else ["product_id"]
         t = _read(nodes_path, cols)
         require_complete(nodes_path, t.num_rows)
+        # rows in product id order, not the order the shards were written in (a cached and a
+        # fresh half, chunks): node indices, and so ties and FAISS ids, are the same however the
+        # table was written
+        t = t.sort_by("product_id") if t.num_rows else t
         self.ids = t.column("product_id").combine_chunks() if t.num_rows else pa.array([], pa.string())
         h = id_hash(self.ids.to_pylist())
         self.order = np.argsort(h, kind="stable")
@@ -417,6 +428,7 @@ class Recommend(Step):
 
         t = _read(storage.path(self.path), ["product_id", "target"])
         require_complete(self.path, t.num_rows)
+        t = t.sort_by("product_id") if t.num_rows else t  # as NodeTables orders its rows
         self.ids = t.column("product_id").combine_chunks() if t.num_rows else pa.array([], pa.string())
         dim = t.schema.field("target").type.list_size if t.num_rows else 1
         targets = _vectors(t.column("target"), dim)

@@ -5,8 +5,9 @@ Parquet shards: `RUN/<stage>/cache/<step>/` with `product_id`, `cache_key` and t
 columns. `cache_key` hashes the product's input columns the step's models read (the title, for
 the taxonomy stage's title models) with the step's fingerprint (model artifacts, the config the
 step reads, the precision it runs at, the source of the code that computes it). A later
-`rebuild --previous RUN` joins tonight's products with RUN's cache in the workers (a Ray Data
-hash join on product_id, never on the driver): a product whose key is unchanged takes the cached
+`rebuild --previous RUN` joins tonight's products with RUN's cache in the workers (a left outer
+join on product_id: one task where both sides are small, else Ray Data's hash join; never on the
+driver): a product whose key is unchanged takes the cached
 outputs, the rest (new products, changed inputs, everything when the fingerprint changed) go
 through the models, and every aggregate and decision after the step is computed from the cached
 and fresh outputs together. A product gone from the catalogue is counted and not joined further.
@@ -214,6 +215,9 @@ def run_cached(step: CachedStep, files: list, cfg, out: Path, stage_out: Path, r
 
 def _incremental(step: CachedStep, fresh_step: Step, digest: str, files: list, cfg, out: Path,
                  stage_out: Path, prev: Path, n: int) -> dict:
+    from autoknow_ray.pipeline import count_rows
+
+    t0 = time.perf_counter()
     inputs = list(step.fresh.columns)
     products = runtime.read_parquet([str(f) for f in files]).select_columns(inputs)
     types = {f.name: f.type for f in pa.schema(products.schema().base_schema)}
@@ -221,8 +225,12 @@ def _incremental(step: CachedStep, fresh_step: Step, digest: str, files: list, c
                                  batch_format="pyarrow")
     cached = runtime.read_parquet(prev, ["product_id", KEY, *step.outputs]).rename_columns(
         {KEY: PREV_KEY})
-    parts = max(1, math.ceil(max(n, 1) / JOIN_ROWS_PER_PARTITION))
-    joined = keyed.join(cached, "full_outer", parts, on=("product_id",))
+    n_cached = count_rows(prev)  # one row per product
+    parts = max(1, math.ceil(max(n, n_cached, 1) / JOIN_ROWS_PER_PARTITION))
+    # tonight's products with their previous outputs, where cached: a left outer join (in one
+    # task where both sides are small, runtime.join); a cached product not matched is removed
+    joined = runtime.join(keyed, cached, ("product_id",), "left_outer", parts, left_rows=n,
+                          right_rows=n_cached)
     scratch = stage_out / "_cache_join"
     joined.map_batches(_classify({**types, KEY: pa.string(), PREV_KEY: pa.string()}),
                        batch_format="pyarrow").write_parquet(str(scratch))
@@ -231,8 +239,11 @@ def _incremental(step: CachedStep, fresh_step: Step, digest: str, files: list, c
     by_state = {s: int(c) for s, c in states.select(STATE, "n").iter_rows()} if states.height else {}
     n_miss = by_state.get(ADDED, 0) + by_state.get(CHANGED, 0)
     n_hit = by_state.get(REUSED, 0)
-    fresh, hits = out / "fresh", stage_out / "_cache_hits"
+    removed = n_cached - n_hit - by_state.get(CHANGED, 0)
+    seconds = {"join": round(time.perf_counter() - t0, 2)}
+    fresh = out / "fresh"
     # fresh: new products and changed inputs, through the models and the steps after them
+    t0 = time.perf_counter()
     if n_miss:
         misses = stage_out / "_cache_misses"
         (runtime.read_parquet(scratch).map_batches(_where_state({ADDED, CHANGED}),
@@ -241,22 +252,22 @@ def _incremental(step: CachedStep, fresh_step: Step, digest: str, files: list, c
         runtime.map_step_checkpointed(sorted(storage.path(misses).rglob("*.parquet")), fresh_step,
                                       cfg, fresh, None)
         storage.rmtree(misses)
-    # cached: the previous outputs, through the steps after the models
+    seconds["fresh"] = round(time.perf_counter() - t0, 2)
+    # cached: the previous outputs, through the steps after the models, in the column order the
+    # models' chain writes (one pass, one write)
+    t0 = time.perf_counter()
     if n_hit:
         ds = (runtime.read_parquet(scratch).map_batches(_where_state({REUSED}), batch_format="pyarrow")
               .select_columns([*inputs, KEY, *step.outputs]))
         if step.reuse is not None:
             ds = runtime.map_step(ds, _Passing(step.reuse, [*inputs, KEY, *step.outputs]), cfg, n_hit)
-        ds.write_parquet(str(hits))
-        # one column order for both halves: the order the models' chain writes
         order = runtime.read_parquet(fresh).schema().names if n_miss else None
-        ds = runtime.read_parquet(hits)
         (ds.select_columns(order) if order else ds).write_parquet(str(out / "cached"))
-        storage.rmtree(hits)
+    seconds["cached"] = round(time.perf_counter() - t0, 2)
     storage.rmtree(scratch)
     return {"products": n, "reused": n_hit, "recomputed": n_miss, "added": by_state.get(ADDED, 0),
-            "changed": by_state.get(CHANGED, 0), "removed": by_state.get(REMOVED, 0),
-            "chunks": 1 if n_miss else 0, "chunks_resumed": 0}
+            "changed": by_state.get(CHANGED, 0), "removed": removed,
+            "chunks": 1 if n_miss else 0, "chunks_resumed": 0, "phase_seconds": seconds}
 
 
 def _run_key(step: ProductKey):

@@ -255,6 +255,9 @@ def test_fit_and_rebuild_impute_without_overwriting(tmp_path, ray_session):
     assert res["imputation.held_out"] == 189 and res["imputation.held_out_in_text"] == 139
     assert res["imputation.predicted"] >= 120 and res["imputation.precision"] >= 0.75
     assert res["imputation.recall"] >= 0.5 and res["imputation.recall_in_text"] >= 0.65
+    # `rebuild --previous`: the tagger's candidates are reused for every product whose texts,
+    # type and upstream values are unchanged; the graph is the full rebuild's
+    _incremental_equals_full(tmp_path, held, run, models, cfg)
     # the same run with the table capped below its size: the workers keep the most frequent
     # rows and the manifest counts the rest
     cfg.write_text(FIT_CONFIG.replace("clusters: {n_clusters: 16, min_support: 2}",
@@ -280,6 +283,46 @@ def test_fit_and_rebuild_impute_without_overwriting(tmp_path, ray_session):
     t2 = read_parquet_any(table_file(run2 / "graph", "triples"))
     assert t2.filter(pl.col("module") == "imputation").height == 0
     assert t2.filter(pl.col("status") == "kept").height == kept_facts
+
+
+def _incremental_equals_full(tmp_path, held, run, models, cfg):
+    import shutil
+
+    from autoknow_ray.cli import main
+    from autoknow_ray.incremental import cache_dir
+    from autoknow_ray.pipeline import read_parquet_any, table_file
+
+    cat_b = tmp_path / "held_b"
+    shutil.copytree(held, cat_b)
+    products = pl.read_parquet(cat_b / "products.parquet").sort("product_id")
+    edited = products["product_id"].to_list()[10:13]
+    products = products.with_columns(
+        pl.when(pl.col("product_id").is_in(edited))
+        .then(pl.lit("Made of stainless steel, color black, size large."))
+        .otherwise(pl.col("description")).alias("description")).slice(2)
+    products.write_parquet(cat_b / "products.parquet")
+    for out, previous in (("run_inc", run), ("run_full", None)):
+        args = ["rebuild", "--catalogue", str(cat_b), "--out", str(tmp_path / out), "--models",
+                str(models), "--config", str(cfg)]
+        assert main(args + (["--previous", str(previous)] if previous else [])) == 0
+    inc, full = (json.loads((tmp_path / r / "imputation" / "manifest.json").read_text())
+                 for r in ("run_inc", "run_full"))
+    assert inc["products_reused"] == 150 - 2 - 3 and inc["products_recomputed"] == 3
+    assert inc["products_removed"] == 2 and full["products_reused"] == 0
+    assert inc["input"] == full["input"] and inc["decisions"] == full["decisions"]
+
+    def cached(r):
+        return read_parquet_any(cache_dir(tmp_path / r / "imputation", "tagger_candidates"),
+                                ["product_id", "cache_key", "cands"]).sort("product_id")
+
+    assert cached("run_inc").equals(cached("run_full"))
+    old = cached(run.name).filter(pl.col("product_id").is_in(edited))
+    new = cached("run_full").filter(pl.col("product_id").is_in(edited))
+    assert not old["cache_key"].equals(new["cache_key"])
+    t_inc, t_full = (read_parquet_any(table_file(tmp_path / r / "graph", "triples"))
+                     for r in ("run_inc", "run_full"))
+    assert t_inc.sort(t_inc.columns).equals(t_full.sort(t_full.columns))
+    assert t_full.filter(pl.col("module") == "imputation").height > 0
 
 
 def test_the_conditioned_taggers_spans_do_not_depend_on_the_other_texts_of_a_call():

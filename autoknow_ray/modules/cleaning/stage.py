@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from autoknow_ray import runtime
+from autoknow_ray import runtime, storage
 from autoknow_ray.graph import state
-from autoknow_ray.modules.cleaning.steps import TYPE_RELATION, ScoreTriples, _col, product_claims
+from autoknow_ray.incremental import CachedStep, file_digest, run_cached, source_digest
+from autoknow_ray.modules.cleaning.steps import (
+    CLAIM_INPUTS, CLAIM_SCORES, TYPE_RELATION, ClaimScores, DecideClaims, ScoreTriples, _col,
+    product_claims)
 from autoknow_ray.pipeline import RunContext, Stage, ensure_shards
-from autoknow_ray.schema import TRIPLES
+from autoknow_ray.schema import CLEANING_SCORES, TRIPLES
 
 PRODUCT_COLUMNS = ["product_id", "title", "description", "type", "product_type", "attributes", "brand"]
 UPSTREAM_LISTS = ("up_relation", "up_object", "up_status", "up_module")
@@ -105,7 +109,23 @@ class CleaningStage(Stage):
                     "removed": 0, "corrected": 0, "thresholds_used": {"value": None, "type": None},
                     "abstained": fit_abstains or {"all": "fit found no threshold"}}
         t0 = time.perf_counter()
-        runtime.map_step(products, step, ctx.cfg, n).write_parquet(str(ctx.out / "scores"))
+        cache: dict = {}
+        # the scorer as a cached step (`rebuild --previous RUN` reuses RUN's claim scores of every
+        # product whose claims, text and type are unchanged; incremental.py), over the products
+        # written once with every column it reads; then the decisions at this run's thresholds
+        scratch, scored = ctx.out / "_products", ctx.out / "_claim_scores"
+        products.map_batches(_claim_inputs, batch_format="pyarrow").write_parquet(str(scratch))
+        files = sorted(scratch.rglob("*.parquet"))
+        if state.count_rows(scratch):
+            cache = run_cached(claims_step(step, model_dir, cfg, ctx), files, ctx.cfg, scored,
+                               ctx.out, ctx.resume, ctx.previous_stage(self.name))
+            decide = DecideClaims(step_thresholds[0], step_thresholds[1], cfg.judge_types,
+                                  cfg.correct_from_upstream)
+            runtime.map_step(runtime.read_parquet(scored), decide, ctx.cfg, n).write_parquet(
+                str(ctx.out / "scores"))
+        ensure_shards(ctx.out / "scores", CLEANING_SCORES)
+        for d in (scratch, scored):
+            storage.rmtree(d)
         seconds = time.perf_counter() - t0
         scores = runtime.read_parquet(ctx.out / "scores")
         by = runtime.aggregate(scores.map_batches(_status_kind, batch_format="pyarrow"),
@@ -140,6 +160,9 @@ class CleaningStage(Stage):
             # threshold reaching the precision target, so nothing of that kind is removed)
             "thresholds_used": {"value": step_thresholds[0], "type": step_thresholds[1]},
             "shift_guard": guard,
+            # per-product claim scores reused from --previous, recomputed, added, removed
+            **{f"products_{k}": cache.get(k, 0) for k in ("reused", "recomputed", "added", "removed")},
+            "cache": {CLAIMS_STEP: cache} if cache else {},
         }
         abstains = {k: v for k, v in fit_abstains.items()
                     if (k == "values" and cfg.threshold == "auto")
@@ -148,6 +171,43 @@ class CleaningStage(Stage):
         if abstains:
             out["abstained"] = abstains
         return out
+
+
+CLAIMS_STEP = "claim_scores"
+# the modules whose source computes the cached claim scores
+CLAIMS_CODE = ("autoknow_ray.modules.cleaning.steps", "autoknow_ray.modules.cleaning.model",
+               "autoknow_ray.nn.encoder")
+_CLAIM_INPUT_TYPES = {
+    "attributes": pa.list_(pa.struct([("name", pa.string()), ("value", pa.string())])),
+    **{c: pa.list_(pa.string()) for c in UPSTREAM_LISTS}}
+
+
+def _claim_inputs(batch: pa.Table) -> pa.Table:
+    """The columns the scorer reads, in one order, absent ones as nulls (no module before
+    cleaning, no description in this catalogue)."""
+    cols = {}
+    for c in CLAIM_INPUTS:
+        cols[c] = batch.column(c) if c in batch.column_names else pa.nulls(
+            batch.num_rows, _CLAIM_INPUT_TYPES.get(c, pa.string()))
+    return pa.table(cols)
+
+
+def claims_step(step: ScoreTriples, model_dir, cfg, ctx: RunContext) -> CachedStep:
+    """The scorer as a cached step: a product's claim scores depend on its claims, text and
+    current type (the key), and on the fitted models, the claims judged, the fold rule, the
+    precision, the device and the code (the fingerprint); not on the thresholds."""
+    from autoknow_ray.modules.taxonomy.cache import title_precision
+
+    device = runtime.plan_actors(ctx.cfg, "cleaning", state.n_products(ctx)).device
+    bf16 = cfg.bf16 if isinstance(cfg.bf16, bool) else title_precision(device)
+    fresh = ClaimScores(step.model_dir, step.threshold_override, step.judge_types, step.correct,
+                        step.bf16, step.device, step.type_threshold_override, step.fold_rule)
+    return CachedStep(
+        name=CLAIMS_STEP, fresh=fresh, reuse=None, inputs=CLAIM_INPUTS[1:],
+        outputs=(CLAIM_SCORES,),
+        fingerprint={"model": file_digest([Path(model_dir)]), "judge_types": bool(cfg.judge_types),
+                     "fold_rule": cfg.fold_rule, "bf16": bool(bf16), "device": device,
+                     "code": source_digest(list(CLAIMS_CODE))})
 
 
 TYPE_KINDS = ("catalogue_type", "upstream_type", "upstream_type_correction")

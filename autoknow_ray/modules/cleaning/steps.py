@@ -151,6 +151,16 @@ class ScoreTriples(Step):
                 else self.type_threshold_override)
 
     def process_batch(self, batch: pa.Table) -> pa.Table:
+        per_product, product_scores = self._score(batch)
+        rows = []
+        for (pid, cl, _judged, retracted), s in zip(per_product, product_scores):
+            rows.extend(decide(pid, cl, s, retracted, self.threshold, self.correct,
+                               self.type_threshold))
+        return pa.Table.from_pylist(rows, schema=CLEANING_SCORES)
+
+    def _score(self, batch: pa.Table) -> tuple[list, list[list[float | None]]]:
+        """Per product of the batch: (product id, claims, judged, retracted) and each claim's
+        score (None where its value is empty)."""
         meta = self.scorer.meta
         cols = {c: _col(batch, c) for c in ("product_id", "title", "description", "type",
                                             "product_type", "attributes", "brand", "up_relation",
@@ -183,9 +193,60 @@ class ScoreTriples(Step):
         # under `own_fold` each product is judged by the fold model that fit calibrated for it
         text_fold = [self.scorer.fold(pid) for pid in cols["product_id"]]
         scores = self.scorer.score(claims, texts, text_of, feats if use_f else None, text_fold)
+        return per_product, [[None if j is None else float(scores[j]) for j in judged]
+                             for _pid, _cl, judged, _r in per_product]
+
+
+# the product columns the scorer reads (claims, text, current type); the stage fills absent ones
+# with nulls, so a cached step can name them
+CLAIM_INPUTS = ("product_id", "title", "description", "type", "product_type", "attributes",
+                "brand", "up_relation", "up_object", "up_status", "up_module")
+CLAIM_SCORES = "claim_scores"
+
+
+class ClaimScores(ScoreTriples):
+    """The scorer alone, as a cached step's model (`rebuild --previous`): each product row with
+    `claim_scores`, its claims' scores in `product_claims` order (None where unscored). A
+    claim's score does not depend on the rest of its batch, so a reused list is the one a full
+    rebuild computes; `DecideClaims` turns it into the scores rows."""
+
+    name = "cleaning_claim_scores"
+    columns = CLAIM_INPUTS
+
+    def process_batch(self, batch: pa.Table) -> pa.Table:
+        _per_product, product_scores = self._score(batch)
+        return batch.append_column(CLAIM_SCORES, pa.array(product_scores, pa.list_(pa.float32())))
+
+
+class DecideClaims(Step):
+    """Product rows with `claim_scores` → one scores row per judged triple (`decide`), at the
+    thresholds given: what `ScoreTriples` writes, from scores computed before."""
+
+    name = "cleaning_decide"
+    resources = "cleaning"
+    columns = (*CLAIM_INPUTS, CLAIM_SCORES)
+
+    def __init__(self, threshold: float | None, type_threshold: float | None, judge_types: bool,
+                 correct_from_upstream: bool):
+        # None: no threshold (fit found none reaching its target): nothing of that kind removed
+        inf = float("inf")
+        self.threshold = inf if threshold is None else float(threshold)
+        self.type_threshold = inf if type_threshold is None else float(type_threshold)
+        self.judge_types, self.correct = judge_types, correct_from_upstream
+
+    def process_batch(self, batch: pa.Table) -> pa.Table:
+        cols = {c: _col(batch, c) for c in self.columns}
         rows = []
-        for pid, cl, judged, retracted in per_product:
-            s = [None if j is None else float(scores[j]) for j in judged]
-            rows.extend(decide(pid, cl, s, retracted, self.threshold, self.correct,
+        for i, pid in enumerate(cols["product_id"]):
+            cl, retracted = product_claims(cols["product_type"][i], cols["attributes"][i],
+                                           cols["brand"][i], cols["up_relation"][i],
+                                           cols["up_object"][i], cols["up_status"][i],
+                                           cols["up_module"][i])
+            if not self.judge_types:
+                cl = [c for c in cl if c[0] != TYPE_RELATION]
+            scores = cols[CLAIM_SCORES][i] or []
+            if len(scores) != len(cl):
+                raise ValueError(f"{pid}: {len(scores)} cached scores for {len(cl)} claims")
+            rows.extend(decide(pid, cl, scores, retracted, self.threshold, self.correct,
                                self.type_threshold))
         return pa.Table.from_pylist(rows, schema=CLEANING_SCORES)

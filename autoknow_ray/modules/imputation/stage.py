@@ -13,20 +13,22 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from autoknow_ray import runtime
+from autoknow_ray import runtime, storage
 from autoknow_ray.graph import state
 from autoknow_ray.modules.imputation.clusters import build_cluster_map
 from autoknow_ray.modules.imputation.model import TAGGER, load_known_values, shipped_threshold
 from autoknow_ray.modules.imputation.steps import (
-    INPUT_COUNTS, PRODUCT_COLUMNS, DecideValues, TagProducts, TermRows, written)
+    CANDIDATES, INPUT_COUNTS, PRODUCT_COLUMNS, DecideValues, TagProducts, TermRows, written)
 from autoknow_ray.modules.imputation.texts import SEP
-from autoknow_ray.pipeline import RunContext, Stage, check_balance
+from autoknow_ray.incremental import CachedStep, DropColumns, file_digest, run_cached, source_digest
+from autoknow_ray.pipeline import RunContext, Stage, check_balance, ensure_shards
 from autoknow_ray.schema import HAS_TYPE, TRIPLES
 
 MODULE = "imputation"
@@ -79,6 +81,37 @@ def _fill_missing(batch: pa.Table) -> pa.Table:
         if name not in batch.column_names:
             batch = batch.append_column(name, pa.nulls(batch.num_rows, types.get(name, pa.string())))
     return batch
+
+
+TAG_STEP = "tagger_candidates"
+# the modules whose source computes the cached candidates
+TAG_CODE = ("autoknow_ray.modules.imputation.steps", "autoknow_ray.modules.imputation.model",
+            "autoknow_ray.modules.imputation.texts", "autoknow_ray.nn.conditioned_tagger",
+            "autoknow_ray.nn.encoder")
+
+
+def tag_step(tag: TagProducts, model_dir, ctx: RunContext) -> CachedStep:
+    """The type-conditioned tagger as a cached step: a product's candidates depend on the
+    columns it reads (the key), and on the fitted tagger and type vectors, the fields and caps
+    it reads them with, its span floor, the encoder, the precision, the device and the code."""
+    from autoknow_ray.modules.taxonomy.cache import title_precision
+    from autoknow_ray.nn.encoder import resolve_encoder
+
+    device = runtime.plan_actors(ctx.cfg, MODULE, state.n_products(ctx)).device
+    try:
+        encoder = file_digest([Path(resolve_encoder(tag.encoder))])
+    except Exception:  # an encoder only a conditioned tagger loads; name it instead
+        encoder = str(tag.encoder)
+    return CachedStep(
+        name=TAG_STEP, fresh=tag,
+        reuse=DropColumns(tuple(c for c in PRODUCT_COLUMNS if c not in ("product_id", "type"))),
+        inputs=PRODUCT_COLUMNS[1:],
+        outputs=tuple(c for c in CANDIDATES.names if c not in ("product_id", "type")),
+        fingerprint={"model": file_digest([Path(model_dir)]), "fields": list(tag.fields),
+                     "max_chars": tag.max_chars, "max_customer_texts": tag.max_customer_texts,
+                     "min_span_score": float(tag.min_span_score), "encoder": encoder,
+                     "bf16": bool(title_precision(device)), "device": device,
+                     "code": source_digest(list(TAG_CODE))})
 
 
 def products_with_context(ctx: RunContext, n: int):
@@ -152,7 +185,17 @@ class ImputationStage(Stage):
                           cfg.infer_batch_size, cfg.clusters.min_span_score
                           if cfg.clusters.enabled else min_confidence, cfg.tagger.encoder)
         t0 = time.perf_counter()
-        runtime.map_step(products, tag, ctx.cfg, n).write_parquet(str(ctx.out / "candidates"))
+        # the tagger as a cached step (`rebuild --previous RUN` reuses RUN's candidates of every
+        # product whose texts, type and upstream values are unchanged; incremental.py), over the
+        # products written once with every column it reads
+        scratch, cache = ctx.out / "_products", {}
+        products.select_columns(list(PRODUCT_COLUMNS)).write_parquet(str(scratch))
+        if state.count_rows(scratch):
+            cache = run_cached(tag_step(tag, model_dir, ctx), sorted(scratch.rglob("*.parquet")),
+                               ctx.cfg, ctx.out / "candidates", ctx.out, ctx.resume,
+                               ctx.previous_stage(self.name))
+        ensure_shards(ctx.out / "candidates", CANDIDATES)
+        storage.rmtree(scratch)
         tag_seconds = time.perf_counter() - t0
         cands = runtime.read_parquet(ctx.out / "candidates")
         sums = runtime.column_sums(cands, list(INPUT_COUNTS)) if n else {}
@@ -200,6 +243,9 @@ class ImputationStage(Stage):
             "min_confidence": min_confidence,
             "min_confidence_setting": cfg.min_confidence,
             "conditioned_on_type": self._conditioned(model_dir),
+            # per-product candidates reused from --previous, recomputed, added, removed
+            **{f"products_{k}": cache.get(k, 0) for k in ("reused", "recomputed", "added", "removed")},
+            "cache": {TAG_STEP: cache} if cache else {},
         }
 
     def _clusters(self, ctx: RunContext, cands, model_dir, min_confidence: float):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from autoknow_ray.incremental import KEY
 from autoknow_ray.modules.imputation.texts import SEP, filled_values, product_texts, value_key
 from autoknow_ray.steps import Step, WorkerEnv
 
@@ -93,7 +94,10 @@ class TagProducts(Step):
             "cands": cands,
             **{k: [int(c.get(k, 0)) for c in counts] for k in INPUT_COUNTS},
         }
-        return pa.Table.from_pydict(cols, schema=CANDIDATES)
+        out = pa.Table.from_pydict(cols, schema=CANDIDATES)
+        if KEY in batch.column_names:  # a cached step's key passes through
+            out = out.append_column(KEY, batch.column(KEY))
+        return out
 
 
 class TermRows(Step):

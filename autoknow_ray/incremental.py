@@ -270,6 +270,13 @@ def _incremental(step: CachedStep, fresh_step: Step, digest: str, files: list, c
             "chunks": 1 if n_miss else 0, "chunks_resumed": 0, "phase_seconds": seconds}
 
 
+def manifest_counts(step: str, cache: dict) -> dict:
+    """A stage manifest's view of a cached step's run (`run_cached`'s counts): products reused
+    from --previous, recomputed, added and removed, and the counts under `cache.<step>`."""
+    return {**{f"products_{k}": cache.get(k, 0) for k in ("reused", "recomputed", "added", "removed")},
+            "cache": {step: cache} if cache else {}}
+
+
 def _run_key(step: ProductKey):
     def run(batch: pa.Table) -> pa.Table:
         return step.process_batch(batch)

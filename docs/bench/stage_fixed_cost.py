@@ -19,9 +19,38 @@ import time
 import traceback
 
 
+EXECUTIONS = ("materialize", "to_arrow_refs", "count", "take", "take_all", "iter_batches", "sum")
+
+
+def time_executions(names=EXECUTIONS, depth: int = 1) -> list:
+    """Wraps the Ray Data methods that run an execution: each call appends (seconds, method,
+    its `depth` innermost call sites in the package) to the list returned."""
+    from ray.data import Dataset
+
+    log = []
+
+    def wrap(name):
+        f = getattr(Dataset, name)
+
+        @functools.wraps(f)
+        def g(self, *a, **k):
+            st = [fr for fr in traceback.extract_stack() if "autoknow_ray" in fr.filename]
+            where = " < ".join(f"{x.filename.split('autoknow_ray/')[-1]}:{x.lineno} {x.name}"
+                               for x in st[-depth:][::-1]) or "?"
+            t = time.time()
+            try:
+                return f(self, *a, **k)
+            finally:
+                log.append((time.time() - t, name, where))
+        setattr(Dataset, name, g)
+
+    for n in names:
+        wrap(n)
+    return log
+
+
 def profile(base: str, out: str, pin_fp32: bool) -> None:
     import ray
-    from ray.data import Dataset
 
     from autoknow_ray.config import Config
     from autoknow_ray.rebuild import rebuild
@@ -38,25 +67,7 @@ def profile(base: str, out: str, pin_fp32: bool) -> None:
     if pin_fp32:
         with open(os.path.join(out, "precision.json"), "w") as f:
             json.dump({"cpu_bf16": False, "decided_by": "pinned by stage_fixed_cost.py"}, f)
-    log = []
-
-    def wrap(name):
-        f = getattr(Dataset, name)
-
-        @functools.wraps(f)
-        def g(self, *a, **k):
-            st = [fr for fr in traceback.extract_stack() if "autoknow_ray" in fr.filename]
-            where = (f"{st[-1].filename.split('autoknow_ray/')[-1]}:{st[-1].lineno} {st[-1].name}"
-                     if st else "?")
-            t = time.time()
-            try:
-                return f(self, *a, **k)
-            finally:
-                log.append((time.time() - t, name, where))
-        setattr(Dataset, name, g)
-
-    for n in ("materialize", "to_arrow_refs", "count", "take", "take_all", "iter_batches", "sum"):
-        wrap(n)
+    log = time_executions()
     with open(os.path.join(base, "run_1", "config.resolved.json")) as f:
         cfg = Config.model_validate(json.load(f))
     ray.init(num_cpus=2, object_store_memory=400 * 2**20, include_dashboard=False)

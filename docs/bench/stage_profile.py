@@ -8,13 +8,22 @@ recomputes them) and prints each stage line and every Ray Data execution over 0.
 three innermost call sites (a write's own execution and the materialize inside it are both
 listed). `docs/bench/stage_fixed_cost.py --compare RUN OUT` then checks every table is equal.
 """
-import functools, json, os, shutil, sys, time, traceback
+import json
+import os
+import shutil
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from stage_fixed_cost import EXECUTIONS, time_executions  # noqa: E402
+
 
 def main(run, cat, models, out, first):
     import ray
-    from ray.data import Dataset
+
     from autoknow_ray.config import Config
     from autoknow_ray.rebuild import rebuild
+
     if os.path.exists(out):
         shutil.rmtree(out)
     shutil.copytree(run, out)
@@ -25,21 +34,7 @@ def main(run, cat, models, out, first):
         p = os.path.join(out, s)
         if os.path.isdir(p):
             shutil.rmtree(p)
-    log = []
-    def wrap(name):
-        f = getattr(Dataset, name)
-        @functools.wraps(f)
-        def g(self, *a, **k):
-            st = [fr for fr in traceback.extract_stack() if "autoknow_ray" in fr.filename]
-            where = " < ".join(f"{x.filename.split('autoknow_ray/')[-1]}:{x.lineno} {x.name}" for x in st[-3:][::-1])
-            t = time.time()
-            try:
-                return f(self, *a, **k)
-            finally:
-                log.append((time.time() - t, name, where))
-        setattr(Dataset, name, g)
-    for n in ("materialize", "to_arrow_refs", "count", "take", "take_all", "iter_batches", "sum", "write_parquet", "iter_rows", "to_pandas", "schema"):
-        wrap(n)
+    log = time_executions((*EXECUTIONS, "write_parquet", "iter_rows", "to_pandas", "schema"), depth=3)
     ray.init(num_cpus=2, object_store_memory=600 * 2**20, include_dashboard=False)
     t0 = time.time()
     rebuild(cat, out, models=models, config=cfg)
@@ -51,6 +46,7 @@ def main(run, cat, models, out, first):
         if s > 0.05:
             print(f"EXEC {s:6.2f} {n:14s} {w}")
     print("EXEC SUM", round(tot, 1))
+
 
 if __name__ == "__main__":
     main(*sys.argv[1:6])

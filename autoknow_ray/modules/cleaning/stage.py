@@ -17,7 +17,8 @@ import pyarrow.compute as pc
 
 from autoknow_ray import runtime, storage
 from autoknow_ray.graph import state
-from autoknow_ray.incremental import CachedStep, file_digest, run_cached, source_digest
+from autoknow_ray.incremental import (
+    CachedStep, file_digest, manifest_counts, run_cached, source_digest)
 from autoknow_ray.modules.cleaning.steps import (
     CLAIM_INPUTS, CLAIM_SCORES, TYPE_RELATION, ClaimScores, DecideClaims, ScoreTriples, _col,
     product_claims)
@@ -161,8 +162,7 @@ class CleaningStage(Stage):
             "thresholds_used": {"value": step_thresholds[0], "type": step_thresholds[1]},
             "shift_guard": guard,
             # per-product claim scores reused from --previous, recomputed, added, removed
-            **{f"products_{k}": cache.get(k, 0) for k in ("reused", "recomputed", "added", "removed")},
-            "cache": {CLAIMS_STEP: cache} if cache else {},
+            **manifest_counts(CLAIMS_STEP, cache),
         }
         abstains = {k: v for k, v in fit_abstains.items()
                     if (k == "values" and cfg.threshold == "auto")

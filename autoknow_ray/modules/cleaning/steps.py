@@ -111,6 +111,24 @@ def decide(pid: str, claims: list, scores: list, retracted: set, threshold: floa
     return rows
 
 
+# the product columns the scorer reads (claims, text, current type); the stage fills absent ones
+# with nulls, so a cached step can name them
+CLAIM_INPUTS = ("product_id", "title", "description", "type", "product_type", "attributes",
+                "brand", "up_relation", "up_object", "up_status", "up_module")
+CLAIM_SCORES = "claim_scores"
+
+
+def _claims_of(cols: dict, i: int, judge_types: bool) -> tuple[list, set]:
+    """`product_claims` of the batch's `i`-th product (columns as lists), less its type claim
+    where types are not judged."""
+    cl, retracted = product_claims(cols["product_type"][i], cols["attributes"][i], cols["brand"][i],
+                                   cols["up_relation"][i], cols["up_object"][i],
+                                   cols["up_status"][i], cols["up_module"][i])
+    if not judge_types:
+        cl = [c for c in cl if c[0] != TYPE_RELATION]
+    return cl, retracted
+
+
 class ScoreTriples(Step):
     """Products (with their upstream edits as lists) → one scores row per judged triple."""
 
@@ -162,18 +180,11 @@ class ScoreTriples(Step):
         """Per product of the batch: (product id, claims, judged, retracted) and each claim's
         score (None where its value is empty)."""
         meta = self.scorer.meta
-        cols = {c: _col(batch, c) for c in ("product_id", "title", "description", "type",
-                                            "product_type", "attributes", "brand", "up_relation",
-                                            "up_object", "up_status", "up_module")}
+        cols = {c: _col(batch, c) for c in CLAIM_INPUTS}
         per_product, claims, texts, text_of, feats = [], [], [], [], []
         use_f = self.scorer.uses_features
         for i, pid in enumerate(cols["product_id"]):
-            cl, retracted = product_claims(cols["product_type"][i], cols["attributes"][i],
-                                           cols["brand"][i], cols["up_relation"][i],
-                                           cols["up_object"][i], cols["up_status"][i],
-                                           cols["up_module"][i])
-            if not self.judge_types:
-                cl = [c for c in cl if c[0] != TYPE_RELATION]
+            cl, retracted = _claims_of(cols, i, self.judge_types)
             texts.append(product_text(cols["title"][i], cols["description"][i],
                                       meta["max_text_chars"]))
             current = cols["type"][i] or cols["product_type"][i]
@@ -197,11 +208,6 @@ class ScoreTriples(Step):
                              for _pid, _cl, judged, _r in per_product]
 
 
-# the product columns the scorer reads (claims, text, current type); the stage fills absent ones
-# with nulls, so a cached step can name them
-CLAIM_INPUTS = ("product_id", "title", "description", "type", "product_type", "attributes",
-                "brand", "up_relation", "up_object", "up_status", "up_module")
-CLAIM_SCORES = "claim_scores"
 
 
 class ClaimScores(ScoreTriples):
@@ -238,12 +244,7 @@ class DecideClaims(Step):
         cols = {c: _col(batch, c) for c in self.columns}
         rows = []
         for i, pid in enumerate(cols["product_id"]):
-            cl, retracted = product_claims(cols["product_type"][i], cols["attributes"][i],
-                                           cols["brand"][i], cols["up_relation"][i],
-                                           cols["up_object"][i], cols["up_status"][i],
-                                           cols["up_module"][i])
-            if not self.judge_types:
-                cl = [c for c in cl if c[0] != TYPE_RELATION]
+            cl, retracted = _claims_of(cols, i, self.judge_types)
             scores = cols[CLAIM_SCORES][i] or []
             if len(scores) != len(cl):
                 raise ValueError(f"{pid}: {len(scores)} cached scores for {len(cl)} claims")

@@ -27,7 +27,8 @@ from autoknow_ray.modules.imputation.model import TAGGER, load_known_values, shi
 from autoknow_ray.modules.imputation.steps import (
     CANDIDATES, INPUT_COUNTS, PRODUCT_COLUMNS, DecideValues, TagProducts, TermRows, written)
 from autoknow_ray.modules.imputation.texts import SEP
-from autoknow_ray.incremental import CachedStep, DropColumns, file_digest, run_cached, source_digest
+from autoknow_ray.incremental import (
+    CachedStep, DropColumns, file_digest, manifest_counts, run_cached, source_digest)
 from autoknow_ray.pipeline import RunContext, Stage, check_balance, ensure_shards
 from autoknow_ray.schema import HAS_TYPE, TRIPLES
 
@@ -244,8 +245,7 @@ class ImputationStage(Stage):
             "min_confidence_setting": cfg.min_confidence,
             "conditioned_on_type": self._conditioned(model_dir),
             # per-product candidates reused from --previous, recomputed, added, removed
-            **{f"products_{k}": cache.get(k, 0) for k in ("reused", "recomputed", "added", "removed")},
-            "cache": {TAG_STEP: cache} if cache else {},
+            **manifest_counts(TAG_STEP, cache),
         }
 
     def _clusters(self, ctx: RunContext, cands, model_dir, min_confidence: float):

@@ -20,7 +20,8 @@ import pyarrow.compute as pc
 
 from autoknow_ray import runtime
 from autoknow_ray.graph.state import count_rows, n_products, typed_products_files
-from autoknow_ray.incremental import CachedStep, DropColumns, file_digest, run_cached, source_digest
+from autoknow_ray.incremental import (
+    CachedStep, DropColumns, file_digest, manifest_counts, run_cached, source_digest)
 from autoknow_ray.modules.related import graph_build as gb
 from autoknow_ray.modules.related.model import WEIGHTS
 from autoknow_ray.modules.related.steps import DualEmbed, EmbedProducts, Recommend, mark_complete
@@ -203,8 +204,7 @@ class RelatedStage(Stage):
             "popularity_bucket_weights": settings.get("popularity_bucket_weights"),
             "neighbour_bucket_weights": settings.get("neighbour_bucket_weights"),
             # per-product title vectors and h0 reused from --previous, recomputed, added, removed
-            **{f"products_{k}": cache.get(k, 0) for k in ("reused", "recomputed", "added", "removed")},
-            "cache": {EMBED_STEP: cache} if cache else {},
+            **manifest_counts(EMBED_STEP, cache),
             **counts,
             "step_seconds": seconds,
         }

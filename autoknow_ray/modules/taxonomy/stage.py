@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 from autoknow_ray import runtime, storage
 from autoknow_ray.graph.state import count_rows
 from autoknow_ray.index.vectors import as_matrix
-from autoknow_ray.incremental import run_cached
+from autoknow_ray.incremental import manifest_counts, run_cached
 from autoknow_ray.modules.taxonomy import knn_floors, sample
 from autoknow_ray.modules.taxonomy.cache import title_models_step, title_precision
 from autoknow_ray.modules.taxonomy.fit import load_type_reference, load_type_reference_titles
@@ -195,8 +195,7 @@ class TaxonomyStage(Stage):
             "products_without_decision": n - counts.get("decisions", 0),
             "resources": plan.as_dict(),
             # per-product model outputs reused from --previous, recomputed, added, removed
-            **{f"products_{k}": cache.get(k, 0) for k in ("reused", "recomputed", "added", "removed")},
-            "cache": {"title_models": cache} if cache else {},
+            **manifest_counts("title_models", cache),
             "title_chunks": chunks["chunks"],
             "title_chunks_resumed": chunks["skipped"],
             "tagger_spans": counts.get("spans", 0),

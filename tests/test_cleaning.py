@@ -542,9 +542,12 @@ def test_guard_holds_back_a_kind_whose_flagged_share_implies_too_few_errors():
     assert not shift_guard({"kept.upstream_type": 305}, meta, cfg, (True, True))["types"]["held_back"]
 
 
-def test_a_claims_score_does_not_depend_on_the_other_claims_of_its_batch(known_fit):
-    """The scorer batches only pairs of one token length (no padding), so a claim's score is
-    bit-identical whatever else the batch holds and in whatever order the products arrive:
+@pytest.mark.parametrize("bf16", [False, True])
+def test_a_claims_score_does_not_depend_on_the_other_claims_of_its_batch(known_fit, bf16):
+    """The scorer batches only pairs of one token length (no padding), runs its per-claim heads
+    one row at a time and turns logits into probabilities one at a time (`model.probabilities`),
+    so a claim's score is bit-identical whatever else the batch holds and in whatever order the
+    products arrive:
     rows in another order, or another split into blocks, give the same removals and the same
     confidences (which an incremental rebuild that reuses scores needs too)."""
     import random
@@ -555,8 +558,10 @@ def test_a_claims_score_does_not_depend_on_the_other_claims_of_its_batch(known_f
     from autoknow_ray.steps import WorkerEnv
 
     _, _, model_dir = known_fit
-    products, _ = known_catalogue(40, seed=1, plant_every=5)
-    step = ScoreTriples(model_dir, None, True, False, False, "cpu")
+    # 200 products: length buckets fill batches of 64 and leave tails (at 40 products none did,
+    # and a vectorised sigmoid's tail still moved 11 of 800 scores by an ulp)
+    products, _ = known_catalogue(200, seed=1, plant_every=5)
+    step = ScoreTriples(model_dir, None, True, False, bf16, "cpu")
     step.setup(WorkerEnv(cpu_threads=2, batch_size=64))
 
     def scores(rows: list[dict], blocks: int) -> dict:
@@ -570,10 +575,10 @@ def test_a_claims_score_does_not_depend_on_the_other_claims_of_its_batch(known_f
 
     rows = products.to_dicts()
     whole = scores(rows, 1)
-    assert len(whole) == 40 * 4
+    assert len(whole) == 200 * 4
     shuffled = rows[:]
     random.Random(7).shuffle(shuffled)
-    for blocks in (1, 3, 40):
+    for blocks in (1, 3, 17):
         other = scores(shuffled, blocks)
         assert other.keys() == whole.keys()
         differ = [k for k in whole if other[k] != whole[k]]

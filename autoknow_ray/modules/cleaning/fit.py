@@ -30,8 +30,8 @@ from autoknow_ray.calibration import threshold_for_precision
 from autoknow_ray.eval.metrics import average_precision
 from autoknow_ray.modules.cleaning.config import CleaningConfig
 from autoknow_ray.modules.cleaning.model import (CONFIG, FOLDS, TEXT_FEATURES, WEIGHTS, CrossEncoder,
-                                                 PairTokens, collate, fold_of, save_model,
-                                                 text_features)
+                                                 PairTokens, collate, fold_of, probabilities,
+                                                 save_model, text_features)
 from autoknow_ray.modules.cleaning.training_data import Pair, make_pairs
 from autoknow_ray.nn.encoder import load_tokenizer, pick_device, resolve_encoder, set_cpu_threads
 from autoknow_ray.pipeline import RunContext
@@ -322,7 +322,7 @@ def _score(trained: _Trained, pairs: list[Pair], use_features: bool) -> np.ndarr
         for i in range(0, len(rows), 64):
             batch = collate(rows[i : i + 64], pad, trained.device,
                             feats[i : i + 64] if use_features else None)
-            scores[i : i + 64] = torch.sigmoid(trained.model(**batch)).cpu().numpy()
+            scores[i : i + 64] = probabilities(trained.model(**batch))
     return scores
 
 

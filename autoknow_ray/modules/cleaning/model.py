@@ -245,8 +245,24 @@ class MisassignmentScorer:
             enc = collate([rows[i] for i in idx], self.tokenizer.pad_token_id, self.device, feats)
             with autocast(self.device, self.bf16):
                 logits = model(**enc)
-            out[idx] = torch.sigmoid(logits.float()).cpu().numpy()
+            out[idx] = probabilities(logits)
         return out
+
+
+def _sigmoid(v: float) -> float:
+    if v >= 0:
+        return 1.0 / (1.0 + math.exp(-v))
+    e = math.exp(v)
+    return e / (1.0 + e)
+
+
+def probabilities(logits: torch.Tensor) -> np.ndarray:
+    """P(misassigned) of each logit, one element at a time (float64, then float32): a vectorised
+    sigmoid over the batch computes its last elements in another code path (the tail after the
+    SIMD body), so a claim's probability moved by a float32 ulp with its position in the batch
+    (a cached score could then differ from a full rebuild's)."""
+    values = logits.float().cpu().numpy().astype(np.float64).ravel()
+    return np.array([_sigmoid(v) for v in values], dtype=np.float32)
 
 
 def save_model(model: CrossEncoder, tokenizer, out: Path, meta: dict | None) -> None:

@@ -45,7 +45,7 @@ CACHE = "cache"  # RUN/<stage>/cache/<step>/
 KEY = "cache_key"
 PREV_KEY = "_previous_key"
 STATE = "_cache_state"
-REUSED, CHANGED, ADDED, REMOVED = "reused", "changed", "added", "removed"
+REUSED, CHANGED, ADDED = "reused", "changed", "added"
 JOIN_ROWS_PER_PARTITION = 200_000
 
 
@@ -137,14 +137,13 @@ class ProductKey(Step):
 
 
 def _classify(types: dict[str, pa.DataType]):
-    """A task over the full outer join of tonight's keyed products and the previous cache: each
-    row's state, and tonight's columns cast back to their own types."""
+    """A task over the left outer join of tonight's keyed products with the previous cache: each
+    row's state (added, reused, changed), and tonight's columns cast back to their own types."""
 
     def run(batch: pa.Table) -> pa.Table:
         now, before = batch.column(KEY), batch.column(PREV_KEY)
-        state = pc.if_else(pc.is_null(now), REMOVED,
-                           pc.if_else(pc.is_null(before), ADDED,
-                                      pc.if_else(pc.equal(now, before), REUSED, CHANGED)))
+        state = pc.if_else(pc.is_null(before), ADDED,
+                           pc.if_else(pc.equal(now, before), REUSED, CHANGED))
         for name, t in types.items():
             if name in batch.column_names and batch.schema.field(name).type != t:
                 i = batch.column_names.index(name)

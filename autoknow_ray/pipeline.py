@@ -85,13 +85,18 @@ def read_parquet_any(path: Path, columns: list[str] | None = None) -> pl.DataFra
     return pl.from_arrow(pq.read_table(str(path), columns=columns))
 
 
-def count_rows(path: Path) -> int:
-    """Rows of a Parquet file or folder of shards, from the footers alone (0 when absent)."""
+def parquet_files(path: Path) -> list[Path]:
+    """The Parquet files of a file or folder of shards (every level below it), sorted; [] when
+    absent."""
     path = storage.path(path)
     if not path.exists():
-        return 0
-    files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
-    return sum(pq.ParquetFile(str(f)).metadata.num_rows for f in files)
+        return []
+    return sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
+
+
+def count_rows(path: Path) -> int:
+    """Rows of a Parquet file or folder of shards, from the footers alone (0 when absent)."""
+    return sum(pq.ParquetFile(str(f)).metadata.num_rows for f in parquet_files(path))
 
 
 def column_names(path: Path) -> set[str]:

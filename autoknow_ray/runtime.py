@@ -339,6 +339,19 @@ def use_models(models):
 # The run's bf16 / fp32 decision for `auto` inference on CPU (`run_precision`), handed to every
 # step's worker with its WorkerEnv and to `run_task`'s tasks; None outside a rebuild.
 RUN_CPU_BF16: bool | None = None
+
+
+def model_bf16(device: str) -> bool:
+    """bf16 or fp32 for a model step's inference on `device`, one answer for every worker (so a
+    cached output can name its precision): on GPU bf16; on CPU the run's one decision
+    (`run_precision`), else, outside a rebuild, a probe in this process."""
+    from autoknow_ray.nn.encoder import cpu_bf16_pays
+
+    if device == "cuda":
+        return True
+    if RUN_CPU_BF16 is not None:
+        return RUN_CPU_BF16
+    return bool(cpu_bf16_pays())
 PRECISION_FILE = "precision.json"
 # the one probe of a fit or a rebuild (`nn.encoder.cpu_bf16_pays`) may take longer than a
 # worker's used to: more alternating rounds, less at the mercy of a load burst (~1 s)

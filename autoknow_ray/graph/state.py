@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
-from autoknow_ray.pipeline import RunContext, count_rows  # noqa: F401 (re-exported)
+from autoknow_ray.pipeline import RunContext, count_rows, parquet_files  # noqa: F401 (re-exported)
 
 # module 1 writes every ingested product once, with its resolved type, to this table
 TYPED_PRODUCTS = ("taxonomy", "typed_products")
@@ -49,7 +49,7 @@ def typed_products_files(ctx: RunContext) -> list[Path] | None:
     path = ctx.table_path(stage, name)
     if stage not in ctx.cfg.stages or not _has_rows(path):
         return None
-    return sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
+    return parquet_files(path)
 
 
 def n_products(ctx: RunContext) -> int:

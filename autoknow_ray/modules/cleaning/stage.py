@@ -20,9 +20,9 @@ from autoknow_ray.graph import state
 from autoknow_ray.incremental import (
     CachedStep, file_digest, manifest_counts, run_cached, source_digest)
 from autoknow_ray.modules.cleaning.steps import (
-    CLAIM_INPUTS, CLAIM_SCORES, TYPE_RELATION, ClaimScores, DecideClaims, ScoreTriples, _col,
+    CLAIM_INPUTS, CLAIM_SCORES, TYPE_RELATION, ClaimScores, DecideClaims, _col,
     product_claims)
-from autoknow_ray.pipeline import RunContext, Stage, ensure_shards
+from autoknow_ray.pipeline import RunContext, Stage, ensure_shards, parquet_files
 from autoknow_ray.schema import CLEANING_SCORES, TRIPLES
 
 PRODUCT_COLUMNS = ["product_id", "title", "description", "type", "product_type", "attributes", "brand"]
@@ -89,7 +89,7 @@ class CleaningStage(Stage):
             products = runtime.join(products, upstream, ("product_id",), "left_outer", parts,
                                     left_rows=n,
                                     right_rows=state.upstream_edit_rows(ctx, before="cleaning"))
-        step = ScoreTriples(model_dir, None if cfg.threshold == "auto" else float(cfg.threshold),
+        step = ClaimScores(model_dir, None if cfg.threshold == "auto" else float(cfg.threshold),
                             cfg.judge_types, cfg.correct_from_upstream, cfg.bf16, ctx.cfg.device,
                             None if cfg.type_threshold == "auto" else float(cfg.type_threshold),
                             cfg.fold_rule)
@@ -116,9 +116,9 @@ class CleaningStage(Stage):
         # written once with every column it reads; then the decisions at this run's thresholds
         scratch, scored = ctx.out / "_products", ctx.out / "_claim_scores"
         products.map_batches(_claim_inputs, batch_format="pyarrow").write_parquet(str(scratch))
-        files = sorted(scratch.rglob("*.parquet"))
         if state.count_rows(scratch):
-            cache = run_cached(claims_step(step, model_dir, cfg, ctx), files, ctx.cfg, scored,
+            cache = run_cached(claims_step(step, model_dir, cfg, ctx), parquet_files(scratch),
+                               ctx.cfg, scored,
                                ctx.out, ctx.resume, ctx.previous_stage(self.name))
             decide = DecideClaims(step_thresholds[0], step_thresholds[1], cfg.judge_types,
                                   cfg.correct_from_upstream)
@@ -192,18 +192,15 @@ def _claim_inputs(batch: pa.Table) -> pa.Table:
     return pa.table(cols)
 
 
-def claims_step(step: ScoreTriples, model_dir, cfg, ctx: RunContext) -> CachedStep:
+def claims_step(step: ClaimScores, model_dir, cfg, ctx: RunContext) -> CachedStep:
     """The scorer as a cached step: a product's claim scores depend on its claims, text and
     current type (the key), and on the fitted models, the claims judged, the fold rule, the
     precision, the device and the code (the fingerprint); not on the thresholds."""
-    from autoknow_ray.modules.taxonomy.cache import title_precision
 
     device = runtime.plan_actors(ctx.cfg, "cleaning", state.n_products(ctx)).device
-    bf16 = cfg.bf16 if isinstance(cfg.bf16, bool) else title_precision(device)
-    fresh = ClaimScores(step.model_dir, step.threshold_override, step.judge_types, step.correct,
-                        step.bf16, step.device, step.type_threshold_override, step.fold_rule)
+    bf16 = cfg.bf16 if isinstance(cfg.bf16, bool) else runtime.model_bf16(device)
     return CachedStep(
-        name=CLAIMS_STEP, fresh=fresh, reuse=None, inputs=CLAIM_INPUTS[1:],
+        name=CLAIMS_STEP, fresh=step, reuse=None, inputs=CLAIM_INPUTS[1:],
         outputs=(CLAIM_SCORES,),
         fingerprint={"model": file_digest([Path(model_dir)]), "judge_types": bool(cfg.judge_types),
                      "fold_rule": cfg.fold_rule, "bf16": bool(bf16), "device": device,

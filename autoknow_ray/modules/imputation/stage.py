@@ -29,7 +29,7 @@ from autoknow_ray.modules.imputation.steps import (
 from autoknow_ray.modules.imputation.texts import SEP
 from autoknow_ray.incremental import (
     CachedStep, DropColumns, file_digest, manifest_counts, run_cached, source_digest)
-from autoknow_ray.pipeline import RunContext, Stage, check_balance, ensure_shards
+from autoknow_ray.pipeline import RunContext, Stage, check_balance, ensure_shards, parquet_files
 from autoknow_ray.schema import HAS_TYPE, TRIPLES
 
 MODULE = "imputation"
@@ -95,7 +95,6 @@ def tag_step(tag: TagProducts, model_dir, ctx: RunContext) -> CachedStep:
     """The type-conditioned tagger as a cached step: a product's candidates depend on the
     columns it reads (the key), and on the fitted tagger and type vectors, the fields and caps
     it reads them with, its span floor, the encoder, the precision, the device and the code."""
-    from autoknow_ray.modules.taxonomy.cache import title_precision
     from autoknow_ray.nn.encoder import resolve_encoder
 
     device = runtime.plan_actors(ctx.cfg, MODULE, state.n_products(ctx)).device
@@ -111,7 +110,7 @@ def tag_step(tag: TagProducts, model_dir, ctx: RunContext) -> CachedStep:
         fingerprint={"model": file_digest([Path(model_dir)]), "fields": list(tag.fields),
                      "max_chars": tag.max_chars, "max_customer_texts": tag.max_customer_texts,
                      "min_span_score": float(tag.min_span_score), "encoder": encoder,
-                     "bf16": bool(title_precision(device)), "device": device,
+                     "bf16": bool(runtime.model_bf16(device)), "device": device,
                      "code": source_digest(list(TAG_CODE))})
 
 
@@ -192,7 +191,7 @@ class ImputationStage(Stage):
         scratch, cache = ctx.out / "_products", {}
         products.select_columns(list(PRODUCT_COLUMNS)).write_parquet(str(scratch))
         if state.count_rows(scratch):
-            cache = run_cached(tag_step(tag, model_dir, ctx), sorted(scratch.rglob("*.parquet")),
+            cache = run_cached(tag_step(tag, model_dir, ctx), parquet_files(scratch),
                                ctx.cfg, ctx.out / "candidates", ctx.out, ctx.resume,
                                ctx.previous_stage(self.name))
         ensure_shards(ctx.out / "candidates", CANDIDATES)

@@ -25,7 +25,7 @@ from autoknow_ray.incremental import (
 from autoknow_ray.modules.related import graph_build as gb
 from autoknow_ray.modules.related.model import WEIGHTS
 from autoknow_ray.modules.related.steps import DualEmbed, EmbedProducts, Recommend, mark_complete
-from autoknow_ray.pipeline import RunContext, Stage, check_balance
+from autoknow_ray.pipeline import RunContext, Stage, check_balance, parquet_files
 from autoknow_ray.steps import Chain, Step
 
 NODES = "nodes"
@@ -59,20 +59,12 @@ class CatalogueType(Step):
         return batch.append_column("type", batch.column("product_type"))
 
 
-def products_files(ctx: RunContext) -> list[Path]:
-    path = ctx.table_path("ingest", "products")
-    if not path.exists():
-        return []
-    return sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
-
-
 def embed_step(step: EmbedProducts, model_dir, rc, ctx: RunContext,
                from_catalogue: bool = False) -> CachedStep:
     """`EmbedProducts` as a cached step: its outputs (title vector, type bucket, h0) depend on
     the product's title and type, the encoder, the trained model's weights, the settings it
     reads, the run's precision and the code. `from_catalogue`: the products are the ingested
     ones, typed by their own `product_type`."""
-    from autoknow_ray.modules.taxonomy.cache import title_precision
     from autoknow_ray.nn.encoder import resolve_encoder
 
     device = runtime.plan_actors(ctx.cfg, "related", n_products(ctx)).device
@@ -85,7 +77,7 @@ def embed_step(step: EmbedProducts, model_dir, rc, ctx: RunContext,
         fingerprint={"encoder": file_digest([Path(resolve_encoder(rc.encoder))]),
                      "model": file_digest([Path(model_dir)]) if model_dir else None,
                      "text_max_length": rc.text_max_length, "type_buckets": rc.type_buckets,
-                     "bf16": bool(title_precision(device)), "device": device,
+                     "bf16": bool(runtime.model_bf16(device)), "device": device,
                      "code": source_digest(list(EMBED_CODE))})
 
 
@@ -141,7 +133,7 @@ class RelatedStage(Stage):
         # module 1's where it ran, else the catalogue's own
         files, from_catalogue = typed_products_files(ctx), False
         if files is None:
-            files, from_catalogue = products_files(ctx), True
+            files, from_catalogue = parquet_files(ctx.table_path("ingest", "products")), True
         cache: dict = {}
         if files:
             cache = run_cached(embed_step(step, model_dir if trained else None, rc, ctx, from_catalogue),

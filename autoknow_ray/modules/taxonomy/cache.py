@@ -25,13 +25,8 @@ def title_precision(device: str, previous_stage: Path | None = None) -> bool:
     probe), else, outside a rebuild, a probe here. `previous_stage` is read by run_precision
     (kept for callers)."""
     from autoknow_ray import runtime
-    from autoknow_ray.nn.encoder import cpu_bf16_pays
 
-    if device == "cuda":
-        return True
-    if runtime.RUN_CPU_BF16 is not None:
-        return runtime.RUN_CPU_BF16
-    return bool(cpu_bf16_pays())
+    return runtime.model_bf16(device)
 
 
 def title_models_step(tagger: Step, after: list[Step], embed: Step, *, tagger_dir: Path | None,

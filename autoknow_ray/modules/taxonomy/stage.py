@@ -46,7 +46,7 @@ from autoknow_ray.modules.taxonomy.types import (
     orphan_types, taxonomy_maps, with_title_attributes, write_reference,
 )
 from autoknow_ray.nn.encoder import EmbedTitles, TextEncoder
-from autoknow_ray.pipeline import RunContext, Stage
+from autoknow_ray.pipeline import RunContext, Stage, parquet_files
 from autoknow_ray.schema import BEHAVIOR_KEY, COPURCHASE_KEY, GRAPH_TAXONOMY, PRODUCTS, TRIPLES
 from autoknow_ray.text import type_key
 
@@ -120,9 +120,8 @@ class TaxonomyStage(Stage):
         if n:
             # committed chunk by chunk into ctx.resume: a job killed late in tagging resumes
             # after the last finished chunk
-            files = sorted(products_path.rglob("*.parquet")) if products_path.is_dir() \
-                else [products_path]
-            cache = run_cached(models, files, ctx.cfg, scratch, ctx.out, ctx.resume, previous)
+            cache = run_cached(models, parquet_files(products_path), ctx.cfg, scratch, ctx.out,
+                               ctx.resume, previous)
             cache.update(bf16=bf16, device=plan.device)
             chunks = {"chunks": cache["chunks"], "skipped": cache["chunks_resumed"]}
         counts: dict = {}

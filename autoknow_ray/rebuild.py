@@ -211,7 +211,8 @@ def rebuild(catalogue: str | Path, out: str | Path, *, models: str | Path | None
         "graph": str(out / "graph"),
         "report": str(out / "report.json"),
         "stages": [{k: r.get(k) for k in ("stage", "skipped", "seconds", "rows_in", "rows_out",
-                                           "rows_quarantined", "rows_dropped")} for r in results],
+                                           "rows_quarantined", "rows_dropped", "driver_memory")}
+                   for r in results],
     }
 
 

@@ -61,6 +61,9 @@ def test_bench_smallest(ray_session, tmp_path, tiny_models):
         assert row["driver_peak_rss_bytes"] == row["driver_memory"]["peak_over_baseline_bytes"]
         assert row["driver_peak_resident_bytes"] == row["driver_memory"]["peak_bytes"]
         assert row["driver_peak_resident_bytes"] >= row["driver_peak_rss_bytes"]
+        # every stage the rebuild ran has its driver figures from its manifest
+        assert set(row["stage_driver_memory"]) == set(row["stage_seconds"])
+        assert all(_positive(d["rss_peak_mib"]) for d in row["stage_driver_memory"].values())
         actors = row["memory"]["actors"]
         if Path("/proc/self/status").exists():
             assert {"TitleModels"} <= set(actors)
@@ -87,6 +90,31 @@ def test_bench_smallest(ray_session, tmp_path, tiny_models):
         assert matplotlib.image.imread(str(out / name)).ndim == 3
     md = (out / "bench.md").read_text()
     assert "ratio_vs_simple" in md and "autoknow bench" in md
+    assert "### Worker memory" in md and "| TitleModels |" in md
+
+
+def test_worker_classes_and_their_memory_table():
+    from autoknow_ray.bench.probe import TASK_WORKERS, _worker_label
+    from autoknow_ray.bench.report import actor_memory_table
+
+    assert _worker_label("ray::MapWorker(MapBatches(TitleModels))") == "TitleModels"
+    assert _worker_label("ray::_run_task()") == TASK_WORKERS
+    assert _worker_label("ray::IDLE") == TASK_WORKERS
+    assert _worker_label("/usr/bin/python raylet") is None
+    assert _worker_label("python -m autoknow_ray.cli rebuild") is None
+    g = 2 ** 30
+
+    def run(n, w, a, b):
+        return {"n": n, "workers": w, "memory": {"actors": {
+            "Embed": {"peak_bytes_max": a}, TASK_WORKERS: {"peak_bytes_max": b}}}}
+
+    lines = actor_memory_table([run(100_000, 2, 3 * g, 2 * g), run(20_000, 2, g, g),
+                                run(20_000, 1, g // 2, g)])
+    rows = {ln.split(" | ")[0].lstrip("| "): ln for ln in lines if ln.startswith("| ") and "GiB" not in ln}
+    # columns by (workers, size); growth over the same worker count, smallest size to largest
+    assert rows["Embed"].rstrip(" |").endswith("| 3")
+    assert "| 0.50 | 1.00 | 3.00 |" in rows["Embed"]
+    assert rows[TASK_WORKERS].rstrip(" |").endswith("| 2")
 
 
 def test_flops_and_padding_arithmetic():

@@ -23,6 +23,21 @@ from pathlib import Path
 from autoknow_ray.memory import MemorySampler as DriverMemorySampler  # noqa: F401 (the bench's name)
 
 _TITLE = re.compile(r"MapBatches\((\w+)\)")
+# Ray's task workers (Ray Data's read / map / shuffle tasks, `runtime.run_task`'s model tasks):
+# their titles change with the task they run, so they are one class here
+TASK_WORKERS = "task workers"
+
+
+def _worker_label(title: str) -> str | None:
+    """The class a Ray worker process is counted under: its step for a Ray Data actor, every
+    other Ray worker as TASK_WORKERS (VmHWM there is the process's lifetime peak over every task
+    it ran); None for what is not a Ray worker (the raylet, GCS, dashboard, the driver)."""
+    if title.startswith("ray::MapWorker("):
+        m = _TITLE.search(title)
+        return m.group(1) if m else None
+    if title.startswith("ray::") and not title.startswith(("ray::IDLE_SPILL",)):
+        return TASK_WORKERS
+    return None
 
 
 class DatasetProbe:
@@ -174,15 +189,15 @@ class MemorySampler:
             pass
         for pid in (p.name for p in Path("/proc").iterdir() if p.name.isdigit()):
             title = _proc_title(pid)
-            if not title.startswith("ray::MapWorker("):
-                continue
-            m = _TITLE.search(title)
-            if not m:
+            label = _worker_label(title)
+            if label is None:
                 continue
             mem = _proc_memory(pid)
             if mem is None:
                 continue
-            rec = self.actors.setdefault(pid, {"label": m.group(1), "peak_rss": 0, "hwm": 0})
+            rec = self.actors.setdefault(pid, {"label": label, "peak_rss": 0, "hwm": 0})
+            if rec["label"] == TASK_WORKERS and label != TASK_WORKERS:
+                rec["label"] = label  # a task worker that became an actor is that actor
             rec["peak_rss"] = max(rec["peak_rss"], mem[0])
             rec["hwm"] = max(rec["hwm"], mem[1])
 
@@ -204,7 +219,8 @@ class MemorySampler:
             "object_store_spilled_bytes": spilled,
             "load_average_mean": sum(self.loads) / len(self.loads) if self.loads else None,
             "load_average_max": max(self.loads) if self.loads else None,
-            "method": ("/proc VmHWM+VmRSS of ray::MapWorker(MapBatches(…)) processes every "
+            "method": ("/proc VmHWM+VmRSS of ray::MapWorker(MapBatches(…)) processes (each step's "
+                       "actors) and of every other ray:: worker process ('task workers') every "
                        f"{self.interval}s; object store from the raylet every {self.store_interval}s"
                        if self.proc_available else "unavailable (/proc not present)"),
         }

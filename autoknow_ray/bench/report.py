@@ -56,6 +56,29 @@ def _peak(run: dict, label: str):
     return a["peak_bytes_max"] if a else None
 
 
+def actor_memory_table(table: list[dict]) -> list[str]:
+    """Peak memory of the largest process of each worker class, per catalogue size, and its
+    growth from the smallest size to the largest (same worker count)."""
+    labels = sorted({k for run in table for k in ((run.get("memory") or {}).get("actors") or {})})
+    if not labels:
+        return []
+    runs = sorted(table, key=lambda x: (x["workers"], x["n"]))
+    L = ["", "### Worker memory", "",
+         "Largest process of each class (peak resident, VmHWM), GiB. A step's class is its Ray "
+         "Data actors; 'task workers' are every other Ray worker process (reused across tasks, so "
+         "their peak is over every task they ran).", "",
+         "| class | " + " | ".join(f"{x['n']:,} (w{x['workers']})" for x in runs)
+         + " | largest / smallest size |",
+         "|---|" + "---|" * (len(runs) + 1)]
+    for lab in labels:
+        peaks = [_peak(x, lab) for x in runs]
+        same_w = [x for x in runs if x["workers"] == runs[-1]["workers"] and _peak(x, lab)]
+        growth = (_peak(same_w[-1], lab) / _peak(same_w[0], lab)
+                  if len(same_w) > 1 and same_w[0]["n"] != same_w[-1]["n"] else None)
+        L.append(f"| {lab} | " + " | ".join(gib(v) for v in peaks) + f" | {f(growth)} |")
+    return L
+
+
 # ---- markdown ------------------------------------------------------------------------------------
 def markdown(r: dict) -> str:
     s, m, fl, cmp_ = r["summary"], r["machine"], r["flops"], r["simple_way"]
@@ -151,17 +174,21 @@ def markdown(r: dict) -> str:
             f"{gib(mem.get('object_store_peak_bytes'))} | "
             f"{gib(mem.get('object_store_spilled_bytes'))} |")
     L += ["", "### Per stage", "",
-          "| products | workers | stage | seconds | products/s | products/s per worker |",
-          "|---|---|---|---|---|---|"]
+          "Driver MiB from each stage's manifest (`driver_memory`): the driver's peak resident "
+          "set during the stage, and its growth over the stage's start.", "",
+          "| products | workers | stage | seconds | products/s | products/s per worker | "
+          "driver peak MiB | driver growth MiB |",
+          "|---|---|---|---|---|---|---|---|"]
     for run in r["table"]:
         n, w = run["n"], run["workers"]
         ss = run["stage_seconds"]
         ops = run.get("model_ops", {})
-        for st in ("ingest", "taxonomy", "graph", "report"):
-            if st not in ss:
-                continue
+        dm = run.get("stage_driver_memory") or {}
+        for st in ss:
             sec = ss[st]
-            L.append(f"| {n:,} | {w} | {st} | {f(sec)} | {f(n / sec if sec else None)} | — |")
+            d = dm.get(st) or {}
+            L.append(f"| {n:,} | {w} | {st} | {f(sec)} | {f(n / sec if sec else None)} | — | "
+                     f"{f(d.get('rss_peak_mib'))} | {f(d.get('rss_growth_mib'))} |")
             if st == "taxonomy":
                 rest = sec
                 for op, label in (("TitleModels", "taxonomy: tagger + embedder (one actor pool)"),):
@@ -171,6 +198,7 @@ def markdown(r: dict) -> str:
                         L.append(f"| {n:,} | {w} | {label} | {f(o)} | {f(n / o)} | {f(n / o / w)} |")
                 L.append(f"| {n:,} | {w} | taxonomy: the rest (types, hypernyms; driver) | "
                          f"{f(rest)} | {f(n / rest if rest > 0 else None)} | — |")
+    L += actor_memory_table(r["table"])
     se, sm = s.get("scaling_end_to_end") or {}, s.get("scaling_model_stages") or {}
     if len(se) > 1:
         L += ["", f"### Scaling with workers ({s['scaling_size']:,} products)", "",

@@ -202,6 +202,9 @@ def run_one(catalogue: Path, n: int, workers: int, cfg, cluster: dict, models: P
         # its heap alone (RssAnon): without the object store's shared pages it mapped
         "driver_peak_heap_bytes": driver.summary().get("anon_peak_over_baseline_bytes"),
         "driver_memory": driver.summary(),
+        # what each stage cost the driver, from its manifest (MiB: peak resident, growth)
+        "stage_driver_memory": {k: v.get("driver_memory") for k, v in stages.items()
+                                if v.get("driver_memory")},
         "ray_data_stats": {k: v.get("stats", "") for k, v in model_ops.items()},
     }
 

@@ -701,3 +701,96 @@ def test_an_incremental_rebuild_reuses_title_vectors_and_gives_the_full_rebuilds
     got, want = lists("run_inc"), lists("run_full")
     assert want.height == (n - removed + added) * 5
     assert got.equals(want)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_sharded_two_hop_embeddings_equal_the_in_memory_ones(tmp_path, ray_session, symmetric):
+    """Above `max_nodes_per_actor` the stage embeds over shards of the node vectors
+    (related/sharded.py): on a random graph (neighbours outside the node table, lists longer than
+    the fanout, nodes with no edge, a neighbour list of a product that is not a node), 3 shards
+    give each node the source and target embeddings `DualEmbed` gives holding every node."""
+    from autoknow_ray.modules.related.model import DualGNN, save
+    from autoknow_ray.modules.related.sharded import dual_embed_sharded, shard_of
+    from autoknow_ray.modules.related.steps import DualEmbed, _fixed
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    s = GNNSettings(type_buckets=8, type_dim=4, dim=8, fanout=3, symmetric=symmetric)
+    save(DualGNN(s), tmp_path / "model")
+    n = 60
+    rng = np.random.default_rng(1)
+    ids = [f"p{i}" for i in range(n)]
+    (tmp_path / "nodes").mkdir()
+    for part in range(3):  # written in shards, not in id order
+        rows = list(range(part, n, 3))
+        pq.write_table(pa.table({"product_id": [ids[r] for r in rows],
+                                 "h0": _fixed(rng.normal(size=(len(rows), 8)))}),
+                       tmp_path / "nodes" / f"part{part}.parquet")
+    mark_complete(tmp_path / "nodes")
+    nb_rows = {"product_id": [], "kind": [], "neighbours": [], "weight_sum": []}
+    for i in range(n - 10):  # the last ten have no edges
+        for kind in ("out", "in", "similar"):
+            if rng.random() < 0.3:
+                continue
+            k = int(rng.integers(1, 6))  # up to 5: longer than the fanout (3)
+            nbs = [ids[j] for j in rng.choice(n, k, replace=False)]
+            if rng.random() < 0.2:
+                nbs.insert(int(rng.integers(0, len(nbs))), "ghost")  # unknown: keeps its slot
+            nb_rows["product_id"].append(ids[i]), nb_rows["kind"].append(kind)
+            nb_rows["neighbours"].append(nbs), nb_rows["weight_sum"].append(float(rng.integers(1, 9)))
+    nb_rows["product_id"].append("not-a-node"), nb_rows["kind"].append("out")
+    nb_rows["neighbours"].append(["p1"]), nb_rows["weight_sum"].append(2.0)
+    (tmp_path / "nb").mkdir()
+    pq.write_table(pa.table(nb_rows), tmp_path / "nb" / "part.parquet")
+    mark_complete(tmp_path / "nb")
+
+    embed = DualEmbed(tmp_path / "model", tmp_path / "nodes", tmp_path / "nb", 3)
+    embed.setup(WorkerEnv())
+    want = pl.from_arrow(embed.process_batch(pa.table({"product_id": ids}))).sort("product_id")
+
+    assert len(set(shard_of(ids, 3).tolist())) == 3
+    cfg = Config(related=RelatedConfig(max_nodes_per_actor=20, fanout=3))
+    info = dual_embed_sharded(cfg, tmp_path / "model", tmp_path / "nodes", tmp_path / "nb",
+                              tmp_path / "work", tmp_path / "emb", n)
+    assert info["shards"] == 3
+    got = read_parquet_any(tmp_path / "emb").sort("product_id")
+    assert got["product_id"].to_list() == want["product_id"].to_list()  # every node once, no other
+    for col in ("source", "target"):
+        a, b = np.array(got[col].to_list(), float), np.array(want[col].to_list(), float)
+        assert np.abs(b).max() > 0.05  # the embeddings are not all zero
+        np.testing.assert_allclose(a, b, atol=2e-3, rtol=2e-3)
+    # the scratch tables are gone
+    assert not any((tmp_path / "work").glob("dual_*"))
+
+
+def test_sharded_title_neighbours_equal_one_index_over_every_product(tmp_path, ray_session):
+    """Above `max_nodes_per_actor` each title-kNN worker indexes one shard of the products and the
+    shards' lists are merged per product (related/sharded.py): the similarity edges equal those of
+    one index over every product, exact ties (identical titles) included."""
+    from autoknow_ray.modules.related import graph_build as gb
+    from autoknow_ray.modules.related.steps import TEXT_DIM, TextNeighbours, _fixed
+
+    rng = np.random.default_rng(3)
+    n = 240
+    vecs = rng.standard_normal((n, TEXT_DIM)).astype(np.float32)
+    vecs[100:140] = vecs[40:80]  # identical titles: exact ties across shards
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    ids = np.array([f"p{i:04d}" for i in range(n)])
+    nodes = tmp_path / "nodes"
+    nodes.mkdir()
+    for j, part in enumerate(np.array_split(rng.permutation(n), 3)):
+        pq.write_table(pa.table({"product_id": ids[part], "text": _fixed(vecs[part])}), nodes / f"{j}.parquet")
+    mark_complete(nodes)
+    one = TextNeighbours(nodes, 5, 10_000, 8, 0)
+    one.setup(WorkerEnv())
+    want = pl.from_arrow(one.process_batch(pa.table({"product_id": ids, "text": _fixed(vecs)})))
+
+    cfg = Config(related=RelatedConfig(text_knn=5, max_nodes_per_actor=100))
+    out = tmp_path / "run"
+    out.mkdir()
+    added = gb.text_edges(cfg, nodes, out, n)
+    got = read_parquet_any(out / gb.SIMILAR_EDGES).select("src", "dst", "weight")
+    assert added == 2 * want.height == got.height
+    both = pl.concat([want, want.select(pl.col("dst").alias("src"), pl.col("src").alias("dst"), "weight")])
+    assert got.sort(["src", "dst", "weight"]).equals(both.sort(["src", "dst", "weight"]))
+    assert not (out / "text_knn_partials").exists()

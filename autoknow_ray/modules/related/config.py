@@ -79,4 +79,8 @@ class RelatedConfig(BaseModel):
     # ---- recommendations
     top_k: int = Field(20, ge=1)
     ivf_min_size: int = Field(200_000, ge=1)  # exact search below, IVF above
+    # products whose node tables one worker may hold (about 1 KB each: h0, hop-1 embeddings,
+    # neighbour lists); above it the two-hop embeddings are computed over shards of this many
+    # nodes (related/sharded.py), so no worker holds every product
+    max_nodes_per_actor: int = Field(500_000, ge=1)
     nprobe: int = Field(32, ge=1)

@@ -21,7 +21,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from autoknow_ray import runtime
+from autoknow_ray import runtime, storage
 from autoknow_ray.config import Config
 from autoknow_ray.graph.state import count_rows
 from autoknow_ray.modules.related.steps import CheckEdges, TextNeighbours
@@ -194,8 +194,15 @@ def text_edges(cfg: Config, nodes: Path, out: Path, n_nodes: int) -> int:
     rc = cfg.related
     if rc.text_knn == 0 or n_nodes < 2:
         return 0
-    step = TextNeighbours(nodes, rc.text_knn, rc.ivf_min_size, rc.nprobe, cfg.seed)
-    knn = runtime.map_step(runtime.read_parquet(nodes, ["product_id", "text"]), step, cfg, n_nodes)
+    args = {"k": rc.text_knn, "ivf_min_size": rc.ivf_min_size, "nprobe": rc.nprobe, "seed": cfg.seed}
+    scratch = None
+    if n_nodes > rc.max_nodes_per_actor:  # no worker indexes every product (related/sharded.py)
+        from autoknow_ray.modules.related.sharded import text_knn_sharded
+
+        knn, scratch = text_knn_sharded(cfg, args, nodes, out, n_nodes)
+    else:
+        knn = runtime.map_step(runtime.read_parquet(nodes, ["product_id", "text"]),
+                               TextNeighbours(nodes, **args), cfg, n_nodes)
 
     def both_ways(batch: pa.Table) -> pa.Table:
         w = batch.column("weight")
@@ -206,6 +213,8 @@ def text_edges(cfg: Config, nodes: Path, out: Path, n_nodes: int) -> int:
 
     before = count_rows(out / SIMILAR_EDGES)
     knn.map_batches(both_ways, batch_format="pyarrow").write_parquet(str(out / SIMILAR_EDGES))
+    if scratch is not None:
+        storage.rmtree(scratch)
     return count_rows(out / SIMILAR_EDGES) - before
 
 

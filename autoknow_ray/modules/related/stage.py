@@ -149,13 +149,19 @@ class RelatedStage(Stage):
         mark_complete(out / gb.NEIGHBOURS)
         lap("neighbour_table")
 
-        if trained:
+        if trained and n > rc.max_nodes_per_actor:
+            from autoknow_ray.modules.related.sharded import dual_embed_sharded
+
+            counts["dual_embed"] = dual_embed_sharded(cfg, model_dir, out / NODES, out / gb.NEIGHBOURS,
+                                                      out, out / EMBEDDINGS, n)
+        elif trained:
             embed = DualEmbed(model_dir, out / NODES, out / gb.NEIGHBOURS, rc.fanout)
             emb = runtime.map_step(runtime.read_parquet(out / NODES, ["product_id"]), embed, cfg, n)
         else:
             emb = runtime.read_parquet(out / NODES, ["product_id", "text"]).map_batches(
                 _text_as_embeddings, batch_format="pyarrow")
-        emb.write_parquet(str(out / EMBEDDINGS))
+        if not (trained and n > rc.max_nodes_per_actor):
+            emb.write_parquet(str(out / EMBEDDINGS))
         mark_complete(out / EMBEDDINGS)
         lap("dual_embed")
         settings = _model_config(model_dir) if trained else {}

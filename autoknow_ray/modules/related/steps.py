@@ -50,7 +50,7 @@ def require_complete(path: Path, rows_read: int) -> None:
         raise RuntimeError(f"{path}: not marked complete (no {COMPLETE}): the step reading it started "
                            "before the table was fully written; write it and mark_complete() it first")
     written = json.loads(marker.read_text())["rows"]
-    if rows_read != written:
+    if rows_read is not None and rows_read != written:  # None: a shard of the table was read
         raise RuntimeError(f"{path}: {rows_read} rows read, {written} written")
 
 
@@ -182,16 +182,27 @@ class TextNeighbours(Step):
     columns = ("product_id", "text")
     model = True
 
-    def __init__(self, nodes_path: Path, k: int, ivf_min_size: int, nprobe: int, seed: int):
+    def __init__(self, nodes_path: Path, k: int, ivf_min_size: int, nprobe: int, seed: int,
+                 shard: int = 0, shards: int = 1):
         self.nodes_path, self.k = str(nodes_path), k
         self.ivf_min_size, self.nprobe, self.seed = ivf_min_size, nprobe, seed
+        # with shards > 1 the worker indexes the products of one shard only
+        # (related/sharded.py) and lists each query's k + 1 nearest of them, itself included:
+        # `sharded.top_per_source` merges the shards' lists as one index over every product would
+        self.shard, self.shards = int(shard), int(shards)
         self.index = self.ids = None
 
     def setup(self, env: WorkerEnv) -> None:
         from autoknow_ray.index.faiss_index import VectorIndex
 
-        t = _read(storage.path(self.nodes_path), ["product_id", "text"])
-        require_complete(self.nodes_path, t.num_rows)
+        if getattr(self, "shards", 1) > 1:
+            from autoknow_ray.modules.related.sharded import read_shard
+
+            require_complete(self.nodes_path, None)
+            t = read_shard(self.nodes_path, ["text"], self.shard, self.shards)
+        else:
+            t = _read(storage.path(self.nodes_path), ["product_id", "text"])
+            require_complete(self.nodes_path, t.num_rows)
         # rows in product id order, not the order the shards were written in: index ids, and
         # so ties, are the same from run to run
         t = t.sort_by("product_id") if t.num_rows else t
@@ -228,7 +239,9 @@ class TextNeighbours(Step):
         ids, scores = ids.reshape(-1), scores.reshape(-1)
         dst_ids = self.ids.take(pa.array(np.clip(ids, 0, None)))
         src_ids = batch.column("product_id").take(pa.array(src))
-        keep = (ids >= 0) & ~np.asarray(pc.equal(src_ids, dst_ids).to_numpy(zero_copy_only=False), bool)
+        keep = ids >= 0
+        if getattr(self, "shards", 1) <= 1:  # sharded lists keep the query itself for the merge
+            keep &= ~np.asarray(pc.equal(src_ids, dst_ids).to_numpy(zero_copy_only=False), bool)
         keep_a = pa.array(keep)
         return pa.table({"src": src_ids.filter(keep_a), "dst": dst_ids.filter(keep_a),
                          "weight": pa.array(scores[keep].astype(np.float32))})

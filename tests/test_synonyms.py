@@ -352,3 +352,30 @@ def test_vocabulary_and_term_contexts_are_capped_in_the_workers_and_counted(fitt
     tc = manifest["term_contexts"]
     assert tc["kept"] == contexts and tc["cap_reached"]
     assert manifest["truncated"]["term_contexts"] == tc["left_out"] == tc["keys"] - contexts > 0
+
+
+@pytest.mark.parametrize("max_pairs", [10_000, 40])
+def test_behaviour_pairs_made_in_the_workers_equal_the_driver_self_join(ray_session, max_pairs):
+    """The pairs of terms sharing contexts are made per context partition and counted in the
+    workers (`behaviour_pairs_in_workers`): the same rows, in the same order, as the self-join on
+    the driver (`behaviour_pairs`), with the pair cap reached and not, contexts over the
+    per-context cap, ties in shared counts, and null attributes (types)."""
+    import numpy as np
+    import polars as pl
+
+    from autoknow_ray.modules.synonyms.candidates import behaviour_pairs, behaviour_pairs_in_workers
+
+    rng = np.random.default_rng(5)
+    rows = []
+    for kind, attr in (("value", "Color"), ("value", "Brand"), ("type", None)):
+        terms = [f"{attr or 't'}{i}" for i in range(25)]
+        for c in range(60):
+            for t in rng.choice(terms, int(rng.integers(1, 9)), replace=False):
+                # distinct counts within a context: its cap keeps the same terms either way
+                rows.append((kind, attr, str(t), f"q{c}", int(rng.integers(1, 50)) * 100 + len(rows)))
+    tc = pl.DataFrame(rows, schema={"kind": pl.String, "attribute": pl.String, "term": pl.String,
+                                    "context": pl.String, "n": pl.Int64}, orient="row")
+    want = behaviour_pairs(tc, 6, 2, max_pairs)
+    got = behaviour_pairs_in_workers(tc, 6, 2, max_pairs)
+    assert want.height > 0 and (max_pairs > want.height or want.height == max_pairs)
+    assert got.equals(want)

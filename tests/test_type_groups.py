@@ -278,3 +278,28 @@ def test_second_vote_floors_refuse_where_a_new_type_sits_in_a_known_types_cloud(
                                   _cloud(rng, axes[0], 40, spread=0.1), (0.6, 0.6), k=10, seed=0)
     assert f["known_answered_right"] - f["known_answered_wrong"] - f["new_forced_known"] < 0.3
     assert f["new_forced_known"] > 0.5  # the simulation sees the pull
+
+
+def test_chunked_second_vote_equals_the_whole_similarity_matrix():
+    """The second vote's floors score their voters a chunk at a time (the driver's largest arrays
+    in the taxonomy stage): each voter's best label, share and nearest cosine equal those of the
+    whole voters x references matrix, over more voters than one chunk."""
+    import numpy as np
+
+    from autoknow_ray.modules.taxonomy import knn_floors as kf
+
+    rng = np.random.default_rng(4)
+    n, d = 3 * kf.VOTE_CHUNK + 17, 16
+    vectors = rng.standard_normal((n, d)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    labels = rng.integers(0, 12, n)
+    voters = np.sort(rng.choice(n, 2 * kf.VOTE_CHUNK + 5, replace=False))
+    cut = np.where(voters < n // 2, 0.2, 0.4)
+    sims = vectors[voters] @ vectors.T
+    sims[np.arange(len(voters)), voters] = -np.inf
+    sims[(labels[voters][:, None] == labels[None, :]) & (sims >= cut[:, None])] = -np.inf
+    want = kf._votes(sims, labels, 7)
+    got = kf._chunked_votes(vectors, labels, voters, 7, cut)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    assert len(set(want[0].tolist())) > 3  # the votes are not all one label

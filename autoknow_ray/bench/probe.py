@@ -198,7 +198,10 @@ class MemorySampler:
             rec = self.actors.setdefault(pid, {"label": label, "peak_rss": 0, "hwm": 0})
             if rec["label"] == TASK_WORKERS and label != TASK_WORKERS:
                 rec["label"] = label  # a task worker that became an actor is that actor
-            rec["peak_rss"] = max(rec["peak_rss"], mem[0])
+            if mem[0] > rec["peak_rss"]:
+                # what the process ran when its sampled resident set was highest (a task
+                # worker's title names its task: `ray::_map_task`, `ray::run_model_task` …)
+                rec["peak_rss"], rec["peak_title"] = mem[0], title[:120]
             rec["hwm"] = max(rec["hwm"], mem[1])
 
     def summary(self) -> dict:
@@ -206,10 +209,13 @@ class MemorySampler:
         per: dict[str, dict] = {}
         for rec in self.actors.values():
             peak = max(rec["hwm"], rec["peak_rss"])
-            s = per.setdefault(rec["label"], {"processes": 0, "peak_bytes_max": 0, "peak_bytes": []})
+            s = per.setdefault(rec["label"], {"processes": 0, "peak_bytes_max": 0, "peak_bytes": [],
+                                              "sampled_peak_title": None, "sampled_peak_rss": 0})
             s["processes"] += 1
             s["peak_bytes_max"] = max(s["peak_bytes_max"], peak)
             s["peak_bytes"].append(peak)
+            if rec["peak_rss"] > s["sampled_peak_rss"]:
+                s["sampled_peak_rss"], s["sampled_peak_title"] = rec["peak_rss"], rec.get("peak_title")
         spilled = None
         if self.store_start and self.store_end:
             spilled = self.store_end["spilled"] - self.store_start["spilled"]

@@ -59,6 +59,8 @@ def _peak(run: dict, label: str):
 def actor_memory_table(table: list[dict]) -> list[str]:
     """Peak memory of the largest process of each worker class, per catalogue size, and its
     growth from the smallest size to the largest (same worker count)."""
+    from autoknow_ray.bench.probe import TASK_WORKERS
+
     labels = sorted({k for run in table for k in ((run.get("memory") or {}).get("actors") or {})})
     if not labels:
         return []
@@ -76,6 +78,12 @@ def actor_memory_table(table: list[dict]) -> list[str]:
         growth = (_peak(same_w[-1], lab) / _peak(same_w[0], lab)
                   if len(same_w) > 1 and same_w[0]["n"] != same_w[-1]["n"] else None)
         L.append(f"| {lab} | " + " | ".join(gib(v) for v in peaks) + f" | {f(growth)} |")
+    top = runs[-1]
+    titles = {lab: a.get("sampled_peak_title") for lab, a in
+              ((top.get("memory") or {}).get("actors") or {}).items() if a.get("sampled_peak_title")}
+    if titles.get(TASK_WORKERS):
+        L += ["", f"At {top['n']:,} products the task worker with the highest sampled resident set "
+              f"was running `{titles[TASK_WORKERS]}` then."]
     return L
 
 

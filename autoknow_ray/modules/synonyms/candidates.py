@@ -71,6 +71,50 @@ def behaviour_pairs(term_contexts: pl.DataFrame, max_terms_per_context: int,
     return pairs.select(empty.columns)
 
 
+def _context_pairs(block, max_terms_per_context: int):
+    """One key partition of (kind, attribute, context) -> its term pairs (kind, attribute,
+    term_a, term_b), one row per shared context: `behaviour_pairs`' self-join, in a worker. A
+    context keeps its `max_terms_per_context` most frequent terms (ties by term)."""
+    import pyarrow as pa
+
+    df = pl.from_arrow(block).select("kind", "attribute", "term", "context", "n")
+    top = (df.sort(["kind", "attribute", "context", "n", "term"],
+                   descending=[False, False, False, True, False], nulls_last=True)
+           .with_columns(pl.int_range(pl.len()).over(["kind", "attribute", "context"]).alias("_r"))
+           .filter(pl.col("_r") < max_terms_per_context).drop("_r", "n"))
+    pairs = (top.join(top, on=["kind", "attribute", "context"], suffix="_b")
+             .filter(pl.col("term") < pl.col("term_b"))
+             .select("kind", "attribute", pl.col("term").alias("term_a"), pl.col("term_b")))
+    return pairs.to_arrow().cast(pa.schema([(c, pa.string()) for c in PAIR_KEY]))
+
+
+def behaviour_pairs_in_workers(term_contexts: pl.DataFrame, max_terms_per_context: int,
+                               min_shared: int, max_pairs: int, rows_hint: int | None = None) -> pl.DataFrame:
+    """`behaviour_pairs`, with its self-join and pair counts in the workers: the contexts are
+    partitioned by (kind, attribute, context), each partition's pairs made there
+    (`_context_pairs`), and the pairs counted and capped by `runtime.top_keys` (the `max_pairs`
+    with most shared contexts, ties by key; pairs under `min_shared` left out), so the driver
+    holds the `max_pairs` rows it returns, not every pair of every context."""
+    import ray
+
+    from autoknow_ray import runtime
+
+    empty = pl.DataFrame(schema={"kind": pl.String, "attribute": pl.String, "term_a": pl.String,
+                                 "term_b": pl.String, "shared": pl.Int64})
+    if term_contexts.height == 0 or max_pairs == 0:
+        return empty
+    ds = ray.data.from_arrow(term_contexts.select("kind", "attribute", "term", "context", "n").to_arrow())
+    pairs = runtime.map_key_blocks(ds, ["kind", "attribute", "context"], _context_pairs,
+                                   fn_args=(max_terms_per_context,), n_rows=term_contexts.height)
+    top = runtime.top_keys(pairs, PAIR_KEY, {"shared": ("count", None)}, cap=max_pairs,
+                           order_by=[("shared", "desc")],
+                           drop={"below_min_shared": pl.col("shared") < min_shared})
+    if top.rows.height == 0:
+        return empty
+    return top.rows.select(empty.columns).cast(empty.schema).sort(
+        ["shared", "kind", "attribute", "term_a", "term_b"], descending=[True, False, False, False, False])
+
+
 def cosine_of(pairs: pl.DataFrame, vocab: pl.DataFrame, vectors: np.ndarray) -> np.ndarray:
     """Embedding cosine of each (term_a, term_b) pair of one group."""
     pos = {(k, a, t): i for i, (k, a, t) in enumerate(vocab.select("kind", "attribute", "term").iter_rows())}

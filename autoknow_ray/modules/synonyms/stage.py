@@ -27,7 +27,8 @@ from autoknow_ray import runtime
 from autoknow_ray.graph import state
 from autoknow_ray.index.vectors import as_matrix
 from autoknow_ray.modules.synonyms import model as pair_model
-from autoknow_ray.modules.synonyms.candidates import PAIR_KEY, behaviour_pairs, cosine_of, knn_pairs
+from autoknow_ray.modules.synonyms.candidates import (PAIR_KEY, behaviour_pairs, behaviour_pairs_in_workers,
+                                                      cosine_of, knn_pairs)
 from autoknow_ray.modules.synonyms.cluster import clusters
 from autoknow_ray.modules.synonyms.features import feature_matrix
 from autoknow_ray.modules.synonyms.steps import (
@@ -303,8 +304,10 @@ class SynonymsStage(Stage):
         self._context_counts = {"keys": top.keys if top is not None else 0, "kept": tc.height,
                                 "left_out": top.left_out if top is not None else 0,
                                 "cap_reached": tc.height >= cfg.max_term_contexts}
-        beh = behaviour_pairs(tc, cfg.max_terms_per_context, cfg.min_shared_contexts,
-                              cfg.max_behaviour_pairs) if tc.height else behaviour_pairs(
+        # the pairs of terms sharing contexts, made and counted in the workers: the driver holds
+        # the capped pairs, not the self-join of every context
+        beh = behaviour_pairs_in_workers(tc, cfg.max_terms_per_context, cfg.min_shared_contexts,
+                                         cfg.max_behaviour_pairs) if tc.height else behaviour_pairs(
             pl.DataFrame(), 1, 1, 0)
         pairs = knn.join(beh, on=PAIR_KEY, how="full", coalesce=True).with_columns(
             pl.when(pl.col("cosine").is_null()).then(pl.lit("behaviour"))

@@ -160,6 +160,29 @@ def load(model_dir: Path) -> dict | None:
     return d if "knn_min_similarity" in d else None
 
 
+# voters scored at once: their similarity rows against every reference vector are the largest
+# arrays of the driver's taxonomy work (4,000 voters x 45,000 references were 0.7 GB of
+# float32 plus masks of the same shape), so they are made a chunk at a time
+VOTE_CHUNK = 256
+
+
+def _chunked_votes(vectors: np.ndarray, labels: np.ndarray, voters: np.ndarray, k: int,
+                   cut: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`_votes` of each voter (a row of `vectors`) among every other row, where a row of the
+    voter's own label at or above the voter's `cut` is excluded (what refused it removed); a
+    chunk of voters at a time (each voter's vote depends on its own row only)."""
+    parts = []
+    for lo in range(0, len(voters), VOTE_CHUNK):
+        v = voters[lo:lo + VOTE_CHUNK]
+        sims = vectors[v] @ vectors.T
+        sims[np.arange(len(v)), v] = -np.inf
+        sims[(labels[v][:, None] == labels[None, :]) & (sims >= cut[lo:lo + VOTE_CHUNK, None])] = -np.inf
+        parts.append(_votes(sims, labels, k))
+    if not parts:
+        return _votes(np.zeros((0, len(vectors)), np.float32), labels, k)
+    return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
+
+
 def _draw_rows(n: int, max_rows: int, seed: int) -> np.ndarray:
     """At most `max_rows` of `n` row numbers, a seeded uniform draw, in order."""
     rows = np.arange(n)
@@ -295,11 +318,8 @@ def choose_second_vote_floors(own_labels: list[str], own_vectors: np.ndarray | N
     n_own = len(own_labels)
     voters = _draw_rows(n_own + len(new_labels), max_rows, seed)
     vl = labels[voters]
-    sims = vectors[voters] @ vectors.T
-    sims[np.arange(len(voters)), voters] = -np.inf
-    cut = np.where(voters < n_own, refused_below[0], refused_below[1])[:, None]
-    sims[(vl[:, None] == labels[None, :]) & (sims >= cut)] = -np.inf  # what refused it removed
-    best, share, nearest = _votes(sims, labels, k)
+    cut = np.where(voters < n_own, refused_below[0], refused_below[1])
+    best, share, nearest = _chunked_votes(vectors, labels, voters, k, cut)
     per_type = np.bincount(vl, minlength=len(uniq))
     is_own = voters < n_own
     w_known = _type_weights(vl, len(uniq), is_own & (per_type[vl] >= 2))

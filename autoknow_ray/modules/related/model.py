@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import torch
 from torch import nn
 
@@ -87,7 +88,10 @@ def term_weights_of(settings: dict, events: np.ndarray, key: str) -> np.ndarray:
 
 
 def id_hash(ids) -> np.ndarray:
-    """64-bit hashes of product ids: how workers match ids without holding a dict of strings."""
+    """64-bit hashes of product ids (a list or an Arrow string array): how workers match ids
+    without holding a dict of strings."""
+    if isinstance(ids, pa.ChunkedArray):
+        ids = ids.combine_chunks()
     return pl.Series("id", ids, dtype=pl.String).hash(seed=3).to_numpy().astype(np.uint64)
 
 

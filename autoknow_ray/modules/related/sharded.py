@@ -42,7 +42,7 @@ EDGES = "dual_edges"  # scratch: the edge rows of step 1
 HOP1 = "dual_hop1"  # scratch: every node's hop-1 source and target embeddings
 SELF, DEGREE_OUT, DEGREE_IN = "self", "degree_out", "degree_in"
 EDGE_SCHEMA = pa.schema([("v", pa.string()), ("kind", pa.string()), ("nb", pa.string()),
-                         ("w", pa.float64())])
+                         ("w", pa.float64()), ("shard", pa.int32())])
 
 
 def shard_count(n_nodes: int, max_nodes_per_actor: int) -> int:
@@ -58,7 +58,7 @@ def shard_of(ids, shards: int) -> np.ndarray:
     return (id_hash(ids) % np.uint64(shards)).astype(np.int64)
 
 
-def edge_rows(batch: pa.Table, fanout: int) -> pa.Table:
+def edge_rows(batch: pa.Table, fanout: int, shards: int = 1) -> pa.Table:
     """Neighbour-table rows -> (v, kind, nb, w): the first `fanout` neighbours of each list (an
     unknown neighbour keeps its slot, as in `NodeTables`), and per co-purchase list a degree row
     (nb null, w = the list's weight_sum)."""
@@ -70,9 +70,11 @@ def edge_rows(batch: pa.Table, fanout: int) -> pa.Table:
     keep = pa.array(rank < fanout)
     parent_kept = pa.array(parent).filter(keep)
     ids, kinds = batch.column("product_id"), batch.column("kind")
-    nb_rows = pa.table({"v": ids.take(parent_kept), "kind": kinds.take(parent_kept),
-                        "nb": flat.filter(keep),
-                        "w": pa.nulls(len(parent_kept), pa.float64())}, schema=EDGE_SCHEMA)
+    nb = flat.filter(keep)
+    nb_rows = pa.table({"v": ids.take(parent_kept), "kind": kinds.take(parent_kept), "nb": nb,
+                        "w": pa.nulls(len(parent_kept), pa.float64()),
+                        # the shard that holds the neighbour's vector: its pass reads this row
+                        "shard": pa.array(shard_of(nb, shards).astype(np.int32))}, schema=EDGE_SCHEMA)
     k = kinds.to_numpy(zero_copy_only=False) if isinstance(kinds, pa.Array) else \
         kinds.combine_chunks().to_numpy(zero_copy_only=False)
     co = np.isin(k, ["out", "in"])
@@ -80,15 +82,16 @@ def edge_rows(batch: pa.Table, fanout: int) -> pa.Table:
     deg = pa.table({"v": ids.take(pa.array(rows)),
                     "kind": pa.array(np.where(k[rows] == "out", DEGREE_OUT, DEGREE_IN).tolist(), pa.string()),
                     "nb": pa.nulls(len(rows), pa.string()),
-                    "w": batch.column("weight_sum").take(pa.array(rows)).cast(pa.float64())},
-                   schema=EDGE_SCHEMA)
+                    "w": batch.column("weight_sum").take(pa.array(rows)).cast(pa.float64()),
+                    "shard": pa.array(np.zeros(len(rows), np.int32))}, schema=EDGE_SCHEMA)
     return pa.concat_tables([nb_rows, deg])
 
 
-def self_rows(batch: pa.Table) -> pa.Table:
+def self_rows(batch: pa.Table, shards: int = 1) -> pa.Table:
     ids = batch.column("product_id")
     return pa.table({"v": ids, "kind": pa.array([SELF] * len(ids), pa.string()), "nb": ids,
-                     "w": pa.nulls(len(ids), pa.float64())}, schema=EDGE_SCHEMA)
+                     "w": pa.nulls(len(ids), pa.float64()),
+                     "shard": pa.array(shard_of(ids, shards).astype(np.int32))}, schema=EDGE_SCHEMA)
 
 
 def _matrix(table: pa.Table, columns: list[str]) -> np.ndarray:
@@ -108,7 +111,7 @@ def read_shard(path, columns: list[str], shard: int, shards: int) -> pa.Table:
         b = pq.read_table(str(f), columns=["product_id", *columns])
         if b.num_rows == 0:
             continue
-        mine = shard_of(b.column("product_id").to_pylist(), shards) == shard
+        mine = shard_of(b.column("product_id").combine_chunks(), shards) == shard
         if mine.any():
             parts.append(b.filter(pa.array(mine)))
     if not parts:
@@ -137,7 +140,7 @@ class NeighbourSums(Step):
         t = read_shard(self.path, self.vector_columns, self.shard, self.shards)
         if t.num_rows:
             self.matrix = _matrix(t, self.vector_columns)
-            h = id_hash(t.column("product_id").to_pylist())
+            h = id_hash(t.column("product_id").combine_chunks())
         else:
             self.matrix, h = None, np.zeros(0, np.uint64)
         self.order = np.argsort(h, kind="stable")
@@ -160,17 +163,16 @@ class NeighbourSums(Step):
             deg = batch.filter(pa.array(~is_nb))
             out.append(pa.table({"v": deg.column("v"), "kind": deg.column("kind"),
                                  "n": pa.array(np.zeros(deg.num_rows, np.int64)), "w": deg.column("w"),
-                                 "sum": pa.nulls(deg.num_rows, pa.list_(pa.float64()))},
+                                 "sum": pa.nulls(deg.num_rows, pa.list_(pa.float32()))},
                                 schema=PARTIALS_SCHEMA))
         rows = np.full(batch.num_rows, -1, np.int64)
         if is_nb.any() and self.matrix is not None:
             sel = np.flatnonzero(is_nb)
-            rows[sel] = self._rows_of(nb.take(pa.array(sel)).to_pylist())
+            rows[sel] = self._rows_of(nb.take(pa.array(sel)))
         hit = np.flatnonzero(rows >= 0)
         if len(hit):
-            df = pl.DataFrame({"v": batch.column("v").take(pa.array(hit)).to_pylist(),
-                               "kind": batch.column("kind").take(pa.array(hit)).to_pylist(),
-                               "row": rows[hit]})
+            df = pl.from_arrow(batch.select(["v", "kind"]).take(pa.array(hit))).with_columns(
+                pl.Series("row", rows[hit]))
             df = df.sort(["v", "kind"], maintain_order=True)
             g = df.group_by(["v", "kind"], maintain_order=True).agg(pl.len().alias("n"))
             counts = g["n"].to_numpy().astype(np.int64)
@@ -181,7 +183,7 @@ class NeighbourSums(Step):
             out.append(pa.table({"v": g["v"].to_arrow().cast(pa.string()),
                                  "kind": g["kind"].to_arrow().cast(pa.string()),
                                  "n": pa.array(counts), "w": pa.nulls(len(g), pa.float64()),
-                                 "sum": pa.ListArray.from_arrays(offsets, pa.array(sums.reshape(-1)))},
+                                 "sum": pa.ListArray.from_arrays(offsets, pa.array(sums.reshape(-1).astype(np.float32)))},
                                 schema=PARTIALS_SCHEMA))
         if not out:
             return PARTIALS_SCHEMA.empty_table()
@@ -189,7 +191,7 @@ class NeighbourSums(Step):
 
 
 PARTIALS_SCHEMA = pa.schema([("v", pa.string()), ("kind", pa.string()), ("n", pa.int64()),
-                             ("w", pa.float64()), ("sum", pa.list_(pa.float64()))])
+                             ("w", pa.float64()), ("sum", pa.list_(pa.float32()))])
 
 
 _MODELS: dict = {}
@@ -209,14 +211,14 @@ def _means(block: pa.Table, width: int) -> tuple[list, dict, dict, dict]:
     count, over every partial of the node; the degree weights."""
     df = pl.from_arrow(block.select(["v", "kind", "n", "w"]))
     nodes = df["v"].unique(maintain_order=True).to_list()
-    pos = {v: i for i, v in enumerate(nodes)}
+    node_index = pl.DataFrame({"v": nodes}, schema={"v": pl.String}).with_row_index("i")
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, np.ndarray] = {}
     weights = {DEGREE_OUT: np.zeros(len(nodes)), DEGREE_IN: np.zeros(len(nodes))}
     has = np.asarray(pc.is_valid(block.column("sum")).to_numpy(zero_copy_only=False), bool)
     vec = df.filter(pl.Series(has))
     if vec.height:
-        idx = np.array([pos[v] for v in vec["v"].to_list()], np.int64)
+        idx = vec.select("v").join(node_index, on="v", how="left", maintain_order="left")["i"].to_numpy().astype(np.int64)
         flat = pc.list_flatten(block.column("sum").filter(pa.array(has)))
         mat = np.asarray(flat.to_numpy(zero_copy_only=False), np.float64).reshape(vec.height, width)
         kinds = vec["kind"].to_numpy()
@@ -228,10 +230,12 @@ def _means(block: pa.Table, width: int) -> tuple[list, dict, dict, dict]:
             np.add.at(s, idx[m], mat[m])
             np.add.at(c, idx[m], n[m])
             sums[str(kind)], counts[str(kind)] = s, c
-    deg = df.filter(pl.Series(~has) & pl.col("w").is_not_null())
-    for v, kind, w in deg.select("v", "kind", "w").iter_rows():
-        if kind in weights:
-            weights[kind][pos[v]] = w
+    deg = df.filter(pl.Series(~has) & pl.col("w").is_not_null()).select("v", "kind", "w").join(
+        node_index, on="v", how="left", maintain_order="left")
+    for kind in weights:
+        d = deg.filter(pl.col("kind") == kind)
+        if d.height:
+            weights[kind][d["i"].to_numpy().astype(np.int64)] = d["w"].to_numpy()
     # a node is what has a self row: neighbour lists of products not in the node table give none
     if SELF in counts:
         keep = counts[SELF] > 0
@@ -320,6 +324,9 @@ def dual_embed_sharded(cfg, model_dir: Path, nodes_path: Path, neighbours_path: 
                        embeddings_path: Path, n_nodes: int) -> dict:
     """Every node's source and target embeddings (what `DualEmbed` gives), written to
     `embeddings_path`, with no worker holding more than one shard of the node vectors."""
+    import pyarrow.dataset as pds
+    import ray
+
     from autoknow_ray import runtime
     from autoknow_ray.modules.related.model import load
     from autoknow_ray.pipeline import count_rows
@@ -331,9 +338,10 @@ def dual_embed_sharded(cfg, model_dir: Path, nodes_path: Path, neighbours_path: 
     edges = out / EDGES
     storage.rmtree(edges)
     runtime.read_parquet(neighbours_path).map_batches(
-        edge_rows, fn_kwargs={"fanout": rc.fanout}, batch_format="pyarrow").write_parquet(str(edges))
+        edge_rows, fn_kwargs={"fanout": rc.fanout, "shards": shards}, batch_format="pyarrow"
+    ).write_parquet(str(edges))
     runtime.read_parquet(nodes_path, ["product_id"]).map_batches(
-        self_rows, batch_format="pyarrow").write_parquet(str(edges))
+        self_rows, fn_kwargs={"shards": shards}, batch_format="pyarrow").write_parquet(str(edges))
     n_edges = count_rows(edges)
 
     def hop(vectors_path, columns, reduce, dest):
@@ -341,8 +349,12 @@ def dual_embed_sharded(cfg, model_dir: Path, nodes_path: Path, neighbours_path: 
         parts = out / "dual_partials"
         storage.rmtree(parts)
         for s in range(shards):
-            runtime.map_step(runtime.read_parquet(edges), NeighbourSums(vectors_path, columns, s, shards),
-                             cfg, n_edges).write_parquet(str(parts / f"shard={s}"))
+            # the edge rows whose neighbour is in shard s (read with the filter pushed down):
+            # every edge passes through one shard's workers per hop
+            mine = ray.data.read_parquet(str(edges), filter=pds.field("shard") == s,
+                                         columns=list(NeighbourSums.columns))
+            runtime.map_step(mine, NeighbourSums(vectors_path, columns, s, shards), cfg,
+                             max(1, n_edges // shards)).write_parquet(str(parts / f"shard={s}"))
         runtime.map_key_blocks(runtime.read_parquet(parts, list(PARTIALS_SCHEMA.names)), "v", reduce,
                                fn_args=(str(model_dir), dim), n_rows=count_rows(parts)
                                ).write_parquet(str(dest))

@@ -355,9 +355,13 @@ def dual_embed_sharded(cfg, model_dir: Path, nodes_path: Path, neighbours_path: 
                                          columns=list(NeighbourSums.columns))
             runtime.map_step(mine, NeighbourSums(vectors_path, columns, s, shards), cfg,
                              max(1, n_edges // shards)).write_parquet(str(parts / f"shard={s}"))
+        # partitions sized by bytes, not rows: a partial row carries `width` floats (64 to 128),
+        # so it counts as width / 16 rows of the key-partition cap (at 100k products, 2 partitions
+        # by rows held 1.7 GB in one task)
+        width = dim * len(columns)
         runtime.map_key_blocks(runtime.read_parquet(parts, list(PARTIALS_SCHEMA.names)), "v", reduce,
-                               fn_args=(str(model_dir), dim), n_rows=count_rows(parts)
-                               ).write_parquet(str(dest))
+                               fn_args=(str(model_dir), dim),
+                               n_rows=count_rows(parts) * max(1, width // 16)).write_parquet(str(dest))
         storage.rmtree(parts)
 
     hop1 = out / HOP1

@@ -198,10 +198,14 @@ class MemorySampler:
             rec = self.actors.setdefault(pid, {"label": label, "peak_rss": 0, "hwm": 0})
             if rec["label"] == TASK_WORKERS and label != TASK_WORKERS:
                 rec["label"] = label  # a task worker that became an actor is that actor
+            if not title.startswith("ray::IDLE"):
+                rec["last_task"] = title[:120]
             if mem[0] > rec["peak_rss"]:
                 # what the process ran when its sampled resident set was highest (a task
-                # worker's title names its task: `ray::_map_task`, `ray::run_model_task` …)
-                rec["peak_rss"], rec["peak_title"] = mem[0], title[:120]
+                # worker's title names its task: `ray::_map_task`, `ray::run_model_task` …); an
+                # idle worker keeps the memory of its last task, so that task is named
+                rec["peak_rss"] = mem[0]
+                rec["peak_title"] = rec.get("last_task") or title[:120]
             rec["hwm"] = max(rec["hwm"], mem[1])
 
     def summary(self) -> dict:

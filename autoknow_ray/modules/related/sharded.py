@@ -324,8 +324,7 @@ def dual_embed_sharded(cfg, model_dir: Path, nodes_path: Path, neighbours_path: 
                        embeddings_path: Path, n_nodes: int) -> dict:
     """Every node's source and target embeddings (what `DualEmbed` gives), written to
     `embeddings_path`, with no worker holding more than one shard of the node vectors."""
-    import pyarrow.dataset as pds
-    import ray
+    from ray.data.expressions import col
 
     from autoknow_ray import runtime
     from autoknow_ray.modules.related.model import load
@@ -351,8 +350,8 @@ def dual_embed_sharded(cfg, model_dir: Path, nodes_path: Path, neighbours_path: 
         for s in range(shards):
             # the edge rows whose neighbour is in shard s (read with the filter pushed down):
             # every edge passes through one shard's workers per hop
-            mine = ray.data.read_parquet(str(edges), filter=pds.field("shard") == s,
-                                         columns=list(NeighbourSums.columns))
+            mine = runtime.read_parquet(edges, [*NeighbourSums.columns, "shard"]).filter(
+                expr=col("shard") == s)
             runtime.map_step(mine, NeighbourSums(vectors_path, columns, s, shards), cfg,
                              max(1, n_edges // shards)).write_parquet(str(parts / f"shard={s}"))
         # partitions sized by bytes, not rows: a partial row carries `width` floats (64 to 128),

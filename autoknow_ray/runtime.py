@@ -1322,7 +1322,8 @@ def _sorted_key_block(batch, fn, keys: list[str], fn_args: tuple):
 
 
 def map_key_blocks(ds: "ray.data.Dataset", keys, fn, *, fn_args: tuple = (),
-                   n_rows: int | None = None, rows_hint: int | None = None) -> "ray.data.Dataset":
+                   n_rows: int | None = None, rows_hint: int | None = None,
+                   max_rows: int | None = None) -> "ray.data.Dataset":
     """`fn(block, *fn_args)` once per key partition: every key's rows in one block, sorted by the
     keys. What `map_groups` gives where `fn` is written over many groups at once (a polars
     group_by, a join on the key) instead of called once per group: a Python call per group costs
@@ -1330,15 +1331,16 @@ def map_key_blocks(ds: "ray.data.Dataset", keys, fn, *, fn_args: tuple = (),
     process), a vectorised pass over the block a few. `fn` must give for a block what the
     per-group function gives for its groups, concatenated in key order. Small inputs (see
     `small_input`) are one block without a shuffle; larger ones are hash-partitioned on the keys
-    (at most `KEY_BLOCK_MAX_ROWS` rows a partition, at least one per CPU)."""
+    (at most `max_rows` rows a partition, default `KEY_BLOCK_MAX_ROWS`: lower it for wide rows;
+    at least one partition per CPU)."""
     keys = [keys] if isinstance(keys, str) else list(keys)
     small = small_input(ds, n_rows, rows_hint)
     if small is not None:
         blocks = small.repartition(1)
     else:
         n = n_rows if n_rows is not None else (rows_hint or 0)
-        blocks = ds.repartition(hash_partitions(n, KEY_BLOCK_MAX_ROWS, KEY_BLOCK_MIN_ROWS),
-                                keys=keys)
+        cap = max_rows or KEY_BLOCK_MAX_ROWS
+        blocks = ds.repartition(hash_partitions(n, cap, min(KEY_BLOCK_MIN_ROWS, cap)), keys=keys)
     # batch_size=None: each partition whole, as map_groups relies on
     return blocks.map_batches(_sorted_key_block, fn_kwargs={"fn": fn, "keys": keys,
                                                             "fn_args": tuple(fn_args)},

@@ -95,6 +95,16 @@ def id_hash(ids) -> np.ndarray:
     return pl.Series("id", ids, dtype=pl.String).hash(seed=3).to_numpy().astype(np.uint64)
 
 
+def rows_by_hash(sorted_hash: np.ndarray, order: np.ndarray, ids) -> np.ndarray:
+    """Row of each id (-1 where unknown) in a table whose id hashes, sorted, are `sorted_hash`
+    (`order`: the argsort that sorted them)."""
+    if not len(ids) or not len(sorted_hash):
+        return np.full(len(ids), -1, np.int64)
+    h = id_hash(ids)
+    pos = np.clip(np.searchsorted(sorted_hash, h), 0, len(sorted_hash) - 1)
+    return np.where(sorted_hash[pos] == h, order[pos], -1).astype(np.int64)
+
+
 def masked_mean(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Mean of rows x[idx] over the last axis of idx [n, f], ignoring -1; zeros where none."""
     mask = (idx >= 0).unsqueeze(-1).to(x.dtype)

@@ -146,16 +146,9 @@ class NeighbourSums(Step):
         self.order = np.argsort(h, kind="stable")
         self.sorted_hash = h[self.order]
 
-    def _rows_of(self, ids: list) -> np.ndarray:
-        from autoknow_ray.modules.related.model import id_hash
-
-        if not len(ids) or not len(self.sorted_hash):
-            return np.full(len(ids), -1, np.int64)
-        h = id_hash(ids)
-        pos = np.clip(np.searchsorted(self.sorted_hash, h), 0, len(self.sorted_hash) - 1)
-        return np.where(self.sorted_hash[pos] == h, self.order[pos], -1).astype(np.int64)
-
     def process_batch(self, batch: pa.Table) -> pa.Table:
+        from autoknow_ray.modules.related.model import rows_by_hash
+
         nb = batch.column("nb")
         is_nb = np.asarray(pc.is_valid(nb).to_numpy(zero_copy_only=False), bool)
         out = []
@@ -168,7 +161,7 @@ class NeighbourSums(Step):
         rows = np.full(batch.num_rows, -1, np.int64)
         if is_nb.any() and self.matrix is not None:
             sel = np.flatnonzero(is_nb)
-            rows[sel] = self._rows_of(nb.take(pa.array(sel)))
+            rows[sel] = rows_by_hash(self.sorted_hash, self.order, nb.take(pa.array(sel)))
         hit = np.flatnonzero(rows >= 0)
         if len(hit):
             df = pl.from_arrow(batch.select(["v", "kind"]).take(pa.array(hit))).with_columns(
@@ -206,12 +199,12 @@ def _model(model_dir: str):
     return _MODELS[model_dir]
 
 
-def _means(block: pa.Table, width: int) -> tuple[list, dict, dict, dict]:
+def _means(block: pa.Table, width: int) -> tuple[pl.Series, dict, dict, dict]:
     """Per node (in key order): per kind the float64 sum of its neighbours' vectors and their
     count, over every partial of the node; the degree weights."""
     df = pl.from_arrow(block.select(["v", "kind", "n", "w"]))
-    nodes = df["v"].unique(maintain_order=True).to_list()
-    node_index = pl.DataFrame({"v": nodes}, schema={"v": pl.String}).with_row_index("i")
+    nodes = df["v"].unique(maintain_order=True)  # this key partition's nodes, in key order
+    node_index = nodes.to_frame("v").with_row_index("i")
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, np.ndarray] = {}
     weights = {DEGREE_OUT: np.zeros(len(nodes)), DEGREE_IN: np.zeros(len(nodes))}
@@ -239,7 +232,7 @@ def _means(block: pa.Table, width: int) -> tuple[list, dict, dict, dict]:
     # a node is what has a self row: neighbour lists of products not in the node table give none
     if SELF in counts:
         keep = counts[SELF] > 0
-        nodes = [v for v, k in zip(nodes, keep) if k]
+        nodes = nodes.filter(pl.Series(keep))
         sums = {k: s[keep] for k, s in sums.items()}
         counts = {k: c[keep] for k, c in counts.items()}
         weights = {k: w[keep] for k, w in weights.items()}
@@ -315,9 +308,8 @@ def _hop_table(nodes, a: np.ndarray, b: np.ndarray, names=("source", "target"), 
         width = m.shape[1] if m.ndim == 2 else 0
         return pa.FixedSizeListArray.from_arrays(pa.array(m.reshape(-1)), width)
 
-    if len(a) != len(nodes):  # nothing to embed in this partition
-        nodes = []
-    return pa.table({"product_id": pa.array(nodes, pa.string()), names[0]: fixed(a), names[1]: fixed(b)})
+    ids = nodes.to_arrow().cast(pa.string()) if len(a) == len(nodes) else pa.array([], pa.string())
+    return pa.table({"product_id": ids, names[0]: fixed(a), names[1]: fixed(b)})
 
 
 def dual_embed_sharded(cfg, model_dir: Path, nodes_path: Path, neighbours_path: Path, out: Path,
@@ -326,13 +318,16 @@ def dual_embed_sharded(cfg, model_dir: Path, nodes_path: Path, neighbours_path: 
     `embeddings_path`, with no worker holding more than one shard of the node vectors."""
     from ray.data.expressions import col
 
+    import json
+
     from autoknow_ray import runtime
-    from autoknow_ray.modules.related.model import load
+    from autoknow_ray.modules.related.model import CONFIG, GNNSettings
     from autoknow_ray.pipeline import count_rows
 
     rc = cfg.related
     shards = shard_count(n_nodes, rc.max_nodes_per_actor)
-    dim = load(Path(model_dir), "cpu").settings.dim
+    # the width of the vectors, from the model's settings (the weights load in the workers)
+    dim = int(json.loads((Path(model_dir) / CONFIG).read_text()).get("dim", GNNSettings.dim))
     out = storage.path(out)
     edges = out / EDGES
     storage.rmtree(edges)
@@ -348,19 +343,20 @@ def dual_embed_sharded(cfg, model_dir: Path, nodes_path: Path, neighbours_path: 
         parts = out / "dual_partials"
         storage.rmtree(parts)
         for s in range(shards):
-            # the edge rows whose neighbour is in shard s (read with the filter pushed down):
-            # every edge passes through one shard's workers per hop
+            # the edge rows whose neighbour is in shard s: every edge passes through one
+            # shard's workers per hop
             mine = runtime.read_parquet(edges, [*NeighbourSums.columns, "shard"]).filter(
                 expr=col("shard") == s)
             runtime.map_step(mine, NeighbourSums(vectors_path, columns, s, shards), cfg,
                              max(1, n_edges // shards)).write_parquet(str(parts / f"shard={s}"))
         # partitions sized by bytes, not rows: a partial row carries `width` floats (64 to 128),
-        # so it counts as width / 16 rows of the key-partition cap (at 100k products, 2 partitions
-        # by rows held 1.7 GB in one task)
+        # so a partition takes width / 16 times fewer of them than the key-partition cap (at 100k
+        # products, 2 partitions by rows held 1.7 GB in one task)
         width = dim * len(columns)
         runtime.map_key_blocks(runtime.read_parquet(parts, list(PARTIALS_SCHEMA.names)), "v", reduce,
-                               fn_args=(str(model_dir), dim),
-                               n_rows=count_rows(parts) * max(1, width // 16)).write_parquet(str(dest))
+                               fn_args=(str(model_dir), dim), n_rows=count_rows(parts),
+                               max_rows=runtime.KEY_BLOCK_MAX_ROWS // max(1, width // 16)
+                               ).write_parquet(str(dest))
         storage.rmtree(parts)
 
     hop1 = out / HOP1

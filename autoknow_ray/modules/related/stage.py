@@ -156,12 +156,11 @@ class RelatedStage(Stage):
                                                       out, out / EMBEDDINGS, n)
         elif trained:
             embed = DualEmbed(model_dir, out / NODES, out / gb.NEIGHBOURS, rc.fanout)
-            emb = runtime.map_step(runtime.read_parquet(out / NODES, ["product_id"]), embed, cfg, n)
+            runtime.map_step(runtime.read_parquet(out / NODES, ["product_id"]), embed, cfg, n
+                             ).write_parquet(str(out / EMBEDDINGS))
         else:
-            emb = runtime.read_parquet(out / NODES, ["product_id", "text"]).map_batches(
-                _text_as_embeddings, batch_format="pyarrow")
-        if not (trained and n > rc.max_nodes_per_actor):
-            emb.write_parquet(str(out / EMBEDDINGS))
+            runtime.read_parquet(out / NODES, ["product_id", "text"]).map_batches(
+                _text_as_embeddings, batch_format="pyarrow").write_parquet(str(out / EMBEDDINGS))
         mark_complete(out / EMBEDDINGS)
         lap("dual_embed")
         settings = _model_config(model_dir) if trained else {}

@@ -317,14 +317,9 @@ class NodeTables:
 
     def index_of(self, ids: list) -> np.ndarray:
         """Row of each id (-1 where unknown)."""
-        from autoknow_ray.modules.related.model import id_hash
+        from autoknow_ray.modules.related.model import rows_by_hash
 
-        if not len(ids) or not len(self.sorted_hash):
-            return np.full(len(ids), -1, np.int64)
-        h = id_hash(ids)
-        pos = np.clip(np.searchsorted(self.sorted_hash, h), 0, len(self.sorted_hash) - 1)
-        found = self.sorted_hash[pos] == h
-        return np.where(found, self.order[pos], -1).astype(np.int64)
+        return rows_by_hash(self.sorted_hash, self.order, ids)
 
 
 # a worker computes the hop-1 embeddings of every node once (2 × dim floats a node) when the

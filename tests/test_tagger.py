@@ -195,6 +195,50 @@ def test_fit_writes_a_self_contained_safetensors_artifact(artifact):
     assert state["head.weight"].shape[0] == 2 * len(metrics["labels"]) + 1
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["labels"] == metrics["labels"] and cfg["encoder_config"]["model_type"] == "bert"
+    # the default is an ensemble of three taggers, members in sub-folders of the one artifact
+    assert metrics["ensemble"] == 3 and cfg["ensemble"] == ["members/1", "members/2"]
+    assert [m["n_val"] for m in metrics["members"]] == [8, 8, 8]
+    assert [m["seed"] for m in metrics["members"]] == [0, 1, 2]
+    for rel in cfg["ensemble"]:
+        assert {"model.safetensors", "config.json"} <= {p.name for p in (out / rel).iterdir()}
+
+
+def test_an_ensemble_decodes_the_mean_of_its_members_log_probabilities(artifact, tmp_path):
+    import shutil
+
+    from autoknow_ray.nn.tagger import encode_texts
+
+    out, _ = artifact
+    ens = SpanTagger.load(out, device="cpu", cpu_threads=2)
+    assert len(ens.members) == 2
+    alone = [SpanTagger.load(out, device="cpu", cpu_threads=2)]
+    alone[0].members = []
+    alone += [SpanTagger.load(out / rel, device="cpu", cpu_threads=2)
+              for rel in ("members/1", "members/2")]
+    texts = ["Kiva Black Backpack, Large", "Acme Red Running Shoes, Size 9",
+             "Zentro Navy Blue Water Bottle 20 oz"]
+    encs = encode_texts(ens.tokenizer, texts, ens.max_length)
+    singles = [[t.predict([x])[0] for x in texts] for t in alone]
+    assert len({json.dumps(s) for s in singles}) > 1  # the members differ: other seeds
+    got = ens.predict(texts)
+    for i, (e, text) in enumerate(zip(encs, texts)):
+        mean = np.mean([t._word_logprobs([e])[0] for t in alone], axis=0)
+        want = alone[0]._decode(mean, e, text)
+        assert [(a, s, f) for a, s, f, _ in got[i]] == [(a, s, f) for a, s, f, _ in want]
+        assert np.allclose([x[3] for x in got[i]], [x[3] for x in want], atol=1e-5)
+    # a member that does not fit the artifact is refused, not averaged
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    cfg = json.loads((bad / "members/1/config.json").read_text())
+    cfg["labels"] = list(reversed(cfg["labels"]))
+    (bad / "members/1/config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="other labels"):
+        SpanTagger.load(bad, device="cpu")
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["ensemble"] = ["../tagger"]
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="outside the artifact"):
+        SpanTagger.load(bad, device="cpu")
 
 
 def test_predict_gives_valid_char_offsets(artifact):

@@ -9,6 +9,10 @@
 - An artifact is a folder with `model.safetensors`, `config.json` (labels, encoder config,
   max_length …) and the tokenizer files: it loads without the original encoder folder, and holds
   no pickle.
+- An ensemble is one artifact whose `config.json` lists member artifacts in sub-folders
+  (`"ensemble": ["members/1", …]`, same labels and tokenizer, other seeds): every member scores
+  each word, the mean of their tag log-probabilities goes to one Viterbi, so spans stay well
+  formed, and a span's score is the geometric mean of the members' probabilities of its tags.
 
 The module knows nothing about products: `modules/*` feed it (text, [(label, start, end)]).
 """
@@ -435,6 +439,7 @@ class SpanTagger:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.trim_punct = True
         self.gazetteer: gz.Gazetteer | None = None  # used by predict() when the model has one
+        self.members: list[SpanTaggerModel] = []  # an ensemble's other models (same labels)
 
     def add_gazetteer(self, encs: list[Encoded], texts: Sequence[str]) -> None:
         """Fill each encoded text's features from the tagger's gazetteer (if the model has one)."""
@@ -530,16 +535,54 @@ class SpanTagger:
             if tagger.gazetteer.n_features != gaz_features:
                 raise ValueError(f"{art}: gazetteer has {tagger.gazetteer.n_features} features, "
                                  f"the model expects {gaz_features}")
+        for rel in cfg.get("ensemble") or []:
+            sub = (art / rel).resolve()
+            if art.resolve() not in sub.parents:
+                raise ValueError(f"{art}: ensemble member {rel!r} lies outside the artifact")
+            member = cls.load(sub, device=dev, bf16=bf16, cpu_threads=cpu_threads)
+            if member.labels != tagger.labels or member.max_length != tagger.max_length:
+                raise ValueError(f"{art}: ensemble member {rel!r} has other labels or max_length")
+            if member.members:
+                raise ValueError(f"{art}: ensemble member {rel!r} is itself an ensemble")
+            if member.model.gaz_features != gaz_features:
+                # every member's inference gazetteer is the same (all training spans): the
+                # artifact's own one feeds them all
+                raise ValueError(f"{art}: ensemble member {rel!r} has another gazetteer input")
+            if member.tokenizer.get_vocab() != tokenizer.get_vocab():
+                raise ValueError(f"{art}: ensemble member {rel!r} has another tokenizer")
+            tagger.members.append(member.model)
         return tagger
+
+    @staticmethod
+    def write_ensemble(out_dir: str | Path, members: Sequence[str]) -> None:
+        """Make the artifact in `out_dir` an ensemble of itself and `members` (folders relative to
+        it, each a complete artifact with the same labels and tokenizer)."""
+        out = Path(out_dir)
+        cfg = json.loads((out / CONFIG).read_text())
+        for rel in members:
+            if not (out / rel / CONFIG).exists():
+                raise FileNotFoundError(f"ensemble member {out / rel} has no {CONFIG}")
+        cfg["ensemble"] = [str(Path(rel).as_posix()) for rel in members]
+        (out / CONFIG).write_text(json.dumps(cfg, indent=2, default=str))
 
     # -- inference --
     @torch.inference_mode()
     def _word_logprobs(self, encs: list[Encoded]) -> list[np.ndarray]:
         inputs, _ = _batch(encs, self.pad_id)
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        with autocast(self.device, self.bf16):
-            logits = self.model(**inputs)
-        logp = torch.log_softmax(logits.float(), dim=-1).cpu().numpy()
+        total = None
+        for model in (self.model, *self.members):
+            with autocast(self.device, self.bf16):
+                logits = model(**inputs)
+            lp = torch.log_softmax(logits.float(), dim=-1)
+            total = lp if total is None else total + lp
+        if self.members:
+            # the members' mean log-probability, not renormalised: the Viterbi path is the
+            # product of experts', and a span's score is the geometric mean of the members'
+            # probabilities of its tags, low where they disagree (renormalised, the 0.5 span
+            # floor let through more disputed spans: OA-Mine F1 0.763 against 0.768)
+            total = total / (1 + len(self.members))
+        logp = total.cpu().numpy()
         return [logp[i, e.word_first] for i, e in enumerate(encs)]
 
     def predict(self, texts: Sequence[str | None], batch_size: int = 64) -> list[list[Pred]]:
@@ -551,6 +594,8 @@ class SpanTagger:
             return out
         was_training = self.model.training
         self.model.eval()
+        for m in self.members:
+            m.eval()
         try:
             # one token length per batch (no padding): a title's spans and scores are the same
             # in any batch, so an incremental rebuild may reuse them (docs/incremental.md)

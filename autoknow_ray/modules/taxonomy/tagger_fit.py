@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import polars as pl
@@ -16,7 +17,7 @@ import polars as pl
 from autoknow_ray.modules.taxonomy.config import TaggerConfig
 from autoknow_ray.modules.taxonomy import type_names
 from autoknow_ray.modules.taxonomy.distant import TYPE_LABEL, build_examples, swap_types
-from autoknow_ray.nn.tagger import CONFIG, TrainSettings, train_span_tagger
+from autoknow_ray.nn.tagger import CONFIG, SpanTagger, TrainSettings, train_span_tagger
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +86,21 @@ def fit_tagger(products: pl.DataFrame, cfg: TaggerConfig, out_dir: Path) -> dict
     ds.examples, ds.stats["n_type_swapped"] = swap_types(ds.examples, names, cfg.type_swap, cfg.seed)
     settings = train_settings(cfg)
     extra = {"distant_supervision": ds.stats, "task": "title-tagger"}
-    if cfg.use_ray_train:
-        train_metrics = _fit_with_ray_train(ds.examples, ds.labels, settings, cfg, out_dir, extra)
-    else:
-        _, train_metrics = train_span_tagger(
-            ds.examples, ds.labels, settings, out_dir, artifact_extra=extra
-        )
+    members, member_metrics = [], []
+    for k in range(cfg.ensemble):
+        # member k: its own seed (initial head, batch order, dropout, validation split)
+        s_k = replace(settings, seed=settings.seed + k)
+        dir_k = out_dir if k == 0 else out_dir / "members" / str(k)
+        if cfg.use_ray_train:
+            m_k = _fit_with_ray_train(ds.examples, ds.labels, s_k, cfg, dir_k, extra)
+        else:
+            _, m_k = train_span_tagger(ds.examples, ds.labels, s_k, dir_k, artifact_extra=extra)
+        if k:
+            members.append(f"members/{k}")
+        member_metrics.append(m_k)
+    if members:
+        SpanTagger.write_ensemble(out_dir, members)
+    train_metrics = member_metrics[0]
     return {
         "n_products": ds.stats["n_products"],
         "n_examples": ds.stats["n_examples"],
@@ -99,6 +109,9 @@ def fit_tagger(products: pl.DataFrame, cfg: TaggerConfig, out_dir: Path) -> dict
         "labels": ds.labels,
         "dropped_attributes": ds.stats["dropped_attributes"],
         **_summary(train_metrics),
+        "ensemble": cfg.ensemble,
+        "members": [{"seed": settings.seed + k, **_summary(m)} for k, m in enumerate(member_metrics)],
+        "train_seconds": sum(float(m.get("train_seconds", 0.0)) for m in member_metrics),
         "history": train_metrics.get("history", []),
         "ray_train": cfg.use_ray_train,
         "artifact_dir": str(out_dir),

@@ -763,6 +763,34 @@ def test_sharded_two_hop_embeddings_equal_the_in_memory_ones(tmp_path, ray_sessi
     assert not any((tmp_path / "work").glob("dual_*"))
 
 
+def test_write_by_shard_gives_each_shard_worker_only_its_own_rows(tmp_path, ray_session):
+    """The sharded pass writes a hop's vectors once, one folder per shard, so a shard's worker
+    reads its own rows and not every file of the table (related/sharded.py)."""
+    from autoknow_ray.modules.related.sharded import read_shard, shard_folder, shard_of, write_by_shard
+
+    ids = [f"p{i}" for i in range(90)]
+    src = tmp_path / "nodes"
+    src.mkdir()
+    for part in range(3):
+        rows = ids[part::3]
+        pq.write_table(pa.table({"product_id": rows, "h0": [[float(i)] * 4 for i in range(len(rows))]}),
+                       src / f"{part}.parquet")
+    mark_complete(src)
+    write_by_shard(src, ["h0"], 4, tmp_path / "by_shard")
+    shard = dict(zip(ids, shard_of(ids, 4).tolist()))
+    seen = []
+    for s in range(4):
+        files = list(shard_folder(tmp_path / "by_shard", s).rglob("*.parquet"))
+        assert files
+        in_files = [i for f in files for i in pq.read_table(f, columns=["product_id"])["product_id"].to_pylist()]
+        assert sorted(in_files) == sorted(i for i in ids if shard[i] == s)  # its rows, no other
+        t = read_shard(shard_folder(tmp_path / "by_shard", s), ["h0"], s, 4)
+        assert t["product_id"].to_pylist() == sorted(in_files) and t.num_rows == len(t["h0"])
+        seen += in_files
+    assert sorted(seen) == sorted(ids)  # every row once
+    assert read_shard(shard_folder(tmp_path / "by_shard", 9), ["h0"], 9, 10).num_rows == 0
+
+
 def test_sharded_title_neighbours_equal_one_index_over_every_product(tmp_path, ray_session):
     """Above `max_nodes_per_actor` each title-kNN worker indexes one shard of the products and the
     shards' lists are merged per product (related/sharded.py): the similarity edges equal those of
@@ -793,4 +821,4 @@ def test_sharded_title_neighbours_equal_one_index_over_every_product(tmp_path, r
     assert added == 2 * want.height == got.height
     both = pl.concat([want, want.select(pl.col("dst").alias("src"), pl.col("src").alias("dst"), "weight")])
     assert got.sort(["src", "dst", "weight"]).equals(both.sort(["src", "dst", "weight"]))
-    assert not (out / "text_knn_partials").exists()
+    assert not (out / "text_knn_partials").exists() and not (out / "text_knn_vectors").exists()

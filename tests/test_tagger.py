@@ -176,7 +176,7 @@ def artifact(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("tagger")
     cfg = TaggerConfig(epochs=2, batch_size=8, val_fraction=0.2, max_length=32, cpu_threads=2,
-                       min_attribute_count=1, device="cpu")
+                       min_attribute_count=1, device="cpu", ensemble=3)
     metrics = fit_tagger(_synthetic(), cfg, out)
     return out, metrics
 
@@ -195,7 +195,8 @@ def test_fit_writes_a_self_contained_safetensors_artifact(artifact):
     assert state["head.weight"].shape[0] == 2 * len(metrics["labels"]) + 1
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["labels"] == metrics["labels"] and cfg["encoder_config"]["model_type"] == "bert"
-    # the default is an ensemble of three taggers, members in sub-folders of the one artifact
+    # an ensemble of three taggers (configs/cpu.yaml's recipe): members in sub-folders of the one
+    # artifact, each trained with its own seed
     assert metrics["ensemble"] == 3 and cfg["ensemble"] == ["members/1", "members/2"]
     assert [m["n_val"] for m in metrics["members"]] == [8, 8, 8]
     assert [m["seed"] for m in metrics["members"]] == [0, 1, 2]

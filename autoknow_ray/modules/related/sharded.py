@@ -40,6 +40,7 @@ from autoknow_ray.steps import Step, WorkerEnv
 
 EDGES = "dual_edges"  # scratch: the edge rows of step 1
 HOP1 = "dual_hop1"  # scratch: every node's hop-1 source and target embeddings
+VECTORS = "dual_vectors"  # scratch: a hop's input vectors, one folder per shard
 SELF, DEGREE_OUT, DEGREE_IN = "self", "degree_out", "degree_in"
 EDGE_SCHEMA = pa.schema([("v", pa.string()), ("kind", pa.string()), ("nb", pa.string()),
                          ("w", pa.float64()), ("shard", pa.int32())])
@@ -101,10 +102,40 @@ def _matrix(table: pa.Table, columns: list[str]) -> np.ndarray:
     return np.concatenate(parts, 1) if parts else np.zeros((table.num_rows, 0), np.float32)
 
 
+def with_shard(batch: pa.Table, shards: int) -> pa.Table:
+    """`batch` with each row's `shard` (of its product_id) as a column."""
+    return batch.append_column("shard", pa.array(
+        shard_of(batch.column("product_id").combine_chunks(), shards).astype(np.int32)))
+
+
+def shard_folder(root, shard: int):
+    """The folder of one shard's rows in a table written by `write_by_shard`."""
+    return storage.path(root) / f"shard={int(shard)}"
+
+
+def write_by_shard(src, columns: list[str], shards: int, dest) -> None:
+    """The rows of `src` (product_id and `columns`) written once, one folder per shard
+    (`shard_folder(dest, s)`), so a shard's worker reads its own rows and not every file of the
+    table: one pass over the table instead of one per shard."""
+    from autoknow_ray import runtime
+
+    from autoknow_ray.modules.related.steps import mark_complete
+
+    storage.rmtree(storage.path(dest))
+    runtime.read_parquet(src, ["product_id", *columns]).map_batches(
+        with_shard, fn_kwargs={"shards": shards}, batch_format="pyarrow"
+    ).write_parquet(str(dest), partition_cols=["shard"])
+    for s in range(shards):  # every shard's folder, an empty one too, marked as fully written
+        mark_complete(shard_folder(dest, s))
+
+
 def read_shard(path, columns: list[str], shard: int, shards: int) -> pa.Table:
     """The rows of a table whose product_id is in `shard`, read file by file (never the whole
-    table at once), in product-id order."""
+    table at once), in product-id order. `path` is best one shard's folder of `write_by_shard`
+    (a shard with no row has none); the shard of every row is checked either way."""
     path = storage.path(path)
+    if not path.exists():  # an empty shard of a table written some other way
+        return pa.table({"product_id": pa.array([], pa.string())})
     files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
     parts = []
     for f in files:  # one written block at a time
@@ -339,7 +370,10 @@ def dual_embed_sharded(cfg, model_dir: Path, nodes_path: Path, neighbours_path: 
     n_edges = count_rows(edges)
 
     def hop(vectors_path, columns, reduce, dest):
-        # one shard pass at a time, each written before the next: a worker holds one shard
+        # one shard pass at a time, each written before the next: a worker holds one shard,
+        # and reads only its own folder of the hop's vectors
+        vectors = out / VECTORS
+        write_by_shard(vectors_path, columns, shards, vectors)
         parts = out / "dual_partials"
         storage.rmtree(parts)
         for s in range(shards):
@@ -347,8 +381,9 @@ def dual_embed_sharded(cfg, model_dir: Path, nodes_path: Path, neighbours_path: 
             # shard's workers per hop
             mine = runtime.read_parquet(edges, [*NeighbourSums.columns, "shard"]).filter(
                 expr=col("shard") == s)
-            runtime.map_step(mine, NeighbourSums(vectors_path, columns, s, shards), cfg,
-                             max(1, n_edges // shards)).write_parquet(str(parts / f"shard={s}"))
+            runtime.map_step(mine, NeighbourSums(shard_folder(vectors, s), columns, s, shards),
+                             cfg, max(1, n_edges // shards)).write_parquet(str(parts / f"shard={s}"))
+        storage.rmtree(vectors)
         # partitions sized by bytes, not rows: a partial row carries `width` floats (64 to 128),
         # so a partition takes width / 16 times fewer of them than the key-partition cap (at 100k
         # products, 2 partitions by rows held 1.7 GB in one task)
@@ -389,11 +424,14 @@ def text_knn_sharded(cfg, step_args: dict, nodes_path, out, n_nodes: int) -> "ob
 
     shards = shard_count(n_nodes, cfg.related.max_nodes_per_actor)
     parts = storage.path(out) / "text_knn_partials"
+    vectors = storage.path(out) / "text_knn_vectors"
     storage.rmtree(parts)
+    write_by_shard(nodes_path, ["text"], shards, vectors)  # each shard's index reads its folder
     for s in range(shards):
-        step = TextNeighbours(nodes_path, **step_args, shard=s, shards=shards)
+        step = TextNeighbours(shard_folder(vectors, s), **step_args, shard=s, shards=shards)
         runtime.map_step(runtime.read_parquet(nodes_path, ["product_id", "text"]), step, cfg,
                          n_nodes).write_parquet(str(parts / f"shard={s}"))
+    storage.rmtree(vectors)
     ds = runtime.map_key_blocks(runtime.read_parquet(parts, ["src", "dst", "weight"]), "src",
                                 top_per_source, fn_args=(step_args["k"],), n_rows=count_rows(parts))
     return ds, parts

@@ -167,8 +167,13 @@ class NeighbourSums(Step):
 
     def setup(self, env: WorkerEnv) -> None:
         from autoknow_ray.modules.related.model import id_hash
+        from autoknow_ray.modules.related.steps import require_complete
 
+        # this shard's folder of the hop's vectors (`write_by_shard`), read whole: its marker
+        # says the write finished, and its row count that nothing was missed
+        require_complete(self.path, None)
         t = read_shard(self.path, self.vector_columns, self.shard, self.shards)
+        require_complete(self.path, t.num_rows)
         if t.num_rows:
             self.matrix = _matrix(t, self.vector_columns)
             h = id_hash(t.column("product_id").combine_chunks())

@@ -198,8 +198,10 @@ class TextNeighbours(Step):
         if getattr(self, "shards", 1) > 1:
             from autoknow_ray.modules.related.sharded import read_shard
 
+            # the shard's own folder (sharded.write_by_shard): read whole, as its marker counts
             require_complete(self.nodes_path, None)
             t = read_shard(self.nodes_path, ["text"], self.shard, self.shards)
+            require_complete(self.nodes_path, t.num_rows)
         else:
             t = _read(storage.path(self.nodes_path), ["product_id", "text"])
             require_complete(self.nodes_path, t.num_rows)

@@ -249,8 +249,12 @@ def flop_floor(models: Path, encoder: str | None, titles: list[str], n_total: in
     scale = n_total / max(1, len(titles))
     chars = np.array([len(t) for t in titles])
     out: dict = {"sampled_titles": len(titles), "catalogue_titles": n_total}
-    for name, model, lengths in (("tagger", tagger.model, t_len), ("encoder", enc.model, e_len)):
+    for name, model, lengths, copies in (("tagger", tagger.model, t_len, 1 + len(tagger.members)),
+                                         ("encoder", enc.model, e_len, 1)):
         f = model_flops(model, lengths)
+        if copies > 1:  # an ensemble runs each of its members over every title
+            f.update({"models": copies, "flops": f["flops"] * copies,
+                      "flops_per_token": f["flops_per_token"] * copies})
         f["flops_catalogue"] = f["flops"] * scale
         f["flops_per_title"] = f["flops"] / max(1, len(titles))
         f["padding_overhead"] = {

@@ -240,6 +240,26 @@ def test_an_ensemble_decodes_the_mean_of_its_members_log_probabilities(artifact,
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="outside the artifact"):
         SpanTagger.load(bad, device="cpu")
+    cfg["ensemble"] = ["members/2", "members/7"]  # a member not copied with the artifact
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="members/7.*is missing"):
+        SpanTagger.load(bad, device="cpu")
+
+
+def test_a_refit_with_one_tagger_leaves_no_member_of_an_earlier_ensemble(artifact, tmp_path):
+    import shutil
+
+    from autoknow_ray.modules.taxonomy.tagger_fit import fit_tagger
+
+    out, _ = artifact
+    again = tmp_path / "again"
+    shutil.copytree(out, again)  # an earlier fit of three in the same folder
+    cfg = TaggerConfig(epochs=1, batch_size=8, val_fraction=0.2, max_length=32, cpu_threads=2,
+                       min_attribute_count=1, device="cpu", ensemble=1)
+    metrics = fit_tagger(_synthetic(), cfg, again)
+    assert metrics["ensemble"] == 1 and not (again / "members").exists()
+    assert "ensemble" not in json.loads((again / "config.json").read_text())
+    assert SpanTagger.load(again, device="cpu").members == []
 
 
 def test_predict_gives_valid_char_offsets(artifact):

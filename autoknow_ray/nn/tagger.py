@@ -539,6 +539,9 @@ class SpanTagger:
             sub = (art / rel).resolve()
             if art.resolve() not in sub.parents:
                 raise ValueError(f"{art}: ensemble member {rel!r} lies outside the artifact")
+            if not (sub / CONFIG).exists():
+                raise ValueError(f"{art}: ensemble member {rel!r} is missing (no {CONFIG}): "
+                                 "copy the whole tagger folder, members included")
             member = cls.load(sub, device=dev, bf16=bf16, cpu_threads=cpu_threads)
             if member.labels != tagger.labels or member.max_length != tagger.max_length:
                 raise ValueError(f"{art}: ensemble member {rel!r} has other labels or max_length")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -87,6 +88,9 @@ def fit_tagger(products: pl.DataFrame, cfg: TaggerConfig, out_dir: Path) -> dict
     settings = train_settings(cfg)
     extra = {"distant_supervision": ds.stats, "task": "title-tagger"}
     members, member_metrics = [], []
+    # a fit into a folder an earlier fit wrote: its members go (a smaller ensemble would leave
+    # them behind, unread but in the artifact's digest and on disk)
+    shutil.rmtree(out_dir / "members", ignore_errors=True)
     for k in range(cfg.ensemble):
         # member k: its own seed (initial head, batch order, dropout, validation split)
         s_k = replace(settings, seed=settings.seed + k)

@@ -127,6 +127,11 @@ def test_head_word_ends_the_first_phrase_outside_brands():
     assert head_word("1234, 5678", []) is None
     assert head_word("Acme Folic Acid 800 Mcg", []) is None  # a unit
     assert head_word("Acme Tempo Black, size 8", [], {"black"}) is None
+    # … or a phrase ending in a run of words that is one ("Sugar Free" is a claim, "Free" no type)
+    claims = {type_key("Sugar Free"), type_key("French Vanilla")}
+    assert head_word("Acme Cafe French Vanilla Sugar Free (8 pack)", [], claims) is None
+    assert head_word("Acme Sugar Free Gum", [], claims) == ("gum", "Gum")
+    assert head_word("Acme Free", [], claims) == (type_key("Free"), "Free")
     # the brand's own words are not the head
     brand = [{"label": "Brand", "value": "Banana Boat", "start": 0, "end": 11, "score": 0.9}]
     assert head_word("Banana Boat", brand) is None

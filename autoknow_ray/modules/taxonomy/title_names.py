@@ -148,7 +148,8 @@ def head_word(title: str | None, spans, not_types: frozenset | set = frozenset()
     """(key, surface) of the last word of the title's first noun phrase, outside its brand spans:
     where an English product title writes its type ("Pleaser Men's Tempo 08 Platform Sneaker,
     Black" → "Sneaker"). None when that word has fewer than three letters, is a possessive,
-    follows a number (a unit), or is one of `not_types` (the fit catalogue's attribute values)."""
+    follows a number (a unit), or is one of `not_types` (the fit catalogue's attribute values),
+    or ends a run of words that is one ("Sugar Free")."""
     if not title:
         return None
     chars = list(title)
@@ -160,7 +161,7 @@ def head_word(title: str | None, spans, not_types: frozenset | set = frozenset()
     first = _PHRASE_END.split(masked.strip(), maxsplit=1)[0]
     tokens = first.split()
     upper = title.isupper()
-    w, before = None, None
+    w, before, at = None, None, -1
     for j in range(len(tokens) - 1, -1, -1):
         found = _WORD.findall(tokens[j])
         if not found:
@@ -168,7 +169,7 @@ def head_word(title: str | None, spans, not_types: frozenset | set = frozenset()
         cand = found[-1]
         if not upper and cand.isupper() and len(cand) <= 4:
             continue  # an acronym ends no noun phrase ("… Sunscreen Lotion SPF 100")
-        w, before = cand, tokens[j - 1] if j else None
+        w, before, at = cand, tokens[j - 1] if j else None, j
         break
     if w is None or len(w) < 3 or w.lower().endswith(("'s", "’s")):
         return None
@@ -177,6 +178,13 @@ def head_word(title: str | None, spans, not_types: frozenset | set = frozenset()
     k = type_key(w)
     if not k or k in not_types:
         return None
+    # the phrase ends in one of the fit catalogue's attribute values ("… French Vanilla Sugar
+    # Free": "Sugar Free" is a claim there): it ends in an attribute, not in the type
+    for m in range(2, MAX_WORDS + 1):
+        if at - m + 1 < 0:
+            break
+        if type_key(" ".join(tokens[at - m + 1:at] + [w])) in not_types:
+            return None
     return k, w[0].upper() + w[1:] if w.islower() else w
 
 

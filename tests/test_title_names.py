@@ -64,6 +64,34 @@ def test_key_type_maps_tails_and_unique_heads_to_known_types():
     assert two.key_type("mask") is None  # ambiguous head: no answer
 
 
+def test_unsold_nodes_are_not_named_by_a_last_word_and_categories_not_at_all():
+    from autoknow_ray.modules.taxonomy.types import unsold_types
+
+    children = {"Hair Care": {"Shampoo & Conditioner"}, "Shampoo & Conditioner": set(),
+                "Beverages": {"Tea", "Coffee"}, "Tea": set(), "Coffee": set(), "Shoes": {"Boots"},
+                "Boots": set(), "Safety Mask": set()}
+    types = list(children)
+    # nothing known of which nodes carry products: every node may be named as before
+    assert unsold_types(types, set()) == frozenset()
+    assert TypeNames(types).key_type("conditioner") == "Shampoo & Conditioner"
+    # fit's titles carry tea, coffee, shoes (an inner node that products carry stays a type) and
+    # safety masks; "Shampoo & Conditioner" (its leaf withheld) carries none
+    unsold = unsold_types(types, {"Tea", "Coffee", "shoes", "Safety Mask"})
+    assert unsold == frozenset({"Hair Care", "Shampoo & Conditioner", "Beverages", "Boots"})
+    names = TypeNames(types, unsold=unsold, children=children)
+    assert names.categories == frozenset({"Hair Care", "Beverages"})
+    # the title's "Conditioner" names a type the taxonomy lacks, not the node ending in that word
+    assert names.key_type("conditioner") is None
+    assert names.key_type("mask") == "Safety Mask"  # a sold type still is
+    # a product-less leaf is still named by its whole name; a category by nothing
+    assert names.key_type(type_key("Shampoo & Conditioner")) == "Shampoo & Conditioner"
+    assert names.key_type(type_key("Hair Care")) is None and names.span_type("Beverages") is None
+    assert names.key_type("tea") == "Tea" and names.key_type(type_key("Boots")) == "Boots"
+    assert names.canonical("hair care") == "Hair Care"  # a catalogue label still reads as written
+    # once accepted from titles, the new name is what the word names
+    assert TypeNames(types, {"conditioner": "Conditioner"}, unsold, children).key_type("conditioner") == "Conditioner"
+
+
 def test_pick_prefers_support_then_length():
     resolve = {"sunscreen": "Sunscreen", "cream": "Cream", "sunscreen cream": "Sunscreen"}.get
     assert pick(["cream", "sunscreen"], resolve, {"sunscreen": 9, "cream": 2}) == ("sunscreen", "Sunscreen")

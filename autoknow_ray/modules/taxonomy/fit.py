@@ -179,6 +179,14 @@ def load_type_reference_titles(model_dir: Path) -> list[tuple[str, str]]:
             if isinstance(t, str) and isinstance(x, str)]
 
 
+def load_type_reference_types(model_dir: Path) -> set[str]:
+    """The types of fit's typed reference titles (set() for a model folder without them)."""
+    p = Path(model_dir) / REFERENCE_META
+    if not p.exists():
+        return set()
+    return {t for t in json.loads(p.read_text()).get("types", []) if isinstance(t, str)}
+
+
 def load_type_reference(model_dir: Path) -> tuple[list[str], np.ndarray] | None:
     from safetensors.numpy import load_file
 

@@ -32,7 +32,8 @@ from autoknow_ray.index.vectors import as_matrix
 from autoknow_ray.incremental import manifest_counts, run_cached
 from autoknow_ray.modules.taxonomy import knn_floors, sample
 from autoknow_ray.modules.taxonomy.cache import title_models_step, title_precision
-from autoknow_ray.modules.taxonomy.fit import load_type_reference, load_type_reference_titles
+from autoknow_ray.modules.taxonomy.fit import (
+    load_type_reference, load_type_reference_titles, load_type_reference_types)
 from autoknow_ray.modules.taxonomy.hypernym_config import KNN_MIN_SHARE, KNN_MIN_SIMILARITY
 from autoknow_ray.modules.taxonomy.hypernym import HypernymClassifier
 from autoknow_ray.modules.taxonomy.infer import TagTitles
@@ -43,7 +44,7 @@ from autoknow_ray.modules.taxonomy.type_groups import TypeGroups, group_new_type
 from autoknow_ray.modules.taxonomy.types import (
     CANDIDATES_SCHEMA, SECOND_VOTE, SPREAD, TITLE_ATTRIBUTES, TYPE_COLUMNS, BestTypeSpan, ResolveTypes,
     SpreadNewTypes, TypeNames, accept_candidates, ancestors_map, lower_case_taxonomy,
-    orphan_types, taxonomy_maps, with_title_attributes, write_reference,
+    orphan_types, taxonomy_maps, unsold_types, with_title_attributes, write_reference,
 )
 from autoknow_ray.nn.encoder import EmbedTitles, TextEncoder
 from autoknow_ray.pipeline import RunContext, Stage, parquet_files
@@ -132,11 +133,15 @@ class TaxonomyStage(Stage):
             # the names' vectors, and the rebuild would not be the same twice (incremental.md)
             encoder = TextEncoder(cfg.tagger.encoder, device=ctx.cfg.device, bf16=False)
             tm = runtime.read_parquet(scratch)
+            typed_types = set(self._type_counts(tm, parts)["product_type"].to_list())
+            # the taxonomy's nodes no product carries (in fit or here): none is named by its
+            # last word alone, and one with children (a category) by no title or span
+            unsold = unsold_types(list(parents), load_type_reference_types(art) | typed_types)
+            names = TypeNames(list(parents), unsold=unsold, children=_children)
             candidates, accepted = self._candidates(tm, names, tax_types, cfg.types, ctx.cfg.seed, parts)
             name_support, name_accepted = self._title_name_support(
                 tm, names, vocab, accepted, cfg.types, lower_case_taxonomy(tax_types), parts)
-            names = TypeNames(list(parents), {**name_accepted, **accepted})
-            typed_types = set(self._type_counts(tm, parts)["product_type"].to_list())
+            names = TypeNames(list(parents), {**name_accepted, **accepted}, unsold, _children)
             resolve, floors_report = self._resolve_step(ctx, tm, names, parents, art, encoder, typed_types,
                                          name_support, vocab)
             decisions_dir = ctx.out / "_decisions"

@@ -68,12 +68,25 @@ def with_title_attributes(batch: pa.Table) -> pa.Table:
 
 class TypeNames:
     """The taxonomy's type names by comparison key (first listed wins for colliding keys), plus
-    the new names accepted from this catalogue's titles."""
+    the new names accepted from this catalogue's titles.
 
-    def __init__(self, taxonomy_types: list[str], accepted: dict[str, str] | None = None):
+    `unsold`: taxonomy nodes no product is known to carry (neither fit's typed titles nor this
+    catalogue's labels, `unsold_types()`). One with children is a category: a title or a tagger
+    span never types a product with it. None is named by its last word alone: a title writing
+    "Conditioner", under a taxonomy whose only node ending in it is "Shampoo & Conditioner"
+    with no product of its own, names a type the taxonomy lacks (a new type, placed under that
+    node), not the node."""
+
+    def __init__(self, taxonomy_types: list[str], accepted: dict[str, str] | None = None,
+                 unsold: frozenset[str] | set[str] = frozenset(),
+                 children: dict[str, set[str]] | None = None):
         self.known: dict[str, str] = {}
         for t in taxonomy_types:
             self.known.setdefault(type_key(t), t)
+        self.unsold = frozenset(unsold)
+        self.categories = frozenset(t for t in self.unsold if (children or {}).get(t))
+        # the known names a product may take from its title or a span
+        self.product_known = {k: t for k, t in self.known.items() if t not in self.categories}
         self.accepted = dict(accepted or {})
         # a known type's last word names it where no other known type ends in that word
         # ("mask" → "Safety Mask"): per head word, the known types ending in it
@@ -81,7 +94,8 @@ class TypeNames:
         for k, t in self.known.items():
             if k:
                 heads[k.split()[-1]].add(t)
-        self.heads = {w: next(iter(ts)) for w, ts in heads.items() if len(ts) == 1}
+        self.heads = {w: next(iter(ts)) for w, ts in heads.items()
+                      if len(ts) == 1 and next(iter(ts)) not in self.unsold}
 
     def canonical(self, value: str | None) -> str | None:
         """The taxonomy's (or an accepted new) name of a type string, None if neither."""
@@ -108,7 +122,7 @@ class TypeNames:
         words = key.split()
         for i in range(len(words)):
             tail = " ".join(words[i:])
-            got = self.known.get(tail) or self.accepted.get(tail)
+            got = self.product_known.get(tail) or self.accepted.get(tail)
             if got is not None:
                 return got
         return None
@@ -124,6 +138,16 @@ class TypeNames:
         """The type a product has before corrections and the kNN vote: its catalogue label, else
         its tagger span's name."""
         return self.catalogue(product_type) or self.span_type(span_value)
+
+
+def unsold_types(taxonomy_types: list[str], product_types: set[str] | frozenset[str]) -> frozenset[str]:
+    """The taxonomy's types no product is known to carry: `product_types` are the types of fit's
+    typed reference titles and this catalogue's labels. Empty where neither names any type
+    (nothing is known of which nodes carry products)."""
+    keys = {type_key(t) for t in product_types if isinstance(t, str)}
+    if not keys:
+        return frozenset()
+    return frozenset(t for t in taxonomy_types if type_key(t) not in keys)
 
 
 def lower_case_taxonomy(taxonomy_types: list[str]) -> bool:

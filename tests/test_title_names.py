@@ -64,29 +64,33 @@ def test_key_type_maps_tails_and_unique_heads_to_known_types():
     assert two.key_type("mask") is None  # ambiguous head: no answer
 
 
-def test_unsold_nodes_are_not_named_by_a_last_word_and_categories_not_at_all():
+def test_categories_are_named_by_no_title_and_joined_names_not_by_their_last_word():
     from autoknow_ray.modules.taxonomy.types import unsold_types
 
     children = {"Hair Care": {"Shampoo & Conditioner"}, "Shampoo & Conditioner": set(),
                 "Beverages": {"Tea", "Coffee"}, "Tea": set(), "Coffee": set(), "Shoes": {"Boots"},
-                "Boots": set(), "Safety Mask": set()}
+                "Boots": set(), "Safety Mask": set(), "Adjustable Punch": set()}
     types = list(children)
-    # nothing known of which nodes carry products: every node may be named as before
+    # a name joining kinds is not named by its last word: the title's "Conditioner" names one
+    # of its kinds, a type the taxonomy lacks (its leaf withheld), not the node
+    plain = TypeNames(types)
+    assert plain.key_type("conditioner") is None
+    assert plain.key_type("mask") == "Safety Mask"  # a compound's head names it
+    assert plain.key_type(type_key("Shampoo & Conditioner")) == "Shampoo & Conditioner"  # its whole name does
+    assert plain.key_type(type_key("Beverages")) == "Beverages"  # nothing known of products: as before
+    # nothing known of which nodes carry products: no node is a category
     assert unsold_types(types, set()) == frozenset()
-    assert TypeNames(types).key_type("conditioner") == "Shampoo & Conditioner"
     # fit's titles carry tea, coffee, shoes (an inner node that products carry stays a type) and
-    # safety masks; "Shampoo & Conditioner" (its leaf withheld) carries none
+    # safety masks; "Hair Care" and "Beverages" group types and carry none: categories
     unsold = unsold_types(types, {"Tea", "Coffee", "shoes", "Safety Mask"})
-    assert unsold == frozenset({"Hair Care", "Shampoo & Conditioner", "Beverages", "Boots"})
+    assert unsold == frozenset({"Hair Care", "Shampoo & Conditioner", "Beverages", "Boots",
+                                "Adjustable Punch"})
     names = TypeNames(types, unsold=unsold, children=children)
     assert names.categories == frozenset({"Hair Care", "Beverages"})
-    # the title's "Conditioner" names a type the taxonomy lacks, not the node ending in that word
-    assert names.key_type("conditioner") is None
-    assert names.key_type("mask") == "Safety Mask"  # a sold type still is
-    # a product-less leaf is still named by its whole name; a category by nothing
-    assert names.key_type(type_key("Shampoo & Conditioner")) == "Shampoo & Conditioner"
     assert names.key_type(type_key("Hair Care")) is None and names.span_type("Beverages") is None
-    assert names.key_type("tea") == "Tea" and names.key_type(type_key("Boots")) == "Boots"
+    # a leaf no fit product carried is still a type (a blind catalogue's taxonomy lists it)
+    assert names.key_type("punch") == "Adjustable Punch" and names.key_type(type_key("Boots")) == "Boots"
+    assert names.key_type("tea") == "Tea"
     assert names.canonical("hair care") == "Hair Care"  # a catalogue label still reads as written
     # once accepted from titles, the new name is what the word names
     assert TypeNames(types, {"conditioner": "Conditioner"}, unsold, children).key_type("conditioner") == "Conditioner"
@@ -151,6 +155,7 @@ def test_head_word_ends_the_first_phrase_outside_brands():
     assert head_word("Acme Sunscreen Lotion SPF 50", []) == ("lotion", "Lotion")  # an acronym skipped
     # a possessive, a short word, a number, an attribute value: no head
     assert head_word("Kids' Carter's", []) is None
+    assert head_word("HP 500-GB 1.5G 7.2K 3.5 NHP SAT Null", []) is None  # an exporter's missing field
     assert head_word("Go XL, 2 pack", []) is None
     assert head_word("1234, 5678", []) is None
     assert head_word("Acme Folic Acid 800 Mcg", []) is None  # a unit

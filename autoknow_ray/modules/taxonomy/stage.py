@@ -134,8 +134,8 @@ class TaxonomyStage(Stage):
             encoder = TextEncoder(cfg.tagger.encoder, device=ctx.cfg.device, bf16=False)
             tm = runtime.read_parquet(scratch)
             typed_types = set(self._type_counts(tm, parts)["product_type"].to_list())
-            # the taxonomy's nodes no product carries (in fit or here): none is named by its
-            # last word alone, and one with children (a category) by no title or span
+            # the taxonomy's nodes no product carries (in fit or here): one with children is a
+            # category, which no title or span names
             unsold = unsold_types(list(parents), load_type_reference_types(art) | typed_types)
             names = TypeNames(list(parents), unsold=unsold, children=_children)
             candidates, accepted = self._candidates(tm, names, tax_types, cfg.types, ctx.cfg.seed, parts)
@@ -294,13 +294,16 @@ class TaxonomyStage(Stage):
             else:
                 heads.setdefault(k, []).append((int(n), value))
         new: dict[str, tuple[int, str]] = {}  # key: (support, name)
+        # a taxonomy node's own name is never a new name (a category, "Fishing", names no type)
         for k, n in support.items():
-            if n >= cfg.min_support and k not in accepted and names.key_type(k) is None:
+            if (n >= cfg.min_support and k not in accepted and k not in names.known
+                    and names.key_type(k) is None):
                 new[k] = (n, vocab[k])
         if cfg.title_heads:
             for k, surfaces in heads.items():
                 n = sum(c for c, _ in surfaces)
-                if n >= cfg.min_support and k not in accepted and k not in new and names.key_type(k) is None:
+                if (n >= cfg.min_support and k not in accepted and k not in new
+                        and k not in names.known and names.key_type(k) is None):
                     new[k] = (n, min(surfaces, key=lambda x: (-x[0], x[1]))[1])
         best = sorted(new, key=lambda k: (-new[k][0], k))[:cfg.max_title_types]
         return support, {k: new[k][1].lower() if lower else new[k][1] for k in best}

@@ -39,6 +39,8 @@ VOCABULARY_FILE = "type_vocabulary.json"
 MAX_NOT_TYPES = 50_000  # attribute value keys kept with the vocabulary (a capped fit sample's)
 MAX_WORDS = 4  # type_names.usable keeps names of one to four words
 EVIDENCE_PREFIX = "title names "
+# what exporters write for a missing field ("… 7.2K 3.5 NHP SAT Null", "Null Price"): no type
+MISSING_WORDS = frozenset({"null", "none", "nan", "nil", "undefined", "n/a", "na"})
 
 
 def build_vocabulary(catalogue_types: Iterable[str], public_names: Iterable[str],
@@ -147,9 +149,9 @@ _WORD = re.compile(r"[^\W\d_][^\W\d_'’-]*(?:['’-][^\W\d_]+)*")
 def head_word(title: str | None, spans, not_types: frozenset | set = frozenset()) -> tuple[str, str] | None:
     """(key, surface) of the last word of the title's first noun phrase, outside its brand spans:
     where an English product title writes its type ("Pleaser Men's Tempo 08 Platform Sneaker,
-    Black" → "Sneaker"). None when that word has fewer than three letters, is a possessive,
-    follows a number (a unit), or is one of `not_types` (the fit catalogue's attribute values),
-    or ends a run of words that is one ("Sugar Free")."""
+    Black" → "Sneaker"). None when that word has fewer than three letters, is a possessive or a
+    missing-field placeholder ("Null"), follows a number (a unit), or is one of `not_types` (the
+    fit catalogue's attribute values), or ends a run of words that is one ("Sugar Free")."""
     if not title:
         return None
     chars = list(title)
@@ -171,7 +173,7 @@ def head_word(title: str | None, spans, not_types: frozenset | set = frozenset()
             continue  # an acronym ends no noun phrase ("… Sunscreen Lotion SPF 100")
         w, before, at = cand, tokens[j - 1] if j else None, j
         break
-    if w is None or len(w) < 3 or w.lower().endswith(("'s", "’s")):
+    if w is None or len(w) < 3 or w.lower().endswith(("'s", "’s")) or w.lower() in MISSING_WORDS:
         return None
     if before is not None and any(ch.isdigit() for ch in before):
         return None  # a measure's unit ("… 500 Mcg", "… 12 Ounce"), not a type

@@ -21,6 +21,7 @@ folded), so "Ice Creams" matches a taxonomy type "ice cream".
 """
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -72,10 +73,12 @@ class TypeNames:
 
     `unsold`: taxonomy nodes no product is known to carry (neither fit's typed titles nor this
     catalogue's labels, `unsold_types()`). One with children is a category: a title or a tagger
-    span never types a product with it. None is named by its last word alone: a title writing
-    "Conditioner", under a taxonomy whose only node ending in it is "Shampoo & Conditioner"
-    with no product of its own, names a type the taxonomy lacks (a new type, placed under that
-    node), not the node."""
+    span never types a product with it ("Fishing" above "Fishing Rod" and "Fishing Tackle").
+
+    A name that joins several kinds ("Shampoo & Conditioner", "Hats, Caps and Gloves") is not
+    named by its last word alone: a title writing "Conditioner" names one of its kinds, a type
+    the taxonomy lacks (a new type, placed under that node), not the node. A compound's last
+    word is its head and names it ("mask" names "Safety Mask" where no other type ends in it)."""
 
     def __init__(self, taxonomy_types: list[str], accepted: dict[str, str] | None = None,
                  unsold: frozenset[str] | set[str] = frozenset(),
@@ -95,7 +98,8 @@ class TypeNames:
             if k:
                 heads[k.split()[-1]].add(t)
         self.heads = {w: next(iter(ts)) for w, ts in heads.items()
-                      if len(ts) == 1 and next(iter(ts)) not in self.unsold}
+                      if len(ts) == 1 and not _joins_kinds(next(iter(ts)))
+                      and next(iter(ts)) not in self.categories}
 
     def canonical(self, value: str | None) -> str | None:
         """The taxonomy's (or an accepted new) name of a type string, None if neither."""
@@ -138,6 +142,15 @@ class TypeNames:
         """The type a product has before corrections and the kNN vote: its catalogue label, else
         its tagger span's name."""
         return self.catalogue(product_type) or self.span_type(span_value)
+
+
+_JOIN = re.compile(r"\s(?:&|\+|and|or)\s|[,/;|]", re.I)
+
+
+def _joins_kinds(name: str) -> bool:
+    """A type name that lists several kinds ("Shampoo & Conditioner", "Food, Beverages &
+    Tobacco") rather than one compound noun ("Safety Mask")."""
+    return bool(_JOIN.search(name))
 
 
 def unsold_types(taxonomy_types: list[str], product_types: set[str] | frozenset[str]) -> frozenset[str]:

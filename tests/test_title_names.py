@@ -76,6 +76,9 @@ def test_categories_are_named_by_no_title_and_joined_names_not_by_their_last_wor
     plain = TypeNames(types)
     assert plain.key_type("conditioner") is None
     assert plain.key_type("mask") == "Safety Mask"  # a compound's head names it
+    # … also where its modifier joins words ("Bread & Butter" modifies "Plate")
+    assert TypeNames(["Bread & Butter Plate", "Food, Beverages & Tobacco"]).key_type(type_key("Plate")) == "Bread & Butter Plate"
+    assert TypeNames(["Bread & Butter Plate", "Food, Beverages & Tobacco"]).key_type(type_key("Tobacco")) is None
     assert plain.key_type(type_key("Shampoo & Conditioner")) == "Shampoo & Conditioner"  # its whole name does
     assert plain.key_type(type_key("Beverages")) == "Beverages"  # nothing known of products: as before
     # nothing known of which nodes carry products: no node is a category

@@ -148,9 +148,12 @@ _JOIN = re.compile(r"\s(?:&|\+|and|or)\s|[,/;|]", re.I)
 
 
 def _joins_kinds(name: str) -> bool:
-    """A type name that lists several kinds ("Shampoo & Conditioner", "Food, Beverages &
-    Tobacco") rather than one compound noun ("Safety Mask")."""
-    return bool(_JOIN.search(name))
+    """A type name whose last word is one of several kinds it lists ("Shampoo & Conditioner",
+    "Food, Beverages & Tobacco"), not the head of one compound noun ("Safety Mask", and "Bread
+    & Butter Plate", whose joined words modify "Plate"): a joiner (&, and, or, +, a comma, a
+    slash) directly before a one-word last conjunct."""
+    parts = _JOIN.split(name)
+    return len(parts) > 1 and len(parts[-1].split()) == 1
 
 
 def unsold_types(taxonomy_types: list[str], product_types: set[str] | frozenset[str]) -> frozenset[str]:

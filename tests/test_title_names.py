@@ -288,3 +288,17 @@ def test_names_written_by_each_known_type_in_fits_reference(tmp_path):
     assert got == {"Fishing Rod": frozenset({type_key("Fishing Rod"), type_key("Reel")})}  # Tea: 2 titles
     assert set(names_written_by_type(tmp_path, vocab, names, 2)["Tea"]) == {type_key("Tea"), type_key("Bags")}
     assert names_written_by_type(tmp_path / "none", vocab, names, 1) == {}
+
+
+def test_catalogue_labels_reach_the_driver_capped_taxonomy_labels_first(ray_session):
+    import ray
+
+    from autoknow_ray.modules.taxonomy.stage import TaxonomyStage
+
+    labels = ["Tea"] * 2 + ["Gizmo"] * 5 + ["Widget"] * 3 + ["Rare label"] + [None]
+    tm = ray.data.from_arrow(pa.table({"product_type": pa.array(labels, pa.string())}))
+    got = TaxonomyStage._type_counts(tm, {"tea"}, 2, 1)
+    # the taxonomy's label first however rare, then the 2 most used others; the rest counted
+    assert got.rows["product_type"].to_list() == ["Tea", "Gizmo", "Widget"]
+    assert got.rows["n"].to_list() == [2, 5, 3]
+    assert (got.keys, got.left_out) == (4, 1)

@@ -68,6 +68,9 @@ class TypeResolutionConfig(BaseModel):
     # on what the driver ships to the workers and on the hypernym step's children, whatever the
     # catalogue's size)
     max_title_types: int = Field(2000, ge=0)
+    # the catalogue's own type labels the driver receives (their counts, ranked in the workers):
+    # every label the taxonomy names, then at most this many others, the most used first
+    max_catalogue_labels: int = Field(20_000, ge=0)
     # a product the kNN vote refused and whose title names no type takes a new type where its
     # nearest titles are of that new type's products (types.SpreadNewTypes; the same floors):
     # this many of each new type's products, and in all, join the vote's reference

@@ -133,7 +133,10 @@ class TaxonomyStage(Stage):
             # the names' vectors, and the rebuild would not be the same twice (incremental.md)
             encoder = TextEncoder(cfg.tagger.encoder, device=ctx.cfg.device, bf16=False)
             tm = runtime.read_parquet(scratch)
-            typed_types = set(self._type_counts(tm, parts)["product_type"].to_list())
+            labels = self._type_counts(tm, {type_key(t) for t in tax_types},
+                                       cfg.types.max_catalogue_labels, parts)
+            typed_types = set(labels.rows["product_type"].to_list()) if labels.rows.height else set()
+            label_counts = {"labels": labels.keys, "left_out": labels.left_out}
             # the taxonomy's nodes no product carries (in fit or here): one with children is a
             # category, which no title or span names
             unsold = unsold_types(list(parents), load_type_reference_types(art) | typed_types)
@@ -161,6 +164,7 @@ class TaxonomyStage(Stage):
             counts = self._write_products(ctx, products_path, decisions_dir, n, parts)
         else:
             candidates, typed_types, floors_report = pl.DataFrame(schema=CANDIDATES_SCHEMA), set(), None
+            label_counts = {"labels": 0, "left_out": 0}
             for name, schema in (("typed_products", _typed_schema()), ("edits", TRIPLES),
                                  ("product_type_candidates", PRODUCT_TYPE_CANDIDATES)):
                 ctx.write(name, schema.empty_table(), schema)
@@ -194,6 +198,8 @@ class TaxonomyStage(Stage):
                       if k not in ("kept", "added", "corrected", SPREAD, SECOND_VOTE)}
         return {
             "rows_in": n,
+            # the catalogue's distinct type labels, and those past `types.max_catalogue_labels`
+            "catalogue_labels": label_counts,
             "rows_out": counts.get("typed_products", 0),
             # a product the decision pass did not return is still a typed product, untyped
             "products_without_decision": n - counts.get("decisions", 0),
@@ -404,10 +410,20 @@ class TaxonomyStage(Stage):
         return report
 
     @staticmethod
-    def _type_counts(tm, parts: int) -> pl.DataFrame:
-        counts = runtime.aggregate(sample.where_valid(tm.select_columns(["product_type"]), "product_type"),
-                                   ["product_type"], {"n": ("count", None)}, parts)
-        return counts if counts.height else pl.DataFrame(schema={"product_type": pl.String, "n": pl.Int64})
+    def _type_counts(tm, tax_keys: set[str], cap: int, parts: int) -> runtime.TopKeys:
+        """The catalogue's type labels with their product counts, capped in the workers: every
+        label the taxonomy names (`tax_keys`, `type_key` form), then the `cap` most used others
+        (a catalogue with a label per product sends the driver `cap` rows, not its products)."""
+        def mark(batch: pa.Table) -> pa.Table:
+            keys = [int(type_key(t) in tax_keys) for t in batch.column("product_type").to_pylist()]
+            return batch.append_column("in_taxonomy", pa.array(keys, pa.int8()))
+
+        valid = sample.where_valid(tm.select_columns(["product_type"]), "product_type")
+        return runtime.top_keys(valid.map_batches(mark, batch_format="pyarrow"),
+                                ["product_type", "in_taxonomy"], {"n": ("count", None)},
+                                cap=len(tax_keys) + cap,
+                                order_by=[("in_taxonomy", "desc"), ("n", "desc")],
+                                num_partitions=parts)
 
     # ---- 4. per-product outputs, written by the workers ------------------------------------------
     @staticmethod

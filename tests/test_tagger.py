@@ -13,7 +13,8 @@ from pydantic import ValidationError
 
 from autoknow_ray.modules.taxonomy.config import TaggerConfig
 from autoknow_ray.modules.taxonomy import type_names
-from autoknow_ray.modules.taxonomy.distant import build_examples, swap_types, type_variants
+from autoknow_ray.modules.taxonomy.distant import (build_examples, single_valued_labels, swap_types,
+                                                   type_variants)
 from autoknow_ray.nn.encoder import load_tokenizer, resolve_encoder
 from autoknow_ray.nn.tagger import (
     SpanTagger,
@@ -127,6 +128,41 @@ def test_public_type_names_are_short_names_of_words():
 
 
 # ---- BIO alignment and decoding --------------------------------------------------------------
+def test_single_valued_attributes_are_those_the_catalogue_writes_once_per_title():
+    rows = [(f"Acme Red Shirt Cotton {i}", "Shirt",
+             [("Brand", "Acme"), ("Color", "Red"), ("Material", "Cotton")]) for i in range(19)]
+    # one title of twenty writes two colours (5%): Color stays single-valued at a 5% share;
+    # a material written twice in one title is one value
+    rows.append(("Acme Red Blue Shirt Cotton cotton", "Shirt",
+                 [("Brand", "Acme"), ("Color", "Red"), ("Color", "Blue"), ("Material", "Cotton")]))
+    # Feature: two distinct values in 2 of its 3 titles
+    rows += [("Acme Shirt Slim Fit Quick Dry", "Shirt",
+              [("Brand", "Acme"), ("Feature", "Slim Fit"), ("Feature", "Quick Dry")])] * 2
+    rows.append(("Acme Shirt Slim Fit", "Shirt", [("Brand", "Acme"), ("Feature", "Slim Fit")]))
+    ds = build_examples(_products(rows), min_attribute_count=1, empty_keep_fraction=0.0)
+    assert ds.stats["titles_with_label"]["Color"] == 20
+    assert ds.stats["titles_with_several_values"] == {"Color": 1, "Feature": 2}
+    assert single_valued_labels(ds.stats, 0.05) == ["Brand", "Color", "Material"]
+    assert single_valued_labels(ds.stats, 0.01) == ["Brand", "Material"]
+    assert "type" in ds.stats["titles_with_label"]  # counted, never single-valued
+
+
+def test_a_single_valued_label_keeps_its_best_scored_value_in_each_title():
+    text = "Acme Men Women Unisex Glasses, men's fit"
+    tagger = SpanTagger.__new__(SpanTagger)
+    tagger.single_valued = frozenset({"Gender"})
+    preds = [("Brand", 0, 4, 0.9), ("Gender", 5, 8, 0.7), ("Gender", 9, 14, 0.6),
+             ("Gender", 15, 21, 0.8), ("type", 22, 29, 0.99), ("Gender", 31, 34, 0.5)]
+    # "Unisex" wins; the other Gender values go; every other label's spans stay
+    assert tagger._one_value(preds, text) == [("Brand", 0, 4, 0.9), ("Gender", 15, 21, 0.8),
+                                              ("type", 22, 29, 0.99)]
+    # the best value's other mentions stay (same value, case and spacing aside)
+    preds2 = [("Gender", 5, 8, 0.9), ("Gender", 31, 34, 0.4), ("Gender", 9, 14, 0.6)]
+    assert tagger._one_value(preds2, text) == [("Gender", 5, 8, 0.9), ("Gender", 31, 34, 0.4)]
+    tagger.single_valued = frozenset()
+    assert tagger._one_value(preds, text) == preds
+
+
 def test_bio_alignment_round_trip():
     tok = load_tokenizer(resolve_encoder("default"))
     labels = ["type", "Brand", "Color", "Size"]
@@ -195,6 +231,9 @@ def test_fit_writes_a_self_contained_safetensors_artifact(artifact):
     assert state["head.weight"].shape[0] == 2 * len(metrics["labels"]) + 1
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["labels"] == metrics["labels"] and cfg["encoder_config"]["model_type"] == "bert"
+    # each synthetic title writes one brand, one colour, one size: all three single-valued
+    assert cfg["single_valued"] == ["Brand", "Color", "Size"]
+    assert SpanTagger.load(out, device="cpu").single_valued == {"Brand", "Color", "Size"}
     # an ensemble of three taggers (configs/cpu.yaml's recipe): members in sub-folders of the one
     # artifact, each trained with its own seed
     assert metrics["ensemble"] == 3 and cfg["ensemble"] == ["members/1", "members/2"]

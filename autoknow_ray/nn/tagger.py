@@ -440,6 +440,9 @@ class SpanTagger:
         self.trim_punct = True
         self.gazetteer: gz.Gazetteer | None = None  # used by predict() when the model has one
         self.members: list[SpanTaggerModel] = []  # an ensemble's other models (same labels)
+        # labels written once per title in the catalogue the tagger was fit on (config.json
+        # "single_valued"): of several values read in one title, the best-scored one's spans stay
+        self.single_valued: frozenset[str] = frozenset(self.meta.get("single_valued") or ())
 
     def add_gazetteer(self, encs: list[Encoded], texts: Sequence[str]) -> None:
         """Fill each encoded text's features from the tagger's gazetteer (if the model has one)."""
@@ -612,10 +615,26 @@ class SpanTagger:
                     continue
                 logps = self._word_logprobs([e for _, e in keep])
                 for (r, e), lp in zip(keep, logps):
-                    out[r] = self._decode(lp, e, clean[r])
+                    out[r] = self._one_value(self._decode(lp, e, clean[r]), clean[r])
         finally:
             self.model.train(was_training)
         return out
+
+    def _one_value(self, preds: list[Pred], text: str) -> list[Pred]:
+        """Of a single-valued label's spans in one title, those whose text is the best-scored
+        span's (case and spacing aside) are kept; other labels' spans pass as they are."""
+        if not self.single_valued:
+            return preds
+        best: dict[str, tuple[float, str]] = {}
+        for lab, a, b, score in preds:
+            if lab in self.single_valued:
+                key = " ".join(text[a:b].lower().split())
+                if lab not in best or score > best[lab][0]:
+                    best[lab] = (score, key)
+        if not best:
+            return preds
+        return [p for p in preds if p[0] not in best
+                or " ".join(text[p[1]:p[2]].lower().split()) == best[p[0]][1]]
 
     def _decode(self, logp: np.ndarray, enc: Encoded, text: str) -> list[Pred]:
         path = viterbi(logp, self._start, self._trans)

@@ -39,6 +39,11 @@ class TaggerConfig(BaseModel):
     ensemble: int = Field(1, ge=1)
     # distant supervision
     min_attribute_count: int = Field(3, ge=1)  # attributes matched in fewer titles are dropped
+    # an attribute whose fit titles carry two or more distinct values in at most this share of
+    # the titles that carry it is written once per title: where the tagger reads several values
+    # of it in one title, the best-scored value's spans are kept (OA-Mine's, AE-110K's and most
+    # of WDC-PAVE's attributes are; docs/taxonomy.md). None: every span is kept.
+    single_value_share: float | None = Field(0.05, ge=0.0, le=1.0)
     empty_keep_fraction: float = Field(0.2, ge=0.0, le=1.0)  # titles with no match kept
     max_value_chars: int = Field(200, ge=1)
     use_type: bool = True

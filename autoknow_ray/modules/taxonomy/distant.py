@@ -120,6 +120,11 @@ def build_examples(
     examples: list[tuple[str, list[Span]]] = []
     n_empty = n_empty_kept = n_spans = n_untyped = 0
     span_counts: Counter = Counter()
+    # per attribute: titles that carry a value of it, and those that carry two or more distinct
+    # values (a title naming one value twice carries one): which attributes the catalogue
+    # writes once per title (single_valued_labels)
+    titles_with: Counter = Counter()
+    titles_multi: Counter = Counter()
     for title, cands, typed in zip(titles, per_title, has_type):
         if cands is None:
             continue
@@ -135,6 +140,11 @@ def build_examples(
         examples.append((title, spans))
         n_spans += len(spans)
         span_counts.update(lab for lab, _, _ in spans)
+        values: dict[str, set[str]] = {}
+        for lab, s, e in spans:
+            values.setdefault(lab, set()).add(_value_key(title[s:e]))
+        titles_with.update(values.keys())
+        titles_multi.update(lab for lab, v in values.items() if len(v) > 1)
     stats = {
         "n_products": n,
         "n_titles": sum(c is not None for c in per_title),
@@ -146,8 +156,26 @@ def build_examples(
         "n_untyped_left_out": n_untyped,
         "span_counts": dict(span_counts.most_common()),
         "dropped_attributes": dropped,
+        "titles_with_label": dict(titles_with.most_common()),
+        "titles_with_several_values": dict(titles_multi.most_common()),
     }
     return DistantSet(examples, labels, stats)
+
+
+def _value_key(surface: str) -> str:
+    return " ".join(surface.lower().split())
+
+
+def single_valued_labels(stats: dict, max_share: float, min_titles: int = 1) -> list[str]:
+    """Attributes whose values the catalogue writes once per title: at most `max_share` of the
+    example titles that carry one of its values carry two or more distinct ones. The type label
+    is never one (a title may name its type in several words, the stage weighs them)."""
+    with_label = stats.get("titles_with_label") or {}
+    multi = stats.get("titles_with_several_values") or {}
+    return sorted(
+        lab for lab, n in with_label.items()
+        if lab != TYPE_LABEL and n >= min_titles and multi.get(lab, 0) <= max_share * n
+    )
 
 
 def _cased_like(name: str, surface: str) -> str:

@@ -17,7 +17,8 @@ import polars as pl
 
 from autoknow_ray.modules.taxonomy.config import TaggerConfig
 from autoknow_ray.modules.taxonomy import type_names
-from autoknow_ray.modules.taxonomy.distant import TYPE_LABEL, build_examples, swap_types
+from autoknow_ray.modules.taxonomy.distant import (TYPE_LABEL, build_examples,
+                                                   single_valued_labels, swap_types)
 from autoknow_ray.nn.tagger import CONFIG, SpanTagger, TrainSettings, train_span_tagger
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,8 @@ def fit_tagger(products: pl.DataFrame, cfg: TaggerConfig, out_dir: Path) -> dict
     ds.examples, ds.stats["n_type_swapped"] = swap_types(ds.examples, names, cfg.type_swap, cfg.seed)
     settings = train_settings(cfg)
     extra = {"distant_supervision": ds.stats, "task": "title-tagger"}
+    if cfg.single_value_share is not None:
+        extra["single_valued"] = single_valued_labels(ds.stats, cfg.single_value_share)
     members, member_metrics = [], []
     # a fit into a folder an earlier fit wrote: its members go (a smaller ensemble would leave
     # them behind, unread but in the artifact's digest and on disk)

@@ -822,3 +822,41 @@ def test_sharded_title_neighbours_equal_one_index_over_every_product(tmp_path, r
     both = pl.concat([want, want.select(pl.col("dst").alias("src"), pl.col("src").alias("dst"), "weight")])
     assert got.sort(["src", "dst", "weight"]).equals(both.sort(["src", "dst", "weight"]))
     assert not (out / "text_knn_partials").exists() and not (out / "text_knn_vectors").exists()
+
+
+@pytest.mark.parametrize("correct", [True, False])
+def test_sampled_softmax_with_the_logq_correction_learns_the_full_softmax(correct):
+    """Known answer: products bought with probability p, negatives drawn half by popularity. With
+    the correction the learnt scores are log p up to a constant (the full softmax's optimum);
+    without it they learn p over the sampling rate, which flattens what popularity says."""
+    from autoknow_ray.modules.related.fit import _contrastive
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    m = 200
+    p = 1.0 / np.arange(1, m + 1) ** 1.1  # a long tail, product 0 the best-seller
+    p /= p.sum()
+    pop = p ** 0.75
+    q = 0.5 / m + 0.5 * pop / pop.sum()  # one negative draw's chance of each product
+    log_q = torch.from_numpy(np.log(q).astype(np.float32)) if correct else None
+    theta = torch.zeros(m, 1, requires_grad=True)  # one learnt score per product
+    opt = torch.optim.Adam([theta], lr=0.05)
+    query = torch.ones(256, 1)
+    for _ in range(600):
+        b = rng.choice(m, 256, p=p)
+        negs = np.concatenate([rng.choice(m, 32, p=pop / pop.sum()), rng.integers(0, m, 32)])
+        loss = _contrastive(query, theta[b], theta[negs], b, negs, False, log_q)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    learnt = theta.detach().numpy()[:, 0]
+    # over the products bought often enough to learn: the slope of the learnt scores on log p
+    # (1 where they are log p up to a constant; the uncorrected optimum log p - log q is flatter)
+    head = slice(0, 50)
+    slope = np.polyfit(np.log(p[head]), learnt[head], 1)[0]
+    print(f"correction {correct}: slope {slope:.3f}")
+    if correct:
+        assert 0.85 < slope < 1.15
+    else:
+        assert slope < 0.6

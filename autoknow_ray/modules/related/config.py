@@ -44,6 +44,10 @@ class RelatedConfig(BaseModel):
     # rather than uniformly: popular non-edges, so the model does not learn popularity alone
     popular_negatives: float = Field(0.5, ge=0, le=1)
     popular_negatives_power: float = Field(0.75, ge=0)
+    # subtract each candidate's log chance of being drawn as a negative from its logit (the
+    # sampled-softmax correction): the model then scores log p(B | A) as the full softmax would,
+    # popular products included, however the negatives were drawn
+    logq_correction: bool = True
     # cold-start training: each epoch this share of the products loses its co-purchase edges in
     # message passing (and its degree features), so the hidden edges from them are predicted from
     # metadata and similar products alone, as for a new listing

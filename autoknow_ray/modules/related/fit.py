@@ -161,6 +161,17 @@ def train(settings: GNNSettings, rc: RelatedConfig, text: np.ndarray, types: np.
     if rc.popular_negatives > 0:
         pop = np.bincount(dst, weights=count, minlength=n) ** rc.popular_negatives_power
         neg_p = pop / pop.sum() if pop.sum() > 0 else None
+    # log of the chance that one negative draw picks each product: subtracted from every logit
+    # (positive and negatives) so the sampled softmax estimates the full one, log p(B | A),
+    # whatever the negatives' mix (Bengio & Senecal 2008; Yi et al. 2019's two-tower recipe).
+    # Without it the scores learn p(B | A) over the sampling rate: drawn by popularity, the
+    # negatives teach the model to rank the products shoppers buy most below the rest.
+    log_q = None
+    if rc.logq_correction:
+        share = (int(round(rc.negatives * rc.popular_negatives)) / rc.negatives
+                 if neg_p is not None else 0.0)
+        q = (1.0 - share) / n + (share * neg_p if neg_p is not None else 0.0)
+        log_q = torch.from_numpy(np.log(np.maximum(q, 1e-12)).astype(np.float32))
     sim_nb = torch.from_numpy(padded_neighbours(n, sim[0], sim[1], sim[2], settings.fanout))
     has_sim = (sim_nb[:, 0] >= 0).numpy()
     asym_w = 0.0 if settings.symmetric else rc.asymmetry_weight
@@ -196,10 +207,11 @@ def train(settings: GNNSettings, rc: RelatedConfig, text: np.ndarray, types: np.
             h0 = torch.zeros(n, settings.dim)
             h0 = h0.index_put((need,), model.metadata(text_t[need], types_t[need]))
             s, t = model(nodes_t, h0, degree, out_nb, in_nb, sim_nb)
-            loss = _contrastive(s[na], t[nb_], t[nneg], b, negs, rc.in_batch_negatives)
+            loss = _contrastive(s[na], t[nb_], t[nneg], b, negs, rc.in_batch_negatives, log_q)
             if swap.any() and rc.augment_weight > 0:
                 loss = loss + rc.augment_weight * _contrastive(
-                    s[na[swap]], t[naug[swap]], t[nneg], aug_b[swap], negs, rc.in_batch_negatives)
+                    s[na[swap]], t[naug[swap]], t[nneg], aug_b[swap], negs, rc.in_batch_negatives,
+                    log_q)
             one = torch.from_numpy(~two_way[batch])
             if asym_w and one.any():
                 fwd = (s[na] * t[nb_]).sum(1)
@@ -520,15 +532,20 @@ def _two_hop(nodes: torch.Tensor, out_nb, in_nb, sim_nb) -> torch.Tensor:
 
 
 def _contrastive(queries: torch.Tensor, pos: torch.Tensor, negs: torch.Tensor, true_ids: np.ndarray,
-                 neg_ids: np.ndarray, in_batch: bool) -> torch.Tensor:
+                 neg_ids: np.ndarray, in_batch: bool, log_q: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax cross-entropy of each query's positive against the random non-edges `negs` and,
     with `in_batch`, the batch's other positives (drawn as often as products are bought, so they
-    push popular products down)."""
+    push popular products down). `log_q`: each product's log chance of being drawn as a
+    negative, taken from every candidate's logit (not applied to in-batch negatives)."""
     if in_batch:
         return _softmax_loss(queries, torch.cat([pos, negs]), true_ids, np.concatenate([true_ids, neg_ids]))
     pos_logit = (queries * pos).sum(1, keepdim=True)
-    neg_logits = (queries @ negs.T).masked_fill(torch.from_numpy(neg_ids[None, :] == true_ids[:, None]),
-                                                float("-inf"))
+    neg_logits = queries @ negs.T
+    if log_q is not None:
+        pos_logit = pos_logit - log_q[torch.from_numpy(true_ids)][:, None]
+        neg_logits = neg_logits - log_q[torch.from_numpy(neg_ids)][None, :]
+    neg_logits = neg_logits.masked_fill(torch.from_numpy(neg_ids[None, :] == true_ids[:, None]),
+                                        float("-inf"))
     return F.cross_entropy(torch.cat([pos_logit, neg_logits], 1),
                            torch.zeros(len(true_ids), dtype=torch.long))
 

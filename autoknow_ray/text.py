@@ -18,6 +18,11 @@ def fold(text: str) -> str:
     return unicodedata.normalize("NFKC", text).casefold()
 
 
+def fold_words(text: str) -> str:
+    """`fold`, with every run of white space one space and none at the ends: a value's key."""
+    return " ".join(fold(text).split())
+
+
 def stem(word: str) -> str:
     """A crude singular stem: the same for the singular and the plural of most English nouns
     (berry/berries → berri, cookie/cookies → cooki, tomato/tomatoes → tomato, box/boxes → box).

@@ -159,6 +159,10 @@ def test_a_single_valued_label_keeps_its_best_scored_value_in_each_title():
     # the best value's other mentions stay (same value, case and spacing aside)
     preds2 = [("Gender", 5, 8, 0.9), ("Gender", 31, 34, 0.4), ("Gender", 9, 14, 0.6)]
     assert tagger._one_value(preds2, text) == [("Gender", 5, 8, 0.9), ("Gender", 31, 34, 0.4)]
+    # a full-width spelling of the best value is the same value
+    wide = "Ｍｅｎ men"
+    assert tagger._one_value([("Gender", 0, 3, 0.9), ("Gender", 4, 7, 0.5)], wide) == [
+        ("Gender", 0, 3, 0.9), ("Gender", 4, 7, 0.5)]
     tagger.single_valued = frozenset()
     assert tagger._one_value(preds, text) == preds
 

@@ -622,19 +622,19 @@ class SpanTagger:
 
     def _one_value(self, preds: list[Pred], text: str) -> list[Pred]:
         """Of a single-valued label's spans in one title, those whose text is the best-scored
-        span's (case and spacing aside) are kept; other labels' spans pass as they are."""
+        span's (`text.fold_words`: case, spacing and Unicode forms aside) are kept; other labels'
+        spans pass as they are."""
+        from autoknow_ray.text import fold_words
+
         if not self.single_valued:
             return preds
         best: dict[str, tuple[float, str]] = {}
         for lab, a, b, score in preds:
-            if lab in self.single_valued:
-                key = " ".join(text[a:b].lower().split())
-                if lab not in best or score > best[lab][0]:
-                    best[lab] = (score, key)
+            if lab in self.single_valued and (lab not in best or score > best[lab][0]):
+                best[lab] = (score, fold_words(text[a:b]))
         if not best:
             return preds
-        return [p for p in preds if p[0] not in best
-                or " ".join(text[p[1]:p[2]].lower().split()) == best[p[0]][1]]
+        return [p for p in preds if p[0] not in best or fold_words(text[p[1]:p[2]]) == best[p[0]][1]]
 
     def _decode(self, logp: np.ndarray, enc: Encoded, text: str) -> list[Pred]:
         path = viterbi(logp, self._start, self._trans)

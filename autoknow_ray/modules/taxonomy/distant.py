@@ -18,6 +18,7 @@ import numpy as np
 import polars as pl
 
 from autoknow_ray.spans import NULL_VALUES, Span, resolve_overlaps, type_variants  # noqa: F401
+from autoknow_ray.text import fold_words
 
 TYPE_LABEL = "type"
 
@@ -142,7 +143,7 @@ def build_examples(
         span_counts.update(lab for lab, _, _ in spans)
         values: dict[str, set[str]] = {}
         for lab, s, e in spans:
-            values.setdefault(lab, set()).add(_value_key(title[s:e]))
+            values.setdefault(lab, set()).add(fold_words(title[s:e]))
         titles_with.update(values.keys())
         titles_multi.update(lab for lab, v in values.items() if len(v) > 1)
     stats = {
@@ -160,10 +161,6 @@ def build_examples(
         "titles_with_several_values": dict(titles_multi.most_common()),
     }
     return DistantSet(examples, labels, stats)
-
-
-def _value_key(surface: str) -> str:
-    return " ".join(surface.lower().split())
 
 
 def single_valued_labels(stats: dict, max_share: float, min_titles: int = 1) -> list[str]:

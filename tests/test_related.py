@@ -860,3 +860,164 @@ def test_sampled_softmax_with_the_logq_correction_learns_the_full_softmax(correc
         assert 0.85 < slope < 1.15
     else:
         assert slope < 0.6
+
+
+# ---- the top-k search over shards of the targets (related/sharded.py, `recommend_sharded`)
+REC_PRIOR = {"prior_buckets": [0, 2, 6], "prior_bucket_weights": [0.3, 0.8, 1.5],
+             "popularity_bucket_weights": [0.9, 0.4, 0.2], "neighbour_bucket_weights": [1.2, 0.6, 0.3]}
+
+
+def _recommend_tables(tmp_path, n=300, dim=8, seed=5):
+    """Random source and target embeddings of `n` products (written in three parts, not in id
+    order) and a neighbour table: co-purchase lists out and in with their counts, longer than
+    the re-ranked width, some naming products outside the catalogue, similar-product lists, the
+    last 40 products with no list, and a list of a product that is not in the catalogue."""
+    from autoknow_ray.modules.related.steps import _fixed
+
+    rng = np.random.default_rng(seed)
+    ids = [f"p{i:03d}" for i in range(n)]
+    emb = tmp_path / "emb"
+    emb.mkdir()
+    src, tgt = rng.normal(size=(n, dim)), rng.normal(size=(n, dim))
+    for j, part in enumerate(np.array_split(rng.permutation(n), 3)):
+        pq.write_table(pa.table({"product_id": [ids[i] for i in part], "source": _fixed(src[part]),
+                                 "target": _fixed(tgt[part])}), emb / f"{j}.parquet")
+    mark_complete(emb)
+    rows = {"product_id": [], "kind": [], "neighbours": [], "weights": [], "weight_sum": []}
+    # a few best-sellers: most lists name them
+    hot = rng.choice(n, 12, replace=False)
+    for i in range(n - 40):
+        for kind in ("out", "in", "similar"):
+            if rng.random() < 0.25:
+                continue
+            k = int(rng.integers(1, 12))
+            pool = np.concatenate([hot, rng.choice(n, 30, replace=False)])
+            nbs = [ids[j] for j in dict.fromkeys(rng.choice(pool, k).tolist()) if j != i]
+            if rng.random() < 0.2:
+                nbs.insert(int(rng.integers(0, len(nbs) + 1)), "ghost")
+            if not nbs:
+                continue
+            w = sorted(rng.integers(1, 30, len(nbs)).astype(float).tolist(), reverse=True)
+            rows["product_id"].append(ids[i]), rows["kind"].append(kind)
+            rows["neighbours"].append(nbs), rows["weights"].append(w)
+            rows["weight_sum"].append(float(sum(w)) + float(rng.integers(0, 5)))
+    for kind in ("out", "in"):
+        rows["product_id"].append("not-a-product"), rows["kind"].append(kind)
+        rows["neighbours"].append([ids[0]]), rows["weights"].append([3.0]), rows["weight_sum"].append(3.0)
+    nb = tmp_path / "nb"
+    nb.mkdir()
+    pq.write_table(pa.table(rows), nb / "part.parquet")
+    mark_complete(nb)
+    return ids, emb, nb
+
+
+@pytest.mark.parametrize("with_prior", [True, False])
+def test_sharded_recommend_gives_the_in_memory_lists(tmp_path, ray_session, with_prior):
+    """Above `max_nodes_per_actor` the top-k search runs over 3 shards of the targets, each
+    source row carrying its co-purchase lists and those of its similar products
+    (`recommend_sharded`): with the count prior, popularity and neighbour terms all weighing in
+    (candidates from every shard, from the lists, the most bought), and without a prior (plain
+    FAISS top k), the lists equal those of `Recommend` holding every product."""
+    from autoknow_ray.modules.related.sharded import recommend_sharded, shard_of
+    from autoknow_ray.modules.related.steps import Recommend
+
+    ids, emb, nb = _recommend_tables(tmp_path)
+    n, k = len(ids), 5
+    terms = REC_PRIOR if with_prior else {}
+    rec = Recommend(emb, k, 10_000, 8, 0, nb, 0.0, 6 if with_prior else 0, terms.get("prior_buckets"),
+                    terms.get("prior_bucket_weights"), terms.get("popularity_bucket_weights"),
+                    terms.get("neighbour_bucket_weights"), fanout=4)
+    assert rec.uses_prior == rec.uses_popularity == rec.uses_neighbours == with_prior
+    one = Recommend(emb, k, 10_000, 8, 0, nb, 0.0, 6 if with_prior else 0, **{
+        "prior_buckets": terms.get("prior_buckets"), "prior_bucket_weights": terms.get("prior_bucket_weights"),
+        "popularity_bucket_weights": terms.get("popularity_bucket_weights"),
+        "neighbour_bucket_weights": terms.get("neighbour_bucket_weights")}, fanout=4)
+    one.setup(WorkerEnv())
+    if with_prior:  # no second copy of the targets beside an exact index
+        assert not one.targets.flags.owndata and one.targets.shape == (n, 8)
+    sources = read_parquet_any(emb).select("product_id", "source").to_arrow()
+    want = pl.from_arrow(one.process_batch(sources)).sort(["product_id", "rank"])
+
+    assert len(set(shard_of(ids, 3).tolist())) == 3
+    cfg = Config(related=RelatedConfig(max_nodes_per_actor=100, top_k=k, fanout=4))
+    out = tmp_path / "run"
+    out.mkdir()
+    info = recommend_sharded(cfg, rec, out, out / "graph_related", n)
+    assert info["shards"] == 3 and info["popular"] == (k + 1 if with_prior else 0)
+    got = read_parquet_any(out / "graph_related").sort(["product_id", "rank"])
+    assert got.height == want.height == n * k
+    assert got.select("product_id", "related_id", "rank").equals(want.select("product_id", "related_id", "rank"))
+    np.testing.assert_allclose(got["score"].to_numpy(), want["score"].to_numpy(), rtol=1e-5)
+    assert sorted(p.name for p in out.iterdir()) == ["graph_related"]  # the scratch tables are gone
+    if with_prior:  # the terms move the lists: not the model's plain top k
+        plain = Recommend(emb, k, 10_000, 8, 0)
+        plain.setup(WorkerEnv())
+        model = pl.from_arrow(plain.process_batch(sources)).sort(["product_id", "rank"])
+        moved = (model["related_id"] != got["related_id"]).mean()
+        assert moved > 0.3
+
+
+def test_a_recommend_shard_worker_holds_only_its_shards_targets(tmp_path, ray_session):
+    """A shard worker of the sharded top-k search indexes the targets of its shard only and
+    holds the bought counts of those products alone; a source's candidates it lists are all
+    products of its shard."""
+    from autoknow_ray.modules.related.sharded import (RecommendShard, shard_folder, shard_of,
+                                                      write_by_shard)
+    from autoknow_ray.modules.related.steps import Recommend
+
+    ids, emb, nb = _recommend_tables(tmp_path, n=120)
+    rec = Recommend(emb, 5, 10_000, 8, 0, nb, 0.0, 6, **REC_PRIOR, fanout=4)
+    write_by_shard(emb, ["target"], 3, tmp_path / "targets")
+    shard = dict(zip(ids, shard_of(ids, 3).tolist()))
+    sources = read_parquet_any(emb).select("product_id", "source").to_arrow()
+    for s in range(3):
+        step = RecommendShard(Recommend(emb, 5, 10_000, 8, 0), shard_folder(tmp_path / "targets", s),
+                              None, s, 3)
+        step.setup(WorkerEnv())
+        mine = sorted(i for i in ids if shard[i] == s)
+        assert step.ids.to_pylist() == mine and step.index.ntotal == len(mine)
+        got = pl.from_arrow(step.process_batch(sources))
+        assert set(got["dst"].to_list()) <= set(mine) and got.height == len(ids) * 6
+        with_prior = RecommendShard(rec, shard_folder(tmp_path / "targets", s), None, s, 3,
+                                    popular=ids[:6])
+        with_prior.setup(WorkerEnv())
+        assert with_prior.targets.shape == (len(mine), 8) and len(with_prior.bought) == len(mine)
+        assert (with_prior.popular_rows >= 0).sum() == sum(shard[i] == s for i in ids[:6])
+
+
+def test_a_rebuild_over_shards_lists_what_one_recommend_lists(tmp_path, ray_session):
+    """A rebuild above `max_nodes_per_actor` (3 shards) with a trained model whose count prior,
+    popularity and neighbour terms all weigh in: the stage's related lists are those `Recommend`
+    gives holding every product of the run's own embeddings and neighbour lists."""
+    import json
+    import shutil
+
+    from autoknow_ray.modules.related.steps import Recommend
+
+    n = 120
+    cat = _catalogue(tmp_path, n, _one_way_copurchase(n))
+    cfg = _config(max_nodes_per_actor=50)
+    rebuild(cat, tmp_path / "fit", config=cfg)  # fits the model
+    models = tmp_path / "models"
+    shutil.copytree(tmp_path / "fit" / "models", models)
+    settings = json.loads((models / "related" / "config.json").read_text())
+    settings.update(prior_buckets=[0, 1, 3], prior_bucket_weights=[0.4, 0.8, 1.6],
+                    popularity_bucket_weights=[0.6, 0.3, 0.1], neighbour_bucket_weights=[0.9, 0.5, 0.2])
+    (models / "related" / "config.json").write_text(json.dumps(settings))
+    run = tmp_path / "run"
+    rebuild(cat, run, models=models, config=cfg)
+    manifest = json.loads((run / "related" / "manifest.json").read_text())
+    assert manifest["recommend"]["shards"] == 3 and manifest["neighbour_bucket_weights"] == [0.9, 0.5, 0.2]
+    stage = run / "related"
+    rc = cfg.related
+    one = Recommend(stage / "embeddings", rc.top_k, rc.ivf_min_size, rc.nprobe, cfg.seed,
+                    stage / "neighbours", 0.0, rc.prior_candidates, settings["prior_buckets"],
+                    settings["prior_bucket_weights"], settings["popularity_bucket_weights"],
+                    settings["neighbour_bucket_weights"], rc.fanout)
+    one.setup(WorkerEnv())
+    want = pl.from_arrow(one.process_batch(
+        read_parquet_any(stage / "embeddings").select("product_id", "source").to_arrow())).sort(["product_id", "rank"])
+    got = read_parquet_any(stage / "graph_related").sort(["product_id", "rank"])
+    assert got.height == want.height == n * rc.top_k
+    assert got.select("product_id", "related_id", "rank").equals(want.select("product_id", "related_id", "rank"))
+    np.testing.assert_allclose(got["score"].to_numpy(), want["score"].to_numpy(), rtol=1e-5)

@@ -1,4 +1,5 @@
-"""The related stage's two-hop embeddings and title kNN with no worker holding every product.
+"""The related stage's two-hop embeddings, title kNN and top-k search with no worker holding
+every product.
 
 `DualEmbed` loads every node's h0, hop-1 embeddings and neighbour lists into each actor: about
 1 KB a node, 10 GB an actor at 10M products. Above `related.max_nodes_per_actor` nodes the stage
@@ -24,6 +25,25 @@ The title kNN (similarity edges for catalogues without co-views) shards the same
 `top_per_source` keeps, per query, the k + 1 best of all shards' lists (score, then product id:
 the order of one index over every product, whose rows are in product-id order) and drops the
 query itself.
+
+The top-k search (`Recommend`: every target vector, its FAISS index and, with a count prior, every
+node's co-purchase lists in each actor) shards the same way, `recommend_sharded`:
+
+1. Keyed passes attach to each source row what its score reads, never on the driver: by node
+   (`lists_by_node`), each node's first `prior_candidates` co-purchase neighbours out and in with
+   their counts, its events (out + in) and its events as the product bought, and for each of the
+   first `fanout` similar products a source names, that product's lists (the two-hop join); by
+   source (`queries_by_source`), its vector with its own lists and its similar products' lists.
+   The (k + 1) most bought products (`runtime.top_keys`, ties by id) go to the steps as an argument.
+2. Per shard s, `RecommendShard` holds shard s's targets (its FAISS index) and their bought counts
+   and lists each source's candidates in the shard: the shard's FAISS top (k + 1 +
+   prior_candidates) and every extra candidate (its lists, the most bought, its similar products'
+   lists) that is a product of s, each with its FAISS score and the full score of
+   `Recommend._rerank` (the same terms over the same lists).
+3. `merge_recommend` (one call per key partition of the source): the FAISS candidates cut to the
+   best (k + 1 + prior_candidates) of all shards, the extra candidates joined, each product once,
+   the source left out, the k best by full score: `Recommend`'s lists. Without a prior, the
+   FAISS top k of every shard merged.
 """
 from __future__ import annotations
 
@@ -114,15 +134,19 @@ def shard_folder(root, shard: int):
 
 
 def write_by_shard(src, columns: list[str], shards: int, dest) -> None:
-    """The rows of `src` (product_id and `columns`) written once, one folder per shard
-    (`shard_folder(dest, s)`), so a shard's worker reads its own rows and not every file of the
-    table: one pass over the table instead of one per shard."""
+    """The rows of `src` (a table's path, or a Ray Dataset: product_id and `columns`) written
+    once, one folder per shard (`shard_folder(dest, s)`), so a shard's worker reads its own rows
+    and not every file of the table: one pass over the table instead of one per shard."""
+    import ray
+
     from autoknow_ray import runtime
 
     from autoknow_ray.modules.related.steps import mark_complete
 
     storage.rmtree(storage.path(dest))
-    runtime.read_parquet(src, ["product_id", *columns]).map_batches(
+    ds = src.select_columns(["product_id", *columns]) if isinstance(src, ray.data.Dataset) \
+        else runtime.read_parquet(src, ["product_id", *columns])
+    ds.map_batches(
         with_shard, fn_kwargs={"shards": shards}, batch_format="pyarrow"
     ).write_parquet(str(dest), partition_cols=["shard"])
     for s in range(shards):  # every shard's folder, an empty one too, marked as fully written
@@ -440,3 +464,429 @@ def text_knn_sharded(cfg, step_args: dict, nodes_path, out, n_nodes: int) -> "ob
     ds = runtime.map_key_blocks(runtime.read_parquet(parts, ["src", "dst", "weight"]), "src",
                                 top_per_source, fn_args=(step_args["k"],), n_rows=count_rows(parts))
     return ds, parts
+
+
+# ---- the top-k search over shards of the targets (`Recommend` with no worker holding every
+# product): scratch tables of `recommend_sharded`, removed once the lists are written
+REC_LISTS = "rec_lists"  # pass 1: each node's own co-purchase lists, and those its similar products lend it
+REC_QUERIES = "rec_queries"  # pass 2: each source row, its vector and every list its score reads
+REC_TARGETS = "rec_targets"  # the target vectors, one folder per shard
+REC_BOUGHT = "rec_bought"  # each node's co-purchase events as the product bought, one folder per shard
+REC_PARTIALS = "rec_partials"  # each shard's candidates per source, before the merge
+
+LISTS_IN_SCHEMA = pa.schema([("key", pa.string()), ("role", pa.string()), ("src", pa.string()),
+                             ("ids", pa.list_(pa.string())), ("w", pa.list_(pa.float64())),
+                             ("total", pa.float64())])
+LISTS_SCHEMA = pa.schema([("src", pa.string()), ("role", pa.string()),
+                          ("out_ids", pa.list_(pa.string())), ("out_w", pa.list_(pa.float64())),
+                          ("in_ids", pa.list_(pa.string())), ("in_w", pa.list_(pa.float64())),
+                          ("events", pa.float64()), ("bought", pa.float64())])
+QUERY_COLUMNS = ["product_id", "source", "out_ids", "out_w", "in_ids", "in_w", "events",
+                 "nb_ids", "nb_w", "n_sim"]
+CANDIDATES_SCHEMA = pa.schema([("src", pa.string()), ("dst", pa.string()), ("model", pa.float32()),
+                               ("score", pa.float64()), ("faiss", pa.bool_()), ("extra", pa.bool_())])
+RELATED_SCHEMA = pa.schema([("product_id", pa.string()), ("related_id", pa.string()),
+                            ("rank", pa.int32()), ("score", pa.float32())])
+
+
+def _chunked(col) -> pa.Array:
+    return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+
+
+def _head(lists, width: int):
+    """The first `width` values of each list (a null list: none), as (flat values, parent row)."""
+    lists = _chunked(lists)
+    flat = pc.list_flatten(lists)
+    parent = pc.list_parent_indices(lists).to_numpy(zero_copy_only=False).astype(np.int64)
+    lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    rank = np.arange(len(flat)) - starts[parent] if len(flat) else np.zeros(0, np.int64)
+    keep = rank < width
+    return flat.filter(pa.array(keep)), parent[keep], rank[keep]
+
+
+def _sliced(lists, width: int, value_type) -> pa.Array:
+    """Each list cut to its first `width` values (a null list: an empty one)."""
+    flat, parent, _ = _head(lists, width)
+    n = len(lists)
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(parent, minlength=n))]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), flat.cast(value_type))
+
+
+def list_rows(batch: pa.Table, prior_candidates: int, fanout: int, has_weights: bool) -> pa.Table:
+    """Neighbour-table rows -> the rows of the first keyed pass (`LISTS_IN_SCHEMA`): a
+    co-purchase list (out, in) as its first `prior_candidates` neighbours with their counts and
+    its weight_sum, as `NodeTables` keeps them (no counts without a `weights` column: no prior
+    list); with `fanout` each of the first `fanout` similar products of a list as an `ask` row
+    keyed by that product, for its co-purchase lists."""
+    kinds = _chunked(batch.column("kind")).to_numpy(zero_copy_only=False)
+    ids, lists = batch.column("product_id"), batch.column("neighbours")
+    parts = []
+    co = np.flatnonzero(np.isin(kinds, ["out", "in"]))
+    if len(co):
+        take = pa.array(co)
+        width = prior_candidates if has_weights else 0
+        parts.append(pa.table({
+            "key": ids.take(take), "role": pa.array(kinds[co].tolist(), pa.string()),
+            "src": pa.nulls(len(co), pa.string()),
+            "ids": _sliced(_chunked(lists).take(take), width, pa.string()),
+            "w": _sliced(_chunked(batch.column("weights")).take(take), width, pa.float64())
+            if has_weights else _sliced(pa.nulls(len(co), pa.list_(pa.float64())), 0, pa.float64()),
+            "total": batch.column("weight_sum").take(take).cast(pa.float64())}, schema=LISTS_IN_SCHEMA))
+    sim = np.flatnonzero(kinds == "similar") if fanout else np.zeros(0, np.int64)
+    if len(sim):
+        flat, parent, _ = _head(_chunked(lists).take(pa.array(sim)), fanout)
+        parts.append(pa.table({
+            "key": flat.cast(pa.string()), "role": pa.array(["ask"] * len(flat), pa.string()),
+            "src": ids.take(pa.array(sim[parent])),
+            "ids": pa.nulls(len(flat), pa.list_(pa.string())),
+            "w": pa.nulls(len(flat), pa.list_(pa.float64())),
+            "total": pa.nulls(len(flat), pa.float64())}, schema=LISTS_IN_SCHEMA))
+    return pa.concat_tables(parts) if parts else LISTS_IN_SCHEMA.empty_table()
+
+
+def node_rows(batch: pa.Table) -> pa.Table:
+    """A `node` row per product of the embeddings (the products a list may name)."""
+    n = batch.num_rows
+    return pa.table({"key": batch.column("product_id"), "role": pa.array(["node"] * n, pa.string()),
+                     "src": pa.nulls(n, pa.string()), "ids": pa.nulls(n, pa.list_(pa.string())),
+                     "w": pa.nulls(n, pa.list_(pa.float64())), "total": pa.nulls(n, pa.float64())},
+                    schema=LISTS_IN_SCHEMA)
+
+
+def lists_by_node(block: pa.Table) -> pa.Table:
+    """A key partition of the first pass -> per node an `own` row (its out and in lists, its
+    co-purchase events out + in, and in as the product bought) and per `ask` row naming a node a
+    `sim` row: that node's out and in lists, lent to the product that asked (`src`)."""
+    df = pl.from_arrow(block)
+    nodes = df.filter(pl.col("role") == "node").select("key").unique(maintain_order=True)
+    lists = {}
+    for kind in ("out", "in"):
+        # one list per node and kind (the last, as NodeTables keeps it)
+        lists[kind] = df.filter(pl.col("role") == kind).unique("key", keep="last", maintain_order=True).select(
+            "key", pl.col("ids").alias(f"{kind}_ids"), pl.col("w").alias(f"{kind}_w"),
+            pl.col("total").alias(f"{kind}_total"))
+    own = nodes.join(lists["out"], on="key", how="left", maintain_order="left").join(
+        lists["in"], on="key", how="left", maintain_order="left")
+    own = own.select(pl.col("key").alias("src"), pl.lit("own").alias("role"), "out_ids", "out_w",
+                     "in_ids", "in_w",
+                     (pl.col("out_total").fill_null(0.0) + pl.col("in_total").fill_null(0.0)).alias("events"),
+                     pl.col("in_total").fill_null(0.0).alias("bought"))
+    ask = df.filter(pl.col("role") == "ask").select("key", "src")
+    sim = ask.join(own.select(pl.col("src").alias("key"), "out_ids", "out_w", "in_ids", "in_w"),
+                   on="key", how="inner", maintain_order="left")
+    sim = sim.select("src", pl.lit("sim").alias("role"), "out_ids", "out_w", "in_ids", "in_w",
+                     pl.lit(None, pl.Float64).alias("events"), pl.lit(None, pl.Float64).alias("bought"))
+    both = pl.concat([own, sim], how="vertical_relaxed")
+    if both.height == 0:
+        return LISTS_SCHEMA.empty_table()
+    return both.to_arrow().cast(LISTS_SCHEMA)
+
+
+def _with_source(batch: pa.Table, source_type) -> pa.Table:
+    """A first-pass row with a null `source`, or an embedding row as a `vec` row: the two kinds of
+    row of the second pass, keyed by `src`."""
+    if "source" in batch.column_names:
+        n = batch.num_rows
+        cols = {"src": batch.column("product_id"), "role": pa.array(["vec"] * n, pa.string())}
+        cols.update({f.name: pa.nulls(n, f.type) for f in LISTS_SCHEMA if f.name not in cols})
+        cols["source"] = batch.column("source")
+    else:
+        batch = batch.select(LISTS_SCHEMA.names).cast(LISTS_SCHEMA)
+        cols = {f.name: batch.column(f.name) for f in LISTS_SCHEMA}
+        cols["source"] = pa.nulls(batch.num_rows, source_type)
+    return pa.table(cols, schema=pa.schema(list(LISTS_SCHEMA) + [pa.field("source", source_type)]))
+
+
+def _query_schema(source_type) -> pa.Schema:
+    return pa.schema([("product_id", pa.string()), ("source", source_type),
+                      ("out_ids", pa.list_(pa.string())), ("out_w", pa.list_(pa.float64())),
+                      ("in_ids", pa.list_(pa.string())), ("in_w", pa.list_(pa.float64())),
+                      ("events", pa.float64()), ("nb_ids", pa.list_(pa.string())),
+                      ("nb_w", pa.list_(pa.float64())), ("n_sim", pa.int64())])
+
+
+def queries_by_source(block: pa.Table, source_type) -> pa.Table:
+    """A key partition of the second pass -> one row per source (`QUERY_COLUMNS`): its vector,
+    its own out and in lists and events, and the out and in lists of its similar products
+    (concatenated: `nb_ids`, `nb_w`) with how many of them are products (`n_sim`)."""
+    schema = _query_schema(source_type)
+    is_vec = np.asarray(pc.equal(block.column("role"), "vec").to_numpy(zero_copy_only=False), bool)
+    vec = block.filter(pa.array(is_vec))
+    if vec.num_rows == 0:
+        return schema.empty_table()
+    df = pl.from_arrow(block.filter(pa.array(~is_vec)).drop_columns(["source"]))
+    own = df.filter(pl.col("role") == "own").unique("src", keep="first", maintain_order=True).select(
+        "src", "out_ids", "out_w", "in_ids", "in_w", "events")
+    sim = df.filter(pl.col("role") == "sim")
+    n_sim = sim.group_by("src").agg(pl.len().cast(pl.Int64).alias("n_sim"))
+    lent = pl.concat([sim.select("src", pl.col(f"{k}_ids").alias("nb_ids"), pl.col(f"{k}_w").alias("nb_w"))
+                      .explode(["nb_ids", "nb_w"]) for k in ("out", "in")], how="vertical_relaxed")
+    nb = lent.filter(pl.col("nb_ids").is_not_null()).group_by("src").agg("nb_ids", "nb_w")
+    q = pl.DataFrame({"src": pl.from_arrow(vec.column("src"))}).join(
+        own, on="src", how="left", maintain_order="left").join(
+        nb, on="src", how="left", maintain_order="left").join(
+        n_sim, on="src", how="left", maintain_order="left")
+    q = q.with_columns(pl.col("events").fill_null(0.0), pl.col("n_sim").fill_null(0))
+    t = q.to_arrow()
+    cols = {"product_id": vec.column("src"), "source": vec.column("source")}
+    for f in schema:
+        if f.name not in cols:
+            cols[f.name] = t.column(f.name).cast(f.type)
+    return pa.table(cols, schema=schema)
+
+
+class RecommendShard(Step):
+    """One shard of `Recommend`: the worker holds the target vectors of the products of shard
+    `shard` only (its FAISS index, as `Recommend` builds it over every product) and, for the
+    popularity term, their co-purchase events as the product bought. For each source row
+    (`QUERY_COLUMNS`: its vector and the lists its score reads, attached by the keyed passes of
+    `recommend_sharded`) it lists as candidates the shard's FAISS top (k + 1 + prior_candidates)
+    and every extra candidate (the source's co-purchase lists, the most bought products, its
+    similar products' lists) that lies in the shard, each with the model's FAISS score and the
+    full score `Recommend._rerank` gives it. Without a prior, the shard's FAISS top k + 1."""
+
+    name = "related_recommend_shard"
+    resources = "related"
+    model = True
+
+    def __init__(self, recommend, targets_path: Path, bought_path: Path | None, shard: int,
+                 shards: int, popular: list[str] | None = None):
+        self.k, self.ivf_min_size, self.nprobe, self.seed = (recommend.k, recommend.ivf_min_size,
+                                                             recommend.nprobe, recommend.seed)
+        self.prior = dict(recommend.prior)
+        self.prior_candidates = recommend.prior_candidates
+        self.uses_prior, self.uses_popularity = recommend.uses_prior, recommend.uses_popularity
+        self.uses_neighbours = recommend.uses_neighbours
+        self.targets_path = str(targets_path)
+        self.bought_path = str(bought_path) if bought_path else None
+        self.shard, self.shards = int(shard), int(shards)
+        self.popular = list(popular or [])
+        self.columns = tuple(QUERY_COLUMNS if self.uses_prior else ("product_id", "source"))
+        self.index = self.ids = self.targets = self.bought = None
+
+    def setup(self, env: WorkerEnv) -> None:
+        from autoknow_ray.index.faiss_index import VectorIndex
+        from autoknow_ray.modules.related.model import id_hash, rows_by_hash
+        from autoknow_ray.modules.related.steps import _vectors, index_rows, require_complete
+
+        # this shard's folder of the targets (`write_by_shard`), read whole: its marker says the
+        # write finished, and its row count that nothing was missed
+        require_complete(self.targets_path, None)
+        t = read_shard(self.targets_path, ["target"], self.shard, self.shards)
+        require_complete(self.targets_path, t.num_rows)
+        # rows in product id order, as `Recommend` orders every product's
+        self.ids = t.column("product_id").combine_chunks() if t.num_rows else pa.array([], pa.string())
+        dim = t.schema.field("target").type.list_size if t.num_rows else 1
+        targets = _vectors(t.column("target"), dim) if t.num_rows else np.zeros((0, dim), np.float32)
+        del t
+        self.index = VectorIndex("ip", ivf_min_size=self.ivf_min_size, nprobe=self.nprobe,
+                                 seed=self.seed).build(targets)
+        h = id_hash(self.ids)
+        self.order = np.argsort(h, kind="stable")
+        self.sorted_hash = h[self.order]
+        self._rows_by_hash = rows_by_hash
+        if self.uses_prior:
+            rows = index_rows(self.index)
+            self.targets = targets if rows is None else rows
+            self.bought = np.zeros(len(self.ids))
+            if self.uses_popularity and self.bought_path:
+                require_complete(self.bought_path, None)
+                b = read_shard(self.bought_path, ["bought"], self.shard, self.shards)
+                require_complete(self.bought_path, b.num_rows)
+                at = self.rows_of(b.column("product_id"))
+                vals = b.column("bought").to_numpy(zero_copy_only=False).astype(np.float64)
+                self.bought[at[at >= 0]] = vals[at >= 0]
+            self.popular_rows = self.rows_of(pa.array(self.popular, pa.string()))
+        del targets
+
+    def rows_of(self, ids) -> np.ndarray:
+        """Row in this shard of each id (-1: another shard's, or no product)."""
+        return self._rows_by_hash(self.sorted_hash, self.order, _chunked(ids))
+
+    def _padded(self, ids_col, w_col) -> tuple[np.ndarray, np.ndarray]:
+        """A list column -> (rows in this shard, weights) per source row, padded with -1 and 0."""
+        flat, parent, rank = _head(ids_col, np.iinfo(np.int64).max)
+        n = len(ids_col)
+        width = max(int(rank.max()) + 1 if len(rank) else 0, 1)
+        rows = np.full((n, width), -1, np.int64)
+        w = np.zeros((n, width))
+        if len(flat):
+            rows[parent, rank] = self.rows_of(flat)
+            wf, wp, wr = _head(w_col, np.iinfo(np.int64).max)
+            w[wp, wr] = np.asarray(wf.to_numpy(zero_copy_only=False), np.float64)
+        w[rows < 0] = 0.0
+        return rows, w
+
+    def process_batch(self, batch: pa.Table) -> pa.Table:
+        from autoknow_ray.modules.related.steps import _vectors
+
+        q = _vectors(batch.column("source"), batch.schema.field("source").type.list_size)
+        if self.index.ntotal == 0:  # a shard with no product: no candidate
+            return CANDIDATES_SCHEMA.empty_table()
+        top = self.k + 1 + (self.prior_candidates if self.uses_prior else 0)
+        scores, ids = self.index.search(q, top)
+        if not self.uses_prior:
+            keep = ids >= 0
+            r, c = np.nonzero(keep)
+            return self._rows(batch, r, ids[keep], scores[keep], scores[keep].astype(np.float64),
+                              np.ones(len(r), bool))
+        return self._rerank(batch, q, scores, ids)
+
+    def _rows(self, batch, r, cand, model, score, faiss) -> pa.Table:
+        return pa.table({"src": batch.column("product_id").take(pa.array(r, pa.int64())),
+                         "dst": self.ids.take(pa.array(cand, pa.int64())),
+                         "model": pa.array(np.asarray(model, np.float32)),
+                         "score": pa.array(np.asarray(score, np.float64)),
+                         "faiss": pa.array(faiss), "extra": pa.array(~np.asarray(faiss, bool))},
+                        schema=CANDIDATES_SCHEMA)
+
+    def _rerank(self, batch: pa.Table, q: np.ndarray, faiss_scores: np.ndarray, ids: np.ndarray):
+        """`Recommend._rerank`'s scores, for the candidates in this shard: the same terms over
+        the same lists, a candidate of another shard left to that shard's worker."""
+        from autoknow_ray.modules.related.model import prior_weights_of, term_weights_of
+
+        n = batch.num_rows
+        oi, ow = self._padded(batch.column("out_ids"), batch.column("out_w"))
+        ii, iw = self._padded(batch.column("in_ids"), batch.column("in_w"))
+        extra = [np.broadcast_to(self.popular_rows, (n, len(self.popular_rows)))]
+        if self.uses_neighbours:
+            nb_i, nb_w = self._padded(batch.column("nb_ids"), batch.column("nb_w"))
+            n_sim = np.maximum(batch.column("n_sim").to_numpy(zero_copy_only=False).astype(np.float64), 1)
+            extra.append(nb_i)
+        cand = np.concatenate([ids, oi, ii, *extra], 1)
+        is_faiss = np.zeros(cand.shape[1], bool)
+        is_faiss[:ids.shape[1]] = True
+        events = batch.column("events").to_numpy(zero_copy_only=False).astype(np.float64)
+        pw = prior_weights_of(self.prior, events)
+        wp = term_weights_of(self.prior, events, "popularity_bucket_weights") if self.uses_popularity else None
+        wn = term_weights_of(self.prior, events, "neighbour_bucket_weights") if self.uses_neighbours else None
+        score = np.full(cand.shape, -np.inf)
+        for lo in range(0, n, 64):  # (rows, candidates, list entries): bounded in chunks
+            s = slice(lo, lo + 64)
+            c = cand[s]
+            count = ((c[:, :, None] == oi[s][:, None, :]) * ow[s][:, None, :]).sum(2) \
+                + ((c[:, :, None] == ii[s][:, None, :]) * iw[s][:, None, :]).sum(2)
+            model = np.einsum("nd,ncd->nc", q[s], self.targets[np.clip(c, 0, None)])
+            sc = model + pw[s, None] * np.log1p(count)
+            if wp is not None:
+                sc += wp[s, None] * np.log1p(self.bought[np.clip(c, 0, None)])
+            if wn is not None:
+                mean = ((c[:, :, None] == nb_i[s][:, None, :]) * nb_w[s][:, None, :]).sum(2) / n_sim[s, None]
+                sc += wn[s, None] * np.log1p(mean)
+            score[s] = sc
+        model = np.full(cand.shape, -np.inf, np.float32)
+        model[:, :ids.shape[1]] = faiss_scores
+        keep = cand >= 0
+        r, col = np.nonzero(keep)
+        return self._rows(batch, r, cand[keep], model[keep], score[keep], is_faiss[col])
+
+
+def merge_recommend(block: pa.Table, k: int, faiss_top: int, uses_prior: bool) -> pa.Table:
+    """A key partition of every shard's candidates -> each source's top k, as `Recommend` lists
+    them over one index of every product: the FAISS candidates cut to the `faiss_top` best of all
+    shards by the model's score (the search `Recommend` runs), the extra candidates joined,
+    each product once, the source itself left out, the k best by full score (ties by id),
+    ranks 1..k. Without a prior the FAISS candidates alone, by their score."""
+    df = pl.from_arrow(block)
+    if df.height == 0:
+        return RELATED_SCHEMA.empty_table()
+    by = ["src", "model", "dst"]
+    faiss = (df.filter(pl.col("faiss")).sort(by, descending=[False, True, False])
+             .group_by("src", maintain_order=True).head(faiss_top))
+    cand = pl.concat([faiss.select("src", "dst", "score"),
+                      df.filter(pl.col("extra")).select("src", "dst", "score")]) if uses_prior \
+        else faiss.select("src", "dst", "score")
+    top = (cand.unique(["src", "dst"], keep="first", maintain_order=True)
+           .filter(pl.col("src") != pl.col("dst"))
+           .sort(["src", "score", "dst"], descending=[False, True, False])
+           .group_by("src", maintain_order=True).head(k)
+           .with_columns(pl.int_range(1, pl.len() + 1).over("src").alias("rank")))
+    return top.select(pl.col("src").alias("product_id"), pl.col("dst").alias("related_id"),
+                      "rank", "score").to_arrow().cast(RELATED_SCHEMA)
+
+
+def _first_schema(path, column: str):
+    from autoknow_ray.pipeline import parquet_files
+
+    for f in parquet_files(path):
+        schema = pq.read_schema(str(f))
+        if column in schema.names:
+            return schema.field(column).type
+    raise ValueError(f"{path}: no column {column!r}")
+
+
+def _own_bought(batch: pa.Table) -> pa.Table:
+    return pa.table({"product_id": batch.column("src"), "bought": batch.column("bought")})
+
+
+def recommend_sharded(cfg, recommend, out: Path, dest: Path, n_nodes: int) -> dict:
+    """`Recommend`'s related lists (product_id, related_id, rank, score), written to `dest`, with
+    no worker holding more than one shard of the targets or of the node tables. `recommend` is
+    the configured step: its settings (k, the prior's weights, the lists' widths) and tables."""
+    from ray.data.expressions import col
+
+    from autoknow_ray import runtime
+    from autoknow_ray.pipeline import column_names, count_rows
+
+    rc = cfg.related
+    shards = shard_count(n_nodes, rc.max_nodes_per_actor)
+    out, dest = storage.path(out), storage.path(dest)
+    emb = storage.path(recommend.path)
+    targets, bought, lists, queries, parts = (out / REC_TARGETS, out / REC_BOUGHT, out / REC_LISTS,
+                                              out / REC_QUERIES, out / REC_PARTIALS)
+    for p in (bought, lists, queries, parts, dest):
+        storage.rmtree(p)
+    write_by_shard(emb, ["target"], shards, targets)  # each shard's index reads its own folder
+    popular: list[str] = []
+    has_bought = False
+    if recommend.uses_prior:
+        # pass 1, keyed by node: each node's co-purchase lists (own rows), and the lists of the
+        # similar products each source names (sim rows, keyed by the similar product)
+        nb_path = storage.path(recommend.neighbours_path)
+        has_weights = "weights" in column_names(nb_path)
+        fanout = recommend.fanout if recommend.uses_neighbours else 0
+        nb_cols = ["product_id", "kind", "neighbours", "weight_sum"] + (["weights"] if has_weights else [])
+        rows_in = runtime.read_parquet(nb_path, nb_cols).map_batches(
+            list_rows, fn_kwargs={"prior_candidates": recommend.prior_candidates, "fanout": fanout,
+                                  "has_weights": has_weights}, batch_format="pyarrow"
+        ).union(runtime.read_parquet(emb, ["product_id"]).map_batches(node_rows, batch_format="pyarrow"))
+        n_in = count_rows(nb_path) * max(1, fanout) + n_nodes  # at most: ask rows are <= fanout a list
+        runtime.map_key_blocks(rows_in, "key", lists_by_node, n_rows=n_in).write_parquet(str(lists))
+        n_lists = count_rows(lists)
+        if recommend.uses_popularity:
+            own = runtime.read_parquet(lists, ["src", "role", "bought"]).filter(expr=col("role") == "own")
+            # the (k + 1) most bought products, ties by id: Recommend's `popular`, capped in the workers
+            top = runtime.top_keys(own, ["src"], {"bought": ("max", "bought")}, recommend.k + 1,
+                                   [("bought", "desc")])
+            popular = top.rows["src"].to_list() if top.rows.height else []
+            write_by_shard(own.map_batches(_own_bought, batch_format="pyarrow"), ["bought"], shards, bought)
+            has_bought = True
+        # pass 2, keyed by source: its vector with every list its score reads
+        source_type = _first_schema(emb, "source")
+        width = getattr(source_type, "list_size", 64) or 64
+        runtime.map_key_blocks(
+            runtime.read_parquet(lists, list(LISTS_SCHEMA.names)).map_batches(
+                _with_source, fn_kwargs={"source_type": source_type}, batch_format="pyarrow").union(
+                runtime.read_parquet(emb, ["product_id", "source"]).map_batches(
+                    _with_source, fn_kwargs={"source_type": source_type}, batch_format="pyarrow")),
+            "src", queries_by_source, fn_args=(source_type,), n_rows=n_lists + n_nodes,
+            max_rows=runtime.KEY_BLOCK_MAX_ROWS // max(1, width // 16)).write_parquet(str(queries))
+        storage.rmtree(lists)
+        q_path, q_cols = queries, QUERY_COLUMNS
+    else:
+        q_path, q_cols = emb, ["product_id", "source"]
+    for s in range(shards):  # one shard pass at a time: a worker holds one shard's targets
+        step = RecommendShard(recommend, shard_folder(targets, s),
+                              shard_folder(bought, s) if has_bought else None, s, shards, popular)
+        runtime.map_step(runtime.read_parquet(q_path, q_cols), step, cfg, n_nodes
+                         ).write_parquet(str(parts / f"shard={s}"))
+    for p in (targets, bought, queries):
+        storage.rmtree(p)
+    n_parts = count_rows(parts)
+    faiss_top = recommend.k + 1 + (recommend.prior_candidates if recommend.uses_prior else 0)
+    runtime.map_key_blocks(runtime.read_parquet(parts, list(CANDIDATES_SCHEMA.names)), "src",
+                           merge_recommend, fn_args=(recommend.k, faiss_top, recommend.uses_prior),
+                           n_rows=n_parts).write_parquet(str(dest))
+    storage.rmtree(parts)
+    return {"shards": shards, "candidate_rows": n_parts, "popular": len(popular)}

@@ -170,8 +170,14 @@ class RelatedStage(Stage):
                               settings.get("prior_buckets"), settings.get("prior_bucket_weights"),
                               settings.get("popularity_bucket_weights"),
                               settings.get("neighbour_bucket_weights"), rc.fanout)
-        runtime.map_step(runtime.read_parquet(out / EMBEDDINGS, ["product_id", "source"]), recommend,
-                         cfg, n).write_parquet(str(out / "graph_related"))
+        if n > rc.max_nodes_per_actor:
+            # over shards of the targets and node tables (related/sharded.py): the same lists
+            from autoknow_ray.modules.related.sharded import recommend_sharded
+
+            counts["recommend"] = recommend_sharded(cfg, recommend, out, out / "graph_related", n)
+        else:
+            runtime.map_step(runtime.read_parquet(out / EMBEDDINGS, ["product_id", "source"]), recommend,
+                             cfg, n).write_parquet(str(out / "graph_related"))
         lap("recommend")
         counts["quarantine_reasons"] = gb.quarantine_reasons(out / gb.QUARANTINE_TABLE)
         n_rows = count_rows(out / "graph_related")

@@ -70,6 +70,23 @@ def _vectors(col: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
     return m if len(m) else np.zeros((0, dim), np.float32)
 
 
+def index_rows(index) -> np.ndarray | None:
+    """The vectors an exact CPU index (`VectorIndex`, flat) holds, as a read-only view of its own
+    storage (row i = id i, the float32 values it scores with); None for an index that keeps no
+    such rows (IVF, GPU): the caller keeps its own copy there."""
+    import faiss
+
+    flat = index.index
+    if flat is None or not isinstance(flat, faiss.IndexFlat) or getattr(index, "on_gpu", False):
+        return None
+    n, d = int(flat.ntotal), int(flat.d)
+    if n == 0:
+        return np.zeros((0, d), np.float32)
+    rows = faiss.rev_swig_ptr(flat.get_xb(), n * d).reshape(n, d)
+    rows.flags.writeable = False
+    return rows
+
+
 def _fixed(vecs: np.ndarray) -> pa.FixedSizeListArray:
     v = np.ascontiguousarray(vecs.astype(np.float16))
     return pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), v.shape[1])
@@ -394,7 +411,8 @@ class Recommend(Step):
     (`neighbour_bucket_weights`) the co-purchase neighbours of A's similar products (up to
     `fanout` of them, `prior_candidates` each way) join the candidates, and each candidate B adds
     wn(A) * log1p(mean co-purchases of B with A's similar products): what products like A were
-    bought with."""
+    bought with. Above `related.max_nodes_per_actor` products the stage lists the same with no
+    worker holding every product (`sharded.recommend_sharded`)."""
 
     name = "related_recommend"
     resources = "related"
@@ -445,7 +463,10 @@ class Recommend(Step):
         self.index = VectorIndex("ip", ivf_min_size=self.ivf_min_size, nprobe=self.nprobe,
                                  seed=self.seed).build(targets)
         if self.uses_prior:
-            self.targets = targets
+            # the index's own rows where it keeps them on the CPU (an exact index): no second
+            # float32 copy of every target beside it
+            self.targets = index_rows(self.index)
+            self.targets = targets if self.targets is None else self.targets
             # the node table is indexed like the embeddings, so its rows are the FAISS ids
             self.tables = NodeTables(storage.path(self.path), storage.path(self.neighbours_path),
                                      getattr(self, "fanout", 1) if self.uses_neighbours else 1, with_h0=False,
@@ -453,6 +474,7 @@ class Recommend(Step):
             # the most bought products (ties by row), candidates of every list with a popularity term
             self.popular = (np.argsort(-self.tables.bought, kind="stable")[:self.k + 1]
                             if self.uses_popularity else np.zeros(0, np.int64))
+        del targets
 
     def process_batch(self, batch: pa.Table) -> pa.Table:
         q = _vectors(batch.column("source"), batch.schema.field("source").type.list_size)

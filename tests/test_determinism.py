@@ -2,8 +2,8 @@
 every default stage gives identical graph content, table by table.
 
 The caps that decide which rows a stage reads (products per type in the hypernym context,
-products kept per query and per co-purchase source, samples of the kNN and spread references)
-are set low here so that they bind on a few hundred products, as the defaults do on a large
+products kept per query and per co-purchase source, the products behaviour links to, samples of
+the kNN and spread references) are set low here so that they bind on a few hundred products, as the defaults do on a large
 catalogue: a cap that keeps rows in arrival order, or breaks ties by it, gives another graph
 from one rebuild to the next and fails this test. Modules 3-5 act only where fit showed their precision,
 which a few hundred products and a short fit cannot show: here they are given fixed thresholds,
@@ -13,6 +13,7 @@ worker used to time bf16 against fp32 for itself and a loaded machine tipped the
 way (docs/incremental.md)."""
 from __future__ import annotations
 
+import json
 import random
 
 import numpy as np
@@ -42,7 +43,7 @@ def _config():
             "hypernym": {"epochs": 5, "product_edges": 200, "calibration_folds": 0,
                          "context_per_type": 3, "context_max": 80,
                          "max_child_products": 4, "behavior_max_query_products": 3,
-                         "behavior_max_rows": 500},
+                         "behavior_max_rows": 500, "linked_max": 6},
         },
         "relations": {"epochs": 50, "folds": 2},
         "imputation": {"min_confidence": 0.5,
@@ -104,6 +105,17 @@ def test_two_rebuilds_of_one_catalogue_give_the_same_graph(two_rebuilds):
     tax = a["taxonomy"]
     assert tax.filter(pl.col("is_new") & pl.col("parent").is_not_null()).height > 0
     assert a["attributes"].height > 0 and a["related"].height > 0
+
+
+def test_the_hypernym_contexts_behaviour_linked_products_are_capped(two_rebuilds):
+    """The products behaviour links to the new types' products join the hypernym context up to
+    `linked_max` of them (6 here), the same draw in both rebuilds, counted in the manifest."""
+    counts = [json.loads((run / "taxonomy" / "manifest.json").read_text())["hypernym_context"]
+              for run in two_rebuilds]
+    assert counts[0]["linked"] == counts[1]["linked"] and counts[0]["kept"] == counts[1]["kept"]
+    assert counts[0]["task_heap_peak_mib"]["context"] > 0  # the placing task's memory is recorded
+    assert counts[0]["linked"] > 6  # the cap binds on this catalogue
+    assert counts[0]["kept"] == 6
 
 
 class _HashEncoder:

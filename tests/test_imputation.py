@@ -351,3 +351,82 @@ def test_the_conditioned_taggers_spans_do_not_depend_on_the_other_texts_of_a_cal
     for i in range(len(texts)):
         assert alone[i] == together[i], i
         assert shuffled[order.index(i)] == together[i], i
+
+
+def test_an_ensemble_of_conditioned_taggers_decodes_its_members_mean_and_refuses_a_misfit(tmp_path):
+    """An ensemble artifact (`members/<k>` listed in config.json) decodes the mean of its members'
+    word log-probabilities; a member with other labels, or outside the artifact, is refused."""
+    import shutil
+
+    import torch
+
+    from autoknow_ray.nn.conditioned_tagger import (
+        ConditionedTagger, ConditionedTrainSettings, encode_windows)
+
+    s = ConditionedTrainSettings(max_length=24, stride=8)
+    labels = ["Brand", "Flavor", "Size"]
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)  # untrained heads of other seeds: members that disagree
+        models.append(ConditionedTagger.from_encoder(s, labels, torch.device("cpu"), False))
+    models[0].members = [models[1].model]
+    out = models[0].save(tmp_path / "ens")
+    assert json.loads((out / "config.json").read_text())["ensemble"] == ["members/1"]
+    ens = ConditionedTagger.load(out, device="cpu", bf16=False)
+    one = ConditionedTagger.load(out, device="cpu", bf16=False)
+    one.members = []
+    other = ConditionedTagger.load(out / "members/1", device="cpu", bf16=False)
+    texts = ["organic green tea bags lemon ginger 20 count", "family size pack of six brand new"]
+    ctx = np.random.default_rng(0).standard_normal((2, ens.context_dim)).astype(np.float32)
+    got, _ = ens.predict(texts, ctx)
+    assert one.predict(texts, ctx)[0] != other.predict(texts, ctx)[0]  # the members differ
+    wins = encode_windows(ens.tokenizer, texts, s.max_length, s.stride)
+    want = [[] for _ in texts]
+    for w in wins:
+        c = ctx[[w.text_index]]
+        mean = (one._word_logprobs([w], c)[0] + other._word_logprobs([w], c)[0]) / 2
+        want[w.text_index] += one._decode(mean, w, texts[w.text_index])
+    for g, w in zip(got, want):
+        assert [p[:3] for p in g] == [p[:3] for p in sorted(w, key=lambda x: x[1])]
+        assert np.allclose([p[3] for p in g], [p[3] for p in sorted(w, key=lambda x: x[1])], atol=1e-5)
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    cfg = json.loads((bad / "members/1/config.json").read_text())
+    cfg["labels"] = list(reversed(cfg["labels"]))
+    (bad / "members/1/config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="other labels"):
+        ConditionedTagger.load(bad, device="cpu")
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["ensemble"] = ["../ens"]
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="outside the artifact"):
+        ConditionedTagger.load(bad, device="cpu")
+    # saved again as one tagger, the earlier members leave the folder
+    one.save(out)
+    assert not (out / "members").exists() and "ensemble" not in json.loads((out / "config.json").read_text())
+
+
+def test_training_an_ensemble_of_conditioned_taggers_validates_the_ensemble(tmp_path):
+    """`ensemble: 2` trains a second tagger on the same windows and split (its own seed) and
+    reports the ensemble's validation spans; the saved artifact loads as the ensemble."""
+    from autoknow_ray.nn.conditioned_tagger import (
+        ConditionedTagger, ConditionedTrainSettings, train_conditioned_tagger)
+
+    rng = np.random.default_rng(0)
+    brands, flavors = ["Acme", "Zentro", "Kiva", "Lumo"], ["lemon", "mint", "berry", "cocoa"]
+    texts, spans = [], []
+    for i in range(40):
+        b, f = brands[i % 4], flavors[rng.integers(4)]
+        t = f"{b} green tea with {f} flavor, 20 bags"
+        texts.append(t)
+        spans.append([("Brand", 0, len(b)), ("Flavor", t.index(f), t.index(f) + len(f))])
+    s = ConditionedTrainSettings(max_length=24, stride=8, context_dim=0, epochs=1, batch_size=8,
+                                 val_fraction=0.25, cpu_threads=1, device="cpu", bf16=False,
+                                 ensemble=2)
+    tagger, metrics = train_conditioned_tagger(texts, None, spans, ["Brand", "Flavor"], s, tmp_path / "t")
+    assert metrics["ensemble"] == 2 and metrics["members"][0]["seed"] == 1
+    assert len(tagger.members) == 1 and metrics["n_val"] == 10
+    assert len(metrics["val_spans"]["scores"]) == len(metrics["val_spans"]["correct"])
+    loaded = ConditionedTagger.load(tmp_path / "t", device="cpu", bf16=False)
+    assert len(loaded.members) == 1
+    assert loaded.predict(texts[:3])[0] == tagger.predict(texts[:3])[0]

@@ -205,6 +205,9 @@ class ConditionedTrainSettings:
     device: str = "auto"
     cpu_threads: int | None = 2
     eval_batch_size: int = 32
+    # taggers trained (seeds seed … seed + ensemble - 1, one validation split) and decoded
+    # together: their word tag log-probabilities averaged, as module 1's title tagger does
+    ensemble: int = 1
 
 
 # ---- the tagger ------------------------------------------------------------------------------
@@ -225,6 +228,7 @@ class ConditionedTagger:
         self.meta = dict(meta or {})
         self._start, self._trans = allowed_transitions(len(self.labels))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.members: list[ConditionedTaggerModel] = []  # an ensemble's other models
 
     @property
     def context_dim(self) -> int:
@@ -240,6 +244,20 @@ class ConditionedTagger:
                    device, bf16, {"encoder_source": path})
 
     def save(self, out_dir: str | Path, extra: dict | None = None) -> Path:
+        """The artifact; an ensemble's other models as complete artifacts in `members/<k>`,
+        listed in `config.json` (`"ensemble"`)."""
+        import shutil
+
+        out = Path(out_dir)
+        shutil.rmtree(out / "members", ignore_errors=True)  # an earlier fit's members go
+        names = []
+        for k, member in enumerate(self.members, 1):
+            names.append(f"members/{k}")
+            ConditionedTagger(member, self.tokenizer, self.labels, self.max_length, self.stride,
+                              self.device, self.bf16, self.meta)._save_one(out / names[-1], extra)
+        return self._save_one(out, {**(extra or {}), **({"ensemble": names} if names else {})})
+
+    def _save_one(self, out_dir: Path, extra: dict | None) -> Path:
         from safetensors.torch import save_file
 
         out = Path(out_dir)
@@ -282,17 +300,35 @@ class ConditionedTagger:
             raise ValueError(f"artifact weights do not fit: missing={missing} unexpected={unexpected}")
         dev = device if isinstance(device, torch.device) else pick_device(device)
         meta = {k: v for k, v in cfg.items() if k != "encoder_config"}
-        return cls(model.to(dev).eval(), AutoTokenizer.from_pretrained(str(art)), cfg["labels"],
+        self = cls(model.to(dev).eval(), AutoTokenizer.from_pretrained(str(art)), cfg["labels"],
                    cfg["max_length"], cfg["stride"], dev, inference_bf16(bf16, dev), meta)
+        for rel in cfg.get("ensemble") or []:
+            sub = (art / rel).resolve()
+            if art.resolve() not in sub.parents:
+                raise ValueError(f"{art}: ensemble member {rel!r} lies outside the artifact")
+            if not (sub / CONFIG).exists():
+                raise ValueError(f"{art}: ensemble member {rel!r} is missing (no {CONFIG})")
+            member = cls.load(sub, dev, bf16)
+            same = ("labels", "max_length", "stride", "context_dim")
+            if [getattr(member, k) for k in same] != [getattr(self, k) for k in same]:
+                raise ValueError(f"{art}: ensemble member {rel!r} has other labels, windows or context")
+            if member.members:
+                raise ValueError(f"{art}: ensemble member {rel!r} is itself an ensemble")
+            self.members.append(member.model)
+        return self
 
     # -- inference --
     @torch.inference_mode()
     def _word_logprobs(self, wins: list[Window], contexts: np.ndarray | None) -> list[np.ndarray]:
         inputs = _inputs(wins, contexts, self.pad_id, self.context_dim)
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        with autocast(self.device, self.bf16):
-            logits = self.model(**inputs)
-        logp = torch.log_softmax(logits.float(), dim=-1).cpu().numpy()
+        logp = None
+        for model in [self.model, *self.members]:  # an ensemble: the members' mean
+            with autocast(self.device, self.bf16):
+                logits = model(**inputs)
+            lp = torch.log_softmax(logits.float(), dim=-1)
+            logp = lp if logp is None else logp + lp
+        logp = (logp / (1 + len(self.members))).cpu().numpy()
         return [logp[i, w.word_first] for i, w in enumerate(wins)]
 
     def predict(self, texts: Sequence[str | None], contexts: np.ndarray | None = None,
@@ -363,7 +399,9 @@ def train_conditioned_tagger(
 ) -> tuple[ConditionedTagger, dict]:
     """Fine-tune on (text, context, spans): texts are windowed, windows without a span are kept
     at `empty_keep_fraction`, at most `max_windows` windows; validation (span F1 on held-out
-    windows) picks the best epoch and stops early."""
+    windows) picks the best epoch and stops early. With `s.ensemble` > 1 the other members are
+    trained on the same windows and split (seeds seed + 1, …), and the validation figures and
+    spans returned are the ensemble's (the members' log-probabilities averaged)."""
     t0 = time.perf_counter()
     set_cpu_threads(s.cpu_threads)
     torch.manual_seed(s.seed)
@@ -396,6 +434,60 @@ def train_conditioned_tagger(
     train = [examples[i] for i in sorted(perm[n_val:])]
     ctx_all = (np.asarray(contexts, dtype=np.float32) if s.context_dim
                else None)
+
+    history, seen, best_epoch = _train_member(tagger, train, val, ctx_all, texts, s, dev, use_bf16,
+                                              rng, "imputation tagger")
+    members = []
+    for k in range(1, max(1, int(s.ensemble))):
+        # the same windows and validation split; its own initial head, batch order and dropout
+        torch.manual_seed(s.seed + k)
+        member = ConditionedTagger.from_encoder(s, labels, dev, use_bf16)
+        h, n_seen, b = _train_member(member, train, val, ctx_all, texts, s, dev, use_bf16,
+                                     np.random.default_rng(s.seed + k),
+                                     f"imputation tagger {k + 1}/{s.ensemble}")
+        seen += n_seen
+        members.append({"seed": s.seed + k, "best_epoch": b or len(h), "epochs_run": len(h),
+                        "seconds": sum(x["seconds"] for x in h),
+                        **({"val_f1": h[b - 1]["val_f1"]} if b and "val_f1" in h[b - 1] else {})})
+        tagger.members.append(member.model)
+        history = history + [{**x, "member": k} for x in h]
+    metrics = {
+        "n_windows": len(wins), "n_windows_without_span": n_empty, "n_train": len(train),
+        "n_val": len(val), "epochs_run": sum(1 for h in history if "member" not in h),
+        "best_epoch": best_epoch or len(history),
+        "history": history, "device": str(dev), "bf16": use_bf16,
+        "train_examples_per_s": seen / max(1e-9, sum(h["seconds"] for h in history)),
+        "ensemble": 1 + len(members), **({"members": members} if members else {}),
+    }
+    if val:
+        final = _validate(tagger, val, ctx_all, texts, s.eval_batch_size)
+        metrics.update({f"val_{k}": v for k, v in final.items() if k in ("precision", "recall", "f1")})
+        # every predicted validation span's score and whether it is a labelled span: what a
+        # caller calibrates its confidence threshold on
+        metrics["val_spans"] = {"scores": final["span_scores"], "correct": final["span_correct"],
+                                "n_gold": final["n_gold"]}
+        if tagger.members:  # the first member alone on the same windows: what one tagger gives
+            others, tagger.members = tagger.members, []
+            one = _validate(tagger, val, ctx_all, texts, s.eval_batch_size)
+            tagger.members = others
+            metrics.update({f"val_first_member_{k}": one[k] for k in ("precision", "recall", "f1")})
+            metrics["val_spans_first_member"] = {"scores": one["span_scores"],
+                                                 "correct": one["span_correct"], "n_gold": one["n_gold"]}
+    metrics["train_seconds"] = time.perf_counter() - t0
+    if out_dir is not None:
+        tagger.save(out_dir, extra={"training": {"settings": asdict(s),
+                                                 **{k: v for k, v in metrics.items()
+                                                    if k not in ("history", "val_spans",
+                                                                 "val_spans_first_member")}},
+                                    **(artifact_extra or {})})
+    return tagger, metrics
+
+
+def _train_member(tagger: ConditionedTagger, train, val, ctx_all, texts, s: ConditionedTrainSettings,
+                  dev, use_bf16: bool, rng: np.random.Generator, what: str):
+    """Fine-tune one model on the training windows; validation picks its best epoch and stops
+    early. Returns (history, examples seen, best epoch)."""
+    from autoknow_ray import progress
 
     model = tagger.model
     model.train()
@@ -447,34 +539,13 @@ def train_conditioned_tagger(
                 bad += 1
         history.append(rec)
         log.info("conditioned tagger epoch %s %s", epoch, rec)
-        from autoknow_ray import progress
-
-        progress.epoch_line("imputation tagger", epoch, s.epochs, rec)
+        progress.epoch_line(what, epoch, s.epochs, rec)
         if val and s.patience and bad >= s.patience:
             break
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
-    metrics = {
-        "n_windows": len(wins), "n_windows_without_span": n_empty, "n_train": len(train),
-        "n_val": len(val), "epochs_run": len(history), "best_epoch": best_epoch or len(history),
-        "history": history, "device": str(dev), "bf16": use_bf16,
-        "train_examples_per_s": seen / max(1e-9, sum(h["seconds"] for h in history)),
-    }
-    if val:
-        final = _validate(tagger, val, ctx_all, texts, s.eval_batch_size)
-        metrics.update({f"val_{k}": v for k, v in final.items() if k in ("precision", "recall", "f1")})
-        # every predicted validation span's score and whether it is a labelled span: what a
-        # caller calibrates its confidence threshold on
-        metrics["val_spans"] = {"scores": final["span_scores"], "correct": final["span_correct"],
-                                "n_gold": final["n_gold"]}
-    metrics["train_seconds"] = time.perf_counter() - t0
-    if out_dir is not None:
-        tagger.save(out_dir, extra={"training": {"settings": asdict(s),
-                                                 **{k: v for k, v in metrics.items()
-                                                    if k not in ("history", "val_spans")}},
-                                    **(artifact_extra or {})})
-    return tagger, metrics
+    return history, seen, best_epoch
 
 
 def _validate(tagger: ConditionedTagger, val, ctx_all, texts, batch_size: int) -> dict:

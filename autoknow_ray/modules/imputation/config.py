@@ -34,6 +34,10 @@ class ImputationTaggerConfig(BaseModel):
     bf16: bool | Literal["auto"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     cpu_threads: int | None = Field(2, ge=1)
+    # taggers trained with seeds seed … seed + ensemble - 1 on the same windows and decoded
+    # together (their word tag log-probabilities averaged; module 1's title tagger does the same):
+    # a disputed span scores low, so the threshold fit calibrates for precision keeps more spans
+    ensemble: int = Field(1, ge=1)
     # distant supervision: the catalogue's filled values located in its own texts
     max_train_products: int = Field(2000, ge=1)  # seeded sample of the training catalogue
     max_train_windows: int = Field(3000, ge=1)

@@ -40,7 +40,7 @@ def train_settings(cfg: ImputationConfig, dim: int) -> ConditionedTrainSettings:
         batch_size=t.batch_size, weight_decay=t.weight_decay, dropout=t.dropout,
         shape_dim=t.shape_dim, val_fraction=t.val_fraction, patience=t.patience, seed=t.seed,
         bf16=t.bf16, device=t.device, cpu_threads=t.cpu_threads,
-        eval_batch_size=cfg.infer_batch_size)
+        eval_batch_size=cfg.infer_batch_size, ensemble=t.ensemble)
 
 
 def _sample_rows(ctx: RunContext, cfg: ImputationConfig) -> list[dict]:
@@ -128,6 +128,9 @@ def fit_imputation(ctx: RunContext, out: Path) -> dict:
         empty_keep_fraction=cfg.tagger.empty_keep_fraction,
         artifact_extra={"task": "imputation-tagger", "distant_supervision": stats})
     calibration = calibrate(metrics.pop("val_spans", None), cfg.precision_target)
+    first = metrics.pop("val_spans_first_member", None)
+    if first is not None:  # an ensemble: what its first tagger alone would have shipped
+        metrics["calibration_first_member"] = calibrate(first, cfg.precision_target)
     (out / CALIBRATION).write_text(json.dumps(calibration, indent=2))
     known = known_values(rows, cfg.clusters.known_values_max)
     if known.height:

@@ -117,6 +117,8 @@ class HypernymConfig(BaseModel):
     context_per_type: int = Field(200, ge=1, description="typed products sampled per type")
     context_max: int = Field(50_000, ge=1, description="typed products sampled in all")
     behavior_max_rows: int = Field(200_000, ge=0, description="behaviour / co-purchase rows read")
+    linked_max: int = Field(50_000, ge=0, description="products those rows link to, added to the "
+                            "context (a seeded uniform draw where more)")
     # training
     product_edges: int = Field(3000, ge=0, description="product → type edges sampled for training")
     negatives: int = Field(40, ge=1, description="hard negatives per child (from its candidates)")

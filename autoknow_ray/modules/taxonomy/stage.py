@@ -175,7 +175,7 @@ class TaxonomyStage(Stage):
         orphans = orphan_types(taxonomy, typed_types) if has_edges else []
         # in one Ray task: the children's sampled products, the capped context and the
         # classifier over them; the driver gets the ranked parents (a few rows per new type)
-        n_children, ranked = runtime.run_task(
+        n_children, ranked, context_counts = runtime.run_task(
             _place_types, self, ctx, candidates, orphans, taxonomy, has_edges, art, bool(n), parts,
             cfg=ctx.cfg)
         known = set(tax_types)
@@ -221,6 +221,10 @@ class TaxonomyStage(Stage):
             "spread_new_types": spread_counts,
             "new_types": candidates.height,
             "hypernym_children": n_children,
+            # the products the children's behaviour leads to, those kept in the context
+            # (`hypernym.linked_max`, a seeded uniform draw), and the placing task's peak heap
+            # per phase (its process runs off the driver)
+            "hypernym_context": context_counts,
             "hypernym_edges": graph_tax.filter(pl.col("parent").is_not_null()).height,
             # the kNN vote's floors this rebuild used, and where they came from
             "knn_floors": floors_report,
@@ -562,9 +566,16 @@ class TaxonomyStage(Stage):
         typed products (`typed`: product_id, product_type as this rebuild decided it, title
         vector), every type's product count and title-vector sum (aggregated by the workers), and
         the behaviour rows of the children's sampled products with the typed products they lead
-        to (capped). Products of new types are skipped by the classifier's context."""
+        to (capped). Products of new types are skipped by the classifier's context.
+
+        The products that behaviour links to the children's products join the context (their
+        types are what the behaviour features count) up to `linked_max` of them, a seeded
+        uniform draw: up to `behavior_max_rows` rows of each kind link up to twice as many
+        products, each with its title vector (400,000 products' rows made this task the largest
+        worker of a 400k-product rebuild, 2.3 GiB). Returns the counts with the tables."""
+        linked_counts = {"linked": 0, "kept": 0}
         if typed is None:
-            return None, None, None, None
+            return None, None, None, None, linked_counts
         context, _counts = sample.per_key_sample(typed, "product_type", "product_id", hcfg.context_per_type,
                                                  hcfg.context_max, ctx.cfg.seed, parts)
         stats = sample.vector_sums(typed, "product_type", "embedding", parts).rename({"product_type": "type"})
@@ -591,15 +602,21 @@ class TaxonomyStage(Stage):
                         linked |= set(behavior["product_id"].drop_nulls().to_list())
             have = set(context["product_id"].to_list()) if context.height else set()
             extra = sorted(linked - have - set(child_pids))
+            counts = {"linked": len(extra), "kept": len(extra)}
+            if len(extra) > hcfg.linked_max:
+                draws = runtime.row_draws(pa.table({"product_id": extra}), "product_id", ctx.cfg.seed)
+                extra = sorted(extra[i] for i in np.argsort(draws, kind="stable")[:hcfg.linked_max])
+                counts["kept"] = len(extra)
             if extra:
                 more = runtime.bounded_sample(
                     sample.where_in(typed, "product_id", set(extra)), len(extra), ctx.cfg.seed)
                 more = more.filter(pl.col("product_type").is_not_null()) if more.height else more
                 if more.height:
                     context = pl.concat([context, more], how="vertical_relaxed") if context.height else more
+            linked_counts = counts
         if context.height:
             context = context.sort("product_id")
-        return context, behavior, copurchase, stats
+        return context, behavior, copurchase, stats, linked_counts
 
 
 def names_written_by_type(art: Path, vocab: dict[str, str], names: TypeNames,
@@ -639,12 +656,24 @@ def _capped_known(known_reference, exclude: set[str], per_type: int, seed: int
 
 def _place_types(stage: TaxonomyStage, ctx, candidates: pl.DataFrame, orphans: list[str],
                  taxonomy: pl.DataFrame, has_edges: bool, art: Path, tagged: bool,
-                 parts: int) -> tuple[int, pl.DataFrame]:
+                 parts: int) -> tuple[int, pl.DataFrame, dict]:
     """The hypernyms of the new and orphan types (run by `runtime.run_task`, off the driver):
-    (children placed, ranked parents)."""
-    children = stage._children(ctx, candidates, orphans, parts)
+    (children placed, ranked parents, what the task read: the counts of behaviour-linked
+    products and the task process's peak heap per phase, MiB, for the manifest)."""
+    from autoknow_ray.memory import MemorySampler
+
+    heap: dict[str, float] = {}
+
+    def phase(name: str, fn, *args):
+        with MemorySampler(0.1) as m:
+            out = fn(*args)
+        heap[name] = round(m.peaks.get("anon", m.peaks.get("rss", 0)) / 2**20, 1)
+        return out
+
+    children = phase("children", stage._children, ctx, candidates, orphans, parts)
     ranked = pl.DataFrame(schema={"type": pl.String, "parent": pl.String, "score": pl.Float32,
                                   "rank": pl.Int32, "accepted": pl.Boolean})
+    linked = {"linked": 0, "kept": 0}
     # a flat taxonomy (no parent edge) has nothing to attach under: its new types are roots,
     # like its own types
     if children.height and has_edges and (art / "hypernym" / "config.json").exists():
@@ -657,10 +686,12 @@ def _place_types(stage: TaxonomyStage, ctx, candidates: pl.DataFrame, orphans: l
         # process picks bf16 or fp32, and the names' vectors, so the placements, would follow it
         # (docs/incremental.md, "Same inputs, same graph")
         encoder = TextEncoder(ctx.cfg.taxonomy.tagger.encoder, device=ctx.cfg.device, bf16=False)
-        context, behavior, copurchase, stats = stage._hypernym_context(ctx, typed, children, hyp.cfg, parts)
-        ranked = hyp.predict(children, taxonomy=taxonomy, products=context, behavior=behavior,
-                             copurchase=copurchase, encoder=encoder, type_stats=stats)
-    return children.height, ranked
+        context, behavior, copurchase, stats, linked = phase(
+            "context", stage._hypernym_context, ctx, typed, children, hyp.cfg, parts)
+        ranked = phase("classifier", lambda: hyp.predict(
+            children, taxonomy=taxonomy, products=context, behavior=behavior,
+            copurchase=copurchase, encoder=encoder, type_stats=stats))
+    return children.height, ranked, {**linked, "task_heap_peak_mib": heap}
 
 
 MIN_PRIOR_SAMPLE = 50  # fewer untyped titles than this: fit's floors as they are

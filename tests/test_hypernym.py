@@ -407,3 +407,56 @@ def test_refused_products_near_a_new_types_products_take_it():
     assert [t["object"] for t in out.column("edits").to_pylist()[0]] == ["Sneaker"]
     assert out.column("edits").to_pylist()[1:] == [[], [], []]
     assert set(TYPE_COLUMNS) <= set(out.column_names) and out.num_rows == 4
+
+
+def test_adjacent_type_spans_that_name_no_known_type_are_read_as_one_type_phrase():
+    """"Power" and "Steering Fluid" read as two type spans are one type, "Power Steering Fluid"
+    (scored as its weakest part); a run with a known type among its parts, and spans apart in
+    the title, stay as the tagger read them."""
+    from autoknow_ray.modules.taxonomy.types import joined_type_spans
+
+    def sp(value, start, score, label="type"):
+        return {"label": label, "value": value, "start": start, "end": start + len(value), "score": score}
+
+    known = frozenset({type_key("Shoes"), type_key("Fluid")})
+    title = "Piden Power Steering Fluid | 6 Pack"
+    spans = [sp("Piden", 0, 0.9, "Brand"), sp("Power", 6, 0.8), sp("Steering Fluid", 12, 0.6)]
+    got = joined_type_spans(spans, known)
+    assert got == [{"label": "type", "value": "Power Steering Fluid", "start": 6, "end": 26, "score": 0.6}]
+    assert title[got[0]["start"]:got[0]["end"]] == "Power Steering Fluid"
+    # a known type among the parts: left as read
+    work = [sp("Work", 0, 0.7), sp("Shoes", 5, 0.9)]
+    assert joined_type_spans(work, known) == work
+    # apart in the title (a word between): not one phrase
+    apart = [sp("Power", 0, 0.8), sp("Fluid Pump", 15, 0.7)]
+    assert joined_type_spans(apart, frozenset()) == apart
+    batch = pa.table({"product_id": ["p1"], "spans": pa.array([spans], SPANS)})
+    out = BestTypeSpan(set(known), 0.3).process_batch(batch).to_pylist()[0]
+    assert out["span_value"] == "Power Steering Fluid" and out["span_new"]
+    assert out["mention_keys"] == [type_key("Power Steering Fluid")]
+
+
+def test_a_type_span_the_title_continues_with_a_known_types_name_is_widened_over_it():
+    """"Herbal" read as the type of "Herbal Tea | 12 Pack" is the modifier of a finer type: the
+    span takes in the known type's name that follows it after spaces ("Herbal Tea"), up to three
+    words; not across punctuation, not over another span, not from a span that is a known type."""
+    from autoknow_ray.modules.taxonomy.types import extended_type_spans
+
+    def sp(value, start, label="type"):
+        return {"label": label, "value": value, "start": start, "end": start + len(value), "score": 0.9}
+
+    known = frozenset(type_key(t) for t in ("Tea", "Pen", "Steering Fluid"))
+
+    def widened(title, spans):
+        return [s["value"] for s in extended_type_spans(title, spans, known)]
+
+    assert widened("Bodorver Original Herbal Tea | 12 Pack", [sp("Herbal", 18)]) == ["Herbal Tea"]
+    assert widened("Tover Ballpoint Pen - Assorted", [sp("Ballpoint", 6)]) == ["Ballpoint Pen"]
+    assert widened("Alpi Power Steering Fluid 1 qt", [sp("Power", 5)]) == ["Power Steering Fluid"]
+    assert widened("Herbal | Tea", [sp("Herbal", 0)]) == ["Herbal"]  # punctuation between
+    assert widened("Herbal Tea", [sp("Herbal", 0), sp("Tea", 7, "Flavor")]) == ["Herbal", "Tea"]
+    assert widened("Green Tea Bags", [sp("Tea", 6)]) == ["Tea"]  # already a known type
+    batch = pa.table({"product_id": ["p1"], "title": ["Bodorver Original Herbal Tea | 12 Pack"],
+                      "spans": pa.array([[sp("Herbal", 18)]], SPANS)})
+    out = BestTypeSpan(set(known), 0.3).process_batch(batch).to_pylist()[0]
+    assert out["span_value"] == "Herbal Tea" and out["span_new"]

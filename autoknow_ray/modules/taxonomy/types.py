@@ -173,10 +173,80 @@ def lower_case_taxonomy(taxonomy_types: list[str]) -> bool:
     return bool(cased) and sum(t == t.lower() for t in cased) >= 0.9 * len(cased)
 
 
+def joined_type_spans(spans, known_keys: frozenset[str]) -> list[dict]:
+    """The title's type spans, with each run of adjacent ones (at most one character apart) that
+    names no known type joined into one: a tagger that reads "Power" and "Steering Fluid" as two
+    type spans has read one type phrase, "Power Steering Fluid", whose parts alone would become
+    two new types. A run with a known type among its parts ("Work" "Shoe", "Swim" "Shorts") is
+    left as it is: the known type is what the title names. The joined span scores as its weakest
+    part."""
+    types = sorted((sp for sp in spans or () if sp["label"] == "type" and sp["value"] is not None),
+                   key=lambda sp: (sp.get("start") is None, sp.get("start") or 0))
+    out: list[dict] = []
+    run: list[dict] = []
+
+    def flush():
+        if len(run) > 1 and not any(type_key(sp["value"]) in known_keys for sp in run):
+            scores = [1.0 if sp["score"] is None else float(sp["score"]) for sp in run]
+            out.append({"label": "type", "value": " ".join(sp["value"] for sp in run),
+                        "start": run[0]["start"], "end": run[-1]["end"], "score": min(scores)})
+        else:
+            out.extend(run)
+        run.clear()
+
+    for sp in types:
+        if (run and sp.get("start") is not None and run[-1].get("end") is not None
+                and 0 <= sp["start"] - run[-1]["end"] <= 1):
+            run.append(sp)
+            continue
+        flush()
+        run.append(sp)
+    flush()
+    return out
+
+
+_WORD = re.compile(r"[^\W_](?:[\w'’-]*[^\W_])?")  # a word, without the punctuation around it
+MAX_HEAD_WORDS = 3  # a known type's name read after a type span: one to three words
+
+
+def extended_type_spans(title: str | None, spans: list[dict], known_keys: frozenset[str]) -> list[dict]:
+    """Type spans whose name no known type has and that the title continues, after spaces
+    alone, with a known type's name that no other span covers ("Herbal" + "Tea", "Ballpoint" +
+    "Pen"), widened over it: a compound noun's head is its last word, so the span the tagger
+    read is the modifier of a finer type ("Herbal Tea", under Tea), not a type of its own."""
+    if not title or not spans:
+        return spans
+    taken = [(sp.get("start"), sp.get("end")) for sp in spans]
+    out = []
+    for sp in spans:
+        end = sp.get("end")
+        if (sp["label"] != "type" or end is None or sp.get("start") is None
+                or type_key(sp["value"]) in known_keys):
+            out.append(sp)
+            continue
+        words, pos = [], end
+        for m in _WORD.finditer(title, end):
+            if len(words) == MAX_HEAD_WORDS or title[pos:m.start()].strip(" ") != "" or m.start() == pos and words:
+                break
+            if any(a is not None and a < m.end() and m.start() < b for a, b in taken):
+                break
+            words.append(m)
+            pos = m.end()
+        grow = None
+        for n in range(len(words), 0, -1):
+            if type_key(title[words[0].start():words[n - 1].end()]) in known_keys:
+                grow = words[n - 1].end()
+                break
+        out.append(sp if grow is None else {**sp, "value": title[sp["start"]:grow], "end": grow})
+    return out
+
+
 class BestTypeSpan(Step):
-    """Each product's best type span (highest score at or above `min_span_score`): `span_value`
-    (whitespace-cleaned), `span_score`, `span_key`, `span_new` (a key the taxonomy lacks), and
-    `mention_keys` (every distinct unknown key among its type spans, for the candidates' counts)."""
+    """Each product's best type span (highest score at or above `min_span_score`) among its type
+    spans, adjacent unknown ones joined (`joined_type_spans`) and widened over a known type's
+    name the title writes right after them (`extended_type_spans`): `span_value` (whitespace-cleaned),
+    `span_score`, `span_key`, `span_new` (a key the taxonomy lacks), and `mention_keys` (every
+    distinct unknown key among its type spans, for the candidates' counts)."""
 
     name = "best_type_span"
     resources = "taxonomy"
@@ -188,12 +258,13 @@ class BestTypeSpan(Step):
 
     def process_batch(self, batch: pa.Table) -> pa.Table:
         values, scores, keys, new, mentions = [], [], [], [], []
-        for spans in batch.column("spans").to_pylist():
+        titles = (batch.column("title").to_pylist() if "title" in batch.column_names
+                  else [None] * batch.num_rows)
+        for title, spans in zip(titles, batch.column("spans").to_pylist()):
             best = None
             seen: list[str] = []
-            for sp in spans or ():
-                if sp["label"] != "type" or sp["value"] is None:
-                    continue
+            for sp in extended_type_spans(title, joined_type_spans(spans, self.known_keys),
+                                          self.known_keys):
                 k = type_key(sp["value"])
                 if k and k not in self.known_keys and k not in seen:
                     seen.append(k)

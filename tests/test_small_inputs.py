@@ -113,8 +113,9 @@ def test_a_small_model_step_runs_as_warm_tasks_with_the_pools_calls(ray_session)
     assert not runtime.warm_tasks(plan, None)
     ds = ray.data.from_items([{"product_id": f"p{i}"} for i in range(60)])
     warm = _frame(runtime.map_step(ds, Loads(), cfg, 60))
+    # one setup per worker process however many calls it served; which of Ray's warm worker
+    # processes serve the calls is Ray's choice (two or three of them, from run to run)
     assert warm.height == 60 and warm["loads"].unique().to_list() == [1]
-    assert warm["pid"].n_unique() <= 2
     # the pool's calls: `rows_per_call` rows each (here the model batch, 16), then the rest
     assert runtime.rows_per_call(plan, 60) == 16
     assert sorted(warm["rows"].unique().to_list()) == [12, 16]

@@ -125,6 +125,20 @@ class VectorIndex:
         return self.index
 
     # ---- searching --------------------------------------------------------------------------
+    def stored_rows(self) -> np.ndarray | None:
+        """The vectors an exact CPU index holds, as a read-only view of its own storage (row i =
+        id i, the float32 values it scores with); None for an index that keeps no such rows (IVF,
+        GPU): a caller needing the vectors keeps its own copy there."""
+        flat = self.index
+        if flat is None or self.on_gpu or not isinstance(flat, faiss.IndexFlat):
+            return None
+        n, d = int(flat.ntotal), int(flat.d)
+        if n == 0:
+            return np.zeros((0, d), np.float32)
+        rows = faiss.rev_swig_ptr(flat.get_xb(), n * d).reshape(n, d)
+        rows.flags.writeable = False
+        return rows
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, ids), each [n_queries, k]; best first (highest inner product, lowest
         L2). Where fewer than k vectors exist the tail is padded with id -1 and score -inf (ip)

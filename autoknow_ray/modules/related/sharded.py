@@ -668,7 +668,7 @@ class RecommendShard(Step):
     def setup(self, env: WorkerEnv) -> None:
         from autoknow_ray.index.faiss_index import VectorIndex
         from autoknow_ray.modules.related.model import id_hash, rows_by_hash
-        from autoknow_ray.modules.related.steps import _vectors, index_rows, require_complete
+        from autoknow_ray.modules.related.steps import _vectors, require_complete
 
         # this shard's folder of the targets (`write_by_shard`), read whole: its marker says the
         # write finished, and its row count that nothing was missed
@@ -687,7 +687,7 @@ class RecommendShard(Step):
         self.sorted_hash = h[self.order]
         self._rows_by_hash = rows_by_hash
         if self.uses_prior:
-            rows = index_rows(self.index)
+            rows = self.index.stored_rows()
             self.targets = targets if rows is None else rows
             self.bought = np.zeros(len(self.ids))
             if self.uses_popularity and self.bought_path:

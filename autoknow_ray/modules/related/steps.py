@@ -70,23 +70,6 @@ def _vectors(col: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
     return m if len(m) else np.zeros((0, dim), np.float32)
 
 
-def index_rows(index) -> np.ndarray | None:
-    """The vectors an exact CPU index (`VectorIndex`, flat) holds, as a read-only view of its own
-    storage (row i = id i, the float32 values it scores with); None for an index that keeps no
-    such rows (IVF, GPU): the caller keeps its own copy there."""
-    import faiss
-
-    flat = index.index
-    if flat is None or not isinstance(flat, faiss.IndexFlat) or getattr(index, "on_gpu", False):
-        return None
-    n, d = int(flat.ntotal), int(flat.d)
-    if n == 0:
-        return np.zeros((0, d), np.float32)
-    rows = faiss.rev_swig_ptr(flat.get_xb(), n * d).reshape(n, d)
-    rows.flags.writeable = False
-    return rows
-
-
 def _fixed(vecs: np.ndarray) -> pa.FixedSizeListArray:
     v = np.ascontiguousarray(vecs.astype(np.float16))
     return pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), v.shape[1])
@@ -465,7 +448,7 @@ class Recommend(Step):
         if self.uses_prior:
             # the index's own rows where it keeps them on the CPU (an exact index): no second
             # float32 copy of every target beside it
-            self.targets = index_rows(self.index)
+            self.targets = self.index.stored_rows()
             self.targets = targets if self.targets is None else self.targets
             # the node table is indexed like the embeddings, so its rows are the FAISS ids
             self.tables = NodeTables(storage.path(self.path), storage.path(self.neighbours_path),

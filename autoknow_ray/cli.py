@@ -317,6 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--models", default=None)
     s.add_argument("--address", default=None)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--against", default=None, metavar="CONFIG",
+                   help="also rebuild each size with this config (same models and catalogues, "
+                        "right after the --config rebuild): per-stage seconds of the two side by "
+                        "side, and their ratios, measured in one run")
     s.add_argument("--incremental", action="store_true",
                    help="a nightly change (2%% titles edited, 1%% products added, 1%% removed) "
                         "rebuilt with --previous and in full: wall times, share reused, same "

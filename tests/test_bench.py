@@ -41,8 +41,11 @@ def test_bench_smallest(ray_session, tmp_path, tiny_models):
 
     cfg = load_config(REPO / "configs" / "test.yaml")
     out = tmp_path / "bench"
+    # --against: the same catalogue rebuilt right after under another config (module 1 left out)
+    without = cfg.model_copy(update={"stages": ["ingest", "graph", "report"]})
     result = run_bench(out, sizes=[120], workers=[1], config=cfg, models=str(tiny_models),
-                       compare_titles=16, compare_rounds=1, quick=True, progress=False)
+                       compare_titles=16, compare_rounds=1, quick=True, progress=False,
+                       against=without)
 
     data = json.loads((out / "bench.json").read_text())
     assert data["summary"] == json.loads(json.dumps(result["summary"]))
@@ -91,6 +94,14 @@ def test_bench_smallest(ray_session, tmp_path, tiny_models):
     md = (out / "bench.md").read_text()
     assert "ratio_vs_simple" in md and "autoknow bench" in md
     assert "### Worker memory" in md and "| TitleModels |" in md
+    pair, = data["against"]["pairs"]
+    assert (pair["n"], pair["workers"]) == (120, 1)
+    assert pair["stages"]["taxonomy"]["against"] is None and pair["stages"]["taxonomy"]["config"] > 0
+    assert pair["stages"]["ingest"]["ratio"] == pytest.approx(
+        pair["stages"]["ingest"]["against"] / pair["stages"]["ingest"]["config"], abs=1e-3)
+    assert pair["wall_ratio"] == pytest.approx(pair["wall_against"] / pair["wall_config"], abs=1e-3)
+    assert [r["n"] for r in data["against"]["table"]] == [120]
+    assert "### Against" in md and "| 120 | **wall** |" in md
 
 
 def test_worker_classes_and_their_memory_table():

@@ -171,3 +171,18 @@ def test_hypernym_context_keeps_the_same_behaviour_rows_whatever_their_order():
         for k in first.cp:
             assert np.array_equal(other.cp[k][0], first.cp[k][0])
             assert np.array_equal(other.cp[k][1], first.cp[k][1])
+
+
+def test_the_related_stage_reads_module_1s_title_vectors(two_rebuilds):
+    """Module 1 embedded every title already (same encoder, length and device): the related
+    stage reads those vectors from `typed_products` instead of encoding every title again."""
+    run = two_rebuilds[0]
+    m = json.loads((run / "related" / "manifest.json").read_text())
+    assert m["title_vectors"]["from"] == "taxonomy", m["title_vectors"]
+    typed = read_parquet_any(run / "taxonomy" / "typed_products",
+                             ["product_id", "title_vector"]).sort("product_id")
+    nodes = read_parquet_any(run / "related" / "cache" / "related_embed",
+                             ["product_id", "text"]).sort("product_id")
+    assert typed.height == N and typed["title_vector"].null_count() == 0
+    assert typed["product_id"].equals(nodes["product_id"])
+    assert typed["title_vector"].to_list() == nodes["text"].to_list()

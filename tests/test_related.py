@@ -1021,3 +1021,48 @@ def test_a_rebuild_over_shards_lists_what_one_recommend_lists(tmp_path, ray_sess
     assert got.height == want.height == n * rc.top_k
     assert got.select("product_id", "related_id", "rank").equals(want.select("product_id", "related_id", "rank"))
     np.testing.assert_allclose(got["score"].to_numpy(), want["score"].to_numpy(), rtol=1e-5)
+
+
+def test_embed_products_reads_module_1s_title_vectors_and_they_are_its_own(tmp_path):
+    """Module 1's title vectors (`EmbedTitles`) are what `EmbedProducts` would encode at the same
+    length and precision; given them in a column it reads them, builds no encoder, and encodes
+    only a row that lacks one."""
+    from autoknow_ray.modules.related.model import DualGNN, save
+    from autoknow_ray.modules.related.steps import TEXT_DIM, EmbedProducts
+    from autoknow_ray.nn.encoder import TITLE_MAX_LENGTH, EmbedTitles
+
+    save(DualGNN(GNNSettings(type_buckets=8, type_dim=4, dim=8)), tmp_path / "model")
+    titles = ["Brand1 phone 128 GB black", "Brand2 laptop bag, 15 inch, grey",
+              "A long title " + " ".join(f"word{i}" for i in range(50)), "Brand3 phone case"]
+    batch = pa.table({"product_id": [f"p{i}" for i in range(4)], "title": titles,
+                      "type": ["phone", "laptop bag", None, "phone case"]})
+    env = WorkerEnv()
+    titles_step = EmbedTitles("default", bf16=False)
+    titles_step.setup(env)
+    vectors = titles_step.process_batch(batch.select(["product_id", "title"])).column("embedding")
+    assert vectors.type.list_size == TEXT_DIM
+
+    encoding = EmbedProducts("default", TITLE_MAX_LENGTH, 8, tmp_path / "model")
+    encoding.setup(env)
+    encoding.encoder.bf16 = False
+    encoded = encoding.process_batch(batch)
+    # the same vectors module 1 wrote (fp16 both): the stage has nothing to encode again
+    assert encoded.column("text").to_pylist() == vectors.to_pylist()
+
+    reading = EmbedProducts("default", TITLE_MAX_LENGTH, 8, tmp_path / "model",
+                            vector_column="title_vector")
+    assert "title_vector" in reading.columns
+    reading.setup(env)
+    assert reading.encoder is None  # no encoder loaded
+    given = batch.append_column("title_vector", vectors)
+    read = reading.process_batch(given)
+    assert reading.encoder is None
+    assert read.equals(encoded)  # text, type bucket and h0 alike
+    # a row without a vector (a title module 1 did not embed) is encoded, the others read
+    missing = given.set_column(3, "title_vector", pa.array(
+        [v if i != 1 else None for i, v in enumerate(vectors.to_pylist())], vectors.type))
+    mixed = reading.process_batch(missing)
+    assert reading.encoder is not None
+    np.testing.assert_allclose(np.array(mixed.column("text").to_pylist(), np.float32),
+                               np.array(encoded.column("text").to_pylist(), np.float32), atol=2e-3)
+    assert mixed.column("text").to_pylist()[0] == encoded.column("text").to_pylist()[0]

@@ -88,6 +88,23 @@ def actor_memory_table(table: list[dict]) -> list[str]:
 
 
 # ---- markdown ------------------------------------------------------------------------------------
+def against_table(ag: dict | None, config: str | None) -> list[str]:
+    """The --against section: each size rebuilt under both configs, stage by stage."""
+    if not ag or not ag.get("pairs"):
+        return []
+    L = ["", f"### Against `{ag['config']}`", "",
+         f"Each size rebuilt under `{config or 'the built-in defaults'}` and then under "
+         f"`{ag['config']}` (same catalogue, models and workers; one bench run): seconds and "
+         "against / config.", "",
+         "| products | stage | config s | against s | against / config |", "|---|---|---|---|---|"]
+    for p in ag["pairs"]:
+        for st, v in p["stages"].items():
+            L.append(f"| {p['n']:,} | {st} | {f(v['config'])} | {f(v['against'])} | {f(v['ratio'])} |")
+        L.append(f"| {p['n']:,} | **wall** | {f(p['wall_config'])} | {f(p['wall_against'])} | "
+                 f"**{f(p['wall_ratio'])}** |")
+    return L
+
+
 def markdown(r: dict) -> str:
     s, m, fl, cmp_ = r["summary"], r["machine"], r["flops"], r["simple_way"]
     cmd = r["command"]
@@ -97,7 +114,7 @@ def markdown(r: dict) -> str:
     for k in ("sizes", "workers"):
         if cmd.get(k):
             args.append(f"--{k} " + " ".join(str(x) for x in cmd[k]))
-    for k in ("config", "models", "address"):
+    for k in ("config", "models", "address", "against"):
         if cmd.get(k):
             args.append(f"--{k} {cmd[k]}")
     cl = m["ray_cluster"]
@@ -207,6 +224,7 @@ def markdown(r: dict) -> str:
                 L.append(f"| {n:,} | {w} | taxonomy: the rest (types, hypernyms; driver) | "
                          f"{f(rest)} | {f(n / rest if rest > 0 else None)} | — |")
     L += actor_memory_table(r["table"])
+    L += against_table(r.get("against"), r["command"].get("config"))
     se, sm = s.get("scaling_end_to_end") or {}, s.get("scaling_model_stages") or {}
     if len(se) > 1:
         L += ["", f"### Scaling with workers ({s['scaling_size']:,} products)", "",

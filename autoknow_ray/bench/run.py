@@ -43,7 +43,8 @@ def main(args) -> int:
     os.environ.setdefault("AUTOKNOW_PROGRESS", "0")  # the bench draws its own bar
     result = run_bench(out=args.out, quick=bool(args.quick), sizes=args.sizes,
                        workers=args.workers, config=args.config, address=args.address,
-                       models=args.models, seed=int(args.seed))
+                       models=args.models, seed=int(args.seed),
+                       against=getattr(args, "against", None))
     s = result["summary"]
     print(f"bench: {result['out']}/bench.json, bench.md and plots ({result['wall_seconds']:.0f} s)")
     for k in ("ratio_vs_simple", "ratio_vs_single_process", "time_per_1k_growth",
@@ -145,14 +146,14 @@ def _tagger_quality(models: Path) -> dict:
 
 # ---- one rebuild ---------------------------------------------------------------------------------
 def run_one(catalogue: Path, n: int, workers: int, cfg, cluster: dict, models: Path,
-            runs_dir: Path) -> dict:
+            runs_dir: Path, label: str = "") -> dict:
     """One rebuild with a fixed pool of `workers`, watched by the probes."""
     from autoknow_ray import runtime
     from autoknow_ray.bench.probe import DatasetProbe, DriverMemorySampler, MemorySampler
     from autoknow_ray.rebuild import rebuild
 
     run_cfg = pool_config(cfg, cluster, workers)
-    run_dir = runs_dir / f"n{n}-w{workers}"
+    run_dir = runs_dir / f"n{n}-w{workers}{label}"
     if run_dir.exists():
         shutil.rmtree(run_dir)
     plan = runtime.plan_actors(run_cfg, "taxonomy", n)
@@ -167,7 +168,7 @@ def run_one(catalogue: Path, n: int, workers: int, cfg, cluster: dict, models: P
     model_seconds = sum(w["seconds"] for w in model_ops.values())
     report = run_dir / "report.json"
     if report.exists():
-        shutil.copy(report, runs_dir / f"n{n}-w{workers}.report.json")
+        shutil.copy(report, runs_dir / f"n{n}-w{workers}{label}.report.json")
     shutil.rmtree(run_dir, ignore_errors=True)  # the graph of a 1M catalogue is not the point
     mem_summary = mem.summary()
     # CPU time the actors spent in the model batches (Ray Data's per-task CPU time): unlike wall
@@ -342,7 +343,8 @@ def projection(summary: dict, largest: dict, flops: dict, cluster: dict,
 def run_bench(out: str | Path, *, quick: bool = False, sizes: list[int] | None = None,
               workers: list[int] | None = None, config=None, address: str | None = None,
               models: str | None = None, seed: int = 0, compare_titles: int | None = None,
-              compare_rounds: int | None = None, progress: bool = True) -> dict:
+              compare_rounds: int | None = None, progress: bool = True,
+              against: str | Path | None = None) -> dict:
     import ray.data
     from tqdm import tqdm
 
@@ -357,6 +359,11 @@ def run_bench(out: str | Path, *, quick: bool = False, sizes: list[int] | None =
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = config if isinstance(config, Config) else load_config(config)
+    cfg_b = None
+    if against is not None:
+        cfg_b = against if isinstance(against, Config) else load_config(against)
+        if cfg_b.ray != cfg.ray:
+            raise ValueError("--against: the two configs must start Ray alike (their `ray:` sections differ)")
     sizes = sorted(set(sizes or (QUICK_SIZES if quick else SIZES)))
     if any(s < 1 for s in sizes):
         raise ValueError(f"--sizes must be positive, got {sizes}")
@@ -370,7 +377,8 @@ def run_bench(out: str | Path, *, quick: bool = False, sizes: list[int] | None =
     sweep_n = max([s for s in sizes if s <= SWEEP_CAP] or [min(sizes)])
     matrix = [(n, w_max) for n in sizes] + [(sweep_n, w) for w in workers if w != w_max]
 
-    steps = 2 + len(sizes) + len(matrix) + 2  # models, catalogues, runs, compare, flops
+    # models, catalogues, runs (and the --against runs), compare, flops
+    steps = 2 + len(sizes) + len(matrix) + (len(sizes) if cfg_b is not None else 0) + 2
     bar = tqdm(total=steps, desc="bench", unit="step", dynamic_ncols=True, disable=not progress)
 
     phases: dict[str, float] = {}
@@ -399,7 +407,7 @@ def run_bench(out: str | Path, *, quick: bool = False, sizes: list[int] | None =
 
     runs_dir = out / "runs"
     runs_dir.mkdir(exist_ok=True)
-    rows = []
+    rows, rows_b = [], []
     for n, w in matrix:
         step(f"rebuild {n} products, {w} worker(s)")
         rows.append(run_one(catalogues[n], n, w, cfg, cluster, models_path, runs_dir))
@@ -408,6 +416,14 @@ def run_bench(out: str | Path, *, quick: bool = False, sizes: list[int] | None =
                   f"{r['products_per_s']:7.1f} products/s  model stages "
                   f"{_fmt(r['model_titles_per_s'])} titles/s")
         bar.update(1)
+        if cfg_b is not None and w == w_max:
+            # right after the --config rebuild of the same catalogue and models: the pair shares
+            # the machine's state of the moment, so their ratio is the one to read
+            step(f"rebuild {n} products, {w} worker(s), --against")
+            rows_b.append(run_one(catalogues[n], n, w, cfg_b, cluster, models_path, runs_dir,
+                                  label="-against"))
+            bar.write(f"  {n:>9,} products  {w} worker(s)  {rows_b[-1]['wall_seconds']:7.1f} s  (--against)")
+            bar.update(1)
     phase_done("rebuilds")
 
     largest_n = max(sizes)
@@ -443,7 +459,9 @@ def run_bench(out: str | Path, *, quick: bool = False, sizes: list[int] | None =
         "out": str(out),
         "command": {"quick": quick, "sizes": sizes, "workers": workers, "config": str(config)
                     if config is not None and not isinstance(config, Config) else None,
-                    "address": address, "models": models, "seed": seed},
+                    "address": address, "models": models, "seed": seed,
+                    "against": str(against) if against is not None and not isinstance(against, Config)
+                    else None},
         "summary": summary,
         "targets": targets(summary),
         "matrix": [{"n": n, "workers": w} for n, w in matrix],
@@ -458,11 +476,33 @@ def run_bench(out: str | Path, *, quick: bool = False, sizes: list[int] | None =
         "machine": {**machine_info(cluster), "data_context": data_context_settings(),
                     "load_average_at_start": load_start, "load_average_at_end": _loadavg()},
         "phase_seconds": phases,
+        **({"against": against_summary(rows, rows_b, against)} if cfg_b is not None else {}),
         "wall_seconds": time.perf_counter() - t_start,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     write_outputs(result, out)
     return result
+
+
+def against_summary(rows: list[dict], rows_b: list[dict], against) -> dict:
+    """Each size's rebuild under --config against its rebuild under --against (same catalogue,
+    models and workers): wall and per-stage seconds, and against / config."""
+    def ratio(b, a):
+        return round(b / a, 3) if a and b is not None else None
+
+    main = {(r["n"], r["workers"]): r for r in rows}
+    pairs = []
+    for b in rows_b:
+        a = main[(b["n"], b["workers"])]
+        stages = {}
+        for st in dict.fromkeys([*a["stage_seconds"], *b["stage_seconds"]]):
+            sa, sb = a["stage_seconds"].get(st), b["stage_seconds"].get(st)
+            stages[st] = {"config": sa, "against": sb, "ratio": ratio(sb, sa)}
+        pairs.append({"n": b["n"], "workers": b["workers"],
+                      "wall_config": a["wall_seconds"], "wall_against": b["wall_seconds"],
+                      "wall_ratio": ratio(b["wall_seconds"], a["wall_seconds"]), "stages": stages})
+    return {"config": str(against) if not hasattr(against, "model_dump") else "(a Config object)",
+            "table": rows_b, "pairs": pairs}
 
 
 def leading_titles(catalogue: Path, n: int) -> list[str]:

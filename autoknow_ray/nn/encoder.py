@@ -281,6 +281,11 @@ class TextEncoder:
         return out
 
 
+# module 1's title vectors are read at this many tokens (EmbedTitles); the related stage reads
+# them instead of encoding titles again where its own length is the same
+TITLE_MAX_LENGTH = 64
+
+
 class EmbedTitles(Step):
     """Step: (…, title) → the same columns with `title` replaced by `embedding` (float16, a
     fixed-size list). fp16 keeps the blocks small: ids and vectors, never text copies."""
@@ -299,6 +304,7 @@ class EmbedTitles(Step):
     def setup(self, env: WorkerEnv) -> None:
         set_cpu_threads(env.cpu_threads)
         self.encoder = TextEncoder(self.encoder_name, device=env.device, bf16=self.bf16,
+                                   max_length=TITLE_MAX_LENGTH,
                                    batch_size=env.batch_size * self.batch_factor)
 
     def process_batch(self, batch):

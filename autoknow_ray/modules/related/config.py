@@ -12,7 +12,13 @@ class RelatedConfig(BaseModel):
 
     # ---- the product graph
     encoder: str = "default"  # text encoder for the product metadata (the packaged MiniLM)
-    text_max_length: int = Field(32, ge=4)  # title tokens: titles are short, padding costs
+    # title tokens; at module 1's title-vector length (nn.encoder.TITLE_MAX_LENGTH) the stage
+    # reads module 1's title vectors where the encoder and precision are also the same, and
+    # encodes no title a second time (padding costs nothing: same-length batches)
+    text_max_length: int = Field(64, ge=4)
+    # read module 1's title vectors (`taxonomy/typed_products` `title_vector`) where they are
+    # this stage's own (same encoder, length, device); false: encode every title here
+    title_vectors_from_taxonomy: bool = True
     text_knn: int = Field(10, ge=0)  # similarity edges from title embeddings (no co-view logs)
     coview_max_per_query: int = Field(30, ge=2)  # most-viewed products of one query kept
     coview_min_products: int = Field(2, ge=2)  # a query needs this many products to link them

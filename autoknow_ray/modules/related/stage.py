@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from autoknow_ray import runtime
+from autoknow_ray import runtime, storage
 from autoknow_ray.graph.state import count_rows, n_products, typed_products_files
 from autoknow_ray.incremental import (
     CachedStep, DropColumns, file_digest, manifest_counts, run_cached, source_digest)
@@ -71,14 +72,46 @@ def embed_step(step: EmbedProducts, model_dir, rc, ctx: RunContext,
     type_col = "product_type" if from_catalogue else "type"
     fresh = Chain(EMBED_STEP, [CatalogueType(), step]) if from_catalogue else step
     return CachedStep(
-        name=EMBED_STEP, fresh=fresh, reuse=DropColumns(("title", type_col)),
+        name=EMBED_STEP, fresh=fresh,
+        reuse=DropColumns(("title", type_col, *([step.vector_column] if step.vector_column else []))),
         inputs=("title", type_col),
         outputs=("text", "type_bucket", "h0") if model_dir else ("text", "type_bucket"),
         fingerprint={"encoder": file_digest([Path(resolve_encoder(rc.encoder))]),
                      "model": file_digest([Path(model_dir)]) if model_dir else None,
                      "text_max_length": rc.text_max_length, "type_buckets": rc.type_buckets,
+                     "title_vectors": "taxonomy" if step.vector_column else "encoded",
                      "bf16": bool(runtime.model_bf16(device)), "device": device,
                      "code": source_digest(list(EMBED_CODE))})
+
+
+def title_vectors_source(ctx: RunContext, files, from_catalogue: bool, n: int) -> tuple[str | None, str]:
+    """(the typed products' column holding module 1's title vectors, or None; why). They are
+    read instead of encoding every title again where they are what this stage would compute:
+    the same encoder files, the same token length, the same device (so the same precision, one
+    decision per run) and the GNN's text width."""
+    from autoknow_ray.modules.related.steps import TEXT_DIM
+    from autoknow_ray.modules.taxonomy.stage import TITLE_VECTOR
+    from autoknow_ray.nn.encoder import TITLE_MAX_LENGTH, resolve_encoder
+
+    rc = ctx.cfg.related
+    if not rc.title_vectors_from_taxonomy:
+        return None, "related.title_vectors_from_taxonomy is off"
+    if from_catalogue or not files:
+        return None, "no module 1 in this run"
+    if rc.text_max_length != TITLE_MAX_LENGTH:
+        return None, f"related.text_max_length {rc.text_max_length} is not module 1's {TITLE_MAX_LENGTH}"
+    if resolve_encoder(rc.encoder) != resolve_encoder(ctx.cfg.taxonomy.tagger.encoder):
+        return None, "module 1's title encoder is another"
+    devices = {runtime.plan_actors(ctx.cfg, s, n).device for s in ("taxonomy", "related")}
+    if len(devices) > 1:
+        return None, "module 1's title models ran on another device (another precision)"
+    schema = pq.read_schema(str(storage.path(files[0])))
+    if TITLE_VECTOR not in schema.names:
+        return None, "module 1 wrote no title vectors"
+    width = getattr(schema.field(TITLE_VECTOR).type, "list_size", None)
+    if width != TEXT_DIM:
+        return None, f"module 1's title vectors are {width} wide, the model reads {TEXT_DIM}"
+    return TITLE_VECTOR, "module 1's title vectors: the same encoder, length and device"
 
 
 def _model_config(model_dir) -> dict:
@@ -126,14 +159,16 @@ class RelatedStage(Stage):
         counts.update(gb.coview_edges(cfg, ctx.table_path("ingest", "behavior"), products, out))
         lap("coview_edges")
 
-        step = EmbedProducts(rc.encoder, rc.text_max_length, rc.type_buckets,
-                             model_dir if trained else None)
         # a cached step: `rebuild --previous RUN` reuses RUN's title vectors and h0 of every
         # product whose title and type are unchanged (autoknow_ray/incremental.py); the type is
         # module 1's where it ran, else the catalogue's own
         files, from_catalogue = typed_products_files(ctx), False
         if files is None:
             files, from_catalogue = parquet_files(ctx.table_path("ingest", "products")), True
+        vectors, why = title_vectors_source(ctx, files, from_catalogue, n)
+        step = EmbedProducts(rc.encoder, rc.text_max_length, rc.type_buckets,
+                             model_dir if trained else None, vector_column=vectors)
+        counts["title_vectors"] = {"from": "taxonomy" if vectors else "encoded here", "why": why}
         cache: dict = {}
         if files:
             cache = run_cached(embed_step(step, model_dir if trained else None, rc, ctx, from_catalogue),

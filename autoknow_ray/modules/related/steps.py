@@ -130,10 +130,16 @@ class EmbedProducts(Step):
     columns = ("product_id", "title", "type")
     model = True
 
-    def __init__(self, encoder: str, max_length: int, type_buckets: int, model_dir: Path | None):
+    def __init__(self, encoder: str, max_length: int, type_buckets: int, model_dir: Path | None,
+                 vector_column: str | None = None):
         self.encoder_name, self.max_length = encoder, max_length
         self.type_buckets = type_buckets
         self.model_dir = str(model_dir) if model_dir else None
+        # `vector_column`: the title vectors are already in the rows (module 1's title models
+        # ran the same encoder at the same length and precision): read, not encoded again
+        self.vector_column = vector_column
+        if vector_column:
+            self.columns = (*type(self).columns, vector_column)
         # the loaded GNN is `gnn`: `model` is the Step's flag (an actor pool, one setup per actor)
         self.encoder = self.gnn = None
 
@@ -144,8 +150,9 @@ class EmbedProducts(Step):
         from autoknow_ray.nn.encoder import TextEncoder, set_cpu_threads
 
         set_cpu_threads(env.cpu_threads)
-        self.encoder = TextEncoder(self.encoder_name, device=env.device, max_length=self.max_length,
-                                   batch_size=max(env.batch_size, 64))
+        if not self.vector_column:
+            self.encoder = TextEncoder(self.encoder_name, device=env.device,
+                                       max_length=self.max_length, batch_size=max(env.batch_size, 64))
         if self.model_dir:
             self.gnn = load(Path(self.model_dir), "cpu")
             self.type_buckets = self.gnn.settings.type_buckets
@@ -156,8 +163,9 @@ class EmbedProducts(Step):
 
         from autoknow_ray.incremental import KEY
 
-        titles = [t or "" for t in batch.column("title").to_pylist()]
-        text = self.encoder.encode(titles)  # batch-invariant: same-length batches
+        # fp16 as written (and as fit trains on, from the nodes table): h0 is then the same
+        # whether a vector was encoded here or read from module 1's table
+        text = self._title_vectors(batch).astype(np.float16).astype(np.float32)
         types = type_bucket(batch.column("type").to_pylist(), self.type_buckets)
         cols = {"product_id": batch.column("product_id"), "text": _fixed(text),
                 "type_bucket": pa.array(types, pa.int32())}
@@ -171,6 +179,31 @@ class EmbedProducts(Step):
         if KEY in batch.column_names:  # a cached step's key passes through
             cols[KEY] = batch.column(KEY)
         return pa.table(cols)
+
+    def _title_vectors(self, batch: pa.Table) -> np.ndarray:
+        """[rows, dim] float32: the rows' own title vectors where `vector_column` gives them
+        (a row without one, a title module 1 did not embed, is encoded here), else every title
+        encoded (batch-invariant: same-length batches)."""
+        titles = [t or "" for t in batch.column("title").to_pylist()]
+        if not self.vector_column:
+            return self.encoder.encode(titles)
+        col = batch.column(self.vector_column).combine_chunks()
+        missing = np.asarray(col.is_null().to_numpy(zero_copy_only=False), bool)
+        dim = col.type.list_size
+        if not missing.any():
+            vecs = np.asarray(col.flatten().to_numpy(zero_copy_only=False), np.float32).reshape(-1, dim)
+        else:
+            vecs = np.zeros((len(titles), dim), np.float32)
+            for i, v in enumerate(col.to_pylist()):
+                if v is not None:
+                    vecs[i] = v
+            if self.encoder is None:
+                from autoknow_ray.nn.encoder import TextEncoder
+
+                self.encoder = TextEncoder(self.encoder_name, max_length=self.max_length)
+            idx = np.flatnonzero(missing)
+            vecs[idx] = self.encoder.encode([titles[i] for i in idx])
+        return vecs
 
 
 class TextNeighbours(Step):

@@ -438,11 +438,15 @@ class TaxonomyStage(Stage):
         decisions.map_batches(_explode("ranked", PRODUCT_TYPE_CANDIDATES), batch_format="pyarrow"
                               ).write_parquet(str(ctx.out / "product_type_candidates"))
         products = runtime.read_parquet(products_path)
+        # the title vector goes along (`title_vector`): the related stage reads it instead of
+        # encoding every title a second time with the same encoder (related/stage.py)
+        dim = _vector_size(decisions.schema(), "embedding")
+        kept = ["product_id", *TYPE_COLUMNS, "title_attributes", *(["embedding"] if dim else [])]
         typed = products.join(decisions.map_batches(with_title_attributes, batch_format="pyarrow")
-                              .select_columns(["product_id", *TYPE_COLUMNS, "title_attributes"]),
+                              .select_columns(kept).map_batches(_vector_renamed, batch_format="pyarrow"),
                               join_type="left_outer", on=("product_id",),
                               num_partitions=max(1, math.ceil(n / JOIN_ROWS_PER_PARTITION)))
-        schema = _typed_schema()
+        schema = _typed_schema(dim)
         typed.map_batches(lambda b: _conform(b, schema), batch_format="pyarrow").write_parquet(
             str(ctx.out / "typed_products"))
         outcomes = runtime.aggregate(decisions.select_columns(["outcome", "n_spans"]), ["outcome"],
@@ -740,10 +744,31 @@ def resolved_floors(types_cfg, art: Path):
     return types_cfg.model_copy(update=update) if update else types_cfg
 
 
-def _typed_schema() -> pa.Schema:
+def _typed_schema(vector_dim: int | None = None) -> pa.Schema:
+    """`typed_products`' columns; with `vector_dim`, also `title_vector` (the title models'
+    fp16 title vector, null where a product's title was not embedded)."""
     return pa.schema([*PRODUCTS, ("type", pa.string()), ("type_status", pa.string()),
                       ("type_confidence", pa.float32()), ("type_evidence", pa.string()),
-                      ("title_attributes", TITLE_ATTRIBUTES)])
+                      ("title_attributes", TITLE_ATTRIBUTES),
+                      *([(TITLE_VECTOR, pa.list_(pa.float16(), vector_dim))] if vector_dim else [])])
+
+
+TITLE_VECTOR = "title_vector"
+
+
+def _vector_size(schema, column: str) -> int | None:
+    """The list size of a fixed-size list column of a Ray Dataset's schema (None: no such
+    column)."""
+    if schema is None or column not in schema.names:
+        return None
+    t = schema.types[schema.names.index(column)]
+    return int(t.list_size) if pa.types.is_fixed_size_list(t) else None
+
+
+def _vector_renamed(batch: pa.Table) -> pa.Table:
+    if "embedding" not in batch.column_names:
+        return batch
+    return batch.rename_columns([TITLE_VECTOR if c == "embedding" else c for c in batch.column_names])
 
 
 def _conform(batch: pa.Table, schema: pa.Schema) -> pa.Table:

@@ -531,7 +531,7 @@ def map_step(ds: "ray.data.Dataset", step, cfg: Config, n_rows: int | None = Non
     per_call = rows_per_call(plan, n_rows)
     if step.columns:
         ds = ds.select_columns(list(step.columns))
-    if repartition and n_rows:
+    if repartition and n_rows and getattr(step, "split_input", True):
         ds = ds.repartition(target_num_rows_per_block=per_call)
     ref = [ray.put(step)]
     env = _worker_env(plan)

@@ -87,6 +87,27 @@ def test_chain_runs_its_steps_in_order_on_one_worker(ray_session):
     assert set(out["title"].to_list()) == {f"T{i}?" for i in range(100)}
 
 
+def test_a_step_whose_rows_are_cheap_is_not_split_before_its_pool(ray_session):
+    """`map_step` splits its input into blocks of a call's rows before a model step's pool,
+    except for a step that says its work per row costs less than the split (`split_input`); a
+    chain splits where one of its model steps asks for it. Every row comes out either way."""
+    class Cheap(CountingModel):
+        split_input = False
+
+    def ops(step) -> str:  # the names of the logical plan's operators, last to first
+        def walk(op):
+            return [op.name, *(n for d in op.input_dependencies for n in walk(d))]
+        return " ".join(walk(runtime.map_step(_ds(640), step, Config(), n_rows=640)._logical_plan.dag))
+
+    assert "Repartition" in ops(CountingModel("!"))
+    assert "Repartition" not in ops(Cheap("!"))
+    assert Chain("c", [Upper(), Cheap("!")]).split_input is False
+    assert Chain("c", [Cheap("!"), CountingModel("?")]).split_input is True
+    assert Chain("c", [Upper()]).split_input is True
+    out = _collect(runtime.map_step(_ds(640), Cheap("!"), Config(), n_rows=640))
+    assert sorted(out["title"].to_list()) == sorted(f"t{i}!" for i in range(640))
+
+
 def test_chain_names_a_missing_column():
     class NeedsBrand(Upper):
         name = "needs_brand"

@@ -140,6 +140,8 @@ class EmbedProducts(Step):
         self.vector_column = vector_column
         if vector_column:
             self.columns = (*type(self).columns, vector_column)
+            # no encoder: a few milliseconds per thousand rows, less than splitting the input
+            self.split_input = False
         # the loaded GNN is `gnn`: `model` is the Step's flag (an actor pool, one setup per actor)
         self.encoder = self.gnn = None
 

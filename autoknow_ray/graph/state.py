@@ -13,6 +13,9 @@ from autoknow_ray.pipeline import RunContext, count_rows, parquet_files  # noqa:
 
 # module 1 writes every ingested product once, with its resolved type, to this table
 TYPED_PRODUCTS = ("taxonomy", "typed_products")
+# module 1's title vector of each typed product (fp16, fixed width; absent where module 1 wrote
+# none): the related stage reads it instead of encoding the titles again
+TITLE_VECTOR = "title_vector"
 
 
 def _has_rows(path: Path) -> bool:

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from autoknow_ray import runtime, storage
-from autoknow_ray.graph.state import count_rows, n_products, typed_products_files
+from autoknow_ray.graph.state import TITLE_VECTOR, count_rows, n_products, typed_products_files
 from autoknow_ray.incremental import (
     CachedStep, DropColumns, file_digest, manifest_counts, run_cached, source_digest)
 from autoknow_ray.modules.related import graph_build as gb
@@ -90,7 +90,6 @@ def title_vectors_source(ctx: RunContext, files, from_catalogue: bool, n: int) -
     the same encoder files, the same token length, the same device (so the same precision, one
     decision per run) and the GNN's text width."""
     from autoknow_ray.modules.related.steps import TEXT_DIM
-    from autoknow_ray.modules.taxonomy.stage import TITLE_VECTOR
     from autoknow_ray.nn.encoder import TITLE_MAX_LENGTH, resolve_encoder
 
     rc = ctx.cfg.related

@@ -152,6 +152,7 @@ class EmbedProducts(Step):
         from autoknow_ray.nn.encoder import TextEncoder, set_cpu_threads
 
         set_cpu_threads(env.cpu_threads)
+        self.env = env
         if not self.vector_column:
             self.encoder = TextEncoder(self.encoder_name, device=env.device,
                                        max_length=self.max_length, batch_size=max(env.batch_size, 64))
@@ -190,21 +191,17 @@ class EmbedProducts(Step):
         if not self.vector_column:
             return self.encoder.encode(titles)
         col = batch.column(self.vector_column).combine_chunks()
-        missing = np.asarray(col.is_null().to_numpy(zero_copy_only=False), bool)
-        dim = col.type.list_size
-        if not missing.any():
-            vecs = np.asarray(col.flatten().to_numpy(zero_copy_only=False), np.float32).reshape(-1, dim)
-        else:
-            vecs = np.zeros((len(titles), dim), np.float32)
-            for i, v in enumerate(col.to_pylist()):
-                if v is not None:
-                    vecs[i] = v
-            if self.encoder is None:
-                from autoknow_ray.nn.encoder import TextEncoder
+        if not col.null_count:
+            return as_matrix(col)
+        have = np.asarray(col.is_valid().to_numpy(zero_copy_only=False), bool)
+        vecs = np.zeros((len(titles), col.type.list_size), np.float32)
+        vecs[have] = as_matrix(col.filter(pa.array(have)))
+        if self.encoder is None:  # once per worker, as setup() would have
+            from autoknow_ray.nn.encoder import TextEncoder
 
-                self.encoder = TextEncoder(self.encoder_name, max_length=self.max_length)
-            idx = np.flatnonzero(missing)
-            vecs[idx] = self.encoder.encode([titles[i] for i in idx])
+            self.encoder = TextEncoder(self.encoder_name, device=self.env.device, max_length=self.max_length)
+        missing = np.flatnonzero(~have)
+        vecs[missing] = self.encoder.encode([titles[i] for i in missing])
         return vecs
 
 

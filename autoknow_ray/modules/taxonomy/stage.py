@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from autoknow_ray import runtime, storage
-from autoknow_ray.graph.state import count_rows
+from autoknow_ray.graph.state import TITLE_VECTOR, count_rows
 from autoknow_ray.index.vectors import as_matrix
 from autoknow_ray.incremental import manifest_counts, run_cached
 from autoknow_ray.modules.taxonomy import knn_floors, sample
@@ -751,9 +751,6 @@ def _typed_schema(vector_dim: int | None = None) -> pa.Schema:
                       ("type_confidence", pa.float32()), ("type_evidence", pa.string()),
                       ("title_attributes", TITLE_ATTRIBUTES),
                       *([(TITLE_VECTOR, pa.list_(pa.float16(), vector_dim))] if vector_dim else [])])
-
-
-TITLE_VECTOR = "title_vector"
 
 
 def _vector_size(schema, column: str) -> int | None:

@@ -152,3 +152,19 @@ def stage_finished(name: str, seconds: float, rows: int | None = None,
 
 def stage_skipped(name: str) -> None:
     line(f"stage {name}: up to date, skipped")
+
+
+class Phases:
+    """Wall seconds per named phase of a stage, for its manifest (`phase_seconds`): `done(name)`
+    closes the phase that began at the previous `done` (or at construction). A phase that ends
+    in a Ray Data write or aggregate is timed whole; a lazy dataset's work is counted where it
+    is executed."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def done(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + now - self._t, 2)
+        self._t = now

@@ -14,7 +14,7 @@ from autoknow_ray.eval.baselines_related import copurchase_counts
 from autoknow_ray.eval.related import score
 from autoknow_ray.modules.related.config import RelatedConfig
 from autoknow_ray.modules.related.fit import train
-from autoknow_ray.modules.related.model import GNNSettings, padded_neighbours
+from autoknow_ray.modules.related.model import GNNSettings, list_weights, padded_neighbours
 from autoknow_ray.modules.related.steps import CheckEdges, mark_complete
 from autoknow_ray.pipeline import read_parquet_any, table_file
 from autoknow_ray.rebuild import rebuild
@@ -235,6 +235,29 @@ def test_worker_steps_embed_and_recommend_without_ray(tmp_path):
     assert sorted(out.filter(pl.col("product_id") == "p11")["rank"].to_list()) == [1, 2, 3, 4]
     with pytest.raises(KeyError):
         embed.process_batch(pa.table({"product_id": ["unknown"]}))
+
+
+def test_list_weights_sums_each_candidates_entries_in_its_own_rows_list():
+    """The re-ranking's count and neighbour terms: per row, the weights of the list entries equal
+    to each candidate, as comparing every candidate with every entry gives; -1 pads match
+    nothing; a row's figures are the same whatever rows share its batch."""
+    rng = np.random.default_rng(3)
+    cand = rng.integers(-1, 60, (37, 50))
+    ids = rng.integers(-1, 60, (37, 23))
+    w = np.where(ids >= 0, rng.random((37, 23)) * 5, 0.0)
+    pairwise = ((cand[:, :, None] == ids[:, None, :]) * w[:, None, :]).sum(2)
+    got = list_weights(cand, ids, w)
+    assert np.allclose(got, pairwise, rtol=0, atol=1e-12)
+    assert (got[cand < 0] == 0).all()
+    # a hand case: candidate 2 is listed twice (1 + 2), 5 once, 7 never; a -1 entry's weight
+    # (9, as a pad should never carry one) never reaches a -1 candidate
+    small = list_weights(np.array([[2, 5, 7, -1]]), np.array([[2, 2, -1, 5]]), np.array([[1., 2., 9., 3.]]))
+    assert small.tolist() == [[3.0, 3.0, 0.0, 0.0]]
+    # row 5 alone, and with other rows in another order: the same figures, bit for bit
+    alone = list_weights(cand[5:6], ids[5:6], w[5:6])
+    mixed = list_weights(cand[[9, 5, 0]], ids[[9, 5, 0]], w[[9, 5, 0]])
+    assert np.array_equal(alone[0], mixed[1])
+    assert list_weights(np.zeros((0, 4), np.int64), np.zeros((0, 3), np.int64), np.zeros((0, 3))).shape == (0, 4)
 
 
 def test_split_events_keeps_every_event_once():

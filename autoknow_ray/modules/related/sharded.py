@@ -744,7 +744,7 @@ class RecommendShard(Step):
     def _rerank(self, batch: pa.Table, q: np.ndarray, faiss_scores: np.ndarray, ids: np.ndarray):
         """`Recommend._rerank`'s scores, for the candidates in this shard: the same terms over
         the same lists, a candidate of another shard left to that shard's worker."""
-        from autoknow_ray.modules.related.model import prior_weights_of, term_weights_of
+        from autoknow_ray.modules.related.model import list_weights, prior_weights_of, term_weights_of
 
         n = batch.num_rows
         oi, ow = self._padded(batch.column("out_ids"), batch.column("out_w"))
@@ -761,19 +761,18 @@ class RecommendShard(Step):
         pw = prior_weights_of(self.prior, events)
         wp = term_weights_of(self.prior, events, "popularity_bucket_weights") if self.uses_popularity else None
         wn = term_weights_of(self.prior, events, "neighbour_bucket_weights") if self.uses_neighbours else None
+        count = list_weights(cand, oi, ow) + list_weights(cand, ii, iw)
+        mean = list_weights(cand, nb_i, nb_w) / n_sim[:, None] if wn is not None else None
         score = np.full(cand.shape, -np.inf)
-        for lo in range(0, n, 64):  # (rows, candidates, list entries): bounded in chunks
+        for lo in range(0, n, 64):  # (rows, candidates, dim): the gathered targets bounded in chunks
             s = slice(lo, lo + 64)
             c = cand[s]
-            count = ((c[:, :, None] == oi[s][:, None, :]) * ow[s][:, None, :]).sum(2) \
-                + ((c[:, :, None] == ii[s][:, None, :]) * iw[s][:, None, :]).sum(2)
             model = np.einsum("nd,ncd->nc", q[s], self.targets[np.clip(c, 0, None)])
-            sc = model + pw[s, None] * np.log1p(count)
+            sc = model + pw[s, None] * np.log1p(count[s])
             if wp is not None:
                 sc += wp[s, None] * np.log1p(self.bought[np.clip(c, 0, None)])
             if wn is not None:
-                mean = ((c[:, :, None] == nb_i[s][:, None, :]) * nb_w[s][:, None, :]).sum(2) / n_sim[s, None]
-                sc += wn[s, None] * np.log1p(mean)
+                sc += wn[s, None] * np.log1p(mean[s])
             score[s] = sc
         model = np.full(cand.shape, -np.inf, np.float32)
         model[:, :ids.shape[1]] = faiss_scores

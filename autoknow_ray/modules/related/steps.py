@@ -513,7 +513,7 @@ class Recommend(Step):
     def _rerank(self, batch: pa.Table, q: np.ndarray, ids: np.ndarray):
         """Candidates = FAISS hits + co-purchase neighbours out and in; each scored by the model
         plus the count prior; duplicates and missing slots sink to the end (-1 ids)."""
-        from autoknow_ray.modules.related.model import term_weights_of, prior_weights_of
+        from autoknow_ray.modules.related.model import list_weights, prior_weights_of, term_weights_of
 
         me = self.tables.index_of(batch.column("product_id").to_pylist())
         n = len(me)
@@ -533,8 +533,7 @@ class Recommend(Step):
             n_sim = np.maximum((sims >= 0).sum(1), 1)
             extra.append(nb_i)
         cand = np.concatenate([ids, oi, ii, *extra], 1)
-        count = ((cand[:, :, None] == oi[:, None, :]) * ow[:, None, :]).sum(2) \
-            + ((cand[:, :, None] == ii[:, None, :]) * iw[:, None, :]).sum(2)
+        count = list_weights(cand, oi, ow) + list_weights(cand, ii, iw)
         model = np.einsum("nd,ncd->nc", q, self.targets[np.clip(cand, 0, None)])
         events = np.where(me >= 0, self.tables.events[rows], 0.0)
         score = model + prior_weights_of(self.prior, events)[:, None] * np.log1p(count)
@@ -543,10 +542,7 @@ class Recommend(Step):
                 self.tables.bought[np.clip(cand, 0, None)])
         if self.uses_neighbours:
             wn = term_weights_of(self.prior, events, "neighbour_bucket_weights")
-            for lo in range(0, n, 64):  # (rows, candidates, neighbours' lists): bounded in chunks
-                c, i, w = cand[lo:lo + 64], nb_i[lo:lo + 64], nb_w[lo:lo + 64]
-                mean = ((c[:, :, None] == i[:, None, :]) * w[:, None, :]).sum(2) / n_sim[lo:lo + 64, None]
-                score[lo:lo + 64] += wn[lo:lo + 64, None] * np.log1p(mean)
+            score += wn[:, None] * np.log1p(list_weights(cand, nb_i, nb_w) / n_sim[:, None])
         srt = np.sort(cand, 1)
         dup = np.zeros_like(cand, bool)
         order = np.argsort(cand, 1, kind="stable")

@@ -26,7 +26,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from autoknow_ray import runtime, storage
+from autoknow_ray import progress, runtime, storage
 from autoknow_ray.graph.state import TITLE_VECTOR, count_rows
 from autoknow_ray.index.vectors import as_matrix
 from autoknow_ray.incremental import manifest_counts, run_cached
@@ -97,6 +97,7 @@ class TaxonomyStage(Stage):
         names = TypeNames(list(parents))
         plan = runtime.plan_actors(ctx.cfg, self.name, n)
         parts = runtime.shuffle_partitions(n)
+        phases = progress.Phases()  # the manifest's `phase_seconds`
 
         # ---- 1. one read of the titles: spans + best type span + title vector ----------------
         scratch = ctx.out / "_title_models"
@@ -125,6 +126,7 @@ class TaxonomyStage(Stage):
                                ctx.resume, previous)
             cache.update(bf16=bf16, device=plan.device)
             chunks = {"chunks": cache["chunks"], "skipped": cache["chunks_resumed"]}
+        phases.done("title_models")
         counts: dict = {}
         spread_counts: dict = {}
         if n:
@@ -136,32 +138,40 @@ class TaxonomyStage(Stage):
             labels = self._type_counts(tm, {type_key(t) for t in tax_types},
                                        cfg.types.max_catalogue_labels, parts)
             typed_types = set(labels.rows["product_type"].to_list()) if labels.rows.height else set()
+            phases.done("type_counts")
             label_counts = {"labels": labels.keys, "left_out": labels.left_out}
             # the taxonomy's nodes no product carries (in fit or here): one with children is a
             # category, which no title or span names
             unsold = unsold_types(list(parents), load_type_reference_types(art) | typed_types)
             names = TypeNames(list(parents), unsold=unsold, children=_children)
             candidates, accepted = self._candidates(tm, names, tax_types, cfg.types, ctx.cfg.seed, parts)
+            phases.done("candidates")
             name_support, name_accepted = self._title_name_support(
                 tm, names, vocab, accepted, cfg.types, lower_case_taxonomy(tax_types), parts)
             names = TypeNames(list(parents), {**name_accepted, **accepted}, unsold, _children)
+            phases.done("title_names")
             resolve, floors_report = self._resolve_step(ctx, tm, names, parents, art, encoder, typed_types,
                                          name_support, vocab)
+            phases.done("knn_reference_and_floors")
             decisions_dir = ctx.out / "_decisions"
             runtime.map_step(tm, resolve, ctx.cfg, n).write_parquet(str(decisions_dir))
+            phases.done("resolve")
             known_reference = resolve.train_ref
             spread_cfg = resolve.cfg  # the floors as resolved for this catalogue
             del resolve  # its reference index lives on in the workers only
             if name_accepted:
                 candidates = self._with_title_name_types(ctx, candidates, set(names.known.values()),
                                                          cfg.types, parts)
+                phases.done("title_name_types")
             if cfg.types.spread_new_types and candidates.height:
                 spread_counts, groups = self._spread_new_types(
                     ctx, candidates, spread_cfg, known_reference, decisions_dir, n, parts,
                     {type_key(t) for t in parents})
                 if groups.rename:  # variants of one new type are one row, their names kept
                     candidates = merge_candidates(candidates, groups, cfg.types.max_examples)
+                phases.done("spread")
             counts = self._write_products(ctx, products_path, decisions_dir, n, parts)
+            phases.done("write_products")
         else:
             candidates, typed_types, floors_report = pl.DataFrame(schema=CANDIDATES_SCHEMA), set(), None
             label_counts = {"labels": 0, "left_out": 0}
@@ -178,6 +188,7 @@ class TaxonomyStage(Stage):
         n_children, ranked, context_counts = runtime.run_task(
             _place_types, self, ctx, candidates, orphans, taxonomy, has_edges, art, bool(n), parts,
             cfg=ctx.cfg)
+        phases.done("hypernyms")
         known = set(tax_types)
         graph_tax = ranked.filter(pl.col("accepted")).select(
             "type", "parent", (~pl.col("type").is_in(list(known))).alias("is_new"),
@@ -228,6 +239,8 @@ class TaxonomyStage(Stage):
             "hypernym_edges": graph_tax.filter(pl.col("parent").is_not_null()).height,
             # the kNN vote's floors this rebuild used, and where they came from
             "knn_floors": floors_report,
+            # wall seconds per phase of this stage (the title models, each aggregate and pass after)
+            "phase_seconds": phases.seconds,
         }
 
     # ---- 2. aggregates and samples --------------------------------------------------------------

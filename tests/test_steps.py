@@ -322,3 +322,29 @@ def test_the_run_precision_is_decided_once_and_kept_on_resume_and_by_the_next_ru
     other = tmp_path / "other"
     other.mkdir()
     assert runtime.run_precision(cfg, other)["decided_by"] == "no bf16 units"
+
+
+def test_first_per_key_keeps_each_keys_smallest_draws_whatever_the_blocks(ray_session):
+    """Module 1's examples and hypernym children: per key the `n` rows of smallest hashed draw
+    (ties by id), the same in one block or many and in any order of rows, in the dataset's
+    column order; a key with fewer rows keeps them all."""
+    import ray
+
+    from autoknow_ray.modules.taxonomy import sample
+
+    ids = [f"p{i}" for i in range(60)]
+    t = pa.table({"product_id": ids, "type": [f"t{i % 4}" if i < 57 else "rare" for i in range(60)]})
+    u = sample.uniform(ids, 7)
+    want = {}
+    for pid, typ, draw in sorted(zip(ids, t.column("type").to_pylist(), u), key=lambda r: (r[2], r[0])):
+        want.setdefault(typ, [])
+        if len(want[typ]) < 5:
+            want[typ].append(pid)
+    order = np.random.default_rng(0).permutation(60)
+    for ds in (ray.data.from_arrow(t), ray.data.from_arrow(t.take(pa.array(order))).repartition(6)):
+        got = sample.first_per_key(ds, "type", "product_id", 5, seed=7)
+        assert got.columns == ["product_id", "type"]
+        per = {k: sorted(v) for k, v in got.group_by("type").agg(pl.col("product_id")).iter_rows()}
+        assert per == {k: sorted(v) for k, v in want.items()}
+    assert len(per["rare"]) == 3
+    assert sample.first_per_key(ray.data.from_arrow(t), "type", "product_id", 0, seed=7).height == 0

@@ -86,21 +86,33 @@ def per_key_sample(ds, key: str, id_column: str, per_key: int, cap: int, seed: i
     return rows.head(cap), counts
 
 
-def first_per_key(ds, key: str, id_column: str, n: int, seed: int, partitions: int = 1) -> pl.DataFrame:
-    """For each value of `key`: `n` rows chosen by a hash of `id_column` (deterministic), as one
-    group per worker call — bounded output, whatever a group's size."""
+def first_per_key(ds, key: str, id_column: str, n: int, seed: int) -> pl.DataFrame:
+    """For each value of `key`: the `n` rows with the smallest draw from a hash of `id_column`
+    and `seed` (ties by id; deterministic, whatever the blocks). Two levels, as a combiner: each
+    block keeps its own `n` per key in its task, the driver merges those (at most blocks × keys ×
+    `n` rows, of the columns `ds` carries) and keeps `n` per key. No shuffle: a groupby's fixed
+    cost was most of this on a small catalogue, and a large group never sits in one worker."""
     if n <= 0:
         return pl.DataFrame()
 
-    def head(group: pa.Table) -> pa.Table:
-        u = uniform(group.column(id_column).to_pylist(), seed)
-        order = np.argsort(u, kind="stable")[:n]
-        return group.take(pa.array(order))
+    def head(batch: pa.Table) -> pa.Table:
+        if batch.num_rows == 0:
+            return pa.table({})
+        frame = pl.from_arrow(batch).with_columns(
+            pl.Series(_U, uniform(batch.column(id_column).to_pylist(), seed)))
+        return _first_rows(frame, key, id_column, n).to_arrow()
 
-    out = ds.groupby(key, num_partitions=partitions).map_groups(head, batch_format="pyarrow")
-    parts = [pl.from_arrow(t) for t in _refs(out)]
+    parts = [pl.from_arrow(t) for t in _refs(ds.map_batches(head, batch_format="pyarrow"))]
     parts = [p for p in parts if p.height]
-    return pl.concat(parts, how="vertical_relaxed") if parts else pl.DataFrame()
+    if not parts:
+        return pl.DataFrame()
+    return _first_rows(pl.concat(parts, how="vertical_relaxed"), key, id_column, n).drop(_U)
+
+
+def _first_rows(frame: pl.DataFrame, key: str, id_column: str, n: int) -> pl.DataFrame:
+    """Per key, the `n` rows of smallest draw (`_U`), ties by id; the frame's column order kept."""
+    return (frame.sort([key, _U, id_column], nulls_last=True)
+            .group_by(key, maintain_order=True).head(n).select(frame.columns))
 
 
 def vector_sums(ds, key: str, vector: str, partitions: int = 1) -> pl.DataFrame:

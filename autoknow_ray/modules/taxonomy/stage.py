@@ -19,6 +19,7 @@ workers as steps of the stage protocol:
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -267,7 +268,7 @@ class TaxonomyStage(Stage):
             ["key"], {"n_products": ("count", None)}, parts)
         examples = sample.first_per_key(
             sample.where_in(new.select_columns(["product_id", "span_key"]), "span_key", keys),
-            "span_key", "product_id", cfg.max_examples, seed, parts)
+            "span_key", "product_id", cfg.max_examples, seed)
         ex = (examples.group_by("span_key").agg(pl.col("product_id").sort().alias("example_product_ids"))
               if examples.height else pl.DataFrame(schema={"span_key": pl.String,
                                                             "example_product_ids": pl.List(pl.String)}))
@@ -455,10 +456,11 @@ class TaxonomyStage(Stage):
         # encoding every title a second time with the same encoder (related/stage.py)
         dim = _vector_size(decisions.schema(), "embedding")
         kept = ["product_id", *TYPE_COLUMNS, "title_attributes", *(["embedding"] if dim else [])]
-        typed = products.join(decisions.map_batches(with_title_attributes, batch_format="pyarrow")
-                              .select_columns(kept).map_batches(_vector_renamed, batch_format="pyarrow"),
-                              join_type="left_outer", on=("product_id",),
-                              num_partitions=max(1, math.ceil(n / JOIN_ROWS_PER_PARTITION)))
+        # at most `n` rows a side (one decision per product): a small catalogue joins in one task
+        typed = runtime.join(products, decisions.map_batches(with_title_attributes, batch_format="pyarrow")
+                             .select_columns(kept).map_batches(_vector_renamed, batch_format="pyarrow"),
+                             ("product_id",), "left_outer",
+                             max(1, math.ceil(n / JOIN_ROWS_PER_PARTITION)), left_rows=n, right_rows=n)
         schema = _typed_schema(dim)
         typed.map_batches(lambda b: _conform(b, schema), batch_format="pyarrow").write_parquet(
             str(ctx.out / "typed_products"))
@@ -482,10 +484,12 @@ class TaxonomyStage(Stage):
         vote, new types closer to each other than any two known types are one type
         (`type_groups`): the same pass renames their products to the group's name."""
         new = set(candidates["type"].to_list())
+        phases = progress.Phases()
         decisions = runtime.read_parquet(decisions_dir, ["product_id", "type", "embedding"])
         ref, _counts = sample.per_key_sample(sample.where_in(decisions, "type", new), "type", "product_id",
                                              types_cfg.spread_per_type, types_cfg.spread_max,
                                              ctx.cfg.seed, parts)
+        phases.done("reference")
         if not ref.height:
             return {"spread_reference": 0}, TypeGroups()
         groups = TypeGroups()
@@ -502,11 +506,13 @@ class TaxonomyStage(Stage):
                                      known_vecs, support, types_cfg.knn_k, ctx.cfg.seed,
                                      titles=[title_of.get(p) for p in ref["product_id"].to_list()],
                                      reserved=reserved)
+            phases.done("groups")
         floors: dict = {"skipped": "taxonomy.types.spread_floors is off: the first vote's floors"}
         if types_cfg.spread_floors:  # the spread vote's own floors, from this rebuild's new types
             floors = knn_floors.choose_spread_floors(
                 [groups.rename.get(t, t) for t in ref["type"].to_list()], as_matrix(ref["embedding"]),
                 known_types, known_vecs, types_cfg.knn_k, seed=ctx.cfg.seed)
+            phases.done("floors")
         spread_cfg = types_cfg if "skipped" in floors else types_cfg.model_copy(update={
             "knn_min_similarity": floors["knn_min_similarity"], "knn_min_share": floors["knn_min_share"]})
         own = None
@@ -521,6 +527,7 @@ class TaxonomyStage(Stage):
             own, _c = sample.per_key_sample(
                 decisions.map_batches(known_typed, batch_format="pyarrow"), "type", "product_id",
                 types_cfg.spread_per_type, types_cfg.spread_max, ctx.cfg.seed, parts)
+            phases.done("own_known")
         known_floors = (types_cfg.knn_min_similarity, types_cfg.knn_min_share)
         second: dict = {"skipped": "taxonomy.types.second_vote_floors is off: the first vote's floors"}
         if own is not None and own.height and types_cfg.second_vote_floors:
@@ -534,6 +541,7 @@ class TaxonomyStage(Stage):
                 types_cfg.knn_k, seed=ctx.cfg.seed)
             if "skipped" not in second:
                 known_floors = (second["knn_min_similarity"], second["knn_min_share"])
+            phases.done("second_vote_floors")
         step = SpreadNewTypes(spread_cfg, new, ref.select("type", "embedding"), known_reference,
                               rename=groups.rename,
                               own_known=own.select("type", "embedding")
@@ -542,7 +550,9 @@ class TaxonomyStage(Stage):
         out = ctx.out / "_decisions_spread"
         runtime.map_step(runtime.read_parquet(decisions_dir), step, ctx.cfg, n).write_parquet(str(out))
         storage.replace_dir(out, decisions_dir)
+        phases.done("vote")
         return {"spread_reference": int(ref.height), "groups": groups.report(), "floors": floors,
+                "phase_seconds": phases.seconds,
                 "second_vote_floors": second,
                 "own_known_reference": int(own.height) if own is not None else 0}, groups
 
@@ -558,7 +568,7 @@ class TaxonomyStage(Stage):
             decisions = sample.where_in(runtime.read_parquet(ctx.out / "_decisions", ["product_id", "type"]),
                                   "type", set(new))
             cap = ctx.cfg.taxonomy.hypernym.max_child_products
-            picked = sample.first_per_key(decisions, "type", "product_id", cap, ctx.cfg.seed, parts)
+            picked = sample.first_per_key(decisions, "type", "product_id", cap, ctx.cfg.seed)
             vecs = self._vectors_of(ctx, picked["product_id"].to_list() if picked.height else [])
             by_type: dict[str, list[str]] = {}
             for pid, t in (picked.select("product_id", "type").iter_rows() if picked.height else ()):
@@ -680,11 +690,14 @@ def _place_types(stage: TaxonomyStage, ctx, candidates: pl.DataFrame, orphans: l
     from autoknow_ray.memory import MemorySampler
 
     heap: dict[str, float] = {}
+    seconds: dict[str, float] = {}
 
     def phase(name: str, fn, *args):
+        t0 = time.perf_counter()
         with MemorySampler(0.1) as m:
             out = fn(*args)
         heap[name] = round(m.peaks.get("anon", m.peaks.get("rss", 0)) / 2**20, 1)
+        seconds[name] = round(time.perf_counter() - t0, 2)
         return out
 
     children = phase("children", stage._children, ctx, candidates, orphans, parts)
@@ -708,7 +721,7 @@ def _place_types(stage: TaxonomyStage, ctx, candidates: pl.DataFrame, orphans: l
         ranked = phase("classifier", lambda: hyp.predict(
             children, taxonomy=taxonomy, products=context, behavior=behavior,
             copurchase=copurchase, encoder=encoder, type_stats=stats))
-    return children.height, ranked, {**linked, "task_heap_peak_mib": heap}
+    return children.height, ranked, {**linked, "task_heap_peak_mib": heap, "task_seconds": seconds}
 
 
 MIN_PRIOR_SAMPLE = 50  # fewer untyped titles than this: fit's floors as they are

@@ -14,7 +14,7 @@ from autoknow_ray.eval.baselines_related import copurchase_counts
 from autoknow_ray.eval.related import score
 from autoknow_ray.modules.related.config import RelatedConfig
 from autoknow_ray.modules.related.fit import train
-from autoknow_ray.modules.related.model import GNNSettings, list_weights, padded_neighbours
+from autoknow_ray.modules.related.model import GNNSettings, list_weights, padded_neighbours, pair_dots
 from autoknow_ray.modules.related.steps import CheckEdges, mark_complete
 from autoknow_ray.pipeline import read_parquet_any, table_file
 from autoknow_ray.rebuild import rebuild
@@ -258,6 +258,24 @@ def test_list_weights_sums_each_candidates_entries_in_its_own_rows_list():
     mixed = list_weights(cand[[9, 5, 0]], ids[[9, 5, 0]], w[[9, 5, 0]])
     assert np.array_equal(alone[0], mixed[1])
     assert list_weights(np.zeros((0, 4), np.int64), np.zeros((0, 3), np.int64), np.zeros((0, 3))).shape == (0, 4)
+
+
+def test_pair_dots_scores_only_the_listed_candidates_as_the_full_gather_does(monkeypatch):
+    """The re-ranking's model term: each listed candidate's dot product with its row's source,
+    as gathering every slot's target gives, 0 in an empty (-1) slot; the same in any chunking."""
+    import autoknow_ray.modules.related.model as model
+
+    rng = np.random.default_rng(5)
+    targets = rng.standard_normal((40, 8)).astype(np.float32)
+    q = rng.standard_normal((6, 8)).astype(np.float32)
+    cand = rng.integers(-1, 40, (6, 9))
+    full = np.einsum("nd,ncd->nc", q, targets[np.clip(cand, 0, None)])
+    got = pair_dots(q, targets, cand)
+    assert got.dtype == np.float32
+    assert np.allclose(got[cand >= 0], full[cand >= 0], rtol=1e-6, atol=1e-6)
+    assert (got[cand < 0] == 0).all() and (cand < 0).any()
+    monkeypatch.setattr(model, "PAIR_CHUNK", 4)  # many chunks: the same figures, bit for bit
+    assert np.array_equal(model.pair_dots(q, targets, cand), got)
 
 
 def test_split_events_keeps_every_event_once():

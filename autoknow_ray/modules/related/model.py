@@ -118,6 +118,24 @@ def list_weights(cand: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.n
     return out
 
 
+PAIR_CHUNK = 65_536  # (row, candidate) pairs gathered at once
+
+
+def pair_dots(q: np.ndarray, targets: np.ndarray, cand: np.ndarray) -> np.ndarray:
+    """`q[r] . targets[cand[r, j]]` for every listed candidate (`cand >= 0`), 0 where a slot is
+    empty (-1). Only the listed targets are gathered: most of a re-ranking's slots are padding
+    (a product's co-purchase and neighbour lists are mostly shorter than their width), and
+    gathering a target vector for every slot (rows × ~480 × dim floats a batch) was most of the
+    top-k step once its list sums were cheap. Each pair's dot product is computed alone, so it
+    does not depend on the other pairs of the batch."""
+    out = np.zeros(cand.shape, np.result_type(q.dtype, targets.dtype))
+    r, c = np.nonzero(cand >= 0)
+    for lo in range(0, len(r), PAIR_CHUNK):
+        rr, cc = r[lo:lo + PAIR_CHUNK], c[lo:lo + PAIR_CHUNK]
+        out[rr, cc] = np.einsum("nd,nd->n", q[rr], targets[cand[rr, cc]])
+    return out
+
+
 def id_hash(ids) -> np.ndarray:
     """64-bit hashes of product ids (a list or an Arrow string array): how workers match ids
     without holding a dict of strings."""

@@ -744,7 +744,8 @@ class RecommendShard(Step):
     def _rerank(self, batch: pa.Table, q: np.ndarray, faiss_scores: np.ndarray, ids: np.ndarray):
         """`Recommend._rerank`'s scores, for the candidates in this shard: the same terms over
         the same lists, a candidate of another shard left to that shard's worker."""
-        from autoknow_ray.modules.related.model import list_weights, prior_weights_of, term_weights_of
+        from autoknow_ray.modules.related.model import (list_weights, pair_dots, prior_weights_of,
+                                                         term_weights_of)
 
         n = batch.num_rows
         oi, ow = self._padded(batch.column("out_ids"), batch.column("out_w"))
@@ -763,17 +764,11 @@ class RecommendShard(Step):
         wn = term_weights_of(self.prior, events, "neighbour_bucket_weights") if self.uses_neighbours else None
         count = list_weights(cand, oi, ow) + list_weights(cand, ii, iw)
         mean = list_weights(cand, nb_i, nb_w) / n_sim[:, None] if wn is not None else None
-        score = np.full(cand.shape, -np.inf)
-        for lo in range(0, n, 64):  # (rows, candidates, dim): the gathered targets bounded in chunks
-            s = slice(lo, lo + 64)
-            c = cand[s]
-            model = np.einsum("nd,ncd->nc", q[s], self.targets[np.clip(c, 0, None)])
-            sc = model + pw[s, None] * np.log1p(count[s])
-            if wp is not None:
-                sc += wp[s, None] * np.log1p(self.bought[np.clip(c, 0, None)])
-            if wn is not None:
-                sc += wn[s, None] * np.log1p(mean[s])
-            score[s] = sc
+        score = pair_dots(q, self.targets, cand) + pw[:, None] * np.log1p(count)
+        if wp is not None:
+            score += wp[:, None] * np.log1p(self.bought[np.clip(cand, 0, None)])
+        if wn is not None:
+            score += wn[:, None] * np.log1p(mean)
         model = np.full(cand.shape, -np.inf, np.float32)
         model[:, :ids.shape[1]] = faiss_scores
         keep = cand >= 0

@@ -513,7 +513,8 @@ class Recommend(Step):
     def _rerank(self, batch: pa.Table, q: np.ndarray, ids: np.ndarray):
         """Candidates = FAISS hits + co-purchase neighbours out and in; each scored by the model
         plus the count prior; duplicates and missing slots sink to the end (-1 ids)."""
-        from autoknow_ray.modules.related.model import list_weights, prior_weights_of, term_weights_of
+        from autoknow_ray.modules.related.model import (list_weights, pair_dots, prior_weights_of,
+                                                         term_weights_of)
 
         me = self.tables.index_of(batch.column("product_id").to_pylist())
         n = len(me)
@@ -534,7 +535,7 @@ class Recommend(Step):
             extra.append(nb_i)
         cand = np.concatenate([ids, oi, ii, *extra], 1)
         count = list_weights(cand, oi, ow) + list_weights(cand, ii, iw)
-        model = np.einsum("nd,ncd->nc", q, self.targets[np.clip(cand, 0, None)])
+        model = pair_dots(q, self.targets, cand)
         events = np.where(me >= 0, self.tables.events[rows], 0.0)
         score = model + prior_weights_of(self.prior, events)[:, None] * np.log1p(count)
         if self.uses_popularity:

@@ -193,3 +193,32 @@ def test_related_coview_pairs_per_partition_equal_per_query():
         got = _sorted_key_block(table, coview_pairs, ["query"], (cap, least))
         assert _rows(got) == _rows(want)
     assert _sorted_key_block(table, coview_pairs, ["query"], (4, 2)).num_rows == 6 * 4 * 3
+
+
+def test_related_coview_pairs_from_raw_views_equal_those_from_summed_views():
+    """The co-view edges' one partition by query: behaviour rows summed per (query, product) in
+    the block give the pairs the per-key sums gave (ties in views, null queries, null counts)."""
+    from autoknow_ray.modules.related.graph_build import coview_pairs, coview_pairs_of_views
+
+    rng = random.Random(11)
+    raw = [{"query": rng.choice([None, "q1", "q2", "q3"]), "product_id": f"p{rng.randrange(12):02d}",
+            "count": rng.choice([1, 1, 2, None])} for _ in range(200)]
+    summed: dict = {}
+    for r in raw:
+        key = (r["query"], r["product_id"])
+        if r["count"] is not None:
+            summed[key] = (summed.get(key) or 0) + r["count"]
+        else:
+            summed.setdefault(key, None)
+    views = pa.Table.from_pylist([{"query": q, "product_id": p, "n": n} for (q, p), n in summed.items()],
+                                 schema=pa.schema([("query", pa.string()), ("product_id", pa.string()),
+                                                   ("n", pa.int64())]))
+    table = pa.Table.from_pylist(raw, schema=pa.schema([("query", pa.string()), ("product_id", pa.string()),
+                                                        ("count", pa.int64())]))
+    order = list(range(table.num_rows))
+    rng.shuffle(order)
+    for cap, least in ((4, 2), (50, 2), (5, 9)):
+        want = _sorted_key_block(views, coview_pairs, ["query"], (cap, least))
+        got = _sorted_key_block(table.take(pa.array(order)), coview_pairs_of_views, ["query"], (cap, least))
+        assert _rows(got) == _rows(want)
+    assert _rows(_sorted_key_block(table, coview_pairs_of_views, ["query"], (4, 2)))

@@ -155,6 +155,18 @@ def coview_pairs(block: pa.Table, cap: int, least: int) -> pa.Table:
                      "w": pa.array(np.ones(pairs.height))})
 
 
+def coview_pairs_of_views(block: pa.Table, cap: int, least: int) -> pa.Table:
+    """`coview_pairs` over a key partition of the behaviour rows themselves (query, product_id,
+    count): each (query, product) summed first, as the per-key sum before it gave (nulls
+    skipped; null where every count is null). One partition by query does both: the per-key sum
+    had been a shuffle of its own over every behaviour row."""
+    views = (pl.from_arrow(block.select(["query", "product_id", "count"]))
+             .group_by(["query", "product_id"], maintain_order=True)
+             .agg(pl.when(pl.col("count").is_not_null().any()).then(pl.col("count").sum())
+                  .alias("n")))
+    return coview_pairs(views.to_arrow(), cap, least)
+
+
 def coview_edges(cfg: Config, behavior: Path, products: Path, out: Path) -> dict:
     """Products seen under the same query, linked both ways (weight: queries they share)."""
     rc = cfg.related
@@ -169,10 +181,6 @@ def coview_edges(cfg: Config, behavior: Path, products: Path, out: Path) -> dict
                     batch_format="pyarrow").write_parquet(str(qdir))
     n_bad = count_rows(qdir) - before
     good = checked.map_batches(_accepted, batch_format="pyarrow")
-    # small inputs are summed and grouped in one task each (runtime.groupby_sum, map_groups),
-    # larger ones by Ray's shuffles as before
-    per_query = runtime.groupby_sum(good, ["query", "product_id"], {"n": "count"},
-                                    _partitions(cfg, n_in), n_rows=n_in)
     cap, least = rc.coview_max_per_query, rc.coview_min_products
 
     def as_similar(batch: pa.Table) -> pa.Table:
@@ -180,9 +188,10 @@ def coview_edges(cfg: Config, behavior: Path, products: Path, out: Path) -> dict
                          "weight": batch.column("weight").cast(pa.float32()),
                          "kind": pa.array(["coview"] * batch.num_rows, pa.string())})
 
-    # every query's rows in one partition, its pairs in one polars pass (not a call per query)
-    pairs = runtime.map_key_blocks(per_query, "query", coview_pairs, fn_args=(cap, least),
-                                   n_rows=n_in)
+    # every query's rows in one partition (one task for a small input, else one shuffle), its
+    # per-product views summed and its pairs made in one polars pass (not a call per query)
+    pairs = runtime.map_key_blocks(good.select_columns(["query", "product_id", "count"]), "query",
+                                   coview_pairs_of_views, fn_args=(cap, least), n_rows=n_in)
     edges = runtime.groupby_sum(pairs, ["src", "dst"], {"weight": "w"}, _partitions(cfg, n_in * cap),
                                 n_rows=n_in * cap).map_batches(as_similar, batch_format="pyarrow")
     n_edges = write_shards(edges, out / SIMILAR_EDGES, SIMILAR_SCHEMA)

@@ -196,6 +196,10 @@ def test_per_key_sample_keeps_the_dataset_column_order(ray_session):
     assert sorted(counts["n"].to_list()) == [10, 10, 10]
     more = runtime.bounded_sample(ds, 5, seed=0)
     assert pl.concat([rows, more], how="vertical_relaxed").height == rows.height + 5
+    # the counts a caller already has (the hypernym context's vector sums): the same sample
+    given, same = sample.per_key_sample(ds, "product_type", "product_id", 4, 100, seed=0,
+                                        counts=counts.select("product_type", "n"))
+    assert given.equals(rows) and same.equals(counts)
 
 
 def test_knn_reference_is_written_by_the_workers_and_read_in_setup(ray_session, tmp_path):

@@ -53,13 +53,16 @@ def where_in(ds, columns: str | tuple[str, ...], values: set[str]):
 
 
 def per_key_sample(ds, key: str, id_column: str, per_key: int, cap: int, seed: int,
-                   partitions: int = 1) -> tuple[pl.DataFrame, pl.DataFrame]:
+                   partitions: int = 1, counts: pl.DataFrame | None = None
+                   ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """At most `per_key` rows for each value of `key` (rows with a null key are skipped) and at
     most `cap` rows in all (the per-key share shrinks to fit), drawn uniformly by a hash of
     `id_column` and `seed`; and every key's row count `n`. Two passes: the per-key counts (an
-    aggregate), then the rows whose draw falls under their key's rate."""
+    aggregate; skipped where the caller has them: `counts`, columns `key` and `n`, e.g. from
+    `vector_sums` over the same rows), then the rows whose draw falls under their key's rate."""
     ds = where_valid(ds, key)
-    counts = runtime.aggregate(ds, [key], {"n": ("count", None)}, partitions)
+    if counts is None:
+        counts = runtime.aggregate(ds, [key], {"n": ("count", None)}, partitions)
     if counts.height == 0 or per_key <= 0 or cap <= 0:
         return pl.DataFrame(), counts
     n = counts["n"].to_numpy()
@@ -158,7 +161,8 @@ def vector_sums(ds, key: str, vector: str, partitions: int = 1) -> pl.DataFrame:
         raise
     parts = [pl.from_arrow(t) for t in tables]
     parts = [p for p in parts if p.height]
-    return pl.concat(parts, how="vertical_relaxed") if parts else pl.DataFrame()
+    return (pl.concat(parts, how="vertical_relaxed") if parts
+            else pl.DataFrame(schema={key: pl.String, "n": pl.Int64, "sum": pl.List(pl.Float64)}))
 
 
 def _sum_by_key(keys: list, vecs: np.ndarray, weights: np.ndarray):

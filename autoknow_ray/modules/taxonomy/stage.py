@@ -486,9 +486,16 @@ class TaxonomyStage(Stage):
         new = set(candidates["type"].to_list())
         phases = progress.Phases()
         decisions = runtime.read_parquet(decisions_dir, ["product_id", "type", "embedding"])
+        # every type's product count, once: the new types' reference and the known types' own
+        # sample below each read their share of it (one pass over the decisions fewer)
+        type_counts = runtime.aggregate(sample.where_valid(decisions.select_columns(["type"]), "type"),
+                                        ["type"], {"n": ("count", None)}, parts)
+        if not type_counts.height:
+            type_counts = pl.DataFrame(schema={"type": pl.String, "n": pl.Int64})
+        new_counts = type_counts.filter(pl.col("type").is_in(sorted(new)))
         ref, _counts = sample.per_key_sample(sample.where_in(decisions, "type", new), "type", "product_id",
                                              types_cfg.spread_per_type, types_cfg.spread_max,
-                                             ctx.cfg.seed, parts)
+                                             ctx.cfg.seed, parts, counts=new_counts)
         phases.done("reference")
         if not ref.height:
             return {"spread_reference": 0}, TypeGroups()
@@ -526,7 +533,8 @@ class TaxonomyStage(Stage):
 
             own, _c = sample.per_key_sample(
                 decisions.map_batches(known_typed, batch_format="pyarrow"), "type", "product_id",
-                types_cfg.spread_per_type, types_cfg.spread_max, ctx.cfg.seed, parts)
+                types_cfg.spread_per_type, types_cfg.spread_max, ctx.cfg.seed, parts,
+                counts=type_counts.filter(~pl.col("type").is_in(sorted(new))))
             phases.done("own_known")
         known_floors = (types_cfg.knn_min_similarity, types_cfg.knn_min_share)
         second: dict = {"skipped": "taxonomy.types.second_vote_floors is off: the first vote's floors"}
@@ -603,9 +611,12 @@ class TaxonomyStage(Stage):
         linked_counts = {"linked": 0, "kept": 0}
         if typed is None:
             return None, None, None, None, linked_counts
+        sums = sample.vector_sums(typed, "product_type", "embedding", parts)
+        # the sums' per-type counts are the sample's: one pass over the typed products fewer
         context, _counts = sample.per_key_sample(typed, "product_type", "product_id", hcfg.context_per_type,
-                                                 hcfg.context_max, ctx.cfg.seed, parts)
-        stats = sample.vector_sums(typed, "product_type", "embedding", parts).rename({"product_type": "type"})
+                                                 hcfg.context_max, ctx.cfg.seed, parts,
+                                                 counts=sums.select("product_type", "n"))
+        stats = sums.rename({"product_type": "type"})
         child_pids = sorted({p for lst in children["product_ids"].to_list() for p in lst})
         behavior = copurchase = None
         cap = hcfg.behavior_max_rows

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from autoknow_ray.progress import Phases
+
 log = logging.getLogger(__name__)
 
 SIZES = [20_000, 200_000, 1_000_000]
@@ -381,16 +383,11 @@ def run_bench(out: str | Path, *, quick: bool = False, sizes: list[int] | None =
     steps = 2 + len(sizes) + len(matrix) + (len(sizes) if cfg_b is not None else 0) + 2
     bar = tqdm(total=steps, desc="bench", unit="step", dynamic_ncols=True, disable=not progress)
 
-    phases: dict[str, float] = {}
-    t_phase = [time.perf_counter()]
+    timer = Phases()  # wall seconds per bench phase
+    phase_done = timer.done
 
     def step(desc: str):
         bar.set_postfix_str(desc, refresh=True)
-
-    def phase_done(name: str):
-        now = time.perf_counter()
-        phases[name] = phases.get(name, 0.0) + now - t_phase[0]
-        t_phase[0] = now
 
     step("models")
     model_info = ensure_models(out, models, cfg, quick, seed, address)
@@ -475,7 +472,7 @@ def run_bench(out: str | Path, *, quick: bool = False, sizes: list[int] | None =
         "synth_seconds": synth_s,
         "machine": {**machine_info(cluster), "data_context": data_context_settings(),
                     "load_average_at_start": load_start, "load_average_at_end": _loadavg()},
-        "phase_seconds": phases,
+        "phase_seconds": timer.seconds,
         **({"against": against_summary(rows, rows_b, against)} if cfg_b is not None else {}),
         "wall_seconds": time.perf_counter() - t_start,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

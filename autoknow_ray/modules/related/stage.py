@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from autoknow_ray import runtime, storage
+from autoknow_ray import progress, runtime, storage
 from autoknow_ray.graph.state import TITLE_VECTOR, count_rows, n_products, typed_products_files
 from autoknow_ray.incremental import (
     CachedStep, DropColumns, file_digest, manifest_counts, run_cached, source_digest)
@@ -142,12 +142,8 @@ class RelatedStage(Stage):
         import time
 
         cfg, rc, out = ctx.cfg, ctx.cfg.related, ctx.out
-        seconds, t0 = {}, [time.perf_counter()]
-
-        def lap(what: str) -> None:  # wall seconds of each pass, for the manifest
-            now = time.perf_counter()
-            seconds[what] = round(now - t0[0], 2)
-            t0[0] = now
+        timer = progress.Phases()  # wall seconds of each pass, for the manifest
+        lap = timer.done
 
         n = n_products(ctx)
         model_dir = (ctx.models / "related") if ctx.models else None
@@ -243,5 +239,5 @@ class RelatedStage(Stage):
             # per-product title vectors and h0 reused from --previous, recomputed, added, removed
             **manifest_counts(EMBED_STEP, cache),
             **counts,
-            "step_seconds": seconds,
+            "step_seconds": timer.seconds,
         }

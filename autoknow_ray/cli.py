@@ -321,6 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also rebuild each size with this config (same models and catalogues, "
                         "right after the --config rebuild): per-stage seconds of the two side by "
                         "side, and their ratios, measured in one run")
+    s.add_argument("--in-process", action="store_true",
+                   help="rebuild every size in the bench's own process (default: each rebuild in "
+                        "a driver process of its own, as a user runs one; the driver's memory "
+                        "figures are then that rebuild's alone)")
     s.add_argument("--incremental", action="store_true",
                    help="a nightly change (2%% titles edited, 1%% products added, 1%% removed) "
                         "rebuilt with --previous and in full: wall times, share reused, same "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,11 @@ def test_bench_smallest(ray_session, tmp_path, tiny_models):
     assert "scaling_efficiency" in s and s["scaling_efficiency"] is None  # one pool size
     assert {t["target"] for t in data["targets"]} and all("met" in t for t in data["targets"])
     assert [(r["n"], r["workers"]) for r in data["table"]] == [(120, 1)]
+    assert data["command"]["fresh_driver"] is True
+    for row in data["table"] + data["against"]["table"]:
+        # each rebuild ran in a driver process of its own (as a user runs one), not the bench's
+        assert row["driver"] == "a process of its own"
+        assert row["driver_pid"] != os.getpid()
     for row in data["table"]:
         assert _positive(row["wall_seconds"]) and _positive(row["model_titles_per_s"])
         assert row["plan"]["actors"] == 1

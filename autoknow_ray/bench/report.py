@@ -117,6 +117,8 @@ def markdown(r: dict) -> str:
     for k in ("config", "models", "address", "against"):
         if cmd.get(k):
             args.append(f"--{k} {cmd[k]}")
+    if cmd.get("fresh_driver") is False:
+        args.append("--in-process")
     cl = m["ray_cluster"]
     L = [
         "# autoknow bench",
@@ -133,6 +135,12 @@ def markdown(r: dict) -> str:
         "(other jobs share this machine: compare ratios measured in one run, not times).",
         "",
         f"Models: {r['models']['source']} ({r['models']['path']}).",
+        "",
+        "Each rebuild ran in a driver process of its own, joined to the bench's cluster, as a "
+        "user runs one: its driver figures are that rebuild's alone."
+        if cmd.get("fresh_driver") else
+        "Every rebuild ran in the bench's own process (`--in-process`): a later size's driver "
+        "starts where the earlier rebuilds left it.",
         "",
         "## Summary against the targets",
         "",

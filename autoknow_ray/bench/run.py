@@ -46,7 +46,8 @@ def main(args) -> int:
     result = run_bench(out=args.out, quick=bool(args.quick), sizes=args.sizes,
                        workers=args.workers, config=args.config, address=args.address,
                        models=args.models, seed=int(args.seed),
-                       against=getattr(args, "against", None))
+                       against=getattr(args, "against", None),
+                       fresh_driver=not getattr(args, "in_process", False))
     s = result["summary"]
     print(f"bench: {result['out']}/bench.json, bench.md and plots ({result['wall_seconds']:.0f} s)")
     for k in ("ratio_vs_simple", "ratio_vs_single_process", "time_per_1k_growth",
@@ -205,11 +206,64 @@ def run_one(catalogue: Path, n: int, workers: int, cfg, cluster: dict, models: P
         # its heap alone (RssAnon): without the object store's shared pages it mapped
         "driver_peak_heap_bytes": driver.summary().get("anon_peak_over_baseline_bytes"),
         "driver_memory": driver.summary(),
+        "driver_pid": os.getpid(),
+        "driver": "the bench's process",
         # what each stage cost the driver, from its manifest (MiB: peak resident, growth)
         "stage_driver_memory": {k: v.get("driver_memory") for k, v in stages.items()
                                 if v.get("driver_memory")},
         "ray_data_stats": {k: v.get("stats", "") for k, v in model_ops.items()},
     }
+
+
+def run_one_fresh(catalogue: Path, n: int, workers: int, cfg, cluster: dict, models: Path,
+                  runs_dir: Path, label: str = "") -> dict:
+    """`run_one` in a driver process of its own, joined to the bench's cluster: as a user runs
+    `autoknow rebuild` (or `ray job submit`), one rebuild per driver. In the bench's own process
+    a rebuild started where the earlier sizes' rebuilds had left the driver (at 100,000 products
+    the driver began 0.46 GiB above where the 20,000-product rebuild had begun: memory the
+    allocator keeps, caches of the libraries), so its driver figures were not one rebuild's."""
+    import subprocess
+    import sys
+
+    import ray
+
+    spec = {"catalogue": str(catalogue), "n": n, "workers": workers,
+            "config": cfg.model_dump(mode="json"), "cluster": cluster, "models": str(models),
+            "runs_dir": str(runs_dir), "label": label}
+    tag = f"n{n}-w{workers}{label}"
+    # the row stays beside the run's report: a later size that fails does not take it along
+    spec_path, out_path = runs_dir / f".{tag}.spec.json", runs_dir / f"{tag}.row.json"
+    out_path.unlink(missing_ok=True)
+    spec_path.write_text(json.dumps(spec))
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
+    proc = subprocess.run([sys.executable, "-m", "autoknow_ray.bench.run", str(spec_path),
+                           str(out_path)], env=env)
+    if proc.returncode != 0 or not out_path.exists():
+        raise RuntimeError(f"bench: the rebuild of {n:,} products ({workers} worker(s){label}) "
+                           f"failed in its driver process (exit {proc.returncode})")
+    row = json.loads(out_path.read_text())
+    spec_path.unlink(missing_ok=True)
+    row["driver"] = "a process of its own"
+    return row
+
+
+def _child(spec_path: str, out_path: str) -> int:
+    """The driver process `run_one_fresh` starts: one rebuild, its row written as JSON."""
+    import ray.data
+
+    from autoknow_ray import runtime
+    from autoknow_ray.config import Config
+
+    spec = json.loads(Path(spec_path).read_text())
+    cfg = Config.model_validate(spec["config"])
+    runtime.connect(cfg, os.environ["RAY_ADDRESS"])
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    row = run_one(Path(spec["catalogue"]), spec["n"], spec["workers"], cfg, spec["cluster"],
+                  Path(spec["models"]), Path(spec["runs_dir"]), spec["label"])
+    tmp = Path(out_path + ".tmp")
+    tmp.write_text(json.dumps(row, default=str))
+    tmp.replace(out_path)
+    return 0
 
 
 # ---- derived figures -----------------------------------------------------------------------------
@@ -346,7 +400,7 @@ def run_bench(out: str | Path, *, quick: bool = False, sizes: list[int] | None =
               workers: list[int] | None = None, config=None, address: str | None = None,
               models: str | None = None, seed: int = 0, compare_titles: int | None = None,
               compare_rounds: int | None = None, progress: bool = True,
-              against: str | Path | None = None) -> dict:
+              against: str | Path | None = None, fresh_driver: bool = True) -> dict:
     import ray.data
     from tqdm import tqdm
 
@@ -405,9 +459,10 @@ def run_bench(out: str | Path, *, quick: bool = False, sizes: list[int] | None =
     runs_dir = out / "runs"
     runs_dir.mkdir(exist_ok=True)
     rows, rows_b = [], []
+    one = run_one_fresh if fresh_driver else run_one
     for n, w in matrix:
         step(f"rebuild {n} products, {w} worker(s)")
-        rows.append(run_one(catalogues[n], n, w, cfg, cluster, models_path, runs_dir))
+        rows.append(one(catalogues[n], n, w, cfg, cluster, models_path, runs_dir))
         r = rows[-1]
         bar.write(f"  {n:>9,} products  {w} worker(s)  {r['wall_seconds']:7.1f} s  "
                   f"{r['products_per_s']:7.1f} products/s  model stages "
@@ -417,7 +472,7 @@ def run_bench(out: str | Path, *, quick: bool = False, sizes: list[int] | None =
             # right after the --config rebuild of the same catalogue and models: the pair shares
             # the machine's state of the moment, so their ratio is the one to read
             step(f"rebuild {n} products, {w} worker(s), --against")
-            rows_b.append(run_one(catalogues[n], n, w, cfg_b, cluster, models_path, runs_dir,
+            rows_b.append(one(catalogues[n], n, w, cfg_b, cluster, models_path, runs_dir,
                                   label="-against"))
             bar.write(f"  {n:>9,} products  {w} worker(s)  {rows_b[-1]['wall_seconds']:7.1f} s  (--against)")
             bar.update(1)
@@ -458,7 +513,8 @@ def run_bench(out: str | Path, *, quick: bool = False, sizes: list[int] | None =
                     if config is not None and not isinstance(config, Config) else None,
                     "address": address, "models": models, "seed": seed,
                     "against": str(against) if against is not None and not isinstance(against, Config)
-                    else None},
+                    else None,
+                    "fresh_driver": fresh_driver},
         "summary": summary,
         "targets": targets(summary),
         "matrix": [{"n": n, "workers": w} for n, w in matrix],
@@ -649,3 +705,9 @@ def targets(s: dict) -> list[dict]:
             s.get("ratio_vs_single_process_per_cpu_s"),
             "titles per CPU-second, ours over the tuned single process"),
     ]
+
+
+if __name__ == "__main__":  # the driver process of one bench rebuild (`run_one_fresh`)
+    import sys
+
+    raise SystemExit(_child(sys.argv[1], sys.argv[2]))

@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from autoknow_ray.catalogue.config import IngestConfig  # noqa: F401 (re-exported)
+from autoknow_ray.runtime_config import RayConfig, StageResources, Strict  # noqa: F401
 from autoknow_ray.modules.relations.config import RelationsConfig
 from autoknow_ray.modules.imputation.config import ImputationConfig
 from autoknow_ray.modules.cleaning.config import CleaningConfig
@@ -20,59 +22,6 @@ from autoknow_ray.modules.synonyms.config import SynonymsConfig
 from autoknow_ray.modules.related.config import RelatedConfig
 from autoknow_ray.modules.taxonomy.config import TaggerConfig
 from autoknow_ray.modules.taxonomy.hypernym_config import HypernymConfig, TypeResolutionConfig
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class RayConfig(Strict):
-    address: str | None = None  # None: RAY_ADDRESS if set, else an embedded local cluster
-    num_cpus: int | None = None  # embedded cluster only; None = all cores
-    num_gpus: int | None = None
-    # GPUs the job may use, started or not: plans GPU pools on a cluster whose GPU workers scale
-    # from zero (None: the autoscaler's limit where it states one, else the GPUs there now)
-    max_gpus: int | None = None
-    object_store_memory_mb: int | None = 1024
-    include_dashboard: bool = False
-    dashboard_host: str = "127.0.0.1"  # never 0.0.0.0 unless the user says so
-    # per-key partial aggregates (one row per key per block) up to this many rows are combined
-    # on the driver, above it by a Ray Data groupby in the workers (a shuffle: seconds of fixed
-    # cost); the most rows of partials the driver holds at once (runtime.aggregate)
-    driver_combine_rows: int = Field(200_000, ge=0)
-
-
-class StageResources(Strict):
-    """How one stage's actor pool is sized. `auto` values are derived from the cluster."""
-
-    actors: int | Literal["auto"] = "auto"
-    cpus_per_actor: float = 0.5
-    gpus_per_actor: float | Literal["auto"] = "auto"  # auto: 1/actors_per_gpu where GPUs exist
-    actors_per_gpu: int = 2
-    # a GPU actor's CPUs: few, so its node keeps CPUs for the read and tokenize tasks
-    cpus_per_gpu_actor: float = 1.0
-    batch_size: int = 64  # model batch (rows per forward pass)
-    rows_per_call: int = Field(1024, ge=1)  # rows per actor call; the model sorts them by length
-    reserve_cpus: float = 1.0  # left free for read and write tasks (an all-actor plan hangs)
-    # a long per-product step commits its output in chunks of about this many input rows, each
-    # with a completion marker, so a killed job resumes after the last finished chunk
-    checkpoint_rows: int = Field(1_000_000, ge=1)
-
-
-class IngestConfig(Strict):
-    max_id_chars: int = 256
-    max_title_chars: int = 1000
-    max_description_chars: int = 100_000
-    max_bullets: int = 100
-    max_attributes: int = 500
-    max_value_chars: int = 1000
-    rows_per_block: int = 2000
-    max_rows_per_file: int = 500_000
-    # a table (and the product ids it is checked against) at most this large is de-duplicated
-    # and checked by one Ray task instead of a hash shuffle and a join: the shuffles' fixed cost
-    # (actor pools, several executions) dominates small catalogues. 0 = always shuffle.
-    single_task_rows: int = Field(100_000, ge=0)
-    single_task_bytes: int = Field(64 * 2**20, ge=0)  # on-disk bytes of the staged table
 
 
 class TaxonomyStageConfig(Strict):

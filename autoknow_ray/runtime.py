@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import ray
 
-from autoknow_ray.config import Config
+from autoknow_ray.runtime_config import JobSettings
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class ActorPlan:
         return asdict(self)
 
 
-def connect(cfg: Config, address: str | None = None) -> dict:
+def connect(cfg: JobSettings, address: str | None = None) -> dict:
     """Join `address` (or RAY_ADDRESS, or cfg.ray.address); otherwise start an embedded cluster."""
     global DRIVER_COMBINE_ROWS
     address = address or os.environ.get("RAY_ADDRESS") or cfg.ray.address
@@ -122,7 +122,7 @@ def check_shared_storage(folders: dict[str, "Path"], nodes: list[str] | None = N
             + "; see docs/cluster.md.")
 
 
-def run_task(fn, *args, cfg: Config, num_cpus: float = 1, **kwargs):
+def run_task(fn, *args, cfg: JobSettings, num_cpus: float = 1, **kwargs):
     """`fn(*args, **kwargs)` in one Ray task, its result back to the driver: bounded work on a
     capped sample (a model over it, the samples it gathers with Ray Data) whose inputs and
     intermediate copies a head node should not hold. Ray Data inside the task runs with the
@@ -137,7 +137,7 @@ def run_task(fn, *args, cfg: Config, num_cpus: float = 1, **kwargs):
 _TASK = None
 
 
-def _in_task(fn, args, kwargs, cfg: Config, artifacts: tuple = (), cpu_bf16: bool | None = None):
+def _in_task(fn, args, kwargs, cfg: JobSettings, artifacts: tuple = (), cpu_bf16: bool | None = None):
     import ray.data
 
     global DRIVER_COMBINE_ROWS, RUN_CPU_BF16
@@ -249,7 +249,7 @@ def cluster_info() -> dict:
     }
 
 
-def plan_actors(cfg: Config, stage: str, n_rows: int | None = None,
+def plan_actors(cfg: JobSettings, stage: str, n_rows: int | None = None,
                 cluster: dict | None = None) -> ActorPlan:
     """The pool for `stage` on `cluster` (default: the connected one, see `cluster_info`).
 
@@ -365,7 +365,7 @@ def cpu_kind() -> str:
     return kind()
 
 
-def fit_precision(cfg: Config, models) -> dict:
+def fit_precision(cfg: JobSettings, models) -> dict:
     """The CPU precision fit decides for its models on this CPU (one probe on the driver),
     written to MODELS/precision.json: every rebuild with these models on the same kind of CPU
     infers at it (`run_precision`), so two rebuilds of one catalogue agree whatever a probe
@@ -380,7 +380,7 @@ def fit_precision(cfg: Config, models) -> dict:
     return out
 
 
-def run_precision(cfg: Config, run_dir, previous=None, models=None) -> dict:
+def run_precision(cfg: JobSettings, run_dir, previous=None, models=None) -> dict:
     """One bf16 / fp32 decision for the models every stage of this run infers with on CPU
     (settings left at `auto`), made once on the driver: without it each worker process timed
     bf16 against fp32 for itself, and on a loaded machine the probe tipped either way, so two
@@ -519,7 +519,7 @@ def hosts_model(step) -> bool:
     return flag if isinstance(flag, bool) else bool(getattr(type(step), "model", False))
 
 
-def map_step(ds: "ray.data.Dataset", step, cfg: Config, n_rows: int | None = None,
+def map_step(ds: "ray.data.Dataset", step, cfg: JobSettings, n_rows: int | None = None,
              repartition: bool = True) -> "ray.data.Dataset":
     """Run `step` (autoknow_ray.steps.Step) over `ds`: an actor pool for model steps, tasks for
     the rest, sized by the config's resource plan for `step.resources`. `n_rows` (when known)
@@ -552,7 +552,7 @@ def map_step(ds: "ray.data.Dataset", step, cfg: Config, n_rows: int | None = Non
                           batch_format="pyarrow", batch_size=per_call, num_cpus=plan.num_cpus)
 
 
-def fixed_pool(cfg: Config, step) -> bool:
+def fixed_pool(cfg: JobSettings, step) -> bool:
     """Whether the config fixes the size of `step`'s pool (`actors: n`, not `auto`)."""
     return cfg.stage_resources(step.resources).actors != "auto"
 
@@ -1061,7 +1061,7 @@ def bounded_sample(ds: "ray.data.Dataset", cap: int, seed: int, n_rows: int | No
     return pl.from_arrow(table.drop_columns([_DRAW]))
 
 
-def map_step_checkpointed(files: list[str], step, cfg: Config, out, resume=None,
+def map_step_checkpointed(files: list[str], step, cfg: JobSettings, out, resume=None,
                           chunk_rows: int | None = None) -> dict:
     """`map_step` over Parquet `files`, written to the folder `out`, in chunks of about
     `chunk_rows` input rows (whole files; default: the step's `checkpoint_rows`) with a completion

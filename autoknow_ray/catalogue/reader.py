@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from autoknow_ray import storage
 from autoknow_ray.catalogue.validate import VALIDATORS, RowError
-from autoknow_ray.config import IngestConfig
+from autoknow_ray.catalogue.config import IngestConfig
 from autoknow_ray.schema import CATALOGUE_TABLES
 
 FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv"}

@@ -9,7 +9,7 @@ import json
 import math
 from typing import Any, Callable
 
-from autoknow_ray.config import IngestConfig
+from autoknow_ray.catalogue.config import IngestConfig
 from autoknow_ray.schema import BEHAVIOR_ACTIONS, TEXT_KINDS
 
 

@@ -186,3 +186,21 @@ def test_the_related_stage_reads_module_1s_title_vectors(two_rebuilds):
     assert typed.height == N and typed["title_vector"].null_count() == 0
     assert typed["product_id"].equals(nodes["product_id"])
     assert typed["title_vector"].to_list() == nodes["text"].to_list()
+
+
+def test_the_stages_time_their_passes(two_rebuilds):
+    """Module 1, 2 and 5 and the related stage give wall seconds per pass in their manifests, the
+    figures `autoknow bench` reads to say where a large catalogue's time goes."""
+    run = two_rebuilds[0]
+    want = {"taxonomy": ("phase_seconds", {"title_models"}),
+            "relations": ("phase_seconds", {"vocabulary", "count_provider_mentions",
+                                            "count_customer_mentions", "score_pairs", "write"}),
+            "synonyms": ("phase_seconds", {"occurrences_and_vocabulary", "embed_terms",
+                                           "candidates", "score_pairs", "clusters", "write"}),
+            "related": ("step_seconds", {"embed_products", "dual_embed", "recommend"})}
+    for stage, (key, phases) in want.items():
+        m = json.loads((run / stage / "manifest.json").read_text())
+        got = m[key]
+        assert phases <= set(got), (stage, sorted(got))
+        assert all(v >= 0 for v in got.values()), (stage, got)
+        assert sum(got.values()) <= m["seconds"] + 1.0, (stage, got, m["seconds"])

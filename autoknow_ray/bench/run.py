@@ -243,7 +243,6 @@ def run_one_fresh(catalogue: Path, n: int, workers: int, cfg, cluster: dict, mod
                            f"failed in its driver process (exit {proc.returncode})")
     row = json.loads(out_path.read_text())
     spec_path.unlink(missing_ok=True)
-    row["driver"] = "a process of its own"
     return row
 
 
@@ -260,6 +259,7 @@ def _child(spec_path: str, out_path: str) -> int:
     ray.data.DataContext.get_current().enable_progress_bars = False
     row = run_one(Path(spec["catalogue"]), spec["n"], spec["workers"], cfg, spec["cluster"],
                   Path(spec["models"]), Path(spec["runs_dir"]), spec["label"])
+    row["driver"] = "a process of its own"
     tmp = Path(out_path + ".tmp")
     tmp.write_text(json.dumps(row, default=str))
     tmp.replace(out_path)

@@ -62,7 +62,8 @@ def _has_title_attributes(ctx: RunContext) -> bool:
     return stage in ctx.cfg.stages and TITLE_COLUMN in column_names(ctx.table_path(stage, name))
 
 
-def count_mentions(ctx: RunContext, vocab: Vocabulary, cfg: RelationsConfig) -> pl.DataFrame:
+def count_mentions(ctx: RunContext, vocab: Vocabulary, cfg: RelationsConfig,
+                   timer=None) -> pl.DataFrame:
     """Summed sparse counts (type, attribute, source, hits) over every product and the customer
     texts of a bounded sample of typed products (`customer_products`) of the catalogue in `ctx`.
 
@@ -79,6 +80,8 @@ def count_mentions(ctx: RunContext, vocab: Vocabulary, cfg: RelationsConfig) -> 
         counts = runtime.map_step(typed, step, ctx.cfg, n_products)
         parts.append(runtime.aggregate(counts, ["type", "attribute", "source"],
                                        {"hits": ("sum", "hits")}))
+        if timer is not None:
+            timer.done("count_provider_mentions")
         customer, n_customer = _customer_rows(ctx)
         if customer is not None:
             sample = runtime.bounded_sample(state.typed_products(ctx, ["product_id"]),
@@ -89,6 +92,8 @@ def count_mentions(ctx: RunContext, vocab: Vocabulary, cfg: RelationsConfig) -> 
             counts = runtime.map_step(customer, step, ctx.cfg, n_customer)
             parts.append(runtime.aggregate(counts, ["type", "attribute", "source"],
                                            {"hits": ("sum", "hits")}))
+            if timer is not None:
+                timer.done("count_customer_mentions")
     parts = [p for p in parts if p.height]
     if not parts:
         return pl.DataFrame(schema={"type": pl.String, "attribute": pl.String,

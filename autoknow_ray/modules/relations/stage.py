@@ -15,6 +15,7 @@ import json
 import numpy as np
 import polars as pl
 
+from autoknow_ray import progress
 from autoknow_ray.graph import state
 from autoknow_ray.index.vectors import as_matrix
 from autoknow_ray.modules.relations import evidence
@@ -201,12 +202,15 @@ class RelationsStage(Stage):
             return {"rows_in": n, "rows_out": 0, "products_in_rows": 0,
                     "rows_dropped": {"no relations model": n} if n else {},
                     "applicable_pairs": 0, "skipped": f"no relations model: fit said {skipped!r}"}
+        timer = progress.Phases()  # wall seconds of each pass, for the manifest
         models = RelationsModels(folder)
         here = sample_vocabulary(ctx, cfg)
         vocab = models.vocabulary.merged(here, cfg.max_attributes, cfg.values_per_attribute)
         attrs = vocab.attributes
-        long = count_mentions(ctx, vocab, cfg)
+        timer.done("vocabulary")
+        long = count_mentions(ctx, vocab, cfg, timer)
         totals, hits = wide_counts(long, attrs)
+        timer.done("wide_counts")
         taxonomy = state.current_taxonomy(ctx)
         with_products = sorted(totals.filter((pl.col("type") != "") & (pl.col(PRODUCTS) > 0))
                                ["type"].to_list())
@@ -250,12 +254,15 @@ class RelationsStage(Stage):
         evidence_report: dict = {}
         out, x, df = score_pairs(models, totals, hits, types, without, attrs, taxonomy, cfg,
                                  ctx.cfg.device, tagger=fitted.get("tagger"), report=evidence_report)
+        timer.done("score_pairs")
         check_balance("relations: (type, attribute) rows", len(types) * len(attrs), out.height)
         ctx.write("graph_attributes", out.select(GRAPH_ATTRIBUTES.names), GRAPH_ATTRIBUTES)
         ctx.write("features", pl.concat([df.select("type", "attribute", "products", "texts"),
                                          pl.DataFrame(x, schema=list(FEATURES), orient="row")],
                                         how="horizontal"))
+        timer.done("write")
         return {**counts, "rows_out": out.height, "products_in_rows": typed,
+                "phase_seconds": timer.seconds,
                 "rows_dropped": dropped,
                 "applicable_pairs": int(out["applicable"].sum()),
                 "types_inherited_from_neighbours": len(without), **evidence_report}

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from autoknow_ray import runtime
+from autoknow_ray import progress, runtime
 from autoknow_ray.graph import state
 from autoknow_ray.index.vectors import as_matrix
 from autoknow_ray.modules.synonyms import model as pair_model
@@ -147,8 +147,10 @@ class SynonymsStage(Stage):
     def run(self, ctx: RunContext) -> dict:
         cfg = ctx.cfg.synonyms
         model_dir = ctx.models / MODULE if ctx.models is not None else None
+        timer = progress.Phases()  # wall seconds of each pass, for the manifest
         occ, n_occ = self._occurrences(ctx)
         vocab, counts = self._vocabulary(ctx, occ)
+        timer.done("occurrences_and_vocabulary")
         if not pair_model.exists(model_dir):
             return self._write_nothing(ctx, counts, f"no trained classifier in {model_dir}: "
                                                    "run `autoknow fit` with the synonyms module")
@@ -160,8 +162,11 @@ class SynonymsStage(Stage):
         threshold = cfg.threshold if cfg.threshold is not None else float(meta["threshold"])
         self._cosine_scorer = meta.get("scorer") == "cosine"
         vocab, vectors = self._embed(ctx, vocab)
+        timer.done("embed_terms")
         pairs = self._candidates(ctx, occ, vocab, vectors)
+        timer.done("candidates")
         scored = self._score(ctx, pairs, model_dir)
+        timer.done("score_pairs")
         in_domain = pl.col("cosine") >= cfg.min_pair_cosine
         below = int(scored.filter((pl.col("score") >= threshold) & ~in_domain).height) if scored.height else 0
         scored = scored.with_columns(((pl.col("score") >= threshold) & in_domain).alias("accepted"))
@@ -171,6 +176,7 @@ class SynonymsStage(Stage):
                                 "term_contexts": self._context_counts["left_out"]}}
         self._rescore_members = cfg.rescore_members
         merged = self._clusters(scored, vocab, vectors, classifier, threshold, cfg.max_cluster_size)
+        timer.done("clusters")
         ctx.write("graph_synonyms", merged.with_columns(
             pl.when(pl.col("kind") == "type").then(None).otherwise(pl.col("attribute"))
             .alias("attribute")), GRAPH_SYNONYMS)
@@ -179,7 +185,8 @@ class SynonymsStage(Stage):
         else:
             ctx.write("edits", TRIPLES.empty_table(), TRIPLES)
             n_edits = 0
-        return {**counts, "occurrences": n_occ, "threshold": round(threshold, 4),
+        timer.done("write")
+        return {**counts, "phase_seconds": timer.seconds, "occurrences": n_occ, "threshold": round(threshold, 4),
                 "scorer": meta.get("scorer", "classifier"),
                 "candidate_pairs": scored.height,
                 "candidates_by_source": dict(scored.group_by("source").len().rows()),

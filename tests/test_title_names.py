@@ -273,6 +273,51 @@ def test_a_known_vote_gives_way_to_a_new_name_its_types_titles_never_write():
     assert run([[lure]], [[lure]], cfg=off)["type"] == ["Fishing Rod"]
 
 
+def test_the_taggers_known_type_gives_way_to_a_new_name_its_types_titles_do_not_write():
+    """`new_name_overrides_tagger`: the tagger reads "Shorts" in "… Swimwear Swimming Pants
+    Briefs Shorts", and the title also names the accepted new type Swimwear outside its
+    attribute spans, which fit's shorts titles do not write: Swimwear. Off by default; the
+    tagger's type stands where the new name sits in an attribute span, where the shorts' titles
+    write it, or where the tagger's type is itself a new type."""
+    ref = pl.DataFrame({"product_id": [f"r{i}" for i in range(4)], "ref_type": ["Shorts"] * 4,
+                        "from_catalogue": [True] * 4,
+                        "embedding": [[1.0, 0.0, 0.0], [0.99, 0.1, 0.0], [0.98, 0.0, 0.1], [0.97, 0.1, 0.1]]})
+    swim, shorts, lure = type_key("swimwear"), type_key("shorts"), type_key("lure")
+    names = TypeNames(["Shorts", "Tea"], {swim: "Swimwear", lure: "Lure"})
+    on = TypeResolutionConfig(knn_k=3, knn_min_similarity=0.5, knn_min_share=0.5,
+                              new_name_overrides_tagger=True)
+    written = {"Shorts": frozenset({shorts, type_key("board")})}
+
+    def run(spans, keys, free, cfg=on, written=written):
+        step = ResolveTypes(cfg, names, {}, {}, ref, None, add_attributes=False, min_attribute_score=0.5,
+                            name_support={swim: 9, lure: 4}, names_written=written)
+        step.setup(WorkerEnv())
+        batch = _batch(["t"] * len(keys), keys, [[1.0, 0.05, 0.05]] * len(keys))
+        batch = batch.set_column(batch.schema.get_field_index("span_value"), "span_value",
+                                 pa.array(spans, pa.string()))
+        batch = batch.set_column(batch.schema.get_field_index("span_score"), "span_score",
+                                 pa.array([0.9] * len(keys), pa.float32()))
+        batch = batch.append_column("free_name_keys", pa.array(free, pa.list_(pa.string())))
+        return step.process_batch(batch).to_pydict()
+
+    out = run(["Shorts", "Shorts", "Shorts"], [[swim, shorts], [swim, shorts], [shorts]],
+              [[swim, shorts], [shorts], [shorts]])
+    assert out["type"] == ["Swimwear", "Shorts", "Shorts"]
+    assert out["type_evidence"][0] == (f"title names '{swim}' (no fit title of 'Shorts' writes it; "
+                                       "tagger read 'Shorts')")
+    assert out["type_evidence"][1] == "tagger"
+    # the shorts' own titles write "swimwear": the tagger's type stands
+    assert run(["Shorts"], [[swim, shorts]], [[swim, shorts]],
+               written={"Shorts": frozenset({swim, shorts})})["type"] == ["Shorts"]
+    # the tagger read a new type: no second guess
+    got = run(["Lure"], [[lure, swim]], [[lure, swim]])
+    assert got["type"] == ["Lure"] and got["type_evidence"] == ["tagger:new"]
+    # off (the default): the tagger's type stands
+    off = on.model_copy(update={"new_name_overrides_tagger": False})
+    assert TypeResolutionConfig().new_name_overrides_tagger is False
+    assert run(["Shorts"], [[swim, shorts]], [[swim, shorts]], cfg=off)["type"] == ["Shorts"]
+
+
 def test_names_written_by_each_known_type_in_fits_reference(tmp_path):
     import json
 
@@ -288,6 +333,12 @@ def test_names_written_by_each_known_type_in_fits_reference(tmp_path):
     assert got == {"Fishing Rod": frozenset({type_key("Fishing Rod"), type_key("Reel")})}  # Tea: 2 titles
     assert set(names_written_by_type(tmp_path, vocab, names, 2)["Tea"]) == {type_key("Tea"), type_key("Bags")}
     assert names_written_by_type(tmp_path / "none", vocab, names, 1) == {}
+    # a name written by at most `share` of a type's titles is not its: one rod title of three
+    # names a reel (1/3), every one the rod itself
+    assert names_written_by_type(tmp_path, vocab, names, 3, share=0.34) == {
+        "Fishing Rod": frozenset({type_key("Fishing Rod")})}
+    assert names_written_by_type(tmp_path, vocab, names, 3, share=0.33)["Fishing Rod"] == frozenset(
+        {type_key("Fishing Rod"), type_key("Reel")})
 
 
 def test_catalogue_labels_reach_the_driver_capped_taxonomy_labels_first(ray_session):

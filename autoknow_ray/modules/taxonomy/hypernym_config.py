@@ -91,6 +91,14 @@ class TypeResolutionConfig(BaseModel):
     # title of that type in fit's reference (at least knn_k of them) writes that name
     # (types.ResolveTypes._new_name_conflict)
     new_name_overrides_vote: bool = True
+    # … a name counts as written by a type where more than this share of that type's reference
+    # titles write it (0: where any one does; a few board shorts sold "with swimwear" then keep
+    # every swimsuit among the shorts)
+    new_name_written_share: float = Field(0.0, ge=0, lt=1)
+    # the same for the tagger's own span of a known type: a title that also names an accepted new
+    # type, outside its attribute spans, that the known type's titles do not write (as above)
+    # takes the new type ("… Swimwear Swimming Pants Briefs Shorts" read as Shorts)
+    new_name_overrides_tagger: bool = False
     spread_per_type: int = Field(200, ge=1)
     spread_max: int = Field(20_000, ge=1)
     # the public names fit adds to the catalogue's own: "auto" (Google's product taxonomy and

@@ -400,7 +400,8 @@ class TaxonomyStage(Stage):
                             reference, load_type_reference(art), cfg.add_title_attributes,
                             cfg.min_attribute_score, name_support,
                             reference_cap=cfg.types.knn_catalogue_sample,
-                            names_written=names_written_by_type(art, vocab or {}, names, cfg.types.knn_k))
+                            names_written=names_written_by_type(art, vocab or {}, names, cfg.types.knn_k,
+                                                                cfg.types.new_name_written_share))
         return step, self._floors_for_catalogue(ctx, step, names, art)
 
     @staticmethod
@@ -658,10 +659,12 @@ class TaxonomyStage(Stage):
 
 
 def names_written_by_type(art: Path, vocab: dict[str, str], names: TypeNames,
-                          min_titles: int) -> dict[str, frozenset[str]]:
+                          min_titles: int, share: float = 0.0) -> dict[str, frozenset[str]]:
     """Per known type with at least `min_titles` titles in fit's kNN reference (a capped per-type
-    sample, saved with the models): the vocabulary's name keys those titles write. Bounded by the
-    reference; read on the driver."""
+    sample, saved with the models): the vocabulary's name keys more than `share` of those titles
+    write (0: any one). Bounded by the reference; read on the driver."""
+    from collections import Counter
+
     titles = load_type_reference_titles(art)
     if not titles or not vocab:
         return {}
@@ -669,8 +672,13 @@ def names_written_by_type(art: Path, vocab: dict[str, str], names: TypeNames,
     by_type: dict[str, list[str]] = {}
     for t, title in titles:
         by_type.setdefault(names.canonical(t) or t, []).append(title)
-    return {t: frozenset(k for title in ts for k in name_keys(title, None, keys))
-            for t, ts in by_type.items() if len(ts) >= min_titles}
+    out = {}
+    for t, ts in by_type.items():
+        if len(ts) < min_titles:
+            continue
+        n = Counter(k for title in ts for k in set(name_keys(title, None, keys)))
+        out[t] = frozenset(k for k, c in n.items() if c > share * len(ts))
+    return out
 
 
 def _capped_known(known_reference, exclude: set[str], per_type: int, seed: int

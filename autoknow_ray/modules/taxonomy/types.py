@@ -479,8 +479,15 @@ class ResolveTypes(Step):
                             and old_name not in self.ancestors.get(new, ())):
                         to_check.append((i, old_name, new, score))
             elif new is not None:
-                ev = "tagger:new" if type_key(new) in names.accepted else "tagger"
-                self._set(out, outcome, i, new, score, "added", ev)
+                known = type_key(new) not in names.accepted
+                conflict = (self._new_name_conflict(free_keys[i], title_keys[i], new, also_named=True)
+                            if known and cfg.new_name_overrides_tagger and cfg.title_names else None)
+                if conflict is not None:
+                    self._set(out, outcome, i, conflict[1], cfg.title_name_confidence, "added",
+                              f"{EVIDENCE_PREFIX}{conflict[0]!r} (no fit title of {new!r} writes it; "
+                              f"tagger read {new!r})")
+                    continue
+                self._set(out, outcome, i, new, score, "added", "tagger" if known else "tagger:new")
             else:
                 untyped.append(i)
 
@@ -523,7 +530,7 @@ class ResolveTypes(Step):
                 ranked[i] = [{"type": t, "score": s, "rank": r + 1}
                              for r, (t, s) in enumerate(v.ranked[:RANKED_TOP])]
                 conflict = (self._new_name_conflict(free_keys[i], title_keys[i], v.label)
-                            if cfg.title_names else None)
+                            if cfg.title_names and cfg.new_name_overrides_vote else None)
                 if conflict is not None:
                     self._set(out, outcome, i, conflict[1], cfg.title_name_confidence, "added",
                               f"{EVIDENCE_PREFIX}{conflict[0]!r} (no fit title of {v.label!r} writes it; "
@@ -547,18 +554,20 @@ class ResolveTypes(Step):
             "embedding": batch.column("embedding"),
         })
 
-    def _new_name_conflict(self, free, keys, voted: str) -> tuple[str, str] | None:
+    def _new_name_conflict(self, free, keys, voted: str, also_named: bool = False
+                           ) -> tuple[str, str] | None:
         """(key, new type) where the title names an accepted new type that no fit reference
         title of the voted known type writes (that type has at least `knn_k` of them), outside
         the tagger's attribute spans (`free`: a colour or a flavour is no type: "… Face Mask,
         White / Cream"): the title says what it is, and it is not what the type's titles say ("…
-        Fishing Lure …" among fishing rods). None otherwise."""
+        Fishing Lure …" among fishing rods). None otherwise. `also_named`: the voted type is the
+        tagger's span of this title, which names it; else a title naming it keeps it."""
         written = self.names_written.get(voted)
-        if written is None or not keys or not self.cfg.new_name_overrides_vote:
+        if written is None or not keys:
             return None
         names = self.names
-        if any(names.key_type(k) == voted for k in keys):  # the title names the voted type too
-            return None
+        if not also_named and any(names.key_type(k) == voted for k in keys):
+            return None  # the title names the voted type too
         free = set(free or ())
         hit = pick([k for k in keys if k not in written and k in free], names.key_type, self.name_support)
         if hit is None or hit[1] in names.known.values() or type_key(hit[1]) not in names.accepted:

@@ -262,7 +262,7 @@ def test_a_known_vote_gives_way_to_a_new_name_its_types_titles_never_write():
 
     out = run([[lure], [lure], [rod, lure], []], [[lure], [], [rod, lure], []])
     assert out["type"] == ["Lure", "Fishing Rod", "Fishing Rod", "Fishing Rod"]
-    assert out["type_evidence"][0].startswith(f"title names '{lure}' (no fit title of 'Fishing Rod' writes it")
+    assert out["type_evidence"][0].startswith(f"title names '{lure}' (fit's titles of 'Fishing Rod' seldom write it")
     assert out["type_status"][0] == "added" and out["type_confidence"][0] == cfg.title_name_confidence
     # the rods' own titles write "lure": no conflict
     assert run([[lure]], [[lure]], {"Fishing Rod": frozenset({lure})})["type"] == ["Fishing Rod"]
@@ -303,7 +303,7 @@ def test_the_taggers_known_type_gives_way_to_a_new_name_its_types_titles_do_not_
     out = run(["Shorts", "Shorts", "Shorts"], [[swim, shorts], [swim, shorts], [shorts]],
               [[swim, shorts], [shorts], [shorts]])
     assert out["type"] == ["Swimwear", "Shorts", "Shorts"]
-    assert out["type_evidence"][0] == (f"title names '{swim}' (no fit title of 'Shorts' writes it; "
+    assert out["type_evidence"][0] == (f"title names '{swim}' (fit's titles of 'Shorts' seldom write it; "
                                        "tagger read 'Shorts')")
     assert out["type_evidence"][1] == "tagger"
     # the shorts' own titles write "swimwear": the tagger's type stands

@@ -484,7 +484,7 @@ class ResolveTypes(Step):
                             if known and cfg.new_name_overrides_tagger and cfg.title_names else None)
                 if conflict is not None:
                     self._set(out, outcome, i, conflict[1], cfg.title_name_confidence, "added",
-                              f"{EVIDENCE_PREFIX}{conflict[0]!r} (no fit title of {new!r} writes it; "
+                              f"{EVIDENCE_PREFIX}{conflict[0]!r} (fit's titles of {new!r} seldom write it; "
                               f"tagger read {new!r})")
                     continue
                 self._set(out, outcome, i, new, score, "added", "tagger" if known else "tagger:new")
@@ -533,7 +533,7 @@ class ResolveTypes(Step):
                             if cfg.title_names and cfg.new_name_overrides_vote else None)
                 if conflict is not None:
                     self._set(out, outcome, i, conflict[1], cfg.title_name_confidence, "added",
-                              f"{EVIDENCE_PREFIX}{conflict[0]!r} (no fit title of {v.label!r} writes it; "
+                              f"{EVIDENCE_PREFIX}{conflict[0]!r} (fit's titles of {v.label!r} seldom write it; "
                               f"knn k={k} share={v.share:.2f})")
                     continue
                 self._set(out, outcome, i, v.label, v.share, "added", f"knn k={k} share={v.share:.2f}")

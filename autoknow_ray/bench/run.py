@@ -619,8 +619,9 @@ def summarize(rows: list[dict], sizes: list[int], workers: list[int], sweep_n: i
         "seconds_per_1k": {str(r["n"]): r["seconds_per_1k"] for r in by_size},
         "driver_peak_resident_bytes": {str(r["n"]): r.get("driver_peak_resident_bytes") for r in by_size},
         # resident peaks, not peaks over each rebuild's start: in one bench process the first
-        # rebuild alone pays for loading torch and the encoder into the driver, which made the
-        # growth over the start read 0.28 where the resident peaks grew 1.10x (3 Dec 2026)
+        # rebuild alone paid for loading torch and the encoder into the driver, which made the
+        # growth over the start read 0.28 where the resident peaks grew 1.10x (3 Dec 2026); each
+        # rebuild in a driver of its own (the default since 6 Dec) pays for them alike
         "driver_memory_growth": _growth(small, large, "driver_peak_resident_bytes"),
         "driver_peak_rss_bytes": {str(r["n"]): r.get("driver_peak_rss_bytes") for r in by_size},
         "driver_growth_over_start": _growth(small, large, "driver_peak_rss_bytes"),

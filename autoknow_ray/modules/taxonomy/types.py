@@ -401,9 +401,9 @@ class ResolveTypes(Step):
         self.min_attribute_score = float(min_attribute_score)
         # per name key: products without a catalogue or tagger type whose title writes it
         self.name_support = dict(name_support or {})
-        # per known type with at least knn_k titles in fit's reference: the name keys its
-        # reference titles write (`names_written_by_type`); a kNN answer of that type for a
-        # title naming an accepted new type none of them wrote gives way to the new type
+        # per known type with at least knn_k titles in fit's reference: the name keys more than
+        # `new_name_written_share` of its reference titles write (`names_written_by_type`); a kNN
+        # answer of that type for a title naming an accepted new type not among them gives way
         self.names_written = {t: frozenset(k) for t, k in (names_written or {}).items()}
         self.correct_index = self.fallback_index = None
 
@@ -556,8 +556,9 @@ class ResolveTypes(Step):
 
     def _new_name_conflict(self, free, keys, voted: str, also_named: bool = False
                            ) -> tuple[str, str] | None:
-        """(key, new type) where the title names an accepted new type that no fit reference
-        title of the voted known type writes (that type has at least `knn_k` of them), outside
+        """(key, new type) where the title names an accepted new type that the voted known type's
+        fit reference titles seldom write (`names_written`: the names more than
+        `new_name_written_share` of them write; the type has at least `knn_k` of them), outside
         the tagger's attribute spans (`free`: a colour or a flavour is no type: "… Face Mask,
         White / Cream"): the title says what it is, and it is not what the type's titles say ("…
         Fishing Lure …" among fishing rods). None otherwise. `also_named`: the voted type is the

@@ -4,6 +4,8 @@ Defaults fit a 2-core laptop on a 50k-product catalogue in minutes; a GPU cluste
 """
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
@@ -58,6 +60,13 @@ class RelatedConfig(BaseModel):
     # message passing (and its degree features), so the hidden edges from them are predicted from
     # metadata and similar products alone, as for a new listing
     cold_start_fraction: float = Field(0.15, ge=0, lt=1)
+    # data-parallel training through Ray Train (`TorchTrainer`): this many workers, each taking
+    # its share of every epoch's batches, their gradients averaged before each step (one batch
+    # of `batch_size` edges per worker: the step sees workers x batch_size); 1 trains in fit's
+    # own process. GPU workers where the cluster has one for each (auto)
+    train_workers: int = Field(1, ge=1)
+    train_use_gpu: bool | Literal["auto"] = "auto"
+    train_cpus_per_worker: float = Field(1.0, gt=0)
     # ---- validation inside fit: a share of the co-purchase events (not of the edges: a pair
     # bought again is what the future holds) is taken out of training and scored as hit rate @10
     validation_fraction: float = Field(0.1, ge=0, lt=1)

@@ -107,11 +107,89 @@ def fit_related(ctx: RunContext, out: Path) -> dict:
     settings = GNNSettings(text_dim=TEXT_DIM, type_buckets=rc.type_buckets, type_dim=rc.type_dim,
                            dim=rc.dim, symmetric=rc.symmetric, encoder=rc.encoder,
                            text_max_length=rc.text_max_length, fanout=rc.fanout)
-    model, history = fit_and_validate(settings, rc, text, types, (src, dst, count, two_way), sim, cfg.seed)
+    if rc.train_workers > 1:
+        model, history = fit_with_ray_train(settings, rc, text, types, (src, dst, count, two_way),
+                                            sim, cfg.seed, work / "trained")
+    else:
+        model, history = fit_and_validate(settings, rc, text, types, (src, dst, count, two_way),
+                                          sim, cfg.seed)
     save(model, out, {"trained_on": str(ctx.catalogue), **{k: v for k, v in stats.items()
                                                           if isinstance(v, (int, float, str))}})
     shutil.rmtree(work)
     return {**stats, **history, "seconds_total": round(time.perf_counter() - t0, 1)}
+
+
+def fit_with_ray_train(settings: GNNSettings, rc: RelatedConfig, text: np.ndarray,
+                       types: np.ndarray, edges: tuple, sim: tuple, seed: int,
+                       scratch: Path) -> tuple[DualGNN, dict]:
+    """`fit_and_validate` as a Ray Train `TorchTrainer` of `rc.train_workers` data-parallel
+    workers (GPU ones where the cluster has one for each, `train_use_gpu`): the arrays travel
+    through the object store once, rank 0 writes the trained model and its history to `scratch`
+    (so the driver's `scratch` must be the worker's: one machine, or a shared disk, as the
+    title tagger's Ray Train fit asks), and this process reads them back."""
+    import json as _json
+    from dataclasses import asdict
+
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from autoknow_ray.modules.related.model import load
+
+    use_gpu = rc.train_use_gpu
+    if use_gpu == "auto":  # GPUs only where the cluster has one per worker (never wait forever)
+        use_gpu = ray.cluster_resources().get("GPU", 0) >= rc.train_workers
+    scratch = Path(scratch).resolve()
+    if scratch.exists():
+        shutil.rmtree(scratch)
+    arrays = ray.put((text, types, edges, sim))
+    trainer = TorchTrainer(
+        _ray_train_loop,
+        train_loop_config={"settings": asdict(settings), "rc": rc.model_dump(mode="json"),
+                           "arrays": arrays, "seed": seed, "out": str(scratch)},
+        scaling_config=ScalingConfig(num_workers=rc.train_workers, use_gpu=bool(use_gpu),
+                                     resources_per_worker={"CPU": rc.train_cpus_per_worker}),
+        run_config=RunConfig(name="related-gnn", storage_path=str(scratch.parent / "ray-train")),
+    )
+    trainer.fit()
+    history = _json.loads((scratch / "history.json").read_text())
+    ranks = [_json.loads((scratch / f"rank-{r}.json").read_text()) for r in range(rc.train_workers)]
+    if len({r["steps"] for r in ranks}) != 1 or len({r["weights_checksum"] for r in ranks}) != 1:
+        raise RuntimeError(f"related fit: the data-parallel workers diverged: {ranks}")
+    return load(scratch), {**history, "train_workers": rc.train_workers,
+                           "train_device": "cuda" if use_gpu else "cpu",
+                           "steps_per_worker": ranks[0]["steps"]}
+
+
+def _ray_train_loop(config: dict) -> None:
+    """One worker of `fit_with_ray_train`."""
+    import json as _json
+
+    import ray
+    import ray.train
+    from ray.train.torch import get_device
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    dev = get_device()
+    device = "cuda" if dev.type == "cuda" else "cpu"
+    if device == "cuda":
+        torch.cuda.set_device(dev)
+    text, types, edges, sim = ray.get(config["arrays"])
+    settings = GNNSettings(**config["settings"])
+    rc = RelatedConfig(**config["rc"])
+    model, history = fit_and_validate(settings, rc, text, types, edges, sim, config["seed"],
+                                      rank=rank, world=world, device=device)
+    out = Path(config["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    # every worker's steps and a checksum of its weights: equal in a working group
+    checksum = float(sum(float(v.double().abs().sum()) for v in model.state_dict().values()))
+    (out / f"rank-{rank}.json").write_text(_json.dumps({"steps": history.get("steps", 0),
+                                                        "weights_checksum": checksum}))
+    if rank == 0:
+        save(model, out)
+        (out / "history.json").write_text(_json.dumps(history))
+    ray.train.report({"rank": rank, "steps": history.get("steps", 0)})
 
 
 def _similar_pairs(cfg, work: Path, stats: dict, id_set: set, index: dict, text: np.ndarray):
@@ -144,16 +222,27 @@ def _similar_pairs(cfg, work: Path, stats: dict, id_set: set, index: dict, text:
 
 
 def train(settings: GNNSettings, rc: RelatedConfig, text: np.ndarray, types: np.ndarray,
-          edges: tuple, sim: tuple, seed: int, on_epoch=None) -> tuple[DualGNN, dict]:
+          edges: tuple, sim: tuple, seed: int, on_epoch=None, rank: int = 0, world: int = 1,
+          device: str = "cpu") -> tuple[DualGNN, dict]:
     """Trains on `edges` (src, dst, count, two_way index arrays). `on_epoch(model)`, where given,
-    scores the model after each epoch (higher is better) and the best epoch's weights are kept."""
+    scores the model after each epoch (higher is better) and the best epoch's weights are kept.
+
+    `world` > 1: this process is worker `rank` of a data-parallel group (`torch.distributed`,
+    as Ray Train sets it up): every worker draws the epoch's hidden edges, cold products and
+    neighbour lists alike (a seed per epoch), takes its own share of the epoch's batches (as many
+    as every other worker), and the gradients are averaged over the group before each step, so
+    the workers' weights stay equal; `on_epoch` runs on rank 0 and its score is shared, and the
+    time limit is decided for all. `world` 1 is the single-process loop, draw for draw."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
+    dev = torch.device(device)
     n = len(text)
     src, dst, count, two_way = edges
-    model = DualGNN(settings)
+    model = DualGNN(settings).to(dev)
+    if world > 1:
+        _broadcast_parameters(model)
     opt = torch.optim.Adam(model.parameters(), lr=rc.lr, weight_decay=rc.weight_decay)
-    text_t, types_t = torch.from_numpy(text), torch.from_numpy(types)
+    text_t, types_t = torch.from_numpy(text).to(dev), torch.from_numpy(types).to(dev)
     out_w = np.bincount(src, weights=count, minlength=n)
     in_w = np.bincount(dst, weights=count, minlength=n)
     degree_all = degree_features(out_w, in_w)
@@ -171,40 +260,44 @@ def train(settings: GNNSettings, rc: RelatedConfig, text: np.ndarray, types: np.
         share = (int(round(rc.negatives * rc.popular_negatives)) / rc.negatives
                  if neg_p is not None else 0.0)
         q = (1.0 - share) / n + (share * neg_p if neg_p is not None else 0.0)
-        log_q = torch.from_numpy(np.log(np.maximum(q, 1e-12)).astype(np.float32))
-    sim_nb = torch.from_numpy(padded_neighbours(n, sim[0], sim[1], sim[2], settings.fanout))
-    has_sim = (sim_nb[:, 0] >= 0).numpy()
+        log_q = torch.from_numpy(np.log(np.maximum(q, 1e-12)).astype(np.float32)).to(dev)
+    sim_np = padded_neighbours(n, sim[0], sim[1], sim[2], settings.fanout)
+    sim_nb = torch.from_numpy(sim_np).to(dev)
+    has_sim = sim_np[:, 0] >= 0
     asym_w = 0.0 if settings.symmetric else rc.asymmetry_weight
     history = {"epochs": 0, "steps": 0, "loss": []}
     best = (-np.inf, None, 0)
     start = time.perf_counter()
     for epoch in range(rc.epochs):
         model.train()
-        perm = rng.permutation(len(src))
+        # one generator for the whole loop in one process; in a group, the epoch's shared draws
+        # from a seed per epoch and each worker's batch draws from its own
+        erng = rng if world == 1 else np.random.default_rng([seed, epoch])
+        brng = rng if world == 1 else np.random.default_rng([seed, epoch, rank + 1])
+        perm = erng.permutation(len(src))
         n_sup = max(1, int(len(src) * rc.supervision_fraction))
         sup, msg = perm[:n_sup], perm[n_sup:]
-        cold = rng.random(n) < rc.cold_start_fraction
+        cold = erng.random(n) < rc.cold_start_fraction
         msg = msg[~cold[src[msg]] & ~cold[dst[msg]]]
-        degree = torch.from_numpy(np.where(cold[:, None], 0.0, degree_all).astype(np.float32))
-        out_nb = torch.from_numpy(padded_neighbours(n, src[msg], dst[msg], count[msg], settings.fanout, rng))
-        in_nb = torch.from_numpy(padded_neighbours(n, dst[msg], src[msg], count[msg], settings.fanout, rng))
+        degree = torch.from_numpy(np.where(cold[:, None], 0.0, degree_all).astype(np.float32)).to(dev)
+        out_nb = torch.from_numpy(padded_neighbours(n, src[msg], dst[msg], count[msg], settings.fanout, erng)).to(dev)
+        in_nb = torch.from_numpy(padded_neighbours(n, dst[msg], src[msg], count[msg], settings.fanout, erng)).to(dev)
         losses = []
-        for lo in range(0, len(sup), rc.batch_size):
-            batch = sup[lo:lo + rc.batch_size]
+        for batch in rank_batches(sup, rc.batch_size, rank, world):
             a, b = src[batch], dst[batch]
             aug_b = b.copy()
-            swap = (rng.random(len(b)) < rc.augment_prob) & has_sim[b]
+            swap = (brng.random(len(b)) < rc.augment_prob) & has_sim[b]
             if swap.any():
-                col = rng.integers(0, settings.fanout, int(swap.sum()))
-                cand = sim_nb[torch.from_numpy(b[swap]), torch.from_numpy(col)].numpy()
-                first = sim_nb[torch.from_numpy(b[swap]), 0].numpy()
+                col = brng.integers(0, settings.fanout, int(swap.sum()))
+                cand = sim_np[b[swap], col]
+                first = sim_np[b[swap], 0]
                 aug_b[swap] = np.where(cand >= 0, cand, first)
-            negs = _negatives(rng, n, rc.negatives, rc.popular_negatives, neg_p)
+            negs = _negatives(brng, n, rc.negatives, rc.popular_negatives, neg_p)
             nodes, inv = np.unique(np.concatenate([a, b, aug_b, negs]), return_inverse=True)
             na, nb_, naug, nneg = np.split(inv, np.cumsum([len(a), len(b), len(aug_b)]))
-            nodes_t = torch.from_numpy(nodes)
+            nodes_t = torch.from_numpy(nodes).to(dev)
             need = _two_hop(nodes_t, out_nb, in_nb, sim_nb)
-            h0 = torch.zeros(n, settings.dim)
+            h0 = torch.zeros(n, settings.dim, device=dev)
             h0 = h0.index_put((need,), model.metadata(text_t[need], types_t[need]))
             s, t = model(nodes_t, h0, degree, out_nb, in_nb, sim_nb)
             loss = _contrastive(s[na], t[nb_], t[nneg], b, negs, rc.in_batch_negatives, log_q)
@@ -212,32 +305,37 @@ def train(settings: GNNSettings, rc: RelatedConfig, text: np.ndarray, types: np.
                 loss = loss + rc.augment_weight * _contrastive(
                     s[na[swap]], t[naug[swap]], t[nneg], aug_b[swap], negs, rc.in_batch_negatives,
                     log_q)
-            one = torch.from_numpy(~two_way[batch])
+            one = torch.from_numpy(~two_way[batch]).to(dev)
             if asym_w and one.any():
                 fwd = (s[na] * t[nb_]).sum(1)
                 rev = (s[nb_] * t[na]).sum(1)
                 loss = loss + asym_w * F.softplus(rev - fwd)[one].mean()
             opt.zero_grad()
             loss.backward()
+            if world > 1:
+                _average_gradients(model, world)
             opt.step()
             losses.append(float(loss.detach()))
             history["steps"] += 1
-            if time.perf_counter() - start > rc.max_train_seconds:
+            if _stop(time.perf_counter() - start > rc.max_train_seconds, world):
                 break
         history["epochs"] = epoch + 1
         history["loss"].append(round(float(np.mean(losses)), 4) if losses else None)
         if on_epoch is not None:
             model.eval()
-            score = on_epoch(model)
+            score = on_epoch(model) if rank == 0 else 0.0
+            if world > 1:
+                score = _shared_float(score, dev)
             history.setdefault("validation", []).append(round(float(score), 4))
             if score > best[0]:
                 best = (score, {k: v.detach().clone() for k, v in model.state_dict().items()}, epoch + 1)
         log.info("related fit: epoch %d loss %s validation %s", epoch + 1, history["loss"][-1],
                  history.get("validation", [None])[-1])
-        progress.epoch_line("related", epoch + 1, rc.epochs,
-                            {"loss": history["loss"][-1] or 0.0,
-                             **({"val_hr@10": history["validation"][-1]} if on_epoch else {})})
-        if time.perf_counter() - start > rc.max_train_seconds:
+        if rank == 0:
+            progress.epoch_line("related", epoch + 1, rc.epochs,
+                                {"loss": history["loss"][-1] or 0.0,
+                                 **({"val_hr@10": history["validation"][-1]} if on_epoch else {})})
+        if _stop(time.perf_counter() - start > rc.max_train_seconds, world):
             history["stopped"] = f"max_train_seconds ({rc.max_train_seconds}) reached"
             break
     if best[1] is not None:
@@ -245,6 +343,67 @@ def train(settings: GNNSettings, rc: RelatedConfig, text: np.ndarray, types: np.
         history["best_epoch"] = best[2]
     history["train_seconds"] = round(time.perf_counter() - start, 1)
     return model.eval(), history
+
+
+def rank_batches(sup: np.ndarray, batch_size: int, rank: int = 0, world: int = 1) -> list[np.ndarray]:
+    """The epoch's batches of supervision edges for worker `rank` of `world`: in one process all
+    of them in order; in a group every `world`-th edge from `rank` on, cut into as many batches
+    as every other worker gets (a collective step waits for every worker), none empty."""
+    if world == 1:
+        return [sup[lo:lo + batch_size] for lo in range(0, len(sup), batch_size)]
+    mine = sup[rank::world] if len(sup) >= world else sup
+    share = len(sup) // world if len(sup) >= world else len(sup)
+    steps = max(1, -(-share // batch_size))
+    return [mine[j * batch_size:(j + 1) * batch_size] for j in range(steps)]
+
+
+def _broadcast_parameters(model: torch.nn.Module) -> None:
+    """Every worker of the group starts from rank 0's weights."""
+    import torch.distributed as dist
+
+    for p in model.parameters():
+        dist.broadcast(p.data, 0)
+
+
+def _average_gradients(model: torch.nn.Module, world: int) -> None:
+    """The group's mean gradient in every worker (one all-reduce of the flattened gradients; a
+    parameter this worker's batch left without one counts as zero)."""
+    import torch.distributed as dist
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    flat /= world
+    at = 0
+    for p in params:
+        k = p.numel()
+        p.grad.copy_(flat[at:at + k].view_as(p))
+        at += k
+
+
+def _stop(mine: bool, world: int) -> bool:
+    """Whether to stop, decided for the whole group (any worker past the time limit)."""
+    if world == 1:
+        return mine
+    import torch.distributed as dist
+
+    flag = torch.tensor([1.0 if mine else 0.0])
+    if dist.get_backend() == "nccl":
+        flag = flag.cuda()
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item() > 0)
+
+
+def _shared_float(value: float, dev: torch.device) -> float:
+    """Rank 0's `value` in every worker."""
+    import torch.distributed as dist
+
+    t = torch.tensor([float(value)], dtype=torch.float64, device=dev)
+    dist.broadcast(t, 0)
+    return float(t.item())
 
 
 def _negatives(rng: np.random.Generator, n: int, m: int, popular: float, p) -> np.ndarray:
@@ -268,17 +427,20 @@ def all_embeddings(model: DualGNN, text: np.ndarray, types: np.ndarray, edges: t
     n = len(text)
     src, dst, count = edges[:3]
     fanout = model.settings.fanout
-    out_nb = torch.from_numpy(padded_neighbours(n, src, dst, count, fanout))
-    in_nb = torch.from_numpy(padded_neighbours(n, dst, src, count, fanout))
+    dev = next(model.parameters()).device
+    out_nb = torch.from_numpy(padded_neighbours(n, src, dst, count, fanout)).to(dev)
+    in_nb = torch.from_numpy(padded_neighbours(n, dst, src, count, fanout)).to(dev)
     degree = torch.from_numpy(degree_features(np.bincount(src, weights=count, minlength=n),
-                                              np.bincount(dst, weights=count, minlength=n)))
+                                              np.bincount(dst, weights=count, minlength=n))).to(dev)
+    sim_nb = sim_nb.to(dev)
     S, T = [], []
     with torch.no_grad():
-        h0 = model.metadata(torch.from_numpy(text), torch.from_numpy(types))
+        h0 = model.metadata(torch.from_numpy(text).to(dev), torch.from_numpy(types).to(dev))
         for lo in range(0, n, chunk):
-            s, t = model(torch.arange(lo, min(n, lo + chunk)), h0, degree, out_nb, in_nb, sim_nb)
-            S.append(s.numpy())
-            T.append(t.numpy())
+            s, t = model(torch.arange(lo, min(n, lo + chunk), device=dev), h0, degree, out_nb,
+                         in_nb, sim_nb)
+            S.append(s.cpu().numpy())
+            T.append(t.cpu().numpy())
     return np.concatenate(S), np.concatenate(T)
 
 
@@ -458,17 +620,21 @@ class Validation:
 
 
 def fit_and_validate(settings: GNNSettings, rc: RelatedConfig, text: np.ndarray, types: np.ndarray,
-                     edges: tuple, sim: tuple, seed: int) -> tuple[DualGNN, dict]:
+                     edges: tuple, sim: tuple, seed: int, rank: int = 0, world: int = 1,
+                     device: str = "cpu") -> tuple[DualGNN, dict]:
     """Trains on the training share of the co-purchase events, keeps the epoch whose model alone
     has the best validation hit rate @10, and picks the weight of the co-purchase count prior on the same
-    validation pairs (none of this sees anything beyond the catalogue's own graph)."""
+    validation pairs (none of this sees anything beyond the catalogue's own graph). In a
+    data-parallel group (`world` > 1, `train`) every worker trains; rank 0 validates and picks
+    the weights, the others return once trained. What follows training runs on the CPU."""
     src, dst, count, two_way = edges
     n = len(text)
     rng = np.random.default_rng(seed + 1)
     tr, va = split_events(count, rc.validation_fraction, rng)
     if rc.validation_fraction == 0 or not (va > 0).any() or not (tr > 0).any():
-        model, hist = train(settings, rc, text, types, edges, sim, seed)
-        return model, {**hist, "prior_weight": 0.0}
+        model, hist = train(settings, rc, text, types, edges, sim, seed, rank=rank, world=world,
+                            device=device)
+        return model.cpu(), {**hist, "prior_weight": 0.0}
     keep = tr > 0
     train_edges = (src[keep], dst[keep], tr[keep].astype(np.float64), two_way[keep])
     val = Validation(n, src[va > 0], dst[va > 0], train_edges, rc.validation_pairs, rng)
@@ -479,7 +645,11 @@ def fit_and_validate(settings: GNNSettings, rc: RelatedConfig, text: np.ndarray,
         S, T = all_embeddings(model, text, types, train_edges, sim_nb)
         return float((val.ranks(S, T, 0.0) <= 10).mean())
 
-    model, hist = train(settings, rc, text, types, train_edges, sim, seed, on_epoch)
+    model, hist = train(settings, rc, text, types, train_edges, sim, seed, on_epoch, rank=rank,
+                        world=world, device=device)
+    model = model.cpu()
+    if rank != 0:
+        return model, hist
     S, T = all_embeddings(model, text, types, train_edges, sim_nb)
     pick = val.best_weight_by_bucket(S, T, multiples, rc.prior_buckets, rc.prior_bucket_min_pairs)
     prior_only = float((val.ranks(S, T, 1e4 * val.spread(S, T)) <= 10).mean())
@@ -539,15 +709,16 @@ def _contrastive(queries: torch.Tensor, pos: torch.Tensor, negs: torch.Tensor, t
     negative, taken from every candidate's logit (not applied to in-batch negatives)."""
     if in_batch:
         return _softmax_loss(queries, torch.cat([pos, negs]), true_ids, np.concatenate([true_ids, neg_ids]))
+    dev = queries.device
     pos_logit = (queries * pos).sum(1, keepdim=True)
     neg_logits = queries @ negs.T
     if log_q is not None:
-        pos_logit = pos_logit - log_q[torch.from_numpy(true_ids)][:, None]
-        neg_logits = neg_logits - log_q[torch.from_numpy(neg_ids)][None, :]
-    neg_logits = neg_logits.masked_fill(torch.from_numpy(neg_ids[None, :] == true_ids[:, None]),
-                                        float("-inf"))
+        pos_logit = pos_logit - log_q[torch.from_numpy(true_ids).to(dev)][:, None]
+        neg_logits = neg_logits - log_q[torch.from_numpy(neg_ids).to(dev)][None, :]
+    same = torch.from_numpy(neg_ids[None, :] == true_ids[:, None]).to(dev)
+    neg_logits = neg_logits.masked_fill(same, float("-inf"))
     return F.cross_entropy(torch.cat([pos_logit, neg_logits], 1),
-                           torch.zeros(len(true_ids), dtype=torch.long))
+                           torch.zeros(len(true_ids), dtype=torch.long, device=dev))
 
 
 def _softmax_loss(queries: torch.Tensor, cands: torch.Tensor, true_ids: np.ndarray,
@@ -557,5 +728,5 @@ def _softmax_loss(queries: torch.Tensor, cands: torch.Tensor, true_ids: np.ndarr
     m = len(true_ids)
     same = torch.from_numpy(cand_ids[None, :] == true_ids[:, None])
     same[torch.arange(m), torch.arange(m)] = False
-    logits = logits.masked_fill(same, float("-inf"))
-    return F.cross_entropy(logits, torch.arange(m))
+    logits = logits.masked_fill(same.to(logits.device), float("-inf"))
+    return F.cross_entropy(logits, torch.arange(m, device=logits.device))

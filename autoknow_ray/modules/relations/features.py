@@ -272,9 +272,8 @@ class CountCustomerMentions(Step):
     resources = "relations"
     columns = ("product_id", "source", "text")
     # a worker pool: the matcher and the product -> type map (up to `customer_products` entries)
-    # are built and deserialised once per worker; as tasks every batch paid for both, a cost
-    # that grew with the catalogue on every row (57.7 s of the relations stage's 96.7 s at
-    # 100,000 products against 8.9 s of 15.4 s at 20,000)
+    # are built and deserialised once per worker, not for every batch as a task-mode step's are
+    # (a small share of the time: the matching itself is most of it; docs/benchmarks.md)
     model = True
 
     def __init__(self, vocab: Vocabulary, max_value_tokens: int, max_chars: int,

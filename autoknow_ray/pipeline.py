@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from autoknow_ray import __version__, progress, storage
 from autoknow_ray.config import Config
-from autoknow_ray.memory import MemorySampler
+from autoknow_ray.memory import MemorySampler, release_freed_memory
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -66,6 +66,10 @@ class RunContext:
         assert self.out is not None, "write() is only for the stage that is running"
         write_table(self.out / f"{name}.parquet", table, schema)
 
+
+
+def _mib(n: int | None) -> float | None:
+    return None if n is None else round(n / 2**20, 1)
 
 def table_file(folder: Path, name: str) -> Path:
     """Where table `name` lives in `folder`: `name.parquet`, else the shard folder `name/`."""
@@ -249,6 +253,7 @@ def run_stages(stages: list[Stage], ctx: RunContext, *, force: bool = False) -> 
         with MemorySampler(interval=0.25) as driver_memory:
             counts = stage.run(ctx)
         seconds = time.perf_counter() - t0
+        released = release_freed_memory()  # the next stage starts from what this one holds
         ctx.out = ctx.resume = None
         if stage.units is not None:
             counts.setdefault("units", stage.units)
@@ -268,7 +273,8 @@ def run_stages(stages: list[Stage], ctx: RunContext, *, force: bool = False) -> 
             "rows_per_s": round(rows / seconds, 1) if seconds > 0 else None,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             # what the stage cost the driver (autoknow_ray/memory.py: heap vs object-store pages)
-            "driver_memory": driver_memory.stage_figures(),
+            "driver_memory": {**driver_memory.stage_figures(),
+                              "rss_after_release_mib": _mib(released.get("rss_after"))},
             **counts,
         }
         _write_json_atomic(tmp / MANIFEST, manifest)

@@ -59,3 +59,25 @@ def test_vector_columns_become_one_matrix_whatever_their_form():
         as_matrix(pa.array([[1.0, 2.0], [1.0, 2.0, 3.0], [1.0]]))
     with pytest.raises(ValueError, match="null"):
         as_matrix(pa.array([[1.0], None]))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+def test_release_hands_back_heap_pages_the_allocator_kept():
+    """200 MB of 4 KB buffers freed while the last one stays alive: glibc cannot shrink its heap
+    past the live buffer, so the pages stay resident until `release_freed_memory` trims them."""
+    import subprocess
+    import sys
+
+    code = (
+        "from autoknow_ray.memory import process_memory, release_freed_memory\n"
+        "bufs = [bytearray(4096) for _ in range(50_000)]\n"
+        "for b in bufs: b[::512] = b'x' * len(b[::512])\n"
+        "last = bufs[-1]\n"
+        "del bufs\n"
+        "kept = process_memory()['rss']\n"
+        "r = release_freed_memory()\n"
+        "print(kept, r['rss_before'], r['rss_after'])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    kept, before, after = (int(x) for x in out.stdout.split())
+    assert before >= kept - 16 * 2**20
+    assert before - after > 100 * 2**20, (kept, before, after)

@@ -67,9 +67,9 @@ class RunContext:
         write_table(self.out / f"{name}.parquet", table, schema)
 
 
-
 def _mib(n: int | None) -> float | None:
     return None if n is None else round(n / 2**20, 1)
+
 
 def table_file(folder: Path, name: str) -> Path:
     """Where table `name` lives in `folder`: `name.parquet`, else the shard folder `name/`."""

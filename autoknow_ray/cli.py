@@ -321,6 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also rebuild each size with this config (same models and catalogues, "
                         "right after the --config rebuild): per-stage seconds of the two side by "
                         "side, and their ratios, measured in one run")
+    s.add_argument("--compare-titles", type=int, default=None, metavar="N",
+                   help="titles of the simple-way comparison (default 1,024; --quick 192)")
+    s.add_argument("--compare-rounds", type=int, default=None, metavar="R",
+                   help="interleaved rounds of the simple-way comparison, best kept (default 3; "
+                        "--quick 2)")
     s.add_argument("--in-process", action="store_true",
                    help="rebuild every size in the bench's own process (default: each rebuild in "
                         "a driver process of its own, as a user runs one; the driver's memory "

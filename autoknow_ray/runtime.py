@@ -11,7 +11,7 @@ import math
 import os
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import NamedTuple
 
 import ray
@@ -528,6 +528,8 @@ def map_step(ds: "ray.data.Dataset", step, cfg: JobSettings, n_rows: int | None 
     (`warm_tasks`) runs the pool's calls as tasks in warm worker processes instead, one setup()
     per process; above that size, and on GPU, the actor pool is as before."""
     plan = plan_actors(cfg, step.resources, n_rows)
+    if getattr(step, "rows_per_call", None):  # a cheap step's larger calls (steps.Step)
+        plan = replace(plan, rows_per_call=max(plan.rows_per_call, int(step.rows_per_call)))
     per_call = rows_per_call(plan, n_rows)
     if step.columns:
         ds = ds.select_columns(list(step.columns))

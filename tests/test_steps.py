@@ -108,6 +108,30 @@ def test_a_step_whose_rows_are_cheap_is_not_split_before_its_pool(ray_session):
     assert sorted(out["title"].to_list()) == sorted(f"t{i}!" for i in range(640))
 
 
+def test_a_cheap_step_takes_larger_calls_and_keeps_every_row(ray_session):
+    """A step that says its rows are cheap (`rows_per_call`) gets calls of that many rows, still
+    at least four per worker; other steps keep the plan's `rows_per_call`."""
+    class CallSize(Step):
+        name = "call_size"
+        columns = ("product_id",)
+
+        def process_batch(self, batch: pa.Table) -> pa.Table:
+            return batch.append_column("call_rows", pa.array([batch.num_rows] * batch.num_rows))
+
+    class CheapCallSize(CallSize):
+        rows_per_call = 80
+
+    cfg = Config.model_validate({"resources": {"default": {"actors": 2, "cpus_per_actor": 0.5,
+                                                           "batch_size": 16, "rows_per_call": 32}}})
+    plain = _collect(runtime.map_step(_ds(640), CallSize(), cfg, n_rows=640))
+    cheap = _collect(runtime.map_step(_ds(640), CheapCallSize(), cfg, n_rows=640))
+    assert plain["call_rows"].max() == 32
+    # 640 rows over 2 workers, at least 4 calls each: 80 rows a call, not the step's cap alone
+    assert cheap["call_rows"].max() == 80
+    for out in (plain, cheap):
+        assert sorted(out["product_id"].to_list()) == sorted(f"p{i}" for i in range(640))
+
+
 def test_chain_names_a_missing_column():
     class NeedsBrand(Upper):
         name = "needs_brand"

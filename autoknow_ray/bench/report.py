@@ -119,6 +119,9 @@ def markdown(r: dict) -> str:
             args.append(f"--{k} {cmd[k]}")
     if cmd.get("fresh_driver") is False:
         args.append("--in-process")
+    for k in ("compare_titles", "compare_rounds"):
+        if cmd.get(k):
+            args.append(f"--{k.replace('_', '-')} {cmd[k]}")
     cl = m["ray_cluster"]
     L = [
         "# autoknow bench",

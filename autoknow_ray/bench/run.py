@@ -47,6 +47,8 @@ def main(args) -> int:
                        workers=args.workers, config=args.config, address=args.address,
                        models=args.models, seed=int(args.seed),
                        against=getattr(args, "against", None),
+                       compare_titles=getattr(args, "compare_titles", None),
+                       compare_rounds=getattr(args, "compare_rounds", None),
                        fresh_driver=not getattr(args, "in_process", False))
     s = result["summary"]
     print(f"bench: {result['out']}/bench.json, bench.md and plots ({result['wall_seconds']:.0f} s)")
@@ -514,7 +516,8 @@ def run_bench(out: str | Path, *, quick: bool = False, sizes: list[int] | None =
                     "address": address, "models": models, "seed": seed,
                     "against": str(against) if against is not None and not isinstance(against, Config)
                     else None,
-                    "fresh_driver": fresh_driver},
+                    "fresh_driver": fresh_driver, "compare_titles": compare_titles,
+                    "compare_rounds": compare_rounds},
         "summary": summary,
         "targets": targets(summary),
         "matrix": [{"n": n, "workers": w} for n, w in matrix],

@@ -27,7 +27,7 @@ from autoknow_ray.modules.related import graph_build as gb
 from autoknow_ray.modules.related.model import WEIGHTS
 from autoknow_ray.modules.related.steps import DualEmbed, EmbedProducts, Recommend, mark_complete
 from autoknow_ray.pipeline import RunContext, Stage, check_balance, parquet_files
-from autoknow_ray.steps import Chain, Step
+from autoknow_ray.steps import CHEAP_ROWS_PER_CALL, Chain, Step
 
 NODES = "nodes"
 EMBEDDINGS = "embeddings"
@@ -54,6 +54,7 @@ class CatalogueType(Step):
 
     name = "catalogue_type"
     resources = "related"
+    rows_per_call = CHEAP_ROWS_PER_CALL
     columns = ("product_id", "title", "product_type")
 
     def process_batch(self, batch: pa.Table) -> pa.Table:

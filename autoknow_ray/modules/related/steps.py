@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from autoknow_ray import storage
 from autoknow_ray.index.vectors import as_matrix
 from autoknow_ray.pipeline import column_names
-from autoknow_ray.steps import Step, WorkerEnv
+from autoknow_ray.steps import CHEAP_ROWS_PER_CALL, Step, WorkerEnv
 
 TEXT_DIM = 384
 COMPLETE = "_COMPLETE.json"  # a table folder's marker: fully written, with its row count
@@ -82,6 +82,7 @@ class CheckEdges(Step):
 
     name = "related_check_edges"
     resources = "related"
+    rows_per_call = CHEAP_ROWS_PER_CALL  # a hash and a sorted search per row
     model = True
 
     def __init__(self, products_path: Path, src: str, dst: str | None, count: str):

@@ -88,6 +88,8 @@ def count_mentions(ctx: RunContext, vocab: Vocabulary, cfg: RelationsConfig,
                                             cfg.customer_products, ctx.cfg.seed, n_products)
             sample = sample.filter(pl.col("type").is_not_null())
             types = dict(zip(sample["product_id"].to_list(), sample["type"].to_list()))
+            if timer is not None:
+                timer.done("customer_products_sample")
             step = CountCustomerMentions(vocab, cfg.max_value_tokens, cfg.max_text_chars, types)
             counts = runtime.map_step(customer, step, ctx.cfg, n_customer)
             parts.append(runtime.aggregate(counts, ["type", "attribute", "source"],

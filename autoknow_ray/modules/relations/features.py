@@ -20,7 +20,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from autoknow_ray.steps import Step
+from autoknow_ray.steps import CHEAP_ROWS_PER_CALL, Step
 from autoknow_ray.text import fold
 
 TOKEN = re.compile(r"\w+")
@@ -214,6 +214,7 @@ class CountProviderMentions(Step):
 
     name = "relations_provider_counts"
     resources = "relations"
+    rows_per_call = CHEAP_ROWS_PER_CALL  # a dict lookup per text window: calls, not work, cost
     columns = ("type", "title", "description", "bullets", "attributes")
     # a worker pool: the value matcher is built once per worker, not for every batch as a
     # task-mode step's setup() is
@@ -270,6 +271,7 @@ class CountCustomerMentions(Step):
 
     name = "relations_customer_counts"
     resources = "relations"
+    rows_per_call = CHEAP_ROWS_PER_CALL
     columns = ("product_id", "source", "text")
     # a worker pool: the matcher and the product -> type map (up to `customer_products` entries)
     # are built and deserialised once per worker, not for every batch as a task-mode step's are

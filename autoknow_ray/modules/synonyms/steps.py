@@ -17,7 +17,7 @@ import polars as pl
 import pyarrow as pa
 
 from autoknow_ray.schema import HAS_TYPE, TRIPLES, conform
-from autoknow_ray.steps import Step, WorkerEnv
+from autoknow_ray.steps import CHEAP_ROWS_PER_CALL, Step, WorkerEnv
 
 MODULE = "synonyms"
 TYPE_ATTRIBUTE = ""  # the attribute of type terms inside the module (null in graph tables)
@@ -37,6 +37,7 @@ def _occurrences(df: pl.DataFrame) -> pa.Table:
 class ExplodeTerms(Step):
     name = "explode_terms"
     resources = MODULE
+    rows_per_call = CHEAP_ROWS_PER_CALL  # one product's rows are one call's whatever its size
     columns = ("product_id", "type", "attributes", "brand")
 
     def process_batch(self, batch: pa.Table) -> pa.Table:
@@ -127,6 +128,7 @@ class ScorePairs(Step):
 class CanonicalizeTerms(Step):
     name = "canonicalize_terms"
     resources = MODULE
+    rows_per_call = CHEAP_ROWS_PER_CALL
     columns = ("product_id", "relation", "term")
 
     def __init__(self, mapping: dict[tuple[str, str], tuple[str, float]]):

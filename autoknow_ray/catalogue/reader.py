@@ -57,7 +57,8 @@ def validated_schema(table: str) -> pa.Schema:
 
 
 def _validate_rows(table: str, rows, source: str, cfg: IngestConfig) -> pa.Table:
-    """rows: iterable of (row_number, dict | None, raw_text, decode_error)."""
+    """rows: iterable of (row_number, dict | None, raw_text, decode_error); raw_text None: the
+    row's JSON, made only where the row is quarantined."""
     validator = VALIDATORS[table]
     schema = CATALOGUE_TABLES[table]
     out = {f.name: [] for f in schema}
@@ -76,6 +77,8 @@ def _validate_rows(table: str, rows, source: str, cfg: IngestConfig) -> pa.Table
         meta["_source"].append(source)
         meta["_row"].append(n)
         meta["_reason"].append(err)
+        if err is not None and raw is None and row is not None:
+            raw = json.dumps(row, default=str)  # a Parquet row's raw form, for its quarantine row
         meta["_raw"].append(None if err is None else (raw or "")[:RAW_CHARS])
     arrays = [pa.array(out[f.name], type=f.type) for f in schema]
     arrays += [pa.array(meta[n], type=t) for n, t in META_FIELDS]
@@ -184,7 +187,8 @@ def parse_parquet_units(batch: pa.Table, table: str, cfg: IngestConfig, catalogu
         for rb in pf.iter_batches(batch_size=cfg.rows_per_block, row_groups=[unit["row_group"]],
                                   columns=unit["columns"]):
             rows = rb.to_pylist()
-            numbered = ((n + i, r, json.dumps(r, default=str), None) for i, r in enumerate(rows))
+            # raw None: its JSON form is written only where the row is quarantined
+            numbered = ((n + i, r, None, None) for i, r in enumerate(rows))
             yield _validate_rows(table, numbered, src, cfg)
             n += len(rows)
 

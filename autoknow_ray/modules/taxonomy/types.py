@@ -366,9 +366,6 @@ class ResolveTypes(Step):
 
     name = "resolve_types"
     resources = "taxonomy"
-    # per row: a few dict lookups and one kNN search against a capped reference; Ray's cost per
-    # call is a larger share than the work of 1,024 rows
-    rows_per_call = 8_192
     columns = ("product_id", "product_type", "span_value", "span_score", "spans", "name_keys",
                "free_name_keys", "head_key", "embedding")
     model = True  # builds its indexes once per worker
@@ -680,7 +677,6 @@ class SpreadNewTypes(Step):
 
     name = "spread_new_types"
     resources = "taxonomy"
-    rows_per_call = 8_192  # as ResolveTypes
     columns = ()  # every column: the resolved rows pass through whole
     model = True  # builds its index once per worker
 

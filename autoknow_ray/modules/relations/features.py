@@ -214,7 +214,9 @@ class CountProviderMentions(Step):
 
     name = "relations_provider_counts"
     resources = "relations"
-    rows_per_call = CHEAP_ROWS_PER_CALL  # a dict lookup per text window: calls, not work, cost
+    # 1,024-row calls (the plan's): with 16,384 the 400k bench's provider counts over module 1's
+    # typed products took 330.7 s against 75 s (docs/benchmarks.md), although the same step over
+    # the ingested products went 60.4 -> 32.9 s; the split into larger blocks is the suspect
     columns = ("type", "title", "description", "bullets", "attributes")
     # a worker pool: the value matcher is built once per worker, not for every batch as a
     # task-mode step's setup() is

@@ -71,7 +71,6 @@ class Step:
     # Only for a step whose output per row does not depend on which rows share its call.
     rows_per_call: int | None = None
 
-
     def setup(self, env: WorkerEnv) -> None:
         """Load models or build indexes, once per worker."""
 

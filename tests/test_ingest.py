@@ -65,6 +65,39 @@ def test_validate_product_rules():
             validate_product(bad, cfg)
 
 
+def test_surrogate_check_finds_exactly_the_surrogate_code_points():
+    """The one-encode check agrees with the definition (a code point in U+D800..U+DFFF) on
+    ASCII, other scripts, astral characters and lone or paired surrogates."""
+    from autoknow_ray.catalogue.validate import _has_surrogates
+
+    def by_definition(s: str) -> bool:
+        return any(0xD800 <= ord(c) <= 0xDFFF for c in s)
+
+    cases = ["", "abc", "é", "日本語", "😀 ok", "\U0010ffff", "\ud7ff\ue000", "\udcff",
+             "ab\ud800c", "x\udc80y", "a\ud83d\ude00", "caf\udce9"]
+    assert [_has_surrogates(s) for s in cases] == [by_definition(s) for s in cases]
+    assert [by_definition(s) for s in cases].count(True) == 5
+
+
+def test_a_quarantined_parquet_row_keeps_its_raw_content(tmp_path):
+    """Parquet rows are validated without a JSON copy each; a quarantined one still gets its
+    content as JSON in `_raw`, every good row none, and every row comes out once."""
+    from autoknow_ray.catalogue.reader import parse_parquet_units
+
+    path = tmp_path / "products.parquet"
+    pq.write_table(pa.table({"product_id": ["p1", "p2", None], "title": ["Tea", "", "Mug"]}), path)
+    units = pa.table({"path": [str(path)], "row_group": [0], "first_row": [0],
+                      "columns": [["product_id", "title"]]})
+    out = pl.concat([pl.from_arrow(t) for t in
+                     parse_parquet_units(units, "products", IngestConfig(), str(tmp_path))])
+    assert out.height == 3
+    assert out["_reason"][0] is None and out["_raw"][0] is None
+    assert "empty title" in out["_reason"][1]
+    assert json.loads(out["_raw"][1]) == {"product_id": "p2", "title": ""}
+    assert "missing product_id" in out["_reason"][2]
+    assert json.loads(out["_raw"][2]) == {"product_id": None, "title": "Mug"}
+
+
 def test_planted_bad_rows_are_quarantined_and_good_rows_kept(tmp_path, ray_session):
     cat = _planted_catalogue(tmp_path / "cat")
     ctx = RunContext(run_dir=tmp_path / "run", catalogue=cat, cfg=_cfg())

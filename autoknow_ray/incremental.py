@@ -212,10 +212,46 @@ def run_cached(step: CachedStep, files: list, cfg, out: Path, stage_out: Path, r
     return counts
 
 
+def _split_small(files: list[str], prev_files: list[str], digest: str, key_inputs: tuple[str, ...],
+                 inputs: list[str], outputs: list[str], misses: str, reused: str) -> dict:
+    """In one task (tonight's products and the previous cache both small): each product's key
+    against the previous cache's, the products to recompute (their input columns) written to
+    `misses`, the reused ones (input columns, key and cached outputs) to `reused`, tonight's
+    order and column types kept. Returns the counts of each state and of the cache's rows."""
+    import pyarrow.parquet as pq
+
+    products = pa.concat_tables([pq.read_table(f, columns=inputs) for f in files]) if files else None
+    keyed = ProductKey(digest, key_inputs, tuple(inputs)).process_batch(products)
+    cache = pa.concat_tables([pq.read_table(f, columns=["product_id", KEY, *outputs])
+                              for f in prev_files]) if prev_files else None
+    n_cached = cache.num_rows if cache is not None else 0
+    if cache is not None and n_cached:
+        at = pc.index_in(keyed.column("product_id"), value_set=cache.column("product_id"))
+        before = cache.column(KEY).take(at)
+    else:
+        at, before = None, pa.nulls(keyed.num_rows, pa.string())
+    hit = pc.fill_null(pc.equal(keyed.column(KEY), before), False)
+    added = pc.is_null(before)
+    changed = pc.and_(pc.invert(added), pc.invert(hit))
+    pq.write_table(products.filter(pc.invert(hit)), misses)
+    rows = keyed.filter(hit)
+    if at is not None:
+        taken = cache.select(outputs).take(pc.filter(at, hit))
+        for name in outputs:
+            rows = rows.append_column(taken.schema.field(name), taken.column(name))
+    pq.write_table(rows, reused)
+    return {ADDED: int(pc.sum(added).as_py() or 0), CHANGED: int(pc.sum(changed).as_py() or 0),
+            REUSED: rows.num_rows, "cached_rows": n_cached}
+
+
 def _incremental(step: CachedStep, fresh_step: Step, digest: str, files: list, cfg, out: Path,
                  stage_out: Path, prev: Path, n: int) -> dict:
     from autoknow_ray.pipeline import count_rows
 
+    n_cached = count_rows(prev)  # one row per product
+    if (max(n, n_cached) <= runtime.SMALL_SHUFFLE_ROWS and not storage.is_remote(stage_out)
+            and not storage.is_remote(prev) and not any(storage.is_remote(f) for f in files)):
+        return _incremental_small(step, fresh_step, digest, files, cfg, out, stage_out, prev, n)
     t0 = time.perf_counter()
     inputs = list(step.fresh.columns)
     products = runtime.read_parquet([str(f) for f in files]).select_columns(inputs)
@@ -224,7 +260,6 @@ def _incremental(step: CachedStep, fresh_step: Step, digest: str, files: list, c
                                  batch_format="pyarrow")
     cached = runtime.read_parquet(prev, ["product_id", KEY, *step.outputs]).rename_columns(
         {KEY: PREV_KEY})
-    n_cached = count_rows(prev)  # one row per product
     parts = max(1, math.ceil(max(n, n_cached, 1) / JOIN_ROWS_PER_PARTITION))
     # tonight's products with their previous outputs, where cached: a left outer join (in one
     # task where both sides are small, runtime.join); a cached product not matched is removed
@@ -269,6 +304,45 @@ def _incremental(step: CachedStep, fresh_step: Step, digest: str, files: list, c
             "chunks": 1 if n_miss else 0, "chunks_resumed": 0, "phase_seconds": seconds}
 
 
+def _incremental_small(step: CachedStep, fresh_step: Step, digest: str, files: list, cfg,
+                       out: Path, stage_out: Path, prev: Path, n: int) -> dict:
+    """`_incremental` where tonight's products and the previous cache are both small
+    (`runtime.SMALL_SHUFFLE_ROWS`): the keys, the join with the previous cache and the split
+    into products to recompute and products reused in one task (`_split_small`) instead of a
+    join, a classification pass, a count and a filter pass; the same rows."""
+    t0 = time.perf_counter()
+    inputs = list(step.fresh.columns)
+    scratch = storage.path(stage_out) / "_cache_split"
+    storage.rmtree(scratch)
+    scratch.mkdir(parents=True, exist_ok=True)
+    misses, reused = scratch / "misses.parquet", scratch / "reused.parquet"
+    by_state = runtime.run_task(
+        _split_small, [str(storage.path(f)) for f in files],
+        [str(f) for f in sorted(storage.path(prev).rglob("*.parquet"))], digest, step.inputs,
+        inputs, list(step.outputs), str(misses), str(reused), cfg=cfg)
+    n_miss, n_hit = by_state[ADDED] + by_state[CHANGED], by_state[REUSED]
+    removed = by_state["cached_rows"] - n_hit - by_state[CHANGED]
+    seconds = {"join": round(time.perf_counter() - t0, 2)}
+    fresh = out / "fresh"
+    t0 = time.perf_counter()
+    if n_miss:
+        runtime.map_step_checkpointed([str(misses)], fresh_step, cfg, fresh, None)
+    seconds["fresh"] = round(time.perf_counter() - t0, 2)
+    t0 = time.perf_counter()
+    if n_hit:
+        ds = runtime.read_parquet(reused)
+        if step.reuse is not None:
+            ds = runtime.map_step(ds, _Passing(step.reuse, [*inputs, KEY, *step.outputs]), cfg, n_hit)
+        order = runtime.read_parquet(fresh).schema().names if n_miss else None
+        (ds.select_columns(order) if order else ds).write_parquet(str(out / "cached"))
+    seconds["cached"] = round(time.perf_counter() - t0, 2)
+    storage.rmtree(scratch)
+    return {"products": n, "reused": n_hit, "recomputed": n_miss, "added": by_state[ADDED],
+            "changed": by_state[CHANGED], "removed": removed,
+            "chunks": 1 if n_miss else 0, "chunks_resumed": 0, "phase_seconds": seconds,
+            "split": "one task (small inputs)"}
+
+
 def manifest_counts(step: str, cache: dict) -> dict:
     """A stage manifest's view of a cached step's run (`run_cached`'s counts): products reused
     from --previous, recomputed, added and removed, and the counts under `cache.<step>`."""
@@ -311,3 +385,46 @@ def _added_removed(files: list, previous_stage: Path, step: CachedStep, n: int) 
     parts = max(1, math.ceil(max(n, 1) / JOIN_ROWS_PER_PARTITION))
     return {"added": ids.join(before, "left_anti", parts, on=("product_id",)).count(),
             "removed": before.join(ids, "left_anti", parts, on=("product_id",)).count()}
+
+
+def reuse_on_driver(name: str, rows, key: list[str], values: list[str], fingerprint: dict,
+                    compute, stage_out: Path, previous_stage: Path | None):
+    """A cache of a per-term (or per-pair) model output for a stage whose rows are already on
+    the driver, bounded by a cap (the synonyms vocabulary and its candidate pairs): `rows` (a
+    polars frame, unique on `key`) whose `values` the previous run computed with the same
+    `fingerprint` are taken from its cache (`RUN/<stage>/cache/<name>/`), the rest go through
+    `compute(frame) -> frame` (the model step, in the workers); this run's cache is written to
+    `stage_out`. Returns (every row with its values, in no particular order; counts for the
+    manifest). The models are batch-invariant, so a reused value is the one a full rebuild
+    computes."""
+    import polars as pl
+
+    from autoknow_ray.pipeline import read_parquet_any, write_table
+
+    digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()
+                            ).hexdigest()[:20]
+    counts = {"fingerprint": digest, "previous": str(previous_stage) if previous_stage else None}
+    cached = None
+    if previous_stage is not None:
+        done = read_manifest(previous_stage)
+        meta = ((done.get("cache") or {}).get(name) or {}) if done.get("complete") else {}
+        folder = cache_dir(previous_stage, name)
+        if meta.get("fingerprint") == digest and folder.is_dir():
+            cached = read_parquet_any(folder, [*key, *values])
+        else:
+            counts["previous_not_used"] = ("no complete stage" if not done.get("complete") else
+                                           "model, config or code changed since the previous run"
+                                           if folder.is_dir() else f"{folder}: absent")
+    if cached is not None and rows.height:
+        hit = rows.join(cached, on=key, how="inner", nulls_equal=True)
+        miss = rows.join(cached.select(key), on=key, how="anti", nulls_equal=True)
+    else:
+        hit, miss = None, rows
+    fresh = compute(miss) if miss.height else None
+    parts = [p for p in (hit, fresh) if p is not None and p.height]
+    out = (pl.concat([p.select(fresh.columns if fresh is not None else p.columns) for p in parts],
+                     how="vertical_relaxed") if parts else (fresh if fresh is not None else miss))
+    if parts:
+        write_table(cache_dir(stage_out, name) / "part-0.parquet", out.select(*key, *values))
+    counts.update(reused=hit.height if hit is not None else 0, recomputed=miss.height)
+    return out, counts

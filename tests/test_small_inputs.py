@@ -2,6 +2,8 @@
 processes, an actor pool's fresh processes) and give what the shuffle and the pool give."""
 from __future__ import annotations
 
+import json
+
 import polars as pl
 import pyarrow as pa
 import pytest
@@ -127,3 +129,81 @@ def test_a_small_model_step_runs_as_warm_tasks_with_the_pools_calls(ray_session)
     fixed = Config.model_validate({"resources": {"default": {"actors": 1, "cpus_per_actor": 0.5,
                                                              "batch_size": 16, "rows_per_call": 32}}})
     assert runtime.fixed_pool(fixed, Loads()) and not runtime.fixed_pool(cfg, Loads())
+
+
+class _TitleLength(Step):
+    """A stand-in for a cached model step: the title's length as its output."""
+
+    name = "title_length"
+    columns = ("product_id", "title", "brand")
+
+    def process_batch(self, batch: pa.Table) -> pa.Table:
+        n = pa.array([len(t or "") for t in batch.column("title").to_pylist()], pa.int64())
+        return batch.append_column("length", n)
+
+
+class _Brand(Step):
+    """A stand-in for the cheap steps after the model: reads what the key does not cover."""
+
+    name = "brand_upper"
+
+    def process_batch(self, batch: pa.Table) -> pa.Table:
+        up = pa.array([(b or "").upper() for b in batch.column("brand").to_pylist()], pa.string())
+        return batch.append_column("brand_upper", up)
+
+
+def _cached_step():
+    from autoknow_ray.incremental import CachedStep
+    from autoknow_ray.steps import Chain
+
+    return CachedStep(name="title_length", fresh=Chain("title_length", [_TitleLength(), _Brand()]),
+                      reuse=_Brand(), inputs=("title",), outputs=("length",),
+                      fingerprint={"model": "m1"})
+
+
+def test_a_small_cache_split_in_one_task_equals_the_join_path(ray_session, tmp_path, monkeypatch):
+    """`rebuild --previous` over small inputs splits products into reused and recomputed in one
+    task (`incremental._split_small`); the join path for large inputs gives the same per-product
+    table and the same counts (a product added, one removed, a title edited, a brand edited:
+    not in the key, so reused, and the cheap step after the model sees tonight's brand)."""
+    import pyarrow.parquet as pq
+
+    from autoknow_ray.incremental import run_cached
+    from autoknow_ray.pipeline import read_parquet_any
+
+    cfg = Config.model_validate({})
+    a = pa.table({"product_id": [f"p{i}" for i in range(40)],
+                  "title": [f"title {i}" + "x" * (i % 5) for i in range(40)],
+                  "brand": [f"b{i % 3}" for i in range(40)]})
+    titles, brands = a.column("title").to_pylist(), a.column("brand").to_pylist()
+    titles[5], brands[7] = "an edited title, longer", "zz"
+    b = pa.concat_tables([a.set_column(1, "title", pa.array(titles))
+                          .set_column(2, "brand", pa.array(brands)).slice(1),
+                          pa.table({"product_id": ["new"], "title": ["added"], "brand": ["b9"]})])
+    for name, t in (("a", a), ("b", b)):
+        (tmp_path / name).mkdir()
+        pq.write_table(t.slice(0, 20), tmp_path / name / "0.parquet")
+        pq.write_table(t.slice(20), tmp_path / name / "1.parquet")
+
+    def files(name):
+        return sorted(str(p) for p in (tmp_path / name).glob("*.parquet"))
+
+    stage_a = tmp_path / "stage_a"
+    run_cached(_cached_step(), files("a"), cfg, stage_a / "out", stage_a, None, None)
+    (stage_a / "manifest.json").write_text(json.dumps(
+        {"complete": True, "cache": {"title_length": {"fingerprint": _cached_step().digest()}}}))
+    got = {}
+    for path, limit in (("small", runtime.SMALL_SHUFFLE_ROWS), ("join", 0)):
+        monkeypatch.setattr(runtime, "SMALL_SHUFFLE_ROWS", limit)
+        stage = tmp_path / f"stage_{path}"
+        counts = run_cached(_cached_step(), files("b"), cfg, stage / "out", stage, None, stage_a)
+        table = read_parquet_any(stage / "out").sort("product_id")
+        got[path] = (table, {k: counts[k] for k in ("reused", "recomputed", "added", "changed",
+                                                    "removed")})
+        assert ("split" in counts) == (path == "small")
+    assert got["small"][1] == got["join"][1] == {"reused": 38, "recomputed": 2, "added": 1,
+                                                 "changed": 1, "removed": 1}
+    assert got["small"][0].equals(got["join"][0])
+    row = got["small"][0].filter(pl.col("product_id") == "p7").row(0, named=True)
+    assert row["brand_upper"] == "ZZ" and row["length"] == len(titles[7])
+    assert got["small"][0].filter(pl.col("product_id") == "p5")["length"][0] == len(titles[5])

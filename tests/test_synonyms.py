@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import polars as pl
@@ -379,3 +380,64 @@ def test_behaviour_pairs_made_in_the_workers_equal_the_driver_self_join(ray_sess
     got = behaviour_pairs_in_workers(tc, 6, 2, max_pairs)
     assert want.height > 0 and (max_pairs > want.height or want.height == max_pairs)
     assert got.equals(want)
+
+
+def test_an_incremental_rebuild_reuses_term_vectors_and_pair_scores(fitted, tmp_path):
+    """`rebuild --previous`: the vocabulary's vectors and the candidate pairs' scores the
+    previous run computed are reused, new terms and pairs go through the models, and every
+    table equals a full rebuild's (a product added with a new spelling and one removed)."""
+    from autoknow_ray.config import Config
+    from autoknow_ray.rebuild import rebuild
+
+    root, _, _ = fitted
+    cfg = Config.model_validate(json.loads((root / "run" / "config.resolved.json").read_text()))
+    products = pl.read_parquet(root / "cat" / "products.parquet")
+    cat = tmp_path / "cat"
+    shutil.copytree(root / "cat", cat)
+    new = products.head(1).with_columns(
+        pl.lit("p-new").alias("product_id"),
+        pl.Series("attributes", [[{"name": "Color", "value": "Greyish"}]],
+                  dtype=products.schema["attributes"]))
+    pl.concat([products.slice(1), new], how="vertical_relaxed").write_parquet(cat / "products.parquet")
+    rebuild(cat, tmp_path / "inc", models=root / "models", config=cfg, previous=root / "run")
+    rebuild(cat, tmp_path / "full", models=root / "models", config=cfg)
+
+    def manifest(run):
+        return json.loads((run / "synonyms" / "manifest.json").read_text())
+
+    inc, full, before = manifest(tmp_path / "inc"), manifest(tmp_path / "full"), manifest(root / "run")
+    vocab = full["cache"]["term_vectors"]
+    assert full["cache"]["term_vectors"]["reused"] == 0 and full["cache"]["pair_scores"]["reused"] == 0
+    # the new spelling is the one new term; the removed product's term is still held by others
+    assert inc["cache"]["term_vectors"]["recomputed"] == 1
+    assert inc["cache"]["term_vectors"]["reused"] == vocab["recomputed"] - 1
+    assert 0 < inc["cache"]["pair_scores"]["recomputed"] < full["cache"]["pair_scores"]["recomputed"]
+    assert inc["cache"]["pair_scores"]["reused"] > 0
+    assert before["cache"]["term_vectors"]["fingerprint"] == vocab["fingerprint"]
+    from autoknow_ray.pipeline import read_parquet_any, table_file
+
+    for name in ("pairs", "vocabulary", "graph_synonyms", "edits"):
+        a = read_parquet_any(table_file(tmp_path / "inc" / "synonyms", name))
+        b = read_parquet_any(table_file(tmp_path / "full" / "synonyms", name))
+        assert a.sort(a.columns).equals(b.sort(b.columns)), name
+    # what made the pairs: the new term is among them, scored
+    pairs = pl.read_parquet(tmp_path / "inc" / "synonyms" / "pairs.parquet")
+    assert pairs.filter((pl.col("term_a") == "Greyish") | (pl.col("term_b") == "Greyish")).height
+
+
+def test_a_pairs_score_does_not_depend_on_the_pairs_scored_beside_it():
+    """The classifier scores a pair the same alone, in a batch, and at the batch's tail: what a
+    reused score of `rebuild --previous` needs (a matrix product over one row and a vectorised
+    sigmoid's tail took other code paths and moved scores in the last bits)."""
+    import torch
+
+    from autoknow_ray.modules.synonyms.model import PairClassifier
+
+    torch.manual_seed(0)
+    model = PairClassifier(len(FEATURES), 16).eval()
+    x = np.random.default_rng(0).normal(size=(203, len(FEATURES))).astype(np.float32)
+    together = model.score(x)
+    alone = np.concatenate([model.score(x[i:i + 1]) for i in range(len(x))])
+    shifted = model.score(x[5:])
+    assert np.array_equal(together, alone) and np.array_equal(together[5:], shifted)
+    assert together.dtype == np.float32 and 0 < together.min() and together.max() < 1

@@ -242,8 +242,10 @@ def _claim_counts(batch: pa.Table, judge_types: bool = True) -> pa.Table:
 def n_claims(products, judge_types: bool) -> int:
     """The claims of the products (with their upstream edits joined on), unscored: what an
     abstaining stage leaves unjudged."""
-    return int(products.map_batches(_claim_counts, fn_kwargs={"judge_types": judge_types},
-                                    batch_format="pyarrow").sum("claims") or 0)
+    per_block = products.map_batches(_claim_counts, fn_kwargs={"judge_types": judge_types},
+                                     batch_format="pyarrow")
+    # per-block sums added on the driver (`Dataset.sum` runs a shuffle: 3.7 s at 20k products)
+    return int(runtime.column_sums(per_block, ["claims"]).get("claims") or 0)
 
 
 def shift_guard(counts: dict, meta: dict, cfg, auto: tuple[bool, bool]) -> dict:

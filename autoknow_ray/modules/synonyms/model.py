@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +29,23 @@ class PairClassifier(torch.nn.Module):
 
     @torch.inference_mode()
     def score(self, x: np.ndarray) -> np.ndarray:
+        """P(synonyms) of each row, one row at a time and the sigmoid one logit at a time
+        (float64, then float32): a matrix product over several rows takes another CPU kernel
+        than over one, and a vectorised sigmoid computes a batch's tail in another code path, so
+        a pair's score would move in the last bits with the pairs scored beside it (a reused
+        score of `rebuild --previous` must be the one a full rebuild computes)."""
         if len(x) == 0:
             return np.zeros(0, dtype=np.float32)
-        return torch.sigmoid(self(torch.from_numpy(np.asarray(x, np.float32)))).numpy()
+        t = torch.from_numpy(np.asarray(x, np.float32))
+        logits = torch.cat([self(t[i:i + 1]).reshape(1) for i in range(t.shape[0])])
+        return np.array([_sigmoid(v) for v in logits.double().numpy()], np.float32)
+
+
+def _sigmoid(v: float) -> float:
+    if v >= 0:
+        return 1.0 / (1.0 + math.exp(-v))
+    e = math.exp(v)
+    return e / (1.0 + e)
 
 
 def save(model: PairClassifier, out: Path, meta: dict) -> None:

@@ -23,8 +23,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
+from pathlib import Path
+
 from autoknow_ray import progress, runtime
 from autoknow_ray.graph import state
+from autoknow_ray.incremental import file_digest, reuse_on_driver, source_digest
 from autoknow_ray.index.vectors import as_matrix
 from autoknow_ray.modules.synonyms import model as pair_model
 from autoknow_ray.modules.synonyms.candidates import (PAIR_KEY, behaviour_pairs, behaviour_pairs_in_workers,
@@ -148,6 +151,7 @@ class SynonymsStage(Stage):
         cfg = ctx.cfg.synonyms
         model_dir = ctx.models / MODULE if ctx.models is not None else None
         timer = progress.Phases()  # wall seconds of each pass, for the manifest
+        self._cache: dict = {}
         occ, n_occ = self._occurrences(ctx)
         vocab, counts = self._vocabulary(ctx, occ)
         timer.done("occurrences_and_vocabulary")
@@ -193,7 +197,9 @@ class SynonymsStage(Stage):
                 "accepted_pairs": int(scored["accepted"].sum()) if scored.height else 0,
                 "rejected_below_min_cosine": below, "values_rewritten": cfg.rewrite_values,
                 "clusters": merged.select("kind", "attribute", "canonical").unique().height,
-                "merged_terms": merged.height, "edits": n_edits}
+                "merged_terms": merged.height, "edits": n_edits,
+                # term vectors and pair scores reused from --previous, and recomputed
+                "cache": self._cache}
 
     # ---- occurrences and vocabulary ------------------------------------------------------------
     def _occurrences(self, ctx: RunContext):
@@ -248,9 +254,16 @@ class SynonymsStage(Stage):
     def _embed(self, ctx: RunContext, vocab: pl.DataFrame) -> tuple[pl.DataFrame, np.ndarray]:
         if vocab.height == 0:
             return vocab, np.zeros((0, 1), np.float32)
-        ds = ray.data.from_arrow(vocab.select("kind", "attribute", "term").to_arrow())
-        out = _collect(runtime.map_step(ds, EmbedTerms(ctx.cfg.synonyms.encoder), ctx.cfg,
-                                        vocab.height))
+        def embed(terms: pl.DataFrame) -> pl.DataFrame:
+            return _collect(runtime.map_step(ray.data.from_arrow(terms.to_arrow()),
+                                             EmbedTerms(ctx.cfg.synonyms.encoder), ctx.cfg, terms.height))
+
+        # `rebuild --previous RUN`: the vectors of terms RUN embedded with the same encoder,
+        # precision and code are reused (a term's vector does not depend on its batch)
+        out, self._cache["term_vectors"] = reuse_on_driver(
+            "term_vectors", vocab.select("kind", "attribute", "term"), ["kind", "attribute", "term"],
+            ["embedding"], self._fingerprint(ctx, "term_vectors"), embed, ctx.out,
+            ctx.previous_stage(self.name))
         out = out.join(vocab.select("kind", "attribute", "term", "n"),
                        on=["kind", "attribute", "term"], how="left").sort(["kind", "attribute", "term"])
         vectors = as_matrix(out["embedding"], np.float32).copy()
@@ -334,8 +347,28 @@ class SynonymsStage(Stage):
         if pairs.height == 0:
             return pairs.with_columns(pl.lit(None, pl.Float32).alias("edit_sim"),
                                       pl.lit(None, pl.Float32).alias("score"))
-        ds = ray.data.from_arrow(pairs.to_arrow())
-        return _collect(runtime.map_step(ds, ScorePairs(model_dir), ctx.cfg, pairs.height)).sort(PAIR_KEY)
+        def score(rows: pl.DataFrame) -> pl.DataFrame:
+            return _collect(runtime.map_step(ray.data.from_arrow(rows.to_arrow()), ScorePairs(model_dir),
+                                             ctx.cfg, rows.height))
+
+        # a pair's scores depend on its row alone (its terms, cosine and shared contexts) and
+        # the classifier: `rebuild --previous RUN` reuses RUN's scores of the same rows
+        out, self._cache["pair_scores"] = reuse_on_driver(
+            "pair_scores", pairs, list(pairs.columns), ["edit_sim", "score"],
+            {**self._fingerprint(ctx, "pair_scores"), "model": file_digest([Path(model_dir)])},
+            score, ctx.out, ctx.previous_stage(self.name))
+        return out.sort(PAIR_KEY)
+
+    def _fingerprint(self, ctx: RunContext, what: str) -> dict:
+        """What a cached term vector or pair score depends on besides its row."""
+        from autoknow_ray.nn.encoder import resolve_encoder
+
+        device = runtime.plan_actors(ctx.cfg, MODULE).device
+        return {"what": what, "encoder": file_digest([Path(resolve_encoder(ctx.cfg.synonyms.encoder))]),
+                "bf16": bool(runtime.model_bf16(device)), "device": device,
+                "code": source_digest(["autoknow_ray.modules.synonyms.steps",
+                                       "autoknow_ray.modules.synonyms.features",
+                                       "autoknow_ray.modules.synonyms.model", "autoknow_ray.nn.encoder"])}
 
     # ---- clusters and edits ---------------------------------------------------------------------
     def _clusters(self, scored: pl.DataFrame, vocab: pl.DataFrame, vectors: np.ndarray,

@@ -401,6 +401,7 @@ def reuse_on_driver(name: str, rows, key: list[str], values: list[str], fingerpr
 
     from autoknow_ray.pipeline import read_parquet_any, write_table
 
+    t0 = time.perf_counter()
     digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()
                             ).hexdigest()[:20]
     counts = {"fingerprint": digest, "previous": str(previous_stage) if previous_stage else None}
@@ -426,5 +427,6 @@ def reuse_on_driver(name: str, rows, key: list[str], values: list[str], fingerpr
                      how="vertical_relaxed") if parts else (fresh if fresh is not None else miss))
     if parts:
         write_table(cache_dir(stage_out, name) / "part-0.parquet", out.select(*key, *values))
-    counts.update(reused=hit.height if hit is not None else 0, recomputed=miss.height)
+    counts.update(reused=hit.height if hit is not None else 0, recomputed=miss.height,
+                  rows=rows.height, seconds=round(time.perf_counter() - t0, 2))
     return out, counts

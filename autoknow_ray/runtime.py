@@ -562,14 +562,21 @@ def fixed_pool(cfg: JobSettings, step) -> bool:
 def warm_tasks(plan: ActorPlan, n_rows: int | None) -> bool:
     """Whether a model step runs as tasks in warm worker processes instead of an actor pool:
     on CPU, for an input of at most one call per actor of the plan (`rows_per_call` x `actors`
-    rows), where the config leaves the pool's size to the plan (`actors: auto`; a fixed pool,
+    rows) or at most `WARM_TASK_ROWS`, where the config leaves the pool's size to the plan (`actors: auto`; a fixed pool,
     as `autoknow bench` sets, is always an actor pool). An actor pool starts a fresh process per
     actor for every execution, which imports torch and transformers again: measured on 2 cores (5 Dec 2026), an actor pool of a step
     that does nothing took 1.9-2.4 s, one that imports torch 3.6-3.8 s, and the same as tasks
     in warm workers 0.1 s; a small catalogue's rebuild runs a dozen model steps. Larger inputs
     and GPU plans keep their actor pools exactly as before."""
     return (n_rows is not None and not plan.num_gpus and plan.device == "cpu"
-            and n_rows <= plan.rows_per_call * plan.actors)
+            and n_rows <= max(plan.rows_per_call * plan.actors, WARM_TASK_ROWS))
+
+
+# Up to this many rows a CPU model step runs as warm tasks whatever its calls' size: a catalogue
+# of tens of thousands of products (a first look, a nightly change set) would otherwise start a
+# fresh pool, importing torch and transformers again, for each of its model steps (3-4 s each
+# on 2 cores); the tasks make the same calls, `plan.actors` at a time.
+WARM_TASK_ROWS = 50_000
 
 
 # The step a warm task worker has set up: (token of its map_step call, step), and the timer that
@@ -1149,20 +1156,28 @@ def count_by(ds: "ray.data.Dataset", by: list[str], num_partitions: int | None =
 # shuffle's reduce), through the house's ordinary worker processes. Above it every pass is the
 # shuffle it was, unchanged.
 SMALL_SHUFFLE_ROWS = 50_000
+# The same for passes over narrow rows (ids, terms, counts: tens of bytes a row), where the
+# caller says so: one task holds a few tens of MB at this size, and sorts or sums it in well
+# under a second, where a shuffle costs 3-6 s of fixed cost on 2 cores (the synonyms stage's
+# term contexts and the related stage's co-view pairs of a 20,000-product catalogue: 150,000
+# to 300,000 rows). A key partition of the shuffle holds up to `KEY_BLOCK_MAX_ROWS` anyway.
+NARROW_SMALL_ROWS = 500_000
 
 
 def small_input(ds: "ray.data.Dataset", n_rows: int | None = None,
-                rows_hint: int | None = None) -> "ray.data.Dataset | None":
-    """`ds` when it has at most `SMALL_SHUFFLE_ROWS` rows, else None. `n_rows`: an upper bound on
-    its rows the caller knows (Parquet metadata); without one, a `rows_hint` (an estimate, e.g.
-    the product count) at or under the limit has `ds` materialised and counted, so the answer is
-    exact and `ds` is not computed twice. Without either, None: the caller shuffles as before."""
-    if n_rows is not None:
-        return ds if n_rows <= SMALL_SHUFFLE_ROWS else None
-    if rows_hint is None or rows_hint > SMALL_SHUFFLE_ROWS:
+                rows_hint: int | None = None, limit: int | None = None) -> "ray.data.Dataset | None":
+    """`ds` when it has at most `limit` rows (default `SMALL_SHUFFLE_ROWS`), else None. `n_rows`:
+    an upper bound on its rows the caller knows (Parquet metadata); where there is none, or it
+    is over the limit, a `rows_hint` (an estimate, e.g. the product count) at or under the limit
+    has `ds` materialised and counted, so the answer is exact and `ds` is not computed twice.
+    Without either, None: the caller shuffles as before."""
+    limit = limit or SMALL_SHUFFLE_ROWS
+    if n_rows is not None and n_rows <= limit:
+        return ds
+    if rows_hint is None or rows_hint > limit:
         return None
     done = ds.materialize()
-    return done if done.count() <= SMALL_SHUFFLE_ROWS else None
+    return done if done.count() <= limit else None
 
 
 def _groups_of_block(batch, fn, keys: list[str], fn_args: tuple, batch_format: str):
@@ -1286,27 +1301,30 @@ def _sum_block(batch, keys: list[str], sums: dict):
 
 
 def groupby_sum(ds: "ray.data.Dataset", keys: list[str], sums: dict[str, str], num_partitions: int,
-                n_rows: int | None = None) -> "ray.data.Dataset":
+                n_rows: int | None = None, rows_hint: int | None = None,
+                small_rows: int | None = None) -> "ray.data.Dataset":
     """`ds.groupby(keys, num_partitions).aggregate(Sum(col, alias_name=out) for out, col in
-    sums.items())`: one row per key, its sums. An input of at most `SMALL_SHUFFLE_ROWS` rows
-    (`n_rows`: an upper bound the caller knows) is summed in one task instead of a shuffle;
-    larger ones take Ray's groupby exactly as before."""
-    if small_input(ds, n_rows) is None:
+    sums.items())`: one row per key, its sums. An input of at most `small_rows` rows (default
+    `SMALL_SHUFFLE_ROWS`; `n_rows`: an upper bound the caller knows, `rows_hint`: an estimate,
+    see `small_input`) is summed in one task instead of a shuffle; larger ones take Ray's
+    groupby exactly as before."""
+    small = small_input(ds, n_rows, rows_hint, small_rows)
+    if small is None:
         import ray.data.aggregate as A
 
         return ds.groupby(keys if len(keys) > 1 else keys[0], num_partitions=num_partitions
                           ).aggregate(*[A.Sum(col, alias_name=out) for out, col in sums.items()])
-    return ds.repartition(1).map_batches(_sum_block, fn_kwargs={"keys": list(keys), "sums": dict(sums)},
+    return small.repartition(1).map_batches(_sum_block, fn_kwargs={"keys": list(keys), "sums": dict(sums)},
                                          batch_size=None, batch_format="pyarrow")
 
 
 def keyed_blocks(ds: "ray.data.Dataset", keys: list[str], num_partitions: int,
-                 n_rows: int | None = None) -> "ray.data.Dataset":
+                 n_rows: int | None = None, small_rows: int | None = None) -> "ray.data.Dataset":
     """`ds.repartition(num_partitions, keys=keys)`: every key's rows in one block, for a
-    `map_batches(…, batch_size=None)` that needs them whole. An input of at most
-    `SMALL_SHUFFLE_ROWS` rows (`n_rows`: an upper bound the caller knows) becomes one block
-    without a shuffle; larger ones are hash-partitioned as before."""
-    if small_input(ds, n_rows) is None:
+    `map_batches(…, batch_size=None)` that needs them whole. An input of at most `small_rows`
+    rows (default `SMALL_SHUFFLE_ROWS`; `n_rows`: an upper bound the caller knows) becomes one
+    block without a shuffle; larger ones are hash-partitioned as before."""
+    if small_input(ds, n_rows, limit=small_rows) is None:
         return ds.repartition(num_partitions, keys=list(keys))
     return ds.repartition(1)
 
@@ -1325,7 +1343,7 @@ def _sorted_key_block(batch, fn, keys: list[str], fn_args: tuple):
 
 def map_key_blocks(ds: "ray.data.Dataset", keys, fn, *, fn_args: tuple = (),
                    n_rows: int | None = None, rows_hint: int | None = None,
-                   max_rows: int | None = None) -> "ray.data.Dataset":
+                   max_rows: int | None = None, small_rows: int | None = None) -> "ray.data.Dataset":
     """`fn(block, *fn_args)` once per key partition: every key's rows in one block, sorted by the
     keys. What `map_groups` gives where `fn` is written over many groups at once (a polars
     group_by, a join on the key) instead of called once per group: a Python call per group costs
@@ -1334,9 +1352,10 @@ def map_key_blocks(ds: "ray.data.Dataset", keys, fn, *, fn_args: tuple = (),
     per-group function gives for its groups, concatenated in key order. Small inputs (see
     `small_input`) are one block without a shuffle; larger ones are hash-partitioned on the keys
     (at most `max_rows` rows a partition, default `KEY_BLOCK_MAX_ROWS`: lower it for wide rows;
-    at least one partition per CPU)."""
+    at least one partition per CPU). `small_rows`: the one-block bound for this input
+    (`NARROW_SMALL_ROWS` for narrow rows; default `SMALL_SHUFFLE_ROWS`)."""
     keys = [keys] if isinstance(keys, str) else list(keys)
-    small = small_input(ds, n_rows, rows_hint)
+    small = small_input(ds, n_rows, rows_hint, small_rows)
     if small is not None:
         blocks = small.repartition(1)
     else:

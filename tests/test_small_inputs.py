@@ -83,6 +83,20 @@ def test_sums_and_keyed_blocks_small_equal_ray(ray_session):
     sums = runtime.column_sums(ds, ["v", "w"])
     assert sums["v"] == sum(range(300)) and sums["w"] == pytest.approx(sum(range(300)) / 3)
     assert runtime.column_sums(ds.filter(lambda r: False), ["v"]) == {}
+    # a loose bound over the limit with a hint under it: counted, then summed in one task
+    seen = []
+    real = runtime.small_input
+    hinted = runtime.groupby_sum(ds, ["k"], {"sv": "v", "sw": "w"}, 2, n_rows=10**9, rows_hint=300,
+                                 small_rows=1000)
+    assert _sorted(_frame(hinted)).equals(want)
+    try:
+        runtime.small_input = lambda *a, **k: seen.append(real(*a, **k)) or seen[-1]
+        runtime.groupby_sum(ds, ["k"], {"sv": "v"}, 2, n_rows=10**9, rows_hint=300, small_rows=1000)
+        runtime.groupby_sum(ds, ["k"], {"sv": "v"}, 2, n_rows=10**9, rows_hint=300, small_rows=100)
+        runtime.map_key_blocks(ds, "k", lambda b: b, n_rows=300, small_rows=100)
+    finally:
+        runtime.small_input = real
+    assert [x is not None for x in seen] == [True, False, False]
 
 
 class Loads(Step):
@@ -104,8 +118,10 @@ class Loads(Step):
             "pid", pa.array([self.pid] * n)).append_column("rows", pa.array([n] * n))
 
 
-def test_a_small_model_step_runs_as_warm_tasks_with_the_pools_calls(ray_session):
+def test_a_small_model_step_runs_as_warm_tasks_with_the_pools_calls(ray_session, monkeypatch):
     import ray
+
+    monkeypatch.setattr(runtime, "WARM_TASK_ROWS", 0)  # the calls' own bound, below
 
     cfg = Config.model_validate({"resources": {"default": {"actors": "auto", "cpus_per_actor": 0.5,
                                                            "batch_size": 16, "rows_per_call": 32}}})
@@ -113,6 +129,9 @@ def test_a_small_model_step_runs_as_warm_tasks_with_the_pools_calls(ray_session)
     assert plan.actors == 2  # (2 CPUs - 1 reserved) / 0.5
     assert runtime.warm_tasks(plan, 60) and not runtime.warm_tasks(plan, 65)
     assert not runtime.warm_tasks(plan, None)
+    monkeypatch.setattr(runtime, "WARM_TASK_ROWS", 100)  # and a floor under it
+    assert runtime.warm_tasks(plan, 100) and not runtime.warm_tasks(plan, 101)
+    monkeypatch.setattr(runtime, "WARM_TASK_ROWS", 0)
     ds = ray.data.from_items([{"product_id": f"p{i}"} for i in range(60)])
     warm = _frame(runtime.map_step(ds, Loads(), cfg, 60))
     # one setup per worker process however many calls it served; which of Ray's warm worker

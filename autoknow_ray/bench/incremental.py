@@ -123,7 +123,9 @@ def run_incremental_bench(out: str | Path, *, quick: bool = False, n: int | None
                 "seconds": {"incremental_b": c.get("seconds"),
                             "full_b": (cf.get(step) or {}).get("seconds")},
                 "reused": c.get("reused"), "recomputed": c.get("recomputed"),
-                "products": c.get("products")}
+                "products": c.get("products"),
+                # a per-term or per-pair cache (synonyms): its rows, not products
+                "rows": c.get("rows")}
     result = {
         "products": cats["counts"],
         "models": model_info,
@@ -176,7 +178,9 @@ def _markdown(r: dict) -> str:
         f"{r['share_reused']} ({r['reused']}). Graphs identical: {r['graphs_identical']} (per table: {r['tables_identical']}).",
         "",
         *[f"- `{name}`: {d['seconds']['incremental_b']} s incremental against "
-          f"{d['seconds']['full_b']} s full; {d['reused']} of {d['products']} products reused."
+          f"{d['seconds']['full_b']} s full; {d['reused']} of "
+          + (f"{d['products']} products" if d.get("products") is not None else f"{d.get('rows')} rows")
+          + " reused."
           for name, d in (r.get("cached_step_detail") or {}).items()],
         "",
     ]

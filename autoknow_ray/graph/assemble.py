@@ -239,7 +239,8 @@ class GraphStage(Stage):
             # block without a shuffle (runtime.keyed_blocks)
             ds = runtime.keyed_blocks(
                 ds, ["subject"], runtime.hash_partitions(n_rows, PARTITION_MAX_ROWS,
-                                                         PARTITION_MIN_ROWS), n_rows=n_rows)
+                                                         PARTITION_MIN_ROWS), n_rows=n_rows,
+                small_rows=runtime.NARROW_SMALL_ROWS)  # triples: ids, short values, evidence
             # batch_size=None: each partition whole, as GroupedData.map_groups relies on
             ds.map_batches(edit_partition_counted, batch_format="pyarrow",
                            batch_size=None).write_parquet(str(scratch))

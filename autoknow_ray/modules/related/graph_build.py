@@ -191,9 +191,13 @@ def coview_edges(cfg: Config, behavior: Path, products: Path, out: Path) -> dict
     # every query's rows in one partition (one task for a small input, else one shuffle), its
     # per-product views summed and its pairs made in one polars pass (not a call per query)
     pairs = runtime.map_key_blocks(good.select_columns(["query", "product_id", "count"]), "query",
-                                   coview_pairs_of_views, fn_args=(cap, least), n_rows=n_in)
+                                   coview_pairs_of_views, fn_args=(cap, least), n_rows=n_in,
+                                   small_rows=runtime.NARROW_SMALL_ROWS)
+    # the pairs' count is bounded by n_in x cap; where that bound is loose, the pairs of a small
+    # input are counted (`rows_hint`) and summed in one task when few
     edges = runtime.groupby_sum(pairs, ["src", "dst"], {"weight": "w"}, _partitions(cfg, n_in * cap),
-                                n_rows=n_in * cap).map_batches(as_similar, batch_format="pyarrow")
+                                n_rows=n_in * cap, rows_hint=n_in, small_rows=runtime.NARROW_SMALL_ROWS
+                                ).map_batches(as_similar, batch_format="pyarrow")
     n_edges = write_shards(edges, out / SIMILAR_EDGES, SIMILAR_SCHEMA)
     return {"behavior_rows_in": n_in, "behavior_quarantined": n_bad, "coview_edges": n_edges}
 

@@ -105,7 +105,8 @@ def behaviour_pairs_in_workers(term_contexts: pl.DataFrame, max_terms_per_contex
         return empty
     ds = ray.data.from_arrow(term_contexts.select("kind", "attribute", "term", "context", "n").to_arrow())
     pairs = runtime.map_key_blocks(ds, ["kind", "attribute", "context"], _context_pairs,
-                                   fn_args=(max_terms_per_context,), n_rows=term_contexts.height)
+                                   fn_args=(max_terms_per_context,), n_rows=term_contexts.height,
+                                   small_rows=runtime.NARROW_SMALL_ROWS)
     top = runtime.top_keys(pairs, PAIR_KEY, {"shared": ("count", None)}, cap=max_pairs,
                            order_by=[("shared", "desc")],
                            drop={"below_min_shared": pl.col("shared") < min_shared})

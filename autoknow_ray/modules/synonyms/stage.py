@@ -310,7 +310,7 @@ class SynonymsStage(Stage):
         # per product: every term of it under every context it was seen in (one polars join per
         # key partition: `map_key_blocks`, not a Python call per product)
         joined = runtime.map_key_blocks(terms.union(*contexts), "product_id", _terms_in_contexts,
-                                        n_rows=n_rows)
+                                        n_rows=n_rows, small_rows=runtime.NARROW_SMALL_ROWS)
         return runtime.top_keys(joined, [*VOCAB_KEY, "context"], {"n": ("count", None)},
                                 cap=cfg.max_term_contexts, order_by=[("n", "desc")],
                                 per_group=(["kind", "attribute", "context"],

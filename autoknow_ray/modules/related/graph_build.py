@@ -269,7 +269,8 @@ def neighbour_table(cfg: Config, out: Path) -> dict:
             continue
         ds = runtime.read_parquet(out / table, [key, other, weight])
         # every node's edges in one block: hash-partitioned, or a small table as one block
-        rows = runtime.keyed_blocks(ds, [key], _partitions(cfg, n_edges), n_rows=n_edges).map_batches(
+        rows = runtime.keyed_blocks(ds, [key], _partitions(cfg, n_edges), n_rows=n_edges,
+                                    small_rows=runtime.NARROW_SMALL_ROWS).map_batches(
             top_neighbours, fn_kwargs={"kind": kind, "key": key, "other": other, "weight": weight,
                                        "fanout": fanout},
             batch_size=None, batch_format="pyarrow")

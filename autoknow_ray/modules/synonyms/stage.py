@@ -216,7 +216,8 @@ class SynonymsStage(Stage):
             # rows per product are unknown before the explode: a small catalogue's are counted
             # and, when few, grouped in one task (runtime.map_groups); else the shuffle
             occ = runtime.map_key_blocks(occ, "product_id", _drop_retracted,
-                                         rows_hint=n + state.upstream_edit_rows(ctx, before=MODULE))
+                                         rows_hint=n + state.upstream_edit_rows(ctx, before=MODULE),
+                                         small_rows=runtime.NARROW_SMALL_ROWS)
         path = ctx.out / "occurrences"
         occ.write_parquet(str(path))
         return runtime.read_parquet(path), state.count_rows(path)

@@ -291,17 +291,25 @@ def _incremental(step: CachedStep, fresh_step: Step, digest: str, files: list, c
     # models' chain writes (one pass, one write)
     t0 = time.perf_counter()
     if n_hit:
-        ds = (runtime.read_parquet(scratch).map_batches(_where_state({REUSED}), batch_format="pyarrow")
-              .select_columns([*inputs, KEY, *step.outputs]))
-        if step.reuse is not None:
-            ds = runtime.map_step(ds, _Passing(step.reuse, [*inputs, KEY, *step.outputs]), cfg, n_hit)
-        order = runtime.read_parquet(fresh).schema().names if n_miss else None
-        (ds.select_columns(order) if order else ds).write_parquet(str(out / "cached"))
+        _write_reused(runtime.read_parquet(scratch).map_batches(_where_state({REUSED}),
+                                                                batch_format="pyarrow")
+                      .select_columns([*inputs, KEY, *step.outputs]),
+                      step, inputs, cfg, n_hit, fresh if n_miss else None, out)
     seconds["cached"] = round(time.perf_counter() - t0, 2)
     storage.rmtree(scratch)
     return {"products": n, "reused": n_hit, "recomputed": n_miss, "added": by_state.get(ADDED, 0),
             "changed": by_state.get(CHANGED, 0), "removed": removed,
             "chunks": 1 if n_miss else 0, "chunks_resumed": 0, "phase_seconds": seconds}
+
+
+def _write_reused(ds, step: CachedStep, inputs: list[str], cfg, n_hit: int, fresh: Path | None,
+                  out: Path) -> None:
+    """The reused rows (input columns, key, cached outputs) through the steps after the models,
+    written to `out/cached` in the column order the fresh rows were written in (one pass)."""
+    if step.reuse is not None:
+        ds = runtime.map_step(ds, _Passing(step.reuse, [*inputs, KEY, *step.outputs]), cfg, n_hit)
+    order = runtime.read_parquet(fresh).schema().names if fresh is not None else None
+    (ds.select_columns(order) if order else ds).write_parquet(str(out / "cached"))
 
 
 def _incremental_small(step: CachedStep, fresh_step: Step, digest: str, files: list, cfg,
@@ -330,11 +338,8 @@ def _incremental_small(step: CachedStep, fresh_step: Step, digest: str, files: l
     seconds["fresh"] = round(time.perf_counter() - t0, 2)
     t0 = time.perf_counter()
     if n_hit:
-        ds = runtime.read_parquet(reused)
-        if step.reuse is not None:
-            ds = runtime.map_step(ds, _Passing(step.reuse, [*inputs, KEY, *step.outputs]), cfg, n_hit)
-        order = runtime.read_parquet(fresh).schema().names if n_miss else None
-        (ds.select_columns(order) if order else ds).write_parquet(str(out / "cached"))
+        _write_reused(runtime.read_parquet(reused), step, inputs, cfg, n_hit,
+                      fresh if n_miss else None, out)
     seconds["cached"] = round(time.perf_counter() - t0, 2)
     storage.rmtree(scratch)
     return {"products": n, "reused": n_hit, "recomputed": n_miss, "added": by_state[ADDED],

@@ -537,8 +537,7 @@ def map_step(ds: "ray.data.Dataset", step, cfg: JobSettings, n_rows: int | None 
         ds = ds.repartition(target_num_rows_per_block=per_call)
     ref = [ray.put(step)]
     env = _worker_env(plan)
-    warm = (hosts_model(step) and not fixed_pool(cfg, step)
-            and warm_tasks(plan, n_rows, getattr(step, "warm_rows", None)))
+    warm = hosts_model(step) and not fixed_pool(cfg, step) and warm_tasks(plan, n_rows)
     if (hosts_model(step) or plan.num_gpus) and not warm:
         return ds.map_batches(_actor_class(step), fn_constructor_kwargs={"step_ref": ref, "env": env},
                               batch_format="pyarrow", **actor_pool_kwargs(plan, per_call))
@@ -560,25 +559,17 @@ def fixed_pool(cfg: JobSettings, step) -> bool:
     return cfg.stage_resources(step.resources).actors != "auto"
 
 
-def warm_tasks(plan: ActorPlan, n_rows: int | None, warm_rows: int | None = None) -> bool:
+def warm_tasks(plan: ActorPlan, n_rows: int | None) -> bool:
     """Whether a model step runs as tasks in warm worker processes instead of an actor pool:
     on CPU, for an input of at most one call per actor of the plan (`rows_per_call` x `actors`
-    rows) or, for a step with a light setup, at most its `warm_rows`, where the config leaves the pool's size to the plan (`actors: auto`; a fixed pool,
+    rows), where the config leaves the pool's size to the plan (`actors: auto`; a fixed pool,
     as `autoknow bench` sets, is always an actor pool). An actor pool starts a fresh process per
     actor for every execution, which imports torch and transformers again: measured on 2 cores (5 Dec 2026), an actor pool of a step
     that does nothing took 1.9-2.4 s, one that imports torch 3.6-3.8 s, and the same as tasks
     in warm workers 0.1 s; a small catalogue's rebuild runs a dozen model steps. Larger inputs
     and GPU plans keep their actor pools exactly as before."""
     return (n_rows is not None and not plan.num_gpus and plan.device == "cpu"
-            and n_rows <= max(plan.rows_per_call * plan.actors, warm_rows or 0))
-
-
-# `Step.warm_rows` of the model steps whose setup is light (an index, small weights): a
-# catalogue of tens of thousands of products would otherwise start a fresh pool for each of
-# them (3-5 s each on 2 cores: at 20,000 products module 1's type resolution 9.2 -> 5.8 s, the
-# new-type spread 13.2 -> 9.6 s, the related stage's metadata embedding 10.3 -> 4.8 s, one
-# bench run each); the tasks make the same calls, `plan.actors` at a time.
-WARM_TASK_ROWS = 50_000
+            and n_rows <= plan.rows_per_call * plan.actors)
 
 
 # The step a warm task worker has set up: (token of its map_step call, step), and the timer that

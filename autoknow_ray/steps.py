@@ -70,12 +70,6 @@ class Step:
     # None takes the resource plan's `rows_per_call` (1,024: sized for length-sorted model batches).
     # Only for a step whose output per row does not depend on which rows share its call.
     rows_per_call: int | None = None
-    # a model step whose setup is light (an index, small weights; no transformers model): up to
-    # this many input rows on CPU it runs as warm tasks (`runtime.warm_tasks`) however many calls
-    # it makes, instead of starting a fresh actor pool. Warm tasks may spread the calls over more
-    # worker processes than the pool's actors, each setting the step up once: a heavy setup
-    # (module 1's title models: 61 s as a pool, 97 s as warm tasks at 20,000 titles) keeps None.
-    warm_rows: int | None = None
 
     def setup(self, env: WorkerEnv) -> None:
         """Load models or build indexes, once per worker."""

@@ -127,11 +127,6 @@ def test_a_small_model_step_runs_as_warm_tasks_with_the_pools_calls(ray_session)
     assert plan.actors == 2  # (2 CPUs - 1 reserved) / 0.5
     assert runtime.warm_tasks(plan, 60) and not runtime.warm_tasks(plan, 65)
     assert not runtime.warm_tasks(plan, None)
-    # a step with a light setup says up to how many rows it runs as warm tasks anyway
-    assert runtime.warm_tasks(plan, 100, 100) and not runtime.warm_tasks(plan, 101, 100)
-    from autoknow_ray.modules.taxonomy.types import ResolveTypes
-
-    assert ResolveTypes.warm_rows == runtime.WARM_TASK_ROWS
     ds = ray.data.from_items([{"product_id": f"p{i}"} for i in range(60)])
     warm = _frame(runtime.map_step(ds, Loads(), cfg, 60))
     # one setup per worker process however many calls it served; which of Ray's warm worker

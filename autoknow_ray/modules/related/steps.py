@@ -143,10 +143,6 @@ class EmbedProducts(Step):
             self.columns = (*type(self).columns, vector_column)
             # no encoder: a few milliseconds per thousand rows, less than splitting the input
             self.split_input = False
-            # and a light setup (the GNN's small weights): warm tasks where the input is small
-            from autoknow_ray.runtime import WARM_TASK_ROWS
-
-            self.warm_rows = WARM_TASK_ROWS
         # the loaded GNN is `gnn`: `model` is the Step's flag (an actor pool, one setup per actor)
         self.encoder = self.gnn = None
 

@@ -35,7 +35,6 @@ from autoknow_ray.modules.taxonomy.hypernym_config import (
     KNN_MIN_SHARE, KNN_MIN_SIMILARITY, TypeResolutionConfig)
 from autoknow_ray.schema import HAS_TYPE, TRIPLES
 from autoknow_ray.modules.taxonomy.title_names import EVIDENCE_PREFIX, pick
-from autoknow_ray.runtime import WARM_TASK_ROWS
 from autoknow_ray.steps import Step, WorkerEnv
 from autoknow_ray.taxonomy_tree import ancestors_map, orphan_types, taxonomy_maps  # noqa: F401
 from autoknow_ray.text import clean_surface, stem_tokens, type_key  # noqa: F401
@@ -370,7 +369,6 @@ class ResolveTypes(Step):
     columns = ("product_id", "product_type", "span_value", "span_score", "spans", "name_keys",
                "free_name_keys", "head_key", "embedding")
     model = True  # builds its indexes once per worker
-    warm_rows = WARM_TASK_ROWS  # a light setup: warm tasks up to this many rows
 
     def __init__(self, cfg: TypeResolutionConfig, names: TypeNames, ancestors: dict[str, set[str]],
                  name_vectors: dict[str, np.ndarray], catalogue_reference: pl.DataFrame | str | Path,
@@ -681,7 +679,6 @@ class SpreadNewTypes(Step):
     resources = "taxonomy"
     columns = ()  # every column: the resolved rows pass through whole
     model = True  # builds its index once per worker
-    warm_rows = WARM_TASK_ROWS  # a light setup: warm tasks up to this many rows
 
     def __init__(self, cfg: TypeResolutionConfig, new_types: set[str], reference: pl.DataFrame,
                  known: tuple[list[str], np.ndarray] | None, rename: dict[str, str] | None = None,

@@ -1308,7 +1308,7 @@ def groupby_sum(ds: "ray.data.Dataset", keys: list[str], sums: dict[str, str], n
         return ds.groupby(keys if len(keys) > 1 else keys[0], num_partitions=num_partitions
                           ).aggregate(*[A.Sum(col, alias_name=out) for out, col in sums.items()])
     return small.repartition(1).map_batches(_sum_block, fn_kwargs={"keys": list(keys), "sums": dict(sums)},
-                                         batch_size=None, batch_format="pyarrow")
+                                            batch_size=None, batch_format="pyarrow")
 
 
 def keyed_blocks(ds: "ray.data.Dataset", keys: list[str], num_partitions: int,

@@ -103,8 +103,11 @@ class CachedStep:
     fingerprint: dict = field(default_factory=dict)
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.fingerprint, sort_keys=True, default=str).encode()
-                              ).hexdigest()[:20]
+        return fingerprint_digest(self.fingerprint)
+
+
+def fingerprint_digest(fingerprint: dict) -> str:
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
 class DropColumns(Step):
@@ -163,15 +166,19 @@ def _where_state(states: set[str]):
 def previous_cache(previous_stage: Path | None, step: CachedStep) -> tuple[Path | None, str]:
     """(the previous run's cache folder for `step`, why not when None). Usable only where that
     stage committed (manifest complete) with the same step fingerprint."""
+    return _previous_folder(previous_stage, step.name, step.digest())
+
+
+def _previous_folder(previous_stage: Path | None, name: str, digest: str) -> tuple[Path | None, str]:
     if previous_stage is None:
         return None, "no previous run"
     done = read_manifest(previous_stage)
     if not done.get("complete"):
         return None, f"{previous_stage}: no complete stage"
-    meta = (done.get("cache") or {}).get(step.name) or {}
-    if meta.get("fingerprint") != step.digest():
+    meta = (done.get("cache") or {}).get(name) or {}
+    if meta.get("fingerprint") != digest:
         return None, "model, config or code changed since the previous run"
-    folder = cache_dir(previous_stage, step.name)
+    folder = cache_dir(previous_stage, name)
     if not folder.is_dir():
         return None, f"{folder}: absent"
     return folder, ""
@@ -404,23 +411,15 @@ def reuse_on_driver(name: str, rows, key: list[str], values: list[str], fingerpr
     computes."""
     import polars as pl
 
-    from autoknow_ray.pipeline import read_parquet_any, write_table
+    from autoknow_ray.pipeline import write_table
 
     t0 = time.perf_counter()
-    digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()
-                            ).hexdigest()[:20]
+    digest = fingerprint_digest(fingerprint)
     counts = {"fingerprint": digest, "previous": str(previous_stage) if previous_stage else None}
-    cached = None
-    if previous_stage is not None:
-        done = read_manifest(previous_stage)
-        meta = ((done.get("cache") or {}).get(name) or {}) if done.get("complete") else {}
-        folder = cache_dir(previous_stage, name)
-        if meta.get("fingerprint") == digest and folder.is_dir():
-            cached = read_parquet_any(folder, [*key, *values])
-        else:
-            counts["previous_not_used"] = ("no complete stage" if not done.get("complete") else
-                                           "model, config or code changed since the previous run"
-                                           if folder.is_dir() else f"{folder}: absent")
+    folder, why = _previous_folder(previous_stage, name, digest)
+    cached = _cached_rows_of(folder, rows, key, values) if folder is not None else None
+    if folder is None and previous_stage is not None:
+        counts["previous_not_used"] = why
     if cached is not None and rows.height:
         hit = rows.join(cached, on=key, how="inner", nulls_equal=True)
         miss = rows.join(cached.select(key), on=key, how="anti", nulls_equal=True)
@@ -435,3 +434,22 @@ def reuse_on_driver(name: str, rows, key: list[str], values: list[str], fingerpr
     counts.update(reused=hit.height if hit is not None else 0, recomputed=miss.height,
                   rows=rows.height, seconds=round(time.perf_counter() - t0, 2))
     return out, counts
+
+
+def _cached_rows_of(folder: Path, rows, key: list[str], values: list[str]):
+    """The previous cache's rows whose key is among `rows` (tonight's capped vocabulary or
+    pairs), read batch by batch: the driver holds at most as many cached rows as it holds rows
+    tonight, whatever the previous run's caps were."""
+    import polars as pl
+    import pyarrow.dataset as pds
+
+    fs, paths = storage.dataset_files([f for f in storage.files(folder) if str(f).endswith(".parquet")])
+    data = pds.dataset(paths, format="parquet", filesystem=fs)
+    wanted = rows.select(key).unique()
+    parts = [pl.from_arrow(data.schema.empty_table().select([*key, *values]))]
+    for batch in data.to_batches(columns=[*key, *values]):
+        part = pl.from_arrow(pa.Table.from_batches([batch])).join(wanted, on=key, how="semi",
+                                                                  nulls_equal=True)
+        if part.height:
+            parts.append(part)
+    return pl.concat(parts, how="vertical_relaxed")

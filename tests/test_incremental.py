@@ -240,3 +240,40 @@ def test_the_incremental_bench_changes_the_catalogue_as_it_says(tmp_path):
     both = a.join(b, on="product_id", suffix="_b")
     assert both.filter(pl.col("title") != pl.col("title_b")).height == 4
     assert (got["b"] / "taxonomy.parquet").exists() and not (got["b"] / "gold").exists()
+
+
+def test_a_driver_cache_reads_only_the_previous_rows_tonight_needs(tmp_path, monkeypatch):
+    """`incremental.reuse_on_driver` (synonyms' term vectors and pair scores): tonight's rows
+    found in the previous run's cache are reused, the rest computed, and the driver keeps only
+    the cached rows tonight needs, not the previous run's whole table."""
+    from autoknow_ray import incremental
+    from autoknow_ray.incremental import cache_dir, fingerprint_digest, reuse_on_driver
+
+    fp = {"model": "m"}
+    prev = tmp_path / "prev"
+    folder = cache_dir(prev, "vec")
+    folder.mkdir(parents=True)
+    pl.DataFrame({"term": [f"t{i}" for i in range(100)], "v": [float(i) for i in range(100)]}
+                 ).write_parquet(folder / "part-0.parquet")
+    (prev / "manifest.json").write_text(json.dumps(
+        {"complete": True, "cache": {"vec": {"fingerprint": fingerprint_digest(fp)}}}))
+    held = []
+    real = incremental._cached_rows_of
+    monkeypatch.setattr(incremental, "_cached_rows_of",
+                        lambda *a: held.append(real(*a)) or held[-1])
+    computed = []
+
+    def compute(rows):
+        computed.append(rows["term"].to_list())
+        return rows.with_columns(pl.lit(-1.0).alias("v"))
+
+    rows = pl.DataFrame({"term": ["t3", "t7", "new"]})
+    out, counts = reuse_on_driver("vec", rows, ["term"], ["v"], fp, compute, tmp_path / "now", prev)
+    assert computed == [["new"]] and counts["reused"] == 2 and counts["recomputed"] == 1
+    assert held[0].height == 2  # of the previous cache's 100 rows
+    assert dict(out.sort("term").iter_rows()) == {"new": -1.0, "t3": 3.0, "t7": 7.0}
+    # tonight's cache holds tonight's rows; another fingerprint reuses nothing and says why
+    assert pl.read_parquet(cache_dir(tmp_path / "now", "vec")).height == 3
+    _, other = reuse_on_driver("vec", rows, ["term"], ["v"], {"model": "m2"}, compute,
+                               tmp_path / "now2", prev)
+    assert other["reused"] == 0 and "changed" in other["previous_not_used"]

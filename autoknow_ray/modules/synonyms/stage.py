@@ -152,6 +152,7 @@ class SynonymsStage(Stage):
         model_dir = ctx.models / MODULE if ctx.models is not None else None
         timer = progress.Phases()  # wall seconds of each pass, for the manifest
         self._cache: dict = {}
+        self._encoder_digest = None
         occ, n_occ = self._occurrences(ctx)
         vocab, counts = self._vocabulary(ctx, occ)
         timer.done("occurrences_and_vocabulary")
@@ -365,7 +366,9 @@ class SynonymsStage(Stage):
         from autoknow_ray.nn.encoder import resolve_encoder
 
         device = runtime.plan_actors(ctx.cfg, MODULE).device
-        return {"what": what, "encoder": file_digest([Path(resolve_encoder(ctx.cfg.synonyms.encoder))]),
+        if getattr(self, "_encoder_digest", None) is None:  # its files hashed once per run
+            self._encoder_digest = file_digest([Path(resolve_encoder(ctx.cfg.synonyms.encoder))])
+        return {"what": what, "encoder": self._encoder_digest,
                 "bf16": bool(runtime.model_bf16(device)), "device": device,
                 "code": source_digest(["autoknow_ray.modules.synonyms.steps",
                                        "autoknow_ray.modules.synonyms.features",

@@ -290,10 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("baseline", help="write a simple method's run, to score beside a real one")
     s.add_argument("method", choices=("dictionary", "centroid", "relations-frequency",
                                       "cleaning-frequency", "cleaning-embedding",
-                                      "copurchase", "popularity", "type-copurchase", "text-knn",
-                                      "gnn-symmetric"),
+                                      "copurchase", "copurchase-walk", "popularity",
+                                      "type-copurchase", "text-knn", "gnn-symmetric"),
                    help="cleaning-*: the cleaning rules (eval/baselines_cleaning.py); copurchase, "
-                        "popularity, type-copurchase, text-knn, gnn-symmetric: related products "
+                        "copurchase-walk, popularity, type-copurchase, text-knn, gnn-symmetric: related products "
                         "(eval/baselines_related.py)")
     s.add_argument("--catalogue", required=True, help="the catalogue to extract from / place")
     s.add_argument("--out", required=True)

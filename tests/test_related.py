@@ -604,6 +604,80 @@ def test_recommend_lists_what_similar_products_were_bought_with(tmp_path):
     assert lists[False][0] == "p7"
 
 
+def test_walk_term_finds_what_a_products_partners_were_bought_with():
+    """0 was bought with 1 (5 times) and 2 (once); 1 was bought with 3 (4 times), 2 with 4 (4
+    times); 5 is the most bought product. The held-out pair 0 -> 3 was never bought: counts and
+    popularity cannot rank it, the walk (0 -> 1 -> 3: 5/6 * 4/9) ranks 3 first, above 4
+    (0 -> 2 -> 4: 1/6 * 4/5), and the step matrix is the stage's capped lists: with width 1 the
+    weaker partner 2 is not a step from 0."""
+    from autoknow_ray.modules.related.fit import Validation, walk_step_matrix
+    from autoknow_ray.modules.related.model import WALK_SCALE
+
+    n = 8
+    S = np.zeros((n, 2), np.float32)
+    T = np.zeros((n, 2), np.float32)
+    train = (np.array([0, 0, 1, 2, 6, 7]), np.array([1, 2, 3, 4, 5, 5]),
+             np.array([5.0, 1.0, 4.0, 4.0, 9.0, 9.0]))
+    step = walk_step_matrix(n, *train, 20).toarray()
+    assert step[0, 1] == pytest.approx(5 / 6) and step[1, 3] == pytest.approx(4 / 9)
+    assert step[1, 0] == pytest.approx(5 / 9) and step[0, 3] == 0.0
+    assert walk_step_matrix(n, *train, 1).toarray()[0, 2] == 0.0
+    val = Validation(n, np.array([0]), np.array([3]), train, 10, np.random.default_rng(0))
+    val.set_walk(20)
+    w = val.walk(0, np.array([0]))
+    assert w[0, 3] == pytest.approx(np.log1p(WALK_SCALE * 5 / 6 * 4 / 9))
+    assert w[0, 3] > w[0, 4] > 0 and w[0, 5] == 0.0
+    assert val.ranks(S, T, 1.0, 1.0).tolist() != [1]  # counts and popularity: 5 and 1 first
+    assert val.ranks(S, T, 0.0, 0.0, 0.0, 1.0).tolist() == [1]
+    pick = val.best_terms_by_bucket(S, T, [1.0, 1.0], [0.0, 1.0, 100.0], [0, 1], min_pairs=1,
+                                    cold=(S, T), neighbours=False, popularity=False, walk=True, k=1)
+    assert pick["walk_weights"][0] == 0.0 and pick["walk_weights"][1] > 0  # no walk from a new listing
+    assert pick["buckets"]["1+"]["hr@1"] == 1.0 and pick["buckets"]["1+"]["hr@1_count_prior_alone"] == 0.0
+
+
+def test_recommend_lists_what_a_products_partners_were_bought_with(tmp_path):
+    """p0's partners p1 and p2 were bought with p5 (never with p0): with a walk weight p0's list
+    starts with p5, scored with the walk `model.walk_lists` gives over the node tables; without
+    it p0's list is the count prior's and the model's."""
+    from autoknow_ray.modules.related.model import WALK_SCALE
+    from autoknow_ray.modules.related.steps import Recommend, _fixed
+
+    ids = [f"p{i}" for i in range(8)]
+    emb = tmp_path / "emb"
+    emb.mkdir()
+    src = np.zeros((8, 2))
+    tgt = np.zeros((8, 2))
+    src[:, 0] = 1.0
+    tgt[:, 0] = np.linspace(0.8, 0.1, 8)  # the model: p0, p1, p2, ... in order, p5 sixth
+    pq.write_table(pa.table({"product_id": ids, "source": _fixed(src), "target": _fixed(tgt)}),
+                   emb / "part.parquet")
+    mark_complete(emb)
+    rows = [("p0", "out", ["p1", "p2"], [3.0, 1.0]), ("p1", "in", ["p0"], [3.0]),
+            ("p2", "in", ["p0"], [1.0]), ("p1", "out", ["p5"], [2.0]), ("p2", "out", ["p5", "p6"], [2.0, 2.0]),
+            ("p5", "in", ["p1", "p2"], [2.0, 2.0]), ("p6", "in", ["p2"], [2.0])]
+    nb = tmp_path / "nb"
+    nb.mkdir()
+    pq.write_table(pa.table({"product_id": [r[0] for r in rows], "kind": [r[1] for r in rows],
+                             "neighbours": [r[2] for r in rows], "weights": [r[3] for r in rows],
+                             "weight_sum": [float(sum(r[3])) for r in rows]}), nb / "part.parquet")
+    mark_complete(nb)
+    sources = pa.table({"product_id": ids, "source": _fixed(src)})
+    lists = {}
+    for walk in (None, [0.0, 1.0]):
+        rec = Recommend(emb, 3, 1000, 8, 0, nb, 0.0, 4, [0, 1], [0.5, 0.5], walk_bucket_weights=walk)
+        assert rec.uses_walk == (walk is not None)
+        rec.setup(WorkerEnv())
+        out = pl.from_arrow(rec.process_batch(sources)).filter(pl.col("product_id") == "p0").sort("rank")
+        lists[walk is None] = out
+    assert lists[True]["related_id"].to_list() == ["p1", "p2", "p3"]
+    got = lists[False]
+    assert got["related_id"].to_list()[0] == "p5"
+    # p0 -> p1 (3/4) -> p5 (2/5) plus p0 -> p2 (1/4) -> p5 (2/5): the model's 0.8 - 5 * 0.1 (as the
+    # fp16 embeddings hold it) plus the walk
+    walk = 3 / 4 * 2 / 5 + 1 / 4 * 2 / 5
+    assert got["score"][0] == pytest.approx(float(np.float16(tgt[5, 0])) + np.log1p(WALK_SCALE * walk), rel=1e-6)
+
+
 def test_neighbour_lists_of_a_block_equal_those_built_node_by_node():
     """`top_neighbours` ranks a whole block at once; it must give each node what ranking its
     own edges alone gives: an edge listed twice counts once at its larger weight, the strongest
@@ -905,7 +979,8 @@ def test_sampled_softmax_with_the_logq_correction_learns_the_full_softmax(correc
 
 # ---- the top-k search over shards of the targets (related/sharded.py, `recommend_sharded`)
 REC_PRIOR = {"prior_buckets": [0, 2, 6], "prior_bucket_weights": [0.3, 0.8, 1.5],
-             "popularity_bucket_weights": [0.9, 0.4, 0.2], "neighbour_bucket_weights": [1.2, 0.6, 0.3]}
+             "popularity_bucket_weights": [0.9, 0.4, 0.2], "neighbour_bucket_weights": [1.2, 0.6, 0.3],
+             "walk_bucket_weights": [0.0, 0.7, 0.5]}
 
 
 def _recommend_tables(tmp_path, n=300, dim=8, seed=5):
@@ -967,12 +1042,14 @@ def test_sharded_recommend_gives_the_in_memory_lists(tmp_path, ray_session, with
     terms = REC_PRIOR if with_prior else {}
     rec = Recommend(emb, k, 10_000, 8, 0, nb, 0.0, 6 if with_prior else 0, terms.get("prior_buckets"),
                     terms.get("prior_bucket_weights"), terms.get("popularity_bucket_weights"),
-                    terms.get("neighbour_bucket_weights"), fanout=4)
-    assert rec.uses_prior == rec.uses_popularity == rec.uses_neighbours == with_prior
+                    terms.get("neighbour_bucket_weights"), fanout=4,
+                    walk_bucket_weights=terms.get("walk_bucket_weights"))
+    assert rec.uses_prior == rec.uses_popularity == rec.uses_neighbours == rec.uses_walk == with_prior
     one = Recommend(emb, k, 10_000, 8, 0, nb, 0.0, 6 if with_prior else 0, **{
         "prior_buckets": terms.get("prior_buckets"), "prior_bucket_weights": terms.get("prior_bucket_weights"),
         "popularity_bucket_weights": terms.get("popularity_bucket_weights"),
-        "neighbour_bucket_weights": terms.get("neighbour_bucket_weights")}, fanout=4)
+        "neighbour_bucket_weights": terms.get("neighbour_bucket_weights"),
+        "walk_bucket_weights": terms.get("walk_bucket_weights")}, fanout=4)
     one.setup(WorkerEnv())
     if with_prior:  # no second copy of the targets beside an exact index
         assert not one.targets.flags.owndata and one.targets.shape == (n, 8)
@@ -1043,18 +1120,21 @@ def test_a_rebuild_over_shards_lists_what_one_recommend_lists(tmp_path, ray_sess
     shutil.copytree(tmp_path / "fit" / "models", models)
     settings = json.loads((models / "related" / "config.json").read_text())
     settings.update(prior_buckets=[0, 1, 3], prior_bucket_weights=[0.4, 0.8, 1.6],
-                    popularity_bucket_weights=[0.6, 0.3, 0.1], neighbour_bucket_weights=[0.9, 0.5, 0.2])
+                    popularity_bucket_weights=[0.6, 0.3, 0.1], neighbour_bucket_weights=[0.9, 0.5, 0.2],
+                    walk_bucket_weights=[0.0, 0.6, 0.3])
     (models / "related" / "config.json").write_text(json.dumps(settings))
     run = tmp_path / "run"
     rebuild(cat, run, models=models, config=cfg)
     manifest = json.loads((run / "related" / "manifest.json").read_text())
     assert manifest["recommend"]["shards"] == 3 and manifest["neighbour_bucket_weights"] == [0.9, 0.5, 0.2]
+    assert manifest["walk_bucket_weights"] == [0.0, 0.6, 0.3]
     stage = run / "related"
     rc = cfg.related
     one = Recommend(stage / "embeddings", rc.top_k, rc.ivf_min_size, rc.nprobe, cfg.seed,
                     stage / "neighbours", 0.0, rc.prior_candidates, settings["prior_buckets"],
                     settings["prior_bucket_weights"], settings["popularity_bucket_weights"],
-                    settings["neighbour_bucket_weights"], rc.fanout)
+                    settings["neighbour_bucket_weights"], rc.fanout, settings["walk_bucket_weights"])
+    assert one.uses_walk
     one.setup(WorkerEnv())
     want = pl.from_arrow(one.process_batch(
         read_parquet_any(stage / "embeddings").select("product_id", "source").to_arrow())).sort(["product_id", "rank"])

@@ -8,6 +8,10 @@
 - `type-copurchase`: the products most often bought with products of the product's type (its
   catalogue `product_type`; A -> B counts summed over every A of the type; itself left out), the
   popularity list for a product without a type — what counting knows of a new listing;
+- `copurchase-walk`: the products a two-step walk over the co-purchase graph most often ends at
+  (a step from A to a product it was bought with, with probability count / A's co-purchases;
+  P2(A, B) summed over every middle product): what the products bought with A were bought
+  with, the count prior's two-hop reach without any model;
 - `text-knn`: the nearest titles by the packaged MiniLM embedding (cosine);
 - `gnn-symmetric`: the same GNN and training with one embedding per product (source = target),
   without the asymmetry term — what the dual embeddings are measured against.
@@ -26,7 +30,7 @@ from autoknow_ray.eval.baselines import read_catalogue_table
 from autoknow_ray.pipeline import write_table
 from autoknow_ray.schema import GRAPH_RELATED, GRAPH_TAXONOMY, TRIPLES
 
-METHODS = ("copurchase", "popularity", "type-copurchase", "text-knn", "gnn-symmetric")
+METHODS = ("copurchase", "copurchase-walk", "popularity", "type-copurchase", "text-knn", "gnn-symmetric")
 
 
 def _write_run(out: Path, related: pl.DataFrame) -> dict:
@@ -106,6 +110,44 @@ def run_copurchase(catalogue: str | Path, out: str | Path, top_k: int = 20) -> d
     return _write_run(Path(out), copurchase_counts(read_catalogue_table(catalogue, "copurchase"), top_k))
 
 
+def walk_lists(copurchase: pl.DataFrame, top_k: int, chunk: int = 1024) -> pl.DataFrame:
+    """Each product's top k by the two-step walk probability P2(A, B) (counts of both directions,
+    every edge; A itself left out, ties by id), computed chunk by chunk of sources."""
+    import scipy.sparse as sp
+
+    if copurchase.height == 0:
+        return pl.from_arrow(GRAPH_RELATED.empty_table())
+    cp = copurchase.select("src", "dst", pl.col("count").cast(pl.Float64)).filter(pl.col("src") != pl.col("dst"))
+    both = pl.concat([cp, cp.select(src="dst", dst="src", count="count")]).group_by("src", "dst").agg(
+        pl.col("count").sum())
+    ids = pl.concat([both["src"], both["dst"]]).unique().sort()
+    at = {x: i for i, x in enumerate(ids.to_list())}
+    a = np.array([at[x] for x in both["src"].to_list()])
+    b = np.array([at[x] for x in both["dst"].to_list()])
+    n = len(ids)
+    m = sp.csr_matrix((both["count"].to_numpy(), (a, b)), shape=(n, n))
+    step = (sp.diags(1.0 / np.maximum(np.asarray(m.sum(1)).ravel(), 1.0)) @ m).tocsr()
+    parts = []
+    k = min(top_k, n - 1)
+    for lo in range(0, n, chunk):
+        rows = np.arange(lo, min(n, lo + chunk))
+        p2 = (step[rows] @ step).toarray()
+        p2[np.arange(len(rows)), rows] = -1.0
+        # the k best by probability, ties by id (the column order)
+        top = np.argsort(-p2, 1, kind="stable")[:, :k]
+        sc = np.take_along_axis(p2, top, 1)
+        r, c = np.nonzero(sc > 0)
+        parts.append(pl.DataFrame({"a": rows[r], "b": top[r, c], "score": sc[r, c].astype(np.float32),
+                                   "rank": (c + 1).astype(np.int32)}))
+    df = pl.concat(parts)
+    return df.select(product_id=ids.gather(df["a"]), related_id=ids.gather(df["b"]), rank="rank",
+                     score="score")
+
+
+def run_copurchase_walk(catalogue: str | Path, out: str | Path, top_k: int = 20) -> dict:
+    return _write_run(Path(out), walk_lists(read_catalogue_table(catalogue, "copurchase"), top_k))
+
+
 def text_neighbours(ids: list[str], vectors: np.ndarray, top_k: int) -> pl.DataFrame:
     from autoknow_ray.index.faiss_index import VectorIndex
 
@@ -148,6 +190,8 @@ def run_baseline(method: str, catalogue: str | Path, out: str | Path, *, encoder
                  config: str | Path | None = None) -> dict:
     if method == "copurchase":
         return run_copurchase(catalogue, out)
+    if method == "copurchase-walk":
+        return run_copurchase_walk(catalogue, out)
     if method == "popularity":
         return run_popularity(catalogue, out)
     if method == "type-copurchase":

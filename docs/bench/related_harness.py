@@ -19,6 +19,8 @@ model, h = fit_and_validate(settings, rc, d['text'], d['types'].astype(np.int64)
                             (d['src'], d['dst'], d['count'], d['two_way']), (d['sa'], d['sb'], d['sw']), 0)
 keys = ['epochs', 'steps', 'best_epoch', 'validation', 'validation_hr@10_by_prior_multiple',
         'validation_hr@10', 'validation_hr@10_counts_first', 'validation_hr@10_popularity',
-        'validation_hr@10_cold_start', 'validation_hr@10_with_terms', 'train_seconds']
+        'validation_hr@10_cold_start', 'validation_hr@10_with_terms', 'walk_bucket_weights',
+        'neighbour_bucket_weights', 'popularity_bucket_weights', 'validation_terms_by_bucket',
+        'train_seconds']
 print(json.dumps({'over': over, **{k: h.get(k) for k in keys},
                   'wall': round(time.time() - t0)}))

@@ -88,6 +88,10 @@ class RelatedConfig(BaseModel):
     # … and a neighbour term: log1p(mean co-purchase events of B with A's similar products),
     # what products like A were bought with, weighted per bucket by fit in the same way
     neighbour_term: bool = True
+    # … and a walk term: log1p(WALK_SCALE * P2(A, B)), the chance that two steps over the
+    # co-purchase lists (each `prior_candidates` wide, out and in) lead from A to B: what A's
+    # partners were bought with, weighted per bucket by fit in the same way
+    walk_term: bool = True
 
     @field_validator("prior_buckets")
     @classmethod

@@ -38,6 +38,8 @@ from autoknow_ray.modules.related.steps import TEXT_DIM, EmbedProducts, _vectors
 from autoknow_ray.pipeline import RunContext
 
 EDGE_KEY = ("src", "dst")  # an edge table's row key (`runtime.bounded_sample` draws by it)
+# the walk term's weights tried by fit, in multiples of each bucket's count prior weight
+WALK_MULTIPLES = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 
 log = logging.getLogger(__name__)
 
@@ -469,6 +471,26 @@ class Validation:
         self.events = (np.bincount(a, weights=c, minlength=n) + np.bincount(b, weights=c, minlength=n))[self.src]
         self.popularity = np.bincount(b, weights=c, minlength=n)
         self.log_popularity = np.log1p(self.popularity).astype(np.float32)
+        self.train_edges, self.n = train_edges, n
+        self.walk_step = None  # [n, n] one walk step over the capped lists (`set_walk`)
+        self._walk_cache: dict = {}
+
+    def set_walk(self, width: int) -> None:
+        """The walk term's step matrix over each product's co-purchase lists as serving holds
+        them (`walk_step_matrix`: out and in, the `width` strongest each)."""
+        self.walk_step = walk_step_matrix(self.n, *self.train_edges[:3], width)
+        self._walk_cache = {}
+
+    def walk(self, lo: int, a: np.ndarray) -> np.ndarray:
+        """[len(a), n]: log1p(WALK_SCALE * P2(A, B)), the walk term's values for the chunk of
+        sources starting at `lo` (kept: every weight tried reads the same chunks)."""
+        from autoknow_ray.modules.related.model import WALK_SCALE
+
+        if lo not in self._walk_cache:
+            m = (self.walk_step[a] @ self.walk_step).tocsr()
+            m.data = np.log1p(WALK_SCALE * m.data).astype(np.float32)
+            self._walk_cache[lo] = m
+        return self._walk_cache[lo].toarray()
 
     def set_similar(self, similar: np.ndarray) -> None:
         """[n, fanout] similar products of each product (-1: none), as the GNN's similarity
@@ -488,18 +510,22 @@ class Validation:
         agg = sp.csr_matrix(((1.0 / k)[rows], (rows, np.arange(len(rows)))), shape=(len(a), len(rows)))
         return np.log1p((agg @ self.counts[nb[ok]]).toarray()).astype(np.float32)
 
-    def ranks(self, S: np.ndarray, T: np.ndarray, w, wp=0.0, wn=0.0) -> np.ndarray:
+    def ranks(self, S: np.ndarray, T: np.ndarray, w, wp=0.0, wn=0.0, ww=0.0) -> np.ndarray:
         """Rank of each held-out B for its A. `w`: the count prior's weight, `wp` the popularity
         term's (log1p of B's training events as the product bought), `wn` the neighbour term's
-        (`neighbour_counts`), each one number or one per pair."""
+        (`neighbour_counts`), `ww` the walk term's (`walk`), each one number or one per pair."""
         w = np.broadcast_to(np.asarray(w, np.float32), len(self.src))
         wp = np.broadcast_to(np.asarray(wp, np.float32), len(self.src))
         wn = np.broadcast_to(np.asarray(wn, np.float32), len(self.src))
+        ww = np.broadcast_to(np.asarray(ww, np.float32), len(self.src))
         out = np.empty(len(self.src), np.int64)
         for lo in range(0, len(self.src), self.chunk):
             a, b = self.src[lo:lo + self.chunk], self.dst[lo:lo + self.chunk]
             sc = S[a] @ T.T
             cw, cp, cn = w[lo:lo + len(a)], wp[lo:lo + len(a)], wn[lo:lo + len(a)]
+            ck = ww[lo:lo + len(a)]
+            if ck.any() and self.walk_step is not None:
+                sc += ck[:, None] * self.walk(lo, a)
             if cw.any():
                 sc += cw[:, None] * self.prior[a].toarray().astype(np.float32)
             if cp.any():
@@ -553,18 +579,25 @@ class Validation:
 
     def best_terms_by_bucket(self, S, T, prior_weights: list[float], multiples, buckets,
                              min_pairs: int, cold: tuple | None = None, neighbours: bool = True,
-                             popularity: bool = True, k: int = 10) -> dict:
+                             popularity: bool = True, walk: bool = False, k: int = 10) -> dict:
         """Per bucket of the source's training co-purchase events, with each bucket's count prior
-        weight (`prior_weights`) in place: the weight of the neighbour term (what A's similar
-        products were bought with, `neighbour_counts`), then the popularity term's with it (log1p
-        of B's training events as the product bought), each picked on that bucket's pairs (fewer
-        than `min_pairs`: the multiple picked on all pairs). Bucket 0 (no events: a new listing)
-        is picked on `cold` = (S, T) of the model with every validation source stripped of its
-        edges, over all pairs, the count prior off (such a product has no count). 0 is always a
-        candidate, so each pick is never below what it had without the term on these pairs."""
+        weight (`prior_weights`) in place: the weight of the walk term (two co-purchase steps
+        from A, `walk`; with `walk` and a step matrix, `set_walk`), then the neighbour term's
+        with it (what A's similar products were bought with, `neighbour_counts`), then the
+        popularity term's with both (log1p of B's training events as the product bought), each
+        picked on that bucket's pairs (fewer than `min_pairs`: the multiple picked on all
+        pairs). Bucket 0 (no events: a new listing) is picked on `cold` = (S, T) of the model
+        with every validation source stripped of its edges, over all pairs, the count prior off
+        (such a product has no count, and no walk starts from it). 0 is always a candidate, so
+        each pick is never below what it had without the term on these pairs."""
         spread = self.spread(S, T)
         which = bucket_of(self.events, buckets)
         w_pair = np.asarray(prior_weights, np.float64)[which]
+        # the walk term's weight in multiples of its bucket's count prior weight (at least the
+        # scores' spread): where the counts decide, the walk must weigh beside them, not beside
+        # the model (on Instacart's validation pairs its best weight was ~16x the count prior's)
+        k_mult = [float(m) for m in WALK_MULTIPLES] if walk and self.walk_step is not None else [0.0]
+        k_base = np.maximum(np.asarray(prior_weights, np.float64), spread)
         n_mult = [float(m) for m in multiples] if neighbours and self.similar is not None else [0.0]
         p_mult = [float(m) for m in multiples] if popularity else [0.0]
 
@@ -576,12 +609,19 @@ class Validation:
                 return fallback, per
             return max(per, key=lambda x: (per[x], -x)), per
 
-        # warm buckets: the neighbour multiple first (popularity off), then popularity with it
-        n_hits = {m: self.ranks(S, T, w_pair, 0.0, m * spread) <= k for m in n_mult}
+        # warm buckets: the walk multiple first, then the neighbour multiple with it (popularity
+        # off), then popularity with both
+        k_hits = {m: self.ranks(S, T, w_pair, 0.0, 0.0, m * k_base[which]) <= k for m in k_mult}
+        k_all, _ = pick(k_hits, None, None)
+        k_pick = [0.0 if i == 0 and cold is not None else pick(k_hits, which == i, k_all)[0]
+                  for i in range(len(buckets))]
+        k_weights = [float(m * b) for m, b in zip(k_pick, k_base)]
+        wk_pair = np.asarray(k_weights, np.float64)[which]
+        n_hits = {m: self.ranks(S, T, w_pair, 0.0, m * spread, wk_pair) <= k for m in n_mult}
         n_all, _ = pick(n_hits, None, None)
         n_pick = [pick(n_hits, which == i, n_all)[0] for i in range(len(buckets))]
         wn_pair = np.asarray(n_pick, np.float64)[which] * spread
-        p_hits = {m: self.ranks(S, T, w_pair, m * spread, wn_pair) <= k for m in p_mult}
+        p_hits = {m: self.ranks(S, T, w_pair, m * spread, wn_pair, wk_pair) <= k for m in p_mult}
         p_all, _ = pick(p_hits, None, None)
         n_weights, p_weights, report = [], [], {}
         for i, lo in enumerate(buckets):
@@ -604,12 +644,16 @@ class Validation:
             mp, per = pick(p_hits, mask, p_all)
             n_weights.append(n_pick[i] * spread)
             p_weights.append(mp * spread)
-            report[label] = {"pairs": int(mask.sum()), "neighbour_multiple": n_pick[i], "popularity_multiple": mp,
+            report[label] = {"pairs": int(mask.sum()), "walk_multiple_of_prior": k_pick[i],
+                             "neighbour_multiple": n_pick[i], "popularity_multiple": mp,
                              **({f"hr@{k}": round(per[mp], 4),
-                                 f"hr@{k}_without_either": round(float(n_hits[0.0][mask].mean()), 4)}
+                                 f"hr@{k}_count_prior_alone": round(float(k_hits[0.0][mask].mean()), 4),
+                                 f"hr@{k}_with_walk": round(float(n_hits[0.0][mask].mean()), 4)}
                                 if mask.any() else {})}
-        hr = float((self.ranks(S, T, w_pair, np.asarray(p_weights)[which], np.asarray(n_weights)[which]) <= k).mean())
-        return {"neighbour_weights": n_weights, "popularity_weights": p_weights, "hr": hr, "buckets": report}
+        hr = float((self.ranks(S, T, w_pair, np.asarray(p_weights)[which], np.asarray(n_weights)[which],
+                               np.asarray(k_weights)[which]) <= k).mean())
+        return {"neighbour_weights": n_weights, "popularity_weights": p_weights, "walk_weights": k_weights,
+                "hr": hr, "buckets": report}
 
     def best_weight(self, S, T, multiples, k: int = 10) -> tuple[float, float, dict]:
         """(weight, HR@k, HR@k per multiple of the scores' spread)."""
@@ -658,13 +702,17 @@ def fit_and_validate(settings: GNNSettings, rc: RelatedConfig, text: np.ndarray,
     model.settings.prior_bucket_weights = [float(w) for w in pick["weights"]]
     cold = cold_start_embeddings(model, text, types, train_edges, sim_nb, val)
     terms: dict = {}
-    if rc.popularity_term or rc.neighbour_term:
+    if rc.popularity_term or rc.neighbour_term or rc.walk_term:
         val.set_similar(sim_nb.numpy())
+        if rc.walk_term and rc.prior_candidates:
+            val.set_walk(rc.prior_candidates)
         terms = val.best_terms_by_bucket(S, T, pick["weights"], multiples, rc.prior_buckets,
                                          rc.prior_bucket_min_pairs, cold=cold,
-                                         neighbours=rc.neighbour_term, popularity=rc.popularity_term)
+                                         neighbours=rc.neighbour_term, popularity=rc.popularity_term,
+                                         walk=rc.walk_term)
         model.settings.popularity_bucket_weights = [float(w) for w in terms["popularity_weights"]]
         model.settings.neighbour_bucket_weights = [float(w) for w in terms["neighbour_weights"]]
+        model.settings.walk_bucket_weights = [float(w) for w in terms["walk_weights"]]
     cold_model = float((val.ranks(*cold, 0.0) <= 10).mean())
     return model, {**hist, "validation_pairs": int(len(val.src)),
                    "prior_weight": round(float(pick["overall"]), 4),
@@ -677,8 +725,30 @@ def fit_and_validate(settings: GNNSettings, rc: RelatedConfig, text: np.ndarray,
                    "validation_hr@10_cold_start": round(cold_model, 4),
                    **({"popularity_bucket_weights": [round(w, 4) for w in terms["popularity_weights"]],
                        "neighbour_bucket_weights": [round(w, 4) for w in terms["neighbour_weights"]],
+                       "walk_bucket_weights": [round(w, 4) for w in terms["walk_weights"]],
                        "validation_hr@10_with_terms": round(terms["hr"], 4),
                        "validation_terms_by_bucket": terms["buckets"]} if terms else {})}
+
+
+def walk_step_matrix(n: int, src: np.ndarray, dst: np.ndarray, count: np.ndarray, width: int):
+    """[n, n] sparse: one step of the walk term over each product's co-purchase lists as the
+    stage's neighbour table holds them (`graph_build.top_neighbours`: out and in, the `width`
+    strongest each, ties by neighbour, an edge listed twice at its largest count), a list entry's
+    count over the product's co-purchase events out + in (every edge, not only the listed)."""
+    import scipy.sparse as sp
+
+    df = pl.DataFrame({"a": np.asarray(src, np.int64), "b": np.asarray(dst, np.int64),
+                       "c": np.asarray(count, np.float64)}).group_by(["a", "b"]).agg(pl.col("c").max())
+    rows, cols, vals = [], [], []
+    for key, other in (("a", "b"), ("b", "a")):
+        top = (df.sort([key, "c", other], descending=[False, True, False])
+               .with_columns(pl.int_range(pl.len()).over(key).alias("r")).filter(pl.col("r") < width))
+        rows.append(top[key].to_numpy()), cols.append(top[other].to_numpy()), vals.append(top["c"].to_numpy())
+    events = (np.bincount(df["a"].to_numpy(), weights=df["c"].to_numpy(), minlength=n)
+              + np.bincount(df["b"].to_numpy(), weights=df["c"].to_numpy(), minlength=n))
+    m = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n))
+    m.sum_duplicates()
+    return (sp.diags(1.0 / np.maximum(events, 1.0)) @ m).tocsr()
 
 
 def cold_start_embeddings(model: DualGNN, text, types, edges: tuple, sim_nb,

@@ -31,9 +31,11 @@ node's co-purchase lists in each actor) shards the same way, `recommend_sharded`
 
 1. Keyed passes attach to each source row what its score reads, never on the driver: by node
    (`lists_by_node`), each node's first `prior_candidates` co-purchase neighbours out and in with
-   their counts, its events (out + in) and its events as the product bought, and for each of the
-   first `fanout` similar products a source names, that product's lists (the two-hop join); by
-   source (`queries_by_source`), its vector with its own lists and its similar products' lists.
+   their counts, its events (out + in) and its events as the product bought, for each of the
+   first `fanout` similar products a source names, that product's lists (the two-hop join), and
+   with a walk term, for each co-purchase neighbour it lists, that neighbour's lists and events;
+   by source (`queries_by_source`), its vector with its own lists, its similar products' lists
+   and its walk's second steps.
    The (k + 1) most bought products (`runtime.top_keys`, ties by id) go to the steps as an argument.
 2. Per shard s, `RecommendShard` holds shard s's targets (its FAISS index) and their bought counts
    and lists each source's candidates in the shard: the shard's FAISS top (k + 1 +
@@ -480,9 +482,9 @@ LISTS_IN_SCHEMA = pa.schema([("key", pa.string()), ("role", pa.string()), ("src"
 LISTS_SCHEMA = pa.schema([("src", pa.string()), ("role", pa.string()),
                           ("out_ids", pa.list_(pa.string())), ("out_w", pa.list_(pa.float64())),
                           ("in_ids", pa.list_(pa.string())), ("in_w", pa.list_(pa.float64())),
-                          ("events", pa.float64()), ("bought", pa.float64())])
+                          ("events", pa.float64()), ("bought", pa.float64()), ("step", pa.float64())])
 QUERY_COLUMNS = ["product_id", "source", "out_ids", "out_w", "in_ids", "in_w", "events",
-                 "nb_ids", "nb_w", "n_sim"]
+                 "nb_ids", "nb_w", "n_sim", "wk_ids", "wk_w"]
 CANDIDATES_SCHEMA = pa.schema([("src", pa.string()), ("dst", pa.string()), ("model", pa.float32()),
                                ("score", pa.float64()), ("faiss", pa.bool_()), ("extra", pa.bool_())])
 RELATED_SCHEMA = pa.schema([("product_id", pa.string()), ("related_id", pa.string()),
@@ -513,12 +515,15 @@ def _sliced(lists, width: int, value_type) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets), flat.cast(value_type))
 
 
-def list_rows(batch: pa.Table, prior_candidates: int, fanout: int, has_weights: bool) -> pa.Table:
+def list_rows(batch: pa.Table, prior_candidates: int, fanout: int, has_weights: bool,
+              walk: bool = False) -> pa.Table:
     """Neighbour-table rows -> the rows of the first keyed pass (`LISTS_IN_SCHEMA`): a
     co-purchase list (out, in) as its first `prior_candidates` neighbours with their counts and
     its weight_sum, as `NodeTables` keeps them (no counts without a `weights` column: no prior
     list); with `fanout` each of the first `fanout` similar products of a list as an `ask` row
-    keyed by that product, for its co-purchase lists."""
+    keyed by that product, for its co-purchase lists; with `walk` each of a co-purchase list's
+    first `prior_candidates` neighbours as a `wask` row keyed by that neighbour (its count in
+    `total`), for its co-purchase lists: the walk term's second step."""
     kinds = _chunked(batch.column("kind")).to_numpy(zero_copy_only=False)
     ids, lists = batch.column("product_id"), batch.column("neighbours")
     parts = []
@@ -533,6 +538,15 @@ def list_rows(batch: pa.Table, prior_candidates: int, fanout: int, has_weights: 
             "w": _sliced(_chunked(batch.column("weights")).take(take), width, pa.float64())
             if has_weights else _sliced(pa.nulls(len(co), pa.list_(pa.float64())), 0, pa.float64()),
             "total": batch.column("weight_sum").take(take).cast(pa.float64())}, schema=LISTS_IN_SCHEMA))
+        if walk and has_weights and prior_candidates:
+            flat, parent, rank = _head(_chunked(lists).take(take), prior_candidates)
+            wf, _, _ = _head(_chunked(batch.column("weights")).take(take), prior_candidates)
+            parts.append(pa.table({
+                "key": flat.cast(pa.string()), "role": pa.array(["wask"] * len(flat), pa.string()),
+                "src": ids.take(pa.array(co[parent])),
+                "ids": pa.nulls(len(flat), pa.list_(pa.string())),
+                "w": pa.nulls(len(flat), pa.list_(pa.float64())),
+                "total": wf.cast(pa.float64())}, schema=LISTS_IN_SCHEMA))
     sim = np.flatnonzero(kinds == "similar") if fanout else np.zeros(0, np.int64)
     if len(sim):
         flat, parent, _ = _head(_chunked(lists).take(pa.array(sim)), fanout)
@@ -556,8 +570,10 @@ def node_rows(batch: pa.Table) -> pa.Table:
 
 def lists_by_node(block: pa.Table) -> pa.Table:
     """A key partition of the first pass -> per node an `own` row (its out and in lists, its
-    co-purchase events out + in, and in as the product bought) and per `ask` row naming a node a
-    `sim` row: that node's out and in lists, lent to the product that asked (`src`)."""
+    co-purchase events out + in, and in as the product bought), per `ask` row naming a node a
+    `sim` row (that node's out and in lists, lent to the product that asked, `src`) and per
+    `wask` row naming a node a `walk` row (its lists and its events, with the asking product's
+    count with it as `step`)."""
     df = pl.from_arrow(block)
     nodes = df.filter(pl.col("role") == "node").select("key").unique(maintain_order=True)
     lists = {}
@@ -571,13 +587,19 @@ def lists_by_node(block: pa.Table) -> pa.Table:
     own = own.select(pl.col("key").alias("src"), pl.lit("own").alias("role"), "out_ids", "out_w",
                      "in_ids", "in_w",
                      (pl.col("out_total").fill_null(0.0) + pl.col("in_total").fill_null(0.0)).alias("events"),
-                     pl.col("in_total").fill_null(0.0).alias("bought"))
+                     pl.col("in_total").fill_null(0.0).alias("bought"), pl.lit(None, pl.Float64).alias("step"))
     ask = df.filter(pl.col("role") == "ask").select("key", "src")
     sim = ask.join(own.select(pl.col("src").alias("key"), "out_ids", "out_w", "in_ids", "in_w"),
                    on="key", how="inner", maintain_order="left")
     sim = sim.select("src", pl.lit("sim").alias("role"), "out_ids", "out_w", "in_ids", "in_w",
-                     pl.lit(None, pl.Float64).alias("events"), pl.lit(None, pl.Float64).alias("bought"))
-    both = pl.concat([own, sim], how="vertical_relaxed")
+                     pl.lit(None, pl.Float64).alias("events"), pl.lit(None, pl.Float64).alias("bought"),
+                     pl.lit(None, pl.Float64).alias("step"))
+    wask = df.filter(pl.col("role") == "wask").select("key", "src", pl.col("total").alias("step"))
+    walk = wask.join(own.select(pl.col("src").alias("key"), "out_ids", "out_w", "in_ids", "in_w", "events"),
+                     on="key", how="inner", maintain_order="left")
+    walk = walk.select("src", pl.lit("walk").alias("role"), "out_ids", "out_w", "in_ids", "in_w",
+                       "events", pl.lit(None, pl.Float64).alias("bought"), "step")
+    both = pl.concat([own, sim, walk], how="vertical_relaxed")
     if both.height == 0:
         return LISTS_SCHEMA.empty_table()
     return both.to_arrow().cast(LISTS_SCHEMA)
@@ -603,13 +625,16 @@ def _query_schema(source_type) -> pa.Schema:
                       ("out_ids", pa.list_(pa.string())), ("out_w", pa.list_(pa.float64())),
                       ("in_ids", pa.list_(pa.string())), ("in_w", pa.list_(pa.float64())),
                       ("events", pa.float64()), ("nb_ids", pa.list_(pa.string())),
-                      ("nb_w", pa.list_(pa.float64())), ("n_sim", pa.int64())])
+                      ("nb_w", pa.list_(pa.float64())), ("n_sim", pa.int64()),
+                      ("wk_ids", pa.list_(pa.string())), ("wk_w", pa.list_(pa.float64()))])
 
 
 def queries_by_source(block: pa.Table, source_type) -> pa.Table:
     """A key partition of the second pass -> one row per source (`QUERY_COLUMNS`): its vector,
-    its own out and in lists and events, and the out and in lists of its similar products
-    (concatenated: `nb_ids`, `nb_w`) with how many of them are products (`n_sim`)."""
+    its own out and in lists and events, the out and in lists of its similar products
+    (concatenated: `nb_ids`, `nb_w`) with how many of them are products (`n_sim`), and the walk
+    term's second steps (`wk_ids`, `wk_w`: the entries `model.walk_lists` gives, each weight
+    computed as there)."""
     schema = _query_schema(source_type)
     is_vec = np.asarray(pc.equal(block.column("role"), "vec").to_numpy(zero_copy_only=False), bool)
     vec = block.filter(pa.array(is_vec))
@@ -623,10 +648,22 @@ def queries_by_source(block: pa.Table, source_type) -> pa.Table:
     lent = pl.concat([sim.select("src", pl.col(f"{k}_ids").alias("nb_ids"), pl.col(f"{k}_w").alias("nb_w"))
                       .explode(["nb_ids", "nb_w"]) for k in ("out", "in")], how="vertical_relaxed")
     nb = lent.filter(pl.col("nb_ids").is_not_null()).group_by("src").agg("nb_ids", "nb_w")
+    # the walk: A -> C with count(A, C) / events(A), C -> B with count(C, B) / events(C), the
+    # operations in `model.walk_lists`' order so each entry is the same float
+    walk = df.filter(pl.col("role") == "walk").join(
+        own.select("src", pl.col("events").alias("ev_a")), on="src", how="left").with_columns(
+        p1=(pl.col("step") / pl.max_horizontal(pl.col("ev_a").fill_null(0.0), pl.lit(1.0)))
+        / pl.max_horizontal(pl.col("events"), pl.lit(1.0)))
+    steps = pl.concat([walk.select("src", "p1", pl.col(f"{k}_ids").alias("wk_ids"), pl.col(f"{k}_w").alias("wk_w"))
+                       .explode(["wk_ids", "wk_w"]) for k in ("out", "in")], how="vertical_relaxed")
+    wk = (steps.filter(pl.col("wk_ids").is_not_null())
+          .select("src", "wk_ids", (pl.col("wk_w") * pl.col("p1")).alias("wk_w"))
+          .group_by("src").agg("wk_ids", "wk_w"))
     q = pl.DataFrame({"src": pl.from_arrow(vec.column("src"))}).join(
         own, on="src", how="left", maintain_order="left").join(
         nb, on="src", how="left", maintain_order="left").join(
-        n_sim, on="src", how="left", maintain_order="left")
+        n_sim, on="src", how="left", maintain_order="left").join(
+        wk, on="src", how="left", maintain_order="left")
     q = q.with_columns(pl.col("events").fill_null(0.0), pl.col("n_sim").fill_null(0))
     t = q.to_arrow()
     cols = {"product_id": vec.column("src"), "source": vec.column("source")}
@@ -658,6 +695,7 @@ class RecommendShard(Step):
         self.prior_candidates = recommend.prior_candidates
         self.uses_prior, self.uses_popularity = recommend.uses_prior, recommend.uses_popularity
         self.uses_neighbours = recommend.uses_neighbours
+        self.uses_walk = getattr(recommend, "uses_walk", False)
         self.targets_path = str(targets_path)
         self.bought_path = str(bought_path) if bought_path else None
         self.shard, self.shards = int(shard), int(shards)
@@ -744,8 +782,8 @@ class RecommendShard(Step):
     def _rerank(self, batch: pa.Table, q: np.ndarray, faiss_scores: np.ndarray, ids: np.ndarray):
         """`Recommend._rerank`'s scores, for the candidates in this shard: the same terms over
         the same lists, a candidate of another shard left to that shard's worker."""
-        from autoknow_ray.modules.related.model import (list_weights, pair_dots, prior_weights_of,
-                                                         term_weights_of)
+        from autoknow_ray.modules.related.model import (WALK_SCALE, list_weights, pair_dots,
+                                                         prior_weights_of, term_weights_of)
 
         n = batch.num_rows
         oi, ow = self._padded(batch.column("out_ids"), batch.column("out_w"))
@@ -755,6 +793,9 @@ class RecommendShard(Step):
             nb_i, nb_w = self._padded(batch.column("nb_ids"), batch.column("nb_w"))
             n_sim = np.maximum(batch.column("n_sim").to_numpy(zero_copy_only=False).astype(np.float64), 1)
             extra.append(nb_i)
+        if self.uses_walk:
+            wk_i, wk_w = self._padded(batch.column("wk_ids"), batch.column("wk_w"))
+            extra.append(wk_i)
         cand = np.concatenate([ids, oi, ii, *extra], 1)
         is_faiss = np.zeros(cand.shape[1], bool)
         is_faiss[:ids.shape[1]] = True
@@ -769,6 +810,9 @@ class RecommendShard(Step):
             score += wp[:, None] * np.log1p(self.bought[np.clip(cand, 0, None)])
         if wn is not None:
             score += wn[:, None] * np.log1p(mean)
+        if self.uses_walk:
+            ww = term_weights_of(self.prior, events, "walk_bucket_weights")
+            score += ww[:, None] * np.log1p(WALK_SCALE * list_weights(cand, wk_i, wk_w))
         model = np.full(cand.shape, -np.inf, np.float32)
         model[:, :ids.shape[1]] = faiss_scores
         keep = cand >= 0
@@ -843,9 +887,12 @@ def recommend_sharded(cfg, recommend, out: Path, dest: Path, n_nodes: int) -> di
         nb_cols = ["product_id", "kind", "neighbours", "weight_sum"] + (["weights"] if has_weights else [])
         rows_in = runtime.read_parquet(nb_path, nb_cols).map_batches(
             list_rows, fn_kwargs={"prior_candidates": recommend.prior_candidates, "fanout": fanout,
-                                  "has_weights": has_weights}, batch_format="pyarrow"
+                                  "has_weights": has_weights, "walk": recommend.uses_walk},
+            batch_format="pyarrow"
         ).union(runtime.read_parquet(emb, ["product_id"]).map_batches(node_rows, batch_format="pyarrow"))
-        n_in = count_rows(nb_path) * max(1, fanout) + n_nodes  # at most: ask rows are <= fanout a list
+        # at most: ask rows are <= fanout a list, walk asks <= prior_candidates
+        n_in = count_rows(nb_path) * (max(1, fanout) + (recommend.prior_candidates if recommend.uses_walk
+                                                         else 0)) + n_nodes
         runtime.map_key_blocks(rows_in, "key", lists_by_node, n_rows=n_in).write_parquet(str(lists))
         n_lists = count_rows(lists)
         if recommend.uses_popularity:

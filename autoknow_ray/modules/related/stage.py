@@ -206,7 +206,8 @@ class RelatedStage(Stage):
                               out / gb.NEIGHBOURS, prior, rc.prior_candidates,
                               settings.get("prior_buckets"), settings.get("prior_bucket_weights"),
                               settings.get("popularity_bucket_weights"),
-                              settings.get("neighbour_bucket_weights"), rc.fanout)
+                              settings.get("neighbour_bucket_weights"), rc.fanout,
+                              settings.get("walk_bucket_weights"))
         if n > rc.max_nodes_per_actor:
             # over shards of the targets and node tables (related/sharded.py): the same lists
             from autoknow_ray.modules.related.sharded import recommend_sharded
@@ -243,6 +244,7 @@ class RelatedStage(Stage):
             "prior_bucket_weights": settings.get("prior_bucket_weights"),
             "popularity_bucket_weights": settings.get("popularity_bucket_weights"),
             "neighbour_bucket_weights": settings.get("neighbour_bucket_weights"),
+            "walk_bucket_weights": settings.get("walk_bucket_weights"),
             # per-product title vectors and h0 reused from --previous, recomputed, added, removed
             **manifest_counts(EMBED_STEP, cache),
             **counts,

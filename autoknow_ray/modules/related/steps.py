@@ -427,8 +427,11 @@ class Recommend(Step):
     (`neighbour_bucket_weights`) the co-purchase neighbours of A's similar products (up to
     `fanout` of them, `prior_candidates` each way) join the candidates, and each candidate B adds
     wn(A) * log1p(mean co-purchases of B with A's similar products): what products like A were
-    bought with. Above `related.max_nodes_per_actor` products the stage lists the same with no
-    worker holding every product (`sharded.recommend_sharded`)."""
+    bought with. With a walk term (`walk_bucket_weights`) the products reached in two steps over
+    the co-purchase lists (A's partners' partners, `model.walk_lists`) join the candidates, and
+    each candidate B adds ww(A) * log1p(WALK_SCALE * P2(A, B)), the chance that a walk of two
+    co-purchase steps from A ends at B. Above `related.max_nodes_per_actor` products the stage
+    lists the same with no worker holding every product (`sharded.recommend_sharded`)."""
 
     name = "related_recommend"
     resources = "related"
@@ -440,14 +443,16 @@ class Recommend(Step):
                  prior_candidates: int = 0, prior_buckets: list[int] | None = None,
                  prior_bucket_weights: list[float] | None = None,
                  popularity_bucket_weights: list[float] | None = None,
-                 neighbour_bucket_weights: list[float] | None = None, fanout: int = 10):
+                 neighbour_bucket_weights: list[float] | None = None, fanout: int = 10,
+                 walk_bucket_weights: list[float] | None = None):
         self.path, self.k = str(embeddings_path), k
         self.ivf_min_size, self.nprobe, self.seed = ivf_min_size, nprobe, seed
         self.neighbours_path = str(neighbours_path) if neighbours_path else None
         self.prior = {"prior_weight": float(prior_weight), "prior_buckets": prior_buckets,
                       "prior_bucket_weights": prior_bucket_weights,
                       "popularity_bucket_weights": popularity_bucket_weights,
-                      "neighbour_bucket_weights": neighbour_bucket_weights}
+                      "neighbour_bucket_weights": neighbour_bucket_weights,
+                      "walk_bucket_weights": walk_bucket_weights}
         self.fanout = int(fanout)
         self.prior_candidates = int(prior_candidates)
         self.index = self.ids = self.tables = None
@@ -462,10 +467,15 @@ class Recommend(Step):
                     and max(self.prior.get("neighbour_bucket_weights") or [0.0]) > 0)
 
     @property
+    def uses_walk(self) -> bool:
+        return bool(self.neighbours_path and self.prior_candidates
+                    and max(self.prior.get("walk_bucket_weights") or [0.0]) > 0)
+
+    @property
     def uses_prior(self) -> bool:
         weights = self.prior["prior_bucket_weights"] or [self.prior["prior_weight"]]
         return (bool(max(weights) > 0 and self.prior_candidates and self.neighbours_path)
-                or self.uses_popularity or self.uses_neighbours)
+                or self.uses_popularity or self.uses_neighbours or self.uses_walk)
 
     def setup(self, env: WorkerEnv) -> None:
         from autoknow_ray.index.faiss_index import VectorIndex
@@ -514,8 +524,8 @@ class Recommend(Step):
     def _rerank(self, batch: pa.Table, q: np.ndarray, ids: np.ndarray):
         """Candidates = FAISS hits + co-purchase neighbours out and in; each scored by the model
         plus the count prior; duplicates and missing slots sink to the end (-1 ids)."""
-        from autoknow_ray.modules.related.model import (list_weights, pair_dots, prior_weights_of,
-                                                         term_weights_of)
+        from autoknow_ray.modules.related.model import (WALK_SCALE, list_weights, pair_dots,
+                                                         prior_weights_of, term_weights_of, walk_lists)
 
         me = self.tables.index_of(batch.column("product_id").to_pylist())
         n = len(me)
@@ -534,6 +544,9 @@ class Recommend(Step):
             nb_w = np.concatenate([np.where(has, out_w[at], 0.0), np.where(has, in_w[at], 0.0)], 2).reshape(n, -1)
             n_sim = np.maximum((sims >= 0).sum(1), 1)
             extra.append(nb_i)
+        if self.uses_walk:  # two steps over the co-purchase lists: what A's partners were bought with
+            wk_i, wk_w = walk_lists(out_i, out_w, in_i, in_w, self.tables.events, me)
+            extra.append(wk_i)
         cand = np.concatenate([ids, oi, ii, *extra], 1)
         count = list_weights(cand, oi, ow) + list_weights(cand, ii, iw)
         model = pair_dots(q, self.targets, cand)
@@ -545,6 +558,9 @@ class Recommend(Step):
         if self.uses_neighbours:
             wn = term_weights_of(self.prior, events, "neighbour_bucket_weights")
             score += wn[:, None] * np.log1p(list_weights(cand, nb_i, nb_w) / n_sim[:, None])
+        if self.uses_walk:
+            ww = term_weights_of(self.prior, events, "walk_bucket_weights")
+            score += ww[:, None] * np.log1p(WALK_SCALE * list_weights(cand, wk_i, wk_w))
         srt = np.sort(cand, 1)
         dup = np.zeros_like(cand, bool)
         order = np.argsort(cand, 1, kind="stable")

@@ -175,6 +175,31 @@ def test_a_titles_model_outputs_do_not_depend_on_its_batch(world, bf16):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_short_texts_vector_does_not_depend_on_its_batch(threads):
+    """A synonyms term is a few tokens: encoded alone (the one new term of an incremental
+    rebuild) it ran a batch of one, whose CPU kernels sum in another order than a fuller
+    batch's, and its vector differed in the last bits from a full rebuild's (torch 2.13). The
+    encoder tops small batches up (`min_batch_rows`): the same bits alone, among a few, among
+    many, at any row."""
+    import numpy as np
+    import torch
+
+    from autoknow_ray.nn.encoder import TextEncoder
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        encoder = TextEncoder("default", device="cpu", bf16=False)
+        for text in ("Greyish", "Navy blue striped", "Men Hot Swimwear Swimming Pants Briefs Shorts"):
+            ref = encoder.encode([text] * 48)[0]
+            for k in (1, 2, 3, 5, 9):
+                got = encoder.encode([text] * k)
+                assert all(np.array_equal(got[i], ref) for i in range(k)), (text, k)
+    finally:
+        torch.set_num_threads(before)
+
+
 def _same_alone_and_together(root, bf16: bool):
     import numpy as np
 

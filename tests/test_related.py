@@ -678,6 +678,32 @@ def test_recommend_lists_what_a_products_partners_were_bought_with(tmp_path):
     assert got["score"][0] == pytest.approx(float(np.float16(tgt[5, 0])) + np.log1p(WALK_SCALE * walk), rel=1e-6)
 
 
+def test_summed_lists_sum_each_id_once_whatever_the_order():
+    """`summed_lists` gives each row's ids once with their weights summed (padding ignored), the
+    same floats whatever order the entries come in, and `list_weights` reads the summed lists
+    as it reads the raw ones."""
+    from autoknow_ray.modules.related.model import list_weights, summed_lists
+
+    rng = np.random.default_rng(3)
+    ids = rng.integers(-1, 12, (40, 60))
+    w = rng.random((40, 60)) * 10.0 ** rng.integers(-3, 3, (40, 60))
+    ui, uw = summed_lists(ids, w)
+    for r in range(40):
+        want = {}
+        for i, x in zip(ids[r], w[r]):
+            if i >= 0:
+                want[int(i)] = want.get(int(i), 0.0) + x
+        got = {int(i): x for i, x in zip(ui[r], uw[r]) if i >= 0}
+        assert got.keys() == want.keys() and len(got) == (ui[r] >= 0).sum()
+        for k in want:
+            assert got[k] == pytest.approx(want[k], rel=1e-12)
+    perm = rng.permutation(60)
+    pi, pw = summed_lists(ids[:, perm], w[:, perm])
+    assert np.array_equal(pi, ui) and np.array_equal(pw, uw)  # the same bits
+    cand = rng.integers(-1, 12, (40, 15))
+    assert np.array_equal(list_weights(cand, ui, uw), list_weights(cand, ids, w))
+
+
 def test_neighbour_lists_of_a_block_equal_those_built_node_by_node():
     """`top_neighbours` ranks a whole block at once; it must give each node what ranking its
     own edges alone gives: an edge listed twice counts once at its larger weight, the strongest

@@ -227,13 +227,22 @@ def same_length_batches(lengths: list[int] | np.ndarray, batch_size: int) -> lis
     else is in its batch: its outputs do not depend on the rest of the catalogue (measured on
     CPU, fp32 and bf16: bit-identical alone and in a batch), which is what lets an incremental
     rebuild reuse them (docs/incremental.md). Costs nothing in padding; batches at rare lengths
-    are smaller."""
+    are smaller (`TextEncoder.encode` tops a small one up: `min_batch_rows`)."""
     lengths = np.asarray(lengths)
     out = []
     for n in np.unique(lengths):
         idx = np.flatnonzero(lengths == n)
         out += [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
     return out
+
+
+MIN_BATCH_TOKENS = 64  # the fewest tokens an encoder batch runs with (`min_batch_rows`)
+
+
+def min_batch_rows(length: int) -> int:
+    """Texts of `length` tokens an encoder batch holds at least: two, and MIN_BATCH_TOKENS
+    tokens in all."""
+    return max(2, -(-MIN_BATCH_TOKENS // max(int(length), 1)))
 
 
 class TextEncoder:
@@ -266,8 +275,14 @@ class TextEncoder:
         lengths = [len(ids) for ids in self.tokenizer(texts, truncation=True,
                                                       max_length=self.max_length)["input_ids"]]
         for idx in same_length_batches(lengths, self.batch_size):
+            rows = [texts[i] for i in idx]
+            # a batch of one text, or of a few short ones, takes other CPU kernels (another
+            # summation order) than a fuller one: topped up with copies of its last text to at
+            # least MIN_BATCH_TOKENS tokens (and two texts), a text's vector is the same bits
+            # whatever batch it came in (measured: torch 2.13, fp32, 3-24 tokens, 1-48 texts)
+            rows += [rows[-1]] * max(0, min_batch_rows(lengths[idx[0]]) - len(rows))
             enc = self.tokenizer(
-                [texts[i] for i in idx],
+                rows,
                 padding=True,
                 truncation=True,
                 max_length=self.max_length,
@@ -277,7 +292,7 @@ class TextEncoder:
                 hidden = self.model(**enc).last_hidden_state
             emb = mean_pool(hidden.float(), enc["attention_mask"])
             emb = torch.nn.functional.normalize(emb, dim=-1)
-            out[idx] = emb.cpu().numpy()
+            out[idx] = emb[:len(idx)].cpu().numpy()
         return out
 
 

@@ -102,7 +102,7 @@ def walk_lists(out_i: np.ndarray, out_w: np.ndarray, in_i: np.ndarray, in_w: np.
     each product's co-purchase events out + in): one step goes from A to a product C it was bought
     with, with probability count(A, C) / events(A), the next from C to B likewise. Returns the
     walk's entries per row of `rows` as ([len(rows), (2 width)^2] ids of B, -1 padded; their step
-    probability products): `list_weights` sums them per candidate into P2(A, B)."""
+    probability products): `summed_lists` sums them per candidate into P2(A, B)."""
     r = np.clip(rows, 0, None)
     known = (rows >= 0)[:, None]
     first = np.concatenate([np.where(known, out_i[r], -1), np.where(known, in_i[r], -1)], 1)
@@ -115,6 +115,33 @@ def walk_lists(out_i: np.ndarray, out_w: np.ndarray, in_i: np.ndarray, in_w: np.
     w = np.concatenate([out_w[c], in_w[c]], 2) * p1[:, :, None]
     w = np.where(ids >= 0, w, 0.0)
     return ids.reshape(len(rows), -1), w.reshape(len(rows), -1)
+
+
+def summed_lists(ids: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's list (`ids` [n, L], -1 padded; `weights` alike) with every id once and its
+    weights summed, smallest first as `list_weights` sums them, so a row's sums depend on its
+    entries and not on their order: ([n, U] ids, -1 padded, U the most distinct ids of a row;
+    their sums). The walk's (2 width)^2 entries a row name the same best-sellers many times:
+    summed once, the re-ranking scores each candidate once."""
+    n = ids.shape[0]
+    ok = ids >= 0
+    if not ok.any():
+        return np.full((n, 1), -1, np.int64), np.zeros((n, 1))
+    rows = np.broadcast_to(np.arange(n)[:, None], ids.shape)[ok]
+    vals = ids[ok]
+    wt = np.broadcast_to(weights, ids.shape)[ok].astype(np.float64)
+    order = np.lexsort((wt, vals, rows))
+    r, v, w = rows[order], vals[order], wt[order]
+    starts = np.flatnonzero(np.r_[True, (r[1:] != r[:-1]) | (v[1:] != v[:-1])])
+    sums = np.add.reduceat(w, starts)
+    ur, uv = r[starts], v[starts]
+    rank = np.arange(len(ur)) - np.searchsorted(ur, ur, side="left")
+    width = int(rank.max()) + 1
+    out_i = np.full((n, width), -1, np.int64)
+    out_w = np.zeros((n, width))
+    out_i[ur, rank] = uv
+    out_w[ur, rank] = sums
+    return out_i, out_w
 
 
 def list_weights(cand: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:

@@ -783,7 +783,8 @@ class RecommendShard(Step):
         """`Recommend._rerank`'s scores, for the candidates in this shard: the same terms over
         the same lists, a candidate of another shard left to that shard's worker."""
         from autoknow_ray.modules.related.model import (WALK_SCALE, list_weights, pair_dots,
-                                                         prior_weights_of, term_weights_of)
+                                                         prior_weights_of, summed_lists,
+                                                         term_weights_of)
 
         n = batch.num_rows
         oi, ow = self._padded(batch.column("out_ids"), batch.column("out_w"))
@@ -794,7 +795,7 @@ class RecommendShard(Step):
             n_sim = np.maximum(batch.column("n_sim").to_numpy(zero_copy_only=False).astype(np.float64), 1)
             extra.append(nb_i)
         if self.uses_walk:
-            wk_i, wk_w = self._padded(batch.column("wk_ids"), batch.column("wk_w"))
+            wk_i, wk_w = summed_lists(*self._padded(batch.column("wk_ids"), batch.column("wk_w")))
             extra.append(wk_i)
         cand = np.concatenate([ids, oi, ii, *extra], 1)
         is_faiss = np.zeros(cand.shape[1], bool)

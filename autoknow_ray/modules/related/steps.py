@@ -525,7 +525,8 @@ class Recommend(Step):
         """Candidates = FAISS hits + co-purchase neighbours out and in; each scored by the model
         plus the count prior; duplicates and missing slots sink to the end (-1 ids)."""
         from autoknow_ray.modules.related.model import (WALK_SCALE, list_weights, pair_dots,
-                                                         prior_weights_of, term_weights_of, walk_lists)
+                                                         prior_weights_of, summed_lists,
+                                                         term_weights_of, walk_lists)
 
         me = self.tables.index_of(batch.column("product_id").to_pylist())
         n = len(me)
@@ -545,7 +546,7 @@ class Recommend(Step):
             n_sim = np.maximum((sims >= 0).sum(1), 1)
             extra.append(nb_i)
         if self.uses_walk:  # two steps over the co-purchase lists: what A's partners were bought with
-            wk_i, wk_w = walk_lists(out_i, out_w, in_i, in_w, self.tables.events, me)
+            wk_i, wk_w = summed_lists(*walk_lists(out_i, out_w, in_i, in_w, self.tables.events, me))
             extra.append(wk_i)
         cand = np.concatenate([ids, oi, ii, *extra], 1)
         count = list_weights(cand, oi, ow) + list_weights(cand, ii, iw)

@@ -162,6 +162,21 @@ def test_catalogue_without_behaviour_gets_title_neighbours(tmp_path, ray_session
     assert int(top[1:]) % 4 == 1  # another phone case is the nearest title
 
 
+def test_copurchase_walk_baseline_ranks_by_the_two_step_walk():
+    """a was bought with c (4) and d (1); c with b (6), d with e (2): from a the walk reaches b
+    (4/5 * 6/10) before e (1/5 * 2/3), a itself is never listed, and rows the stage would
+    quarantine (no id, a count that is not positive) take no step."""
+    from autoknow_ray.eval.baselines_related import walk_lists
+
+    cp = pl.DataFrame({"src": ["a", "a", "c", "d", "a", None, "b"], "dst": ["c", "d", "b", "e", "e", "b", "e"],
+                       "count": [4, 1, 6, 2, -3, 9, 0]})
+    got = walk_lists(cp, 3)
+    a = got.filter(pl.col("product_id") == "a").sort("rank")
+    assert a["related_id"].to_list() == ["b", "e"]
+    assert a["score"][0] == pytest.approx(4 / 5 * 6 / 10) and a["score"][1] == pytest.approx(1 / 5 * 2 / 3)
+    assert "a" not in a["related_id"].to_list() and got["product_id"].null_count() == 0
+
+
 def test_score_and_copurchase_baseline(tmp_path):
     cp = pl.DataFrame({"src": ["a", "a", "b", "c"], "dst": ["b", "c", "a", "a"], "count": [5, 1, 1, 3]})
     base = copurchase_counts(cp, 2)

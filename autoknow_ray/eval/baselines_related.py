@@ -117,7 +117,13 @@ def walk_lists(copurchase: pl.DataFrame, top_k: int, chunk: int = 1024) -> pl.Da
 
     if copurchase.height == 0:
         return pl.from_arrow(GRAPH_RELATED.empty_table())
-    cp = copurchase.select("src", "dst", pl.col("count").cast(pl.Float64)).filter(pl.col("src") != pl.col("dst"))
+    # the rows the related stage quarantines (no id, a self-pair, a count that is not positive)
+    # take no step
+    cp = copurchase.select("src", "dst", pl.col("count").cast(pl.Float64)).filter(
+        pl.col("src").is_not_null() & pl.col("dst").is_not_null() & (pl.col("src") != pl.col("dst"))
+        & (pl.col("count") > 0))
+    if cp.height == 0:
+        return pl.from_arrow(GRAPH_RELATED.empty_table())
     both = pl.concat([cp, cp.select(src="dst", dst="src", count="count")]).group_by("src", "dst").agg(
         pl.col("count").sum())
     ids = pl.concat([both["src"], both["dst"]]).unique().sort()

@@ -539,7 +539,7 @@ def list_rows(batch: pa.Table, prior_candidates: int, fanout: int, has_weights: 
             if has_weights else _sliced(pa.nulls(len(co), pa.list_(pa.float64())), 0, pa.float64()),
             "total": batch.column("weight_sum").take(take).cast(pa.float64())}, schema=LISTS_IN_SCHEMA))
         if walk and has_weights and prior_candidates:
-            flat, parent, rank = _head(_chunked(lists).take(take), prior_candidates)
+            flat, parent, _ = _head(_chunked(lists).take(take), prior_candidates)
             wf, _, _ = _head(_chunked(batch.column("weights")).take(take), prior_candidates)
             parts.append(pa.table({
                 "key": flat.cast(pa.string()), "role": pa.array(["wask"] * len(flat), pa.string()),
@@ -695,7 +695,7 @@ class RecommendShard(Step):
         self.prior_candidates = recommend.prior_candidates
         self.uses_prior, self.uses_popularity = recommend.uses_prior, recommend.uses_popularity
         self.uses_neighbours = recommend.uses_neighbours
-        self.uses_walk = getattr(recommend, "uses_walk", False)
+        self.uses_walk = recommend.uses_walk
         self.targets_path = str(targets_path)
         self.bought_path = str(bought_path) if bought_path else None
         self.shard, self.shards = int(shard), int(shards)

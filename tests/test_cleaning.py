@@ -578,11 +578,12 @@ def test_a_claims_score_does_not_depend_on_the_other_claims_of_its_batch(known_f
     assert len(whole) == 200 * 4
     shuffled = rows[:]
     random.Random(7).shuffle(shuffled)
-    for blocks in (1, 3, 17):
-        other = scores(shuffled, blocks)
-        assert other.keys() == whole.keys()
-        differ = [k for k in whole if other[k] != whole[k]]
-        assert not differ, (blocks, len(differ), differ[:3])
+    # one pass changes both: another order, and 17 blocks of 11-12 products (batches of other
+    # sizes and other neighbours than the whole table's batches of 64)
+    other = scores(shuffled, 17)
+    assert other.keys() == whole.keys()
+    differ = [k for k in whole if other[k] != whole[k]]
+    assert not differ, (len(differ), differ[:3])
 
 
 def test_an_incremental_rebuild_reuses_claim_scores_and_gives_the_full_rebuilds_edits(known_fit, tmp_path,

@@ -60,6 +60,39 @@ def test_best_threshold_is_picked_on_f1():
     assert best_threshold(np.zeros(3), s[:3]) == (0.5, 0.0)
 
 
+def test_boosted_trees_learn_an_interaction_a_linear_model_cannot_and_load_back_the_same(tmp_path):
+    """The trees family: an attribute that applies where exactly one of two features is high
+    (an XOR, no linear boundary); the trees learn it, the linear network cannot, and the saved
+    trees predict the same probabilities after a round trip through safetensors. A soft target
+    (importance) is ranked in its own order."""
+    from autoknow_ray.modules.relations.model import (
+        TreeScorer, load_scorer, predict, save_scorer, train_scorer, train_trees,
+    )
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, size=(1200, 4)).astype(np.float32)
+    y = ((x[:, 0] > 0) ^ (x[:, 1] > 0)).astype(np.float32)
+    tr, te = slice(0, 800), slice(800, None)
+    trees = train_trees(x[tr], y[tr], rounds=60, depth=2, learning_rate=0.3, binary=True)
+    linear = train_scorer(x[tr], y[tr], hidden=0, epochs=200, lr=0.05, weight_decay=0.0, seed=0,
+                          binary=True)
+    acc = lambda m: float(((predict(m, x[te]) >= 0.5) == (y[te] > 0.5)).mean())  # noqa: E731
+    assert acc(trees) >= 0.95 and acc(linear) <= 0.65
+    save_scorer(trees, tmp_path / "app", {"n_features": 4, "hidden": 0})
+    back, meta = load_scorer(tmp_path / "app")
+    assert isinstance(back, TreeScorer) and meta["family"] == "trees"
+    assert np.array_equal(predict(back, x[te]), predict(trees, x[te]))
+    # split points are training values, and a row equal to one goes where its training rows went
+    b = np.repeat([[0.0], [1.0]], 50, axis=0).astype(np.float32)
+    step = train_trees(b, b[:, 0], rounds=20, depth=1, learning_rate=0.5, binary=True)
+    assert set(step.threshold[step.feature == 0].tolist()) == {0.0}
+    assert predict(step, np.array([[0.0], [1.0]], np.float32)).round().tolist() == [0.0, 1.0]
+    soft = (x[:, 2] + 1) / 2                       # importance: a rate in [0, 1]
+    imp = train_trees(x[tr], soft[tr], rounds=60, depth=2, learning_rate=0.3, binary=False)
+    order = np.argsort(predict(imp, x[te]))
+    assert np.corrcoef(np.argsort(order), np.argsort(np.argsort(soft[te])))[0, 1] > 0.95
+
+
 def test_provider_counts_survive_bad_rows_and_count_every_product():
     rows = [
         {"product_id": "a", "type": "Coffee", "title": "Vanilla dark roast coffee",
@@ -205,7 +238,7 @@ def test_fit_then_rebuild_on_types_never_seen(tmp_path, ray_session):
                         "relations: {epochs: 150, hidden: 16}\n")
     m = fit(tmp_path / "split" / "fit", tmp_path / "models", config=cfg_file)
     stats = m["modules"]["relations"]
-    assert stats["types"] >= 5 and set(stats["comparison"]) == {"mlp", "linear", "ridge"}
+    assert stats["types"] >= 5 and set(stats["comparison"]) == {"mlp", "linear", "ridge", "gbt"}
     # model and threshold picked on out-of-fold predictions over the fit's types
     assert stats["folds"] == 5 and 0 < stats["threshold"] < 1
     assert all(0 <= c["oof_auc_pr"] <= 1 for c in stats["comparison"].values())

@@ -34,13 +34,17 @@ class RelationsConfig(BaseModel):
     importance_customer_weight: float = Field(0.25, ge=0.0, le=1.0)
 
     # ---- the two models
-    # auto: the best out-of-fold AUC-PR in fit; ridge: linear with `ridge_weight_decay`
-    model: Literal["auto", "mlp", "linear", "ridge"] = "auto"
+    # auto: the best out-of-fold AUC-PR in fit; ridge: linear with `ridge_weight_decay`;
+    # gbt: gradient-boosted trees (`gbt_*` below)
+    model: Literal["auto", "mlp", "linear", "ridge", "gbt"] = "auto"
     hidden: int = Field(32, ge=1)
     epochs: int = Field(400, ge=1)
     lr: float = Field(0.01, gt=0)
     weight_decay: float = Field(1e-3, ge=0)
     ridge_weight_decay: float = Field(0.1, ge=0)
+    gbt_rounds: int = Field(100, ge=1)  # trees
+    gbt_depth: int = Field(3, ge=1, le=8)  # levels of splits per tree
+    gbt_learning_rate: float = Field(0.1, gt=0, le=1)
     # the model kind and the threshold are picked on out-of-fold predictions: the labelled types
     # are split into this many folds, each predicted by models trained on the other folds' types
     # (its neighbour features from those types only: every type is then "never seen")

@@ -8,7 +8,7 @@ type mention the attribute. Neither label is a feature: the features are text oc
 what the type's neighbours (taxonomy, name embedding) have, computed leave-one-out, so the model
 learns to use neighbours exactly as it must for a type it has never seen.
 
-Which model (MLP or linear) and which decision threshold are picked on out-of-fold predictions:
+Which model (MLP, linear, ridge or gradient-boosted trees) and which decision threshold are picked on out-of-fold predictions:
 the labelled types are split into `folds` groups, each predicted by models trained on the other
 groups, with its neighbour features computed from those types only (so every type is scored as a
 type never seen). The chosen kind is then trained on every labelled type; the threshold of best
@@ -30,7 +30,7 @@ from autoknow_ray.modules.relations.features import (
     FEATURES, Known, Vocabulary, embed_names, feature_matrix, text_features, wide_counts,
 )
 from autoknow_ray.modules.relations.model import (
-    best_threshold, f1_at, predict, save_scorer, train_scorer,
+    best_threshold, f1_at, predict, save_scorer, train_scorer, train_trees,
 )
 from autoknow_ray.pipeline import RunContext
 
@@ -39,8 +39,9 @@ KNOWN = "known_types.parquet"
 APPLICABILITY, IMPORTANCE = "applicability", "importance"
 # model kinds compared in fit: (hidden units, None = the config's `hidden`; weight decay, None =
 # the config's `weight_decay`, else `ridge_weight_decay`): "ridge" is a linear model whose strong
-# L2 keeps its logits moderate where few types leave the features nearly separable in training
-KINDS = {"mlp": (None, None), "linear": (0, None), "ridge": (0, "ridge")}
+# L2 keeps its logits moderate where few types leave the features nearly separable in training;
+# "gbt": gradient-boosted trees (`model.train_trees`, the config's `gbt_*`), another family
+KINDS = {"mlp": (None, None), "linear": (0, None), "ridge": (0, "ridge"), "gbt": (0, None)}
 
 
 def _kind(kind: str, cfg: RelationsConfig) -> tuple[int, float]:
@@ -59,13 +60,22 @@ def importance_target(df: pl.DataFrame, customer_weight: float) -> pl.DataFrame:
                            .otherwise(fill))
 
 
-def _fit_pairs(x, y, imp, cfg: RelationsConfig, kind: str, seed: int):
+def _fit_model(x, target, cfg: RelationsConfig, kind: str, seed: int, *, binary: bool):
+    if kind == "gbt":
+        return train_trees(x, target, binary=binary, rounds=cfg.gbt_rounds, depth=cfg.gbt_depth,
+                           learning_rate=cfg.gbt_learning_rate)
     hidden, weight_decay = _kind(kind, cfg)
-    app = train_scorer(x, y, hidden=hidden, epochs=cfg.epochs, lr=cfg.lr,
-                       weight_decay=weight_decay, seed=seed, binary=True)
+    return train_scorer(x, target, hidden=hidden, epochs=cfg.epochs, lr=cfg.lr,
+                        weight_decay=weight_decay, seed=seed, binary=binary)
+
+
+def _fit_pairs(x, y, imp, cfg: RelationsConfig, kind: str, seed: int, imp_kind: str | None = None):
+    """(applicability, importance) models; importance on the applicable pairs only, of
+    `imp_kind` (default: the applicability model's kind)."""
     pos = y > 0.5
-    im = train_scorer(x[pos], imp[pos], hidden=hidden, epochs=cfg.epochs, lr=cfg.lr,
-                      weight_decay=weight_decay, seed=seed, binary=False) if pos.any() else None
+    app = _fit_model(x, y, cfg, kind, seed, binary=True)
+    im = (_fit_model(x[pos], imp[pos], cfg, imp_kind or kind, seed, binary=False)
+          if pos.any() else None)
     return app, im
 
 
@@ -158,6 +168,11 @@ def fit_from_counts(long: pl.DataFrame, vocab: Vocabulary, taxonomy: pl.DataFram
         }
     kind = cfg.model if cfg.model != "auto" else max(
         comparison, key=lambda k: (comparison[k]["oof_auc_pr"], k == "linear"))
+    # importance is another task (ranking the applicable attributes of a type): its kind is
+    # picked on its own out-of-fold Spearman, not on the applicability model's AUC-PR
+    imp_kind = cfg.model if cfg.model != "auto" else max(
+        comparison, key=lambda k: (comparison[k]["oof_importance_spearman"] is not None,
+                                   comparison[k]["oof_importance_spearman"] or 0.0, k == kind))
     hidden = _kind(kind, cfg)[0]
     threshold = (cfg.threshold if cfg.threshold is not None
                  else comparison[kind]["oof_best_threshold"])
@@ -165,13 +180,14 @@ def fit_from_counts(long: pl.DataFrame, vocab: Vocabulary, taxonomy: pl.DataFram
     # the final models: every labelled type, neighbour features leave-one-out
     known = Known(types, type_emb, labels, attrs)
     x = feature_matrix(df, types, attrs, known, type_emb, attr_emb, taxonomy, cfg.neighbours)
-    app, im = _fit_pairs(x, y, imp, cfg, kind, seed)
+    app, im = _fit_pairs(x, y, imp, cfg, kind, seed, imp_kind)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"features": list(FEATURES), "n_features": len(FEATURES), "hidden": hidden,
-            "kind": kind}
-    save_scorer(app, out / APPLICABILITY, {**meta, "threshold": threshold})
+    meta = {"features": list(FEATURES), "n_features": len(FEATURES)}
+    save_scorer(app, out / APPLICABILITY, {**meta, "hidden": hidden, "kind": kind,
+                                           "threshold": threshold})
     if im is not None:
-        save_scorer(im, out / IMPORTANCE, meta)
+        save_scorer(im, out / IMPORTANCE, {**meta, "hidden": _kind(imp_kind, cfg)[0],
+                                           "kind": imp_kind})
     (out / VOCABULARY).write_text(json.dumps(vocab.to_json(), indent=1))
     pl.DataFrame({"type": types, "embedding": type_emb.tolist(),
                   "applies": [[a for a, v in zip(attrs, row) if v > 0.5] for row in labels]}
@@ -188,5 +204,6 @@ def fit_from_counts(long: pl.DataFrame, vocab: Vocabulary, taxonomy: pl.DataFram
         "folds": n_folds,
         "comparison": comparison,
         "model": kind,
+        "importance_model": imp_kind,
         "threshold": threshold,
     }

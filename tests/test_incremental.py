@@ -228,7 +228,7 @@ def test_a_changed_model_setting_recomputes_every_product(rebuilt, tmp_path):
     root = rebuilt[0]
     cfg = yaml.safe_load((REPO / "configs" / "test.yaml").read_text())
     cfg["taxonomy"]["tagger"]["min_score"] = 0.3
-    cfg["stages"] = ["ingest", "taxonomy"]  # what is checked: the taxonomy stage's cache
+    cfg["stages"] = ["ingest", "taxonomy", "graph"]  # what is checked: the taxonomy stage's cache
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["rebuild", "--catalogue", str(root / "b"), "--out", str(tmp_path / "run"),
                  "--models", str(root / "models"), "--config", str(tmp_path / "cfg.yaml"),

@@ -242,6 +242,13 @@ def test_fit_then_rebuild_on_types_never_seen(tmp_path, ray_session):
     # model and threshold picked on out-of-fold predictions over the fit's types
     assert stats["folds"] == 5 and 0 < stats["threshold"] < 1
     assert all(0 <= c["oof_auc_pr"] <= 1 for c in stats["comparison"].values())
+    # applicability's kind on out-of-fold AUC-PR, importance's on its own out-of-fold Spearman
+    cmp = stats["comparison"]
+    assert cmp[stats["model"]]["oof_auc_pr"] == max(c["oof_auc_pr"] for c in cmp.values())
+    assert cmp[stats["importance_model"]]["oof_importance_spearman"] == max(
+        c["oof_importance_spearman"] for c in cmp.values() if c["oof_importance_spearman"] is not None)
+    imp_meta = json.loads((tmp_path / "models" / "relations" / "importance" / "config.json").read_text())
+    assert imp_meta["kind"] == stats["importance_model"]
     assert (tmp_path / "models" / "relations" / "applicability" / "model.safetensors").exists()
     run = tmp_path / "run"
     rebuild(tmp_path / "split" / "heldout", run, models=tmp_path / "models", config=cfg_file)

@@ -8,11 +8,13 @@ type mention the attribute. Neither label is a feature: the features are text oc
 what the type's neighbours (taxonomy, name embedding) have, computed leave-one-out, so the model
 learns to use neighbours exactly as it must for a type it has never seen.
 
-Which model (MLP, linear, ridge or gradient-boosted trees) and which decision threshold are picked on out-of-fold predictions:
-the labelled types are split into `folds` groups, each predicted by models trained on the other
-groups, with its neighbour features computed from those types only (so every type is scored as a
-type never seen). The chosen kind is then trained on every labelled type; the threshold of best
-out-of-fold F1 travels with it (unless the config sets one).
+Which model (MLP, linear, ridge or gradient-boosted trees) and which decision threshold are
+picked on out-of-fold predictions: the labelled types are split into `folds` groups, each
+predicted by models trained on the other groups, with its neighbour features computed from those
+types only (so every type is scored as a type never seen). Applicability's kind is the one of
+best out-of-fold AUC-PR, importance's the one of best out-of-fold Spearman; the chosen kinds are
+then trained on every labelled type; the threshold of best out-of-fold F1 travels with them
+(unless the config sets one).
 """
 from __future__ import annotations
 

@@ -90,6 +90,8 @@ def test_boosted_trees_learn_an_interaction_a_linear_model_cannot_and_load_back_
     soft = (x[:, 2] + 1) / 2                       # importance: a rate in [0, 1]
     imp = train_trees(x[tr], soft[tr], rounds=60, depth=2, learning_rate=0.3, binary=False)
     order = np.argsort(predict(imp, x[te]))
+    save_scorer(imp, tmp_path / "imp", {"n_features": 4, "hidden": 0})
+    assert np.array_equal(load_scorer(tmp_path / "imp")[0].logits(x[te]), imp.logits(x[te]))
     assert np.corrcoef(np.argsort(order), np.argsort(np.argsort(soft[te])))[0, 1] > 0.95
 
 

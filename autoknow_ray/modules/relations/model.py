@@ -96,7 +96,7 @@ class TreeScorer:
 
     def __init__(self, base: float, feature: np.ndarray, threshold: np.ndarray,
                  value: np.ndarray):
-        self.base = float(base)
+        self.base = float(np.float32(base))  # as saved: the loaded model gives the same bits
         self.feature = np.asarray(feature, dtype=np.int32)      # (trees, nodes)
         self.threshold = np.asarray(threshold, dtype=np.float32)
         self.value = np.asarray(value, dtype=np.float32)

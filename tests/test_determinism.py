@@ -50,8 +50,9 @@ def _config():
                        "tagger": {"epochs": 1, "max_train_products": 100, "max_train_windows": 200,
                                   "patience": 0, "max_length": 48},
                        "clusters": {"n_clusters": 16, "min_support": 2}},
+        # fixed thresholds: fit's out-of-fold calibration scores only what its report needs
         "cleaning": {"threshold": 0.5, "type_threshold": 0.5, "shift_factor": None, "max_train_pairs": 96, "epochs": 1, "max_length": 48,
-                     "train_layers": 1},
+                     "train_layers": 1, "max_validation_pairs": 100},
         "synonyms": {"threshold": 0.5, "rewrite_values": True, "max_train_terms": 200, "epochs": 20,
                      "calibration_folds": 2},
         "related": {"epochs": 2, "max_train_seconds": 10, "dim": 16, "negatives": 64,

@@ -108,11 +108,18 @@ def _config(**related) -> Config:
                            "batch_size": 64, "top_k": 5, "text_knn": 4, "fanout": 4, **related})
 
 
-def test_stage_end_to_end_with_bad_edges_and_cold_start(tmp_path, ray_session):
+@pytest.fixture(scope="module")
+def end_to_end(tmp_path_factory, ray_session):
+    """120 products with one-way co-purchases, rebuilt without models: fit, then the stage."""
+    root = tmp_path_factory.mktemp("related-e2e")
+    cat = _catalogue(root, 120, _one_way_copurchase(120))
+    rebuild(cat, root / "run", config=_config())
+    return cat, root / "run"
+
+
+def test_stage_end_to_end_with_bad_edges_and_cold_start(end_to_end, tmp_path):
     n = 120
-    cat = _catalogue(tmp_path, n, _one_way_copurchase(n))
-    run = tmp_path / "run"
-    rebuild(cat, run, config=_config())
+    _, run = end_to_end
     manifest = __import__("json").loads((run / "related" / "manifest.json").read_text())
     assert manifest["model"] == "dual-gnn"
     # ingest rejects the self-loop and the edges to products the catalogue lacks, with reasons;
@@ -1144,7 +1151,7 @@ def test_a_recommend_shard_worker_holds_only_its_shards_targets(tmp_path, ray_se
         assert (with_prior.popular_rows >= 0).sum() == sum(shard[i] == s for i in ids[:6])
 
 
-def test_a_rebuild_over_shards_lists_what_one_recommend_lists(tmp_path, ray_session):
+def test_a_rebuild_over_shards_lists_what_one_recommend_lists(end_to_end, tmp_path):
     """A rebuild above `max_nodes_per_actor` (3 shards) with a trained model whose count prior,
     popularity and neighbour terms all weigh in: the stage's related lists are those `Recommend`
     gives holding every product of the run's own embeddings and neighbour lists."""
@@ -1154,11 +1161,11 @@ def test_a_rebuild_over_shards_lists_what_one_recommend_lists(tmp_path, ray_sess
     from autoknow_ray.modules.related.steps import Recommend
 
     n = 120
-    cat = _catalogue(tmp_path, n, _one_way_copurchase(n))
+    # the model the end-to-end rebuild fitted on the same catalogue (fit reads no shard setting)
+    cat, fitted = end_to_end
     cfg = _config(max_nodes_per_actor=50)
-    rebuild(cat, tmp_path / "fit", config=cfg)  # fits the model
     models = tmp_path / "models"
-    shutil.copytree(tmp_path / "fit" / "models", models)
+    shutil.copytree(fitted / "models", models)
     settings = json.loads((models / "related" / "config.json").read_text())
     settings.update(prior_buckets=[0, 1, 3], prior_bucket_weights=[0.4, 0.8, 1.6],
                     popularity_bucket_weights=[0.6, 0.3, 0.1], neighbour_bucket_weights=[0.9, 0.5, 0.2],

@@ -209,7 +209,7 @@ def run_cached(step: CachedStep, files: list, cfg, out: Path, stage_out: Path, r
         counts.update({"products": n, "reused": 0, "recomputed": n, "added": n, "changed": 0,
                        "removed": 0, "chunks": chunks["chunks"], "chunks_resumed": chunks["skipped"]})
         if previous_stage is not None:  # added / removed against the previous run's products
-            counts.update(_added_removed(files, previous_stage, step, n))
+            counts.update(_added_removed(files, previous_stage, step, n, cfg))
     else:
         counts.update(_incremental(step, fresh, digest, files, cfg, out, stage_out, prev, n))
     # this run's cache: every product's key and model outputs, cached and fresh alike
@@ -386,17 +386,34 @@ class _Passing(Step):
         return self.inner.process_batch(batch)
 
 
-def _added_removed(files: list, previous_stage: Path, step: CachedStep, n: int) -> dict:
+def _added_removed(files: list, previous_stage: Path, step: CachedStep, n: int, cfg) -> dict:
     """Products added and removed since the previous run, where its cache could not be used
     (fingerprint changed): a join of product ids, in the workers."""
+    from autoknow_ray.pipeline import count_rows
+
     folder = cache_dir(previous_stage, step.name)
     if not folder.is_dir():
         return {}
+    if (max(n, count_rows(folder)) <= runtime.SMALL_SHUFFLE_ROWS and not storage.is_remote(folder)
+            and not any(storage.is_remote(f) for f in files)):
+        # both id lists small: two sets in one task, where each anti join's shuffle costs seconds
+        return runtime.run_task(_added_removed_small, [str(storage.path(f)) for f in files],
+                                [str(f) for f in sorted(storage.path(folder).rglob("*.parquet"))],
+                                cfg=cfg)
     ids = runtime.read_parquet([str(f) for f in files], ["product_id"])
     before = runtime.read_parquet(folder, ["product_id"])
     parts = max(1, math.ceil(max(n, 1) / JOIN_ROWS_PER_PARTITION))
     return {"added": ids.join(before, "left_anti", parts, on=("product_id",)).count(),
             "removed": before.join(ids, "left_anti", parts, on=("product_id",)).count()}
+
+
+def _added_removed_small(files: list[str], cached: list[str]) -> dict:
+    """`_added_removed` for small inputs, in one task: the product ids as two sets."""
+    import pyarrow.parquet as pq
+
+    now, before = ({v for f in paths for v in pq.read_table(f, columns=["product_id"])
+                    .column("product_id").to_pylist()} for paths in (files, cached))
+    return {"added": len(now - before), "removed": len(before - now)}
 
 
 def reuse_on_driver(name: str, rows, key: list[str], values: list[str], fingerprint: dict,

@@ -303,3 +303,27 @@ def test_a_driver_cache_reads_only_the_previous_rows_tonight_needs(tmp_path, mon
     _, other = reuse_on_driver("vec", rows, ["term"], ["v"], {"model": "m2"}, compute,
                                tmp_path / "now2", prev)
     assert other["reused"] == 0 and "changed" in other["previous_not_used"]
+
+
+def test_added_and_removed_products_are_counted_alike_in_one_task_and_by_the_shuffle(
+        tmp_path, ray_session, monkeypatch):
+    """A changed fingerprint counts the products added and removed since the previous run: below
+    `runtime.SMALL_SHUFFLE_ROWS` ids in one task, above by two anti joins; the same counts."""
+    from types import SimpleNamespace
+
+    from autoknow_ray import incremental, runtime
+    from autoknow_ray.config import Config
+
+    prev = tmp_path / "prev"
+    folder = incremental.cache_dir(prev, "title_models")
+    folder.mkdir(parents=True)
+    pl.DataFrame({"product_id": [f"p{i}" for i in range(50)]}).write_parquet(folder / "part-0.parquet")
+    pl.DataFrame({"product_id": [f"p{i}" for i in range(50, 60)]}).write_parquet(folder / "part-1.parquet")
+    now = [tmp_path / "a.parquet", tmp_path / "b.parquet"]
+    pl.DataFrame({"product_id": [f"p{i}" for i in range(7, 40)]}).write_parquet(now[0])
+    pl.DataFrame({"product_id": [f"p{i}" for i in range(40, 64)]}).write_parquet(now[1])
+    step = SimpleNamespace(name="title_models")
+    small = incremental._added_removed(now, prev, step, 57, Config())
+    monkeypatch.setattr(runtime, "SMALL_SHUFFLE_ROWS", 10)
+    shuffled = incremental._added_removed(now, prev, step, 57, Config())
+    assert small == shuffled == {"added": 4, "removed": 7}

@@ -465,14 +465,17 @@ def train_conditioned_tagger(
         # every predicted validation span's score and whether it is a labelled span: what a
         # caller calibrates its confidence threshold on
         metrics["val_spans"] = {"scores": final["span_scores"], "correct": final["span_correct"],
-                                "n_gold": final["n_gold"]}
+                                "n_gold": final["n_gold"], "windows": final["windows"],
+                                "empty_keep_fraction": empty_keep_fraction}
         if tagger.members:  # the first member alone on the same windows: what one tagger gives
             others, tagger.members = tagger.members, []
             one = _validate(tagger, val, ctx_all, texts, s.eval_batch_size)
             tagger.members = others
             metrics.update({f"val_first_member_{k}": one[k] for k in ("precision", "recall", "f1")})
             metrics["val_spans_first_member"] = {"scores": one["span_scores"],
-                                                 "correct": one["span_correct"], "n_gold": one["n_gold"]}
+                                                 "correct": one["span_correct"], "n_gold": one["n_gold"],
+                                                 "windows": one["windows"],
+                                                 "empty_keep_fraction": empty_keep_fraction}
     metrics["train_seconds"] = time.perf_counter() - t0
     if out_dir is not None:
         tagger.save(out_dir, extra={"training": {"settings": asdict(s),
@@ -572,4 +575,11 @@ def _validate(tagger: ConditionedTagger, val, ctx_all, texts, batch_size: int) -
         for lab, a, b, score in scored_by[i]:
             out["span_scores"].append(float(score))
             out["span_correct"].append((lab, a, b) in gs)
+    # per validation window: its text, tokens read, whether it holds no labelled span (such
+    # windows were kept at `empty_keep_fraction`) and its spans' scores; what a caller measures
+    # how often the tagger is sure on text like the fit's with
+    out["windows"] = {"text": [int(w.text_index) for w in wins],
+                      "tokens": [len(w.input_ids) for w in wins],
+                      "empty": [not g for g in gold],
+                      "scores": [[float(x[3]) for x in scored_by[i]] for i in range(len(val))]}
     return out

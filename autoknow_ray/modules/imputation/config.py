@@ -82,6 +82,13 @@ class ImputationConfig(BaseModel):
     # fitted before calibration existed use 0.9
     min_confidence: float | Literal["auto"] = "auto"
     precision_target: float = Field(0.95, gt=0, lt=1)
+    # a catalogue unlike the fit's: where the rebuild's titles hold fewer than 1/shift_factor of
+    # the sure spans (score >= fit's threshold, per 1,000 title tokens) that fit's validation
+    # titles held, over at least `shift_min_titles` titles, fit's precision says nothing about
+    # it and nothing is written (`shift_guard` in the manifest). Only fit's own threshold
+    # (`auto`) is guarded: a number here is the user's. None: no guard
+    shift_factor: float | None = Field(3.0, gt=1)
+    shift_min_titles: int = Field(50, ge=1)
     # a value that disagrees with one already in the graph is added beside it (both stay, for
     # module 4 to judge) only at this confidence; below it is counted, not written
     emit_conflicts: bool = True

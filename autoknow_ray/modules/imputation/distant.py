@@ -46,13 +46,14 @@ def locate(text: str, values: list[tuple[str, str]], matcher: ValueMatcher) -> l
 
 def build_examples(rows: list[dict], fields: list[str], max_chars: int, max_customer_texts: int,
                    max_value_chars: int, min_attribute_count: int):
-    """(texts, types, spans, labels, stats) from product rows (with `type`, the product fields,
+    """(texts, types, spans, labels, stats, fields) from product rows (with `type`, the product fields,
     `customer_kinds` / `customer_texts`). Only products with a type and at least one filled value
     are used: an untyped product cannot teach the type-conditioned model, and a product with no
-    value would teach O on every value its texts mention."""
+    value would teach O on every value its texts mention. `fields[i]` names the field text i
+    came from ("title", "description", "bullets[0]", …)."""
     matcher = ValueMatcher(max_value_chars)
     counts: Counter = Counter()
-    texts, types, spans = [], [], []
+    texts, types, spans, text_fields = [], [], [], []
     label_texts: Counter = Counter()
     for row in rows:
         values = filled_values(row)
@@ -62,6 +63,7 @@ def build_examples(rows: list[dict], fields: list[str], max_chars: int, max_cust
         for field, text in product_texts(row, fields, max_chars, max_customer_texts, counts):
             sp = locate(text, values, matcher)
             texts.append(text)
+            text_fields.append(field)
             types.append(row.get("type"))
             spans.append(sp)
             label_texts.update({a for a, _, _ in sp})
@@ -74,4 +76,4 @@ def build_examples(rows: list[dict], fields: list[str], max_chars: int, max_cust
              "labels": labels,
              "dropped_attributes": sorted(a for a in label_texts if a not in keep),
              **dict(counts)}
-    return texts, types, spans, labels, stats
+    return texts, types, spans, labels, stats, text_fields

@@ -81,6 +81,31 @@ def known_values(rows: list[dict], cap: int) -> pl.DataFrame:
     return agg.sort(["n", "type", "attribute", "term"], descending=[True, False, False, False]).head(cap)
 
 
+def title_reference(val_spans: dict | None, fields: list[str], threshold: float | None) -> dict | None:
+    """How often the tagger is sure on titles like the fit's: spans scoring at least `threshold`
+    per 1,000 tokens of the validation titles (a title is one window), with the titles that hold
+    no catalogue value weighted back up by the share of such windows training kept. A rebuild
+    measures the same on its own titles (`stage.shift_guard`). None without a threshold or a
+    validation title."""
+    win = (val_spans or {}).get("windows")
+    if threshold is None or not win:
+        return None
+    keep = float(val_spans.get("empty_keep_fraction") or 1.0)
+    spans = tokens = titles = weight_sum = 0.0
+    for t, n_tok, empty, scores in zip(win["text"], win["tokens"], win["empty"], win["scores"]):
+        if t >= len(fields) or fields[t] != "title":
+            continue
+        w = 1.0 / keep if empty and keep > 0 else 1.0
+        spans += w * sum(1 for x in scores if x >= threshold)
+        tokens += w * n_tok
+        titles += 1
+        weight_sum += w
+    if not titles or tokens <= 0:
+        return None
+    return {"confident_spans_per_1k_tokens": round(1000.0 * spans / tokens, 3),
+            "titles": int(titles), "tokens": int(tokens), "weighted_titles": round(weight_sum, 1)}
+
+
 def calibrate(val_spans: dict | None, target: float) -> dict:
     """The span score from which the tagger's values reach `target` precision on the held-out
     windows (a value counts as right where it is the span the catalogue's own value marks), or
@@ -106,7 +131,7 @@ def fit_imputation(ctx: RunContext, out: Path) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = _sample_rows(ctx, cfg)
-    texts, types, spans, labels, stats = build_examples(
+    texts, types, spans, labels, stats, fields = build_examples(
         rows, cfg.fields, cfg.max_text_chars, cfg.max_texts_per_product,
         cfg.tagger.max_value_chars, cfg.tagger.min_attribute_count)
     if not labels:
@@ -127,7 +152,11 @@ def fit_imputation(ctx: RunContext, out: Path) -> dict:
         max_windows=cfg.tagger.max_train_windows,
         empty_keep_fraction=cfg.tagger.empty_keep_fraction,
         artifact_extra={"task": "imputation-tagger", "distant_supervision": stats})
-    calibration = calibrate(metrics.pop("val_spans", None), cfg.precision_target)
+    val_spans = metrics.pop("val_spans", None)
+    calibration = calibrate(val_spans, cfg.precision_target)
+    ref = title_reference(val_spans, fields, calibration.get("threshold"))
+    if ref is not None:  # what a rebuild's titles are compared with (stage.shift_guard)
+        calibration["title_reference"] = ref
     first = metrics.pop("val_spans_first_member", None)
     if first is not None:  # an ensemble: what its first tagger alone would have shipped
         metrics["calibration_first_member"] = calibrate(first, cfg.precision_target)

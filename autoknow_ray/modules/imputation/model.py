@@ -38,6 +38,13 @@ def shipped_threshold(model_dir: Path, setting) -> tuple[float | None, str | Non
     return float(c["threshold"]), None
 
 
+def title_reference(model_dir: Path) -> dict | None:
+    """Fit's measure of its validation titles (`fit.title_reference`), None for models fitted
+    before it existed."""
+    p = Path(model_dir) / CALIBRATION
+    return json.loads(p.read_text()).get("title_reference") if p.exists() else None
+
+
 def save_type_vectors(out: Path, names: list[str], vectors: np.ndarray) -> None:
     from safetensors.numpy import save_file
 

@@ -23,7 +23,8 @@ import ray
 from autoknow_ray import runtime, storage
 from autoknow_ray.graph import state
 from autoknow_ray.modules.imputation.clusters import build_cluster_map
-from autoknow_ray.modules.imputation.model import TAGGER, load_known_values, shipped_threshold
+from autoknow_ray.modules.imputation.model import (
+    TAGGER, load_known_values, shipped_threshold, title_reference)
 from autoknow_ray.modules.imputation.steps import (
     CANDIDATES, INPUT_COUNTS, PRODUCT_COLUMNS, DecideValues, TagProducts, TermRows, written)
 from autoknow_ray.modules.imputation.texts import SEP
@@ -141,6 +142,45 @@ def products_with_context(ctx: RunContext, n: int):
     return ds.map_batches(_fill_missing, batch_format="pyarrow")
 
 
+def _with_title_sure(batch: pa.Table, threshold: float) -> pa.Table:
+    """The input counts, and per product its title's spans scoring at least `threshold` (the
+    candidates keep every span at or above the stage's span floor, at most the threshold)."""
+    out = [sum(1 for c in cands or [] if c["field"] == "title" and c["score"] >= threshold)
+           for cands in batch.column("cands").to_pylist()]
+    return batch.select(list(INPUT_COUNTS)).append_column("title_sure", pa.array(out, pa.int64()))
+
+
+def shift_guard(reference: dict | None, titles: int, title_tokens: int, sure: int,
+                factor: float | None, min_titles: int, auto: bool) -> dict:
+    """Is the rebuilt catalogue like the one fit measured its precision on? Fit counted, on its
+    validation titles, the spans scoring at least its threshold per 1,000 title tokens; a
+    catalogue whose titles hold under 1/`factor` of that is one the tagger is seldom sure about:
+    its precision there is unknown, and what it would write is held back."""
+    rate = round(1000.0 * sure / title_tokens, 3) if title_tokens else None
+    out = {"titles": titles, "title_tokens": title_tokens, "confident_spans": sure,
+           "confident_spans_per_1k_tokens": rate, "fit": reference, "factor": factor,
+           "held_back": False}
+    if not auto:
+        out["reason"] = "the threshold is set in the config: not guarded"
+    elif factor is None:
+        out["reason"] = "imputation.shift_factor is null: not guarded"
+    elif not reference:
+        out["reason"] = "the model's fit measured no titles (fitted before the guard): not guarded"
+    elif titles < min_titles or rate is None:
+        out["reason"] = f"{titles} titles, fewer than {min_titles}: too few to judge"
+    else:
+        ref = float(reference["confident_spans_per_1k_tokens"])
+        if rate * factor < ref:
+            out["held_back"] = True
+            out["reason"] = (f"unlike the fit's catalogue: {rate:g} spans scoring at least the "
+                             f"threshold per 1,000 title tokens against fit's {ref:g} (under "
+                             f"1/{factor:g} of it) over {titles} titles; nothing written")
+        else:
+            out["reason"] = (f"like the fit's catalogue: {rate:g} sure spans per 1,000 title "
+                             f"tokens against fit's {ref:g}")
+    return out
+
+
 def applicable_attributes(ctx: RunContext) -> dict[str, set[str]] | None:
     table = state.attribute_applicability(ctx)
     if table is None or table.height == 0:
@@ -198,9 +238,16 @@ class ImputationStage(Stage):
         storage.rmtree(scratch)
         tag_seconds = time.perf_counter() - t0
         cands = runtime.read_parquet(ctx.out / "candidates")
-        sums = runtime.column_sums(cands, list(INPUT_COUNTS)) if n else {}
+        sums = runtime.column_sums(cands.map_batches(
+            _with_title_sure, fn_args=(float(min_confidence),), batch_format="pyarrow"),
+            [*INPUT_COUNTS, "title_sure"]) if n else {}
         input_counts = {k: int(sums.get(k) or 0) for k in INPUT_COUNTS} if sums else {}
         rows_out = state.count_rows(ctx.out / "candidates")
+
+        guard = shift_guard(title_reference(model_dir), input_counts.get("titles", 0),
+                            input_counts.get("title_tokens", 0), int(sums.get("title_sure") or 0)
+                            if sums else 0, cfg.shift_factor,
+                            cfg.shift_min_titles, cfg.min_confidence == "auto")
 
         cluster_map, cluster_stats = {}, {"enabled": cfg.clusters.enabled}
         if cfg.clusters.enabled and rows_out:
@@ -208,7 +255,7 @@ class ImputationStage(Stage):
             cluster_stats.update(stats)
         decide = DecideValues(min_confidence, cfg.clusters.min_span_score, cluster_map,
                               applicable_attributes(ctx), cfg.emit_conflicts,
-                              cfg.conflict_min_confidence)
+                              cfg.conflict_min_confidence, hold_back=guard["held_back"])
         decisions = runtime.map_step(cands, decide, ctx.cfg, n, repartition=False)
         decisions.write_parquet(str(ctx.out / "decisions"))
         per = None
@@ -242,6 +289,8 @@ class ImputationStage(Stage):
             "truncated": {"cluster_term_rows": cluster_stats.get("term_rows_left_out", 0)},
             "min_confidence": min_confidence,
             "min_confidence_setting": cfg.min_confidence,
+            "shift_guard": guard,
+            **({"abstained": guard["reason"]} if guard["held_back"] else {}),
             "conditioned_on_type": self._conditioned(model_dir),
             # per-product candidates reused from --previous, recomputed, added, removed
             **manifest_counts(TAG_STEP, cache),

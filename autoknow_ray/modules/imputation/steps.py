@@ -9,7 +9,8 @@ DecideValues  (task)   per product and attribute, the best candidate: `added` wh
                        no value, a conflict where it has another one, nothing where it agrees.
                        Every candidate leaves one decision row, the ones not written included
                        (below threshold, not applicable, known, conflict not written, lost to a
-                       better candidate of the same attribute).
+                       better candidate of the same attribute, held back where the stage's
+                       shift guard found the catalogue unlike the fit's).
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ PRODUCT_COLUMNS = ("product_id", "type", "title", "description", "bullets", "att
 CANDIDATE = pa.struct([("attribute", pa.string()), ("value", pa.string()), ("score", pa.float32()),
                        ("field", pa.string()), ("start", pa.int32()), ("end", pa.int32())])
 INPUT_COUNTS = ("texts_seen", "texts_empty", "texts_html_stripped", "texts_capped",
-                "customer_texts_over_cap", "tokens", "spans_below_min_score", "candidate_values")
+                "customer_texts_over_cap", "tokens", "spans_below_min_score", "candidate_values",
+                "titles", "title_tokens")
 CANDIDATES = pa.schema([("product_id", pa.string()), ("type", pa.string()),
                         ("filled", pa.list_(pa.string())), ("cands", pa.list_(CANDIDATE)),
                         *[(c, pa.int64()) for c in INPUT_COUNTS]])
@@ -78,6 +80,9 @@ class TagProducts(Step):
         cands: list[list[dict]] = [[] for _ in rows]
         for (field, text), owner, spans, n_tok in zip(units, owners, preds, tokens):
             counts[owner]["tokens"] += n_tok
+            if field == "title":  # what the stage's shift guard compares with fit's titles
+                counts[owner]["titles"] += 1
+                counts[owner]["title_tokens"] += n_tok
             for label, s, e, score in spans:
                 if score >= self.min_span_score:
                     cands[owner].append({"attribute": label, "value": text[s:e], "score": score,
@@ -141,8 +146,9 @@ class DecideValues(Step):
     def __init__(self, min_confidence: float, min_span_score: float,
                  cluster_map: dict[tuple[str, str], tuple[str, float, int]] | None,
                  applicable: dict[str, set[str]] | None, emit_conflicts: bool,
-                 conflict_min_confidence: float):
+                 conflict_min_confidence: float, hold_back: bool = False):
         self.min_confidence = min_confidence
+        self.hold_back = hold_back  # the shift guard fired: what would be written is recorded only
         self.min_span_score = min_span_score
         self.cluster_map = cluster_map or {}
         self.applicable = applicable
@@ -153,6 +159,8 @@ class DecideValues(Step):
         out: dict[str, list] = {f.name: [] for f in DECISIONS}
 
         def emit(pid, attr, value, conf, evidence, decision, status="added"):
+            if self.hold_back and written(decision):
+                decision, status = HELD_BACK, None
             for k, v in (("subject", pid), ("relation", attr), ("object", value),
                          ("confidence", conf), ("module", "imputation"), ("status", status),
                          ("evidence", evidence), ("decision", decision)):
@@ -201,6 +209,7 @@ class DecideValues(Step):
 
 
 LOST = "lost_to_better_candidate"  # another candidate of the product's attribute scored higher
+HELD_BACK = "held_back_unlike_fit"  # would be written; the catalogue is unlike the fit's
 
 
 def written(decision: str) -> bool:

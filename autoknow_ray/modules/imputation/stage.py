@@ -137,8 +137,9 @@ def products_with_context(ctx: RunContext, n: int):
         n_up = state.upstream_edit_rows(ctx, before=MODULE)
         items = upstream.map_batches(_upstream_items, batch_format="pyarrow")
         lists = runtime.map_key_blocks(items, "product_id", _upstream_lists, n_rows=n_up)
+        # every upstream edit may be a type (module 1 wrote no attribute): no list at all
         ds = runtime.join(ds, lists, ("product_id",), "left_outer", _partitions(n), left_rows=n,
-                          right_rows=n_up)
+                          right_rows=n_up, right_schema=UPSTREAM_LISTS)
     return ds.map_batches(_fill_missing, batch_format="pyarrow")
 
 

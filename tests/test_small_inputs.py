@@ -70,8 +70,7 @@ def test_join_small_equals_the_shuffle_join(ray_session):
     assert inner.height == 40 and inner["y"].null_count() == 0
 
 
-def test_a_join_whose_right_side_came_out_of_an_empty_map_keeps_the_left_rows(ray_session,
-                                                                              monkeypatch):
+def test_a_join_whose_right_side_came_out_of_an_empty_map_keeps_the_left_rows(ray_session):
     """A right side mapped from no rows has no block and no columns (module 1 wrote only types:
     imputation's per-product lists of upstream values are such a side). Ray's join fails on it;
     with its schema given, a left outer join keeps every left row with the right's columns
@@ -85,15 +84,15 @@ def test_a_join_whose_right_side_came_out_of_an_empty_map_keeps_the_left_rows(ra
     edits = ray.data.from_items([{"subject": f"p{i}", "relation": "has_type", "object": "tea",
                                   "status": "added"} for i in range(3)])
     items = edits.map_batches(_upstream_items, batch_format="pyarrow")
-    for path, limit in (("one task", runtime.SMALL_SHUFFLE_ROWS), ("shuffle", 0)):
-        monkeypatch.setattr(runtime, "SMALL_SHUFFLE_ROWS", limit)
-        lists = runtime.map_key_blocks(items, "product_id", _upstream_lists, n_rows=3)
-        got = _frame(runtime.join(left, lists, ("product_id",), "left_outer", 1, left_rows=5,
-                                  right_rows=3, right_schema=UPSTREAM_LISTS))
+    lists = runtime.map_key_blocks(items, "product_id", _upstream_lists, n_rows=3)
+    # row bounds within and over the one-task limit: the one-task join and the shuffle join's path
+    for path, rows in (("one task", 5), ("shuffle", runtime.SMALL_SHUFFLE_ROWS + 1)):
+        got = _frame(runtime.join(left, lists, ("product_id",), "left_outer", 1, left_rows=rows,
+                                  right_rows=rows, right_schema=UPSTREAM_LISTS))
         assert got.sort("product_id")["product_id"].to_list() == [f"p{i}" for i in range(5)], path
         assert got.columns == ["product_id", "x", "upstream"] and got["upstream"].null_count() == 5
-        inner = _frame(runtime.join(left, lists, ("product_id",), "inner", 1, left_rows=5,
-                                    right_rows=3, right_schema=UPSTREAM_LISTS))
+        inner = _frame(runtime.join(left, lists, ("product_id",), "inner", 1, left_rows=rows,
+                                    right_rows=rows, right_schema=UPSTREAM_LISTS))
         assert inner.height == 0, path
 
 

@@ -34,6 +34,17 @@ def test_fits_title_reference_counts_sure_spans_per_title_token_with_empty_title
     assert title_reference(None, fields, threshold=0.9) is None
 
 
+def test_fit_says_whether_it_had_no_validation_window_or_no_span_in_them():
+    from autoknow_ray.modules.imputation.fit import calibrate
+
+    assert calibrate(None, 0.95)["abstain_reason"] == "no validation windows to calibrate on"
+    quiet = {"scores": [], "correct": [], "n_gold": 4,
+             "windows": {"text": [0, 1, 2], "tokens": [9, 9, 9], "empty": [False] * 3,
+                         "scores": [[], [], []]}}
+    c = calibrate(quiet, 0.95)
+    assert c["threshold"] is None and "no span in its 3 validation windows" in c["abstain_reason"]
+
+
 def test_the_guard_holds_back_only_a_catalogue_far_below_fits_titles():
     ref = {"confident_spans_per_1k_tokens": 90.0}
     # 12 sure spans over 1,000 title tokens: under a third of fit's 90

@@ -112,8 +112,10 @@ def calibrate(val_spans: dict | None, target: float) -> dict:
     the reason there is none. A span the catalogue does not fill counts as wrong, so the
     estimate errs low."""
     if not val_spans or not val_spans["scores"]:
-        return PrecisionChoice(target=target, threshold=None,
-                               abstain_reason="no validation windows to calibrate on").as_dict()
+        n = len((val_spans or {}).get("windows", {}).get("text", []))
+        why = (f"the tagger found no span in its {n} validation windows" if n
+               else "no validation windows to calibrate on")
+        return PrecisionChoice(target=target, threshold=None, abstain_reason=why).as_dict()
     c = threshold_for_precision(val_spans["scores"], val_spans["correct"], target, floor=0.5)
     out = c.as_dict()
     if not c.abstains and val_spans.get("n_gold"):

@@ -1225,19 +1225,6 @@ def _join_block(batch, right_refs: list, right_schema, join_type: str, on: tuple
     return out.drop_columns([_LEFT_ROW, _RIGHT_ROW])
 
 
-def _with_empty_right(batch, right_schema, join_type: str, on: tuple):
-    """A join with a right side of no rows: the left rows with the right's other columns null
-    (left outer), or none of them (inner)."""
-    import pyarrow as pa
-
-    if join_type == "inner":
-        batch = batch.slice(0, 0)
-    for f in right_schema:
-        if f.name not in on and f.name not in batch.column_names:
-            batch = batch.append_column(f, pa.nulls(batch.num_rows, f.type))
-    return batch
-
-
 def join(left: "ray.data.Dataset", right: "ray.data.Dataset", on: tuple[str, ...], join_type: str,
          num_partitions: int, *, left_rows: int | None = None, right_rows: int | None = None,
          rows_hint: int | None = None, right_schema=None) -> "ray.data.Dataset":
@@ -1246,31 +1233,23 @@ def join(left: "ray.data.Dataset", right: "ray.data.Dataset", on: tuple[str, ...
     known, else the `rows_hint` estimate, see `small_input`) runs in one task with Ray's own join
     of two tables, the right side passed by reference through the object store (never through
     the driver). Larger inputs, and other join types, take the shuffle join exactly as before.
-    `right_schema`: the right side's columns where it may come out with no rows and no blocks (a
-    map over an empty input): Ray's join cannot read a side without columns, so the right side
-    is materialised and, when it has none, the left rows come out with those columns null (left
-    outer) or not at all (inner)."""
+    `right_schema`: the right side's columns where it may come out with no block at all (a map
+    over an empty input), which Ray's join cannot read: an empty block of those columns goes in
+    front of it, so either path joins a side of no rows as one with columns."""
+    if right_schema is not None:
+        right = ray.data.from_arrow(right_schema.empty_table()).union(right)
     small_right = small_left = None
     if join_type in ("inner", "left_outer"):
         small_right = small_input(right, right_rows, rows_hint)
         small_left = small_input(left, left_rows, rows_hint) if small_right is not None else None
     if small_left is None or small_right is None:
-        other = small_right if small_right is not None else right
-        if right_schema is not None and join_type in ("inner", "left_outer"):
-            other = other.materialize()
-            got = other.schema(fetch_if_missing=True)
-            if getattr(got, "base_schema", got) is None or not other.count():
-                return left.map_batches(_with_empty_right, fn_kwargs={
-                    "right_schema": right_schema, "join_type": join_type, "on": tuple(on)},
-                    batch_format="pyarrow")
-        return left.join(other, join_type=join_type, num_partitions=num_partitions, on=on)
+        return left.join(small_right if small_right is not None else right, join_type=join_type,
+                         num_partitions=num_partitions, on=on)
     done = small_right.materialize()
     schema = done.schema(fetch_if_missing=True)
     schema = getattr(schema, "base_schema", schema)
-    if schema is None:
-        if right_schema is None:  # no right block and no schema to build an empty side from
-            return left.join(done, join_type=join_type, num_partitions=num_partitions, on=on)
-        schema = right_schema  # no right row: the left rows and the right's columns, null
+    if schema is None:  # no right block and no schema to build an empty side from
+        return left.join(done, join_type=join_type, num_partitions=num_partitions, on=on)
     return small_left.repartition(1).map_batches(
         _join_block, fn_kwargs={"right_refs": list(done.to_arrow_refs()), "right_schema": schema,
                                 "join_type": join_type, "on": tuple(on)},

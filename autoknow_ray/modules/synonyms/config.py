@@ -34,6 +34,14 @@ class SynonymsConfig(BaseModel):
     threshold: float | None = None
     precision_target: float | None = Field(0.95, gt=0, lt=1)
     calibration_folds: int = Field(5, ge=2)  # out-of-fold scores for the threshold
+    # a catalogue unlike the fit's (shift.py): where the rebuild's sampled terms get more than
+    # `shift_factor` times the accepted embedding-neighbour pairs per 1,000 terms that fit's
+    # got (at least `shift_min_pairs` of them), that kind's merges are held back
+    # (`shift_guard` in the manifest). A kind fit sampled under `shift_min_terms` terms of is
+    # compared with fit's figure over every kind. Only fit's own threshold is guarded; None: off
+    shift_factor: float | None = Field(3.0, gt=1)
+    shift_min_pairs: int = Field(5, ge=1)
+    shift_min_terms: int = Field(50, ge=1)
     # fit's neighbour pairs (its negatives) are drawn at or above this embedding cosine, so the
     # classifier has never seen a negative below it: the stage merges no pair under it, whatever
     # it scores (behaviour candidates of unrelated terms score anything there)

@@ -21,7 +21,7 @@ import torch
 from autoknow_ray import runtime
 from autoknow_ray.calibration import threshold_for_precision
 from autoknow_ray.eval.metrics import prf
-from autoknow_ray.modules.synonyms import distant
+from autoknow_ray.modules.synonyms import distant, shift
 from autoknow_ray.modules.synonyms.candidates import knn_pairs
 from autoknow_ray.modules.synonyms.features import FEATURES, feature_matrix, key, quantity, \
     same_quantity, singular_key
@@ -63,8 +63,10 @@ def _same_by_rule(a: str, b: str) -> bool:
         qa is not None and qb is not None and qa[0] != "number" and same_quantity(qa, qb))
 
 
-def training_pairs(rows: pl.DataFrame, encoder, cfg, seed: int) -> pl.DataFrame:
-    """Labelled pairs (kind, attribute, term_a, term_b, label, origin, split, cosine)."""
+def training_pairs(rows: pl.DataFrame, encoder, cfg, seed: int
+                   ) -> tuple[pl.DataFrame, pl.DataFrame, np.ndarray]:
+    """Labelled pairs (kind, attribute, term_a, term_b, label, origin, split, cosine), and the
+    sampled vocabulary (kind, attribute, term, len) with its term vectors."""
     rng = np.random.default_rng(seed)
     colisted = distant.colisted_pairs(list(rows.iter_rows()))
     vocab = rows.group_by(["kind", "attribute", "term"]).len().sort(["kind", "attribute", "term"])
@@ -105,7 +107,7 @@ def training_pairs(rows: pl.DataFrame, encoder, cfg, seed: int) -> pl.DataFrame:
     ia = np.array([pos[s] for s in df["term_a"].to_list()], dtype=np.int64)
     ib = np.array([pos[s] for s in df["term_b"].to_list()], dtype=np.int64)
     cos = (sv[ia] * sv[ib]).sum(1) if len(ia) else np.zeros(0)
-    return df.with_columns(pl.Series("cosine", cos.astype(np.float32)))
+    return df.with_columns(pl.Series("cosine", cos.astype(np.float32))), vocab, vecs
 
 
 def _average_precision(y: np.ndarray, s: np.ndarray) -> float:
@@ -182,6 +184,31 @@ def train_classifier(x: np.ndarray, y: np.ndarray, cfg, seed: int) -> PairClassi
     return model
 
 
+def _unit_rows(v: np.ndarray) -> np.ndarray:
+    v = np.asarray(v, np.float32)
+    return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-6) if len(v) else v
+
+
+def _reference_scorer(model: PairClassifier, scorer: str, pairs: pl.DataFrame,
+                      out_of_fold: np.ndarray | None):
+    """The shipped scorer over candidate pairs, with the out-of-fold score of every pair fit
+    trained on (the shipped classifier was taught those labels)."""
+    known = {}
+    if out_of_fold is not None and scorer == "classifier":
+        for (k, at, a, b), s in zip(pairs.select("kind", "attribute", "term_a", "term_b").iter_rows(),
+                                    out_of_fold.tolist()):
+            known[(k, at, a, b)] = known[(k, at, b, a)] = float(s)
+
+    def score(cand: pl.DataFrame) -> np.ndarray:
+        cos = cand["cosine"].to_numpy().astype(np.float32)
+        if scorer == "cosine":
+            return cos
+        s = model.score(feature_matrix(cand["term_a"].to_list(), cand["term_b"].to_list(), cos))
+        keys = cand.select("kind", "attribute", "term_a", "term_b").iter_rows()
+        return np.array([known.get(k, v) for k, v in zip(keys, s.tolist())], np.float32)
+    return score
+
+
 def fit_synonyms(ctx: RunContext, out: Path) -> dict:
     from autoknow_ray.nn.encoder import TextEncoder
 
@@ -191,7 +218,7 @@ def fit_synonyms(ctx: RunContext, out: Path) -> dict:
     if rows.select("kind", "attribute", "term").unique().height < 2:
         return {"skipped": "the catalogue has fewer than two type names or values to learn from"}
     encoder = TextEncoder(cfg.encoder, device=ctx.cfg.device)
-    pairs = training_pairs(rows, encoder, cfg, ctx.cfg.seed)
+    pairs, vocab, vocab_vectors = training_pairs(rows, encoder, cfg, ctx.cfg.seed)
     y = pairs["label"].to_numpy().astype(np.int64)
     if y.min() == y.max():
         return {"skipped": "the catalogue gives only one class of training pairs"}
@@ -227,8 +254,15 @@ def fit_synonyms(ctx: RunContext, out: Path) -> dict:
         val_prf = _prf_at(yv, shipped_scores, threshold)
     else:
         threshold, val_prf = best_threshold(yv, shipped_scores)
+    # what the shipped scorer accepts among fit's own embedding neighbours, for a rebuild to
+    # compare with (shift.py); a pair fit trained on keeps its out-of-fold score
+    reference = None if threshold is None else shift.accepted_rate(
+        vocab, _unit_rows(vocab_vectors),
+        _reference_scorer(model, scorer, pairs, scored if cfg.precision_target is not None else None),
+        threshold, cfg, ctx.cfg.seed)
     meta = {"hidden": cfg.hidden, "threshold": threshold, "encoder": cfg.encoder,
-            "seed": ctx.cfg.seed, "scorer": scorer, "calibration": calibration}
+            "seed": ctx.cfg.seed, "scorer": scorer, "calibration": calibration,
+            "shift_reference": reference}
     save(model, out, meta)
     pairs.write_parquet(out / "training_pairs.parquet")
     origins = dict(pairs.group_by(["origin", "label"]).len()
@@ -236,7 +270,8 @@ def fit_synonyms(ctx: RunContext, out: Path) -> dict:
     return {"pairs": pairs.height, "positives": int(y.sum()), "origins": origins,
             "features": len(FEATURES),
             "threshold": None if threshold is None else round(threshold, 4), "scorer": scorer,
-            "calibration": calibration, "val_auc_pr": round(ap_model, 4),
+            "calibration": calibration, "shift_reference": reference,
+            "val_auc_pr": round(ap_model, 4),
             "val_auc_pr_cosine": round(ap_cos, 4),
             "val_precision": val_prf["precision"], "val_recall": val_prf["recall"],
             "val_f1": val_prf["f1"], "seconds": round(time.perf_counter() - t0, 2)}

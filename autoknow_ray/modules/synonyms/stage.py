@@ -29,7 +29,7 @@ from autoknow_ray import progress, runtime
 from autoknow_ray.graph import state
 from autoknow_ray.incremental import file_digest, reuse_on_driver, source_digest
 from autoknow_ray.index.vectors import as_matrix
-from autoknow_ray.modules.synonyms import model as pair_model
+from autoknow_ray.modules.synonyms import model as pair_model, shift
 from autoknow_ray.modules.synonyms.candidates import (PAIR_KEY, behaviour_pairs, behaviour_pairs_in_workers,
                                                       cosine_of, knn_pairs)
 from autoknow_ray.modules.synonyms.cluster import clusters
@@ -172,9 +172,18 @@ class SynonymsStage(Stage):
         timer.done("candidates")
         scored = self._score(ctx, pairs, model_dir)
         timer.done("score_pairs")
+        guard = self._shift_guard(ctx, vocab, vectors, classifier, meta, threshold)
+        held = [kind for kind, g in guard.items() if g["held_back"]]
+        timer.done("shift_guard")
         in_domain = pl.col("cosine") >= cfg.min_pair_cosine
         below = int(scored.filter((pl.col("score") >= threshold) & ~in_domain).height) if scored.height else 0
-        scored = scored.with_columns(((pl.col("score") >= threshold) & in_domain).alias("accepted"))
+        accept = (pl.col("score") >= threshold) & in_domain
+        scored = scored.with_columns(accept.alias("accepted"))
+        for kind in held:  # scored and kept in `pairs` for eval; merged into nothing
+            g = guard[kind]
+            g["pairs_held_back"] = int(scored.filter(pl.col("accepted") & (pl.col("kind") == kind)).height)
+        if held:
+            scored = scored.with_columns(pl.col("accepted") & ~pl.col("kind").is_in(held))
         ctx.write("pairs", scored)
         counts = {**counts, "term_contexts": self._context_counts,
                   "truncated": {**counts["truncated"],
@@ -199,8 +208,32 @@ class SynonymsStage(Stage):
                 "rejected_below_min_cosine": below, "values_rewritten": cfg.rewrite_values,
                 "clusters": merged.select("kind", "attribute", "canonical").unique().height,
                 "merged_terms": merged.height, "edits": n_edits,
+                "shift_guard": guard,
+                **({"abstained": {k: guard[k]["reason"] for k in held}} if held else {}),
                 # term vectors and pair scores reused from --previous, and recomputed
                 "cache": self._cache}
+
+    def _shift_guard(self, ctx: RunContext, vocab: pl.DataFrame, vectors: np.ndarray, classifier,
+                     meta: dict, threshold: float) -> dict:
+        """Per kind, the shipped scorer's accepted neighbour pairs per 1,000 terms on a seeded
+        sample of this vocabulary as large as fit's, against fit's (shift.py). Nothing where the
+        threshold is the config's or the model predates the reference."""
+        cfg = ctx.cfg.synonyms
+        reference = meta.get("shift_reference")
+        if cfg.threshold is not None or not reference or cfg.shift_factor is None or vocab.height == 0:
+            return {}
+        n = sum(r["terms"] for r in reference.values())
+        idx = shift.sample_index(vocab.height, n, ctx.cfg.seed)
+        sample = vocab[idx.tolist()]
+
+        def score(pairs: pl.DataFrame) -> np.ndarray:
+            cos = pairs["cosine"].to_numpy().astype(np.float32)
+            if self._cosine_scorer:
+                return cos
+            return classifier.score(feature_matrix(pairs["term_a"].to_list(), pairs["term_b"].to_list(), cos))
+
+        observed = shift.accepted_rate(sample, vectors[idx], score, threshold, cfg, ctx.cfg.seed)
+        return shift.judge(reference, observed, cfg.shift_factor, cfg.shift_min_pairs, cfg.shift_min_terms)
 
     # ---- occurrences and vocabulary ------------------------------------------------------------
     def _occurrences(self, ctx: RunContext):

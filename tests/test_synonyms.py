@@ -44,6 +44,18 @@ def test_a_bare_number_may_be_the_amount_in_another_unit():
     assert feats('16"', "40.6")["converted_equal"] == 1.0
 
 
+def test_numbers_without_a_unit_are_not_taken_for_each_other():
+    # no unit, nothing to convert: a bare number equals only itself
+    assert not same_quantity(quantity("30"), quantity("30.5"))
+    assert same_quantity(quantity("30"), quantity("30.0"))
+    # two significant digits match some conversion factor by chance ("17.1" oz is 1.07 lb);
+    # three identify one ("6" in is "15.2" cm)
+    assert not conversion_ratio("1.1", "17.1") and not conversion_ratio("1", "2.5")
+    assert conversion_ratio("6", "15.2")
+    # an initialism is made of letters: "1.1" is not one of "17.1"
+    assert feats("1.1", "17.1")["initialism"] == 0.0 and feats("USB", "Universal Serial Bus")["initialism"] == 1.0
+
+
 def test_codes_initialisms_abbreviations():
     assert feats("435952-B21", "435952B21")["key_equal"] == 1.0
     assert feats("435952-B21", "435952-B22")["key_equal"] == 0.0
@@ -195,6 +207,26 @@ def test_rebuild_merges_spellings_and_keeps_near_misses_apart(fitted):
     assert not merged_terms & set(OTHERS)
     # every merged term points at a canonical that is itself a term, never at another merged term
     assert not set(syn["canonical"].to_list()) & set(syn["term"].to_list())
+
+
+def test_pairs_sharing_no_context_need_fits_threshold_for_such_pairs(fitted):
+    """Fit calibrates embedding-neighbour pairs apart (its pooled threshold is carried by
+    co-listed positives): the stage accepts a pair with no shared context only at that
+    threshold, never under the pooled one."""
+    root, _, manifest = fitted
+    meta = json.loads((root / "models" / "synonyms" / "config.json").read_text())
+    knn = meta["knn_threshold"]
+    assert meta["knn_calibration"]["target"] == 0.75
+    assert knn is None or knn >= meta["threshold"]
+    pairs = pl.read_parquet(root / "run" / "synonyms" / "pairs.parquet")
+    run = json.loads((root / "run" / "synonyms" / "manifest.json").read_text())
+    assert run["knn_threshold"] == (None if knn is None else round(knn, 4))
+    knn_only = pairs.filter(pl.col("source") == "knn")
+    assert knn_only.height > 0
+    bar = float("inf") if knn is None else knn
+    assert knn_only.filter(pl.col("accepted") != (pl.col("score") >= bar)).height == 0
+    shared = pairs.filter(pl.col("source") != "knn", pl.col("cosine") >= 0.3)
+    assert shared.filter(pl.col("accepted") != (pl.col("score") >= meta["threshold"])).height == 0
 
 
 def test_edits_carry_the_canonical_with_the_original_in_evidence(fitted):

@@ -34,6 +34,10 @@ class SynonymsConfig(BaseModel):
     threshold: float | None = None
     precision_target: float | None = Field(0.95, gt=0, lt=1)
     calibration_folds: int = Field(5, ge=2)  # out-of-fold scores for the threshold
+    # candidates whose terms share no context (embedding neighbours only) need fit's own
+    # threshold for such pairs (`knn_threshold`, calibrated on its neighbour pairs); False: the
+    # one threshold for every candidate (models fitted before it have one only)
+    knn_only_threshold: bool = True
     # a catalogue unlike the fit's (shift.py): where the rebuild's sampled terms get more than
     # `shift_factor` times the accepted embedding-neighbour pairs per 1,000 terms that fit's
     # got (at least `shift_min_pairs` of them), that kind's merges are held back

@@ -163,6 +163,8 @@ def same_quantity(a: tuple[str, float] | None, b: tuple[str, float] | None) -> b
     x, y = float(a[1]), float(b[1])
     if x == y:
         return True
+    if a[0] == "number":  # no unit, no conversion to round: "30" and "30.5" are two numbers
+        return False
     if not (math.isfinite(x) and math.isfinite(y)) or x == 0 or y == 0 or (x < 0) != (y < 0):
         return False  # an amount is never within rounding of zero or of the opposite sign
     hi, lo = max(abs(x), abs(y)), min(abs(x), abs(y))
@@ -200,14 +202,24 @@ def converted_equal(a: str, b: str) -> bool:
     return False
 
 
+def _significant(shown: tuple[float, int]) -> int:
+    """Significant digits of a bare number as written (value, decimals shown)."""
+    x, d = shown
+    if x <= 0:
+        return 0
+    return max(0, math.floor(math.log10(x)) + 1) + d if x >= 1 else d - max(0, -math.floor(math.log10(x)) - 1)
+
+
 def conversion_ratio(a: str, b: str) -> bool:
     """Two bare numbers, one the other converted between two units of one dimension and
-    rounded as written, with at least one decimal shown ("6" / "15.2": inches to cm)."""
+    rounded as written, with at least one decimal and three significant digits shown ("6" /
+    "15.2": inches to cm). Fewer digits match some factor of the table by chance ("17.1" oz is
+    "1.1" lb, but so is every number from 16.8 to 18.4)."""
     na, nb = _bare(a), _bare(b)
     if na is None or nb is None or na[0] == nb[0] or na[0] <= 0 or nb[0] <= 0:
         return False
     for src, dst in ((na, nb), (nb, na)):
-        if dst[1] < 1:
+        if dst[1] < 1 or _significant(dst) < 3:
             continue
         for dim in _CONVERTIBLE:
             fs = _FACTORS[dim]
@@ -225,7 +237,9 @@ def is_initialism(short: str, long: str) -> bool:
     """'HP' of 'Hewlett-Packard', 'USB' of 'Universal Serial Bus' (case-insensitive)."""
     k = key(short)
     words = tokens(long)
-    return len(words) >= 2 and len(k) == len(words) and k == "".join(w[0] for w in words)
+    # letters: "1.1" is not the initialism of "17.1"
+    return (len(words) >= 2 and len(k) == len(words) and any(c.isalpha() for c in k)
+            and k == "".join(w[0] for w in words))
 
 
 def is_abbreviation(short: str, long: str) -> bool:

@@ -254,6 +254,18 @@ def fit_synonyms(ctx: RunContext, out: Path) -> dict:
         val_prf = _prf_at(yv, shipped_scores, threshold)
     else:
         threshold, val_prf = best_threshold(yv, shipped_scores)
+    # pairs whose terms share no context (a query, a basket, a duplicate listing) are judged on
+    # their strings and vectors alone: their own threshold, calibrated on fit's neighbour pairs
+    # (the pooled one is carried by co-listed positives, which such pairs are not), at or above
+    # the pooled one; None: such pairs merge nothing
+    knn_threshold, knn_calibration = threshold, None
+    if cfg.precision_target is not None and threshold is not None:
+        neighbour = pairs["origin"].eq("neighbour").to_numpy()
+        all_scores = scored if scorer == "classifier" else cos_scored
+        kc = threshold_for_precision(all_scores[neighbour], scored_y[neighbour], cfg.precision_target,
+                                     floor=threshold)
+        knn_calibration = {**kc.as_dict(), "pairs": "neighbour pairs (no shared context), scored out of fold"}
+        knn_threshold = kc.threshold
     # what the shipped scorer accepts among fit's own embedding neighbours, for a rebuild to
     # compare with (shift.py); a pair fit trained on keeps its out-of-fold score
     reference = None if threshold is None else shift.accepted_rate(
@@ -262,7 +274,8 @@ def fit_synonyms(ctx: RunContext, out: Path) -> dict:
         threshold, cfg, ctx.cfg.seed)
     meta = {"hidden": cfg.hidden, "threshold": threshold, "encoder": cfg.encoder,
             "seed": ctx.cfg.seed, "scorer": scorer, "calibration": calibration,
-            "shift_reference": reference}
+            "shift_reference": reference, "knn_threshold": knn_threshold,
+            "knn_calibration": knn_calibration}
     save(model, out, meta)
     pairs.write_parquet(out / "training_pairs.parquet")
     origins = dict(pairs.group_by(["origin", "label"]).len()
@@ -270,6 +283,8 @@ def fit_synonyms(ctx: RunContext, out: Path) -> dict:
     return {"pairs": pairs.height, "positives": int(y.sum()), "origins": origins,
             "features": len(FEATURES),
             "threshold": None if threshold is None else round(threshold, 4), "scorer": scorer,
+            "knn_threshold": None if knn_threshold is None else round(knn_threshold, 4),
+            "knn_calibration": knn_calibration,
             "calibration": calibration, "shift_reference": reference,
             "val_auc_pr": round(ap_model, 4),
             "val_auc_pr_cosine": round(ap_cos, 4),

@@ -177,7 +177,14 @@ class SynonymsStage(Stage):
         timer.done("shift_guard")
         in_domain = pl.col("cosine") >= cfg.min_pair_cosine
         below = int(scored.filter((pl.col("score") >= threshold) & ~in_domain).height) if scored.height else 0
-        accept = (pl.col("score") >= threshold) & in_domain
+        # embedding neighbours with no shared context: fit's threshold for such pairs (None: none)
+        knn_threshold = threshold
+        if cfg.threshold is None and cfg.knn_only_threshold and "knn_threshold" in meta:
+            knn_threshold = meta["knn_threshold"]
+        knn_only = pl.col("source") == "knn"
+        accept = (pl.when(knn_only).then(pl.col("score") >= (knn_threshold if knn_threshold is not None
+                                                              else float("inf")))
+                  .otherwise(pl.col("score") >= threshold)) & in_domain
         scored = scored.with_columns(accept.alias("accepted"))
         for kind in held:  # scored and kept in `pairs` for eval; merged into nothing
             g = guard[kind]
@@ -201,6 +208,7 @@ class SynonymsStage(Stage):
             n_edits = 0
         timer.done("write")
         return {**counts, "phase_seconds": timer.seconds, "occurrences": n_occ, "threshold": round(threshold, 4),
+                "knn_threshold": None if knn_threshold is None else round(knn_threshold, 4),
                 "scorer": meta.get("scorer", "classifier"),
                 "candidate_pairs": scored.height,
                 "candidates_by_source": dict(scored.group_by("source").len().rows()),

@@ -803,13 +803,13 @@ def test_text_neighbours_do_not_depend_on_shard_order_or_batches(tmp_path):
     assert nearest["p0050"] == "p0100" and nearest["p0100"] == "p0050"
 
 
-def test_an_incremental_rebuild_reuses_title_vectors_and_gives_the_full_rebuilds_lists(tmp_path, ray_session):
+def test_an_incremental_rebuild_reuses_title_vectors_and_gives_the_full_rebuilds_lists(end_to_end, tmp_path):
     """`rebuild --previous`: the related stage's per-product title vectors and h0 are reused for
     every product whose title and type are unchanged, recomputed for the rest, and the related
-    lists are those of a full rebuild of the same catalogue with the same model."""
+    lists are those of a full rebuild of the same catalogue with the same model. A is the
+    end-to-end fixture's catalogue, and its rebuild (a fit with this config, then the stage) is
+    A's full rebuild and model: B is rebuilt from it incrementally and in full."""
     import json
-
-    from autoknow_ray.rebuild import fit
 
     n, edited, removed, added = 120, [10, 11, 50], 4, 3
     base = _products(n + added)
@@ -830,16 +830,18 @@ def test_an_incremental_rebuild_reuses_title_vectors_and_gives_the_full_rebuilds
         titles[i] = f"Brand9 laptop bag model {1000 + i}"
     b = pa.concat_tables([a.set_column(1, "title", pa.array(titles)).slice(removed),
                           base.slice(n, added)])
-    write(tmp_path / "a", a)
     write(tmp_path / "b", b)
+    # A: the end-to-end fixture's catalogue (the same products, taxonomy and co-purchases)
+    cat_a, run_a = end_to_end
+    assert pq.read_table(cat_a / "products.parquet").equals(a)
+    assert pq.read_table(cat_a / "copurchase.parquet").equals(edges)
+    runs = {"run_a": run_a, "run_inc": tmp_path / "run_inc", "run_full": tmp_path / "run_full"}
     cfg = _config()
-    fit(tmp_path / "a", tmp_path / "models", config=cfg)
-    for out, cat, previous in (("run_a", "a", None), ("run_inc", "b", "run_a"), ("run_full", "b", None)):
-        rebuild(tmp_path / cat, tmp_path / out, models=tmp_path / "models", config=cfg,
-                previous=tmp_path / previous if previous else None)
+    for out, previous in (("run_inc", run_a), ("run_full", None)):
+        rebuild(tmp_path / "b", runs[out], models=run_a / "models", config=cfg, previous=previous)
 
     def manifest(run):
-        return json.loads((tmp_path / run / "related" / "manifest.json").read_text())
+        return json.loads((runs[run] / "related" / "manifest.json").read_text())
 
     inc, full = manifest("run_inc"), manifest("run_full")
     assert manifest("run_a")["model"] == "dual-gnn"
@@ -848,7 +850,7 @@ def test_an_incremental_rebuild_reuses_title_vectors_and_gives_the_full_rebuilds
     assert inc["products_added"] == added and inc["products_removed"] == removed
     assert full["products_reused"] == 0 and full["products_recomputed"] == n - removed + added
     cols = ["product_id", "cache_key", "text", "type_bucket", "h0"]
-    cache = {r: read_parquet_any(tmp_path / r / "related" / "cache" / "related_embed", cols)
+    cache = {r: read_parquet_any(runs[r] / "related" / "cache" / "related_embed", cols)
              .sort("product_id") for r in ("run_a", "run_inc", "run_full")}
     assert cache["run_inc"].equals(cache["run_full"])
     # the edits mattered: an edited product's vector is not the one cached in A
@@ -858,7 +860,7 @@ def test_an_incremental_rebuild_reuses_title_vectors_and_gives_the_full_rebuilds
     assert not old["text"].equals(new["text"]) and not old["h0"].equals(new["h0"])
 
     def lists(run):
-        t = read_parquet_any(table_file(tmp_path / run / "graph", "related"))
+        t = read_parquet_any(table_file(runs[run] / "graph", "related"))
         return t.sort(["product_id", "rank"])
 
     got, want = lists("run_inc"), lists("run_full")

@@ -56,6 +56,24 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def taxonomy_models(tmp_path_factory, ray_session) -> Path:
+    """Module 1's models fitted once a session with `configs/test.yaml` on a generated catalogue
+    (400 products, seed 0, 12 types): ROOT/train is the catalogue, ROOT/models the models.
+    test_rebuild.py rebuilds a held-out copy of its products with them, test_incremental.py a
+    catalogue of its first 300 products and changed copies of it. Each file fitted the same
+    config on a catalogue of its own before (one fit fewer now, ~16 s). Tests only read
+    ROOT/train and ROOT/models; a test that adds a module to the models copies them first."""
+    from autoknow_ray.catalogue.synth import synthesize
+    from autoknow_ray.cli import main
+
+    root = tmp_path_factory.mktemp("taxonomy_models")
+    synthesize(400, root / "train", seed=0, n_types=12)
+    assert main(["fit", "--catalogue", str(root / "train"), "--out", str(root / "models"),
+                 "--config", str(REPO / "configs" / "test.yaml")]) == 0
+    return root
+
+
 def pytest_collection_modifyitems(config, items):
     try:
         import torch

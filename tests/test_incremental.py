@@ -12,7 +12,6 @@ import shutil
 import polars as pl
 import pytest
 
-from autoknow_ray.catalogue.synth import synthesize
 from autoknow_ray.cli import main
 from autoknow_ray.pipeline import read_parquet_any, table_file
 from tests.conftest import REPO
@@ -33,11 +32,16 @@ def _tree_digest(folder) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, ray_session):
+def world(tmp_path_factory, taxonomy_models):
+    """A, B and module 1's models: the session's fit (tests/conftest.py, test.yaml) on 400
+    generated products, A its first N (by id), B's added products and new titles from the rest."""
     root = tmp_path_factory.mktemp("incremental")
-    synthesize(N + ADDED + 40, root / "synth", seed=1, n_types=10)
-    products = pl.read_parquet(root / "synth" / "products" / "*.parquet").sort("product_id")
-    tax = root / "synth" / "taxonomy.parquet"
+    train = taxonomy_models / "train"
+    products = pl.read_parquet(train / "products" / "*.parquet").sort("product_id")
+    assert products.height >= N + ADDED + 40
+    tax = train / "taxonomy.parquet"
+    # ROOT/models: the session's models (every rebuild here only reads them)
+    (root / "models").symlink_to(taxonomy_models / "models", target_is_directory=True)
     a = products.head(N)
     # B: the first REMOVED products gone, ADDED new ones, EDITED titles replaced by the titles
     # of products further on (other types, other attributes: the models' outputs change)
@@ -49,8 +53,6 @@ def world(tmp_path_factory, ray_session):
         .then(pl.col("product_id").replace(new_titles)).otherwise(pl.col("title")).alias("title"))
     _catalogue(root / "a", a, tax)
     _catalogue(root / "b", b, tax)
-    assert main(["fit", "--catalogue", str(root / "a"), "--out", str(root / "models"),
-                 "--config", CONFIG]) == 0
     return root, edited_ids
 
 

@@ -18,11 +18,10 @@ CONFIG = str(REPO / "configs" / "test.yaml")
 
 
 @pytest.fixture(scope="module")
-def fitted(tmp_path_factory, ray_session):
-    root = tmp_path_factory.mktemp("e2e")
+def fitted(taxonomy_models):
+    # the session's fit (tests/conftest.py): 400 generated products (seed 0, 12 types), test.yaml
+    root = taxonomy_models
     train = root / "train"
-    synthesize(400, train, seed=0, n_types=12)
-    assert main(["fit", "--catalogue", str(train), "--out", str(root / "models"), "--config", CONFIG]) == 0
     # the held-out catalogue: the same world, every product's type and attributes hidden
     blind = root / "blind"
     (blind / "gold").mkdir(parents=True)

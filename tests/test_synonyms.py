@@ -225,7 +225,7 @@ def test_pairs_sharing_no_context_need_fits_threshold_for_such_pairs(fitted):
     assert knn_only.height > 0
     bar = float("inf") if knn is None else knn
     assert knn_only.filter(pl.col("accepted") != (pl.col("score") >= bar)).height == 0
-    shared = pairs.filter(pl.col("source") != "knn", pl.col("cosine") >= 0.3)
+    shared = pairs.filter(pl.col("source") != "knn", pl.col("cosine") >= run["min_pair_cosine"])
     assert shared.filter(pl.col("accepted") != (pl.col("score") >= meta["threshold"])).height == 0
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from autoknow_ray.modules.synonyms import shift
 
-CFG = SimpleNamespace(knn_k=3, knn_min_cosine=0.5, min_pair_cosine=0.3, ivf_min_size=50_000)
+CFG = SimpleNamespace(knn_k=3, knn_min_cosine=0.5, ivf_min_size=50_000)
 
 
 def _unit(v):

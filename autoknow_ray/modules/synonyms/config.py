@@ -46,10 +46,17 @@ class SynonymsConfig(BaseModel):
     shift_factor: float | None = Field(3.0, gt=1)
     shift_min_pairs: int = Field(5, ge=1)
     shift_min_terms: int = Field(50, ge=1)
-    # fit's neighbour pairs (its negatives) are drawn at or above this embedding cosine, so the
-    # classifier has never seen a negative below it: the stage merges no pair under it, whatever
-    # it scores (behaviour candidates of unrelated terms score anything there)
-    min_pair_cosine: float = Field(0.3, ge=-1, le=1)
+    # the stage merges no pair under this embedding cosine, whatever it scores. None: fit's
+    # `cosine_floor`, the lowest cosine at which it drew negatives (with `random_negatives`, pairs
+    # of unrelated terms of one attribute, at any cosine; without them, `train_min_cosine`);
+    # models fitted before it: 0.3. Below where fit drew a negative the classifier has never
+    # learnt "no", and behaviour candidates of unrelated terms score anything there
+    min_pair_cosine: float | None = Field(None, ge=-1, le=1)
+    # fit's neighbour pairs are drawn at or above this cosine
+    train_min_cosine: float = Field(0.3, ge=-1, le=1)
+    # per sampled term, pairs with this many other terms of its (kind, attribute) drawn at random
+    # (labelled by the rewrite rules: a "no" unless one is a spelling or conversion of the other)
+    random_negatives: int = Field(1, ge=0)
     # False: synonyms go to graph/synonyms and the catalogue's values stay as written; True: each
     # merged value in the triples is also rewritten to its canonical (`removed` + `corrected`)
     rewrite_values: bool = False

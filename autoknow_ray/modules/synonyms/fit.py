@@ -1,13 +1,17 @@
 """`autoknow fit` for module 5: the synonym pair classifier, from the catalogue alone.
 
 Labels come from what the catalogue holds (gold/ is never read), see `distant.py`: co-listed
-terms and general rewrites are positives, near neighbours and hard rewrites are negatives. The
+terms and general rewrites are positives; near neighbours, random pairs of one attribute and
+hard rewrites are negatives (neighbours and random pairs labelled by the rewrite rules). The
 training set is a seeded sample of products (cap `max_train_products`) and of terms (cap
 `max_train_terms`). Every pair is scored out of fold (`calibration_folds`); on the pairs that
-look like the stage's candidates (co-listed terms and embedding neighbours) the shipped scorer is
-the classifier, or the embedding cosine where that ranks them better, and the shipped threshold
-the one of most recall whose precision lower bound reaches `precision_target` (None, and the
-module merges nothing, where none does). The classifier shipped is trained on every pair.
+look like the stage's candidates (co-listed terms, embedding neighbours, random pairs) the
+shipped scorer is the classifier, or the embedding cosine where that ranks them better, and the
+shipped threshold the one of most recall whose precision lower bound reaches `precision_target`
+(None, and the module merges nothing, where none does); neighbour pairs alone give the
+threshold for candidates that share no context (`knn_threshold`), and the negatives' cosines
+the floor under which nothing merges (`cosine_floor`). The classifier shipped is trained on
+every pair.
 """
 from __future__ import annotations
 
@@ -83,11 +87,26 @@ def training_pairs(rows: pl.DataFrame, encoder, cfg, seed: int
         for v in distant.negative_rewrites(t, rng):
             pairs.append((kind, attr, t, v, 0, "hard_rewrite"))
     vecs = encoder.encode(terms)
-    near = knn_pairs(vocab, vecs, cfg.train_knn_k, cfg.min_pair_cosine, cfg.ivf_min_size, seed)
+    near = knn_pairs(vocab, vecs, cfg.train_knn_k, cfg.train_min_cosine, cfg.ivf_min_size, seed)
     for kind, attr, a, b in near.select("kind", "attribute", "term_a", "term_b").iter_rows():
         if (kind, attr, a, b) in colisted:
             continue
         pairs.append((kind, attr, a, b, int(_same_by_rule(a, b)), "neighbour"))
+    # unrelated terms of one attribute, at whatever cosine: what a query or basket shared by
+    # two different things proposes, and where no neighbour pair is drawn
+    rng_random = np.random.default_rng(seed + 3)
+    for (kind, attr), g in vocab.group_by(["kind", "attribute"], maintain_order=True):
+        group = g["term"].to_list()
+        if len(group) < 2:
+            continue
+        for i, t in enumerate(group):
+            for _ in range(cfg.random_negatives):
+                j = int(rng_random.integers(len(group) - 1))
+                u = group[j + (j >= i)]
+                a, b = (t, u) if t < u else (u, t)
+                if (kind, attr, a, b) in colisted:
+                    continue
+                pairs.append((kind, attr, a, b, int(_same_by_rule(a, b)), "random"))
     df = pl.DataFrame(pairs, schema=["kind", "attribute", "term_a", "term_b", "label", "origin"],
                       orient="row").unique(["kind", "attribute", "term_a", "term_b"], keep="first",
                                            maintain_order=True)
@@ -133,7 +152,7 @@ def best_threshold(y: np.ndarray, s: np.ndarray) -> tuple[float, dict]:
     return best
 
 
-CANDIDATE_LIKE = ("colisted", "neighbour")  # pair origins like the stage's candidates
+CANDIDATE_LIKE = ("colisted", "neighbour", "random")  # pair origins like the stage's candidates
 
 
 def _out_of_fold(x: np.ndarray, y: np.ndarray, cfg, seed: int) -> np.ndarray:
@@ -233,7 +252,8 @@ def fit_synonyms(ctx: RunContext, out: Path) -> dict:
     else:
         # every pair scored out of fold (a classifier trained on the other folds), so the
         # threshold is calibrated on all the pairs that look like what the stage will judge:
-        # co-listed terms and embedding neighbours of the catalogue's own terms. Rewrites
+        # co-listed terms, embedding neighbours and unrelated terms (what a shared query
+        # proposes) of the catalogue's own terms. Rewrites
         # (initialisms, case, plurals made up from one term) are easy and teach the classifier,
         # but a threshold that is precise on them merges distinct brands that merely look alike
         scored, scored_y = _out_of_fold(x, y, cfg, ctx.cfg.seed), y
@@ -249,7 +269,7 @@ def fit_synonyms(ctx: RunContext, out: Path) -> dict:
     calibration = None
     if cfg.precision_target is not None:
         c = threshold_for_precision(shipped_scores, yv, cfg.precision_target)
-        calibration = {**c.as_dict(), "pairs": "co-listed and neighbour pairs, scored out of fold"}
+        calibration = {**c.as_dict(), "pairs": "co-listed, neighbour and random same-attribute pairs, scored out of fold"}
         threshold = c.threshold
         val_prf = _prf_at(yv, shipped_scores, threshold)
     else:
@@ -272,7 +292,14 @@ def fit_synonyms(ctx: RunContext, out: Path) -> dict:
         vocab, _unit_rows(vocab_vectors),
         _reference_scorer(model, scorer, pairs, scored if cfg.precision_target is not None else None),
         threshold, cfg, ctx.cfg.seed)
+    # the cosine down to which fit drew negatives (their 1st percentile, not one outlier): the
+    # classifier has learnt "no" there
+    negatives = pairs.filter(pl.col("origin").is_in(["neighbour", "random"]) & (pl.col("label") == 0))
+    cosine_floor = cfg.train_min_cosine
+    if cfg.random_negatives and negatives.filter(pl.col("origin") == "random").height:
+        cosine_floor = min(cosine_floor, float(negatives["cosine"].quantile(0.01)))
     meta = {"hidden": cfg.hidden, "threshold": threshold, "encoder": cfg.encoder,
+            "cosine_floor": round(cosine_floor, 4),
             "seed": ctx.cfg.seed, "scorer": scorer, "calibration": calibration,
             "shift_reference": reference, "knn_threshold": knn_threshold,
             "knn_calibration": knn_calibration}
@@ -284,7 +311,7 @@ def fit_synonyms(ctx: RunContext, out: Path) -> dict:
             "features": len(FEATURES),
             "threshold": None if threshold is None else round(threshold, 4), "scorer": scorer,
             "knn_threshold": None if knn_threshold is None else round(knn_threshold, 4),
-            "knn_calibration": knn_calibration,
+            "knn_calibration": knn_calibration, "cosine_floor": round(cosine_floor, 4),
             "calibration": calibration, "shift_reference": reference,
             "val_auc_pr": round(ap_model, 4),
             "val_auc_pr_cosine": round(ap_cos, 4),

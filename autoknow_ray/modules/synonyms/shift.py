@@ -9,7 +9,7 @@ validated. The figure is measured the same way on both sides, so the two compare
 - a seeded sample of terms (fit: its training vocabulary; rebuild: as many of its vocabulary's
   terms as fit sampled, so the neighbourhoods are as dense), per kind (types, values);
 - each sampled term's `knn_k` nearest sampled terms of its (kind, attribute) at cosine at least
-  `knn_min_cosine` (and `min_pair_cosine`): the stage's embedding candidates;
+  `knn_min_cosine`: the stage's embedding candidates;
 - those pairs scored by the shipped scorer (fit: a pair it trained on keeps its out-of-fold
   score, so the reference is not lowered by pairs the classifier was taught to reject) and
   counted at the shipped threshold.
@@ -42,7 +42,7 @@ def accepted_rate(vocab: pl.DataFrame, vectors: np.ndarray, score: Callable[[pl.
     terms. `vocab` (kind, attribute, term) is the sample, row i with vectors[i] (L2-normalised);
     `score` gives each candidate pair (kind, attribute, term_a, term_b, cosine) its score."""
     pairs = knn_pairs(vocab.select("kind", "attribute", "term"), vectors, cfg.knn_k,
-                      max(cfg.knn_min_cosine, cfg.min_pair_cosine), cfg.ivf_min_size, seed)
+                      cfg.knn_min_cosine, cfg.ivf_min_size, seed)
     s = score(pairs) if pairs.height else np.zeros(0, np.float32)
     pairs = pairs.with_columns(pl.Series("accepted", np.asarray(s) >= threshold))
     out = {}

@@ -175,7 +175,9 @@ class SynonymsStage(Stage):
         guard = self._shift_guard(ctx, vocab, vectors, classifier, meta, threshold)
         held = [kind for kind, g in guard.items() if g["held_back"]]
         timer.done("shift_guard")
-        in_domain = pl.col("cosine") >= cfg.min_pair_cosine
+        # no merge below the lowest cosine at which fit drew a negative
+        floor = cfg.min_pair_cosine if cfg.min_pair_cosine is not None else float(meta.get("cosine_floor", 0.3))
+        in_domain = pl.col("cosine") >= floor
         below = int(scored.filter((pl.col("score") >= threshold) & ~in_domain).height) if scored.height else 0
         # embedding neighbours with no shared context: fit's threshold for such pairs (None: none)
         knn_threshold = threshold
@@ -213,7 +215,7 @@ class SynonymsStage(Stage):
                 "candidate_pairs": scored.height,
                 "candidates_by_source": dict(scored.group_by("source").len().rows()),
                 "accepted_pairs": int(scored["accepted"].sum()) if scored.height else 0,
-                "rejected_below_min_cosine": below, "values_rewritten": cfg.rewrite_values,
+                "rejected_below_min_cosine": below, "min_pair_cosine": round(floor, 4), "values_rewritten": cfg.rewrite_values,
                 "clusters": merged.select("kind", "attribute", "canonical").unique().height,
                 "merged_terms": merged.height, "edits": n_edits,
                 "shift_guard": guard,

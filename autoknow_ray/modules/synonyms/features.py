@@ -205,7 +205,7 @@ def converted_equal(a: str, b: str) -> bool:
 def _significant(shown: tuple[float, int]) -> int:
     """Significant digits of a bare number as written (value, decimals shown)."""
     x, d = shown
-    if x <= 0:
+    if not math.isfinite(x) or x <= 0:  # "9" * 400 reads as infinity: no digits to trust
         return 0
     return max(0, math.floor(math.log10(x)) + 1) + d if x >= 1 else d - max(0, -math.floor(math.log10(x)) - 1)
 

@@ -55,7 +55,8 @@ def test_numbers_without_a_unit_are_not_taken_for_each_other():
     # an initialism is made of letters: "1.1" is not one of "17.1"
     assert feats("1.1", "17.1")["initialism"] == 0.0 and feats("USB", "Universal Serial Bus")["initialism"] == 1.0
     # a number too long for a float is read, never an error
-    assert np.isfinite(pair_features("9" * 400 + ".5", "1.25")).all()
+    for long_number in ("9" * 400 + ".5", "9" * 400 + " 1/2", "9" * 400 + " oz"):
+        assert np.isfinite(pair_features(long_number, "1.25")).all()
 
 
 def test_codes_initialisms_abbreviations():

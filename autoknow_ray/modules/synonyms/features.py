@@ -124,7 +124,10 @@ def _fraction(s: str) -> tuple[float, str] | None:
     m = _MIXED.match(s)
     if not m or int(m.group(3)) == 0 or int(m.group(2)) >= int(m.group(3)):
         return None
-    return int(m.group(1) or 0) + int(m.group(2)) / int(m.group(3)), m.group(4)
+    try:
+        return int(m.group(1) or 0) + int(m.group(2)) / int(m.group(3)), m.group(4)
+    except OverflowError:  # a whole part too long for a float ("9" * 400 + " 1/2"): not a number
+        return None
 
 
 def quantity(s: str) -> tuple[str, float] | None:
@@ -182,7 +185,9 @@ def _bare(s: str) -> tuple[float, int] | None:
     m = _BARE.match(s)
     if not m:
         return None
-    return float(f"{m.group(1)}.{m.group(2) or 0}"), len(m.group(2) or "")
+    v = float(f"{m.group(1)}.{m.group(2) or 0}")
+    # "9" * 400 reads as infinity: not a number any unit or digit count applies to
+    return (v, len(m.group(2) or "")) if math.isfinite(v) else None
 
 
 def _rounds_to(v: float, shown: tuple[float, int]) -> bool:
@@ -205,7 +210,7 @@ def converted_equal(a: str, b: str) -> bool:
 def _significant(shown: tuple[float, int]) -> int:
     """Significant digits of a bare number as written (value, decimals shown)."""
     x, d = shown
-    if not math.isfinite(x) or x <= 0:  # "9" * 400 reads as infinity: no digits to trust
+    if x <= 0:
         return 0
     return max(0, math.floor(math.log10(x)) + 1) + d if x >= 1 else d - max(0, -math.floor(math.log10(x)) - 1)
 

@@ -29,7 +29,7 @@ from autoknow_ray.modules.synonyms import distant, shift
 from autoknow_ray.modules.synonyms.candidates import knn_pairs
 from autoknow_ray.modules.synonyms.features import FEATURES, feature_matrix, key, quantity, \
     same_quantity, singular_key
-from autoknow_ray.modules.synonyms.model import PairClassifier, save
+from autoknow_ray.modules.synonyms.model import PairClassifier, save, score_pairs
 from autoknow_ray.modules.synonyms.steps import TYPE_ATTRIBUTE
 from autoknow_ray.pipeline import RunContext
 
@@ -203,11 +203,6 @@ def train_classifier(x: np.ndarray, y: np.ndarray, cfg, seed: int) -> PairClassi
     return model
 
 
-def _unit_rows(v: np.ndarray) -> np.ndarray:
-    v = np.asarray(v, np.float32)
-    return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-6) if len(v) else v
-
-
 def _reference_scorer(model: PairClassifier, scorer: str, pairs: pl.DataFrame,
                       out_of_fold: np.ndarray | None):
     """The shipped scorer over candidate pairs, with the out-of-fold score of every pair fit
@@ -219,10 +214,10 @@ def _reference_scorer(model: PairClassifier, scorer: str, pairs: pl.DataFrame,
             known[(k, at, a, b)] = known[(k, at, b, a)] = float(s)
 
     def score(cand: pl.DataFrame) -> np.ndarray:
-        cos = cand["cosine"].to_numpy().astype(np.float32)
+        s = score_pairs(model, scorer == "cosine", cand["term_a"].to_list(), cand["term_b"].to_list(),
+                        cand["cosine"].to_numpy())
         if scorer == "cosine":
-            return cos
-        s = model.score(feature_matrix(cand["term_a"].to_list(), cand["term_b"].to_list(), cos))
+            return s
         keys = cand.select("kind", "attribute", "term_a", "term_b").iter_rows()
         return np.array([known.get(k, v) for k, v in zip(keys, s.tolist())], np.float32)
     return score
@@ -289,7 +284,7 @@ def fit_synonyms(ctx: RunContext, out: Path) -> dict:
     # what the shipped scorer accepts among fit's own embedding neighbours, for a rebuild to
     # compare with (shift.py); a pair fit trained on keeps its out-of-fold score
     reference = None if threshold is None else shift.accepted_rate(
-        vocab, _unit_rows(vocab_vectors),
+        vocab, vocab_vectors,  # the encoder's vectors are L2-normalised
         _reference_scorer(model, scorer, pairs, scored if cfg.precision_target is not None else None),
         threshold, cfg, ctx.cfg.seed)
     # the cosine down to which fit drew negatives (their 1st percentile, not one outlier): the

@@ -41,6 +41,19 @@ class PairClassifier(torch.nn.Module):
         return np.array([_sigmoid(v) for v in logits.double().numpy()], np.float32)
 
 
+def score_pairs(model: PairClassifier, cosine_scorer: bool, term_a: list[str], term_b: list[str],
+                cosine) -> np.ndarray:
+    """The shipped scorer's score of each pair: the embedding cosine where fit shipped the
+    cosine, else the classifier over the pair features. One function for the stage's actors,
+    its driver-side guard and cluster checks, and fit's reference."""
+    cos = np.asarray(cosine, np.float32)
+    if cosine_scorer:
+        return cos
+    from autoknow_ray.modules.synonyms.features import feature_matrix
+
+    return model.score(feature_matrix(term_a, term_b, cos))
+
+
 def _sigmoid(v: float) -> float:
     if v >= 0:
         return 1.0 / (1.0 + math.exp(-v))

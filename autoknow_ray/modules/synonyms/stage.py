@@ -33,7 +33,6 @@ from autoknow_ray.modules.synonyms import model as pair_model, shift
 from autoknow_ray.modules.synonyms.candidates import (PAIR_KEY, behaviour_pairs, behaviour_pairs_in_workers,
                                                       cosine_of, knn_pairs)
 from autoknow_ray.modules.synonyms.cluster import clusters
-from autoknow_ray.modules.synonyms.features import feature_matrix
 from autoknow_ray.modules.synonyms.steps import (
     MODULE, OCCURRENCE, CanonicalizeTerms, EditedTerms, EmbedTerms, ExplodeTerms, ScorePairs)
 from autoknow_ray.pipeline import RunContext, Stage
@@ -232,15 +231,15 @@ class SynonymsStage(Stage):
         reference = meta.get("shift_reference")
         if cfg.threshold is not None or not reference or cfg.shift_factor is None or vocab.height == 0:
             return {}
-        n = sum(r["terms"] for r in reference.values())
+        # as many terms as fit sampled (the same density), at most this config's training cap:
+        # the sample, its kNN pairs and their scores are the driver's, bounded by that cap
+        n = min(sum(r["terms"] for r in reference.values()), cfg.max_train_terms)
         idx = shift.sample_index(vocab.height, n, ctx.cfg.seed)
         sample = vocab[idx.tolist()]
 
         def score(pairs: pl.DataFrame) -> np.ndarray:
-            cos = pairs["cosine"].to_numpy().astype(np.float32)
-            if self._cosine_scorer:
-                return cos
-            return classifier.score(feature_matrix(pairs["term_a"].to_list(), pairs["term_b"].to_list(), cos))
+            return pair_model.score_pairs(classifier, self._cosine_scorer, pairs["term_a"].to_list(),
+                                          pairs["term_b"].to_list(), pairs["cosine"].to_numpy())
 
         observed = shift.accepted_rate(sample, vectors[idx], score, threshold, cfg, ctx.cfg.seed)
         return shift.judge(reference, observed, cfg.shift_factor, cfg.shift_min_pairs, cfg.shift_min_terms)
@@ -429,10 +428,8 @@ class SynonymsStage(Stage):
 
             def score_pairs(pairs, kind=kind, attr=attr):
                 cos = [float(vectors[pos[(kind, attr, a)]] @ vectors[pos[(kind, attr, b)]]) for a, b in pairs]
-                if self._cosine_scorer:
-                    return cos
-                x = feature_matrix([a for a, _ in pairs], [b for _, b in pairs], cos)
-                return classifier.score(x).tolist()
+                return pair_model.score_pairs(classifier, self._cosine_scorer, [a for a, _ in pairs],
+                                              [b for _, b in pairs], cos).tolist()
 
             term_counts = {t: counts.get((kind, attr, t), 0) for e in edges for t in e}
             scorer = score_pairs if self._rescore_members else None

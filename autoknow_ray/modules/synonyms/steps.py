@@ -115,12 +115,12 @@ class ScorePairs(Step):
         self.cosine_scorer = meta.get("scorer") == "cosine"
 
     def process_batch(self, batch: pa.Table) -> pa.Table:
-        from autoknow_ray.modules.synonyms.features import edit_similarity, feature_matrix
+        from autoknow_ray.modules.synonyms.features import edit_similarity
+        from autoknow_ray.modules.synonyms.model import score_pairs
 
         a, b = batch.column("term_a").to_pylist(), batch.column("term_b").to_pylist()
         cos = batch.column("cosine").to_numpy(zero_copy_only=False)
-        x = feature_matrix(a, b, cos)
-        score = cos if self.cosine_scorer else self.model.score(x)
+        score = score_pairs(self.model, self.cosine_scorer, a, b, cos)
         return (batch.append_column("edit_sim", pa.array(edit_similarity(a, b), pa.float32()))
                 .append_column("score", pa.array(score, pa.float32())))
 

@@ -181,6 +181,11 @@ def test_fit_writes_a_trained_classifier(fitted):
     assert (root / "models" / "synonyms" / "classifier.safetensors").exists()
     meta = json.loads((root / "models" / "synonyms" / "config.json").read_text())
     assert 0.0 < meta["threshold"] < 1.0 and meta["features"] == list(FEATURES)
+    # the duplicate listings' canonicals ship with the classifier that was trained on their vote
+    assert meta["extra_features"] == ["canonical_vote"] and stats["canonical_vote_terms"] > 0
+    assert (root / "models" / "synonyms" / "canonical_votes.parquet").exists()
+    pairs = pl.read_parquet(root / "run" / "synonyms" / "pairs.parquet")
+    assert "canonical_vote" in pairs.columns and pairs["canonical_vote"].null_count() == 0
     cal = meta["calibration"]
     assert cal["target"] == 0.75 and cal["precision_lower"] >= 0.75 and cal["threshold"] == pytest.approx(meta["threshold"], abs=1e-4)
     # the shipped scorer ranks the validation pairs at least as well as the cosine alone

@@ -57,6 +57,13 @@ class SynonymsConfig(BaseModel):
     # per sampled term, pairs with this many other terms of its (kind, attribute) drawn at random
     # (labelled by the rewrite rules: a "no" unless one is a spelling or conversion of the other)
     random_negatives: int = Field(1, ge=0)
+    # a pair feature from the fit catalogue's own duplicate listings (transfer.py): the share of a
+    # term's `canonical_vote_k` nearest fit terms whose co-listed canonical is the other term
+    # ("Xeon E5530" / "Intel Xeon Series": its neighbours were all listed beside it). Off: the
+    # classifier has its string and embedding features only (as models fitted before it)
+    canonical_vote: bool = True
+    canonical_vote_k: int = Field(5, ge=1)
+    canonical_vote_max_terms: int = Field(20_000, ge=1)  # fit terms kept for it (a seeded sample)
     # False: synonyms go to graph/synonyms and the catalogue's values stay as written; True: each
     # merged value in the triples is also rewritten to its canonical (`removed` + `corrected`)
     rewrite_values: bool = False

@@ -25,7 +25,7 @@ import torch
 from autoknow_ray import runtime
 from autoknow_ray.calibration import threshold_for_precision
 from autoknow_ray.eval.metrics import prf
-from autoknow_ray.modules.synonyms import distant, shift
+from autoknow_ray.modules.synonyms import distant, shift, transfer
 from autoknow_ray.modules.synonyms.candidates import knn_pairs
 from autoknow_ray.modules.synonyms.features import FEATURES, feature_matrix, key, quantity, \
     same_quantity, singular_key
@@ -67,9 +67,11 @@ def _same_by_rule(a: str, b: str) -> bool:
         qa is not None and qb is not None and qa[0] != "number" and same_quantity(qa, qb))
 
 
-def training_pairs(rows: pl.DataFrame, encoder, cfg, seed: int
+def training_pairs(rows: pl.DataFrame, encoder, cfg, seed: int,
+                   votes: transfer.CanonicalVotes | None = None
                    ) -> tuple[pl.DataFrame, pl.DataFrame, np.ndarray]:
-    """Labelled pairs (kind, attribute, term_a, term_b, label, origin, split, cosine), and the
+    """Labelled pairs (kind, attribute, term_a, term_b, label, origin, split, cosine, and
+    canonical_vote where `votes` is given: a pair's own two terms never vote for it), and the
     sampled vocabulary (kind, attribute, term, len) with its term vectors."""
     rng = np.random.default_rng(seed)
     colisted = distant.colisted_pairs(list(rows.iter_rows()))
@@ -126,7 +128,12 @@ def training_pairs(rows: pl.DataFrame, encoder, cfg, seed: int
     ia = np.array([pos[s] for s in df["term_a"].to_list()], dtype=np.int64)
     ib = np.array([pos[s] for s in df["term_b"].to_list()], dtype=np.int64)
     cos = (sv[ia] * sv[ib]).sum(1) if len(ia) else np.zeros(0)
-    return df.with_columns(pl.Series("cosine", cos.astype(np.float32))), vocab, vecs
+    df = df.with_columns(pl.Series("cosine", cos.astype(np.float32)))
+    if votes is not None:
+        v = votes.pair_votes(df["kind"].to_list(), df["attribute"].to_list(), df["term_a"].to_list(),
+                             df["term_b"].to_list(), sv[ia], sv[ib])
+        df = df.with_columns(pl.Series(transfer.FEATURE, v, dtype=pl.Float32))
+    return df, vocab, vecs
 
 
 def _average_precision(y: np.ndarray, s: np.ndarray) -> float:
@@ -204,7 +211,8 @@ def train_classifier(x: np.ndarray, y: np.ndarray, cfg, seed: int) -> PairClassi
 
 
 def _reference_scorer(model: PairClassifier, scorer: str, pairs: pl.DataFrame,
-                      out_of_fold: np.ndarray | None):
+                      out_of_fold: np.ndarray | None, votes: transfer.CanonicalVotes | None = None,
+                      vocab: pl.DataFrame | None = None, vectors: np.ndarray | None = None):
     """The shipped scorer over candidate pairs, with the out-of-fold score of every pair fit
     trained on (the shipped classifier was taught those labels)."""
     known = {}
@@ -214,8 +222,9 @@ def _reference_scorer(model: PairClassifier, scorer: str, pairs: pl.DataFrame,
             known[(k, at, a, b)] = known[(k, at, b, a)] = float(s)
 
     def score(cand: pl.DataFrame) -> np.ndarray:
+        v = transfer.votes_of(votes, cand, vocab, vectors) if scorer == "classifier" else None
         s = score_pairs(model, scorer == "cosine", cand["term_a"].to_list(), cand["term_b"].to_list(),
-                        cand["cosine"].to_numpy())
+                        cand["cosine"].to_numpy(), v)
         if scorer == "cosine":
             return s
         keys = cand.select("kind", "attribute", "term_a", "term_b").iter_rows()
@@ -232,11 +241,20 @@ def fit_synonyms(ctx: RunContext, out: Path) -> dict:
     if rows.select("kind", "attribute", "term").unique().height < 2:
         return {"skipped": "the catalogue has fewer than two type names or values to learn from"}
     encoder = TextEncoder(cfg.encoder, device=ctx.cfg.device)
-    pairs, vocab, vocab_vectors = training_pairs(rows, encoder, cfg, ctx.cfg.seed)
+    votes, vote_table = None, None
+    if cfg.canonical_vote:  # what the catalogue's duplicate listings normalised (transfer.py)
+        vote_table = transfer.canonical_table(rows, distant.colisted_pairs(list(rows.iter_rows())),
+                                              cfg.canonical_vote_max_terms, ctx.cfg.seed)
+        if vote_table.height:
+            votes = transfer.CanonicalVotes(vote_table, encoder.encode(vote_table["term"].to_list()),
+                                            cfg.canonical_vote_k)
+    pairs, vocab, vocab_vectors = training_pairs(rows, encoder, cfg, ctx.cfg.seed, votes)
     y = pairs["label"].to_numpy().astype(np.int64)
     if y.min() == y.max():
         return {"skipped": "the catalogue gives only one class of training pairs"}
     x = feature_matrix(pairs["term_a"].to_list(), pairs["term_b"].to_list(), pairs["cosine"].to_numpy())
+    if votes is not None:
+        x = np.hstack([x, pairs[transfer.FEATURE].to_numpy().astype(np.float32).reshape(-1, 1)])
     if cfg.precision_target is None:  # the older rule: best F1 on the pairs held out by term
         train = (pairs["split"] == "train").to_numpy()
         val = ~train
@@ -285,7 +303,8 @@ def fit_synonyms(ctx: RunContext, out: Path) -> dict:
     # compare with (shift.py); a pair fit trained on keeps its out-of-fold score
     reference = None if threshold is None else shift.accepted_rate(
         vocab, vocab_vectors,  # the encoder's vectors are L2-normalised
-        _reference_scorer(model, scorer, pairs, scored if cfg.precision_target is not None else None),
+        _reference_scorer(model, scorer, pairs, scored if cfg.precision_target is not None else None,
+                          votes, vocab, vocab_vectors),
         threshold, cfg, ctx.cfg.seed)
     # the cosine down to which fit drew negatives (their 1st percentile, not one outlier): the
     # classifier has learnt "no" there
@@ -297,13 +316,18 @@ def fit_synonyms(ctx: RunContext, out: Path) -> dict:
             "cosine_floor": round(cosine_floor, 4),
             "seed": ctx.cfg.seed, "scorer": scorer, "calibration": calibration,
             "shift_reference": reference, "knn_threshold": knn_threshold,
-            "knn_calibration": knn_calibration}
+            "knn_calibration": knn_calibration,
+            "extra_features": [transfer.FEATURE] if votes is not None else [],
+            "canonical_vote_k": cfg.canonical_vote_k}
     save(model, out, meta)
+    if votes is not None:
+        transfer.save(out, vote_table, votes.vectors)
     pairs.write_parquet(out / "training_pairs.parquet")
     origins = dict(pairs.group_by(["origin", "label"]).len()
                    .select(pl.format("{}.{}", "origin", "label"), "len").iter_rows())
     return {"pairs": pairs.height, "positives": int(y.sum()), "origins": origins,
-            "features": len(FEATURES),
+            "features": len(FEATURES) + (1 if votes is not None else 0),
+            "canonical_vote_terms": 0 if votes is None else len(votes),
             "threshold": None if threshold is None else round(threshold, 4), "scorer": scorer,
             "knn_threshold": None if knn_threshold is None else round(knn_threshold, 4),
             "knn_calibration": knn_calibration, "cosine_floor": round(cosine_floor, 4),

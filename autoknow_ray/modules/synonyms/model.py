@@ -42,16 +42,27 @@ class PairClassifier(torch.nn.Module):
 
 
 def score_pairs(model: PairClassifier, cosine_scorer: bool, term_a: list[str], term_b: list[str],
-                cosine) -> np.ndarray:
+                cosine, votes=None) -> np.ndarray:
     """The shipped scorer's score of each pair: the embedding cosine where fit shipped the
-    cosine, else the classifier over the pair features. One function for the stage's actors,
-    its driver-side guard and cluster checks, and fit's reference."""
+    cosine, else the classifier over the pair features (and `votes`, the pairs'
+    `canonical_vote`, where the classifier was trained with it: `uses_votes`). One function for
+    the stage's actors, its driver-side guard and cluster checks, and fit's reference."""
     cos = np.asarray(cosine, np.float32)
     if cosine_scorer:
         return cos
     from autoknow_ray.modules.synonyms.features import feature_matrix
 
-    return model.score(feature_matrix(term_a, term_b, cos))
+    x = feature_matrix(term_a, term_b, cos)
+    if uses_votes(model):
+        if votes is None:
+            raise ValueError("this classifier was trained with the canonical vote: pass the pairs' votes")
+        x = np.hstack([x, np.asarray(votes, np.float32).reshape(-1, 1)])
+    return model.score(x)
+
+
+def uses_votes(model: PairClassifier) -> bool:
+    """Whether the classifier takes the `canonical_vote` column after the hand-made features."""
+    return int(model.mean.shape[0]) == len(FEATURES) + 1
 
 
 def _sigmoid(v: float) -> float:
@@ -76,7 +87,10 @@ def load(model_dir: Path) -> tuple[PairClassifier, dict]:
     if meta.get("features") != list(FEATURES):
         raise ValueError(f"{model_dir}: the classifier was trained on features {meta.get('features')}"
                          f", this version computes {list(FEATURES)}: run `autoknow fit` again")
-    model = PairClassifier(len(FEATURES), int(meta["hidden"]))
+    extra = list(meta.get("extra_features") or [])
+    if extra not in ([], ["canonical_vote"]):
+        raise ValueError(f"{model_dir}: unknown extra features {extra}: run `autoknow fit` again")
+    model = PairClassifier(len(FEATURES) + len(extra), int(meta["hidden"]))
     model.load_state_dict(load_file(str(model_dir / WEIGHTS)))
     model.eval()
     return model, meta

@@ -29,7 +29,7 @@ from autoknow_ray import progress, runtime
 from autoknow_ray.graph import state
 from autoknow_ray.incremental import file_digest, reuse_on_driver, source_digest
 from autoknow_ray.index.vectors import as_matrix
-from autoknow_ray.modules.synonyms import model as pair_model, shift
+from autoknow_ray.modules.synonyms import model as pair_model, shift, transfer
 from autoknow_ray.modules.synonyms.candidates import (PAIR_KEY, behaviour_pairs, behaviour_pairs_in_workers,
                                                       cosine_of, knn_pairs)
 from autoknow_ray.modules.synonyms.cluster import clusters
@@ -165,6 +165,13 @@ class SynonymsStage(Stage):
             return {**self._write_nothing(ctx, counts, reason), "abstained": reason}
         threshold = cfg.threshold if cfg.threshold is not None else float(meta["threshold"])
         self._cosine_scorer = meta.get("scorer") == "cosine"
+        # the fit catalogue's co-listed canonicals, where the classifier was trained with their vote
+        self._votes = None
+        if not self._cosine_scorer and pair_model.uses_votes(classifier):
+            self._votes = transfer.load(model_dir, int(meta.get("canonical_vote_k") or cfg.canonical_vote_k))
+            if self._votes is None:
+                raise FileNotFoundError(f"{model_dir}: the classifier takes the canonical vote but "
+                                        f"{transfer.TABLE} or {transfer.VECTORS} is missing: run `autoknow fit` again")
         vocab, vectors = self._embed(ctx, vocab)
         timer.done("embed_terms")
         pairs = self._candidates(ctx, occ, vocab, vectors)
@@ -239,7 +246,8 @@ class SynonymsStage(Stage):
 
         def score(pairs: pl.DataFrame) -> np.ndarray:
             return pair_model.score_pairs(classifier, self._cosine_scorer, pairs["term_a"].to_list(),
-                                          pairs["term_b"].to_list(), pairs["cosine"].to_numpy())
+                                          pairs["term_b"].to_list(), pairs["cosine"].to_numpy(),
+                                          transfer.votes_of(self._votes, pairs, sample, vectors[idx]))
 
         observed = shift.accepted_rate(sample, vectors[idx], score, threshold, cfg, ctx.cfg.seed)
         return shift.judge(reference, observed, cfg.shift_factor, cfg.shift_min_pairs, cfg.shift_min_terms)
@@ -384,15 +392,20 @@ class SynonymsStage(Stage):
             pairs = pairs.with_columns(pl.Series("cosine", np.where(missing, cos,
                                                                      pairs["cosine"].fill_null(0).to_numpy()),
                                                  dtype=pl.Float32))
-        return pairs.select(*PAIR_KEY, "source", pl.col("cosine").cast(pl.Float32),
-                            pl.col("shared").cast(pl.Int64)).sort(PAIR_KEY)
+        pairs = pairs.select(*PAIR_KEY, "source", pl.col("cosine").cast(pl.Float32),
+                             pl.col("shared").cast(pl.Int64)).sort(PAIR_KEY)
+        if self._votes is not None:  # a feature of the pair, computed here beside its cosine
+            pairs = pairs.with_columns(pl.Series(transfer.FEATURE, transfer.votes_of(
+                self._votes, pairs, vocab, vectors), dtype=pl.Float32))
+        return pairs
 
     def _score(self, ctx: RunContext, pairs: pl.DataFrame, model_dir) -> pl.DataFrame:
         if pairs.height == 0:
             return pairs.with_columns(pl.lit(None, pl.Float32).alias("edit_sim"),
                                       pl.lit(None, pl.Float32).alias("score"))
         def score(rows: pl.DataFrame) -> pl.DataFrame:
-            return _collect(runtime.map_step(ray.data.from_arrow(rows.to_arrow()), ScorePairs(model_dir),
+            return _collect(runtime.map_step(ray.data.from_arrow(rows.to_arrow()),
+                                             ScorePairs(model_dir, votes=transfer.FEATURE in rows.columns),
                                              ctx.cfg, rows.height))
 
         # a pair's scores depend on its row alone (its terms, cosine and shared contexts) and
@@ -427,9 +440,14 @@ class SynonymsStage(Stage):
             edges = {(a, b): s for a, b, s in g.select("term_a", "term_b", "score").iter_rows()}
 
             def score_pairs(pairs, kind=kind, attr=attr):
-                cos = [float(vectors[pos[(kind, attr, a)]] @ vectors[pos[(kind, attr, b)]]) for a, b in pairs]
-                return pair_model.score_pairs(classifier, self._cosine_scorer, [a for a, _ in pairs],
-                                              [b for _, b in pairs], cos).tolist()
+                ia = np.array([pos[(kind, attr, a)] for a, _ in pairs], dtype=np.int64)
+                ib = np.array([pos[(kind, attr, b)] for _, b in pairs], dtype=np.int64)
+                cos = [float(vectors[i] @ vectors[j]) for i, j in zip(ia.tolist(), ib.tolist())]
+                a_terms, b_terms = [a for a, _ in pairs], [b for _, b in pairs]
+                votes = None if self._votes is None else self._votes.pair_votes(
+                    [kind] * len(pairs), [attr] * len(pairs), a_terms, b_terms, vectors[ia], vectors[ib])
+                return pair_model.score_pairs(classifier, self._cosine_scorer, a_terms, b_terms, cos,
+                                              votes).tolist()
 
             term_counts = {t: counts.get((kind, attr, t), 0) for e in edges for t in e}
             scorer = score_pairs if self._rescore_members else None

@@ -101,9 +101,11 @@ class ScorePairs(Step):
     columns = ("kind", "attribute", "term_a", "term_b", "source", "cosine", "shared")
     model = True
 
-    def __init__(self, model_dir: Path):
+    def __init__(self, model_dir: Path, votes: bool = False):
         self.model_dir = Path(model_dir)
         self.model = None
+        if votes:  # the pairs carry their canonical vote (transfer.py), the classifier's last input
+            self.columns = (*ScorePairs.columns, "canonical_vote")
 
     def setup(self, env: WorkerEnv) -> None:
         import torch
@@ -120,7 +122,9 @@ class ScorePairs(Step):
 
         a, b = batch.column("term_a").to_pylist(), batch.column("term_b").to_pylist()
         cos = batch.column("cosine").to_numpy(zero_copy_only=False)
-        score = score_pairs(self.model, self.cosine_scorer, a, b, cos)
+        votes = (batch.column("canonical_vote").to_numpy(zero_copy_only=False)
+                 if "canonical_vote" in batch.column_names else None)
+        score = score_pairs(self.model, self.cosine_scorer, a, b, cos, votes)
         return (batch.append_column("edit_sim", pa.array(edit_similarity(a, b), pa.float32()))
                 .append_column("score", pa.array(score, pa.float32())))
 

@@ -161,14 +161,16 @@ def test_fit_and_stage_with_upstream_edits(catalogue, tmp_path, ray_session):
     cfg = Config.model_validate({
         "stages": ["ingest", "taxonomy", "imputation", "cleaning", "graph"],
         "resources": {"cleaning": {"actors": 1, "cpus_per_actor": 1, "batch_size": 32}},
+        # out-of-fold validation: at most 200 pairs a fold (claims and as many planted ones), not
+        # every claim of the fold's products (546 and 686 pairs: most of fit's time)
         "cleaning": {"max_train_pairs": 96, "epochs": 1, "max_length": 48, "train_layers": 1,
-                     "judge_types": True},
+                     "judge_types": True, "max_validation_pairs": 200},
     })
     ctx = RunContext(run_dir=tmp_path / "fit", catalogue=catalogue / "cat", cfg=cfg)
     run_stages([IngestStage()], ctx)
     stats = fit_cleaning(ctx, tmp_path / "models" / "cleaning")
     assert stats["train_pairs"] > 0
-    # the out-of-fold claims of 160 products, scored by one-epoch fold models, cannot show
+    # out-of-fold claims of 160 products, scored by one-epoch fold models, cannot show
     # precision 0.95 at a 5% error rate, so fit ships no value threshold: the module abstains
     # rather than act on a model it could not validate
     assert stats["threshold"] is None and "0.95" in stats["abstains"]["values"]
@@ -543,7 +545,7 @@ def test_guard_holds_back_a_kind_whose_flagged_share_implies_too_few_errors():
 
 
 @pytest.mark.parametrize("bf16", [False, True])
-def test_a_claims_score_does_not_depend_on_the_other_claims_of_its_batch(known_fit, bf16):
+def test_a_claims_score_does_not_depend_on_the_other_claims_of_its_batch(known_fit, bf16, monkeypatch):
     """The scorer batches only pairs of one token length (no padding), runs its per-claim heads
     one row at a time and turns logits into probabilities one at a time (`model.probabilities`),
     so a claim's score is bit-identical whatever else the batch holds and in whatever order the
@@ -554,15 +556,29 @@ def test_a_claims_score_does_not_depend_on_the_other_claims_of_its_batch(known_f
 
     import pyarrow as pa
 
+    from autoknow_ray.modules.cleaning import model as cleaning_model
     from autoknow_ray.modules.cleaning.steps import ScoreTriples
+    from autoknow_ray.nn.encoder import same_length_batches
     from autoknow_ray.steps import WorkerEnv
 
     _, _, model_dir = known_fit
-    # 200 products: length buckets fill batches of 64 and leave tails (at 40 products none did,
-    # and a vectorised sigmoid's tail still moved 11 of 800 scores by an ulp)
-    products, _ = known_catalogue(200, seed=1, plant_every=5)
+    # the whole table's length buckets must fill batches and leave tails (at 40 products and
+    # batches of 64 none did, and a vectorised sigmoid's tail still moved 11 of 800 scores by an
+    # ulp). Each fold model scores its own products' pairs, so a bucket holds a few dozen pairs:
+    # at 200 products (800 claims) the largest held 50, and batches of 64 never filled. Batches
+    # of 16 on 100 products fill and leave tails (checked below), on half the claims
+    n, batch = 100, 16
+    products, _ = known_catalogue(n, seed=1, plant_every=5)
     step = ScoreTriples(model_dir, None, True, False, bf16, "cpu")
-    step.setup(WorkerEnv(cpu_threads=2, batch_size=64))
+    step.setup(WorkerEnv(cpu_threads=2, batch_size=batch))
+    calls = []  # per call of the scorer (one fold model's pairs): (token length, pairs) per batch
+
+    def spy(lengths, batch_size):
+        out = same_length_batches(lengths, batch_size)
+        calls.append([(lengths[b[0]], len(b)) for b in out])
+        return out
+
+    monkeypatch.setattr(cleaning_model, "same_length_batches", spy)
 
     def scores(rows: list[dict], blocks: int) -> dict:
         out = {}
@@ -575,11 +591,17 @@ def test_a_claims_score_does_not_depend_on_the_other_claims_of_its_batch(known_f
 
     rows = products.to_dicts()
     whole = scores(rows, 1)
-    assert len(whole) == 200 * 4
+    assert len(whole) == n * 4
+    buckets = {}
+    for k, call in enumerate(calls):
+        for length, size in call:
+            buckets.setdefault((k, length), []).append(size)
+    filled = [b for b in buckets.values() if b[0] == batch]
+    assert len(filled) >= 3 and any(0 < b[-1] < batch for b in filled), sorted(buckets.values())
     shuffled = rows[:]
     random.Random(7).shuffle(shuffled)
-    # one pass changes both: another order, and 17 blocks of 11-12 products (batches of other
-    # sizes and other neighbours than the whole table's batches of 64)
+    # one pass changes both: another order, and 17 blocks of 5-6 products (batches of other
+    # sizes and other neighbours than the whole table's)
     other = scores(shuffled, 17)
     assert other.keys() == whole.keys()
     differ = [k for k in whole if other[k] != whole[k]]

@@ -106,3 +106,18 @@ def test_a_pairs_vote_does_not_depend_on_the_terms_scored_beside_it(monkeypatch)
     alone = np.array([votes.pair_votes(["value"], ["A"], [a[i]], [b[i]], va[i:i + 1], vb[i:i + 1])[0]
                       for i in range(m)])
     assert np.array_equal(alone, together)
+
+
+def test_equal_cosines_are_taken_in_the_tables_order():
+    """An uncased encoder gives "Black" and "black" one vector: of fit terms at the same cosine,
+    the vote takes them in the table's row order, never in whatever order a partial sort leaves."""
+    n = 40
+    same = _unit(np.ones(8))
+    vectors = np.stack([same] * n)
+    table = pl.DataFrame({"kind": ["value"] * n, "attribute": ["Color"] * n,
+                          "term": [f"t{i:02d}" for i in range(n)],
+                          "canonical": ["Black" if i < 3 else "Grey" for i in range(n)]})
+    votes = transfer.CanonicalVotes(table, vectors, k=3)
+    v = votes.pair_votes(["value"] * 2, ["Color"] * 2, ["new", "new"], ["Black", "Grey"],
+                         np.stack([same, same]), np.stack([same, same]))
+    assert v[0] == pytest.approx(1.0) and v[1] == 0.0  # the first three rows, all "Black"

@@ -83,14 +83,14 @@ class CanonicalVotes:
             # in float64, rounded to float32: a block's product otherwise moves in the last bits
             # with the other rows of its block, and a pair's vote is part of its cached score's key
             sims = (vecs[a:a + CHUNK].astype(np.float64) @ g[3].T).astype(np.float32)
-            part = (np.argpartition(-sims, m - 1, axis=1)[:, :m] if m < sims.shape[1]
-                    else np.tile(np.arange(sims.shape[1]), (len(sims), 1)))
-            ps = np.take_along_axis(sims, part, axis=1)
-            # best first; equal cosines by the table's row order, so the vote never depends on
-            # the order argpartition returns them in
-            order = np.lexsort((part, -ps), axis=1)
-            idx[a:a + CHUNK] = np.take_along_axis(part, order, axis=1)
-            top[a:a + CHUNK] = np.take_along_axis(ps, order, axis=1)
+            # the m best, equal cosines (one uncased vector for "Black" and "black") taken in the
+            # table's row order: every term above the m-th best cosine, then the ties at it
+            kth = -np.partition(-sims, m - 1, axis=1)[:, m - 1]
+            for r in range(len(sims)):
+                cand = np.flatnonzero(sims[r] >= kth[r])
+                best = cand[np.lexsort((cand, -sims[r, cand]))[:m]]
+                idx[a + r] = best
+                top[a + r] = sims[r, best]
         return idx, top
 
     def _one_way(self, terms_g, canon_g, idx, sims, own: str, other: str) -> float:

@@ -1237,3 +1237,122 @@ def test_embed_products_reads_module_1s_title_vectors_and_they_are_its_own(tmp_p
     np.testing.assert_allclose(np.array(mixed.column("text").to_pylist(), np.float32),
                                np.array(encoded.column("text").to_pylist(), np.float32), atol=2e-3)
     assert mixed.column("text").to_pylist()[0] == encoded.column("text").to_pylist()[0]
+
+
+# ---- a learnt embedding per product (`id_embedding_rows`)
+def _memory_graph(k=16):
+    """`k` sources each bought with its own target (5 times), every product with the same title
+    and type: metadata and graph shape cannot tell one target from another, only memory can."""
+    n = 2 * k
+    text = np.tile(np.random.default_rng(0).normal(size=(1, 384)).astype(np.float32), (n, 1))
+    src, dst = np.arange(k), np.arange(k) + k
+    edges = (src, dst, np.full(k, 5.0), np.zeros(k, bool))
+    empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
+    return n, text, np.zeros(n, np.int64), edges, empty
+
+
+@pytest.mark.parametrize("rows", [0, 64])
+def test_a_learnt_row_per_product_recalls_pairs_metadata_cannot_tell_apart(rows):
+    from autoknow_ray.modules.related.fit import all_embeddings
+
+    torch = pytest.importorskip("torch")
+    n, text, types, edges, sim = _memory_graph()
+    k = n // 2
+    rc = RelatedConfig(epochs=150, batch_size=32, negatives=16, dim=8, max_train_seconds=60,
+                       id_embedding_rows=rows, id_lr=0.1, supervision_fraction=1.0)
+    s = GNNSettings(type_buckets=8, type_dim=4, dim=8, fanout=3)
+    model, _ = train(s, rc, text, types, edges, sim, seed=0)
+    assert model.settings.id_rows == rows
+    S, T = all_embeddings(model, text, types, edges, torch.full((n, 3), -1, dtype=torch.long))
+    scores = S[:k] @ T[k:].T  # source i against every target; its own is target i
+    if not rows:  # nothing tells the targets apart
+        assert np.ptp(scores, axis=1).max() < 1e-4
+        return
+    assert (scores.argmax(1) == np.arange(k)).mean() >= 0.9
+    # a product without co-purchase events gets no row: what the model without rows gives it
+    lone = (edges[0][:0], edges[1][:0], edges[2][:0])
+    S0, T0 = all_embeddings(model, text, types, lone, torch.full((n, 3), -1, dtype=torch.long))
+    model.settings.id_rows = 0
+    S1, T1 = all_embeddings(model, text, types, lone, torch.full((n, 3), -1, dtype=torch.long))
+    np.testing.assert_allclose(S0, S1, atol=1e-6)
+    np.testing.assert_allclose(T0, T1, atol=1e-6)
+
+
+def test_learnt_rows_are_saved_served_by_id_hash_and_none_without_events(tmp_path):
+    """A model with learnt rows saves and loads them; `DualEmbed` and the sharded hop 2 add each
+    product's row (its id hash mod the rows) where it has co-purchase events, none where it has
+    none; a model saved before the rows loads and serves as before."""
+    import json
+
+    import torch
+
+    from autoknow_ray.modules.related.model import DualGNN, id_hash, load, save
+    from autoknow_ray.modules.related.sharded import NeighbourSums, edge_rows, hop2_reduce, self_rows
+    from autoknow_ray.modules.related.steps import DualEmbed, _fixed
+
+    torch.manual_seed(0)
+    s = GNNSettings(type_buckets=8, type_dim=4, dim=8, fanout=3, id_rows=50)
+    model = DualGNN(s)
+    with torch.no_grad():  # trained rows (they start at zero)
+        model.id_src.weight.normal_()
+        model.id_tgt.weight.normal_()
+    save(model, tmp_path / "model")
+    back = load(tmp_path / "model")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, back.state_dict()[k])
+    n = 12
+    rng = np.random.default_rng(0)
+    ids = [f"p{i}" for i in range(n)]
+    (tmp_path / "nodes").mkdir()
+    pq.write_table(pa.table({"product_id": ids, "h0": _fixed(rng.normal(size=(n, 8)))}),
+                   tmp_path / "nodes" / "part.parquet")
+    mark_complete(tmp_path / "nodes")
+    (tmp_path / "nb").mkdir()
+    nb = pa.table({"product_id": ["p0", "p1", "p2", "p0", "p5"], "kind": ["out", "in", "in", "similar", "similar"],
+                   "neighbours": [["p1", "p2"], ["p0"], ["p0"], ["p3"], ["p0"]],
+                   "weight_sum": [3.0, 1.0, 2.0, 1.0, 1.0]})
+    pq.write_table(nb, tmp_path / "nb" / "part.parquet")
+    mark_complete(tmp_path / "nb")
+
+    def embed(model_dir):
+        e = DualEmbed(model_dir, tmp_path / "nodes", tmp_path / "nb", 3)
+        e.setup(WorkerEnv())
+        out = e.process_batch(pa.table({"product_id": ids}))
+        return e, {c: np.array(out.column(c).to_pylist()) for c in ("source", "target")}
+
+    e, got = embed(tmp_path / "model")
+    # the same model without its rows (an old model: no id fields in its config)
+    (tmp_path / "old").mkdir()
+    cfg = json.loads((tmp_path / "model" / "config.json").read_text())
+    (tmp_path / "old" / "config.json").write_text(json.dumps(
+        {k: v for k, v in cfg.items() if not k.startswith("id_")}))
+    from safetensors.torch import save_file
+
+    save_file({k: v for k, v in model.state_dict().items() if not k.startswith("id_")},
+              str(tmp_path / "old" / "model.safetensors"))
+    _, old = embed(tmp_path / "old")
+    rows = (id_hash(ids) % np.uint64(50)).astype(np.int64)
+    with_events = {"p0", "p1", "p2"}
+    for i, p in enumerate(ids):
+        r = int(rows[i])
+        add_s = model.id_src.weight[r].detach().numpy() if p in with_events else 0.0
+        add_t = model.id_tgt.weight[r].detach().numpy() if p in with_events else 0.0
+        np.testing.assert_allclose(got["source"][i], old["source"][i] + add_s, atol=2e-3)
+        np.testing.assert_allclose(got["target"][i], old["target"][i] + add_t, atol=2e-3)
+    assert np.abs(got["source"] - old["source"]).max() > 0.1
+    # the sharded hop 2 (one shard, in-process): each node's hop-1 vectors, summed per neighbour
+    s1, t1 = (x.numpy() for x in e.hop1)
+    order = e.tables.index_of(ids)
+    (tmp_path / "hop1").mkdir()
+    pq.write_table(pa.table({"product_id": ids, "s1": _fixed(s1[order]), "t1": _fixed(t1[order])}),
+                   tmp_path / "hop1" / "part.parquet")
+    mark_complete(tmp_path / "hop1")
+    edges = pa.concat_tables([edge_rows(nb, 3), self_rows(pa.table({"product_id": ids}))])
+    sums = NeighbourSums(tmp_path / "hop1", ["s1", "t1"], 0, 1)
+    sums.setup(WorkerEnv())
+    part = sums.process_batch(edges.select(["v", "kind", "nb", "w"]))
+    part = part.take(pc.sort_indices(part, [("v", "ascending")]))
+    sharded = pl.from_arrow(hop2_reduce(part, str(tmp_path / "model"), 8)).sort("product_id")
+    want = sorted(range(n), key=lambda i: ids[i])
+    for col in ("source", "target"):
+        np.testing.assert_allclose(np.array(sharded[col].to_list(), float), got[col][want], atol=5e-3)

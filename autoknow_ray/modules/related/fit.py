@@ -33,7 +33,7 @@ from autoknow_ray.graph.state import typed_products
 from autoknow_ray.modules.related import graph_build as gb
 from autoknow_ray.modules.related.config import RelatedConfig
 from autoknow_ray.modules.related.model import (DualGNN, GNNSettings, bucket_of, degree_features,
-                                                padded_neighbours, save)
+                                                id_hash, id_rows_of, padded_neighbours, save)
 from autoknow_ray.modules.related.steps import TEXT_DIM, EmbedProducts, _vectors
 from autoknow_ray.pipeline import RunContext
 
@@ -109,12 +109,14 @@ def fit_related(ctx: RunContext, out: Path) -> dict:
     settings = GNNSettings(text_dim=TEXT_DIM, type_buckets=rc.type_buckets, type_dim=rc.type_dim,
                            dim=rc.dim, symmetric=rc.symmetric, encoder=rc.encoder,
                            text_max_length=rc.text_max_length, fanout=rc.fanout)
+    # a product's learnt row (`id_embedding_rows`) from its id hash, as serving finds it
+    id_base = id_hash(nodes.to_arrow().column("product_id"))
     if rc.train_workers > 1:
         model, history = fit_with_ray_train(settings, rc, text, types, (src, dst, count, two_way),
-                                            sim, cfg.seed, work / "trained")
+                                            sim, cfg.seed, work / "trained", id_base)
     else:
         model, history = fit_and_validate(settings, rc, text, types, (src, dst, count, two_way),
-                                          sim, cfg.seed)
+                                          sim, cfg.seed, id_base=id_base)
     save(model, out, {"trained_on": str(ctx.catalogue), **{k: v for k, v in stats.items()
                                                           if isinstance(v, (int, float, str))}})
     shutil.rmtree(work)
@@ -123,7 +125,7 @@ def fit_related(ctx: RunContext, out: Path) -> dict:
 
 def fit_with_ray_train(settings: GNNSettings, rc: RelatedConfig, text: np.ndarray,
                        types: np.ndarray, edges: tuple, sim: tuple, seed: int,
-                       scratch: Path) -> tuple[DualGNN, dict]:
+                       scratch: Path, id_base: np.ndarray | None = None) -> tuple[DualGNN, dict]:
     """`fit_and_validate` as a Ray Train `TorchTrainer` of `rc.train_workers` data-parallel
     workers (GPU ones where the cluster has one for each, `train_use_gpu`): the arrays travel
     through the object store once, rank 0 writes the trained model and its history to `scratch`
@@ -144,7 +146,7 @@ def fit_with_ray_train(settings: GNNSettings, rc: RelatedConfig, text: np.ndarra
     scratch = Path(scratch).resolve()
     if scratch.exists():
         shutil.rmtree(scratch)
-    arrays = ray.put((text, types, edges, sim))
+    arrays = ray.put((text, types, edges, sim, id_base))
     trainer = TorchTrainer(
         _ray_train_loop,
         train_loop_config={"settings": asdict(settings), "rc": rc.model_dump(mode="json"),
@@ -177,11 +179,11 @@ def _ray_train_loop(config: dict) -> None:
     device = "cuda" if dev.type == "cuda" else "cpu"
     if device == "cuda":
         torch.cuda.set_device(dev)
-    text, types, edges, sim = ray.get(config["arrays"])
+    text, types, edges, sim, id_base = ray.get(config["arrays"])
     settings = GNNSettings(**config["settings"])
     rc = RelatedConfig(**config["rc"])
     model, history = fit_and_validate(settings, rc, text, types, edges, sim, config["seed"],
-                                      rank=rank, world=world, device=device)
+                                      rank=rank, world=world, device=device, id_base=id_base)
     out = Path(config["out"])
     out.mkdir(parents=True, exist_ok=True)
     # every worker's steps and a checksum of its weights: equal in a working group
@@ -225,7 +227,7 @@ def _similar_pairs(cfg, work: Path, stats: dict, id_set: set, index: dict, text:
 
 def train(settings: GNNSettings, rc: RelatedConfig, text: np.ndarray, types: np.ndarray,
           edges: tuple, sim: tuple, seed: int, on_epoch=None, rank: int = 0, world: int = 1,
-          device: str = "cpu") -> tuple[DualGNN, dict]:
+          device: str = "cpu", id_base: np.ndarray | None = None) -> tuple[DualGNN, dict]:
     """Trains on `edges` (src, dst, count, two_way index arrays). `on_epoch(model)`, where given,
     scores the model after each epoch (higher is better) and the best epoch's weights are kept.
 
@@ -240,14 +242,23 @@ def train(settings: GNNSettings, rc: RelatedConfig, text: np.ndarray, types: np.
     dev = torch.device(device)
     n = len(text)
     src, dst, count, two_way = edges
+    settings = with_id_settings(settings, rc)
     model = DualGNN(settings).to(dev)
     if world > 1:
         _broadcast_parameters(model)
-    opt = torch.optim.Adam(model.parameters(), lr=rc.lr, weight_decay=rc.weight_decay)
+    ids = model.id_parameters()
+    rest = [p for p in model.parameters() if all(p is not q for q in ids)]
+    groups = [{"params": rest}]
+    if ids:
+        groups.append({"params": ids, "lr": rc.id_lr or rc.lr, "weight_decay": rc.id_weight_decay})
+    opt = torch.optim.Adam(groups, lr=rc.lr, weight_decay=rc.weight_decay)
     text_t, types_t = torch.from_numpy(text).to(dev), torch.from_numpy(types).to(dev)
     out_w = np.bincount(src, weights=count, minlength=n)
     in_w = np.bincount(dst, weights=count, minlength=n)
     degree_all = degree_features(out_w, in_w)
+    # each product's learnt row (`id_embedding_rows`): from its id hash (`id_base`; the node
+    # index where none is given), none for a product without co-purchase events
+    id_all = id_rows_of(settings, np.arange(n) if id_base is None else id_base, out_w + in_w)
     neg_p = None
     if rc.popular_negatives > 0:
         pop = np.bincount(dst, weights=count, minlength=n) ** rc.popular_negatives_power
@@ -280,6 +291,8 @@ def train(settings: GNNSettings, rc: RelatedConfig, text: np.ndarray, types: np.
         n_sup = max(1, int(len(src) * rc.supervision_fraction))
         sup, msg = perm[:n_sup], perm[n_sup:]
         cold = erng.random(n) < rc.cold_start_fraction
+        # the cold-start share loses its learnt row too, as a new listing has none
+        id_t = torch.from_numpy(np.where(cold, -1, id_all)).to(dev) if settings.id_rows else None
         msg = msg[~cold[src[msg]] & ~cold[dst[msg]]]
         degree = torch.from_numpy(np.where(cold[:, None], 0.0, degree_all).astype(np.float32)).to(dev)
         out_nb = torch.from_numpy(padded_neighbours(n, src[msg], dst[msg], count[msg], settings.fanout, erng)).to(dev)
@@ -301,7 +314,7 @@ def train(settings: GNNSettings, rc: RelatedConfig, text: np.ndarray, types: np.
             need = _two_hop(nodes_t, out_nb, in_nb, sim_nb)
             h0 = torch.zeros(n, settings.dim, device=dev)
             h0 = h0.index_put((need,), model.metadata(text_t[need], types_t[need]))
-            s, t = model(nodes_t, h0, degree, out_nb, in_nb, sim_nb)
+            s, t = model(nodes_t, h0, degree, out_nb, in_nb, sim_nb, id_t)
             loss = _contrastive(s[na], t[nb_], t[nneg], b, negs, rc.in_batch_negatives, log_q)
             if swap.any() and rc.augment_weight > 0:
                 loss = loss + rc.augment_weight * _contrastive(
@@ -345,6 +358,15 @@ def train(settings: GNNSettings, rc: RelatedConfig, text: np.ndarray, types: np.
         history["best_epoch"] = best[2]
     history["train_seconds"] = round(time.perf_counter() - start, 1)
     return model.eval(), history
+
+
+def with_id_settings(settings: GNNSettings, rc: RelatedConfig) -> GNNSettings:
+    """`settings` with the config's learnt rows per product (none where the config has none)."""
+    from dataclasses import replace
+
+    if not rc.id_embedding_rows:
+        return settings
+    return replace(settings, id_rows=rc.id_embedding_rows)
 
 
 def rank_batches(sup: np.ndarray, batch_size: int, rank: int = 0, world: int = 1) -> list[np.ndarray]:
@@ -424,23 +446,28 @@ def split_events(count: np.ndarray, fraction: float, rng: np.random.Generator):
 
 
 def all_embeddings(model: DualGNN, text: np.ndarray, types: np.ndarray, edges: tuple, sim_nb,
-                   chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """Source and target embeddings of every node, message passing over all of `edges`."""
+                   chunk: int = 4096, id_base: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Source and target embeddings of every node, message passing over all of `edges` (a
+    product's learnt row, where the model has them, from `id_base`, default its index, where
+    `edges` give it co-purchase events)."""
     n = len(text)
     src, dst, count = edges[:3]
     fanout = model.settings.fanout
     dev = next(model.parameters()).device
     out_nb = torch.from_numpy(padded_neighbours(n, src, dst, count, fanout)).to(dev)
     in_nb = torch.from_numpy(padded_neighbours(n, dst, src, count, fanout)).to(dev)
-    degree = torch.from_numpy(degree_features(np.bincount(src, weights=count, minlength=n),
-                                              np.bincount(dst, weights=count, minlength=n))).to(dev)
+    out_w = np.bincount(src, weights=count, minlength=n)
+    in_w = np.bincount(dst, weights=count, minlength=n)
+    degree = torch.from_numpy(degree_features(out_w, in_w)).to(dev)
+    rows = torch.from_numpy(id_rows_of(model.settings, np.arange(n) if id_base is None else id_base,
+                                       out_w + in_w)).to(dev)
     sim_nb = sim_nb.to(dev)
     S, T = [], []
     with torch.no_grad():
         h0 = model.metadata(torch.from_numpy(text).to(dev), torch.from_numpy(types).to(dev))
         for lo in range(0, n, chunk):
             s, t = model(torch.arange(lo, min(n, lo + chunk), device=dev), h0, degree, out_nb,
-                         in_nb, sim_nb)
+                         in_nb, sim_nb, rows)
             S.append(s.cpu().numpy())
             T.append(t.cpu().numpy())
     return np.concatenate(S), np.concatenate(T)
@@ -665,7 +692,7 @@ class Validation:
 
 def fit_and_validate(settings: GNNSettings, rc: RelatedConfig, text: np.ndarray, types: np.ndarray,
                      edges: tuple, sim: tuple, seed: int, rank: int = 0, world: int = 1,
-                     device: str = "cpu") -> tuple[DualGNN, dict]:
+                     device: str = "cpu", id_base: np.ndarray | None = None) -> tuple[DualGNN, dict]:
     """Trains on the training share of the co-purchase events, keeps the epoch whose model alone
     has the best validation hit rate @10, and picks the weight of the co-purchase count prior on the same
     validation pairs (none of this sees anything beyond the catalogue's own graph). In a
@@ -677,7 +704,7 @@ def fit_and_validate(settings: GNNSettings, rc: RelatedConfig, text: np.ndarray,
     tr, va = split_events(count, rc.validation_fraction, rng)
     if rc.validation_fraction == 0 or not (va > 0).any() or not (tr > 0).any():
         model, hist = train(settings, rc, text, types, edges, sim, seed, rank=rank, world=world,
-                            device=device)
+                            device=device, id_base=id_base)
         return model.cpu(), {**hist, "prior_weight": 0.0}
     keep = tr > 0
     train_edges = (src[keep], dst[keep], tr[keep].astype(np.float64), two_way[keep])
@@ -686,21 +713,21 @@ def fit_and_validate(settings: GNNSettings, rc: RelatedConfig, text: np.ndarray,
     multiples = sorted({0.0, *rc.prior_weights})
 
     def on_epoch(model):
-        S, T = all_embeddings(model, text, types, train_edges, sim_nb)
+        S, T = all_embeddings(model, text, types, train_edges, sim_nb, id_base=id_base)
         return float((val.ranks(S, T, 0.0) <= 10).mean())
 
     model, hist = train(settings, rc, text, types, train_edges, sim, seed, on_epoch, rank=rank,
-                        world=world, device=device)
+                        world=world, device=device, id_base=id_base)
     model = model.cpu()
     if rank != 0:
         return model, hist
-    S, T = all_embeddings(model, text, types, train_edges, sim_nb)
+    S, T = all_embeddings(model, text, types, train_edges, sim_nb, id_base=id_base)
     pick = val.best_weight_by_bucket(S, T, multiples, rc.prior_buckets, rc.prior_bucket_min_pairs)
     prior_only = float((val.ranks(S, T, 1e4 * val.spread(S, T)) <= 10).mean())
     model.settings.prior_weight = float(pick["overall"])
     model.settings.prior_buckets = list(rc.prior_buckets)
     model.settings.prior_bucket_weights = [float(w) for w in pick["weights"]]
-    cold = cold_start_embeddings(model, text, types, train_edges, sim_nb, val)
+    cold = cold_start_embeddings(model, text, types, train_edges, sim_nb, val, id_base)
     terms: dict = {}
     if rc.popularity_term or rc.neighbour_term or rc.walk_term:
         val.set_similar(sim_nb.numpy())
@@ -752,14 +779,15 @@ def walk_step_matrix(n: int, src: np.ndarray, dst: np.ndarray, count: np.ndarray
 
 
 def cold_start_embeddings(model: DualGNN, text, types, edges: tuple, sim_nb,
-                          val: Validation) -> tuple[np.ndarray, np.ndarray]:
+                          val: Validation, id_base: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Every product's (source, target) embeddings once every validation source has lost its
     co-purchase edges (as a new listing has none): what the metadata and similar products give."""
     src, dst, count = edges[:3]
     gone = np.zeros(len(text), bool)
     gone[val.src] = True
     keep = ~gone[src] & ~gone[dst]
-    return all_embeddings(model, text, types, (src[keep], dst[keep], count[keep]), sim_nb)
+    return all_embeddings(model, text, types, (src[keep], dst[keep], count[keep]), sim_nb,
+                          id_base=id_base)
 
 
 

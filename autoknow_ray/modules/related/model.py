@@ -54,6 +54,19 @@ class GNNSettings:
     neighbour_bucket_weights: list[float] | None = None
     # … and of the two-step walk term, log1p(WALK_SCALE * P2(A, B)) (`walk_scores`), the same buckets
     walk_bucket_weights: list[float] | None = None
+    # a learnt embedding per product (`RelatedConfig.id_embedding_rows`): rows of the source and
+    # target tables added to the two-hop embeddings (0: none, as in models saved before them)
+    id_rows: int = 0
+
+
+def id_rows_of(settings: GNNSettings, base: np.ndarray, events: np.ndarray) -> np.ndarray:
+    """Each product's learnt row: `base` (its id hash, or any stable non-negative number) mod
+    the model's rows where it has co-purchase events (`events` > 0), -1 (none) where it has none
+    (a new listing) or the model has no rows."""
+    if not settings.id_rows:
+        return np.full(len(events), -1, np.int64)
+    rows = (np.asarray(base).astype(np.uint64) % np.uint64(settings.id_rows)).astype(np.int64)
+    return np.where(np.asarray(events) > 0, rows, -1)
 
 
 def type_bucket(types: list[str | None], buckets: int) -> np.ndarray:
@@ -234,6 +247,35 @@ class DualGNN(nn.Module):
         if not s.symmetric:
             self.l1_tgt = nn.Linear(3 * d + N_DEGREE, d)
             self.l2_tgt = nn.Linear(3 * d, d)
+        if s.id_rows:
+            # zero at the start: a row no product trained stays zero (Adam moves no parameter
+            # whose gradient was always zero), so it adds nothing to a product it was not fit on
+            self.id_src = nn.Embedding(s.id_rows, d)
+            nn.init.zeros_(self.id_src.weight)
+            if not s.symmetric:
+                self.id_tgt = nn.Embedding(s.id_rows, d)
+                nn.init.zeros_(self.id_tgt.weight)
+
+    def id_parameters(self) -> list:
+        return [p for name, p in self.named_parameters() if name.startswith("id_")]
+
+    def id_vectors(self, rows: torch.Tensor, table: str = "id_src") -> torch.Tensor:
+        """[len(rows), dim]: each product's learnt row (`rows`, -1 = none: zeros)."""
+        emb = getattr(self, table) if hasattr(self, table) else self.id_src
+        have = (rows >= 0).unsqueeze(-1).to(emb.weight.dtype)
+        return emb(rows.clamp(min=0)) * have
+
+    def with_ids(self, nodes: torch.Tensor, src: torch.Tensor, tgt: torch.Tensor,
+                 id_rows: torch.Tensor | None):
+        """The two-hop embeddings of `nodes` with their learnt rows added (`id_rows` [n]: every
+        node's row, -1 = none; the symmetric model's one embedding takes the source table's)."""
+        if id_rows is None or not self.settings.id_rows:
+            return src, tgt
+        r = id_rows[nodes]
+        if self.settings.symmetric:
+            e = src + self.id_vectors(r)
+            return e, e
+        return src + self.id_vectors(r), tgt + self.id_vectors(r, "id_tgt")
 
     def metadata(self, text: torch.Tensor, types: torch.Tensor, per_row: bool = False) -> torch.Tensor:
         """Layer 0: the product's own metadata, its source and target embedding alike.
@@ -247,11 +289,13 @@ class DualGNN(nn.Module):
         return torch.tanh(self.inp(x))
 
     def forward(self, nodes: torch.Tensor, h0: torch.Tensor, degree: torch.Tensor,
-                out_nb: torch.Tensor, in_nb: torch.Tensor, sim_nb: torch.Tensor):
+                out_nb: torch.Tensor, in_nb: torch.Tensor, sim_nb: torch.Tensor,
+                id_rows: torch.Tensor | None = None):
         """Source and target embeddings [len(nodes), dim] after two hops.
 
         `h0` [n, dim] and `degree` [n, 2] cover every node that `nodes` reach in two hops;
-        `out_nb`, `in_nb`, `sim_nb` [n, fanout] index into them (-1 = no neighbour)."""
+        `out_nb`, `in_nb`, `sim_nb` [n, fanout] index into them (-1 = no neighbour); `id_rows`
+        [n]: each node's learnt row (-1 = none) where the model has them."""
         # hop 1 runs on the nodes and their neighbours, hop 2 on the nodes alone
         nb = torch.cat([nodes[:, None], out_nb[nodes], in_nb[nodes], sim_nb[nodes]], 1)
         ring = torch.unique(nb[nb >= 0])
@@ -262,8 +306,9 @@ class DualGNN(nn.Module):
         def local(idx):
             return torch.where(idx >= 0, pos[idx.clamp(min=0)], idx)
 
-        return self._hop2(pos[nodes], s1, t1, local(out_nb[nodes]), local(in_nb[nodes]),
-                          local(sim_nb[nodes]))
+        src, tgt = self._hop2(pos[nodes], s1, t1, local(out_nb[nodes]), local(in_nb[nodes]),
+                              local(sim_nb[nodes]))
+        return self.with_ids(nodes, src, tgt, id_rows)
 
     def hop1_all(self, h0, degree, out_nb, in_nb, sim_nb, chunk: int = 65_536):
         """Hop-1 source and target embeddings of every node, chunk by chunk: computed once, they
@@ -277,9 +322,10 @@ class DualGNN(nn.Module):
             return empty, empty
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
-    def forward_from_hop1(self, nodes, s1, t1, out_nb, in_nb, sim_nb):
+    def forward_from_hop1(self, nodes, s1, t1, out_nb, in_nb, sim_nb, id_rows=None):
         """What `forward` gives, from the hop-1 embeddings of every node (`hop1_all`)."""
-        return self._hop2(nodes, s1, t1, out_nb[nodes], in_nb[nodes], sim_nb[nodes])
+        src, tgt = self._hop2(nodes, s1, t1, out_nb[nodes], in_nb[nodes], sim_nb[nodes])
+        return self.with_ids(nodes, src, tgt, id_rows)
 
     def _hop2(self, me, s1, t1, o, i, w):
         if self.settings.symmetric:

@@ -343,7 +343,7 @@ def hop2_reduce(block: pa.Table, model_dir: str, dim: int) -> pa.Table:
     import torch
 
     gnn = _model(model_dir)
-    nodes, sums, counts, _ = _means(block, 2 * dim)
+    nodes, sums, counts, weights = _means(block, 2 * dim)
     n = len(nodes)
     if SELF not in sums:
         return _hop_table(nodes, np.zeros((0, dim)), np.zeros((0, dim)))
@@ -361,6 +361,12 @@ def hop2_reduce(block: pa.Table, model_dir: str, dim: int) -> pa.Table:
                                         t(_mean(sums, counts, ["similar"], n, 2 * dim, S))], -1))
             tgt = gnn.l2_tgt(torch.cat([t(t1), t(_mean(sums, counts, ["in"], n, 2 * dim, S)),
                                         t(_mean(sums, counts, ["similar"], n, 2 * dim, T))], -1))
+        if gnn.settings.id_rows:  # each product's learnt row, by its id hash (none without events)
+            from autoknow_ray.modules.related.model import id_hash, id_rows_of
+
+            rows = id_rows_of(gnn.settings, id_hash(nodes.to_arrow().cast(pa.string())),
+                              weights[DEGREE_OUT] + weights[DEGREE_IN])
+            src, tgt = gnn.with_ids(torch.arange(n), src, tgt, t(rows))
     return _hop_table(nodes, src.float().numpy(), tgt.float().numpy())
 
 

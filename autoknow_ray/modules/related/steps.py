@@ -389,6 +389,14 @@ class DualEmbed(Step):
         t = self.tables
         self.t = {k: torch.from_numpy(getattr(t, k)).to(env.device)
                   for k in ("h0", "degree", "out_nb", "in_nb", "sim_nb")}
+        # each product's learnt row (a model with `id_rows`): by its id hash, none without
+        # co-purchase events (a new listing), as fit trained it
+        self.id_rows = None
+        if self.gnn.settings.id_rows:
+            from autoknow_ray.modules.related.model import id_hash, id_rows_of
+
+            self.id_rows = torch.from_numpy(id_rows_of(self.gnn.settings, id_hash(t.ids),
+                                                       t.events)).to(env.device)
         self.hop1 = None
         if self.t["h0"].shape[0] <= HOP1_ONCE_MAX_NODES:
             with torch.inference_mode():
@@ -404,10 +412,10 @@ class DualEmbed(Step):
         with torch.inference_mode():
             if self.hop1 is not None:
                 s, t = self.gnn.forward_from_hop1(nodes, *self.hop1, self.t["out_nb"],
-                                                    self.t["in_nb"], self.t["sim_nb"])
+                                                    self.t["in_nb"], self.t["sim_nb"], self.id_rows)
             else:
                 s, t = self.gnn(nodes, self.t["h0"], self.t["degree"], self.t["out_nb"],
-                                  self.t["in_nb"], self.t["sim_nb"])
+                                  self.t["in_nb"], self.t["sim_nb"], self.id_rows)
         return pa.table({"product_id": batch.column("product_id"), "source": _fixed(s.float().cpu().numpy()),
                          "target": _fixed(t.float().cpu().numpy())})
 

@@ -88,7 +88,9 @@ def fitted(ray_session, tmp_path_factory):
     cfg = Config.model_validate({
         "stages": ["ingest", "synonyms", "graph"],
         "ray": {"num_cpus": 2, "object_store_memory_mb": 400},
-        "synonyms": {"max_train_terms": 200, "epochs": 40, "knn_k": 5, "precision_target": 0.75}})
+        # one MLP, as test_synonyms.py's fit of the same catalogue (why there)
+        "synonyms": {"max_train_terms": 200, "epochs": 40, "knn_k": 5, "precision_target": 0.75,
+                     "members": 1}})
     manifest = fit(root / "cat", root / "models", config=cfg)
     return root, cfg, manifest
 

@@ -60,6 +60,14 @@ def train_scorer(x: np.ndarray, y: np.ndarray, *, hidden: int, epochs: int, lr: 
 
 
 def _train(x, y, *, hidden, epochs, lr, weight_decay, seed, binary, sample_weight) -> PairScorer:
+    from autoknow_ray.nn.threads import torch_threads
+
+    with torch_threads(1):  # a small scorer: a second thread only waits (nn/threads.py)
+        return _train_one_thread(x, y, hidden=hidden, epochs=epochs, lr=lr, weight_decay=weight_decay,
+                                 seed=seed, binary=binary, sample_weight=sample_weight)
+
+
+def _train_one_thread(x, y, *, hidden, epochs, lr, weight_decay, seed, binary, sample_weight) -> PairScorer:
     torch.manual_seed(seed)
     xt = torch.tensor(x, dtype=torch.float32)
     yt = torch.tensor(y, dtype=torch.float32)

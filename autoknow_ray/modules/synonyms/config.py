@@ -79,6 +79,9 @@ class SynonymsConfig(BaseModel):
     train_knn_k: int = Field(3, ge=1)
     val_fraction: float = Field(0.2, gt=0, lt=1)  # held out by term (precision_target null only)
     hidden: int = Field(32, ge=1)
+    # MLPs trained alike with consecutive seeds, their probabilities averaged (out-of-fold
+    # calibration too): one MLP's calibrated threshold moved with its seed
+    members: int = Field(3, ge=1)
     epochs: int = Field(60, ge=1)
     lr: float = 3e-3
     batch_size: int = Field(256, ge=1)

@@ -862,7 +862,14 @@ class HypernymClassifier:
         return self
 
     def _train(self, lists, share: float, verbose: bool = True) -> tuple[_MLP, list[float]]:
-        """A fresh MLP trained on `lists` ([features, labels, is_product] per child)."""
+        """A fresh MLP trained on `lists` ([features, labels, is_product] per child), on one torch
+        thread (a small MLP: a second thread only waits, nn/threads.py)."""
+        from autoknow_ray.nn.threads import torch_threads
+
+        with torch_threads(1):
+            return self._train_one_thread(lists, share, verbose)
+
+    def _train_one_thread(self, lists, share: float, verbose: bool) -> tuple[_MLP, list[float]]:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         model = _MLP(len(FEATURES), cfg.hidden)

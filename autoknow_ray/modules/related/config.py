@@ -64,9 +64,9 @@ class RelatedConfig(BaseModel):
     # rows (0: none, the default) in a source and a target table, a product's row its id hash
     # mod the rows, added to its two-hop source and target embeddings (a matrix-factorisation
     # term u(A) . v(B) beside the GNN's score). Only products with co-purchase events get one:
-    # a new listing, and each epoch's cold-start share in training, get none. Off: on Instacart
-    # the model alone rose from ~0.047 to ~0.05 at 6 epochs, counts are ~0.10 (docs/related.md,
-    # "A learnt embedding per product, trained longer")
+    # a new listing, and each epoch's cold-start share in training, get none. Off: on Instacart's
+    # validation pairs rows gave the model alone ~+0.005 at 10-20 epochs (~0.054, counts ~0.10)
+    # and the blend nothing (docs/related.md, "A learnt embedding per product, trained longer")
     id_embedding_rows: int = Field(0, ge=0)
     id_lr: float | None = Field(None, gt=0)  # the tables' learning rate (None: `lr`)
     id_weight_decay: float = Field(0.0, ge=0)  # the tables' weight decay (not `weight_decay`)

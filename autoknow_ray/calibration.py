@@ -109,3 +109,80 @@ def _at_base(tpr: float, fpr: float, base_rate: float) -> float:
     num = base_rate * tpr
     den = num + (1 - base_rate) * fpr
     return num / den if den > 0 else 0.0
+
+
+def wilson_lower(k, n, z: float = Z_ONE_SIDED_95) -> np.ndarray:
+    """`wilson(k, n, z)[0]` over arrays (0 where n is 0)."""
+    k = np.asarray(k, dtype=np.float64)
+    n = np.asarray(n, dtype=np.float64)
+    safe = np.where(n > 0, n, 1.0)
+    p = k / safe
+    d = 1 + z * z / safe
+    c = p + z * z / (2 * safe)
+    r = z * np.sqrt(np.maximum(p * (1 - p) / safe + z * z / (4 * safe * safe), 0.0))
+    return np.where(n > 0, np.maximum(0.0, (c - r) / d), 0.0)
+
+
+def two_thresholds_for_precision(scores, labels, in_group, target: float, *, floor: float = 0.0,
+                                 z: float = Z_ONE_SIDED_95, block_cells: int = 4_000_000) -> dict:
+    """Two thresholds chosen together: `group` for the claims in `in_group`, `other` for the
+    rest, `group` <= `other`, both >= `floor` and among the claims' own scores: of all pairs whose
+    one lower bound of precision over every claim acted on (either threshold) reaches `target`,
+    the one of most recall; of equal recall the fewest claims acted on, then the highest `group`
+    threshold, then the highest `other` (so where the group earns no lower threshold both stay
+    equal). The pairs are scored in blocks of at most `block_cells` (cumulative counts, no loop
+    per claim). `group` None, with the reason, where no pair reaches the target."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels).astype(bool)
+    g = np.asarray(in_group).astype(bool)
+    n1 = int(y.sum())
+    out = {"target": float(target), "threshold_group": None, "threshold_other": None,
+           "positives": n1, "negatives": int((~y).sum()), "group_claims": int(g.sum()),
+           "group_positives": int((g & y).sum())}
+    t = np.unique(s[s >= floor])[::-1]  # candidate thresholds, highest first
+    if n1 == 0 or t.size == 0:
+        out["abstain_reason"] = "no claim the module should act on at or above the floor"
+        return out
+
+    def at_or_above(mask):  # claims of `mask` scoring >= each threshold of t
+        v = np.sort(s[mask])
+        return (v.size - np.searchsorted(v, t, side="left")).astype(np.float64)
+
+    tp_g, fp_g = at_or_above(g & y), at_or_above(g & ~y)
+    tp_o, fp_o = at_or_above(~g & y), at_or_above(~g & ~y)
+    m = t.size
+    rows = max(1, block_cells // m)
+    best = None  # (tp, -acted, -j, -i) of the best pair: i the other threshold, j the group's
+    best_lower = -1.0
+    jj = np.arange(m)
+    for i0 in range(0, m, rows):
+        ii = np.arange(i0, min(m, i0 + rows))[:, None]
+        tp = tp_o[ii] + tp_g[None, :]
+        acted = tp + fp_o[ii] + fp_g[None, :]
+        lower = wilson_lower(tp, acted, z)
+        ok = (jj[None, :] >= ii) & (acted > 0)  # the group's threshold at most the other's
+        best_lower = max(best_lower, float(lower[ok].max()) if ok.any() else -1.0)
+        ok &= lower >= target
+        if not ok.any():
+            continue
+        bi, bj = np.nonzero(ok)
+        bi = bi + i0
+        k = np.lexsort((-bi, -bj, -acted[bi - i0, bj], tp[bi - i0, bj]))[-1]
+        cand = (float(tp[bi[k] - i0, bj[k]]), -float(acted[bi[k] - i0, bj[k]]), -int(bj[k]),
+                -int(bi[k]))
+        if best is None or cand > best:
+            best = cand
+    out["best_precision_lower"] = round(best_lower, 4) if best_lower >= 0 else None
+    if best is None:
+        out["abstain_reason"] = (f"no pair of thresholds reaches precision {target:g} (best lower "
+                                 f"bound {max(best_lower, 0.0):.3f})")
+        return out
+    tp, acted, j, i = best[0], -best[1], -best[2], -best[3]
+    out.update({
+        "threshold_group": float(t[j]), "threshold_other": float(t[i]),
+        "precision": round(tp / acted, 4), "precision_lower": round(float(wilson_lower(tp, acted, z)), 4),
+        "recall": round(tp / n1, 4), "acted": int(acted),
+        "group_acted": int(tp_g[j] + fp_g[j]), "group_right": int(tp_g[j]),
+        "other_acted": int(tp_o[i] + fp_o[i]), "other_right": int(tp_o[i]),
+    })
+    return out

@@ -465,6 +465,7 @@ def train_conditioned_tagger(
         # every predicted validation span's score and whether it is a labelled span: what a
         # caller calibrates its confidence threshold on
         metrics["val_spans"] = {"scores": final["span_scores"], "correct": final["span_correct"],
+                                **_span_identity(final),
                                 "n_gold": final["n_gold"], "windows": final["windows"],
                                 "empty_keep_fraction": empty_keep_fraction}
         if tagger.members:  # the first member alone on the same windows: what one tagger gives
@@ -473,7 +474,8 @@ def train_conditioned_tagger(
             tagger.members = others
             metrics.update({f"val_first_member_{k}": one[k] for k in ("precision", "recall", "f1")})
             metrics["val_spans_first_member"] = {"scores": one["span_scores"],
-                                                 "correct": one["span_correct"], "n_gold": one["n_gold"],
+                                                 "correct": one["span_correct"], **_span_identity(one),
+                                                 "n_gold": one["n_gold"],
                                                  "windows": one["windows"],
                                                  "empty_keep_fraction": empty_keep_fraction}
     metrics["train_seconds"] = time.perf_counter() - t0
@@ -551,6 +553,11 @@ def _train_member(tagger: ConditionedTagger, train, val, ctx_all, texts, s: Cond
     return history, seen, best_epoch
 
 
+def _span_identity(v: dict) -> dict:
+    """Per validation span: its label, its value text and the index of its text."""
+    return {"labels": v["span_labels"], "values": v["span_values"], "text_index": v["span_texts"]}
+
+
 def _validate(tagger: ConditionedTagger, val, ctx_all, texts, batch_size: int) -> dict:
     """Span P/R/F1 on validation windows (each decoded as a whole text)."""
     wins = [w for w, _, _ in val]
@@ -570,11 +577,18 @@ def _validate(tagger: ConditionedTagger, val, ctx_all, texts, batch_size: int) -
     gold = [sp for _, _, sp in val]
     out = span_prf(gold, [pred_by[i] for i in range(len(val))])
     out["span_scores"], out["span_correct"] = [], []
+    # per span also its label, its text and the text it was read from: what a caller tells
+    # spans of a value it already knows from the others by
+    out["span_labels"], out["span_values"], out["span_texts"] = [], [], []
     for i, g in enumerate(gold):
         gs = {(lab, a, b) for lab, a, b in g}
+        t = int(wins[i].text_index)
         for lab, a, b, score in scored_by[i]:
             out["span_scores"].append(float(score))
             out["span_correct"].append((lab, a, b) in gs)
+            out["span_labels"].append(lab)
+            out["span_values"].append(texts[t][a:b])
+            out["span_texts"].append(t)
     # per validation window: its text, tokens read, whether it holds no labelled span (such
     # windows were kept at `empty_keep_fraction`) and its spans' scores; what a caller measures
     # how often the tagger is sure on text like the fit's with

@@ -82,6 +82,15 @@ class ImputationConfig(BaseModel):
     # fitted before calibration existed use 0.9
     min_confidence: float | Literal["auto"] = "auto"
     precision_target: float = Field(0.95, gt=0, lt=1)
+    # a second threshold for known values: a candidate whose (attribute, value) another product
+    # of the fit's sample gives is admitted from `threshold_known` (fit calibrates it jointly
+    # with the threshold for other values, known <= unknown, one precision bound over both;
+    # calibration.json). Only with `min_confidence: auto`; false, or a model fitted before it:
+    # the one threshold. Fit always calibrates both
+    known_value_threshold: bool = True
+    # (attribute, term) pairs fit ships as known values, the most frequent first
+    # (MODELS/imputation/known_attribute_values.parquet; the rebuild holds them as a set)
+    known_value_terms_max: int = Field(50_000, ge=0)
     # a catalogue unlike the fit's: where the rebuild's titles hold fewer than 1/shift_factor of
     # the sure spans (score >= fit's threshold, per 1,000 title tokens) that fit's validation
     # titles held, over at least `shift_min_titles` titles, fit's precision says nothing about

@@ -45,17 +45,18 @@ def locate(text: str, values: list[tuple[str, str]], matcher: ValueMatcher) -> l
 
 
 def build_examples(rows: list[dict], fields: list[str], max_chars: int, max_customer_texts: int,
-                   max_value_chars: int, min_attribute_count: int):
+                   max_value_chars: int, min_attribute_count: int, *, with_rows: bool = False):
     """(texts, types, spans, labels, stats, fields) from product rows (with `type`, the product fields,
     `customer_kinds` / `customer_texts`). Only products with a type and at least one filled value
     are used: an untyped product cannot teach the type-conditioned model, and a product with no
     value would teach O on every value its texts mention. `fields[i]` names the field text i
-    came from ("title", "description", "bullets[0]", …)."""
+    came from ("title", "description", "bullets[0]", …). With `with_rows` a seventh item,
+    `text_rows[i]`, is the index in `rows` of the product text i belongs to."""
     matcher = ValueMatcher(max_value_chars)
     counts: Counter = Counter()
-    texts, types, spans, text_fields = [], [], [], []
+    texts, types, spans, text_fields, text_rows = [], [], [], [], []
     label_texts: Counter = Counter()
-    for row in rows:
+    for r, row in enumerate(rows):
         values = filled_values(row)
         if not values:
             counts["products_without_values"] += 1
@@ -64,6 +65,7 @@ def build_examples(rows: list[dict], fields: list[str], max_chars: int, max_cust
             sp = locate(text, values, matcher)
             texts.append(text)
             text_fields.append(field)
+            text_rows.append(r)
             types.append(row.get("type"))
             spans.append(sp)
             label_texts.update({a for a, _, _ in sp})
@@ -76,4 +78,6 @@ def build_examples(rows: list[dict], fields: list[str], max_chars: int, max_cust
              "labels": labels,
              "dropped_attributes": sorted(a for a in label_texts if a not in keep),
              **dict(counts)}
+    if with_rows:
+        return texts, types, spans, labels, stats, text_fields, text_rows
     return texts, types, spans, labels, stats, text_fields

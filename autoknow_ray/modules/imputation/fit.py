@@ -16,12 +16,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from autoknow_ray import runtime
-from autoknow_ray.calibration import PrecisionChoice, threshold_for_precision
+from autoknow_ray.calibration import (
+    PrecisionChoice, threshold_for_precision, two_thresholds_for_precision)
 from autoknow_ray.graph import state
 from autoknow_ray.modules.imputation.config import ImputationConfig
 from autoknow_ray.modules.imputation.distant import build_examples
 from autoknow_ray.modules.imputation.model import (
-    CALIBRATION, KNOWN_VALUES, TAGGER, save_type_vectors)
+    CALIBRATION, KNOWN_ATTRIBUTE_VALUES, KNOWN_VALUES, TAGGER, save_type_vectors)
 from autoknow_ray.modules.imputation.texts import filled_values, value_key
 from autoknow_ray.nn.conditioned_tagger import ConditionedTrainSettings, train_conditioned_tagger
 from autoknow_ray.pipeline import RunContext
@@ -81,6 +82,63 @@ def known_values(rows: list[dict], cap: int) -> pl.DataFrame:
     return agg.sort(["n", "type", "attribute", "term"], descending=[True, False, False, False]).head(cap)
 
 
+def _product_pairs(row: dict) -> set[tuple[str, str]]:
+    return {(a, k) for a, v in filled_values(row) if (k := value_key(v))}
+
+
+def known_attribute_values(rows: list[dict], cap: int) -> pl.DataFrame:
+    """(attribute, term, n) of the sampled products' filled values, n the products that give the
+    attribute that value (each product once), the `cap` most frequent (ties by key): the known
+    values the second threshold is for."""
+    recs = [pair for r in rows for pair in _product_pairs(r)]
+    if cap <= 0 or not recs:
+        return pl.DataFrame(schema={"attribute": pl.Utf8, "term": pl.Utf8, "n": pl.Int64})
+    df = pl.DataFrame(recs, schema=["attribute", "term"], orient="row")
+    agg = df.group_by("attribute", "term").len("n").with_columns(pl.col("n").cast(pl.Int64))
+    return agg.sort(["n", "attribute", "term"], descending=[True, False, False]).head(cap)
+
+
+def known_spans(val_spans: dict, text_rows: list[int], rows: list[dict],
+                known: pl.DataFrame) -> np.ndarray:
+    """Per validation span: is its (label, value key) a known value (in `known`, the table fit
+    ships) that *another* sampled product gives? Validation windows are split by window, not by
+    product, so a product's own value must not make its own span known."""
+    counts = {(a, t): int(n) for a, t, n in known.select("attribute", "term", "n").iter_rows()}
+    own: dict[int, set] = {}
+    out = np.zeros(len(val_spans["scores"]), dtype=bool)
+    for i, (lab, value, t) in enumerate(zip(val_spans["labels"], val_spans["values"],
+                                            val_spans["text_index"])):
+        k = (lab, value_key(value))
+        n = counts.get(k, 0)
+        if not n:
+            continue
+        r = text_rows[t]
+        if r not in own:
+            own[r] = _product_pairs(rows[r])
+        out[i] = n - (1 if k in own[r] else 0) >= 1
+    return out
+
+
+def calibrate_known(val_spans: dict, known: np.ndarray, target: float) -> dict:
+    """The thresholds for known values and for the others, chosen together on the validation
+    spans (`calibration.two_thresholds_for_precision`, floor 0.5, known <= unknown): the pair of
+    most recall whose one precision lower bound over both reaches `target`."""
+    c = two_thresholds_for_precision(val_spans["scores"], val_spans["correct"], known, target,
+                                     floor=0.5)
+    out = {"threshold_known": c.pop("threshold_group"),
+           "threshold_unknown": c.pop("threshold_other"),
+           # every known validation span and the right ones among them; `known_acted` /
+           # `known_right` (and `unknown_*`) are those at the pair
+           "known_spans": c.pop("group_claims"), "known_positives": c.pop("group_positives"),
+           **{k.replace("group_", "known_").replace("other_", "unknown_"): v for k, v in c.items()}}
+    if out["threshold_known"] is not None and val_spans.get("n_gold"):
+        out["recall_of_labelled_spans"] = round(
+            sum(1 for s, ok, kn in zip(val_spans["scores"], val_spans["correct"], known)
+                if ok and s >= (out["threshold_known"] if kn else out["threshold_unknown"]))
+            / val_spans["n_gold"], 4)
+    return out
+
+
 def title_reference(val_spans: dict | None, fields: list[str], threshold: float | None) -> dict | None:
     """How often the tagger is sure on titles like the fit's: spans scoring at least `threshold`
     per 1,000 tokens of the validation titles (a title is one window), with the titles that hold
@@ -133,9 +191,9 @@ def fit_imputation(ctx: RunContext, out: Path) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = _sample_rows(ctx, cfg)
-    texts, types, spans, labels, stats, fields = build_examples(
+    texts, types, spans, labels, stats, fields, text_rows = build_examples(
         rows, cfg.fields, cfg.max_text_chars, cfg.max_texts_per_product,
-        cfg.tagger.max_value_chars, cfg.tagger.min_attribute_count)
+        cfg.tagger.max_value_chars, cfg.tagger.min_attribute_count, with_rows=True)
     if not labels:
         return {"skipped": "no filled attribute value was found in any product text: nothing to learn",
                 "products_sampled": len(rows), "distant_supervision": stats}
@@ -159,6 +217,16 @@ def fit_imputation(ctx: RunContext, out: Path) -> dict:
     ref = title_reference(val_spans, fields, calibration.get("threshold"))
     if ref is not None:  # what a rebuild's titles are compared with (stage.shift_guard)
         calibration["title_reference"] = ref
+    known_terms = known_attribute_values(rows, cfg.known_value_terms_max)
+    if known_terms.height:
+        known_terms.write_parquet(out / KNOWN_ATTRIBUTE_VALUES)
+    if calibration.get("threshold") is not None and known_terms.height and "labels" in val_spans:
+        # the second threshold, for values another product of the sample gives the attribute
+        kv = calibrate_known(val_spans, known_spans(val_spans, text_rows, rows, known_terms),
+                             cfg.precision_target)
+        calibration["threshold_known"] = kv.pop("threshold_known")
+        calibration["threshold_unknown"] = kv.pop("threshold_unknown")
+        calibration["known_values"] = {**kv, "terms": known_terms.height}
     first = metrics.pop("val_spans_first_member", None)
     if first is not None:  # an ensemble: what its first tagger alone would have shipped
         metrics["calibration_first_member"] = calibrate(first, cfg.precision_target)
@@ -169,6 +237,7 @@ def fit_imputation(ctx: RunContext, out: Path) -> dict:
     metrics.pop("history", None)
     return {"products_sampled": len(rows), "labels": labels,
             "conditioned_on_type": cfg.tagger.condition_on_type, "types": len(names),
-            "known_values": known.height, "distant_supervision": stats, "calibration": calibration,
+            "known_values": known.height, "known_attribute_values": known_terms.height,
+            "distant_supervision": stats, "calibration": calibration,
             **metrics,
             "seconds": round(time.perf_counter() - t0, 2)}

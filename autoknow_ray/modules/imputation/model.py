@@ -5,6 +5,11 @@ models/imputation/
   type_vectors.safetensors    MiniLM embeddings of the training types' names (+ type_names.json)
   known_values.parquet        (type, attribute, term, n): the training catalogue's filled values,
                               capped, the labelled terms of the embedding clusters
+  known_attribute_values.parquet  (attribute, term, n): per attribute, the values the sampled
+                              products give it (n products), capped: the known values that
+                              calibration.json's `threshold_known` is for
+  calibration.json            `threshold` (or `abstain_reason`) and, since 7 Dec 2026,
+                              `threshold_known` / `threshold_unknown` with `known_values`
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ TAGGER = "tagger"
 TYPE_VECTORS = "type_vectors.safetensors"
 TYPE_NAMES = "type_names.json"
 KNOWN_VALUES = "known_values.parquet"
+KNOWN_ATTRIBUTE_VALUES = "known_attribute_values.parquet"  # (attribute, term, n): threshold_known's
 CALIBRATION = "calibration.json"  # the threshold fit chose for its precision target, or why none
 UNCALIBRATED_THRESHOLD = 0.9  # models fitted before calibration existed
 
@@ -36,6 +42,30 @@ def shipped_threshold(model_dir: Path, setting) -> tuple[float | None, str | Non
     if c.get("threshold") is None:
         return None, c.get("abstain_reason") or "fit found no threshold reaching its precision target"
     return float(c["threshold"]), None
+
+
+def known_value_thresholds(model_dir: Path, setting, enabled: bool) -> tuple[float, float] | None:
+    """(threshold for known values, threshold for the others) fit calibrated together, or None:
+    switched off, a configured number (the user's one threshold), a model fitted before them,
+    or a fit that found no such pair."""
+    p = Path(model_dir) / CALIBRATION
+    if not enabled or setting != "auto" or not p.exists():
+        return None
+    c = json.loads(p.read_text())
+    if c.get("threshold_known") is None or c.get("threshold_unknown") is None:
+        return None
+    if not (Path(model_dir) / KNOWN_ATTRIBUTE_VALUES).exists():
+        return None
+    return float(c["threshold_known"]), float(c["threshold_unknown"])
+
+
+def load_known_attribute_values(model_dir: Path) -> frozenset[tuple[str, str]]:
+    """The (attribute, value key) pairs fit shipped as known (bounded by its cap)."""
+    p = Path(model_dir) / KNOWN_ATTRIBUTE_VALUES
+    if not p.exists():
+        return frozenset()
+    df = pl.read_parquet(p, columns=["attribute", "term"])
+    return frozenset(zip(df["attribute"].to_list(), df["term"].to_list()))
 
 
 def title_reference(model_dir: Path) -> dict | None:

@@ -24,7 +24,8 @@ from autoknow_ray import runtime, storage
 from autoknow_ray.graph import state
 from autoknow_ray.modules.imputation.clusters import build_cluster_map
 from autoknow_ray.modules.imputation.model import (
-    TAGGER, load_known_values, shipped_threshold, title_reference)
+    TAGGER, known_value_thresholds, load_known_attribute_values, load_known_values,
+    shipped_threshold, title_reference)
 from autoknow_ray.modules.imputation.steps import (
     CANDIDATES, INPUT_COUNTS, PRODUCT_COLUMNS, DecideValues, TagProducts, TermRows, written)
 from autoknow_ray.modules.imputation.texts import SEP
@@ -221,10 +222,19 @@ class ImputationStage(Stage):
             ctx.write("edits", TRIPLES.empty_table(), TRIPLES)
             return {"rows_in": n, "rows_out": 0, "rows_dropped": {"abstained": n}, "facts_added": 0,
                     "abstained": abstain, "min_confidence": None}
+        # fit's one threshold; with its pair for known values (calibration.json) the others are
+        # admitted from the pair's `threshold_unknown` and fit's known values from `threshold_known`
+        single = min_confidence
+        pair = known_value_thresholds(model_dir, cfg.min_confidence, cfg.known_value_threshold)
+        known_threshold, known_terms = None, frozenset()
+        if pair is not None:
+            known_threshold, min_confidence = pair
+            known_terms = load_known_attribute_values(model_dir)
         products = products_with_context(ctx, n)
         tag = TagProducts(model_dir, cfg.fields, cfg.max_text_chars, cfg.max_texts_per_product,
                           cfg.infer_batch_size, cfg.clusters.min_span_score
-                          if cfg.clusters.enabled else min_confidence, cfg.tagger.encoder)
+                          if cfg.clusters.enabled else min(min_confidence, known_threshold or 1.0),
+                          cfg.tagger.encoder)
         t0 = time.perf_counter()
         # the tagger as a cached step (`rebuild --previous RUN` reuses RUN's candidates of every
         # product whose texts, type and upstream values are unchanged; incremental.py), over the
@@ -240,7 +250,7 @@ class ImputationStage(Stage):
         tag_seconds = time.perf_counter() - t0
         cands = runtime.read_parquet(ctx.out / "candidates")
         sums = runtime.column_sums(cands.map_batches(
-            _with_title_sure, fn_args=(float(min_confidence),), batch_format="pyarrow"),
+            _with_title_sure, fn_args=(float(single),), batch_format="pyarrow"),
             [*INPUT_COUNTS, "title_sure"]) if n else {}
         input_counts = {k: int(sums.get(k) or 0) for k in INPUT_COUNTS} if sums else {}
         rows_out = state.count_rows(ctx.out / "candidates")
@@ -252,11 +262,13 @@ class ImputationStage(Stage):
 
         cluster_map, cluster_stats = {}, {"enabled": cfg.clusters.enabled}
         if cfg.clusters.enabled and rows_out:
-            cluster_map, stats = self._clusters(ctx, cands, model_dir, min_confidence)
+            cluster_map, stats = self._clusters(ctx, cands, model_dir, min_confidence,
+                                                known_threshold, known_terms)
             cluster_stats.update(stats)
         decide = DecideValues(min_confidence, cfg.clusters.min_span_score, cluster_map,
                               applicable_attributes(ctx), cfg.emit_conflicts,
-                              cfg.conflict_min_confidence, hold_back=guard["held_back"])
+                              cfg.conflict_min_confidence, hold_back=guard["held_back"],
+                              known_threshold=known_threshold, known_values=known_terms)
         decisions = runtime.map_step(cands, decide, ctx.cfg, n, repartition=False)
         decisions.write_parquet(str(ctx.out / "decisions"))
         per = None
@@ -290,6 +302,11 @@ class ImputationStage(Stage):
             "truncated": {"cluster_term_rows": cluster_stats.get("term_rows_left_out", 0)},
             "min_confidence": min_confidence,
             "min_confidence_setting": cfg.min_confidence,
+            # fit's one threshold, and where its pair for known values is used, the known one
+            # (min_confidence is then the pair's threshold for the other values)
+            "min_confidence_single": single,
+            "min_confidence_known": known_threshold,
+            "known_value_terms": len(known_terms),
             "shift_guard": guard,
             **({"abstained": guard["reason"]} if guard["held_back"] else {}),
             "conditioned_on_type": self._conditioned(model_dir),
@@ -297,13 +314,15 @@ class ImputationStage(Stage):
             **manifest_counts(TAG_STEP, cache),
         }
 
-    def _clusters(self, ctx: RunContext, cands, model_dir, min_confidence: float):
+    def _clusters(self, ctx: RunContext, cands, model_dir, min_confidence: float,
+                  known_threshold: float | None = None, known_terms=frozenset()):
         import polars as pl
 
         from autoknow_ray.nn.encoder import TextEncoder
 
         cfg = ctx.cfg.imputation
-        rows = runtime.map_step(cands, TermRows(min_confidence), ctx.cfg, repartition=False)
+        rows = runtime.map_step(cands, TermRows(min_confidence, known_threshold, known_terms),
+                                ctx.cfg, repartition=False)
         # capped in the workers: the most frequent (type, term, attribute) rows, ties by key
         top = runtime.top_keys(rows, ["type", "term", "attribute"], {"n": ("count", None)},
                                cap=cfg.clusters.max_term_rows, order_by=[("n", "desc")])

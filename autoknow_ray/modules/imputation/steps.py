@@ -113,8 +113,11 @@ class TermRows(Step):
     resources = "imputation"
     columns = ("type", "filled", "cands")
 
-    def __init__(self, min_confidence: float):
+    def __init__(self, min_confidence: float, known_threshold: float | None = None,
+                 known_values: frozenset[tuple[str, str]] | None = None):
         self.min_confidence = min_confidence
+        self.known_threshold = known_threshold
+        self.known_values = known_values or frozenset()
 
     def process_batch(self, batch: pa.Table) -> pa.Table:
         rows: list[tuple[str, str, str]] = []
@@ -128,7 +131,8 @@ class TermRows(Step):
             for c in cands or []:
                 key = value_key(c["value"])
                 if key:
-                    label = c["attribute"] if c["score"] >= self.min_confidence else UNLABELLED
+                    sure = c["score"] >= threshold_for(self, c["attribute"], key)[0]
+                    label = c["attribute"] if sure else UNLABELLED
                     rows.append((t, key, label))
         cols = list(zip(*rows)) if rows else [(), (), ()]
         return pa.Table.from_arrays([pa.array(list(c), pa.string()) for c in cols], schema=TERMS)
@@ -137,7 +141,10 @@ class TermRows(Step):
 class DecideValues(Step):
     """Candidates → decisions; only `added` rows (and conflicts above their own threshold) go to
     the graph. `cluster_map`: (type, term) → (attribute, purity, cluster) for uncertain spans;
-    `applicable`: type → attributes module 2 found applicable (None: no restriction)."""
+    `applicable`: type → attributes module 2 found applicable (None: no restriction).
+    `known_threshold`: the threshold for a candidate whose (attribute, value key) is in
+    `known_values` (fit's known values, calibrated with `min_confidence` for the others); None:
+    one threshold for all."""
 
     name = "imputation_decide"
     resources = "imputation"
@@ -146,8 +153,12 @@ class DecideValues(Step):
     def __init__(self, min_confidence: float, min_span_score: float,
                  cluster_map: dict[tuple[str, str], tuple[str, float, int]] | None,
                  applicable: dict[str, set[str]] | None, emit_conflicts: bool,
-                 conflict_min_confidence: float, hold_back: bool = False):
+                 conflict_min_confidence: float, hold_back: bool = False,
+                 known_threshold: float | None = None,
+                 known_values: frozenset[tuple[str, str]] | None = None):
         self.min_confidence = min_confidence
+        self.known_threshold = known_threshold
+        self.known_values = known_values or frozenset()
         self.hold_back = hold_back  # the shift guard fired: what would be written is recorded only
         self.min_span_score = min_span_score
         self.cluster_map = cluster_map or {}
@@ -177,8 +188,10 @@ class DecideValues(Step):
             for c in cands or []:
                 key = value_key(c["value"])
                 where = f"{c['field']}[{c['start']}:{c['end']}]"
-                if c["score"] >= self.min_confidence:
-                    attr, conf, how = c["attribute"], float(c["score"]), f"{where} tagger"
+                threshold, known = threshold_for(self, c["attribute"], key)
+                if c["score"] >= threshold:
+                    attr, conf = c["attribute"], float(c["score"])
+                    how = f"{where} tagger, known value" if known else f"{where} tagger"
                 elif (t, key) in self.cluster_map:
                     attr, purity, cl = self.cluster_map[(t, key)]
                     conf, how = float(purity), f"{where} cluster {cl} (span score {c['score']:.2f})"
@@ -206,6 +219,15 @@ class DecideValues(Step):
                 else:
                     emit(pid, attr, value, conf, how, "conflict_not_written", None)
         return pa.Table.from_pydict(out, schema=DECISIONS)
+
+
+def threshold_for(step, attribute: str, key: str) -> tuple[float, bool]:
+    """(the threshold a candidate of `attribute` with value key `key` is admitted from, whether
+    it is a known value): the step's `known_threshold` for fit's known values, else its
+    `min_confidence`."""
+    if step.known_threshold is not None and (attribute, key) in step.known_values:
+        return step.known_threshold, True
+    return step.min_confidence, False
 
 
 LOST = "lost_to_better_candidate"  # another candidate of the product's attribute scored higher

@@ -36,9 +36,10 @@ class ActorPlan:
 
 def connect(cfg: JobSettings, address: str | None = None) -> dict:
     """Join `address` (or RAY_ADDRESS, or cfg.ray.address); otherwise start an embedded cluster."""
-    global DRIVER_COMBINE_ROWS
+    global DRIVER_COMBINE_ROWS, SHUFFLE
     address = address or os.environ.get("RAY_ADDRESS") or cfg.ray.address
     DRIVER_COMBINE_ROWS = cfg.ray.driver_combine_rows
+    SHUFFLE = cfg.ray.shuffle
     quiet_ray_data()
     if ray.is_initialized():
         return cluster_info()
@@ -140,8 +141,9 @@ _TASK = None
 def _in_task(fn, args, kwargs, cfg: JobSettings, artifacts: tuple = (), cpu_bf16: bool | None = None):
     import ray.data
 
-    global DRIVER_COMBINE_ROWS, RUN_CPU_BF16
+    global DRIVER_COMBINE_ROWS, RUN_CPU_BF16, SHUFFLE
     DRIVER_COMBINE_ROWS = cfg.ray.driver_combine_rows
+    SHUFFLE = cfg.ray.shuffle
     RUN_CPU_BF16 = cpu_bf16  # the steps this task starts get it too
     configure_data_context(ray.data.DataContext.get_current())
     if os.environ.get(RAY_BARS_ENV, "0") != "1":
@@ -201,6 +203,22 @@ def configure_data_context(ctx) -> None:
     _filter_false_hang_warning()
     reserve_no_cpus_for_shuffles(ctx)
     parquet_reads_without_listing_tasks(ctx)
+    shuffle_kind(ctx)
+
+
+# the run's Ray Data shuffle (`ray.shuffle`); set by `connect` and in `run_task`'s tasks
+SHUFFLE = "hash_shuffle"
+
+
+def shuffle_kind(ctx) -> None:
+    """Joins, groupbys and keyed repartitions through the run's shuffle (`ray.shuffle`). Ray
+    2.60's default, `shuffle_v2` (map and reduce tasks), had a fixed cost per shuffle twice the
+    aggregator actors' on 2 cores: a groupby of 30 rows 4.5 s against 2.1 s, a join 7.3 s
+    against 3.0 s (warm Ray, docs/benchmarks.md "Ray Data's shuffle kind"). Ray's sort shuffle
+    is cheaper still for a groupby (0.07 s) but cannot repartition by key."""
+    from ray.data.context import ShuffleStrategy
+
+    ctx.shuffle_strategy = ShuffleStrategy(SHUFFLE)
 
 
 def reserve_no_cpus_for_shuffles(ctx) -> None:

@@ -27,6 +27,11 @@ class RayConfig(Strict):
     # on the driver, above it by a Ray Data groupby in the workers (a shuffle: seconds of fixed
     # cost); the most rows of partials the driver holds at once (runtime.aggregate)
     driver_combine_rows: int = Field(200_000, ge=0)
+    # Ray Data's shuffle for joins, groupbys and keyed repartitions: `hash_shuffle` (aggregator
+    # actors) or `shuffle_v2` (Ray 2.60's default, map and reduce tasks). On 2 cores a shuffle of
+    # a few rows took 2.1 s (groupby) / 3.0 s (join) with the first and 4.5 / 7.3 s with the
+    # second (docs/benchmarks.md, "Ray Data's shuffle kind")
+    shuffle: Literal["hash_shuffle", "shuffle_v2"] = "hash_shuffle"
 
 
 class StageResources(Strict):

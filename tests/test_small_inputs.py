@@ -103,7 +103,10 @@ def test_sums_and_keyed_blocks_small_equal_ray(ray_session):
     got = _sorted(_frame(runtime.groupby_sum(ds, ["k"], {"sv": "v", "sw": "w"}, 2, n_rows=300)))
     want = _sorted(_frame(ds.groupby("k", num_partitions=2).aggregate(
         A.Sum("v", alias_name="sv"), A.Sum("w", alias_name="sw"))))
-    assert got.schema == want.schema and got.equals(want)
+    # the same keys, integer sums and types; float sums to the last bits of their summing order,
+    # which Ray's shuffle does not fix (its aggregator actors add the blocks as they arrive)
+    assert got.schema == want.schema and got.drop("sw").equals(want.drop("sw"))
+    assert got["sw"].to_list() == pytest.approx(want["sw"].to_list(), rel=1e-12)
     blocks = runtime.keyed_blocks(ds, ["k"], 3, n_rows=300).materialize()
     assert blocks.num_blocks() == 1 and blocks.count() == 300
     sums = runtime.column_sums(ds, ["v", "w"])
@@ -114,7 +117,7 @@ def test_sums_and_keyed_blocks_small_equal_ray(ray_session):
     real = runtime.small_input
     hinted = runtime.groupby_sum(ds, ["k"], {"sv": "v", "sw": "w"}, 2, n_rows=10**9, rows_hint=300,
                                  small_rows=1000)
-    assert _sorted(_frame(hinted)).equals(want)
+    assert _sorted(_frame(hinted)).equals(got)  # the same one-task sums
     try:
         runtime.small_input = lambda *a, **k: seen.append(real(*a, **k)) or seen[-1]
         runtime.groupby_sum(ds, ["k"], {"sv": "v"}, 2, n_rows=10**9, rows_hint=300, small_rows=1000)

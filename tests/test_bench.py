@@ -243,3 +243,19 @@ def test_bench_measures_a_known_answer(ray_session, tmp_path):
     assert 1.7 <= slow["udf_s"] / base["udf_s"] <= 2.3, (base, slow)
     assert base["cpu_s"] < 0.5 * base["udf_s"], base  # sleeping is not CPU work
     assert base["seconds"] >= base["udf_s"] * 0.95  # one actor: the execution holds every call
+
+
+def test_against_may_differ_in_what_each_driver_decides_not_in_how_ray_starts():
+    """`bench --against` compares two configs on one Ray: a driver's own choices (its shuffle
+    kind, its combine bound) may differ between them, the cluster they start or join may not."""
+    from autoknow_ray.bench.run import check_against
+
+    cfg = load_config(REPO / "configs" / "default.yaml")
+    other = cfg.model_copy(deep=True)
+    other.ray.shuffle, other.ray.driver_combine_rows = "shuffle_v2", 1000
+    check_against(cfg, other)  # accepted
+    for key, value in (("num_cpus", 1), ("object_store_memory_mb", 300), ("address", "auto")):
+        bad = cfg.model_copy(deep=True)
+        setattr(bad.ray, key, value)
+        with pytest.raises(ValueError, match="start Ray alike"):
+            check_against(cfg, bad)

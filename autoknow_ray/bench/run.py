@@ -75,6 +75,19 @@ def _use_gpu(cluster: dict, cfg) -> bool:
     return cluster["gpus"] >= 1 and cfg.device != "cpu"
 
 
+# what each rebuild's driver decides for itself (its combine bound, its Ray Data shuffle): an
+# --against config may differ there; how Ray is started or joined it may not
+DRIVER_ONLY_RAY_KEYS = frozenset({"driver_combine_rows", "shuffle"})
+
+
+def check_against(cfg, cfg_b) -> None:
+    """Refuses an --against config that would start or join Ray otherwise than `cfg`."""
+    a, b = (c.ray.model_dump(exclude=set(DRIVER_ONLY_RAY_KEYS)) for c in (cfg, cfg_b))
+    if a != b:
+        raise ValueError("--against: the two configs must start Ray alike (their `ray:` sections "
+                         "differ beyond driver_combine_rows and shuffle)")
+
+
 def bench_config(cfg, quick: bool):
     """Short training (configs/test.yaml-like) for the models the bench fits itself."""
     cfg = cfg.model_copy(deep=True)
@@ -420,8 +433,7 @@ def run_bench(out: str | Path, *, quick: bool = False, sizes: list[int] | None =
     cfg_b = None
     if against is not None:
         cfg_b = against if isinstance(against, Config) else load_config(against)
-        if cfg_b.ray != cfg.ray:
-            raise ValueError("--against: the two configs must start Ray alike (their `ray:` sections differ)")
+        check_against(cfg, cfg_b)
     sizes = sorted(set(sizes or (QUICK_SIZES if quick else SIZES)))
     if any(s < 1 for s in sizes):
         raise ValueError(f"--sizes must be positive, got {sizes}")

@@ -406,20 +406,26 @@ def test_an_ensemble_of_conditioned_taggers_decodes_its_members_mean_and_refuses
     assert not (out / "members").exists() and "ensemble" not in json.loads((out / "config.json").read_text())
 
 
+def tea_texts(n: int = 40) -> tuple[list[str], list[list[tuple[str, int, int]]]]:
+    """n tea titles with their Brand and Flavor spans: what the small tagger trainings learn."""
+    rng = np.random.default_rng(0)
+    brands, flavors = ["Acme", "Zentro", "Kiva", "Lumo"], ["lemon", "mint", "berry", "cocoa"]
+    texts, spans = [], []
+    for i in range(n):
+        b, f = brands[i % 4], flavors[rng.integers(4)]
+        t = f"{b} green tea with {f} flavor, 20 bags"
+        texts.append(t)
+        spans.append([("Brand", 0, len(b)), ("Flavor", t.index(f), t.index(f) + len(f))])
+    return texts, spans
+
+
 def test_training_an_ensemble_of_conditioned_taggers_validates_the_ensemble(tmp_path):
     """`ensemble: 2` trains a second tagger on the same windows and split (its own seed) and
     reports the ensemble's validation spans; the saved artifact loads as the ensemble."""
     from autoknow_ray.nn.conditioned_tagger import (
         ConditionedTagger, ConditionedTrainSettings, train_conditioned_tagger)
 
-    rng = np.random.default_rng(0)
-    brands, flavors = ["Acme", "Zentro", "Kiva", "Lumo"], ["lemon", "mint", "berry", "cocoa"]
-    texts, spans = [], []
-    for i in range(40):
-        b, f = brands[i % 4], flavors[rng.integers(4)]
-        t = f"{b} green tea with {f} flavor, 20 bags"
-        texts.append(t)
-        spans.append([("Brand", 0, len(b)), ("Flavor", t.index(f), t.index(f) + len(f))])
+    texts, spans = tea_texts()
     s = ConditionedTrainSettings(max_length=24, stride=8, context_dim=0, epochs=1, batch_size=8,
                                  val_fraction=0.25, cpu_threads=1, device="cpu", bf16=False,
                                  ensemble=2)

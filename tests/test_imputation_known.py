@@ -188,16 +188,10 @@ def test_the_conditioned_taggers_validation_spans_name_their_label_value_and_tex
     import torch
 
     from autoknow_ray.nn.conditioned_tagger import ConditionedTrainSettings, train_conditioned_tagger
+    from tests.test_imputation import tea_texts
 
     torch.set_num_threads(1)
-    rng = np.random.default_rng(0)
-    brands, flavors = ["Acme", "Zentro", "Kiva", "Lumo"], ["lemon", "mint", "berry", "cocoa"]
-    texts, spans = [], []
-    for i in range(40):
-        b, f = brands[i % 4], flavors[rng.integers(4)]
-        t = f"{b} green tea with {f} flavor, 20 bags"
-        texts.append(t)
-        spans.append([("Brand", 0, len(b)), ("Flavor", t.index(f), t.index(f) + len(f))])
+    texts, spans = tea_texts()
     s = ConditionedTrainSettings(max_length=24, stride=8, context_dim=0, epochs=1, batch_size=8,
                                  val_fraction=0.25, cpu_threads=1, device="cpu", bf16=False)
     _, metrics = train_conditioned_tagger(texts, None, spans, ["Brand", "Flavor"], s)

@@ -181,7 +181,9 @@ def test_the_rebuild_reads_the_pair_only_where_fit_shipped_it_and_it_is_switched
     assert known_value_thresholds(tmp_path, "auto", True) == (0.8, 0.92)
     assert known_value_thresholds(tmp_path, "auto", False) is None
     assert known_value_thresholds(tmp_path, 0.9, True) is None  # the user's own threshold
-    assert ("Color", "red") in load_known_attribute_values(tmp_path)
+    assert ("Color", "red") in load_known_attribute_values(tmp_path, 50_000)
+    # a run's cap binds at load too: the most frequent first, as fit wrote them
+    assert len(load_known_attribute_values(tmp_path, 1)) == 1
 
 
 def test_the_conditioned_taggers_validation_spans_name_their_label_value_and_text():

@@ -59,12 +59,13 @@ def known_value_thresholds(model_dir: Path, setting, enabled: bool) -> tuple[flo
     return float(c["threshold_known"]), float(c["threshold_unknown"])
 
 
-def load_known_attribute_values(model_dir: Path) -> frozenset[tuple[str, str]]:
-    """The (attribute, value key) pairs fit shipped as known (bounded by its cap)."""
+def load_known_attribute_values(model_dir: Path, cap: int) -> frozenset[tuple[str, str]]:
+    """The (attribute, value key) pairs fit shipped as known, the `cap` most frequent (fit wrote
+    them most frequent first under its own cap; a model from elsewhere is held to this run's)."""
     p = Path(model_dir) / KNOWN_ATTRIBUTE_VALUES
-    if not p.exists():
+    if not p.exists() or cap <= 0:
         return frozenset()
-    df = pl.read_parquet(p, columns=["attribute", "term"])
+    df = pl.read_parquet(p, columns=["attribute", "term"], n_rows=cap)
     return frozenset(zip(df["attribute"].to_list(), df["term"].to_list()))
 
 

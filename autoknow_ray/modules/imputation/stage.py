@@ -229,7 +229,7 @@ class ImputationStage(Stage):
         known_threshold, known_terms = None, frozenset()
         if pair is not None:
             known_threshold, min_confidence = pair
-            known_terms = load_known_attribute_values(model_dir)
+            known_terms = load_known_attribute_values(model_dir, cfg.known_value_terms_max)
         products = products_with_context(ctx, n)
         tag = TagProducts(model_dir, cfg.fields, cfg.max_text_chars, cfg.max_texts_per_product,
                           cfg.infer_batch_size, cfg.clusters.min_span_score

@@ -1191,35 +1191,6 @@ def small_input(ds: "ray.data.Dataset", n_rows: int | None = None,
     return done if done.count() <= limit else None
 
 
-def _groups_of_block(batch, fn, keys: list[str], fn_args: tuple, batch_format: str):
-    """What Ray's sort-shuffle reduce and `map_groups` do to one partition: the rows sorted by
-    the keys (ascending, nulls last; a stable sort), `fn` applied to each run of equal keys."""
-    from ray.data.grouped_data import _apply_udf_to_groups
-
-    if batch.num_rows == 0:
-        return
-    block = batch.sort_by([(k, "ascending") for k in keys])
-    yield from _apply_udf_to_groups(fn, block, keys, batch_format, *fn_args)
-
-
-def map_groups(ds: "ray.data.Dataset", key, fn, *, fn_args: tuple = (), n_rows: int | None = None,
-               rows_hint: int | None = None, num_partitions: int | None = None,
-               batch_format: str = "pyarrow") -> "ray.data.Dataset":
-    """`ds.groupby(key, num_partitions=…).map_groups(fn, fn_args=…)`, the same groups and rows.
-    An input of at most `SMALL_SHUFFLE_ROWS` rows (see `small_input` for `n_rows` / `rows_hint`)
-    is grouped in one task: the shuffle's fixed cost is most of a small catalogue's stage time.
-    Larger inputs take the shuffle exactly as before."""
-    small = small_input(ds, n_rows, rows_hint)
-    if small is None:
-        return ds.groupby(key, num_partitions=num_partitions).map_groups(
-            fn, fn_args=fn_args, batch_format=batch_format)
-    keys = [key] if isinstance(key, str) else list(key)
-    return small.repartition(1).map_batches(
-        _groups_of_block, fn_kwargs={"fn": fn, "keys": keys, "fn_args": tuple(fn_args),
-                                     "batch_format": batch_format},
-        batch_size=None, batch_format="pyarrow")
-
-
 _LEFT_ROW, _RIGHT_ROW = "__small_join_left_row", "__small_join_right_row"
 
 
@@ -1351,17 +1322,35 @@ KEY_BLOCK_MAX_ROWS = 1_000_000
 KEY_BLOCK_MIN_ROWS = 100_000
 
 
+def _sortable(t) -> bool:
+    import pyarrow as pa
+
+    return not (pa.types.is_nested(t) or pa.types.is_dictionary(t) or pa.types.is_null(t)
+                or isinstance(t, pa.ExtensionType))
+
+
+def key_order(batch, keys: list[str]):
+    """A key partition's rows in an order fixed by their content: by the keys (ascending, nulls
+    last), then by every other column Arrow can sort (in schema order). A hash shuffle's reduce
+    concatenates its input blocks as they arrive, so their order within a key changes from run
+    to run (measured: a group's first row differed between two runs of one groupby); a pass
+    that keeps a key's first rows, lists them or sums floats would change with it. Rows equal
+    on every sortable column differ only in nested values."""
+    cols = list(keys) + [n for n, t in zip(batch.schema.names, batch.schema.types)
+                         if n not in keys and _sortable(t)]
+    return batch.sort_by([(c, "ascending") for c in cols])
+
+
 def _sorted_key_block(batch, fn, keys: list[str], fn_args: tuple):
-    """One key partition: its rows sorted by the keys (ascending, nulls last; stable), as the
-    shuffle's reduce sorts them for `map_groups`, then `fn` once over all of them."""
-    return fn(batch.sort_by([(k, "ascending") for k in keys]), *fn_args)
+    """One key partition: its rows in `key_order`, then `fn` once over all of them."""
+    return fn(key_order(batch, keys), *fn_args)
 
 
 def map_key_blocks(ds: "ray.data.Dataset", keys, fn, *, fn_args: tuple = (),
                    n_rows: int | None = None, rows_hint: int | None = None,
                    max_rows: int | None = None, small_rows: int | None = None) -> "ray.data.Dataset":
-    """`fn(block, *fn_args)` once per key partition: every key's rows in one block, sorted by the
-    keys. What `map_groups` gives where `fn` is written over many groups at once (a polars
+    """`fn(block, *fn_args)` once per key partition: every key's rows in one block, in
+    `key_order` (by the keys, then by content: the same whatever order the shuffle gave). What `map_groups` gives where `fn` is written over many groups at once (a polars
     group_by, a join on the key) instead of called once per group: a Python call per group costs
     about a millisecond (20,000 products' occurrences grouped one product a call: 21 s in one
     process), a vectorised pass over the block a few. `fn` must give for a block what the

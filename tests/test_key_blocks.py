@@ -9,14 +9,41 @@ import polars as pl
 import pyarrow as pa
 
 from autoknow_ray import runtime
-from autoknow_ray.runtime import _groups_of_block, _sorted_key_block
+from autoknow_ray.runtime import _sorted_key_block, key_order
 from autoknow_ray.schema import conform
 
 
 def _per_group(table: pa.Table, fn, keys: list[str], *args) -> pa.Table:
-    """The reference: `fn` once per group, as map_groups calls it (rows sorted by key, stable)."""
-    parts = list(_groups_of_block(table, fn, keys, args, "pyarrow"))
+    """The reference: `fn` once per group, as map_groups calls it, over rows in `key_order`."""
+    from ray.data.grouped_data import _apply_udf_to_groups
+
+    parts = list(_apply_udf_to_groups(fn, key_order(table, keys), keys, "pyarrow", *args))
     return pa.concat_tables(parts, promote_options="permissive")
+
+
+def test_a_partitions_rows_come_in_one_order_whatever_order_they_arrived_in():
+    """A hash shuffle's reduce concatenates blocks as they arrive: a pass that keeps a key's
+    first rows (imputation's capped customer texts) or lists them gives the same result for
+    every arrival order, and every key's rows stay together in key order."""
+    from autoknow_ray.modules.imputation.stage import _customer_texts
+
+    rng = random.Random(5)
+    texts = pa.Table.from_pylist([{"product_id": rng.choice([None, "a", "b", "c"]),
+                                   "kind": rng.choice(["review", "qa"]), "text": f"t{i}"}
+                                  for i in range(60)])
+    first = _sorted_key_block(texts, _customer_texts, ["product_id"], (3,))
+    for _ in range(5):
+        order = list(range(texts.num_rows))
+        rng.shuffle(order)
+        assert _sorted_key_block(texts.take(pa.array(order)), _customer_texts, ["product_id"],
+                                 (3,)).equals(first)
+    assert first.column("product_id").to_pylist() == ["a", "b", "c", None]
+    # nested columns are carried, not sorted on; the keys and sortable columns order the rows
+    nested = texts.append_column("tags", pa.array([[i] for i in range(60)]))
+    got = key_order(nested, ["product_id"])
+    assert got.column("tags").type == pa.list_(pa.int64()) and got.num_rows == 60
+    assert got.select(["product_id", "kind", "text"]).equals(
+        key_order(texts, ["product_id"]).select(["product_id", "kind", "text"]))
 
 
 def _rows(t: pa.Table, ordered: bool = True) -> list:

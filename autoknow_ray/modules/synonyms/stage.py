@@ -265,7 +265,7 @@ class SynonymsStage(Stage):
             occ = occ.map_batches(_with_null, fn_args=(("retracted", pa.bool_()),),
                                   batch_format="pyarrow").union(removed)
             # rows per product are unknown before the explode: a small catalogue's are counted
-            # and, when few, grouped in one task (runtime.map_groups); else the shuffle
+            # and, when few, grouped in one task (runtime.map_key_blocks); else the shuffle
             occ = runtime.map_key_blocks(occ, "product_id", _drop_retracted,
                                          rows_hint=n + state.upstream_edit_rows(ctx, before=MODULE),
                                          small_rows=runtime.NARROW_SMALL_ROWS)

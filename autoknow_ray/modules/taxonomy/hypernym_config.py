@@ -102,6 +102,16 @@ class TypeResolutionConfig(BaseModel):
     new_name_overrides_tagger: bool = False
     spread_per_type: int = Field(200, ge=1)
     spread_max: int = Field(20_000, ge=1)
+    # after the spread, a new type whose name fewer than `name_min_share` of its titles write
+    # takes the phrase (one to three words) that the most of them write, where that is at least
+    # `name_min_share` of them and `name_min_lift` times the share of the other typed titles
+    # (type_naming.py; a sample of `name_titles_per_type` titles per type, `spread_max` in all;
+    # a type with fewer than `name_min_titles` is not judged)
+    name_from_titles: bool = True
+    name_min_share: float = Field(0.5, gt=0, le=1)
+    name_min_lift: float = Field(4.0, ge=1)
+    name_min_titles: int = Field(10, ge=1)
+    name_titles_per_type: int = Field(100, ge=1)
     # the public names fit adds to the catalogue's own: "auto" (Google's product taxonomy and
     # Open Food Facts' categories beside the project, as `tagger.type_names`), "none", or a file
     vocabulary: str = "auto"

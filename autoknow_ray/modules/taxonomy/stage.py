@@ -42,6 +42,8 @@ from autoknow_ray.modules.taxonomy.title_names import (
     EVIDENCE_PREFIX, TitleTypeNames, build_vocabulary, load_vocabulary_and_not_types, name_keys,
 )
 from autoknow_ray.modules.taxonomy.type_groups import TypeGroups, group_new_types, merge_candidates
+from autoknow_ray.modules.taxonomy.type_naming import (
+    TypeNaming, blocked_words, name_new_types, renamed, renamed_candidates)
 from autoknow_ray.modules.taxonomy.types import (
     CANDIDATES_SCHEMA, SECOND_VOTE, SPREAD, TITLE_ATTRIBUTES, TYPE_COLUMNS, BestTypeSpan, ResolveTypes,
     SpreadNewTypes, TypeNames, accept_candidates, ancestors_map, lower_case_taxonomy,
@@ -171,6 +173,11 @@ class TaxonomyStage(Stage):
                 if groups.rename:  # variants of one new type are one row, their names kept
                     candidates = merge_candidates(candidates, groups, cfg.types.max_examples)
                 phases.done("spread")
+            if cfg.types.name_from_titles and candidates.height:
+                candidates, naming = self._name_new_types(
+                    ctx, candidates, decisions_dir, cfg.types, parts, {type_key(t) for t in parents})
+                spread_counts = {**spread_counts, "naming": naming}
+                phases.done("naming")
             counts = self._write_products(ctx, products_path, decisions_dir, n, parts)
             phases.done("write_products")
         else:
@@ -564,6 +571,45 @@ class TaxonomyStage(Stage):
                 "phase_seconds": phases.seconds,
                 "second_vote_floors": second,
                 "own_known_reference": int(own.height) if own is not None else 0}, groups
+
+    @staticmethod
+    def _name_new_types(ctx, candidates: pl.DataFrame, decisions_dir, types_cfg, parts: int,
+                        reserved: set[str]) -> tuple[pl.DataFrame, dict]:
+        """Each new type named by what most of its titles write, now that the spread has given
+        it its titles (`type_naming`): a capped sample of every type's products and their
+        titles reaches the driver; where a type is renamed, one pass over the resolved products
+        renames it there (`_decisions` is rewritten in place)."""
+        new = set(candidates["type"].to_list())
+        typed = runtime.read_parquet(decisions_dir, ["product_id", "type", "edits"])
+        got, _counts = sample.per_key_sample(typed, "type", "product_id", types_cfg.name_titles_per_type,
+                                             types_cfg.spread_max, ctx.cfg.seed, parts)
+        if not got.height or not new & set(got["type"].to_list()):
+            return candidates, TypeNaming().report()
+        ids = set(got["product_id"].to_list())
+        found = runtime.bounded_sample(sample.where_in(runtime.read_parquet(
+            ctx.table_path("ingest", "products"), ["product_id", "title"]), "product_id", ids),
+            len(ids), ctx.cfg.seed)
+        title_of = dict(zip(found["product_id"].to_list(), found["title"].to_list())) if found.height else {}
+        titles: dict[str, list[str]] = {}
+        blocked: dict[str, list[set[str]]] = {}
+        for pid, t, edits in got.sort("product_id").select("product_id", "type", "edits").iter_rows():
+            title = title_of.get(pid)
+            if not isinstance(title, str):
+                continue
+            titles.setdefault(t, []).append(title)
+            if t in new:
+                blocked.setdefault(t, []).append(blocked_words(edits))
+        variants = dict(candidates.select("type", "variants").iter_rows()) \
+            if "variants" in candidates.columns else {}
+        naming = name_new_types(titles, new, variants, reserved, blocked, types_cfg.name_min_share,
+                                types_cfg.name_min_lift, types_cfg.name_min_titles)
+        if naming.rename:
+            out = ctx.out / "_decisions_named"
+            runtime.read_parquet(decisions_dir).map_batches(
+                renamed, fn_args=(naming.rename,), batch_format="pyarrow").write_parquet(str(out))
+            storage.replace_dir(out, decisions_dir)
+            candidates = renamed_candidates(candidates, naming.rename)
+        return candidates, naming.report()
 
     # ---- hypernym context: bounded -------------------------------------------------------------
     def _children(self, ctx, candidates: pl.DataFrame, orphans: list[str], parts: int) -> pl.DataFrame:

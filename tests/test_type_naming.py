@@ -71,6 +71,18 @@ def test_no_name_is_read_inside_an_attribute_span_nor_taken_from_another_type():
     titles["Eyes"] = titles.pop("Fishing Lures")
     by_variant = name_new_types(titles, {"Eyes", "Swimwear"}, {"Eyes": ["Lures"]}, reserved=RESERVED)
     assert by_variant.rename == {} and by_variant.kept == 2
+    # a type whose titles each write one of its names (no one name by half of them) keeps them
+    shoes = {**titles, "Eyes": [x.replace("Fishing Lures", "Sneaker" if i % 2 else "Oxford")
+                                  .replace("Fishing Lure", "Sneaker" if i % 2 else "Oxford")
+                                  for i, x in enumerate(titles["Eyes"])]}
+    union = name_new_types(shoes, {"Eyes"}, {"Eyes": ["Sneaker", "Oxford"]}, reserved=RESERVED)
+    assert union.rename == {} and union.kept == 1
+    # a phrase that names no type in fit's vocabulary is no name ("Hard Bait" and "Lure" are
+    # written, only "Lure" is a type name)
+    vocab = {type_key(t) for t in ("Lures", "Shirts", "Swimwear", "Boots")}
+    assert name_new_types(titles, {"Eyes"}, reserved=RESERVED, type_names=vocab).rename["Eyes"] in ("Lure", "Lures")
+    none = name_new_types(titles, {"Eyes"}, reserved=RESERVED, type_names={type_key("Boots")})
+    assert none.rename == {} and none.no_phrase == 1
     # too few titles: not judged
     few = name_new_types({**titles, "Eyes": titles["Eyes"][:5]}, {"Eyes"}, reserved=RESERVED)
     assert few.rename == {} and few.too_few_titles == 1

@@ -175,7 +175,8 @@ class TaxonomyStage(Stage):
                 phases.done("spread")
             if cfg.types.name_from_titles and candidates.height:
                 candidates, naming = self._name_new_types(
-                    ctx, candidates, decisions_dir, cfg.types, parts, {type_key(t) for t in parents})
+                    ctx, candidates, decisions_dir, cfg.types, parts, {type_key(t) for t in parents},
+                    set(vocab))
                 spread_counts = {**spread_counts, "naming": naming}
                 phases.done("naming")
             counts = self._write_products(ctx, products_path, decisions_dir, n, parts)
@@ -574,7 +575,7 @@ class TaxonomyStage(Stage):
 
     @staticmethod
     def _name_new_types(ctx, candidates: pl.DataFrame, decisions_dir, types_cfg, parts: int,
-                        reserved: set[str]) -> tuple[pl.DataFrame, dict]:
+                        reserved: set[str], type_names: set[str]) -> tuple[pl.DataFrame, dict]:
         """Each new type named by what most of its titles write, now that the spread has given
         it its titles (`type_naming`): a capped sample of every type's products and their
         titles reaches the driver; where a type is renamed, one pass over the resolved products
@@ -602,7 +603,7 @@ class TaxonomyStage(Stage):
         variants = dict(candidates.select("type", "variants").iter_rows()) \
             if "variants" in candidates.columns else {}
         naming = name_new_types(titles, new, variants, reserved, blocked, types_cfg.name_min_share,
-                                types_cfg.name_min_lift, types_cfg.name_min_titles)
+                                types_cfg.name_min_lift, types_cfg.name_min_titles, type_names)
         if naming.rename:
             out = ctx.out / "_decisions_named"
             runtime.read_parquet(decisions_dir).map_batches(

@@ -12,11 +12,14 @@ titles of this catalogue (a capped sample per type). A type keeps its name where
 `min_share` of its titles write it or one of its variants (stemmed words, in order). Otherwise
 it takes the phrase of one to three words that the most of its titles write, where that is at
 least `min_share` of them and `min_lift` times the share of the other titles that write it: a
-phrase of this type's titles, not of the catalogue's ("Women", "New" are everywhere). No
-candidate is a taxonomy node's name, another new type's name, a word with digits, or a word the
-tagger read inside an attribute span of that title (a brand, a model number). Of phrases written
-by equally many titles, the shorter (a head word before the phrases it ends: "Lure", not
-"Fishing Lure"), then the one whose share stands out most over the other titles'. The surface is the phrase as its titles write it most often.
+phrase of this type's titles, not of the catalogue's ("Women", "New" are everywhere). A
+candidate must be a type name of fit's vocabulary (the public taxonomies' names and the
+catalogue's own, as a title name must be: "Lure" is one, the shoe sizes' "US" is not), and is
+never a taxonomy node's name, another new type's name, a word with digits, or a word of an
+attribute value the tagger read in that title (a brand, a model number). Of phrases written by
+equally many titles, the shorter (a head word before the phrases it ends: "Lure", not "Fishing
+Lure"), then the one whose share stands out most over the other titles'. The surface is the
+phrase as its titles write it most often.
 
 Bounded: the caller passes capped samples; the counts are per (type, phrase) over them.
 """
@@ -85,12 +88,14 @@ def _surface(forms: Counter) -> str:
 def name_new_types(titles: dict[str, list[str]], new: set[str],
                    variants: dict[str, list[str]] | None = None, reserved: set[str] = frozenset(),
                    blocked: dict[str, list[set[str]]] | None = None, min_share: float = 0.5,
-                   min_lift: float = 4.0, min_titles: int = 10) -> TypeNaming:
+                   min_lift: float = 4.0, min_titles: int = 10,
+                   type_names: set[str] | None = None) -> TypeNaming:
     """`titles`: every typed type (known and new) -> its sampled titles; `new`: the new types
     to judge; a new type's titles are read against every other type's. `variants`: a type's
     other names; `reserved`: type keys no new type may take (the taxonomy's; the new types'
     own names are added here); `blocked`: per new type and title, the stemmed words of that
-    title's attribute values (`blocked_words`)."""
+    title's attribute values (`blocked_words`); `type_names`: the keys of the names a type may
+    take (fit's vocabulary of type names; None: any phrase)."""
     variants = variants or {}
     blocked = blocked or {}
     taken = set(reserved) | {type_key(t) for t in new}
@@ -113,7 +118,7 @@ def name_new_types(titles: dict[str, list[str]], new: set[str],
             continue
         mine = keyed[t]
         names = {type_key(v) for v in [t, *variants.get(t, ())]} - {""}
-        own = max((sum(_writes(x, k) for x in mine) for k in names), default=0) / n
+        own = sum(any(_writes(x, k) for k in names) for x in mine) / n
         if own >= min_share:
             out.kept += 1
             continue
@@ -128,7 +133,7 @@ def name_new_types(titles: dict[str, list[str]], new: set[str],
         best = None
         for key, c in counts.items():
             share = c / n
-            if share < min_share or key in taken:
+            if share < min_share or key in taken or (type_names is not None and key not in type_names):
                 continue
             rest = count_all(key) - sum(_writes(x, key) for x in mine)
             lift = share / ((rest + 1) / (n_rest + 1))

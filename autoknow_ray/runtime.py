@@ -1350,8 +1350,9 @@ def map_key_blocks(ds: "ray.data.Dataset", keys, fn, *, fn_args: tuple = (),
                    n_rows: int | None = None, rows_hint: int | None = None,
                    max_rows: int | None = None, small_rows: int | None = None) -> "ray.data.Dataset":
     """`fn(block, *fn_args)` once per key partition: every key's rows in one block, in
-    `key_order` (by the keys, then by content: the same whatever order the shuffle gave). What `map_groups` gives where `fn` is written over many groups at once (a polars
-    group_by, a join on the key) instead of called once per group: a Python call per group costs
+    `key_order` (by the keys, then by content: the same whatever order the shuffle gave). What
+    `map_groups` gives where `fn` is written over many groups at once (a polars group_by, a join
+    on the key) instead of called once per group: a Python call per group costs
     about a millisecond (20,000 products' occurrences grouped one product a call: 21 s in one
     process), a vectorised pass over the block a few. `fn` must give for a block what the
     per-group function gives for its groups, concatenated in key order. Small inputs (see

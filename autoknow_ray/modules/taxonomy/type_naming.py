@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import polars as pl
 import pyarrow as pa
 
+from autoknow_ray.modules.taxonomy.types import renamed_type
 from autoknow_ray.schema import HAS_TYPE
 from autoknow_ray.text import type_key
 
@@ -177,13 +178,9 @@ def renamed(batch: pa.Table, rename: dict[str, str]) -> pa.Table:
     edits = batch.column("edits").to_pylist()
     for i in hit:
         old = types[i]
-        new = rename[old]
-        note = f"; named '{new}' as most of its titles write it (was '{old}')"
-        types[i] = new
-        evidence[i] = (evidence[i] or "") + note
-        edits[i] = [dict(e, object=new, evidence=(e.get("evidence") or "") + note)
-                    if e.get("relation") == HAS_TYPE and e.get("object") == old else e
-                    for e in (edits[i] or ())]
+        types[i], evidence[i], edits[i] = renamed_type(
+            old, rename[old], evidence[i], edits[i],
+            f"; named '{rename[old]}' as most of its titles write it (was '{old}')")
     out = batch.set_column(batch.column_names.index("type"), "type", pa.array(types, pa.string()))
     out = out.set_column(out.column_names.index("type_evidence"), "type_evidence",
                          pa.array(evidence, pa.string()))

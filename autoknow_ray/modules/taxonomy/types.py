@@ -608,6 +608,14 @@ class ResolveTypes(Step):
         return rows
 
 
+def renamed_type(old: str, new: str, evidence: str | None, edits, note: str):
+    """A product's type `old` under the name `new`: (type, its evidence with `note` added, its
+    edits with the `has_type` edit of `old` renamed and noted the same way)."""
+    return new, (evidence or "") + note, [
+        dict(e, object=new, evidence=(e.get("evidence") or "") + note)
+        if e.get("relation") == HAS_TYPE and e.get("object") == old else e for e in (edits or ())]
+
+
 def _triple(subject, relation, obj, confidence, status, evidence) -> dict:
     return {"subject": subject, "relation": relation, "object": obj,
             "confidence": None if confidence is None else float(confidence), "module": MODULE,
@@ -728,12 +736,9 @@ class SpreadNewTypes(Step):
         for i in grouped:  # a variant's products take its group's name
             old = cols["type"][i]
             group = self.rename[old]
-            note = f"; grouped under '{group}' as its variant '{old}'"
-            cols["type"][i] = group
-            cols["type_evidence"][i] = (cols["type_evidence"][i] or "") + note
-            edits[i] = [dict(e, object=group, evidence=(e.get("evidence") or "") + note)
-                        if e.get("relation") == HAS_TYPE and e.get("object") == old else e
-                        for e in (edits[i] or ())]
+            cols["type"][i], cols["type_evidence"][i], edits[i] = renamed_type(
+                old, group, cols["type_evidence"][i], edits[i],
+                f"; grouped under '{group}' as its variant '{old}'")
         vecs = _vectors(batch.column("embedding"))
         k = min(cfg.knn_k, len(self.index))
         for i, (vote, near) in zip(rows, self.index.votes(vecs[rows], cfg.knn_k)):

@@ -460,3 +460,57 @@ def test_a_type_span_the_title_continues_with_a_known_types_name_is_widened_over
                       "spans": pa.array([[sp("Herbal", 18)]], SPANS)})
     out = BestTypeSpan(set(known), 0.3).process_batch(batch).to_pylist()[0]
     assert out["span_value"] == "Herbal Tea" and out["span_new"]
+
+
+def test_the_monotone_scorer_never_lowers_a_candidate_for_more_evidence():
+    """`HypernymConfig.monotone`: raising the share of a child's neighbours under a candidate
+    (any MONOTONE_FEATURES) never lowers the pair's score, whatever the weights; the other
+    features may act either way."""
+    from autoknow_ray.modules.taxonomy.hypernym import F, MONOTONE_FEATURES, _new_model
+
+    torch.manual_seed(0)
+    model = _new_model(True, 16)
+    for p in model.parameters():  # weights far from any trained state, of both signs
+        torch.nn.init.normal_(p, std=1.0)
+    X = torch.randn(300, len(FEATURES))
+    with torch.no_grad():
+        base = model(X)
+        for f in MONOTONE_FEATURES:
+            up = X.clone()
+            up[:, F[f]] += torch.rand(300) * 3
+            assert bool((model(up) >= base - 1e-5).all()), f
+        lowered = 0
+        for f in (f for f in FEATURES if f not in MONOTONE_FEATURES):
+            up = X.clone()
+            up[:, F[f]] += 3
+            lowered += int((model(up) < base - 1e-3).sum())
+    assert lowered > 0  # the other features are free: the constraint is not a constant model
+    free = _new_model(False, 16)
+    for p in free.parameters():
+        torch.nn.init.normal_(p, std=1.0)
+    with torch.no_grad():  # the unconstrained MLP with such weights does lower some scores
+        up = X.clone()
+        up[:, F["prod_parent_vote"]] += 3
+        assert bool((free(up) < free(X) - 1e-3).any())
+
+
+def test_a_monotone_placement_model_saves_and_loads_as_one(encoder, tmp_path):
+    cfg = HypernymConfig(epochs=5, product_edges=20, candidate_k=8, neighbor_k=10, monotone=True,
+                         calibration_folds=0)
+    clf = HypernymClassifier(cfg).fit(_taxonomy(), _products(), None, None, encoder)
+    pred = clf.predict(["kefir", "cucumber"])
+    clf.save(tmp_path / "hyp")
+    back = HypernymClassifier.load(tmp_path / "hyp")
+    assert back.cfg.monotone and type(back.model) is type(clf.model)
+    again = back.predict(["kefir", "cucumber"], taxonomy=_taxonomy(), products=_products(), encoder=encoder)
+    assert again.select("type", "parent", "rank").equals(pred.select("type", "parent", "rank"))
+    # a model saved before the option (no `monotone` in its config) is the unconstrained MLP
+    conf = json.loads((tmp_path / "hyp" / "config.json").read_text())
+    plain = HypernymClassifier(HypernymConfig(epochs=5, product_edges=20, candidate_k=8, neighbor_k=10,
+                                              calibration_folds=0)).fit(_taxonomy(), _products(), None, None, encoder)
+    plain.save(tmp_path / "old")
+    old = json.loads((tmp_path / "old" / "config.json").read_text())
+    del old["config"]["monotone"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(old))
+    assert not HypernymClassifier.load(tmp_path / "old").cfg.monotone
+    assert conf["config"]["monotone"]

@@ -772,6 +772,19 @@ class _Context:
         return X
 
 
+# the features in which a candidate's score may only rise (`HypernymConfig.monotone`): the share
+# of the child's neighbours (its products' nearest products, its name's nearest titles and types,
+# its co-purchases and queries) lying in the candidate's subtree or among its children. Their
+# role flips between the two kinds of training edge: for a product, the node above its nearest
+# products' type is a negative (its type's parent); for a type, it is the parent (the nearest
+# products are a sibling's). The product edges are many, the taxonomy's type edges few (18 on
+# AE-110K under Google's branches), so an unconstrained model learns the products' sign and
+# may put a new type anywhere but under the node its products point at (docs/taxonomy.md). The
+# other features, and `child_is_product` which tells the two kinds apart, act either way.
+MONOTONE_FEATURES = ["pn_parent_vote", "pn_sub_vote", "tn_sub_vote", "prod_parent_vote",
+                     "prod_sub_vote", "cp_sub_share", "query_sub_share"]
+
+
 class _MLP(torch.nn.Module):
     def __init__(self, n_in: int, hidden: int):
         super().__init__()
@@ -787,12 +800,45 @@ class _MLP(torch.nn.Module):
         return self.net(x).squeeze(-1)
 
 
+class _MonotoneMLP(torch.nn.Module):
+    """The MLP's shape, non-decreasing in the MONOTONE_FEATURES: their first-layer weights and
+    every later layer's are taken in absolute value, so only the other features can turn a score
+    down (through the first layer, where they gate the units). Half the hidden units bend up (ReLU), half down (-ReLU(-x)), so a sum of them can
+    follow a monotone curve of either shape (constrained monotonic networks, Runje &
+    Shankaranarayana 2023). Features are standardised by a positive std, which keeps the
+    direction."""
+
+    def __init__(self, n_in: int, hidden: int):
+        super().__init__()
+        self.l1 = torch.nn.Linear(n_in, hidden)
+        self.l2 = torch.nn.Linear(hidden, hidden)
+        self.l3 = torch.nn.Linear(hidden, 1)
+        mono = torch.zeros(n_in, dtype=torch.bool)
+        mono[[F[f] for f in MONOTONE_FEATURES]] = True
+        self.register_buffer("mono", mono, persistent=False)
+
+    @staticmethod
+    def _act(h: torch.Tensor) -> torch.Tensor:
+        k = h.shape[-1] // 2
+        return torch.cat([torch.relu(h[..., :k]), -torch.relu(-h[..., k:])], -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w1 = torch.where(self.mono, self.l1.weight.abs(), self.l1.weight)
+        h = self._act(torch.nn.functional.linear(x, w1, self.l1.bias))
+        h = self._act(torch.nn.functional.linear(h, self.l2.weight.abs(), self.l2.bias))
+        return torch.nn.functional.linear(h, self.l3.weight.abs(), self.l3.bias).squeeze(-1)
+
+
+def _new_model(monotone: bool, hidden: int) -> torch.nn.Module:
+    return (_MonotoneMLP if monotone else _MLP)(len(FEATURES), hidden)
+
+
 class HypernymClassifier:
     """Scores (child, candidate parent) pairs; see the module docstring."""
 
     def __init__(self, cfg: HypernymConfig | None = None):
         self.cfg = cfg or HypernymConfig()
-        self.model: _MLP | None = None
+        self.model: torch.nn.Module | None = None
         self.mean: np.ndarray | None = None
         self.std: np.ndarray | None = None
         self.ctx: _Context | None = None
@@ -861,7 +907,7 @@ class HypernymClassifier:
         }
         return self
 
-    def _train(self, lists, share: float, verbose: bool = True) -> tuple[_MLP, list[float]]:
+    def _train(self, lists, share: float, verbose: bool = True) -> tuple[torch.nn.Module, list[float]]:
         """A fresh MLP trained on `lists` ([features, labels, is_product] per child), on one torch
         thread (a small MLP: a second thread only waits, nn/threads.py)."""
         from autoknow_ray.nn.threads import torch_threads
@@ -869,10 +915,10 @@ class HypernymClassifier:
         with torch_threads(1):
             return self._train_one_thread(lists, share, verbose)
 
-    def _train_one_thread(self, lists, share: float, verbose: bool) -> tuple[_MLP, list[float]]:
+    def _train_one_thread(self, lists, share: float, verbose: bool) -> tuple[torch.nn.Module, list[float]]:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
-        model = _MLP(len(FEATURES), cfg.hidden)
+        model = _new_model(cfg.monotone, cfg.hidden)
         Lmax = max(len(y) for _, y, _ in lists)
         N = len(lists)
         # the type → parent edges carry `share` of the loss, the product → type edges the rest
@@ -969,7 +1015,7 @@ class HypernymClassifier:
                          for i, a in enumerate(shares) for j, b in enumerate(credits)}}
 
     # ---- prediction -------------------------------------------------------------------------
-    def score(self, X: np.ndarray, model: _MLP | None = None) -> np.ndarray:
+    def score(self, X: np.ndarray, model: torch.nn.Module | None = None) -> np.ndarray:
         with torch.inference_mode():
             x = torch.from_numpy(((X - self.mean) / self.std).astype(np.float32))
             return torch.sigmoid((model or self.model)(x)).numpy()
@@ -1140,10 +1186,11 @@ class HypernymClassifier:
         if conf.get("features") != FEATURES:
             raise ValueError(f"{path}: the hypernym artifact was written by another version of "
                              f"this code (its features differ); fit the models again with `autoknow fit`")
-        self = cls(HypernymConfig(**conf["config"]))
+        # a model saved before the monotone option was an unconstrained MLP
+        self = cls(HypernymConfig(**{"monotone": False, **conf["config"]}))
         self.mean = np.asarray(conf["mean"], np.float32)
         self.std = np.asarray(conf["std"], np.float32)
-        self.model = _MLP(len(FEATURES), int(conf["hidden"]))
+        self.model = _new_model(self.cfg.monotone, int(conf["hidden"]))
         self.model.load_state_dict(load_file(str(path / "model.safetensors")))
         self.model.eval()
         self.train_stats = conf.get("train_stats", {})

@@ -463,13 +463,13 @@ def test_a_type_span_the_title_continues_with_a_known_types_name_is_widened_over
 
 
 def test_the_monotone_scorer_never_lowers_a_candidate_for_more_evidence():
-    """`HypernymConfig.monotone`: raising the share of a child's neighbours under a candidate
-    (any MONOTONE_FEATURES) never lowers the pair's score, whatever the weights; the other
-    features may act either way."""
+    """`HypernymConfig.model: monotone`: raising the share of a child's neighbours under a
+    candidate (any MONOTONE_FEATURES) never lowers the pair's score, whatever the weights; the
+    other features may act either way."""
     from autoknow_ray.modules.taxonomy.hypernym import F, MONOTONE_FEATURES, _new_model
 
     torch.manual_seed(0)
-    model = _new_model(True, 16)
+    model = _new_model("monotone", 16)
     for p in model.parameters():  # weights far from any trained state, of both signs
         torch.nn.init.normal_(p, std=1.0)
     X = torch.randn(300, len(FEATURES))
@@ -485,7 +485,7 @@ def test_the_monotone_scorer_never_lowers_a_candidate_for_more_evidence():
             up[:, F[f]] += 3
             lowered += int((model(up) < base - 1e-3).sum())
     assert lowered > 0  # the other features are free: the constraint is not a constant model
-    free = _new_model(False, 16)
+    free = _new_model("mlp", 16)
     for p in free.parameters():
         torch.nn.init.normal_(p, std=1.0)
     with torch.no_grad():  # the unconstrained MLP with such weights does lower some scores
@@ -494,23 +494,32 @@ def test_the_monotone_scorer_never_lowers_a_candidate_for_more_evidence():
         assert bool((free(up) < free(X) - 1e-3).any())
 
 
-def test_a_monotone_placement_model_saves_and_loads_as_one(encoder, tmp_path):
-    cfg = HypernymConfig(epochs=5, product_edges=20, candidate_k=8, neighbor_k=10, monotone=True,
+@pytest.mark.parametrize("kind", ["monotone", "pair"])
+def test_a_placement_model_saves_and_loads_as_the_kind_it_is(encoder, tmp_path, kind):
+    cfg = HypernymConfig(epochs=5, product_edges=20, candidate_k=8, neighbor_k=10, model=kind,
                          calibration_folds=0)
     clf = HypernymClassifier(cfg).fit(_taxonomy(), _products(), None, None, encoder)
     pred = clf.predict(["kefir", "cucumber"])
     clf.save(tmp_path / "hyp")
     back = HypernymClassifier.load(tmp_path / "hyp")
-    assert back.cfg.monotone and type(back.model) is type(clf.model)
+    assert back.cfg.model == kind and type(back.model) is type(clf.model)
     again = back.predict(["kefir", "cucumber"], taxonomy=_taxonomy(), products=_products(), encoder=encoder)
-    assert again.select("type", "parent", "rank").equals(pred.select("type", "parent", "rank"))
-    # a model saved before the option (no `monotone` in its config) is the unconstrained MLP
-    conf = json.loads((tmp_path / "hyp" / "config.json").read_text())
-    plain = HypernymClassifier(HypernymConfig(epochs=5, product_edges=20, candidate_k=8, neighbor_k=10,
-                                              calibration_folds=0)).fit(_taxonomy(), _products(), None, None, encoder)
+    assert again.select("type", "parent", "rank", "score").equals(pred.select("type", "parent", "rank", "score"))
+    if kind == "pair":  # the pair scores by the mean of its two models' logits
+        x = torch.randn(7, len(FEATURES))
+        with torch.no_grad():
+            assert torch.allclose(back.model(x), (back.model.free(x) + back.model.monotone(x)) / 2)
+
+
+def test_a_placement_model_saved_before_the_setting_loads_as_the_unconstrained_mlp(encoder, tmp_path):
+    from autoknow_ray.modules.taxonomy.hypernym import _MLP
+
+    plain = HypernymClassifier(HypernymConfig(epochs=3, product_edges=20, candidate_k=8, neighbor_k=10,
+                                              model="mlp", calibration_folds=0)
+                               ).fit(_taxonomy(), _products(), None, None, encoder)
     plain.save(tmp_path / "old")
-    old = json.loads((tmp_path / "old" / "config.json").read_text())
-    del old["config"]["monotone"]
-    (tmp_path / "old" / "config.json").write_text(json.dumps(old))
-    assert not HypernymClassifier.load(tmp_path / "old").cfg.monotone
-    assert conf["config"]["monotone"]
+    conf = json.loads((tmp_path / "old" / "config.json").read_text())
+    del conf["config"]["model"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(conf))
+    back = HypernymClassifier.load(tmp_path / "old")
+    assert back.cfg.model == "mlp" and isinstance(back.model, _MLP)

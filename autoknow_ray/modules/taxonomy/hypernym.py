@@ -772,7 +772,7 @@ class _Context:
         return X
 
 
-# the features in which a candidate's score may only rise (`HypernymConfig.monotone`): the share
+# the features in which a monotone model's score may only rise (`HypernymConfig.model`): the share
 # of the child's neighbours (its products' nearest products, its name's nearest titles and types,
 # its co-purchases and queries) lying in the candidate's subtree or among its children. Their
 # role flips between the two kinds of training edge: for a product, the node above its nearest
@@ -829,8 +829,24 @@ class _MonotoneMLP(torch.nn.Module):
         return torch.nn.functional.linear(h, self.l3.weight.abs(), self.l3.bias).squeeze(-1)
 
 
-def _new_model(monotone: bool, hidden: int) -> torch.nn.Module:
-    return (_MonotoneMLP if monotone else _MLP)(len(FEATURES), hidden)
+class _Pair(torch.nn.Module):
+    """An unconstrained MLP and a monotone one, trained apart, scoring by the mean of their logits
+    (`HypernymConfig.model: pair`)."""
+
+    def __init__(self, n_in: int, hidden: int):
+        super().__init__()
+        self.free = _MLP(n_in, hidden)
+        self.monotone = _MonotoneMLP(n_in, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.free(x) + self.monotone(x)) / 2
+
+
+MODELS = {"mlp": _MLP, "monotone": _MonotoneMLP, "pair": _Pair}
+
+
+def _new_model(kind: str, hidden: int) -> torch.nn.Module:
+    return MODELS[kind](len(FEATURES), hidden)
 
 
 class HypernymClassifier:
@@ -908,17 +924,24 @@ class HypernymClassifier:
         return self
 
     def _train(self, lists, share: float, verbose: bool = True) -> tuple[torch.nn.Module, list[float]]:
-        """A fresh MLP trained on `lists` ([features, labels, is_product] per child), on one torch
-        thread (a small MLP: a second thread only waits, nn/threads.py)."""
+        """A fresh model of `cfg.model` trained on `lists` ([features, labels, is_product] per
+        child), on one torch thread (a small MLP: a second thread only waits, nn/threads.py). A
+        pair's two models are trained apart, each as it would be alone."""
         from autoknow_ray.nn.threads import torch_threads
 
         with torch_threads(1):
-            return self._train_one_thread(lists, share, verbose)
+            if self.cfg.model != "pair":
+                return self._train_one_thread(lists, share, verbose, self.cfg.model)
+            pair = _Pair(len(FEATURES), self.cfg.hidden)
+            pair.free, _ = self._train_one_thread(lists, share, verbose, "mlp")
+            pair.monotone, hist = self._train_one_thread(lists, share, verbose, "monotone")
+            return pair, hist
 
-    def _train_one_thread(self, lists, share: float, verbose: bool) -> tuple[torch.nn.Module, list[float]]:
+    def _train_one_thread(self, lists, share: float, verbose: bool,
+                          kind: str) -> tuple[torch.nn.Module, list[float]]:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
-        model = _new_model(cfg.monotone, cfg.hidden)
+        model = _new_model(kind, cfg.hidden)
         Lmax = max(len(y) for _, y, _ in lists)
         N = len(lists)
         # the type → parent edges carry `share` of the loss, the product → type edges the rest
@@ -1186,11 +1209,11 @@ class HypernymClassifier:
         if conf.get("features") != FEATURES:
             raise ValueError(f"{path}: the hypernym artifact was written by another version of "
                              f"this code (its features differ); fit the models again with `autoknow fit`")
-        # a model saved before the monotone option was an unconstrained MLP
-        self = cls(HypernymConfig(**{"monotone": False, **conf["config"]}))
+        # a model saved before `model` was a setting is the unconstrained MLP
+        self = cls(HypernymConfig(**{"model": "mlp", **conf["config"]}))
         self.mean = np.asarray(conf["mean"], np.float32)
         self.std = np.asarray(conf["std"], np.float32)
-        self.model = _new_model(self.cfg.monotone, int(conf["hidden"]))
+        self.model = _new_model(self.cfg.model, int(conf["hidden"]))
         self.model.load_state_dict(load_file(str(path / "model.safetensors")))
         self.model.eval()
         self.train_stats = conf.get("train_stats", {})

@@ -5,6 +5,8 @@ catalogue). Unknown keys are rejected.
 """
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -142,11 +144,11 @@ class HypernymConfig(BaseModel):
     product_edges: int = Field(3000, ge=0, description="product → type edges sampled for training")
     negatives: int = Field(40, ge=1, description="hard negatives per child (from its candidates)")
     hidden: int = Field(64, ge=4)
-    # a score that only rises with the share of the child's neighbours under the candidate
-    # (hypernym.MONOTONE_FEATURES), which the many product edges teach the opposite sign of; off:
-    # measured on three open-world splits it turns a wrong branch into one level too high on one
-    # and ties on the others, with no gain in fit's cross-validation (docs/taxonomy.md)
-    monotone: bool = False
+    # the classifier: "mlp" (unconstrained), "monotone" (a score that only rises with the share of
+    # the child's neighbours under the candidate, hypernym.MONOTONE_FEATURES, which the many
+    # product edges teach the opposite sign of), or "pair": both, trained apart, the mean of
+    # their logits (docs/taxonomy.md). Models fitted before the setting load as "mlp"
+    model: Literal["mlp", "monotone", "pair"] = "pair"
     epochs: int = Field(40, ge=1)
     batch_size: int = Field(256, ge=1, description="children per step (each with its candidates)")
     lr: float = Field(3e-3, gt=0)

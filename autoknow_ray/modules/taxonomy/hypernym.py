@@ -803,10 +803,10 @@ class _MLP(torch.nn.Module):
 class _MonotoneMLP(torch.nn.Module):
     """The MLP's shape, non-decreasing in the MONOTONE_FEATURES: their first-layer weights and
     every later layer's are taken in absolute value, so only the other features can turn a score
-    down (through the first layer, where they gate the units). Half the hidden units bend up (ReLU), half down (-ReLU(-x)), so a sum of them can
-    follow a monotone curve of either shape (constrained monotonic networks, Runje &
-    Shankaranarayana 2023). Features are standardised by a positive std, which keeps the
-    direction."""
+    down (through the first layer, where they gate the units). Half the hidden units bend up
+    (ReLU), half down (-ReLU(-x)), so a sum of them can follow a monotone curve of either shape
+    (constrained monotonic networks, Runje & Shankaranarayana 2023). Features are standardised
+    by a positive std, which keeps the direction."""
 
     def __init__(self, n_in: int, hidden: int):
         super().__init__()

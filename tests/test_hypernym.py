@@ -523,3 +523,8 @@ def test_a_placement_model_saved_before_the_setting_loads_as_the_unconstrained_m
     (tmp_path / "old" / "config.json").write_text(json.dumps(conf))
     back = HypernymClassifier.load(tmp_path / "old")
     assert back.cfg.model == "mlp" and isinstance(back.model, _MLP)
+    # a config that names another kind than its weights: a clear error, not torch's key list
+    conf["config"]["model"] = "pair"
+    (tmp_path / "old" / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(ValueError, match="fit the models again"):
+        HypernymClassifier.load(tmp_path / "old")

@@ -989,7 +989,8 @@ class HypernymClassifier:
             sched.step()
             hist.append(tot / N)
             if verbose:
-                progress.epoch_line("hypernym", _epoch + 1, cfg.epochs, {"loss": hist[-1]})
+                progress.epoch_line("hypernym" if cfg.model != "pair" else f"hypernym ({kind})",
+                                    _epoch + 1, cfg.epochs, {"loss": hist[-1]})
         model.eval()
         return model, hist
 
@@ -1214,7 +1215,12 @@ class HypernymClassifier:
         self.mean = np.asarray(conf["mean"], np.float32)
         self.std = np.asarray(conf["std"], np.float32)
         self.model = _new_model(self.cfg.model, int(conf["hidden"]))
-        self.model.load_state_dict(load_file(str(path / "model.safetensors")))
+        try:
+            self.model.load_state_dict(load_file(str(path / "model.safetensors")))
+        except RuntimeError as e:  # weights of another kind or size than config.json says
+            raise ValueError(f"{path}: model.safetensors does not hold the {self.cfg.model!r} "
+                             f"classifier its config.json names; fit the models again with "
+                             f"`autoknow fit`") from e
         self.model.eval()
         self.train_stats = conf.get("train_stats", {})
         self.product_parent_share = float(conf.get("product_parent_share", 0.5))

@@ -12,7 +12,8 @@ import pyarrow as pa
 from autoknow_ray.calibration import (
     threshold_for_precision, two_thresholds_for_precision, wilson, wilson_lower)
 from autoknow_ray.modules.imputation.distant import build_examples
-from autoknow_ray.modules.imputation.fit import calibrate_known, known_attribute_values, known_spans
+from autoknow_ray.modules.imputation.fit import (
+    calibrate, calibrate_known, judge_by_value, known_attribute_values, known_spans)
 from autoknow_ray.modules.imputation.model import (
     CALIBRATION, KNOWN_ATTRIBUTE_VALUES, known_value_thresholds, load_known_attribute_values)
 from autoknow_ray.modules.imputation.steps import CANDIDATES, DecideValues, TermRows
@@ -117,6 +118,30 @@ def test_known_spans_leave_the_products_own_value_out():
     assert capped.height == 1
     assert known_spans(val, text_rows, rows, capped).tolist() == got
     assert known_attribute_values(rows, 0).height == 0
+
+
+def test_validation_spans_judged_by_value_count_a_right_value_at_an_unmarked_mention():
+    rows = _rows()
+    _, _, _, _, _, _, text_rows = build_examples(
+        rows, ["title", "description"], 1000, 0, 100, 1, with_rows=True)
+    # by position: product 0's "red" in its description (text 1) was not where distant
+    # supervision marked it, "Red-" is the same words; "Cotton" as a Color and "Wool" of
+    # product 1 (which gives no Material) are wrong either way
+    val = {"scores": [0.9, 0.8, 0.7, 0.65, 0.6], "correct": [True, False, False, False, False],
+           "labels": ["Color", "Color", "Color", "Color", "Material"],
+           "values": ["Red", "red", "Red-", "Cotton", "Wool"],
+           "text_index": [0, 1, 2, 0, 2], "n_gold": 4}
+    got = judge_by_value(val, text_rows, rows)
+    assert got["correct"] == [True, True, True, False, False]
+    assert got["correct_span"] == val["correct"] and val["correct"][1] is False  # a copy
+    # twenty of each: by value the right spans reach down to 0.7, by position only 0.9 is sure;
+    # the labelled-span recall is counted by position either way
+    many = {k: (v * 20 if isinstance(v, list) else v * 20) for k, v in got.items()}
+    by_value = calibrate(many, 0.8)
+    by_span = calibrate({**many, "correct": many["correct_span"]}, 0.8)
+    assert by_value["threshold"] == 0.7 and by_span["threshold"] == 0.9
+    assert by_value["positives"] == 60 and by_span["positives"] == 20
+    assert by_value["recall_of_labelled_spans"] == by_span["recall_of_labelled_spans"] == 0.25
 
 
 def test_calibrate_known_reports_the_pair_with_labelled_span_recall():

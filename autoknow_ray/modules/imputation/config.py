@@ -82,6 +82,13 @@ class ImputationConfig(BaseModel):
     # fitted before calibration existed use 0.9
     min_confidence: float | Literal["auto"] = "auto"
     precision_target: float = Field(0.95, gt=0, lt=1)
+    # what makes a validation span right when fit calibrates: `value` = its (attribute, value)
+    # is one its product gives (wherever the text writes it; what the graph gains and what
+    # `autoknow eval` scores); `span` = it is exactly where distant supervision located a value
+    # (a right value read at another mention, or with the text's own spelling of the same
+    # words, counts as wrong). Either way a span of an attribute the product does not fill
+    # counts as wrong, so the estimate errs low
+    calibration_match: Literal["value", "span"] = "value"
     # a second threshold for known values: a candidate whose (attribute, value) another product
     # of the fit's sample gives is admitted from `threshold_known` (fit calibrates it jointly
     # with the threshold for other values, known <= unknown, one precision bound over both;

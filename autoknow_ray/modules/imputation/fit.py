@@ -119,6 +119,23 @@ def known_spans(val_spans: dict, text_rows: list[int], rows: list[dict],
     return out
 
 
+def judge_by_value(val_spans: dict, text_rows: list[int], rows: list[dict]) -> dict:
+    """The validation spans judged as the graph is: a span is right where its (label, value
+    key) is a value its product gives that attribute, whichever mention of it the span reads
+    (distant supervision marks the mentions it located; a right value read at another one, or
+    the same words written with other punctuation, would count as wrong). Returns a copy with
+    `correct` replaced and the by-position flags kept as `correct_span`."""
+    own: dict[int, set] = {}
+    correct = []
+    for ok, lab, value, t in zip(val_spans["correct"], val_spans["labels"], val_spans["values"],
+                                 val_spans["text_index"]):
+        r = text_rows[t]
+        if r not in own:
+            own[r] = _product_pairs(rows[r])
+        correct.append(bool(ok) or (lab, value_key(value)) in own[r])
+    return {**val_spans, "correct": correct, "correct_span": list(val_spans["correct"])}
+
+
 def calibrate_known(val_spans: dict, known: np.ndarray, target: float) -> dict:
     """The thresholds for known values and for the others, chosen together on the validation
     spans (`calibration.two_thresholds_for_precision`, floor 0.5, known <= unknown): the pair of
@@ -133,7 +150,8 @@ def calibrate_known(val_spans: dict, known: np.ndarray, target: float) -> dict:
            **{k.replace("group_", "known_").replace("other_", "unknown_"): v for k, v in c.items()}}
     if out["threshold_known"] is not None and val_spans.get("n_gold"):
         out["recall_of_labelled_spans"] = round(
-            sum(1 for s, ok, kn in zip(val_spans["scores"], val_spans["correct"], known)
+            sum(1 for s, ok, kn in zip(val_spans["scores"],
+                                       val_spans.get("correct_span", val_spans["correct"]), known)
                 if ok and s >= (out["threshold_known"] if kn else out["threshold_unknown"]))
             / val_spans["n_gold"], 4)
     return out
@@ -166,9 +184,10 @@ def title_reference(val_spans: dict | None, fields: list[str], threshold: float 
 
 def calibrate(val_spans: dict | None, target: float) -> dict:
     """The span score from which the tagger's values reach `target` precision on the held-out
-    windows (a value counts as right where it is the span the catalogue's own value marks), or
-    the reason there is none. A span the catalogue does not fill counts as wrong, so the
-    estimate errs low."""
+    windows (a span counts as right where it is the span the catalogue's own value marks, or,
+    judged by value (`judge_by_value`), where its value is one its product gives the
+    attribute), or the reason there is none. A span of an attribute the catalogue does not fill
+    counts as wrong, so the estimate errs low."""
     if not val_spans or not val_spans["scores"]:
         n = len((val_spans or {}).get("windows", {}).get("text", []))
         why = (f"the tagger found no span in its {n} validation windows" if n
@@ -178,7 +197,8 @@ def calibrate(val_spans: dict | None, target: float) -> dict:
     out = c.as_dict()
     if not c.abstains and val_spans.get("n_gold"):
         out["recall_of_labelled_spans"] = round(
-            sum(1 for s, ok in zip(val_spans["scores"], val_spans["correct"])
+            sum(1 for s, ok in zip(val_spans["scores"],
+                                   val_spans.get("correct_span", val_spans["correct"]))
                 if ok and s >= c.threshold) / val_spans["n_gold"], 4)
     return out
 
@@ -213,7 +233,19 @@ def fit_imputation(ctx: RunContext, out: Path) -> dict:
         empty_keep_fraction=cfg.tagger.empty_keep_fraction,
         artifact_extra={"task": "imputation-tagger", "distant_supervision": stats})
     val_spans = metrics.pop("val_spans", None)
+    first = metrics.pop("val_spans_first_member", None)
+    by_span = None
+    if cfg.calibration_match == "value" and val_spans and "labels" in val_spans:
+        by_span = calibrate(val_spans, cfg.precision_target)
+        val_spans = judge_by_value(val_spans, text_rows, rows)
+        if first is not None and "labels" in first:
+            first = judge_by_value(first, text_rows, rows)
     calibration = calibrate(val_spans, cfg.precision_target)
+    calibration["judged_by"] = cfg.calibration_match if by_span is not None else "span"
+    if by_span is not None:  # what the by-position judgement would have shipped
+        calibration["by_span"] = {k: by_span.get(k) for k in (
+            "threshold", "precision", "precision_lower", "acted", "positives", "negatives",
+            "recall_of_labelled_spans")}
     ref = title_reference(val_spans, fields, calibration.get("threshold"))
     if ref is not None:  # what a rebuild's titles are compared with (stage.shift_guard)
         calibration["title_reference"] = ref
@@ -227,7 +259,6 @@ def fit_imputation(ctx: RunContext, out: Path) -> dict:
         calibration["threshold_known"] = kv.pop("threshold_known")
         calibration["threshold_unknown"] = kv.pop("threshold_unknown")
         calibration["known_values"] = {**kv, "terms": known_terms.height}
-    first = metrics.pop("val_spans_first_member", None)
     if first is not None:  # an ensemble: what its first tagger alone would have shipped
         metrics["calibration_first_member"] = calibrate(first, cfg.precision_target)
     (out / CALIBRATION).write_text(json.dumps(calibration, indent=2))

@@ -833,10 +833,11 @@ class _Pair(torch.nn.Module):
     """An unconstrained MLP and a monotone one, trained apart, scoring by the mean of their logits
     (`HypernymConfig.model: pair`)."""
 
-    def __init__(self, n_in: int, hidden: int):
+    def __init__(self, n_in: int, hidden: int, free: _MLP | None = None,
+                 monotone: _MonotoneMLP | None = None):
         super().__init__()
-        self.free = _MLP(n_in, hidden)
-        self.monotone = _MonotoneMLP(n_in, hidden)
+        self.free = free if free is not None else _MLP(n_in, hidden)
+        self.monotone = monotone if monotone is not None else _MonotoneMLP(n_in, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (self.free(x) + self.monotone(x)) / 2
@@ -932,10 +933,9 @@ class HypernymClassifier:
         with torch_threads(1):
             if self.cfg.model != "pair":
                 return self._train_one_thread(lists, share, verbose, self.cfg.model)
-            pair = _Pair(len(FEATURES), self.cfg.hidden)
-            pair.free, _ = self._train_one_thread(lists, share, verbose, "mlp")
-            pair.monotone, hist = self._train_one_thread(lists, share, verbose, "monotone")
-            return pair, hist
+            free, _ = self._train_one_thread(lists, share, verbose, "mlp")
+            monotone, hist = self._train_one_thread(lists, share, verbose, "monotone")
+            return _Pair(len(FEATURES), self.cfg.hidden, free, monotone), hist
 
     def _train_one_thread(self, lists, share: float, verbose: bool,
                           kind: str) -> tuple[torch.nn.Module, list[float]]:

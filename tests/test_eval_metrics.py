@@ -99,3 +99,31 @@ def test_open_world_placement_in_a_deep_taxonomy():
     # withheld type; under each one's most common name: 1 + 1 + 1 of 7 products
     assert r["types.unseen.names_per_type"] == round(7 / 3, 4)
     assert r["types.unseen.variants_merged"] == seventh(3)
+
+
+def test_attribute_figures_per_module_judge_each_modules_own_facts():
+    """A value module 3 read in a description is no title span: the title score over every
+    module counts it wrong, module 1's own figure (`by_module.taxonomy`) does not see it."""
+    import polars as pl
+
+    from autoknow_ray.eval.evaluate import eval_attributes
+
+    spans = pl.DataFrame({
+        "product_id": ["p1", "p1", "p2"], "attribute": ["Brand", "Color", "Brand"],
+        "value": ["Acme", "Red", "Kiva"], "field": ["title"] * 3})
+
+    def t(s, r, o, m, status="added"):
+        return {"subject": s, "relation": r, "object": o, "confidence": 0.9, "module": m,
+                "status": status, "evidence": ""}
+
+    triples = pl.DataFrame([
+        t("p1", "Brand", "Acme", "taxonomy"), t("p1", "Color", "Red", "taxonomy"),
+        t("p2", "Color", "Blue", "imputation"),          # read in p2's description
+        t("p2", "Brand", "Kiva", "taxonomy", "removed"),  # retracted: not a live fact
+    ])
+    out = eval_attributes(triples, spans, "title")
+    assert out["attribute_extraction.precision"] == round(2 / 3, 4)
+    assert out["attribute_extraction.by_module.taxonomy.precision"] == 1.0
+    assert out["attribute_extraction.by_module.taxonomy.recall"] == round(2 / 3, 4)
+    assert out["attribute_extraction.by_module.imputation.precision"] == 0.0
+    assert not any(".by_module.catalogue." in k for k in out)

@@ -208,6 +208,9 @@ class ConditionedTrainSettings:
     # taggers trained (seeds seed … seed + ensemble - 1, one validation split) and decoded
     # together: their word tag log-probabilities averaged, as module 1's title tagger does
     ensemble: int = 1
+    # copies of each training text with its values replaced by other values of the same label
+    # (mention replacement): the tagger learns where a value is written, not only which values
+    mention_replacement: int = 0
 
 
 # ---- the tagger ------------------------------------------------------------------------------
@@ -434,6 +437,13 @@ def train_conditioned_tagger(
     train = [examples[i] for i in sorted(perm[n_val:])]
     ctx_all = (np.asarray(contexts, dtype=np.float32) if s.context_dim
                else None)
+    n_augmented = 0
+    if s.mention_replacement > 0 and train:
+        texts, ctx_all, extra = _mention_replacement(
+            tagger.tokenizer, list(texts), ctx_all, spans, train, val, label2idx, s,
+            np.random.default_rng(s.seed + 7919))
+        n_augmented = len(extra)
+        train = train + extra
 
     history, seen, best_epoch = _train_member(tagger, train, val, ctx_all, texts, s, dev, use_bf16,
                                               rng, "imputation tagger")
@@ -453,7 +463,7 @@ def train_conditioned_tagger(
         history = history + [{**x, "member": k} for x in h]
     metrics = {
         "n_windows": len(wins), "n_windows_without_span": n_empty, "n_train": len(train),
-        "n_val": len(val), "epochs_run": sum(1 for h in history if "member" not in h),
+        "n_val": len(val), "n_train_replaced": n_augmented, "epochs_run": sum(1 for h in history if "member" not in h),
         "best_epoch": best_epoch or len(history),
         "history": history, "device": str(dev), "bf16": use_bf16,
         "train_examples_per_s": seen / max(1e-9, sum(h["seconds"] for h in history)),
@@ -486,6 +496,74 @@ def train_conditioned_tagger(
                                                                  "val_spans_first_member")}},
                                     **(artifact_extra or {})})
     return tagger, metrics
+
+
+def replace_mentions(text: str, spans: Sequence[Span], pool: dict[str, list[str]],
+                     rng: np.random.Generator) -> tuple[str, list[Span]]:
+    """`text` with every labelled mention replaced by another value of its label drawn from
+    `pool` (one draw per distinct value, so a value written twice is replaced the same way
+    twice), and the spans moved to where the new values sit. A label whose pool holds no other
+    value keeps its mention."""
+    pick: dict[tuple[str, str], str] = {}
+    out, new_spans, at = [], [], 0
+    for lab, a, b in sorted(spans, key=lambda x: x[1]):
+        if a < at:  # overlapping spans are not produced by distant supervision; keep the first
+            continue
+        old = text[a:b]
+        key = (lab, old.lower())
+        if key not in pick:
+            others = [v for v in pool.get(lab, ()) if v.lower() != key[1]]
+            pick[key] = others[int(rng.integers(len(others)))] if others else old
+        new = pick[key]
+        out.append(text[at:a])
+        start = sum(len(x) for x in out)
+        out.append(new)
+        new_spans.append((lab, start, start + len(new)))
+        at = b
+    out.append(text[at:])
+    return "".join(out), new_spans
+
+
+def _mention_replacement(tokenizer, texts: list[str], ctx_all, spans, train, val, label2idx,
+                         s: ConditionedTrainSettings, rng: np.random.Generator):
+    """`s.mention_replacement` copies of every training text that holds a labelled span and no
+    validation window, each mention replaced by another value its label has in the training
+    texts (never a value read only in validation). The copies' windows that hold a span join
+    the training windows; validation is untouched. Returns (texts, contexts, new windows)."""
+    val_texts = {w.text_index for w, _, _ in val}
+    src = sorted({w.text_index for w, _, _ in train} - val_texts)
+    pool: dict[str, dict[str, str]] = {}
+    for t in src:
+        for lab, a, b in spans[t]:
+            if lab in label2idx:
+                v = texts[t][a:b]
+                pool.setdefault(lab, {}).setdefault(v.lower(), v)
+    pools = {lab: [vs[k] for k in sorted(vs)] for lab, vs in pool.items()}
+    new_texts, new_spans, owners = [], [], []
+    for _ in range(int(s.mention_replacement)):
+        for t in src:
+            sp = [x for x in spans[t] if x[0] in label2idx]
+            if not sp:
+                continue
+            nt, ns = replace_mentions(texts[t], sp, pools, rng)
+            new_texts.append(nt)
+            new_spans.append(ns)
+            owners.append(t)
+    if not new_texts:
+        return texts, ctx_all, []
+    base = len(texts)
+    extra = []
+    for w in encode_windows(tokenizer, new_texts, s.max_length, s.stride):
+        sp = new_spans[w.text_index]
+        w.text_index += base
+        tags = window_tags(w, sp, label2idx)
+        if not any(t > 0 for t in tags):
+            continue
+        inside = [x for x in sp if x[1] >= w.char_lo and x[2] <= w.char_hi]
+        extra.append((w, tags, inside))
+    if ctx_all is not None:
+        ctx_all = np.concatenate([ctx_all, ctx_all[np.asarray(owners)]], axis=0)
+    return texts + new_texts, ctx_all, extra
 
 
 def _train_member(tagger: ConditionedTagger, train, val, ctx_all, texts, s: ConditionedTrainSettings,

@@ -38,6 +38,10 @@ class ImputationTaggerConfig(BaseModel):
     # together (their word tag log-probabilities averaged; module 1's title tagger does the same):
     # a disputed span scores low, so the threshold fit calibrates for precision keeps more spans
     ensemble: int = Field(1, ge=1)
+    # copies of each training text (never a validation one) with every labelled value replaced
+    # by another value the training texts give that attribute (mention replacement): the tagger
+    # learns where a value is written, not only which values it saw (docs/imputation.md)
+    mention_replacement: int = Field(1, ge=0)
     # distant supervision: the catalogue's filled values located in its own texts
     max_train_products: int = Field(2000, ge=1)  # seeded sample of the training catalogue
     max_train_windows: int = Field(3000, ge=1)

@@ -41,7 +41,8 @@ def train_settings(cfg: ImputationConfig, dim: int) -> ConditionedTrainSettings:
         batch_size=t.batch_size, weight_decay=t.weight_decay, dropout=t.dropout,
         shape_dim=t.shape_dim, val_fraction=t.val_fraction, patience=t.patience, seed=t.seed,
         bf16=t.bf16, device=t.device, cpu_threads=t.cpu_threads,
-        eval_batch_size=cfg.infer_batch_size, ensemble=t.ensemble)
+        eval_batch_size=cfg.infer_batch_size, ensemble=t.ensemble,
+        mention_replacement=t.mention_replacement)
 
 
 def _sample_rows(ctx: RunContext, cfg: ImputationConfig) -> list[dict]:

@@ -1,0 +1,84 @@
+"""Mention replacement in the imputation tagger's training (`imputation.tagger.mention_replacement`):
+copies of the training texts with every labelled value replaced by another value of its label,
+the validation windows untouched."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from autoknow_ray.nn.conditioned_tagger import (
+    ConditionedTagger, ConditionedTrainSettings, _mention_replacement, encode_windows,
+    replace_mentions, train_conditioned_tagger, window_tags)
+from tests.test_imputation import tea_texts
+
+
+def test_each_mention_takes_another_value_of_its_label_and_its_span_follows():
+    text = "Acme tea, mint flavor. Acme makes it"
+    spans = [("Brand", 0, 4), ("Flavor", 10, 14), ("Brand", 23, 27)]
+    pool = {"Brand": ["Acme", "Kiva"], "Flavor": ["mint"]}
+    new, moved = replace_mentions(text, spans, pool, np.random.default_rng(0))
+    # the one other brand, twice (one draw per value); mint has no other value and stays
+    assert new == "Kiva tea, mint flavor. Kiva makes it"
+    assert [new[a:b] for _, a, b in moved] == ["Kiva", "mint", "Kiva"]
+    assert [lab for lab, _, _ in moved] == ["Brand", "Flavor", "Brand"]
+    # a longer value moves every span after it
+    new, moved = replace_mentions(text, spans, {"Brand": ["Acme", "Zentro Labs"]},
+                                  np.random.default_rng(0))
+    assert new == "Zentro Labs tea, mint flavor. Zentro Labs makes it"
+    assert [new[a:b] for _, a, b in moved] == ["Zentro Labs", "mint", "Zentro Labs"]
+
+
+def test_copies_draw_only_training_values_and_leave_validation_alone():
+    torch.set_num_threads(1)
+    texts, spans = tea_texts()
+    # a brand only the first three texts write: validation holds them (below)
+    for i in range(3):
+        b = spans[i][0][2]
+        texts[i] = "Quorvex" + texts[i][b:]
+        spans[i] = [("Brand", 0, 7)] + [(lab, a - b + 7, e - b + 7) for lab, a, e in spans[i][1:]]
+    s = ConditionedTrainSettings(max_length=24, stride=8, context_dim=0, epochs=1, batch_size=8,
+                                 val_fraction=0.25, cpu_threads=1, device="cpu", bf16=False)
+    tagger = ConditionedTagger.from_encoder(s, ["Brand", "Flavor"], torch.device("cpu"), False)
+    label2idx = {"Brand": 0, "Flavor": 1}
+    wins = encode_windows(tagger.tokenizer, texts, s.max_length, s.stride)
+    examples = [(w, window_tags(w, spans[w.text_index], label2idx), spans[w.text_index]) for w in wins]
+    val, train = examples[:10], examples[10:]
+    only_val = {texts[w.text_index][a:b] for w, _, sp in val for lab, a, b in sp if lab == "Brand"} \
+        - {texts[w.text_index][a:b] for w, _, sp in train for lab, a, b in sp if lab == "Brand"}
+    assert only_val == {"Quorvex"}
+    ctx = np.arange(len(texts), dtype=np.float32)[:, None]
+    s2 = replace(s, mention_replacement=2)
+    out_texts, out_ctx, extra = _mention_replacement(
+        tagger.tokenizer, list(texts), ctx, spans, train, val, label2idx, s2,
+        np.random.default_rng(0))
+    assert out_texts[: len(texts)] == texts and len(out_texts) == len(texts) + 2 * len(train)
+    assert extra and all(w.text_index >= len(texts) for w, _, _ in extra)
+    src = sorted({w.text_index for w, _, _ in train} - {w.text_index for w, _, _ in val})
+    assert len(out_texts) == len(texts) + 2 * len(src)
+    for w, tags, inside in extra:
+        t = out_texts[w.text_index]
+        assert inside and any(x > 0 for x in tags)
+        assert not {t[a:b] for lab, a, b in inside if lab == "Brand"} & only_val
+    # each copy carries its source text's context row
+    j = np.arange(len(out_texts) - len(texts))
+    assert (out_ctx[len(texts):, 0] == np.asarray(src)[j % len(src)]).all()
+    # a copy keeps its source's words outside the values
+    w, _, inside = extra[0]
+    t = out_texts[w.text_index]
+    assert t.endswith("flavor, 20 bags") and " green tea with " in t
+
+
+def test_training_with_copies_keeps_the_validation_split():
+    torch.set_num_threads(1)
+    texts, spans = tea_texts()
+    s = ConditionedTrainSettings(max_length=24, stride=8, context_dim=0, epochs=1, batch_size=8,
+                                 val_fraction=0.25, cpu_threads=1, device="cpu", bf16=False)
+    _, plain = train_conditioned_tagger(texts, None, spans, ["Brand", "Flavor"], s)
+    s1 = replace(s, mention_replacement=1)
+    _, more = train_conditioned_tagger(texts, None, spans, ["Brand", "Flavor"], s1)
+    assert plain["n_train_replaced"] == 0
+    assert more["n_train_replaced"] == plain["n_train"]  # one copy of every training title
+    assert more["n_val"] == plain["n_val"]
+    assert more["val_spans"]["windows"]["text"] == plain["val_spans"]["windows"]["text"]

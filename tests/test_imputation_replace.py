@@ -82,3 +82,36 @@ def test_training_with_copies_keeps_the_validation_split():
     assert more["n_train_replaced"] == plain["n_train"]  # one copy of every training title
     assert more["n_val"] == plain["n_val"]
     assert more["val_spans"]["windows"]["text"] == plain["val_spans"]["windows"]["text"]
+
+
+def test_validation_takes_whole_products():
+    """`imputation.tagger.val_split: product`: every window of a product lands on one side, so a
+    product whose title trains the tagger never validates it through its description."""
+    from autoknow_ray.nn.conditioned_tagger import split_by_group
+
+    keys = [i // 3 for i in range(60)] + [100 + i for i in range(30)]  # 20 products of 3, 30 of 1
+    examples = list(range(len(keys)))
+    val, train = split_by_group(examples, keys, 9, np.random.default_rng(0))
+    assert len(val) >= 9 and len(val) + len(train) == len(keys)
+    val_keys, train_keys = {keys[i] for i in val}, {keys[i] for i in train}
+    assert not val_keys & train_keys
+    again, _ = split_by_group(examples, keys, 9, np.random.default_rng(0))
+    assert again == val
+    assert split_by_group(examples, keys, 0, np.random.default_rng(0)) == ([], examples)
+
+
+def test_training_on_product_groups_validates_on_unseen_products():
+    torch.set_num_threads(1)
+    texts, spans = tea_texts()
+    # two texts per product: the title and a description that repeats its values
+    texts = texts + [f"Made by {t.split()[0]}." for t in texts]
+    spans = spans + [[("Brand", 8, 8 + len(t.split()[0]))] for t in texts[:40]]
+    groups = list(range(40)) * 2
+    s = ConditionedTrainSettings(max_length=24, stride=8, context_dim=0, epochs=1, batch_size=8,
+                                 val_fraction=0.25, cpu_threads=1, device="cpu", bf16=False,
+                                 mention_replacement=1)
+    _, m = train_conditioned_tagger(texts, None, spans, ["Brand", "Flavor"], s, groups=groups)
+    val_texts = set(m["val_spans"]["windows"]["text"])
+    assert m["n_val"] >= 20 and all((t + 40) % 80 in val_texts for t in val_texts)
+    # the copies come from training products only: one per training text with a value
+    assert m["n_train_replaced"] == m["n_train"]

@@ -398,7 +398,7 @@ def train_conditioned_tagger(
     texts: Sequence[str], contexts: np.ndarray | None, spans: Sequence[Sequence[Span]],
     labels: Sequence[str], s: ConditionedTrainSettings, out_dir: str | Path | None = None,
     *, max_windows: int | None = None, empty_keep_fraction: float = 0.1,
-    artifact_extra: dict | None = None,
+    artifact_extra: dict | None = None, groups: Sequence | None = None,
 ) -> tuple[ConditionedTagger, dict]:
     """Fine-tune on (text, context, spans): texts are windowed, windows without a span are kept
     at `empty_keep_fraction`, at most `max_windows` windows; validation (span F1 on held-out
@@ -431,10 +431,14 @@ def train_conditioned_tagger(
         examples = [examples[i] for i in keep]
     if not examples:
         raise ValueError("no training windows")
-    perm = rng.permutation(len(examples))
     n_val = int(round(len(examples) * s.val_fraction)) if len(examples) >= 20 else 0
-    val = [examples[i] for i in sorted(perm[:n_val])]
-    train = [examples[i] for i in sorted(perm[n_val:])]
+    if groups is None:
+        perm = rng.permutation(len(examples))
+        val = [examples[i] for i in sorted(perm[:n_val])]
+        train = [examples[i] for i in sorted(perm[n_val:])]
+    else:
+        val, train = split_by_group(examples, [groups[w.text_index] for w, _, _ in examples],
+                                    n_val, rng)
     ctx_all = (np.asarray(contexts, dtype=np.float32) if s.context_dim
                else None)
     n_augmented = 0
@@ -462,7 +466,7 @@ def train_conditioned_tagger(
         tagger.members.append(member.model)
         history = history + [{**x, "member": k} for x in h]
     metrics = {
-        "n_windows": len(wins), "n_windows_without_span": n_empty, "n_train": len(train),
+        "n_windows": len(wins), "n_windows_without_span": n_empty, "n_train": len(train) - n_augmented,
         "n_val": len(val), "n_train_replaced": n_augmented, "epochs_run": sum(1 for h in history if "member" not in h),
         "best_epoch": best_epoch or len(history),
         "history": history, "device": str(dev), "bf16": use_bf16,
@@ -564,6 +568,27 @@ def _mention_replacement(tokenizer, texts: list[str], ctx_all, spans, train, val
     if ctx_all is not None:
         ctx_all = np.concatenate([ctx_all, ctx_all[np.asarray(owners)]], axis=0)
     return texts + new_texts, ctx_all, extra
+
+
+def split_by_group(examples: list, keys: Sequence, n_val: int, rng: np.random.Generator):
+    """(validation, training) windows with every window of a group (a product) on one side: whole
+    groups, in a seeded order, join validation until it holds at least `n_val` windows. A
+    product whose title trains the tagger cannot validate it through its description."""
+    if n_val <= 0:
+        return [], list(examples)
+    sizes: dict = {}
+    for k in keys:
+        sizes[k] = sizes.get(k, 0) + 1
+    uniq = sorted(sizes, key=str)
+    chosen, n = set(), 0
+    for i in rng.permutation(len(uniq)):
+        if n >= n_val:
+            break
+        chosen.add(uniq[i])
+        n += sizes[uniq[i]]
+    val = [e for e, k in zip(examples, keys) if k in chosen]
+    train = [e for e, k in zip(examples, keys) if k not in chosen]
+    return val, train
 
 
 def _train_member(tagger: ConditionedTagger, train, val, ctx_all, texts, s: ConditionedTrainSettings,

@@ -29,6 +29,10 @@ class ImputationTaggerConfig(BaseModel):
     batch_size: int = Field(16, ge=1)
     weight_decay: float = Field(0.01, ge=0.0)
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    # validation windows drawn by product (every text of a product on one side, as a rebuild's
+    # products are unseen) or by window (a product's title may train while its description
+    # validates: the calibration then reads the tagger on values it was taught)
+    val_split: Literal["product", "window"] = "product"
     patience: int = Field(2, ge=0)
     seed: int = 0
     bf16: bool | Literal["auto"] = "auto"

@@ -232,7 +232,8 @@ def fit_imputation(ctx: RunContext, out: Path) -> dict:
         texts, contexts, spans, labels, settings, out / TAGGER,
         max_windows=cfg.tagger.max_train_windows,
         empty_keep_fraction=cfg.tagger.empty_keep_fraction,
-        artifact_extra={"task": "imputation-tagger", "distant_supervision": stats})
+        artifact_extra={"task": "imputation-tagger", "distant_supervision": stats},
+        groups=text_rows if cfg.tagger.val_split == "product" else None)
     val_spans = metrics.pop("val_spans", None)
     first = metrics.pop("val_spans_first_member", None)
     by_span = None

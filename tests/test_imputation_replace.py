@@ -115,3 +115,24 @@ def test_training_on_product_groups_validates_on_unseen_products():
     assert m["n_val"] >= 20 and all((t + 40) % 80 in val_texts for t in val_texts)
     # the copies come from training products only: one per training text with a value
     assert m["n_train_replaced"] == m["n_train"]
+
+
+def test_title_copies_replace_attribute_values_and_keep_the_type_words():
+    """Module 1's title tagger (`taxonomy.tagger.mention_replacement`): each training title's
+    attribute values take another value of their attribute from the training titles; the type
+    span keeps its words where the type label is skipped, and moves with the text."""
+    from autoknow_ray.nn.tagger import mention_copies
+
+    train = [("Acme Green Tea 20 bags", [("Brand", 0, 4), ("product type", 5, 14)]),
+             ("Kiva Coffee 12 oz", [("Brand", 0, 4), ("Size", 12, 17), ("product type", 5, 11)]),
+             ("Plain Water", [("product type", 6, 11)])]
+    out = mention_copies(train, 2, np.random.default_rng(0), skip=("product type",))
+    assert len(out) == 4  # the title with only a type span is not copied
+    for (src, src_sp), (t, sp) in zip(train[:2] * 2, out):
+        got = {lab: t[a:b] for lab, a, b in sp}
+        want = {lab: src[a:b] for lab, a, b in src_sp}
+        assert got["product type"] == want["product type"]
+        assert got["Brand"] in {"Acme", "Kiva"} and got["Brand"] != want["Brand"]
+    # a label with one value in training keeps it
+    assert all({lab: t[a:b] for lab, a, b in sp}.get("Size", "12 oz") == "12 oz" for t, sp in out)
+    assert out[0][0] == "Kiva Green Tea 20 bags"

@@ -51,6 +51,7 @@ from autoknow_ray.nn.tagger import (
     _words,
     allowed_transitions,
     bio_tags,
+    replace_mentions,
     resolve_bf16,
     span_prf,
     tags_to_word_spans,
@@ -500,32 +501,6 @@ def train_conditioned_tagger(
                                                                  "val_spans_first_member")}},
                                     **(artifact_extra or {})})
     return tagger, metrics
-
-
-def replace_mentions(text: str, spans: Sequence[Span], pool: dict[str, list[str]],
-                     rng: np.random.Generator) -> tuple[str, list[Span]]:
-    """`text` with every labelled mention replaced by another value of its label drawn from
-    `pool` (one draw per distinct value, so a value written twice is replaced the same way
-    twice), and the spans moved to where the new values sit. A label whose pool holds no other
-    value keeps its mention."""
-    pick: dict[tuple[str, str], str] = {}
-    out, new_spans, at = [], [], 0
-    for lab, a, b in sorted(spans, key=lambda x: x[1]):
-        if a < at:  # overlapping spans are not produced by distant supervision; keep the first
-            continue
-        old = text[a:b]
-        key = (lab, old.lower())
-        if key not in pick:
-            others = [v for v in pool.get(lab, ()) if v.lower() != key[1]]
-            pick[key] = others[int(rng.integers(len(others)))] if others else old
-        new = pick[key]
-        out.append(text[at:a])
-        start = sum(len(x) for x in out)
-        out.append(new)
-        new_spans.append((lab, start, start + len(new)))
-        at = b
-    out.append(text[at:])
-    return "".join(out), new_spans
 
 
 def _mention_replacement(tokenizer, texts: list[str], ctx_all, spans, train, val, label2idx,

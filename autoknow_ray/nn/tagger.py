@@ -405,6 +405,10 @@ class TrainSettings:
     gazetteer_max_words: int = 8
     gazetteer_max_entries: int = 200_000
     gazetteer_skip: tuple[str, ...] = ()  # labels kept out of the gazetteer
+    # copies of each training title with its values replaced by other values of their labels
+    # (mention replacement; `mention_skip` labels keep theirs), validation untouched
+    mention_replacement: int = 0
+    mention_skip: tuple[str, ...] = ()
 
 
 def resolve_bf16(bf16: bool | str | None, device: torch.device) -> bool:
@@ -667,6 +671,55 @@ def span_prf(gold: Sequence[Iterable[Span]], pred: Sequence[Iterable[Sequence]])
 
 
 # ---- training --------------------------------------------------------------------------------
+def replace_mentions(text: str, spans: Sequence[Span], pool: dict[str, list[str]],
+                     rng: np.random.Generator) -> tuple[str, list[Span]]:
+    """`text` with every labelled mention replaced by another value of its label drawn from
+    `pool` (one draw per distinct value, so a value written twice is replaced the same way
+    twice), and the spans moved to where the new values sit. A label whose pool holds no other
+    value keeps its mention."""
+    pick: dict[tuple[str, str], str] = {}
+    out, new_spans, at = [], [], 0
+    for lab, a, b in sorted(spans, key=lambda x: x[1]):
+        if a < at:  # overlapping spans are not produced by distant supervision; keep the first
+            continue
+        old = text[a:b]
+        key = (lab, old.lower())
+        if key not in pick:
+            others = [v for v in pool.get(lab, ()) if v.lower() != key[1]]
+            pick[key] = others[int(rng.integers(len(others)))] if others else old
+        new = pick[key]
+        out.append(text[at:a])
+        start = sum(len(x) for x in out)
+        out.append(new)
+        new_spans.append((lab, start, start + len(new)))
+        at = b
+    out.append(text[at:])
+    return "".join(out), new_spans
+
+
+def mention_copies(train: Sequence[Example], copies: int, rng: np.random.Generator,
+                   skip: Iterable[str] = ()) -> list[Example]:
+    """`copies` copies of every training example with a replaceable span, each labelled value
+    replaced by another value its label has in the training examples (never one only the
+    validation examples write; labels in `skip` keep their values)."""
+    skip = set(skip)
+    pool: dict[str, dict[str, str]] = {}
+    for t, sp in train:
+        for lab, a, b in sp:
+            if lab not in skip:
+                pool.setdefault(lab, {}).setdefault(t[a:b].lower(), t[a:b])
+    pools = {lab: [vs[k] for k in sorted(vs)] for lab, vs in pool.items()}
+    out: list[Example] = []
+    for _ in range(int(copies)):
+        for t, sp in train:
+            if not any(lab not in skip for lab, _, _ in sp):
+                continue
+            kept = {lab: pools.get(lab, []) for lab, _, _ in sp if lab not in skip}
+            new_t, new_sp = replace_mentions(t, sp, kept, rng)
+            out.append((new_t, new_sp))
+    return out
+
+
 def split_examples(examples: Sequence[Example], val_fraction: float, seed: int):
     """Seeded train / validation split (no validation below 10 examples or fraction 0)."""
     n = len(examples)
@@ -758,6 +811,12 @@ def train_span_tagger(
         train_ex, val_ex = list(examples), list(val_examples)
     if not train_ex:
         raise ValueError("no training examples")
+    n_replaced = 0
+    if s.mention_replacement > 0:
+        extra = mention_copies(train_ex, s.mention_replacement,
+                               np.random.default_rng(s.seed + 7919), s.mention_skip)
+        n_replaced = len(extra)
+        train_ex = list(train_ex) + extra
 
     tagger = SpanTagger.from_encoder(s.encoder, labels, s.max_length, s.dropout, dev, use_bf16,
                                      s.shape_dim, 2 * len(labels) if s.gazetteer else 0)
@@ -845,7 +904,7 @@ def train_span_tagger(
     base.eval()
     tagger.model = base
     metrics: dict = {
-        "n_train": len(train_ex),
+        "n_train": len(train_ex) - n_replaced, "n_train_replaced": n_replaced,
         "n_val": len(val_ex),
         "labels": labels,
         "epochs_run": len(history),

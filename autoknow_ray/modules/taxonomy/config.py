@@ -37,6 +37,11 @@ class TaggerConfig(BaseModel):
     # test suite's small fits) trains one; the recipes for real catalogues (configs/cpu.yaml,
     # configs/cluster.yaml) train three: OA-Mine attribute F1 0.732 -> 0.752 (docs/taxonomy.md).
     ensemble: int = Field(1, ge=1)
+    # copies of each training title with its attribute values replaced by other values of the
+    # same attribute from the training titles (mention replacement; the type span keeps its
+    # words unless `mention_replace_type`); the validation titles are untouched
+    mention_replacement: int = Field(0, ge=0)
+    mention_replace_type: bool = False
     # distant supervision
     min_attribute_count: int = Field(3, ge=1)  # attributes matched in fewer titles are dropped
     # an attribute whose fit titles carry two or more distinct values in at most this share of

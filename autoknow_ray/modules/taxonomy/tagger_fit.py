@@ -49,6 +49,8 @@ def train_settings(cfg: TaggerConfig) -> TrainSettings:
         gazetteer_folds=cfg.gazetteer_folds,
         gazetteer_max_entries=cfg.gazetteer_max_entries,
         gazetteer_skip=(TYPE_LABEL,),
+        mention_replacement=cfg.mention_replacement,
+        mention_skip=() if cfg.mention_replace_type else (TYPE_LABEL,),
     )
 
 

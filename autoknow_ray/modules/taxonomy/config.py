@@ -39,8 +39,9 @@ class TaggerConfig(BaseModel):
     ensemble: int = Field(1, ge=1)
     # copies of each training title with its attribute values replaced by other values of the
     # same attribute from the training titles (mention replacement; the type span keeps its
-    # words unless `mention_replace_type`); the validation titles are untouched
-    mention_replacement: int = Field(0, ge=0)
+    # words unless `mention_replace_type`); the validation titles are untouched. OA-Mine README
+    # protocol, three taggers: attribute F1 0.761 -> 0.790, at twice the tagger's training time
+    mention_replacement: int = Field(1, ge=0)
     mention_replace_type: bool = False
     # distant supervision
     min_attribute_count: int = Field(3, ge=1)  # attributes matched in fewer titles are dropped

@@ -40,7 +40,7 @@ class TaggerConfig(BaseModel):
     # copies of each training title with its attribute values replaced by other values of the
     # same attribute from the training titles (mention replacement; the type span keeps its
     # words unless `mention_replace_type`); the validation titles are untouched. OA-Mine README
-    # protocol, three taggers: attribute F1 0.761 -> 0.790, at twice the tagger's training time
+    # protocol, three taggers: attribute F1 0.761 -> 0.790, at 2.6x the taggers' training time
     mention_replacement: int = Field(1, ge=0)
     mention_replace_type: bool = False
     # distant supervision

@@ -176,7 +176,7 @@ imputation:
   min_confidence: 0.5
   conflict_min_confidence: 0.6
   tagger: {epochs: 3, max_train_products: 100, max_train_windows: 200, patience: 0, max_length: 48}
-  clusters: {n_clusters: 16, min_support: 2}
+  clusters: {enabled: true, n_clusters: 16, min_support: 2}
 """
 
 
@@ -260,8 +260,8 @@ def test_fit_and_rebuild_impute_without_overwriting(tmp_path, ray_session):
     _incremental_equals_full(tmp_path, held, run, models, cfg)
     # the same run with the table capped below its size: the workers keep the most frequent
     # rows and the manifest counts the rest
-    cfg.write_text(FIT_CONFIG.replace("clusters: {n_clusters: 16, min_support: 2}",
-                                      "clusters: {n_clusters: 16, min_support: 2, max_term_rows: 5}"))
+    cfg.write_text(FIT_CONFIG.replace("clusters: {enabled: true, n_clusters: 16, min_support: 2}",
+                                      "clusters: {enabled: true, n_clusters: 16, min_support: 2, max_term_rows: 5}"))
     run3 = tmp_path / "run3"
     assert main(["rebuild", "--catalogue", str(held), "--out", str(run3), "--models", str(models),
                  "--config", str(cfg)]) == 0

@@ -10,7 +10,8 @@ import torch
 
 from autoknow_ray.nn.conditioned_tagger import (
     ConditionedTagger, ConditionedTrainSettings, _mention_replacement, encode_windows,
-    replace_mentions, train_conditioned_tagger, window_tags)
+    train_conditioned_tagger, window_tags)
+from autoknow_ray.nn.tagger import replace_mentions
 from tests.test_imputation import tea_texts
 
 

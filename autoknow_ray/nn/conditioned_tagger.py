@@ -51,7 +51,7 @@ from autoknow_ray.nn.tagger import (
     _words,
     allowed_transitions,
     bio_tags,
-    replace_mentions,
+    mention_copies,
     resolve_bf16,
     span_prf,
     tags_to_word_spans,
@@ -467,8 +467,9 @@ def train_conditioned_tagger(
         tagger.members.append(member.model)
         history = history + [{**x, "member": k} for x in h]
     metrics = {
-        "n_windows": len(wins), "n_windows_without_span": n_empty, "n_train": len(train) - n_augmented,
-        "n_val": len(val), "n_train_replaced": n_augmented, "epochs_run": sum(1 for h in history if "member" not in h),
+        "n_windows": len(wins), "n_windows_without_span": n_empty,
+        "n_train": len(train) - n_augmented, "n_train_replaced": n_augmented, "n_val": len(val),
+        "epochs_run": sum(1 for h in history if "member" not in h),
         "best_epoch": best_epoch or len(history),
         "history": history, "device": str(dev), "bf16": use_bf16,
         "train_examples_per_s": seen / max(1e-9, sum(h["seconds"] for h in history)),
@@ -510,24 +511,13 @@ def _mention_replacement(tokenizer, texts: list[str], ctx_all, spans, train, val
     texts (never a value read only in validation). The copies' windows that hold a span join
     the training windows; validation is untouched. Returns (texts, contexts, new windows)."""
     val_texts = {w.text_index for w, _, _ in val}
-    src = sorted({w.text_index for w, _, _ in train} - val_texts)
-    pool: dict[str, dict[str, str]] = {}
-    for t in src:
-        for lab, a, b in spans[t]:
-            if lab in label2idx:
-                v = texts[t][a:b]
-                pool.setdefault(lab, {}).setdefault(v.lower(), v)
-    pools = {lab: [vs[k] for k in sorted(vs)] for lab, vs in pool.items()}
-    new_texts, new_spans, owners = [], [], []
-    for _ in range(int(s.mention_replacement)):
-        for t in src:
-            sp = [x for x in spans[t] if x[0] in label2idx]
-            if not sp:
-                continue
-            nt, ns = replace_mentions(texts[t], sp, pools, rng)
-            new_texts.append(nt)
-            new_spans.append(ns)
-            owners.append(t)
+    src = [t for t in sorted({w.text_index for w, _, _ in train} - val_texts)
+           if any(x[0] in label2idx for x in spans[t])]
+    copies = mention_copies([(texts[t], [x for x in spans[t] if x[0] in label2idx]) for t in src],
+                            int(s.mention_replacement), rng)
+    new_texts = [t for t, _ in copies]
+    new_spans = [sp for _, sp in copies]
+    owners = src * int(s.mention_replacement)
     if not new_texts:
         return texts, ctx_all, []
     base = len(texts)
